@@ -1,0 +1,18 @@
+"""seg-rt: Smoothed Energy Guidance (SEG, arXiv 2408.00760) for diffusers models.
+
+The core imports no optional heavy dependency (ONNX Runtime, TensorRT, Ray) at module level.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .blur import QueryBlur, blur_matrix
+from .config import SEGConfig
+from .guidance import seg_guidance
+from .pipeline import generate
+
+try:
+    __version__ = version("seg-rt")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0"
+
+__all__ = ["QueryBlur", "SEGConfig", "__version__", "blur_matrix", "generate", "seg_guidance"]

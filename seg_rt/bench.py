@@ -1,0 +1,144 @@
+"""``seg-rt bench ...``: speed measured as ratios of alternating pairs in one process.
+
+Shared machines are noisy, so nothing here is a timed test: each case times the baseline and the
+candidate alternately (order swapped every pair) and reports the median of the per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import SEGAttention
+
+
+def alternating_ratio(
+    baseline: Callable[[], object], candidate: Callable[[], object], pairs: int, calls: int = 3
+) -> dict:
+    """Median of ``t(candidate) / t(baseline)`` over ``pairs`` alternating pairs, each timing ``calls``
+    calls (after one warm-up each)."""
+    baseline(), candidate()
+    ratios, base_times = [], []
+    for i in range(pairs):
+        order = (baseline, candidate) if i % 2 == 0 else (candidate, baseline)
+        times = {}
+        for fn in order:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[fn] = (time.perf_counter() - t0) / calls
+        ratios.append(times[candidate] / times[baseline])
+        base_times.append(times[baseline])
+    return {
+        "ratio_median": round(statistics.median(ratios), 4),
+        "ratio_p25": round(statistics.quantiles(ratios, n=4)[0], 4),
+        "ratio_p75": round(statistics.quantiles(ratios, n=4)[2], 4),
+        "baseline_ms_median": round(1000 * statistics.median(base_times), 3),
+    }
+
+
+def _reference_blur_2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    # The reference SEG-SDXL blur (k×k depthwise conv2d, reflect pad), cap per axis as DESIGN §1;
+    # kept only as the cost baseline the separable op is measured against.
+    c = math.ceil(6 * sigma)
+    k0 = c + 1 - c % 2
+    kh, kw = (min(k0, n if n % 2 else n + 1) for n in img.shape[-2:])
+
+    def taps(k: int) -> torch.Tensor:
+        x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k)
+        w = torch.exp(-0.5 * (x / sigma) ** 2)
+        return (w / w.sum()).to(img.dtype)
+
+    kernel = torch.outer(taps(kh), taps(kw)).expand(img.shape[-3], 1, kh, kw)
+    img = F.pad(img, [kw // 2, kw // 2, kh // 2, kh // 2], mode="reflect")
+    return F.conv2d(img, kernel, groups=img.shape[-3])
+
+
+class _ReferenceSEGProcessor:
+    """The reference code's processor (query blurred by 2D conv on every row) for the cost baseline."""
+
+    def __init__(self, grid: tuple[int, int], sigma: float) -> None:
+        self.grid, self.sigma = grid, sigma
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        b, n, _ = hidden_states.shape
+        h, w = self.grid
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        d = key.shape[-1] // attn.heads
+        query, key, value = (t.view(b, -1, attn.heads, d).transpose(1, 2) for t in (query, key, value))
+        q = query.permute(0, 1, 3, 2).reshape(b, attn.heads * d, h, w)
+        q = _reference_blur_2d(q, self.sigma)
+        query = q.view(b, attn.heads, d, n).permute(0, 1, 3, 2)
+        out = F.scaled_dot_product_attention(query, key, value)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * d)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def bench_attention_layer(
+    grid: tuple[int, int], channels: int = 1280, heads: int = 20, sigma: float = 10.0, pairs: int = 30
+) -> dict:
+    """A whole diffusers self-attention layer with SEG on every row vs the same layer without SEG."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.attn1 = Attention(query_dim=channels, heads=heads, dim_head=channels // heads).eval()
+    attn = holder.attn1
+    x = torch.randn(1, grid[0] * grid[1], channels)
+    plain = AttnProcessor2_0()
+    seg = SEGAttention(holder, sigma, ["attn1"]).install()
+    seg_proc = attn.processor
+    seg_proc.grid = grid
+    seg.set_mask(torch.ones(1, dtype=torch.bool))
+    reference = _ReferenceSEGProcessor(grid, sigma)
+
+    def run(proc):
+        def call():
+            attn.processor = proc
+            with torch.no_grad():
+                attn(x)
+
+        return call
+
+    ours = alternating_ratio(run(plain), run(seg_proc), pairs)
+    ref = alternating_ratio(run(plain), run(reference), pairs)
+    seg.remove()
+    return {
+        "bench": "blur",
+        "case": "self-attention layer, SEG vs no SEG",
+        "tokens": f"{grid[0]}x{grid[1]}",
+        "channels": channels,
+        "heads": heads,
+        "sigma": sigma,
+        "pairs": pairs,
+        "seg_ratio": ours["ratio_median"],
+        "seg_ratio_iqr": [ours["ratio_p25"], ours["ratio_p75"]],
+        "reference_conv_ratio": ref["ratio_median"],
+        "layer_ms_no_seg": ours["baseline_ms_median"],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def run(what: str, pairs: int | None = None) -> list[dict]:
+    if what == "blur":
+        p = pairs or 40
+        # SDXL 1024x1024 mid block (32x32 tokens) and 832x1216 (26x38 tokens), 1280 ch, 20 heads
+        return [bench_attention_layer((32, 32), pairs=p), bench_attention_layer((26, 38), pairs=p)]
+    raise ValueError(f"unknown benchmark {what!r}; available: blur")
+
+
+def describe(row: dict) -> str:
+    return (
+        f"{row['case']} at {row['tokens']} tokens, {row['channels']} ch, σ={row['sigma']}: "
+        f"SEG {row['seg_ratio']:.3f}x (reference conv blur {row['reference_conv_ratio']:.3f}x), "
+        f"layer {row['layer_ms_no_seg']:.1f} ms"
+    )

@@ -1,0 +1,210 @@
+"""The ``seg-rt`` command line. Errors in what the user passed end in one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import parse_layers, parse_sigma
+
+logger = logging.getLogger("seg_rt")
+
+DEFAULT_COMPARE_SIGMAS = "1,2,5,10,inf"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _sigma(value: str) -> float:
+    try:
+        return parse_sigma(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that samples (DESIGN §3)."""
+    p.add_argument("--model", help="local diffusers folder or hub id")
+    p.add_argument("--prompt", default="", help="text prompt ('' for unconditional SEG)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seg-scale", type=float, default=3.0, help="SEG guidance scale s (0 = off)")
+    p.add_argument("--seg-sigma", type=_sigma, default=math.inf, help="blur σ in tokens, or 'inf' (default)")
+    p.add_argument("--seg-layers", default="mid", help="comma list: mid, down, up, mid.0, module names")
+    p.add_argument("--seg-start", type=float, default=0.0, help="SEG window start, fraction of steps")
+    p.add_argument("--seg-end", type=float, default=1.0, help="SEG window end, fraction of steps")
+    p.add_argument("--cfg", type=float, default=5.0, help="CFG scale (1 = no CFG)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--scheduler", default="euler", help="euler (default), euler_a, ddim, dpmpp_2m, unipc, heun"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--sequential", action="store_true", help="run CFG/SEG branches one at a time")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="seg-rt", description="Smoothed Energy Guidance for diffusers models")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="text-to-image with SEG")
+    add_model_args(g)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--control-image", default=None, help="control image for SDXL ControlNet models")
+    g.add_argument("--controlnet-scale", type=float, default=1.0)
+    g.add_argument("--compare", action="store_true", help="one labelled grid: vanilla, CFG, SEG σ sweep")
+    g.add_argument("--compare-sigmas", default=DEFAULT_COMPARE_SIGMAS)
+    g.add_argument("--out", default="seg.png", help="output PNG (several images: NAME-i.png)")
+    g.add_argument("--json", action="store_true", help="print a JSON summary")
+    g.add_argument("--no-progress", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks (JSON output)")
+    b.add_argument("what", choices=["blur"])
+    b.add_argument("--json", action="store_true", help="print one JSON object per line")
+    b.add_argument("--pairs", type=int, default=None, help="alternating timing pairs per case")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for our progress bar and errors: no library loading bars or deprecation chatter."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def _generate_kwargs(args) -> dict:
+    from .config import SEGConfig
+    from .pipeline import SCHEDULERS
+
+    seg = SEGConfig(
+        args.seg_scale, args.seg_sigma, parse_layers(args.seg_layers), args.seg_start, args.seg_end
+    )
+    if args.scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {args.scheduler!r}")
+    return {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "seg_scale": seg.scale,
+        "seg_sigma": seg.sigma,
+        "seg_layers": seg.layers,
+        "seg_start": seg.start,
+        "seg_end": seg.end,
+        "guidance_rescale": args.guidance_rescale,
+        "height": args.height,
+        "width": args.width,
+        "seed": args.seed,
+        "scheduler": args.scheduler,
+        "sequential": args.sequential,
+    }
+
+
+def cmd_generate(args) -> int:
+    from .images import load_image, params_text, save_png
+    from .pipeline import generate, load_pipeline
+
+    kwargs = _generate_kwargs(args)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    if not args.model:
+        raise UsageError("seg-rt generate: no --model given; pass a local diffusers folder or a hub id")
+    control = load_image(args.control_image) if args.control_image else None
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, args.device)
+    common = {
+        "control_image": control,
+        "controlnet_scale": args.controlnet_scale,
+        "progress": not args.no_progress,
+    }
+    out = Path(args.out)
+    if args.compare:
+        from .images import compare_grid
+
+        sigmas = [parse_sigma(s) for s in args.compare_sigmas.split(",") if s.strip()]
+        columns = compare_columns(kwargs, sigmas)
+        images = [generate(pipe, **kw, **common)[0] for _, kw in columns]
+        grid = compare_grid(images, [label for label, _ in columns])
+        save_png(grid, out, params_text(args.model, {**kwargs, "compare_sigmas": sigmas}))
+        paths = [out]
+    else:
+        images = generate(pipe, **kwargs, num_images=args.num_images, **common)
+        paths = (
+            [out]
+            if len(images) == 1
+            else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+        )
+        for i, (img, path) in enumerate(zip(images, paths, strict=True)):
+            save_png(img, path, params_text(args.model, {**kwargs, "seed": kwargs["seed"] + i}))
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"outputs": [str(p) for p in paths], "seconds": round(seconds, 3)}))
+    else:
+        for p in paths:
+            print(p)
+    return 0
+
+
+def compare_columns(kwargs: dict, sigmas: list[float]) -> list[tuple[str, dict]]:
+    """vanilla (no guidance), CFG only, then SEG (with the given CFG) at each σ; one seed."""
+    cfg = kwargs["cfg"]
+    cols = [
+        ("vanilla", {**kwargs, "cfg": 1.0, "seg_scale": 0.0}),
+        (f"CFG {cfg:g}", {**kwargs, "seg_scale": 0.0}),
+    ]
+    for s in sigmas:
+        label = f"SEG σ={'inf' if math.isinf(s) or s > 9999 else f'{s:g}'}"
+        cols.append((label + (f" +CFG {cfg:g}" if cfg > 1 else ""), {**kwargs, "seg_sigma": s}))
+    return cols
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    results = bench.run(args.what, pairs=args.pairs)
+    for row in results:
+        print(json.dumps(row) if args.json else bench.describe(row))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _quiet_libraries()
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+        )
+        return args.func(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except (ValueError, OSError, ImportError) as exc:
+        print(f"seg-rt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Tiny random-weight diffusers pipelines, built offline from configs (no hub, no downloads).
+
+They have the real architectures (diffusers UNet2DConditionModel with cross-attention transformer
+blocks in the down / mid / up parts, an 8× VAE, CLIP text encoders with a small byte-level
+tokenizer), so every code path of a real SD1.5 / SDXL / SDXL-ControlNet model runs, in seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("sd15", "sdxl", "sdxl-controlnet")
+
+_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "vocab_size": 1000,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+}
+
+
+def _byte_unicode() -> list[str]:
+    # GPT-2 / CLIP byte-to-unicode table, so every byte is one token of the tiny vocabulary.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over single bytes (no merges), model_max_length 77."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_unicode()
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # transformers 5 ignores vocab_file/merges_file: pass the vocabulary itself (DESIGN §4).
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _text_encoder(with_projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(**_TEXT)
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def _unet(xl: bool, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra = (
+        {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 6 * 8 + _TEXT["projection_dim"],
+            "cross_attention_dim": 2 * _TEXT["hidden_size"],
+        }
+        if xl
+        else {"cross_attention_dim": _TEXT["hidden_size"]}
+    )
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        norm_num_groups=8,
+        use_linear_projection=xl,
+        **extra,
+    ).eval()
+
+
+def _controlnet(unet, seed: int):
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    # 3 stride-2 convs in the conditioning embedding: pixel-size control image -> latent size.
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval()
+    # A fresh ControlNet's output convs are zero (it starts as a no-op); randomise them so the
+    # control image really steers the tiny model.
+    zeroed = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for module in zeroed:
+            for p in module.parameters():
+                p.normal_(0.0, 0.05)
+    return net
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),  # 4 levels: the 8x latent factor of real SD models
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+    ).eval()
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # Stable Diffusion's training schedule.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def tiny_pipeline(family: str = "sdxl", seed: int = 0):
+    """A random-weight diffusers pipeline of ``family`` (one of ``FAMILIES``), deterministic in ``seed``."""
+    from diffusers import (
+        StableDiffusionPipeline,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {', '.join(FAMILIES)}")
+    vae, scheduler = _vae(seed), _scheduler()
+    if family == "sd15":
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(False, seed + 1),
+            tokenizer=tiny_tokenizer(),
+            unet=_unet(False, seed + 2),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    parts = {
+        "vae": vae,
+        "text_encoder": _text_encoder(False, seed + 1),
+        "text_encoder_2": _text_encoder(True, seed + 3),
+        "tokenizer": tiny_tokenizer(),
+        "tokenizer_2": tiny_tokenizer(),
+        "unet": _unet(True, seed + 2),
+        "scheduler": scheduler,
+    }
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(**parts, add_watermarker=False)
+    return StableDiffusionXLControlNetPipeline(
+        **parts, controlnet=_controlnet(parts["unet"], seed + 4), add_watermarker=False
+    )
+
+
+def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
+    """Build ``tiny_pipeline(family, seed)`` and save it (safetensors) to ``path``; loadable with ``--model``."""
+    path = Path(path)
+    tiny_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
+    return path

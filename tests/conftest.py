@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def sdxl():
+    from seg_rt.testing import tiny_pipeline
+
+    return tiny_pipeline("sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd15():
+    from seg_rt.testing import tiny_pipeline
+
+    return tiny_pipeline("sd15")
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    from seg_rt.testing import save_tiny_pipeline
+
+    return save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")

@@ -1,0 +1,48 @@
+"""The folder-to-namespace mapping works from a plain (non-editable) install too (DESIGN §2)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPACKAGES = ["seg_rt", "seg_rt.export", "seg_rt.engines", "seg_rt.video", "seg_rt.cluster"]
+
+
+def test_editable_install_imports_every_subpackage():
+    code = f"import importlib; [importlib.import_module(m) for m in {SUBPACKAGES!r}]"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+@pytest.mark.slow
+def test_plain_install_imports_every_subpackage(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    code = f"import importlib, seg_rt; [importlib.import_module(m) for m in {SUBPACKAGES!r}]; print(seg_rt.__file__)"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert str(target) in out.stdout
+
+
+def test_core_imports_no_heavy_optional_dependency():
+    code = "import sys, seg_rt, seg_rt.engines; bad = {'onnxruntime', 'tensorrt', 'ray'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
