@@ -2,89 +2,54 @@
 
 from __future__ import annotations
 
-import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from seg_rt.attention import SEGAttention
+from seg_rt.denoiser import SEGUNet
 
 from .base import ShapeSpec
-
-logger = logging.getLogger(__name__)
 
 
 class TorchDenoiser:
     """Calls ``unet`` (and ``controlnet`` when given) with SEG installed on the chosen layers.
 
-    The SEG processors stay installed for the denoiser's lifetime; ``close()`` (or ``with``)
-    restores the model. Rows with ``seg_mask`` False run the unmodified attention.
+    Accepts any shape. The SEG processors stay installed for the denoiser's lifetime; ``close()``
+    (or ``with``) restores the model. Rows with ``seg_mask`` False run the unmodified attention.
     """
 
     def __init__(
         self,
         unet: nn.Module,
         *,
-        sigma: float,
+        sigma: float = math.inf,
         layers: Sequence[str] = ("mid",),
         controlnet: nn.Module | None = None,
         compile: bool = False,
     ) -> None:
-        self.unet = unet
-        self.controlnet = controlnet
-        self.seg = SEGAttention(unet, sigma, layers).install()
+        self.model = SEGUNet(unet, sigma=sigma, layers=layers, controlnet=controlnet)
+        self.layers = tuple(layers)
         self.shapes = ShapeSpec()
-        self._unet_call = torch.compile(unet) if compile else unet
+        self._call = torch.compile(self.model) if compile else self.model
 
-    @property
-    def sigma(self) -> float:
-        return self.seg.sigma
-
-    @sigma.setter
-    def sigma(self, value: float) -> None:
-        self.seg.sigma = float(value)
+    def configure(self, sigma: float, layers: Sequence[str]) -> None:
+        """Use ``sigma`` and ``layers`` from the next call on."""
+        if tuple(layers) != self.layers:
+            unet, controlnet = self.model.unet, self.model.controlnet
+            self.model.remove()
+            self.model = SEGUNet(unet, sigma=sigma, layers=layers, controlnet=controlnet)
+            self.layers = tuple(layers)
+            self._call = self.model
+        self.model.seg.sigma = float(sigma)
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        sample = inputs["sample"]
-        self.shapes.check(sample.shape[0], sample.shape[-2], sample.shape[-1])
-        added = None
-        if "text_embeds" in inputs:
-            added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
-        self.seg.set_mask(inputs.get("seg_mask"))
-        kwargs = {}
-        if self.controlnet is not None:
-            if "controlnet_cond" not in inputs:
-                raise ValueError("this model has a ControlNet: pass a control image")
-            scale = inputs["conditioning_scale"].to(sample.dtype).view(-1, 1, 1, 1)
-            down, mid = self.controlnet(
-                sample,
-                inputs["timestep"],
-                encoder_hidden_states=inputs["encoder_hidden_states"],
-                controlnet_cond=inputs["controlnet_cond"],
-                conditioning_scale=1.0,
-                added_cond_kwargs=added,
-                return_dict=False,
-            )
-            kwargs = {
-                "down_block_additional_residuals": [d * scale for d in down],
-                "mid_block_additional_residual": mid * scale,
-            }
-        try:
-            return self._unet_call(
-                sample,
-                inputs["timestep"],
-                encoder_hidden_states=inputs["encoder_hidden_states"],
-                added_cond_kwargs=added,
-                return_dict=False,
-                **kwargs,
-            )[0]
-        finally:
-            self.seg.set_mask(None)
+        return self._call(inputs)
 
     def close(self) -> None:
-        self.seg.remove()
+        self.model.remove()
 
     def __enter__(self) -> TorchDenoiser:
         return self

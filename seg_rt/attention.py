@@ -46,7 +46,7 @@ class SEGAttnProcessor:
             raise ValueError(
                 f"{self.name}: {q.shape[-2]} query tokens do not fit the {grid[0]}x{grid[1]} grid"
             )
-        m_h, m_w = self.patch.matrices(grid, q.dtype, q.device)
+        m_h, m_w = self.patch.matrices(grid, q)
         return separable_blur(q.reshape(-1, q.shape[-2], q.shape[-1]), m_h, m_w).view(q.shape)
 
     def _perturb(self, q: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -133,6 +133,14 @@ class SEGAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def tracing(t: Tensor | None = None) -> bool:
+    """True while torch.compile / torch.export / the ONNX exporter trace the model. Non-strict
+    ``torch.export`` (the ONNX exporter's default) sets no flag: its tensors are fake subclasses."""
+    if t is not None and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+        return True
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _owner_name(layer_name: str) -> str | None:
     """The block whose 4D input gives the layer's grid: ``X.attentions.i`` for ``X.attentions.i.transformer_blocks.j.attn1``."""
     head, sep, _ = layer_name.rpartition(".transformer_blocks.")
@@ -159,20 +167,27 @@ class SEGAttention:
         self._saved: dict[str, object] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        # axis length -> blur matrix, set by an exported graph whose σ is a runtime input
+        self.runtime_matrices: dict[int, Tensor] | None = None
 
-    def matrices(
-        self, grid: tuple[int, int], dtype: torch.dtype, device: torch.device
-    ) -> tuple[Tensor, Tensor]:
-        key = (grid, self.sigma, dtype, device)
-        if key not in self._cache:
-            self._cache[key] = tuple(blur_matrix(n, self.sigma).to(device=device, dtype=dtype) for n in grid)
-        return self._cache[key]
+    def matrices(self, grid: tuple[int, int], probe: Tensor) -> tuple[Tensor, Tensor]:
+        """``(M_h, M_w)`` for ``grid`` in ``probe``'s dtype and device: the runtime inputs of a graph
+        exported with dynamic σ, else built from σ (cached, except while tracing)."""
+        if self.runtime_matrices is not None:
+            return tuple(self.runtime_matrices[n].to(probe.dtype) for n in grid)
+        key = (grid, self.sigma, probe.dtype, probe.device)
+        if key in self._cache:
+            return self._cache[key]
+        mats = tuple(blur_matrix(n, self.sigma).to(device=probe.device, dtype=probe.dtype) for n in grid)
+        if not tracing(probe):  # tensors made under export are fake / graph constants: never cache them
+            self._cache[key] = mats
+        return mats
 
     def set_mask(self, mask: Tensor | None) -> None:
         """Select the perturbed rows. Eager calls look at the mask on the host once (skip the blur
         when no row is perturbed, blur a contiguous run of rows in place); traced calls keep it as data."""
         self.mask, self.rows = mask, None
-        if mask is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if mask is None or tracing(mask):
             return
         idx = mask.nonzero().flatten().tolist()
         if not idx:

@@ -261,14 +261,13 @@ def generate(
     if own_engine:
         from seg_rt.engines import TorchDenoiser
 
-        engine = TorchDenoiser(
-            pipe.unet, sigma=seg.sigma, layers=seg.layers, controlnet=getattr(pipe, "controlnet", None)
-        )
+        engine = TorchDenoiser(pipe.unet, controlnet=getattr(pipe, "controlnet", None))
+    if hasattr(engine, "configure"):
+        engine.configure(seg.sigma, seg.layers)
     try:
         latents = sample(
             engine, sched, latents, prepared.cond, prepared.uncond, steps=steps, cfg=cfg, seg=seg,
-            guidance_rescale=guidance_rescale, sequential=sequential,
-            generators=generators,
+            guidance_rescale=guidance_rescale, sequential=sequential, generators=generators,
             progress=progress, callback=callback,
         )  # fmt: skip
     finally:

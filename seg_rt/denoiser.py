@@ -1,0 +1,89 @@
+"""A diffusers UNet (and optional ControlNet) with SEG installed, called with named denoiser inputs.
+
+This is the computation every engine runs: ``seg_rt.engines.TorchDenoiser`` calls it eagerly and
+``seg_rt.export`` traces it into ONNX. Inputs follow DESIGN §3 / the TensorRT-demo names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor, nn
+
+from .attention import SEGAttention
+
+BASE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+SDXL_INPUTS = ("text_embeds", "time_ids")
+CONTROLNET_INPUTS = ("controlnet_cond", "conditioning_scale")
+
+
+class SEGUNet(nn.Module):
+    """``forward(inputs)`` → the model's prediction; ``inputs["seg_mask"]`` marks perturbed rows."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        sigma: float,
+        layers: Sequence[str] = ("mid",),
+        controlnet: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+        self.seg = SEGAttention(unet, sigma, layers).install()
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        names = BASE_INPUTS
+        if getattr(self.unet.config, "addition_embed_type", None) == "text_time":
+            names += SDXL_INPUTS
+        if self.controlnet is not None:
+            names += CONTROLNET_INPUTS
+        return (*names, "seg_mask")
+
+    def grids(self) -> list[tuple[int, int]]:
+        """Token grids of the SEG layers seen in the last forward (distinct, sorted)."""
+        return sorted({p.grid for p in self.seg.processors.values() if p.grid is not None})
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        sample = inputs["sample"]
+        missing = [n for n in self.input_names if n not in inputs and n != "seg_mask"]
+        if missing:
+            raise ValueError(f"denoiser inputs missing {', '.join(missing)}")
+        added = None
+        if "text_embeds" in self.input_names:
+            added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+        extra = {}
+        if self.controlnet is not None:
+            down, mid = self.controlnet(
+                sample,
+                inputs["timestep"],
+                encoder_hidden_states=inputs["encoder_hidden_states"],
+                controlnet_cond=inputs["controlnet_cond"],
+                conditioning_scale=1.0,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            # per-row scale, so one graph serves every scale: [B] -> [B, 1, 1, 1]
+            scale = inputs["conditioning_scale"].to(sample.dtype).view(-1, 1, 1, 1)
+            extra = {
+                "down_block_additional_residuals": [d * scale for d in down],
+                "mid_block_additional_residual": mid * scale,
+            }
+        self.seg.set_mask(inputs.get("seg_mask"))
+        try:
+            return self.unet(
+                sample,
+                inputs["timestep"],
+                encoder_hidden_states=inputs["encoder_hidden_states"],
+                added_cond_kwargs=added,
+                return_dict=False,
+                **extra,
+            )[0]
+        finally:
+            self.seg.set_mask(None)
+
+    def remove(self) -> None:
+        """Restore the UNet's own attention processors."""
+        self.seg.remove()
