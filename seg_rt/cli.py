@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from .config import parse_layers, parse_sigma
+from .errors import SegRtError
 
 logger = logging.getLogger("seg_rt")
 
@@ -72,7 +73,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="seg.png", help="output PNG (several images: NAME-i.png)")
     g.add_argument("--json", action="store_true", help="print a JSON summary")
     g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--engine", default="torch", help="torch (default), torch-compile, onnx:DIR, trt:DIR")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("export", help="export the SEG denoiser: ONNX, then TensorRT")
+    esub = e.add_subparsers(dest="format", required=True, parser_class=_Parser)
+    eo = esub.add_parser(
+        "onnx", help="SEG-patched denoiser -> fixed-shape ONNX (validated with ONNX Runtime)"
+    )
+    eo.add_argument("--model", required=True, help="local diffusers folder or hub id")
+    eo.add_argument("--height", type=int, required=True)
+    eo.add_argument("--width", type=int, required=True)
+    eo.add_argument("--batch", type=int, default=1, help="images per branch")
+    eo.add_argument(
+        "--no-cfg", action="store_true", help="row layout [cond, seg] instead of [uncond, cond, seg]"
+    )
+    sigma = eo.add_mutually_exclusive_group()
+    sigma.add_argument(
+        "--seg-sigma", type=_sigma, default=math.inf, help="σ baked into the graph (default inf)"
+    )
+    sigma.add_argument(
+        "--dynamic-sigma", action="store_true", help="σ as a runtime input (one model, every σ)"
+    )
+    eo.add_argument("--seg-layers", default="mid")
+    eo.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU use)")
+    eo.add_argument("--opset", type=int, default=18)
+    eo.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
+    eo.add_argument("--out", required=True, help="output folder")
+    eo.add_argument("--json", action="store_true")
+    eo.set_defaults(func=cmd_export_onnx)
+    et = esub.add_parser("trt", help="ONNX export -> TensorRT engine (needs TensorRT and a GPU)")
+    et.add_argument("--onnx", required=True, help="folder written by seg-rt export onnx")
+    et.add_argument("--out", required=True)
+    et.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    et.add_argument("--timing-cache", default=None, help="timing cache file (read and updated)")
+    et.add_argument("--check-only", action="store_true", help="only check TensorRT operator support")
+    et.set_defaults(func=cmd_export_trt)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
     b.add_argument("what", choices=["blur"])
@@ -134,7 +170,13 @@ def cmd_generate(args) -> int:
     control = load_image(args.control_image) if args.control_image else None
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, args.device)
+    engine = None
+    if args.engine != "torch":
+        from seg_rt.engines import load_engine
+
+        engine = load_engine(args.engine, pipe, pipe._execution_device)
     common = {
+        "engine": engine,
         "control_image": control,
         "controlnet_scale": args.controlnet_scale,
         "progress": not args.no_progress,
@@ -180,6 +222,45 @@ def compare_columns(kwargs: dict, sigmas: list[float]) -> list[tuple[str, dict]]
     return cols
 
 
+def cmd_export_onnx(args) -> int:
+    from seg_rt.export import export_onnx
+
+    from .pipeline import load_pipeline
+
+    layers = parse_layers(args.seg_layers)
+    sigma = None if args.dynamic_sigma else args.seg_sigma
+    if sigma is not None and (math.isnan(sigma) or sigma <= 0):
+        raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+    pipe = load_pipeline(args.model, "cpu" if not args.fp16 else None)
+    result = export_onnx(
+        pipe, args.out, height=args.height, width=args.width, batch=args.batch, cfg=not args.no_cfg,
+        sigma=sigma, layers=layers, fp16=args.fp16, opset=args.opset, validate=not args.no_validate,
+        model_name=str(args.model),
+    )  # fmt: skip
+    summary = {
+        "out": str(result.folder),
+        "seconds": round(result.seconds, 2),
+        "validation": result.validation,
+    }
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"{result.folder} ({result.seconds:.1f} s) validation: {result.validation}"
+    )
+    return 0
+
+
+def cmd_export_trt(args) -> int:
+    from seg_rt.export.tensorrt import build_engine, check_onnx_for_tensorrt
+
+    if args.check_only:
+        check_onnx_for_tensorrt(args.onnx)
+        print(f"{args.onnx}: every operator is supported by TensorRT")
+        return 0
+    print(build_engine(args.onnx, args.out, precision=args.precision, timing_cache=args.timing_cache))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -201,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2
-    except (ValueError, OSError, ImportError) as exc:
+    except (ValueError, OSError, ImportError, SegRtError) as exc:
         print(f"seg-rt: error: {exc}", file=sys.stderr)
         return 2
 

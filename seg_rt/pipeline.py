@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .config import SEGConfig
+from .errors import ModelLoadError
 from .sampler import StepCallback, sample
 
 logger = logging.getLogger(__name__)
@@ -32,10 +33,6 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",
 }
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-class ModelLoadError(ValueError):
-    """A model folder or hub id that cannot be loaded."""
 
 
 def default_device() -> torch.device:
@@ -239,8 +236,9 @@ def generate(
     """Generate images with SEG (and CFG when ``cfg > 1``).
 
     ``model`` is a folder, a hub id or a loaded diffusers pipeline. Image i uses seed ``seed + i``
-    and equals that seed run alone. ``engine`` is a denoiser (``seg_rt.engines``) to use instead
-    of the pipeline's torch UNet. Returns PIL images (``"pil"``), a numpy array (``"np"``), a
+    and equals that seed run alone. ``engine`` is a denoiser (``seg_rt.engines``) or a spec
+    (``"torch"``, ``"torch-compile"``, ``"onnx:DIR"``, ``"trt:DIR"``) to use instead of the
+    pipeline's torch UNet; text encoders and VAE still come from ``model``. Returns PIL images (``"pil"``), a numpy array (``"np"``), a
     tensor (``"pt"``) or the final latents (``"latent"``), like diffusers.
     """
     seg = SEGConfig(scale=seg_scale, sigma=seg_sigma, layers=seg_layers, start=seg_start, end=seg_end)
@@ -257,11 +255,11 @@ def generate(
     sched = make_scheduler(pipe, scheduler)
     sched.set_timesteps(steps, device=pipe._execution_device)
     latents = initial_latents(pipe, sched, generators, height, width, dtype)
-    own_engine = engine is None
+    own_engine = engine is None or isinstance(engine, str)
     if own_engine:
-        from seg_rt.engines import TorchDenoiser
+        from seg_rt.engines import load_engine
 
-        engine = TorchDenoiser(pipe.unet, controlnet=getattr(pipe, "controlnet", None))
+        engine = load_engine(engine or "torch", pipe, pipe._execution_device)
     if hasattr(engine, "configure"):
         engine.configure(seg.sigma, seg.layers)
     try:

@@ -1,0 +1,251 @@
+"""Export a SEG-patched diffusers denoiser to a fixed-shape ONNX model, then validate it.
+
+The graph takes the DESIGN §3 inputs (``sample``, ``timestep``, ``encoder_hidden_states``, SDXL's
+``text_embeds`` / ``time_ids``, ControlNet's ``controlnet_cond`` / ``conditioning_scale``) plus
+``seg_mask`` (which rows are perturbed) and returns ``out_sample``. The SEG blur is the fixed-shape
+separable op: MatMuls with blur matrices that are initializers (σ baked) or graph inputs
+``seg_blur_<n>`` (``dynamic_sigma``: one model serves every σ, inf included).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from seg_rt.artifacts import RUNTIME_SIGMA, ArtifactInfo, staged_dir
+from seg_rt.blur import blur_matrix
+from seg_rt.denoiser import SEGUNet
+from seg_rt.errors import ExportValidationError
+from seg_rt.optional import require
+from seg_rt.pipeline import family_of
+
+logger = logging.getLogger(__name__)
+
+ONNX_FILE = "denoiser.onnx"
+OUTPUT_NAME = "out_sample"
+TWO_GB = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    folder: Path
+    info: ArtifactInfo
+    validation: dict | None
+    seconds: float
+
+
+class _Graph(nn.Module):
+    """The traced function: positional tensors by name → SEGUNet; blur matrices as inputs if dynamic."""
+
+    def __init__(self, model: SEGUNet, input_names: Sequence[str], blur_lengths: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = tuple(input_names)
+        self.blur_lengths = tuple(blur_lengths)
+
+    def forward(self, *args: Tensor) -> Tensor:
+        inputs = dict(zip(self.names, args, strict=True))
+        if self.blur_lengths:
+            self.model.seg.runtime_matrices = {n: inputs[f"seg_blur_{n}"] for n in self.blur_lengths}
+        try:
+            return self.model(inputs)
+        finally:
+            self.model.seg.runtime_matrices = None
+
+
+def example_inputs(
+    pipe, model: SEGUNet, rows: int, batch: int, height: int, width: int, dtype: torch.dtype, seed: int = 0
+) -> dict[str, Tensor]:
+    """Deterministic random inputs of the export shapes; the last ``batch`` rows are perturbed."""
+    g = torch.Generator().manual_seed(seed)
+    f = pipe.vae_scale_factor
+    unet = pipe.unet
+    seq = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
+    seq = seq if isinstance(seq, int) and 0 < seq <= 4096 else 77
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    inputs = {
+        "sample": rnd(rows, unet.config.in_channels, height // f, width // f),
+        "timestep": torch.full((rows,), 500.0),
+        "encoder_hidden_states": rnd(rows, seq, unet.config.cross_attention_dim),
+    }
+    if "text_embeds" in model.input_names:
+        time_dim = unet.config.addition_time_embed_dim
+        inputs["text_embeds"] = rnd(rows, unet.config.projection_class_embeddings_input_dim - 6 * time_dim)
+        inputs["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]] * rows, dtype=dtype)
+    if "controlnet_cond" in model.input_names:
+        inputs["controlnet_cond"] = torch.rand(rows, 3, height, width, generator=g).to(dtype)
+        inputs["conditioning_scale"] = torch.ones(rows, dtype=dtype)
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[rows - batch :] = True
+    inputs["seg_mask"] = mask
+    return inputs
+
+
+def export_onnx(
+    pipe,
+    out_dir: str | Path,
+    *,
+    height: int,
+    width: int,
+    batch: int = 1,
+    cfg: bool = True,
+    sigma: float | None = math.inf,
+    layers: Sequence[str] = ("mid",),
+    fp16: bool = False,
+    opset: int = 18,
+    validate: bool = True,
+    model_name: str = "",
+) -> ExportResult:
+    """Export ``pipe``'s SEG-patched denoiser for ``batch`` images per branch at ``height`` x ``width``.
+
+    ``cfg`` selects the row layout ``[uncond, cond, seg]`` (else ``[cond, seg]``); ``sigma=None``
+    makes σ a runtime input. The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
+    and ``seg_rt.json``; it is written to a temp folder and renamed, so nothing half-written stays.
+    """
+    from seg_rt import __version__
+
+    t0 = time.perf_counter()
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    f = pipe.vae_scale_factor
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % f:
+            raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
+    if sigma is not None and (math.isnan(sigma) or sigma <= 0):
+        raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+    family = family_of(pipe)
+    dtype = torch.float16 if fp16 else torch.float32
+    branches = ("uncond", "cond", "seg") if cfg else ("cond", "seg")
+    rows = batch * len(branches)
+    model = SEGUNet(
+        pipe.unet,
+        sigma=math.inf if sigma is None else sigma,
+        layers=layers,
+        controlnet=getattr(pipe, "controlnet", None),
+    )
+    original_dtype = pipe.unet.dtype
+    try:
+        model.to(dtype)
+        inputs = example_inputs(pipe, model, rows, batch, height, width, dtype)
+        with torch.no_grad():
+            model(inputs)  # records each SEG layer's token grid at these shapes
+        blur_lengths = sorted({n for grid in model.grids() for n in grid}) if sigma is None else []
+        for n in blur_lengths:
+            inputs[f"seg_blur_{n}"] = blur_matrix(n, 1.0).to(dtype)
+        names = list(inputs)
+        info = ArtifactInfo(
+            kind="onnx",
+            family=family,
+            model=model_name or str(getattr(pipe, "name_or_path", "") or ""),
+            height=height,
+            width=width,
+            latent_height=height // f,
+            latent_width=width // f,
+            batch=batch,
+            branches=branches,
+            input_names=tuple(names),
+            output_names=(OUTPUT_NAME,),
+            dtype=str(dtype).removeprefix("torch."),
+            sigma=RUNTIME_SIGMA if sigma is None else float(sigma),
+            layers=tuple(layers),
+            layer_names=tuple(model.seg.layer_names),
+            blur_lengths=tuple(blur_lengths),
+            opset=opset,
+            file=ONNX_FILE,
+            versions=_versions(__version__),
+        )
+        with staged_dir(out_dir) as tmp:
+            _trace_and_save(_Graph(model, names, blur_lengths).eval(), inputs, names, info, tmp / ONNX_FILE)
+            info.write(tmp)
+            validation = validate_onnx(tmp, model, inputs, info) if validate else None
+    finally:
+        model.remove()
+        pipe.unet.to(original_dtype)
+        if model.controlnet is not None:
+            model.controlnet.to(original_dtype)
+    return ExportResult(Path(out_dir), info, validation, time.perf_counter() - t0)
+
+
+def _versions(seg_rt_version: str) -> dict:
+    import diffusers
+    import onnx
+
+    return {
+        "seg_rt": seg_rt_version,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "onnx": onnx.__version__,
+    }
+
+
+def _trace_and_save(graph: nn.Module, inputs: dict, names: list[str], info: ArtifactInfo, path: Path) -> None:
+    args = tuple(inputs[n] for n in names)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph,
+            args,
+            input_names=names,
+            output_names=[OUTPUT_NAME],
+            opset_version=info.opset,
+            dynamo=True,
+            optimize=True,
+        )
+    program.model.metadata_props["seg_rt"] = info.to_json()
+    program.model.producer_name = "seg-rt"
+    size = sum(p.numel() * p.element_size() for p in graph.parameters())
+    program.save(path, external_data=size >= TWO_GB)
+
+
+def validate_onnx(folder: Path, model: SEGUNet, inputs: dict[str, Tensor], info: ArtifactInfo) -> dict:
+    """Run ONNX Runtime and torch on the same inputs; raise when they disagree.
+
+    Tolerance: ``|ort - torch| <= atol + rtol * max|torch|`` with 1e-4 / 1e-4 in fp32 and
+    1e-2 / 1e-2 in fp16 (fp16 is validated where a provider runs it, else reported as skipped).
+    """
+    import numpy as np
+
+    ort = require("onnxruntime", "validating the export")
+    with torch.no_grad():
+        model.seg.runtime_matrices = (
+            {n: inputs[f"seg_blur_{n}"] for n in info.blur_lengths} if info.blur_lengths else None
+        )
+        try:
+            ref = model({k: v for k, v in inputs.items() if not k.startswith("seg_blur_")}).float()
+        finally:
+            model.seg.runtime_matrices = None
+    fp16 = info.dtype == "float16"
+    providers = (
+        ["CUDAExecutionProvider"]
+        if fp16 and "CUDAExecutionProvider" in ort.get_available_providers()
+        else ["CPUExecutionProvider"]
+    )
+    try:
+        session = ort.InferenceSession(str(folder / info.file), providers=providers)
+        out = session.run([OUTPUT_NAME], {k: np.ascontiguousarray(v.numpy()) for k, v in inputs.items()})[0]
+        out = torch.from_numpy(out).float()
+    except Exception as exc:
+        if not fp16:
+            raise
+        logger.warning("fp16 validation skipped: %s", exc)
+        return {"skipped": f"fp16 on {providers[0]}: {type(exc).__name__}"}
+    diff = (out - ref).abs()
+    scale = ref.abs().max().item()
+    atol = rtol = 1e-2 if fp16 else 1e-4
+    report = {
+        "max_abs_error": diff.max().item(),
+        "max_rel_error": diff.max().item() / max(scale, 1e-12),
+        "tolerance": f"atol {atol:g} + rtol {rtol:g} * max|ref|",
+        "provider": providers[0],
+    }
+    if diff.max().item() > atol + rtol * scale:
+        raise ExportValidationError(f"ONNX Runtime disagrees with torch: {json.dumps(report)}")
+    logger.info("validation: %s", report)
+    return report

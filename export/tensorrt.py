@@ -1,0 +1,101 @@
+"""Build a TensorRT engine from a seg-rt ONNX export, with the TensorRT Python API.
+
+Separate verbs: ``check`` (what TensorRT will refuse, runnable anywhere), ``build`` (needs TensorRT
+and a GPU). The engine folder holds ``denoiser.plan`` and ``seg_rt.json``; the timing cache is kept
+where the caller says, keyed by TensorRT's own versioning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from seg_rt.artifacts import read_info, staged_dir
+from seg_rt.errors import EnvironmentUnavailable
+from seg_rt.optional import require
+
+from .checks import tensorrt_unsupported
+
+logger = logging.getLogger(__name__)
+
+ENGINE_FILE = "denoiser.plan"
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # name -> (min, opt, max)
+
+
+def check_onnx_for_tensorrt(onnx_dir: str | Path) -> None:
+    """Raise ``ValueError`` naming every operator TensorRT cannot parse."""
+    info = read_info(onnx_dir)
+    bad = tensorrt_unsupported(Path(onnx_dir) / info.file)
+    if bad:
+        listed = ", ".join(f"{op} x{n}" for op, n in sorted(bad.items()))
+        raise ValueError(f"ONNX graph has operators TensorRT does not support: {listed}")
+
+
+def build_engine(
+    onnx_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    precision: str = "fp16",
+    timing_cache: str | Path | None = None,
+    profile: Profile | None = None,
+    workspace_gib: float | None = None,
+) -> Path:
+    """ONNX → serialized TensorRT engine + sidecar. ``profile`` (min/opt/max per input) only for
+    inputs whose ONNX shape is dynamic; seg-rt exports are fixed-shape, so the default is static."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    info = read_info(onnx_dir)
+    if info.kind != "onnx":
+        raise ValueError(f"{str(onnx_dir)!r} holds a {info.kind} artifact; build engines from an ONNX export")
+    check_onnx_for_tensorrt(onnx_dir)
+    trt = require("tensorrt", "building TensorRT engines")
+    torch = require("torch")
+    if not torch.cuda.is_available():
+        raise EnvironmentUnavailable("building a TensorRT engine needs an NVIDIA GPU; none is visible")
+
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(Path(onnx_dir) / info.file)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"TensorRT cannot parse the ONNX model: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
+    cache_path = Path(timing_cache) if timing_cache else None
+    cache = config.create_timing_cache(
+        cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    )
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if profile:
+        opt = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in profile.items():
+            opt.set_shape(name, lo, mid, hi)
+        config.add_optimization_profile(opt)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
+
+    with staged_dir(out_dir) as tmp:
+        (tmp / ENGINE_FILE).write_bytes(bytes(serialized))
+        extra = {
+            "precision": precision,
+            "gpu": torch.cuda.get_device_name(0),
+            "profile": {k: [list(s) for s in v] for k, v in (profile or {}).items()} or "static",
+            "onnx": str(Path(onnx_dir).resolve()),
+        }
+        versions = {**info.versions, "tensorrt": trt.__version__}
+        dataclasses.replace(info, kind="tensorrt", file=ENGINE_FILE, versions=versions, extra=extra).write(
+            tmp
+        )
+    if cache_path:
+        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return Path(out_dir)

@@ -1,0 +1,17 @@
+"""Errors the CLI reports as one line with exit code 2 (besides ValueError / OSError / ImportError)."""
+
+
+class SegRtError(Exception):
+    """Base of seg-rt's own errors."""
+
+
+class ModelLoadError(SegRtError, ValueError):
+    """A model folder or hub id that cannot be loaded."""
+
+
+class EnvironmentUnavailable(SegRtError, RuntimeError):
+    """What this machine lacks: a GPU, an ONNX Runtime provider, a working TensorRT."""
+
+
+class ExportValidationError(SegRtError, RuntimeError):
+    """An exported model disagrees with torch beyond the tolerance."""
