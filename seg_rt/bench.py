@@ -128,15 +128,94 @@ def bench_attention_layer(
     }
 
 
+def sd15_shaped_pipeline(width_scale: int = 5):
+    """A tiny SD1.5 pipeline whose UNet has SD1.5's layout (4 levels, 2 layers per block, 8 heads,
+    cross-attention in the first three) at 1/``width_scale`` of its channels (320 -> 64)."""
+    from diffusers import UNet2DConditionModel
+
+    from .testing import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")
+    c = 320 // width_scale
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(c, 2 * c, 4 * c, 4 * c),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=8,
+        cross_attention_dim=768 // width_scale,
+        norm_num_groups=32,
+    ).eval()
+    pipe.register_modules(unet=unet)
+    return pipe
+
+
+def bench_engines(pairs: int = 10, size: int = 256) -> list[dict]:
+    """Per-step time of the SEG denoiser ([uncond, cond, perturbed] rows): torch eager vs ONNX Runtime
+    CPU at several settings, each as an alternating-pair ratio against torch in this process."""
+    import tempfile
+
+    from seg_rt.engines import TorchDenoiser
+    from seg_rt.engines.onnxruntime import OnnxRuntimeDenoiser
+    from seg_rt.export.onnx import example_inputs, export_onnx
+
+    from .denoiser import SEGUNet
+
+    pipe = sd15_shaped_pipeline()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        export_onnx(pipe, f"{tmp}/onnx", height=size, width=size, sigma=2.0, validate=False)
+        export_seconds = time.perf_counter() - t0
+        probe = SEGUNet(pipe.unet, sigma=2.0)
+        inputs = example_inputs(pipe, probe, 3, 1, size, size, torch.float32, seed=1)
+        probe.remove()
+        inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :77]
+        eager = TorchDenoiser(pipe.unet, sigma=2.0)
+        settings = [("all", None), ("all", 1), ("extended", None), ("basic", None)]
+        rows = []
+        for level, threads in settings:
+            engine = OnnxRuntimeDenoiser(f"{tmp}/onnx", optimization=level, threads=threads)
+            err = (engine(inputs) - eager(inputs)).abs().max().item()
+            r = alternating_ratio(lambda e=engine: e(inputs), lambda: eager(inputs), pairs, calls=1)
+            rows.append(
+                {
+                    "bench": "engines",
+                    "model": "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch), SEG on mid",
+                    "latent": f"{size // 8}x{size // 8}",
+                    "rows": 3,
+                    "ort_optimization": level,
+                    "ort_threads": threads or "default",
+                    "speedup_ort_vs_torch": r["ratio_median"],
+                    "speedup_iqr": [r["ratio_p25"], r["ratio_p75"]],
+                    "ort_step_ms": r["baseline_ms_median"],
+                    "max_abs_diff": err,
+                    "pairs": pairs,
+                    "export_seconds": round(export_seconds, 1),
+                    "torch_threads": torch.get_num_threads(),
+                }
+            )
+        eager.close()
+    return rows
+
+
 def run(what: str, pairs: int | None = None) -> list[dict]:
     if what == "blur":
         p = pairs or 40
         # SDXL 1024x1024 mid block (32x32 tokens) and 832x1216 (26x38 tokens), 1280 ch, 20 heads
         return [bench_attention_layer((32, 32), pairs=p), bench_attention_layer((26, 38), pairs=p)]
-    raise ValueError(f"unknown benchmark {what!r}; available: blur")
+    if what == "engines":
+        return bench_engines(pairs=pairs or 10)
+    raise ValueError(f"unknown benchmark {what!r}; available: blur, engines")
 
 
 def describe(row: dict) -> str:
+    if row["bench"] == "engines":
+        return (
+            f"ONNX Runtime ({row['ort_optimization']}, threads {row['ort_threads']}) vs torch eager: "
+            f"{row['speedup_ort_vs_torch']:.2f}x faster, {row['ort_step_ms']:.0f} ms/step"
+        )
     return (
         f"{row['case']} at {row['tokens']} tokens, {row['channels']} ch, σ={row['sigma']}: "
         f"SEG {row['seg_ratio']:.3f}x (reference conv blur {row['reference_conv_ratio']:.3f}x), "
