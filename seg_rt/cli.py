@@ -110,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     et.add_argument("--check-only", action="store_true", help="only check TensorRT operator support")
     et.set_defaults(func=cmd_export_trt)
 
+    r = sub.add_parser("run", help="run a batch job (YAML) over Ray workers; resumable")
+    r.add_argument("job", help="job YAML file")
+    r.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    r.add_argument("--workers", type=int, default=None, help="override the job's worker count")
+    r.add_argument("--ray-temp-dir", default=None, help="temp dir for a local Ray")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--json", action="store_true", help="print a JSON summary")
+    r.set_defaults(func=cmd_run)
+
+    sb = sub.add_parser("submit", help="submit a job to a Ray cluster (Ray Jobs API)")
+    sb.add_argument("job", help="job YAML file")
+    sb.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    sb.add_argument("--follow", action="store_true", help="stream logs until the job ends")
+    sb.set_defaults(func=cmd_submit)
+
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
     b.add_argument("what", choices=["blur", "engines"])
     b.add_argument("--json", action="store_true", help="print one JSON object per line")
@@ -183,13 +198,13 @@ def cmd_generate(args) -> int:
     }
     out = Path(args.out)
     if args.compare:
-        from .images import compare_grid
+        from .images import grid
 
         sigmas = [parse_sigma(s) for s in args.compare_sigmas.split(",") if s.strip()]
         columns = compare_columns(kwargs, sigmas)
         images = [generate(pipe, **kw, **common)[0] for _, kw in columns]
-        grid = compare_grid(images, [label for label, _ in columns])
-        save_png(grid, out, params_text(args.model, {**kwargs, "compare_sigmas": sigmas}))
+        sheet = grid(images, [label for label, _ in columns])
+        save_png(sheet, out, params_text(args.model, {**kwargs, "compare_sigmas": sigmas}))
         paths = [out]
     else:
         images = generate(pipe, **kwargs, num_images=args.num_images, **common)
@@ -259,6 +274,40 @@ def cmd_export_trt(args) -> int:
         return 0
     print(build_engine(args.onnx, args.out, precision=args.precision, timing_cache=args.timing_cache))
     return 0
+
+
+def cmd_run(args) -> int:
+    from seg_rt.cluster.driver import run_job
+    from seg_rt.cluster.spec import load_job
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    spec, base = load_job(args.job)
+    result = run_job(
+        spec, base, address=args.address, workers=args.workers, progress=not args.no_progress,
+        ray_temp_dir=args.ray_temp_dir,
+    )  # fmt: skip
+    summary = {
+        "total": result.total, "done": result.done, "skipped": result.skipped, "failed": result.failed,
+        "restarts": result.restarts, "seconds": round(result.seconds, 2),
+    }  # fmt: skip
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"{result.done} done, {result.skipped} already there, {len(result.failed)} failed"
+    )
+    if result.failed:
+        print(f"seg-rt: error: {len(result.failed)} item(s) failed; see manifest.jsonl", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from seg_rt.cluster.submit import submit
+
+    job_id, status = submit(args.job, args.address, follow=args.follow)
+    print(job_id if status is None else f"{job_id} {status}")
+    return 0 if status in (None, "SUCCEEDED") else 1
 
 
 def cmd_bench(args) -> int:

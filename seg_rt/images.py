@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -37,38 +38,50 @@ def read_params(path: str | Path) -> dict:
         return json.loads(img.text[PARAMS_KEY])
 
 
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temp file next to ``path``, then rename over it."""
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temp file next to ``path``, then rename it over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
+
+
+def png_bytes(image: Image.Image, params: str) -> bytes:
+    """PNG-encode ``image`` with ``params`` in its ``parameters`` text chunk."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMS_KEY, params)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
 
 
 def save_png(image: Image.Image, path: str | Path, params: str) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output must be a .png file, got {str(path)!r}")
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMS_KEY, params)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-    return path
+    return write_atomic(path, png_bytes(image, params))
 
 
-def compare_grid(images: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
-    """One row of images, each with its label in a strip above it."""
+def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int | None = None) -> Image.Image:
+    """Images in rows of ``columns`` (default: one row), each with its label in a strip above it."""
+    columns = columns or len(images)
     w, h = images[0].size
     font = ImageFont.load_default(size=max(10, min(24, w // 12)))
     strip = int(font.size * 1.6)
-    grid = Image.new("RGB", (w * len(images), h + strip), "white")
-    draw = ImageDraw.Draw(grid)
+    rows = -(-len(images) // columns)
+    out = Image.new("RGB", (w * columns, (h + strip) * rows), "white")
+    draw = ImageDraw.Draw(out)
     for i, (img, label) in enumerate(zip(images, labels, strict=True)):
-        grid.paste(img, (i * w, strip))
-        draw.text((i * w + 4, strip // 5), label, fill="black", font=font)
-    return grid
+        x, y = (i % columns) * w, (i // columns) * (h + strip)
+        out.paste(img, (x, y + strip))
+        draw.text((x + 4, y + strip // 5), label, fill="black", font=font)
+    return out

@@ -1,0 +1,118 @@
+"""Submit a job file to a Ray cluster as a Ray job (``ray job submit`` through the Python SDK).
+
+The job file (and its prompts file) travel in a small ``working_dir``; the entrypoint is
+``seg-rt run JOB --address auto`` on the cluster, where seg-rt must be installed. Ray's token auth
+is respected: the client reads ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` / the default token file
+as Ray does, and the variables are passed on to the job.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from seg_rt.errors import EnvironmentUnavailable
+from seg_rt.optional import require
+
+from .spec import load_job
+
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+
+
+TRANSIENT = ("No available agent", "status code 503")  # a head that is still starting
+
+
+def _auth_error(address: str) -> EnvironmentUnavailable:
+    return EnvironmentUnavailable(
+        f"Ray at {address} rejected the auth token: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+    )
+
+
+def _client(cls, address: str):
+    from ray.exceptions import AuthenticationError
+
+    try:
+        return cls(address)
+    except AuthenticationError:
+        raise _auth_error(address) from None
+    except ConnectionError as exc:
+        raise EnvironmentUnavailable(
+            f"cannot reach the Ray dashboard at {address}: {_first_line(exc)}"
+        ) from None
+    except RuntimeError as exc:
+        raise EnvironmentUnavailable(
+            f"Ray dashboard at {address} refused the client: {_first_line(exc)}"
+        ) from None
+
+
+def _with_retry(call, address: str, wait_s: float = 90.0):
+    """Retry while the head's job agent is still starting; other errors are one clear line."""
+    from ray.exceptions import AuthenticationError
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return call()
+        except AuthenticationError:
+            raise _auth_error(address) from None
+        except RuntimeError as exc:
+            text = str(exc)
+            if any(t in text for t in TRANSIENT) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            if "401" in text or "403" in text:
+                raise _auth_error(address) from None
+            raise EnvironmentUnavailable(
+                f"Ray job submission to {address} failed: {_first_line(exc)}"
+            ) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def submit(
+    job_path: str | Path, address: str, *, follow: bool = False, timeout_s: float | None = None
+) -> tuple[str, str | None]:
+    """Submit; return (submission id, final status if ``follow`` else None)."""
+    require("ray", "submitting jobs")
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    spec, base = load_job(job_path)  # validate before sending anything
+    job_path = Path(job_path)
+    staging = Path(tempfile.mkdtemp(prefix="segrt-job-"))
+    try:
+        shutil.copy(job_path, staging / job_path.name)
+        if spec.prompts_file and not Path(spec.prompts_file).is_absolute():
+            target = staging / spec.prompts_file
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(base / spec.prompts_file, target)
+        env = {k: os.environ[k] for k in AUTH_ENV if os.environ.get(k)}
+        client = _client(JobSubmissionClient, address)
+        job_id = _with_retry(
+            lambda: client.submit_job(
+                entrypoint=f"seg-rt run {job_path.name} --address auto --no-progress",
+                runtime_env={"working_dir": str(staging), "env_vars": env},
+                metadata={"tool": "seg-rt", "job": job_path.name},
+            ),
+            address,
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not follow:
+        return job_id, None
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    printed = 0
+    while True:
+        logs = client.get_job_logs(job_id)
+        print(logs[printed:], end="", flush=True)
+        printed = len(logs)
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return job_id, str(status)
+        if deadline is not None and time.monotonic() > deadline:
+            return job_id, str(status)
+        time.sleep(1.0)

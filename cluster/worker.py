@@ -1,0 +1,108 @@
+"""The Ray worker: loads the model once, turns micro-batches of items into PNG bytes.
+
+Kept Ray-free (the driver wraps it with ``ray.remote``) so it runs and tests in-process too.
+Outputs are returned as bytes and written by the driver, which owns the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from seg_rt.images import params_text, png_bytes
+from seg_rt.pipeline import generate, load_pipeline
+
+from .spec import Item, JobSpec
+
+logger = logging.getLogger(__name__)
+
+# Test hook: crash (os._exit) on the Nth micro-batch if the marker file does not exist yet,
+# creating it first, so the restarted worker does not crash again.
+FAULT_FILE_ENV = "SEG_RT_FAULT_FILE"
+FAULT_AFTER_ENV = "SEG_RT_FAULT_AFTER"
+
+
+class SEGWorker:
+    """One per GPU (or CPU slot). ``run(items)`` → one result dict per item, in order."""
+
+    def __init__(self, spec: dict, worker_id: str) -> None:
+        self.spec = JobSpec.model_validate(spec)
+        self.worker_id = worker_id
+        # Thread count from the worker's resources only (never from the worker count), so every
+        # worker computes bit-identical results for the same item.
+        torch.set_num_threads(max(1, int(self.spec.resources_per_worker.num_cpus)))
+        device = (
+            "cuda" if self.spec.resources_per_worker.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        )
+        t0 = time.perf_counter()
+        self.pipe = load_pipeline(self.spec.model, device)
+        self.engine = None
+        if self.spec.engine != "torch":
+            from seg_rt.engines import load_engine
+
+            self.engine = load_engine(self.spec.engine, self.pipe, device)
+        self.load_seconds = time.perf_counter() - t0
+        self.batches = 0
+
+    def ready(self) -> dict:
+        return {"worker": self.worker_id, "pid": os.getpid(), "load_seconds": self.load_seconds}
+
+    def _maybe_crash(self) -> None:
+        marker, after = os.environ.get(FAULT_FILE_ENV), os.environ.get(FAULT_AFTER_ENV)
+        if marker and after and self.batches == int(after) and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+
+    def _generate(self, items: Sequence[Item]) -> list:
+        first = items[0]
+        seg = first.seg
+        sigma = math.inf if seg["sigma"] == "inf" else float(seg["sigma"])
+        return generate(
+            self.pipe, first.prompt, negative_prompt=first.negative_prompt, steps=first.steps, cfg=first.cfg,
+            seg_scale=seg["scale"], seg_sigma=sigma, seg_layers=seg["layers"], seg_start=seg["start"],
+            seg_end=seg["end"], height=self.spec.height, width=self.spec.width, seed=first.seed,
+            num_images=len(items), scheduler=self.spec.scheduler, engine=self.engine,
+        )  # fmt: skip
+
+    def _fusable(self, items: Sequence[Item]) -> bool:
+        """Items can share one forward when all but the seeds agree and seeds are consecutive."""
+        a = items[0]
+        return all(
+            (i.prompt, i.negative_prompt, i.cfg, i.steps, i.seg)
+            == (a.prompt, a.negative_prompt, a.cfg, a.steps, a.seg)
+            and i.seed == a.seed + k
+            for k, i in enumerate(items)
+        )
+
+    def run(self, items: Sequence[Item]) -> list[dict]:
+        self.batches += 1
+        self._maybe_crash()
+        if self.spec.batch_mode == "fused" and len(items) > 1 and self._fusable(items):
+            groups = [list(items)]
+        else:  # "item": one forward per item, so bytes never depend on the micro-batch size
+            groups = [[i] for i in items]
+        results = []
+        for group in groups:
+            t0 = time.perf_counter()
+            try:
+                images = self._generate(group)
+            except Exception as exc:  # reported per item; the driver retries or records it
+                err = f"{type(exc).__name__}: {exc}"
+                results += [{"item": i.id, "error": err, "worker": self.worker_id} for i in group]
+                continue
+            seconds = (time.perf_counter() - t0) / len(group)
+            for item, image in zip(group, images, strict=True):
+                results.append(
+                    {
+                        "item": item.id,
+                        "png": png_bytes(image, params_text(self.spec.model, item.params())),
+                        "seconds": seconds,
+                        "worker": self.worker_id,
+                    }
+                )
+        return results

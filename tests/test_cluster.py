@@ -1,0 +1,212 @@
+"""Batch jobs over a local Ray: determinism across workers / micro-batches, faults, resume, submit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from seg_rt.cluster.driver import completed, read_manifest, run_job
+from seg_rt.cluster.spec import expand_items, item_seed, load_job, parse_job
+from seg_rt.cluster.worker import FAULT_AFTER_ENV, FAULT_FILE_ENV
+
+from .ray_helpers import free_port, kill_ray_under, short_temp_dir
+
+BIN = Path(sys.executable).parent
+
+
+def job(model, output, **over):
+    base = {"model": str(model), "seg": {"scale": 3.0, "sigma": 2.0}, "cfg": 4.0, "steps": 2, "height": 64,
+            "width": 64, "prompts": ["a cat", "a dog"], "samples_per_prompt": 2, "seed": 11, "batch_size": 1,
+            "workers": 1, "output": str(output)}  # fmt: skip
+    return {**base, **over}
+
+
+def write_job(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "images").glob("*.png"))}
+
+
+# ---- spec (no Ray) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"seg": {"sigma": -1}}, "job: seg: seg sigma must be > 0 or inf, got -1"),
+        ({"cfg": 0.5}, "job: cfg: Input should be greater than or equal to 1"),
+        ({"height": 65}, "job: height: Input should be a multiple of 8"),
+        ({"colour": "red"}, "job: colour: Extra inputs are not permitted"),
+        ({"prompts_file": "p.txt"}, "give exactly one of prompts (a list) or prompts_file"),
+        ({"engine": "magic"}, "job: engine: must be torch, torch-compile, onnx:DIR or trt:DIR"),
+        ({"scheduler": "zzz"}, "job: scheduler: must be one of"),
+        ({"resources_per_worker": {"num_gpus": -1}}, "job: resources_per_worker.num_gpus"),
+    ],
+)
+def test_spec_errors_name_the_field(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_job(job(tmp_path, tmp_path / "o", **override))
+
+
+def test_job_file_errors(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_job(tmp_path / "bad.yaml")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_job(tmp_path / "missing.yaml")
+
+
+def test_item_seeds_depend_only_on_job_seed_and_indices(tmp_path):
+    a = expand_items(parse_job(job(tmp_path, "o", samples_per_prompt=2)), tmp_path)
+    b = expand_items(parse_job(job(tmp_path, "o", samples_per_prompt=5, workers=4, batch_size=3)), tmp_path)
+    assert [i.seed for i in a] == [i.seed for i in b if i.sample_index < 2]
+    assert a[0].seed == item_seed(11, 0, 0) and len({i.seed for i in b}) == len(b)
+
+
+def test_prompt_files_and_jsonl_overrides(tmp_path):
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n")
+    spec = parse_job(job(tmp_path, "o", prompts=None, prompts_file="p.txt"))
+    assert [i.prompt for i in expand_items(spec, tmp_path)] == ["one", "one", "two", "two"]
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "x", "seed": 5, "cfg": 2, "seg": {"sigma": "inf"}}\n{"prompt": "y"}\n'
+    )
+    items = expand_items(parse_job(job(tmp_path, "o", prompts=None, prompts_file="p.jsonl")), tmp_path)
+    assert [(i.seed, i.cfg) for i in items[:2]] == [(5, 2.0), (6, 2.0)] and items[0].seg["sigma"] == "inf"
+    assert items[2].cfg == 4.0
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "cfg": 0}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: cfg"):
+        expand_items(parse_job(job(tmp_path, "o", prompts=None, prompts_file="bad.jsonl")), tmp_path)
+
+
+# ---- local Ray -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    temp = short_temp_dir()
+    ray.init(
+        num_cpus=2, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False
+    )
+    yield ray
+    ray.shutdown()
+    kill_ray_under(temp)
+
+
+pytestmark_ray = pytest.mark.slow
+
+
+@pytestmark_ray
+def test_same_bytes_for_any_worker_count_and_micro_batch(local_ray, sdxl_dir, tmp_path):
+    runs = {}
+    for workers, batch in [(1, 1), (2, 2), (2, 1)]:
+        out = tmp_path / f"w{workers}b{batch}"
+        spec = parse_job(job(sdxl_dir, out, workers=workers, batch_size=batch, contact_sheet=True))
+        result = run_job(spec, tmp_path, progress=False)
+        assert result.ok and result.done == 4
+        runs[(workers, batch)] = outputs(out)
+        if workers == 2:
+            assert len(result.per_worker) == 2  # both workers got work
+    assert len(runs[(1, 1)]) == 4
+    assert runs[(1, 1)] == runs[(2, 2)] == runs[(2, 1)]
+    assert (tmp_path / "w2b2" / "contact" / "p00000.png").is_file()
+
+
+@pytestmark_ray
+def test_killed_worker_is_replaced_and_every_item_lands_once(local_ray, sdxl_dir, tmp_path):
+    out = tmp_path / "out"
+    marker = tmp_path / "crashed"
+    spec = parse_job(job(sdxl_dir, out, workers=2, samples_per_prompt=3))
+    env = {"env_vars": {FAULT_FILE_ENV: str(marker), FAULT_AFTER_ENV: "2"}}
+    result = run_job(spec, tmp_path, progress=False, runtime_env=env)
+    assert marker.exists() and result.restarts >= 1
+    assert result.ok and result.done == 6
+    ok = [r["item"] for r in read_manifest(out) if r["status"] == "ok"]
+    assert sorted(ok) == sorted(set(ok)) and len(ok) == 6
+
+
+@pytestmark_ray
+def test_item_that_keeps_failing_is_recorded_and_the_rest_finish(local_ray, sdxl_dir, tmp_path):
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "fine"}\n{"prompt": "broken", "seg": {"layers": ["nowhere"]}}\n'
+    )
+    spec = parse_job(job(sdxl_dir, tmp_path / "out", prompts=None, prompts_file="p.jsonl", samples_per_prompt=1,
+                         max_attempts=2))  # fmt: skip
+    result = run_job(spec, tmp_path, progress=False)
+    assert result.failed == ["p00001_s000"] and result.done == 1
+    failed = [r for r in read_manifest(tmp_path / "out") if r["status"] == "failed"]
+    assert failed[0]["item"] == "p00001_s000" and "matches no self-attention layer" in failed[0]["error"]
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_duplicates(sdxl_dir, tmp_path):
+    """A driver SIGKILLed mid-job and rerun: every item present exactly once, same bytes."""
+    out = tmp_path / "out"
+    path = write_job(tmp_path / "job.yaml", job(sdxl_dir, out, samples_per_prompt=4, steps=3))
+    temp = short_temp_dir()
+    cmd = [str(BIN / "seg-rt"), "run", str(path), "--no-progress", "--ray-temp-dir", temp]
+    try:
+        proc = subprocess.Popen(
+            cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 180
+        while len(completed(out)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, "driver finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        kill_ray_under(temp)
+    partial = len(completed(out))
+    assert 2 <= partial < 8
+    temp2 = short_temp_dir()
+    try:
+        r = subprocess.run([*cmd[:-1], temp2, "--json"], capture_output=True, text=True, timeout=300)
+    finally:
+        kill_ray_under(temp2)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["skipped"] == partial and summary["done"] == 8 - partial
+    ok = [row["item"] for row in read_manifest(out) if row["status"] == "ok"]
+    assert len(ok) == len(set(ok)) == 8 and len(outputs(out)) == 8
+
+
+@pytest.mark.slow
+def test_submit_to_a_head_this_test_starts(sdxl_dir, tmp_path):
+    """`seg-rt submit --follow` against `ray start --head` on loopback with token auth."""
+    temp = short_temp_dir()
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segrt-test-" + os.urandom(8).hex(),
+           "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
+    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+             "--num-cpus", "2", "--temp-dir", temp, "--disable-usage-stats"]  # fmt: skip
+    # every fixed default port gets a free one: a head killed moments earlier leaves them in TIME_WAIT
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port",
+                 "--ray-client-server-port"):  # fmt: skip
+        start += [flag, str(free_port())]
+    try:
+        subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+        path = write_job(tmp_path / "job.yaml", job(sdxl_dir, tmp_path / "out", samples_per_prompt=1))
+        r = subprocess.run([str(BIN / "seg-rt"), "submit", str(path), "--address", f"http://127.0.0.1:{dash}", "--follow"],
+                           env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1].endswith("SUCCEEDED")
+        assert len(outputs(tmp_path / "out")) == 2
+        bad = {**env, "RAY_AUTH_TOKEN": "wrong-token"}
+        r = subprocess.run([str(BIN / "seg-rt"), "submit", str(path), "--address", f"http://127.0.0.1:{dash}"],
+                           env=bad, capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "auth token" in r.stderr or "refused" in r.stderr
+    finally:
+        kill_ray_under(temp)
