@@ -39,7 +39,10 @@ class JobResult:
     skipped: int
     failed: list[str]
     seconds: float
-    compute_seconds: float = 0.0
+    compute_seconds: float = 0.0  # workers' generate time, summed over items
+    batch_seconds: float = 0.0  # workers' wall time inside run(), summed over batches
+    startup_seconds: float = 0.0  # until every worker had loaded the model
+    loop_seconds: float = 0.0  # scheduling loop, all workers ready
     batches: int = 0
     restarts: int = 0
     per_worker: Counter = field(default_factory=Counter)
@@ -165,6 +168,10 @@ class _Driver:
         queue = deque(todo[k : k + size] for k in range(0, len(todo), size))
         attempts: Counter = Counter()
         inflight: dict = {}  # ref -> (worker id, actor, batch)
+        t0 = time.perf_counter()
+        ray.get([a.ready.remote() for a in self.workers.values()])  # load once, fail fast
+        self.result.startup_seconds = time.perf_counter() - t0
+        t_loop = time.perf_counter()
         manifest = Manifest(self.output)
         bar = tqdm(total=len(todo), unit="img", desc="seg-rt run", disable=not self.progress)
         try:
@@ -190,6 +197,7 @@ class _Driver:
                     )
                     continue
                 self.result.batches += 1
+                self.result.batch_seconds += rows[0].get("batch_seconds", 0.0) if rows else 0.0
                 by_id = {i.id: i for i in batch}
                 for row in rows:
                     item = by_id[row["item"]]
@@ -207,6 +215,7 @@ class _Driver:
                     self.result.per_worker[row["worker"]] += 1
                     bar.update(1)
         finally:
+            self.result.loop_seconds = time.perf_counter() - t_loop
             bar.close()
             manifest.close()
             for actor in self.workers.values():

@@ -80,6 +80,7 @@ class SEGWorker:
         )
 
     def run(self, items: Sequence[Item]) -> list[dict]:
+        t_batch = time.perf_counter()
         self.batches += 1
         self._maybe_crash()
         if self.spec.batch_mode == "fused" and len(items) > 1 and self._fusable(items):
@@ -105,4 +106,6 @@ class SEGWorker:
                         "worker": self.worker_id,
                     }
                 )
+        if results:
+            results[0]["batch_seconds"] = time.perf_counter() - t_batch
         return results

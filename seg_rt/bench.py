@@ -11,6 +11,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -200,6 +201,52 @@ def bench_engines(pairs: int = 10, size: int = 256) -> list[dict]:
     return rows
 
 
+def bench_cluster(items: int = 24, steps: int = 8, batch_size: int = 2) -> list[dict]:
+    """Images/s of ``seg-rt run`` with 1 and 2 CPU workers (1 CPU each) on one local Ray, and Ray's
+    overhead: worker-seconds not spent inside ``run()`` as a fraction of the time that was."""
+    import tempfile
+
+    from seg_rt.cluster.driver import run_job, start_ray
+    from seg_rt.cluster.spec import parse_job
+
+    from .testing import save_tiny_pipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_pipeline("sdxl", f"{tmp}/model")
+        ray = start_ray(None, num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="segrt-bench-", dir="/tmp"))
+        stats = {}
+        try:
+            for workers in (1, 2):
+                spec = parse_job({
+                    "model": str(model), "steps": steps, "height": 64, "width": 64, "seg": {"sigma": 2.0},
+                    "prompts": [f"prompt {k}" for k in range(items)], "batch_size": batch_size,
+                    "workers": workers, "output": f"{tmp}/out{workers}",
+                })  # fmt: skip
+                r = run_job(spec, Path(tmp), progress=False)
+                stats[workers] = {
+                    "throughput": r.done / r.loop_seconds,
+                    "overhead": (r.loop_seconds * workers - r.batch_seconds) / r.batch_seconds,
+                    "ms_per_item": 1000 * r.compute_seconds / r.done,
+                    "ms_overhead_per_batch": 1000 * (r.loop_seconds * workers - r.batch_seconds) / r.batches,
+                    "startup_s": r.startup_seconds,
+                }
+        finally:
+            ray.shutdown()
+    return [{
+        "bench": "cluster",
+        "model": "tiny SDXL (random weights), 64x64, SEG + CFG",
+        "items": items, "steps": steps, "batch_size": batch_size, "cpus_per_worker": 1,
+        "throughput_1_worker": round(stats[1]["throughput"], 3),
+        "throughput_2_workers": round(stats[2]["throughput"], 3),
+        "scaling": round(stats[2]["throughput"] / stats[1]["throughput"], 3),
+        "overhead_fraction": round(stats[1]["overhead"], 4),
+        "overhead_fraction_2_workers": round(stats[2]["overhead"], 4),
+        "ms_per_item_1_worker": round(stats[1]["ms_per_item"], 1),
+        "ms_overhead_per_batch_1_worker": round(stats[1]["ms_overhead_per_batch"], 1),
+        "worker_startup_s": round(stats[2]["startup_s"], 2),
+    }]  # fmt: skip
+
+
 def run(what: str, pairs: int | None = None) -> list[dict]:
     if what == "blur":
         p = pairs or 40
@@ -207,10 +254,17 @@ def run(what: str, pairs: int | None = None) -> list[dict]:
         return [bench_attention_layer((32, 32), pairs=p), bench_attention_layer((26, 38), pairs=p)]
     if what == "engines":
         return bench_engines(pairs=pairs or 10)
-    raise ValueError(f"unknown benchmark {what!r}; available: blur, engines")
+    if what == "cluster":
+        return bench_cluster()
+    raise ValueError(f"unknown benchmark {what!r}; available: blur, engines, cluster")
 
 
 def describe(row: dict) -> str:
+    if row["bench"] == "cluster":
+        return (
+            f"{row['throughput_1_worker']} img/s (1 worker), {row['throughput_2_workers']} img/s (2), "
+            f"scaling {row['scaling']}x, Ray overhead {100 * row['overhead_fraction']:.1f}% of compute"
+        )
     if row["bench"] == "engines":
         return (
             f"ONNX Runtime ({row['ort_optimization']}, threads {row['ort_threads']}) vs torch eager: "
