@@ -232,8 +232,8 @@ def compare_columns(kwargs: dict, sigmas: list[float]) -> list[tuple[str, dict]]
         (f"CFG {cfg:g}", {**kwargs, "seg_scale": 0.0}),
     ]
     for s in sigmas:
-        label = f"SEG σ={'inf' if math.isinf(s) or s > 9999 else f'{s:g}'}"
-        cols.append((label + (f" +CFG {cfg:g}" if cfg > 1 else ""), {**kwargs, "seg_sigma": s}))
+        label = f"SEG sigma={'inf' if math.isinf(s) or s > 9999 else f'{s:g}'}"
+        cols.append((label + (f"\n+CFG {cfg:g}" if cfg > 1 else ""), {**kwargs, "seg_sigma": s}))
     return cols
 
 

@@ -71,17 +71,29 @@ def save_png(image: Image.Image, path: str | Path, params: str) -> Path:
     return write_atomic(path, png_bytes(image, params))
 
 
+def _fitting_font(labels: Sequence[str], width: int) -> ImageFont.FreeTypeFont:
+    """The largest default-font size (8-24 px) at which every label line fits ``width``."""
+    for size in range(max(8, min(24, width // 8)), 7, -1):
+        font = ImageFont.load_default(size=size)
+        if all(font.getlength(line) <= width - 6 for label in labels for line in label.splitlines()):
+            return font
+    return ImageFont.load_default(size=8)
+
+
 def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int | None = None) -> Image.Image:
-    """Images in rows of ``columns`` (default: one row), each with its label in a strip above it."""
+    """Images in rows of ``columns`` (default: one row), each under its (multi-line) label."""
     columns = columns or len(images)
     w, h = images[0].size
-    font = ImageFont.load_default(size=max(10, min(24, w // 12)))
-    strip = int(font.size * 1.6)
+    font = _fitting_font(labels, w)
+    lines = max(len(label.splitlines()) for label in labels)
+    strip = int(font.size * 1.25 * lines + font.size * 0.5)
     rows = -(-len(images) // columns)
     out = Image.new("RGB", (w * columns, (h + strip) * rows), "white")
     draw = ImageDraw.Draw(out)
     for i, (img, label) in enumerate(zip(images, labels, strict=True)):
         x, y = (i % columns) * w, (i // columns) * (h + strip)
         out.paste(img, (x, y + strip))
-        draw.text((x + 4, y + strip // 5), label, fill="black", font=font)
+        draw.multiline_text(
+            (x + 3, y + font.size // 4), label, fill="black", font=font, spacing=font.size // 4
+        )
     return out
