@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from seg_rt.images import params_text, png_bytes
-from seg_rt.pipeline import generate, load_pipeline
+from seg_rt.pipeline import generate_batch, load_pipeline
 
 from .spec import Item, JobSpec
 
@@ -59,34 +59,38 @@ class SEGWorker:
             os._exit(1)
 
     def _generate(self, items: Sequence[Item]) -> list:
-        first = items[0]
-        seg = first.seg
+        seg = items[0].seg
         sigma = math.inf if seg["sigma"] == "inf" else float(seg["sigma"])
-        return generate(
-            self.pipe, first.prompt, negative_prompt=first.negative_prompt, steps=first.steps, cfg=first.cfg,
+        return generate_batch(
+            self.pipe, [i.prompt for i in items], [i.seed for i in items],
+            negative_prompts=[i.negative_prompt for i in items], steps=items[0].steps, cfg=items[0].cfg,
             seg_scale=seg["scale"], seg_sigma=sigma, seg_layers=seg["layers"], seg_start=seg["start"],
-            seg_end=seg["end"], height=self.spec.height, width=self.spec.width, seed=first.seed,
-            num_images=len(items), scheduler=self.spec.scheduler, engine=self.engine,
+            seg_end=seg["end"], height=self.spec.height, width=self.spec.width,
+            scheduler=self.spec.scheduler, engine=self.engine,
         )  # fmt: skip
 
-    def _fusable(self, items: Sequence[Item]) -> bool:
-        """Items can share one forward when all but the seeds agree and seeds are consecutive."""
-        a = items[0]
-        return all(
-            (i.prompt, i.negative_prompt, i.cfg, i.steps, i.seg)
-            == (a.prompt, a.negative_prompt, a.cfg, a.steps, a.seg)
-            and i.seed == a.seed + k
-            for k, i in enumerate(items)
-        )
+    @staticmethod
+    def _groups(items: Sequence[Item], fused: bool) -> list[list[Item]]:
+        """fused: runs of items sharing cfg / steps / SEG settings go through one sampling run."""
+        if not fused:
+            return [[i] for i in items]
+        groups: list[list[Item]] = []
+        for item in items:
+            if groups and (item.cfg, item.steps, item.seg) == (
+                groups[-1][0].cfg,
+                groups[-1][0].steps,
+                groups[-1][0].seg,
+            ):
+                groups[-1].append(item)
+            else:
+                groups.append([item])
+        return groups
 
     def run(self, items: Sequence[Item]) -> list[dict]:
         t_batch = time.perf_counter()
         self.batches += 1
         self._maybe_crash()
-        if self.spec.batch_mode == "fused" and len(items) > 1 and self._fusable(items):
-            groups = [list(items)]
-        else:  # "item": one forward per item, so bytes never depend on the micro-batch size
-            groups = [[i] for i in items]
+        groups = self._groups(items, self.spec.batch_mode == "fused")
         results = []
         for group in groups:
             t0 = time.perf_counter()

@@ -8,11 +8,19 @@ from importlib.metadata import PackageNotFoundError, version
 from .blur import QueryBlur, blur_matrix
 from .config import SEGConfig
 from .guidance import seg_guidance
-from .pipeline import generate
+from .pipeline import generate, generate_batch
 
 try:
     __version__ = version("seg-rt")
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["QueryBlur", "SEGConfig", "__version__", "blur_matrix", "generate", "seg_guidance"]
+__all__ = [
+    "QueryBlur",
+    "SEGConfig",
+    "__version__",
+    "blur_matrix",
+    "generate",
+    "generate_batch",
+    "seg_guidance",
+]

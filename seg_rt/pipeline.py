@@ -192,7 +192,9 @@ def decode(pipe, latents: Tensor, output_type: str):
     else:
         latents = latents / vae.config.scaling_factor
     with torch.no_grad():
-        image = vae.decode(latents, return_dict=False)[0]
+        # one image at a time (diffusers' VAE slicing): less memory, and each image's pixels do
+        # not depend on the batch it was sampled in
+        image = torch.cat([vae.decode(latent[None], return_dict=False)[0] for latent in latents])
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
@@ -218,8 +220,46 @@ def generate(
     seg_layers: Sequence[str] = ("mid",),
     height: int | None = None,
     width: int | None = None,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     num_images: int = 1,
+    scheduler=None,
+    engine=None,
+    output_type: str = "pil",
+    **options,
+):
+    """Generate images with SEG (and CFG when ``cfg > 1``).
+
+    ``model`` is a folder, a hub id or a loaded diffusers pipeline. Image i uses seed ``seed + i``
+    (or ``seed[i]`` when a list is given) and equals that seed run alone, bit for bit.
+    ``engine`` is a denoiser (``seg_rt.engines``) or a spec (``"torch"``, ``"torch-compile"``,
+    ``"onnx:DIR"``, ``"trt:DIR"``) used instead of the pipeline's torch UNet; text encoders and
+    VAE still come from ``model``. Returns PIL images (``"pil"``), a numpy array (``"np"``), a
+    tensor (``"pt"``) or the final latents (``"latent"``), like diffusers. ``options``: see
+    ``generate_batch`` (SEG window, CFG rescale, sequential branches, ControlNet image, ...).
+    """
+    seeds = [int(s) for s in seed] if isinstance(seed, Sequence) else [seed + i for i in range(num_images)]
+    if not seeds or (not isinstance(seed, Sequence) and num_images < 1):
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    return generate_batch(
+        model, [prompt] * len(seeds), seeds, negative_prompts=[negative_prompt] * len(seeds), steps=steps,
+        cfg=cfg, seg_scale=seg_scale, seg_sigma=seg_sigma, seg_layers=seg_layers, height=height, width=width,
+        scheduler=scheduler, engine=engine, output_type=output_type, **options,
+    )  # fmt: skip
+
+
+def generate_batch(
+    model,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    negative_prompts: Sequence[str | None] | None = None,
+    steps: int = 25,
+    cfg: float = 5.0,
+    seg_scale: float = 3.0,
+    seg_sigma: float = math.inf,
+    seg_layers: Sequence[str] = ("mid",),
+    height: int | None = None,
+    width: int | None = None,
     scheduler=None,
     engine=None,
     output_type: str = "pil",
@@ -233,25 +273,29 @@ def generate(
     progress: bool = False,
     callback: StepCallback | None = None,
 ):
-    """Generate images with SEG (and CFG when ``cfg > 1``).
-
-    ``model`` is a folder, a hub id or a loaded diffusers pipeline. Image i uses seed ``seed + i``
-    and equals that seed run alone. ``engine`` is a denoiser (``seg_rt.engines``) or a spec
-    (``"torch"``, ``"torch-compile"``, ``"onnx:DIR"``, ``"trt:DIR"``) to use instead of the
-    pipeline's torch UNet; text encoders and VAE still come from ``model``. Returns PIL images (``"pil"``), a numpy array (``"np"``), a
-    tensor (``"pt"``) or the final latents (``"latent"``), like diffusers.
-    """
+    """One sampling run for images with their own prompt, negative prompt and seed, sharing every
+    other setting (one denoiser call per step for all of them). Image i equals
+    ``generate(model, prompts[i], negative_prompt=negative_prompts[i], seed=seeds[i], ...)``."""
+    n = len(prompts)
+    negative_prompts = list(negative_prompts) if negative_prompts is not None else [None] * n
+    if n < 1 or len(seeds) != n or len(negative_prompts) != n:
+        raise ValueError(f"need one seed and negative prompt per prompt, got {n} prompts, {len(seeds)} seeds")
     seg = SEGConfig(scale=seg_scale, sigma=seg_sigma, layers=seg_layers, start=seg_start, end=seg_end)
-    _check_args(steps, cfg, num_images, output_type, guidance_rescale)
+    _check_args(steps, cfg, n, output_type, guidance_rescale)
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe)
     height, width = _check_size(pipe, height, width)
-    prepared = encode(
-        pipe, family, prompt, negative_prompt, num_images, cfg, height, width, control_image, controlnet_scale
+    parts = [
+        encode(pipe, family, p, neg, count, cfg, height, width, control_image, controlnet_scale)
+        for (p, neg), count in _runs(list(zip(prompts, negative_prompts, strict=True)))
+    ]
+    cond = {k: torch.cat([q.cond[k] for q in parts]) for k in parts[0].cond}
+    uncond = (
+        {k: torch.cat([q.uncond[k] for q in parts]) for k in parts[0].uncond} if parts[0].uncond else None
     )
-    dtype = prepared.cond["encoder_hidden_states"].dtype
+    dtype = cond["encoder_hidden_states"].dtype
     # the scheduler's noise (ancestral samplers) continues each row's stream, as in diffusers
-    generators = seed_generators(seed + i for i in range(num_images))
+    generators = seed_generators(seeds)
     sched = make_scheduler(pipe, scheduler)
     sched.set_timesteps(steps, device=pipe._execution_device)
     latents = initial_latents(pipe, sched, generators, height, width, dtype)
@@ -264,7 +308,7 @@ def generate(
         engine.configure(seg.sigma, seg.layers)
     try:
         latents = sample(
-            engine, sched, latents, prepared.cond, prepared.uncond, steps=steps, cfg=cfg, seg=seg,
+            engine, sched, latents, cond, uncond, steps=steps, cfg=cfg, seg=seg,
             guidance_rescale=guidance_rescale, sequential=sequential, generators=generators,
             progress=progress, callback=callback,
         )  # fmt: skip
@@ -272,6 +316,17 @@ def generate(
         if own_engine:
             engine.close()
     return decode(pipe, latents, output_type)
+
+
+def _runs(keys: list) -> list[tuple]:
+    """Consecutive equal keys as (key, count): each distinct prompt is encoded once per run."""
+    out: list[list] = []
+    for key in keys:
+        if out and out[-1][0] == key:
+            out[-1][1] += 1
+        else:
+            out.append([key, 1])
+    return [tuple(r) for r in out]
 
 
 def _check_args(steps: int, cfg: float, num_images: int, output_type: str, rescale: float) -> None:

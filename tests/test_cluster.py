@@ -108,16 +108,18 @@ pytestmark_ray = pytest.mark.slow
 @pytestmark_ray
 def test_same_bytes_for_any_worker_count_and_micro_batch(local_ray, sdxl_dir, tmp_path):
     runs = {}
-    for workers, batch in [(1, 1), (2, 2), (2, 1)]:
+    for workers, batch, mode in [(1, 1, "item"), (2, 2, "item"), (2, 1, "item"), (1, 3, "fused")]:
         out = tmp_path / f"w{workers}b{batch}"
-        spec = parse_job(job(sdxl_dir, out, workers=workers, batch_size=batch, contact_sheet=True))
+        spec = parse_job(
+            job(sdxl_dir, out, workers=workers, batch_size=batch, contact_sheet=True, batch_mode=mode)
+        )
         result = run_job(spec, tmp_path, progress=False)
         assert result.ok and result.done == 4
         runs[(workers, batch)] = outputs(out)
         if workers == 2:
             assert len(result.per_worker) == 2  # both workers got work
     assert len(runs[(1, 1)]) == 4
-    assert runs[(1, 1)] == runs[(2, 2)] == runs[(2, 1)]
+    assert runs[(1, 1)] == runs[(2, 2)] == runs[(2, 1)] == runs[(1, 3)]  # fused batches too
     assert (tmp_path / "w2b2" / "contact" / "p00000.png").is_file()
 
 
