@@ -56,6 +56,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument("--sequential", action="store_true", help="run CFG/SEG branches one at a time")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (results depend on it; match a server / job worker)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--follow", action="store_true", help="stream logs until the job ends")
     sb.set_defaults(func=cmd_submit)
 
+    sv = sub.add_parser("serve", help="HTTP server (Ray Serve + FastAPI) for SEG generation")
+    sv.add_argument("--model", default=None, help="local diffusers folder or hub id")
+    sv.add_argument("--engine", default=None, help="torch (default), onnx:DIR, trt:DIR")
+    sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    sv.add_argument("--config", default=None, help="YAML server config (replicas, batching, limits)")
+    sv.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    sv.set_defaults(func=cmd_serve)
+
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
     b.add_argument("what", choices=["blur", "engines", "cluster"])
     b.add_argument("--json", action="store_true", help="print one JSON object per line")
@@ -183,6 +198,12 @@ def cmd_generate(args) -> int:
     if not args.model:
         raise UsageError("seg-rt generate: no --model given; pass a local diffusers folder or a hub id")
     control = load_image(args.control_image) if args.control_image else None
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, args.device)
     engine = None
@@ -308,6 +329,15 @@ def cmd_submit(args) -> int:
     job_id, status = submit(args.job, args.address, follow=args.follow)
     print(job_id if status is None else f"{job_id} {status}")
     return 0 if status in (None, "SUCCEEDED") else 1
+
+
+def cmd_serve(args) -> int:
+    from seg_rt.cluster.serve import load_config, serve_forever
+
+    cfg = load_config(args.config, model=args.model, engine=args.engine, host=args.host, port=args.port)
+    print(f"seg-rt: serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)", file=sys.stderr)
+    serve_forever(cfg, address=args.address)
+    return 0
 
 
 def cmd_bench(args) -> int:
