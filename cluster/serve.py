@@ -218,7 +218,8 @@ def _deployment():
             pngs = [_png(img) for img in result]
             seeds = [req.seed + i for i in range(req.num_images)]
             if req.response == "png":
-                return Response(content=pngs[0], media_type="image/png", headers={"X-Seed": str(seeds[0])})
+                headers = {"X-Seed": str(seeds[0]), "X-Server-Seconds": f"{time.perf_counter() - t0:.4f}"}
+                return Response(content=pngs[0], media_type="image/png", headers=headers)
             params = req.model_dump(mode="json", exclude={"response"}) | {"height": h, "width": w}
             return GenerateResponse(
                 images=[base64.b64encode(p).decode() for p in pngs], seeds=seeds, parameters=params,

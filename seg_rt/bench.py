@@ -247,6 +247,99 @@ def bench_cluster(items: int = 24, steps: int = 8, batch_size: int = 2) -> list[
     }]  # fmt: skip
 
 
+def bench_serve(
+    requests: int = 24, steps: int = 25, size: int = 64, batch_wait_s: float = 0.002
+) -> list[dict]:
+    """Requests/s and p50/p95 latency at 1 and 8 concurrent HTTP clients (loopback) against the
+    tiny model, and the server's latency overhead over a direct ``seg_rt.generate`` call."""
+    import json
+    import socket
+    import tempfile
+    import threading
+    import urllib.request
+
+    from ray import serve
+
+    from seg_rt.cluster.driver import start_ray
+    from seg_rt.cluster.serve import build_app
+
+    from .pipeline import generate, load_pipeline
+    from .testing import save_tiny_pipeline
+
+    def pct(xs: list[float], q: float) -> float:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(save_tiny_pipeline("sdxl", f"{tmp}/model"))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ray = start_ray(None, num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="segrt-bench-", dir="/tmp"))
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app({"model": model, "num_replicas": 1, "max_batch_size": 8, "batch_wait_timeout_s": batch_wait_s,
+                                 "max_queued_requests": 64, "max_ongoing_requests": 16}), name="bench")  # fmt: skip
+            url = f"http://127.0.0.1:{port}/v1/generate"
+
+            def call(k: int) -> float:
+                body = json.dumps(
+                    {"prompt": f"prompt {k}", "seed": k, "steps": steps, "height": size, "width": size}
+                )
+                req = urllib.request.Request(
+                    url, data=body.encode(), headers={"Content-Type": "application/json"}
+                )
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(req, timeout=300) as r:
+                    r.read()
+                return time.perf_counter() - t0
+
+            call(10_000)  # warm-up
+            pipe = load_pipeline(model, "cpu")
+            threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the replica
+            seq = iter(range(10**6))
+
+            def direct() -> None:
+                k = next(seq)
+                generate(pipe, f"prompt {k}", seed=k, steps=steps, height=size, width=size)
+
+            try:  # overhead: alternating (direct call, HTTP call) pairs, median ratio
+                overhead = alternating_ratio(direct, lambda: call(next(seq)), pairs=requests // 2, calls=1)
+            finally:
+                torch.set_num_threads(threads_before)
+            rows = []
+            for clients in (1, 8):
+                lat: list[float] = []
+
+                def client(offset: int, clients: int = clients, lat: list = lat) -> None:
+                    for k in range(offset, requests, clients):
+                        lat.append(call(k))  # list.append is atomic under the GIL
+
+                t0 = time.perf_counter()
+                ts = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+                wall = time.perf_counter() - t0
+                rows.append({"clients": clients, "rps": round(len(lat) / wall, 3),
+                             "p50_ms": round(1000 * pct(lat, 0.5), 1), "p95_ms": round(1000 * pct(lat, 0.95), 1)})  # fmt: skip
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return [{
+        "bench": "serve",
+        "model": f"tiny SDXL (random weights), {size}x{size}, {steps} steps, SEG + CFG, 1 CPU replica",
+        "requests": requests,
+        "batch_wait_timeout_s": batch_wait_s,
+        **{f"{k}_{r['clients']}_client{'s' if r['clients'] > 1 else ''}": r[k] for r in rows for k in ("rps", "p50_ms", "p95_ms")},
+        "direct_generate_p50_ms": overhead["baseline_ms_median"],
+        "server_overhead_1_client": round(overhead["ratio_median"] - 1, 4),
+        "server_overhead_iqr": [round(overhead["ratio_p25"] - 1, 4), round(overhead["ratio_p75"] - 1, 4)],
+    }]  # fmt: skip
+
+
 def run(what: str, pairs: int | None = None) -> list[dict]:
     if what == "blur":
         p = pairs or 40
@@ -256,10 +349,17 @@ def run(what: str, pairs: int | None = None) -> list[dict]:
         return bench_engines(pairs=pairs or 10)
     if what == "cluster":
         return bench_cluster()
-    raise ValueError(f"unknown benchmark {what!r}; available: blur, engines, cluster")
+    if what == "serve":
+        return bench_serve()
+    raise ValueError(f"unknown benchmark {what!r}; available: blur, engines, cluster, serve")
 
 
 def describe(row: dict) -> str:
+    if row["bench"] == "serve":
+        return (
+            f"1 client: {row['rps_1_client']} req/s p50 {row['p50_ms_1_client']} ms; 8 clients: "
+            f"{row['rps_8_clients']} req/s p95 {row['p95_ms_8_clients']} ms; overhead {100 * row['server_overhead_1_client']:.1f}%"
+        )
     if row["bench"] == "cluster":
         return (
             f"{row['throughput_1_worker']} img/s (1 worker), {row['throughput_2_workers']} img/s (2), "

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
-    b.add_argument("what", choices=["blur", "engines", "cluster"])
+    b.add_argument("what", choices=["blur", "engines", "cluster", "serve"])
     b.add_argument("--json", action="store_true", help="print one JSON object per line")
     b.add_argument("--pairs", type=int, default=None, help="alternating timing pairs per case")
     b.set_defaults(func=cmd_bench)
