@@ -78,8 +78,12 @@ def example_inputs(
     }
     if "text_embeds" in model.input_names:
         time_dim = unet.config.addition_time_embed_dim
-        inputs["text_embeds"] = rnd(rows, unet.config.projection_class_embeddings_input_dim - 6 * time_dim)
-        inputs["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]] * rows, dtype=dtype)
+        # float32 even in fp16 graphs: diffusers concatenates text_embeds with its always-float32
+        # sinusoidal time projection, which eager torch type-promotes but the exported Concat cannot
+        inputs["text_embeds"] = torch.randn(
+            rows, unet.config.projection_class_embeddings_input_dim - 6 * time_dim, generator=g
+        )
+        inputs["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]] * rows, dtype=torch.float32)
     if "controlnet_cond" in model.input_names:
         inputs["controlnet_cond"] = torch.rand(rows, 3, height, width, generator=g).to(dtype)
         inputs["conditioning_scale"] = torch.ones(rows, dtype=dtype)

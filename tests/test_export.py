@@ -245,3 +245,14 @@ def test_tensorrt_engine_matches_onnx_runtime(exports, sdxl, tmp_path):
     ort_engine = OnnxRuntimeDenoiser(exports(2.0))
     inputs = {k: v.cuda() for k, v in engine_inputs(sdxl).items()}
     assert (trt_engine(inputs).cpu() - ort_engine(engine_inputs(sdxl))).abs().max() < 1e-3
+
+
+def test_fp16_export_loads_validates_and_samples(sdxl, tmp_path):
+    """fp16 graphs must be valid ONNX (no mixed-precision Concat) and sample close to fp32 torch."""
+    result = export_onnx(sdxl, tmp_path / "fp16", height=H, width=W, sigma=None, fp16=True)
+    assert "skipped" not in result.validation and result.validation["max_abs_error"] < 1e-2
+    assert result.info.dtype == "float16"
+    kw = {"steps": 3, "height": H, "width": W, "seg_sigma": 2.0, "output_type": "np"}
+    ours = seg_rt.generate(sdxl, "a", **kw)
+    half = seg_rt.generate(sdxl, "a", engine=f"onnx:{result.folder}", **kw)
+    assert np.abs(ours - half).max() < 0.05
