@@ -177,3 +177,40 @@ def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tiny_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
     return path
+
+
+VIDEO_FAMILIES = ("animatediff", "cogvideox", "wan")
+
+
+def tiny_video_denoiser(family: str, seed: int = 0):
+    """A random-weight video denoiser: AnimateDiff's ``UNetMotionModel`` (tiny SD1.5 UNet + motion
+    adapter), ``CogVideoXTransformer3DModel`` or ``WanTransformer3DModel`` (patch 1x2x2)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    if family == "animatediff":
+        unet = diffusers.UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=_TEXT["hidden_size"], attention_head_dim=4, norm_num_groups=8,
+        )  # fmt: skip
+        adapter = diffusers.MotionAdapter(
+            block_out_channels=(32, 64), motion_layers_per_block=2, motion_norm_num_groups=8,
+            motion_num_attention_heads=2, motion_max_seq_length=32,
+        )  # fmt: skip
+        return diffusers.UNetMotionModel.from_unet2d(unet, adapter).eval()
+    if family == "cogvideox":
+        return diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
+            text_embed_dim=_TEXT["hidden_size"], num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
+            patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
+            use_rotary_positional_embeddings=True,
+        ).eval()  # fmt: skip
+    if family == "wan":
+        return diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            text_dim=_TEXT["hidden_size"], freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        ).eval()  # fmt: skip
+    raise ValueError(f"unknown tiny video family {family!r}; choose from {', '.join(VIDEO_FAMILIES)}")
