@@ -82,6 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", default="torch", help="torch (default), torch-compile, onnx:DIR, trt:DIR")
     g.set_defaults(func=cmd_generate)
 
+    v = sub.add_parser("video", help="text-to-video with SEG on video attention (AnimateDiff)")
+    v.add_argument("--model", required=True, help="local diffusers AnimateDiff folder or hub id")
+    v.add_argument("--prompt", default="")
+    v.add_argument("--negative-prompt", default=None)
+    v.add_argument("--frames", type=int, default=16)
+    v.add_argument("--height", type=int, default=None)
+    v.add_argument("--width", type=int, default=None)
+    v.add_argument("--steps", type=int, default=25)
+    v.add_argument("--cfg", type=float, default=5.0)
+    v.add_argument("--seg-scale", type=float, default=3.0)
+    v.add_argument("--seg-mode", default="spatiotemporal", help="spatial, temporal or spatiotemporal")
+    v.add_argument("--seg-sigma", type=_sigma, default=math.inf, help="spatial blur σ, or 'inf'")
+    v.add_argument(
+        "--seg-sigma-time", type=_sigma, default=1.0, help="temporal blur σ (0: frames independent)"
+    )
+    v.add_argument("--seg-layers", default=None, help="comma list of module names / prefixes (default: all)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--fps", type=int, default=8)
+    v.add_argument("--scheduler", default="euler")
+    v.add_argument("--device", default=None)
+    v.add_argument("--gif", action="store_true", help="write an animated GIF instead of mp4")
+    v.add_argument("--compare", action="store_true", help="one side-by-side video: no SEG | each SEG mode")
+    v.add_argument("--out", default="seg.mp4")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=cmd_video)
+
     e = sub.add_parser("export", help="export the SEG denoiser: ONNX, then TensorRT")
     esub = e.add_subparsers(dest="format", required=True, parser_class=_Parser)
     eo = esub.add_parser(
@@ -141,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
-    b.add_argument("what", choices=["blur", "engines", "cluster", "serve"])
+    b.add_argument("what", choices=["blur", "engines", "cluster", "serve", "video-quality"])
+    b.add_argument(
+        "--model", default=None, help="video-quality: AnimateDiff folder (default: tiny random model)"
+    )
+    b.add_argument("--plot", default="video-quality.png", help="video-quality: plot PNG path")
     b.add_argument("--json", action="store_true", help="print one JSON object per line")
     b.add_argument("--pairs", type=int, default=None, help="alternating timing pairs per case")
     b.set_defaults(func=cmd_bench)
@@ -258,6 +288,49 @@ def compare_columns(kwargs: dict, sigmas: list[float]) -> list[tuple[str, dict]]
     return cols
 
 
+def cmd_video(args) -> int:
+    from seg_rt.pipeline import load_pipeline
+    from seg_rt.video.attention import MODES
+    from seg_rt.video.io import side_by_side, write_video
+    from seg_rt.video.sampling import generate_video
+
+    out = Path(args.out)
+    if args.gif:
+        out = out.with_suffix(".gif")
+    if out.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
+    if args.fps < 1:
+        raise ValueError(f"--fps must be >= 1, got {args.fps}")
+    common = {
+        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "frames": args.frames,
+        "height": args.height, "width": args.width, "steps": args.steps, "cfg": args.cfg,
+        "seg_scale": args.seg_scale, "seg_mode": args.seg_mode, "seg_sigma": args.seg_sigma,
+        "seg_sigma_time": args.seg_sigma_time, "seed": args.seed, "scheduler": args.scheduler,
+        "seg_layers": parse_layers(args.seg_layers) if args.seg_layers else None,
+        "progress": not args.no_progress,
+    }  # fmt: skip
+    from seg_rt.video.attention import VideoBlur
+
+    VideoBlur(args.seg_mode, args.seg_sigma, args.seg_sigma_time)  # validate before loading the model
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, args.device)
+    if args.compare:
+        videos = [generate_video(pipe, **{**common, "seg_scale": 0.0})[0]]
+        labels = [f"no SEG\nCFG {args.cfg:g}"]
+        for mode in MODES:
+            try:
+                videos.append(generate_video(pipe, **{**common, "seg_mode": mode})[0])
+            except ValueError as exc:  # e.g. temporal with sigma time 0
+                raise ValueError(f"--compare, mode {mode}: {exc}") from None
+            labels.append(f"SEG {mode}")
+        frames = side_by_side(videos, labels)
+    else:
+        frames = generate_video(pipe, **common)[0]
+    write_video(frames, out, fps=args.fps)
+    print(json.dumps({"out": str(out), "frames": len(frames), "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
+
+
 def cmd_export_onnx(args) -> int:
     from seg_rt.export import export_onnx
 
@@ -343,6 +416,13 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if args.what == "video-quality":
+        from seg_rt.video.harness import run_harness
+
+        results = run_harness(args.model, plot=args.plot)
+        for row in results:
+            print(json.dumps(row) if args.json else row)
+        return 0
     results = bench.run(args.what, pairs=args.pairs)
     for row in results:
         print(json.dumps(row) if args.json else bench.describe(row))

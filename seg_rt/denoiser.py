@@ -30,13 +30,15 @@ class RowwiseLinear(nn.Linear):
     share of the compute; 3D (token) inputs keep one GEMM.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
         if x.ndim == 2 and x.shape[0] > 1 and not tracing(x):
             return torch.cat([F.linear(x[i : i + 1], self.weight, self.bias) for i in range(x.shape[0])])
         return F.linear(x, self.weight, self.bias)
 
 
-def _swap_linears(modules: Sequence[nn.Module | None], cls: type) -> None:
+def swap_linears(modules: Sequence[nn.Module | None], cls: type) -> None:
+    """Turn every ``nn.Linear`` under ``modules`` into ``cls`` (``RowwiseLinear`` or back)."""
     for root in modules:
         if root is None:
             continue
@@ -60,7 +62,7 @@ class SEGUNet(nn.Module):
         self.unet = unet
         self.controlnet = controlnet
         self.seg = SEGAttention(unet, sigma, layers).install()
-        _swap_linears([unet, controlnet], RowwiseLinear)
+        swap_linears([unet, controlnet], RowwiseLinear)
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -116,4 +118,4 @@ class SEGUNet(nn.Module):
     def remove(self) -> None:
         """Restore the UNet's own attention processors and linear layers."""
         self.seg.remove()
-        _swap_linears([self.unet, self.controlnet], nn.Linear)
+        swap_linears([self.unet, self.controlnet], nn.Linear)

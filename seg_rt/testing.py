@@ -189,17 +189,7 @@ def tiny_video_denoiser(family: str, seed: int = 0):
 
     torch.manual_seed(seed)
     if family == "animatediff":
-        unet = diffusers.UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=_TEXT["hidden_size"], attention_head_dim=4, norm_num_groups=8,
-        )  # fmt: skip
-        adapter = diffusers.MotionAdapter(
-            block_out_channels=(32, 64), motion_layers_per_block=2, motion_norm_num_groups=8,
-            motion_num_attention_heads=2, motion_max_seq_length=32,
-        )  # fmt: skip
-        return diffusers.UNetMotionModel.from_unet2d(unet, adapter).eval()
+        return diffusers.UNetMotionModel.from_unet2d(*_animatediff_parts(seed)).eval()
     if family == "cogvideox":
         return diffusers.CogVideoXTransformer3DModel(
             num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
@@ -214,3 +204,42 @@ def tiny_video_denoiser(family: str, seed: int = 0):
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         ).eval()  # fmt: skip
     raise ValueError(f"unknown tiny video family {family!r}; choose from {', '.join(VIDEO_FAMILIES)}")
+
+
+def _animatediff_parts(seed: int):
+    """A tiny SD1.5-style UNet and a motion adapter (two motion layers per block)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=_TEXT["hidden_size"], attention_head_dim=4, norm_num_groups=8,
+    ).eval()  # fmt: skip
+    adapter = diffusers.MotionAdapter(
+        block_out_channels=(32, 64), motion_layers_per_block=2, motion_norm_num_groups=8,
+        motion_num_attention_heads=2, motion_max_seq_length=32,
+    ).eval()  # fmt: skip
+    return unet, adapter
+
+
+def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
+    """A random-weight diffusers video pipeline (``animatediff``: AnimateDiffPipeline, CLIP text)."""
+    from diffusers import AnimateDiffPipeline
+
+    if family != "animatediff":
+        raise ValueError(
+            f"tiny video pipelines: animatediff (DiT pipelines need T5 tokenizers), got {family!r}"
+        )
+    unet, adapter = _animatediff_parts(seed + 2)
+    return AnimateDiffPipeline(
+        vae=_vae(seed), text_encoder=_text_encoder(False, seed + 1), tokenizer=tiny_tokenizer(), unet=unet,
+        motion_adapter=adapter, scheduler=_scheduler(),
+    )  # fmt: skip
+
+
+def save_tiny_video_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
+    path = Path(path)
+    tiny_video_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
+    return path
