@@ -132,7 +132,7 @@ def run_job(
             temp_dir=ray_temp_dir,
         )
         _Driver(ray, spec, output, n_workers, result, progress, runtime_env).run(todo)
-    if spec.contact_sheet:
+    if spec.contact_sheet and spec.video is None:
         write_contact_sheets(items, output)
     result.seconds = time.perf_counter() - t_start
     return result
@@ -204,8 +204,9 @@ class _Driver:
                     if "error" in row:
                         self._retry([item], row["error"], attempts, queue, manifest)
                         continue
-                    rel = Path("images") / f"{item.id}.png"
-                    write_atomic(self.output / rel, row["png"])
+                    folder, ext = ("videos", "mp4") if "mp4" in row else ("images", "png")
+                    rel = Path(folder) / f"{item.id}.{ext}"
+                    write_atomic(self.output / rel, row[ext])
                     manifest.append({"item": item.id, "status": "ok", "prompt_index": item.prompt_index,
                                      "sample_index": item.sample_index, "prompt": item.prompt, "seed": item.seed,
                                      "params": item.params(), "path": str(rel), "worker": row["worker"],

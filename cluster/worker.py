@@ -58,6 +58,23 @@ class SEGWorker:
             open(marker, "w").close()
             os._exit(1)
 
+    def _generate_video(self, item: Item) -> bytes:
+        """One video item → H.264 mp4 bytes (spec.video: frames, fps, mode, σ_time)."""
+        import tempfile
+
+        from seg_rt.video.io import write_mp4
+        from seg_rt.video.sampling import generate_video
+
+        v, seg = self.spec.video, item.seg
+        frames = generate_video(
+            self.pipe, item.prompt, negative_prompt=item.negative_prompt, frames=v.frames, height=self.spec.height,
+            width=self.spec.width, steps=item.steps, cfg=item.cfg, seg_scale=seg["scale"], seg_mode=v.mode,
+            seg_sigma=math.inf if seg["sigma"] == "inf" else float(seg["sigma"]), seg_sigma_time=v.sigma_time,
+            seg_start=seg["start"], seg_end=seg["end"], seed=item.seed, scheduler=self.spec.scheduler,
+        )[0]  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            return write_mp4(frames, f"{tmp}/v.mp4", fps=v.fps).read_bytes()
+
     def _generate(self, items: Sequence[Item]) -> list:
         seg = items[0].seg
         sigma = math.inf if seg["sigma"] == "inf" else float(seg["sigma"])
@@ -68,6 +85,24 @@ class SEGWorker:
             seg_end=seg["end"], height=self.spec.height, width=self.spec.width,
             scheduler=self.spec.scheduler, engine=self.engine,
         )  # fmt: skip
+
+    def _run_videos(self, items: Sequence[Item], t_batch: float) -> list[dict]:
+        results = []
+        for item in items:
+            t0 = time.perf_counter()
+            try:
+                data = self._generate_video(item)
+            except Exception as exc:  # reported per item; the driver retries or records it
+                results.append(
+                    {"item": item.id, "error": f"{type(exc).__name__}: {exc}", "worker": self.worker_id}
+                )
+                continue
+            results.append(
+                {"item": item.id, "mp4": data, "seconds": time.perf_counter() - t0, "worker": self.worker_id}
+            )
+        if results:
+            results[0]["batch_seconds"] = time.perf_counter() - t_batch
+        return results
 
     @staticmethod
     def _groups(items: Sequence[Item], fused: bool) -> list[list[Item]]:
@@ -90,6 +125,8 @@ class SEGWorker:
         t_batch = time.perf_counter()
         self.batches += 1
         self._maybe_crash()
+        if self.spec.video is not None:  # one video per item
+            return self._run_videos(items, t_batch)
         groups = self._groups(items, self.spec.batch_mode == "fused")
         results = []
         for group in groups:
