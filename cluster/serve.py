@@ -15,7 +15,6 @@ endpoint annotations as real classes to read the request body.
 
 import asyncio
 import base64
-import io
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from seg_rt.config import SEGConfig, parse_layers, parse_sigma
+from seg_rt.images import generation_params, params_text, png_bytes
 from seg_rt.optional import require
 
 logger = logging.getLogger(__name__)
@@ -215,8 +215,11 @@ def _deployment():
             result = await self.generate_batched((req, h, w))
             if isinstance(result, Exception):
                 raise HTTPException(status_code=422, detail=str(result))
-            pngs = [_png(img) for img in result]
             seeds = [req.seed + i for i in range(req.num_images)]
+            pngs = [
+                png_bytes(img, params_text(self.cfg.model, self._record(req, h, w, s)))
+                for img, s in zip(result, seeds, strict=True)
+            ]
             if req.response == "png":
                 headers = {"X-Seed": str(seeds[0]), "X-Server-Seconds": f"{time.perf_counter() - t0:.4f}"}
                 return Response(content=pngs[0], media_type="image/png", headers=headers)
@@ -254,6 +257,15 @@ def _deployment():
                         results[k].append(img)
             return results
 
+        def _record(self, req: GenerateRequest, h: int, w: int, seed: int) -> dict:
+            """The same parameter record `seg-rt generate` writes: equal requests, equal PNG bytes."""
+            return generation_params(
+                prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.steps, cfg=req.cfg,
+                seg_scale=req.seg_scale, seg_sigma=req.seg_sigma, seg_layers=parse_layers(req.seg_layers),
+                seg_start=req.seg_start, seg_end=req.seg_end, height=h, width=w, seed=seed,
+                scheduler=self.cfg.scheduler,
+            )  # fmt: skip
+
         def _run(self, first: tuple, reqs: list[GenerateRequest], seeds: list[int]) -> list:
             from seg_rt.pipeline import generate_batch
 
@@ -268,12 +280,6 @@ def _deployment():
             )  # fmt: skip
 
     return SEGService
-
-
-def _png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def build_app(args: dict):

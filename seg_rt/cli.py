@@ -219,7 +219,7 @@ def _generate_kwargs(args) -> dict:
 
 
 def cmd_generate(args) -> int:
-    from .images import load_image, params_text, save_png
+    from .images import generation_params, load_image, params_text, save_png
     from .pipeline import generate, load_pipeline
 
     kwargs = _generate_kwargs(args)
@@ -265,7 +265,8 @@ def cmd_generate(args) -> int:
             else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
         )
         for i, (img, path) in enumerate(zip(images, paths, strict=True)):
-            save_png(img, path, params_text(args.model, {**kwargs, "seed": kwargs["seed"] + i}))
+            params = generation_params(**{**kwargs, "seed": kwargs["seed"] + i})
+            save_png(img, path, params_text(args.model, params))
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], "seconds": round(seconds, 3)}))

@@ -33,6 +33,21 @@ def params_text(model, params: dict) -> str:
     return json.dumps({"model": str(model), "generator": "seg-rt", **clean}, sort_keys=True)
 
 
+def generation_params(
+    *, prompt: str, negative_prompt: str | None, steps: int, cfg: float, seg_scale: float, seg_sigma: float,
+    seg_layers, seg_start: float, seg_end: float, height: int | None, width: int | None, seed: int,
+    scheduler: str, guidance_rescale: float = 0.0, sequential: bool = False,
+) -> dict:  # fmt: skip
+    """The parameter record a seg-rt PNG carries: one key set for the CLI and the server, so the same
+    request gives the same file bytes from either."""
+    return {
+        "prompt": prompt, "negative_prompt": negative_prompt, "steps": int(steps), "cfg": float(cfg),
+        "seg_scale": float(seg_scale), "seg_sigma": float(seg_sigma), "seg_layers": list(seg_layers),
+        "seg_start": float(seg_start), "seg_end": float(seg_end), "guidance_rescale": float(guidance_rescale),
+        "height": height, "width": width, "seed": int(seed), "scheduler": scheduler, "sequential": bool(sequential),
+    }  # fmt: skip
+
+
 def read_params(path: str | Path) -> dict:
     with Image.open(path) as img:
         return json.loads(img.text[PARAMS_KEY])
