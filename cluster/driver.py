@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections import Counter, deque
@@ -29,6 +30,9 @@ from .worker import SEGWorker
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
+# Ray rewrites 127.0.0.1 to the machine's network address; any other 127/8 address stays on the
+# loopback interface (Linux routes the whole range to lo). Elsewhere keep Ray's default.
+LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
 IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: hides Ray's round trip
 
 
@@ -99,7 +103,7 @@ def start_ray(address: str | None, num_cpus: float | None = None, temp_dir: str 
         temp_dir = temp_dir or tempfile.mkdtemp(prefix="segrt-ray-", dir="/tmp")
         # a private cluster on loopback only
         ray.init(
-            num_cpus=num_cpus, _temp_dir=temp_dir, _node_ip_address="127.0.0.1", include_dashboard=False,
+            num_cpus=num_cpus, _temp_dir=temp_dir, _node_ip_address=LOOPBACK_NODE_IP, include_dashboard=False,
             log_to_driver=False,
         )  # fmt: skip
     return ray

@@ -21,12 +21,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the machine's address; 127.0.0.2 stays on lo
+
+
+def _mentions(proc: psutil.Process, temp_dir: str) -> bool:
+    """The process names ``temp_dir`` in its command line or holds a file under it (Ray's agents
+    rename their process title, so only their open log files tell where they belong)."""
+    if any(temp_dir in part for part in proc.info["cmdline"] or []):
+        return True
+    with contextlib.suppress(psutil.Error):
+        return any(f.path.startswith(temp_dir) for f in proc.open_files())
+    return False
+
+
 def kill_ray_under(temp_dir: str, timeout: float = 10.0) -> None:
-    """Kill only the processes whose command line names ``temp_dir`` (the cluster we started)."""
+    """Kill only the processes of the cluster we started under ``temp_dir``."""
     mine = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if proc.pid != os.getpid() and any(temp_dir in part for part in proc.info["cmdline"] or []):
+            if proc.pid != os.getpid() and _mentions(proc, temp_dir):
                 mine.append(proc)
     for proc in mine:
         with contextlib.suppress(psutil.Error):

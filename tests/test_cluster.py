@@ -14,7 +14,7 @@ from seg_rt.cluster.driver import completed, read_manifest, run_job
 from seg_rt.cluster.spec import expand_items, item_seed, load_job, parse_job
 from seg_rt.cluster.worker import FAULT_AFTER_ENV, FAULT_FILE_ENV
 
-from .ray_helpers import free_port, kill_ray_under, short_temp_dir
+from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
 
 BIN = Path(sys.executable).parent
 
@@ -95,7 +95,7 @@ def local_ray():
 
     temp = short_temp_dir()
     ray.init(
-        num_cpus=2, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False
+        num_cpus=2, _temp_dir=temp, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False
     )
     yield ray
     ray.shutdown()
@@ -189,7 +189,7 @@ def test_submit_to_a_head_this_test_starts(sdxl_dir, tmp_path):
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segrt-test-" + os.urandom(8).hex(),
            "PATH": f"{BIN}:{os.environ['PATH']}"}  # fmt: skip
-    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+    start = [str(BIN / "ray"), "start", "--head", "--node-ip-address", LOOPBACK, "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
              "--num-cpus", "2", "--temp-dir", temp, "--disable-usage-stats"]  # fmt: skip
     # every fixed default port gets a free one: a head killed moments earlier leaves them in TIME_WAIT

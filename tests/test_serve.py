@@ -16,7 +16,7 @@ from PIL import Image
 import seg_rt
 from seg_rt.cli import main
 
-from .ray_helpers import free_port, kill_ray_under, short_temp_dir
+from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def server(sdxl_dir, tmp_path_factory):
     ).folder
     temp, port = short_temp_dir(), free_port()
     ray.init(
-        num_cpus=4, _temp_dir=temp, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False
+        num_cpus=4, _temp_dir=temp, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False
     )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": str(sdxl_dir), "num_replicas": 1, "default_height": 64, "default_width": 64}
