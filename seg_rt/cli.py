@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--engine", default="torch", help="torch (default), torch-compile, onnx:DIR, trt:DIR")
     g.set_defaults(func=cmd_generate)
 
-    v = sub.add_parser("video", help="text-to-video with SEG on video attention (AnimateDiff)")
-    v.add_argument("--model", required=True, help="local diffusers AnimateDiff folder or hub id")
+    v = sub.add_parser(
+        "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan)"
+    )
+    v.add_argument("--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan folder or hub id")
     v.add_argument("--prompt", default="")
     v.add_argument("--negative-prompt", default=None)
     v.add_argument("--frames", type=int, default=16)

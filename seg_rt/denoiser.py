@@ -37,14 +37,33 @@ class RowwiseLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class RowwiseConv3d(nn.Conv3d):
+    """``nn.Conv3d`` run one sample at a time in eager mode: CPU Conv3d picks another algorithm
+    for another batch size (seen in Wan's patch embedding), so batched rows drifted ~1e-7 from
+    solo runs. Video DiTs use it only to patchify, a small share of their compute."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.shape[0] > 1 and not tracing(input):
+            return torch.cat(
+                [super(RowwiseConv3d, self).forward(input[i : i + 1]) for i in range(input.shape[0])]
+            )
+        return super().forward(input)
+
+
+_BATCH_INVARIANT = {nn.Linear: RowwiseLinear, nn.Conv3d: RowwiseConv3d}
+
+
 def swap_linears(modules: Sequence[nn.Module | None], cls: type) -> None:
-    """Turn every ``nn.Linear`` under ``modules`` into ``cls`` (``RowwiseLinear`` or back)."""
+    """Batch invariance on (``cls=RowwiseLinear``) or off (``cls=nn.Linear``): every ``nn.Linear`` and
+    ``nn.Conv3d`` under ``modules`` becomes its per-sample variant, or back."""
+    on = cls is RowwiseLinear
     for root in modules:
         if root is None:
             continue
         for m in root.modules():
-            if type(m) in (nn.Linear, RowwiseLinear):
-                m.__class__ = cls
+            for plain, rowwise in _BATCH_INVARIANT.items():
+                if type(m) in (plain, rowwise):
+                    m.__class__ = rowwise if on else plain
 
 
 class SEGUNet(nn.Module):

@@ -86,7 +86,8 @@ def sample(
     extra = _step_kwargs(scheduler, generators)
     n = latents.shape[0]
     for i, t in enumerate(tqdm(timesteps, desc="seg-rt", disable=not progress, leave=False)):
-        x = scheduler.scale_model_input(latents, t)
+        # flow-matching schedulers (Wan) have no input scaling
+        x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         names = branches_at(i, num, cfg, seg)
         if sequential:
             preds = {b: denoiser(build_batch([b], x, t, cond, uncond)) for b in names}

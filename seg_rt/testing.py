@@ -192,14 +192,14 @@ def tiny_video_denoiser(family: str, seed: int = 0):
         return diffusers.UNetMotionModel.from_unet2d(*_animatediff_parts(seed)).eval()
     if family == "cogvideox":
         return diffusers.CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=4,
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=4,
             text_embed_dim=_TEXT["hidden_size"], num_layers=2, sample_width=8, sample_height=8, sample_frames=9,
             patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
             use_rotary_positional_embeddings=True,
         ).eval()  # fmt: skip
     if family == "wan":
         return diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
             text_dim=_TEXT["hidden_size"], freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         ).eval()  # fmt: skip
@@ -224,18 +224,59 @@ def _animatediff_parts(seed: int):
     return unet, adapter
 
 
-def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
-    """A random-weight diffusers video pipeline (``animatediff``: AnimateDiffPipeline, CLIP text)."""
-    from diffusers import AnimateDiffPipeline
+def tiny_t5_tokenizer():
+    """A T5 (Unigram) tokenizer over ASCII characters, built from an in-code vocabulary."""
+    import string
 
-    if family != "animatediff":
-        raise ValueError(
-            f"tiny video pipelines: animatediff (DiT pipelines need T5 tokenizers), got {family!r}"
-        )
-    unet, adapter = _animatediff_parts(seed + 2)
-    return AnimateDiffPipeline(
-        vae=_vae(seed), text_encoder=_text_encoder(False, seed + 1), tokenizer=tiny_tokenizer(), unet=unet,
-        motion_adapter=adapter, scheduler=_scheduler(),
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    vocab += [("\u2581" + c, -2.5) for c in string.ascii_letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _t5(umt5: bool, vocab_size: int, seed: int):
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    kw = {"vocab_size": vocab_size, "d_model": _TEXT["hidden_size"], "d_kv": 8, "d_ff": 37, "num_layers": 2,
+          "num_heads": 4, "relative_attention_num_buckets": 8}  # fmt: skip
+    return (UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))).eval()
+
+
+def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
+    """A random-weight diffusers video pipeline: ``animatediff`` (CLIP text), ``cogvideox`` (T5 text,
+    CogVideoX VAE, 4x temporal compression) or ``wan`` (UMT5 text, Wan VAE, 4x temporal)."""
+    import diffusers
+
+    if family == "animatediff":
+        unet, adapter = _animatediff_parts(seed + 2)
+        return diffusers.AnimateDiffPipeline(
+            vae=_vae(seed), text_encoder=_text_encoder(False, seed + 1), tokenizer=tiny_tokenizer(), unet=unet,
+            motion_adapter=adapter, scheduler=_scheduler(),
+        )  # fmt: skip
+    if family not in VIDEO_FAMILIES:
+        raise ValueError(f"unknown tiny video family {family!r}; choose from {', '.join(VIDEO_FAMILIES)}")
+    tok = tiny_t5_tokenizer()
+    torch.manual_seed(seed)
+    if family == "cogvideox":
+        vae = diffusers.AutoencoderKLCogVideoX(
+            in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+            up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+            layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+        ).eval()  # fmt: skip
+        return diffusers.CogVideoXPipeline(
+            tokenizer=tok, text_encoder=_t5(False, len(tok), seed + 1), vae=vae,
+            transformer=tiny_video_denoiser("cogvideox", seed + 2), scheduler=diffusers.CogVideoXDDIMScheduler(),
+        )  # fmt: skip
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()  # fmt: skip
+    return diffusers.WanPipeline(
+        tokenizer=tok, text_encoder=_t5(True, len(tok), seed + 1), transformer=tiny_video_denoiser("wan", seed + 2),
+        vae=vae, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
     )  # fmt: skip
 
 

@@ -26,7 +26,6 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from seg_rt.blur import blur_matrix, separable_blur
@@ -109,20 +108,26 @@ class _Call:
     mats: tuple[Tensor | None, Tensor, Tensor]  # (M_t or None, M_h, M_w)
 
     def perturb(self, q: Tensor) -> Tensor:
+        """Blur the video tokens of the masked rows of ``q``, one row at a time: cheaper than blurring
+        every row, and a row's result cannot depend on how many rows share the batch."""
         # q: [B, h, N, d] ("bhnd") or [B, N, h, d] ("bnhd"); video tokens are q[..., text:, ...]
         m_t, m_h, m_w = self.mats
         tokens = (m_t.shape[0] if m_t is not None else 1) * m_h.shape[0] * m_w.shape[0]
-        if self.layout == "bhnd":
-            b, h, _, d = q.shape
-            video = q[:, :, self.text :]
-            flat = video.reshape(b * h, tokens, d)
-            blurred = separable_blur(flat, m_h, m_w, m_t).view(b, h, tokens, d)
-            rows = self.mask.view(-1, 1, 1, 1)
-            return torch.cat([q[:, :, : self.text], torch.where(rows, blurred, video)], dim=2)
-        b, _, h, d = q.shape
-        video = q[:, self.text :]
-        blurred = separable_blur(video.reshape(b, tokens, h * d), m_h, m_w, m_t).view(b, tokens, h, d)
-        return torch.cat([q[:, : self.text], torch.where(self.mask.view(-1, 1, 1, 1), blurred, video)], dim=1)
+        rows = self.mask.nonzero().flatten().tolist()
+        if not rows:
+            return q
+        q = q.clone()
+        for i in rows:
+            if self.layout == "bhnd":
+                video = q[i, :, self.text :]  # [h, T, d]
+                q[i, :, self.text :] = separable_blur(
+                    video.reshape(-1, tokens, video.shape[-1]), m_h, m_w, m_t
+                )
+            else:
+                video = q[i, self.text :]  # [T, h, d]
+                flat = video.reshape(1, tokens, -1)
+                q[i, self.text :] = separable_blur(flat, m_h, m_w, m_t).view_as(video)
+        return q
 
 
 @dataclass(frozen=True)

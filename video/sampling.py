@@ -2,7 +2,8 @@
 
 Batching, the SEG window and per-sample seeds work exactly as for images (``seg_rt.sampler``):
 one forward of ``[uncond, cond, perturbed]`` videos per step, video i drawn from seed + i and equal
-to that seed run alone. diffusers does prompt encoding, VAE decoding and video post-processing.
+to that seed run alone. diffusers does prompt encoding (CLIP for AnimateDiff, T5 / UMT5 for
+CogVideoX / Wan), RoPE tables, VAE decoding and video post-processing.
 """
 
 from __future__ import annotations
@@ -22,34 +23,59 @@ from seg_rt.sampler import sample
 from .attention import VideoBlur, VideoSEG, family_of_model
 
 VIDEO_OUTPUT_TYPES = ("np", "pil", "latent")
+PIPELINES = {"AnimateDiffPipeline": "animatediff", "CogVideoXPipeline": "cogvideox", "WanPipeline": "wan"}
 
 
 class VideoDenoiser:
     """A video model with ``VideoSEG`` installed, called with the sampler's named inputs."""
 
-    def __init__(self, model: nn.Module, blur: VideoBlur, layers: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        blur: VideoBlur,
+        layers: Sequence[str] | None = None,
+        extra: dict | None = None,
+    ) -> None:
         self.model = model
+        self.extra = extra or {}  # model inputs shared by every row (CogVideoX's RoPE tables)
         self.family = family_of_model(model)
         self.seg = VideoSEG(model, blur, layers).install()
         swap_linears([model], RowwiseLinear)  # per-sample results independent of the batch
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        x = inputs["sample"]  # [B, C, F, h, w]
+        x, t, text = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
         self.seg.set_mask(inputs.get("seg_mask"))
         try:
-            if self.family == "animatediff":  # AnimateDiff wants the text per frame: [B·F, L, C]
-                text = inputs["encoder_hidden_states"].repeat_interleave(x.shape[2], dim=0)
-                return self.model(x, inputs["timestep"], encoder_hidden_states=text, return_dict=False)[0]
-            raise ValueError(
-                f"video sampling for {self.family} needs its pipeline's T5 prompt encoding (not yet)"
-            )
+            if self.family == "animatediff":  # x: [B, C, F, h, w]; text per frame: [B·F, L, C]
+                text = text.repeat_interleave(x.shape[2], dim=0)
+                return self.model(x, t, encoder_hidden_states=text, return_dict=False)[0]
+            if self.family == "cogvideox":  # x: [B, F, C, h, w]
+                rope = self.extra.get("image_rotary_emb")
+                out = self.model(
+                    hidden_states=x,
+                    encoder_hidden_states=text,
+                    timestep=t,
+                    image_rotary_emb=rope,
+                    return_dict=False,
+                )
+                return out[0]
+            return self.model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[
+                0
+            ]  # wan
         finally:
             self.seg.set_mask(None)
 
     def close(self) -> None:
         self.seg.remove()
         swap_linears([self.model], nn.Linear)
+
+
+def pipeline_family(pipe) -> str:
+    for cls in type(pipe).__mro__:
+        if cls.__name__ in PIPELINES:
+            return PIPELINES[cls.__name__]
+    raise ValueError(f"unsupported video pipeline {type(pipe).__name__}; supported: {', '.join(PIPELINES)}")
 
 
 def generate_video(
@@ -76,10 +102,13 @@ def generate_video(
     device: str | torch.device | None = None,
     progress: bool = False,
 ):
-    """Videos with SEG on video attention. ``model``: a folder, hub id or loaded AnimateDiff pipeline.
+    """Videos with SEG on video attention. ``model``: a folder, hub id or loaded diffusers pipeline
+    (AnimateDiff, CogVideoX or Wan). AnimateDiff samples with Euler by default (as the paper);
+    the DiTs with a fresh copy of their own scheduler unless one is given.
 
     Returns ``[B, F, H, W, 3]`` floats in [0, 1] (``"np"``), lists of PIL frames (``"pil"``) or the
-    final latents ``[B, C, F, h, w]`` (``"latent"``). Video i uses seed ``seed + i``.
+    final latents (``"latent"``). Video i uses seed ``seed + i``. ``frames`` counts output frames;
+    CogVideoX and Wan compress time 4x in their VAE, so they decode ``4k + 1`` frames.
     """
     blur = VideoBlur(seg_mode, seg_sigma, seg_sigma_time)
     # the sampler reads scale and window from SEGConfig; the blur itself is `blur`
@@ -91,27 +120,51 @@ def generate_video(
     if math.isnan(cfg) or cfg < 1:
         raise ValueError(f"cfg must be >= 1, got {cfg:g}")
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
-    f = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * f
-    width = width or pipe.unet.config.sample_size * f
+    family = pipeline_family(pipe)
+    net = pipe.unet if family == "animatediff" else pipe.transformer
+    f = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
+    height, width = height or 8 * f, width or 8 * f
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % f:
             raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
     device = pipe._execution_device
     do_cfg = cfg > 1
-    pe, ne = pipe.encode_prompt(prompt, device, num_videos, do_cfg, negative_prompt)
+
+    if family == "animatediff":
+        pe, ne = pipe.encode_prompt(prompt, device, num_videos, do_cfg, negative_prompt)
+        latent_frames = frames
+    else:
+        text_len = getattr(net.config, "max_text_seq_length", None) or 226
+        pe, ne = pipe.encode_prompt(
+            prompt, negative_prompt, do_cfg, num_videos, max_sequence_length=text_len, device=device
+        )
+        latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
     cond = {"encoder_hidden_states": pe}
     uncond = {"encoder_hidden_states": ne} if do_cfg else None
+
     generators = seed_generators(seed + i for i in range(num_videos))
-    sched = make_scheduler(pipe, scheduler)
+    if scheduler is None and family != "animatediff":
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    else:
+        sched = make_scheduler(pipe, scheduler)
     sched.set_timesteps(steps, device=device)
     from diffusers.utils.torch_utils import randn_tensor
 
-    shape = (num_videos, pipe.unet.config.in_channels, frames, height // f, width // f)
-    latents = (
-        randn_tensor(shape, generator=generators, device=device, dtype=pe.dtype) * sched.init_noise_sigma
+    c, h, w = net.config.in_channels, height // f, width // f
+    shape = (
+        (num_videos, latent_frames, c, h, w)
+        if family == "cogvideox"
+        else (num_videos, c, latent_frames, h, w)
     )
-    denoiser = VideoDenoiser(pipe.unet, blur, seg_layers)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=pe.dtype)
+    latents = latents * getattr(sched, "init_noise_sigma", 1.0)  # flow matching starts at unit noise
+
+    extra = {}
+    if family == "cogvideox" and net.config.use_rotary_positional_embeddings:
+        extra["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(
+            height, width, latent_frames, device
+        )
+    denoiser = VideoDenoiser(net, blur, seg_layers, extra)
     try:
         latents = sample(
             denoiser, sched, latents, cond, uncond, steps=steps, cfg=cfg, seg=seg, generators=generators,
@@ -122,5 +175,16 @@ def generate_video(
     if output_type == "latent":
         return latents
     with torch.no_grad():  # one video at a time: pixels independent of the batch
-        video = torch.cat([pipe.decode_latents(latent[None]) for latent in latents])
+        video = torch.cat([_decode(pipe, family, latent[None]) for latent in latents])
     return pipe.video_processor.postprocess_video(video=video, output_type=output_type)
+
+
+def _decode(pipe, family: str, latents: Tensor) -> Tensor:
+    """One video's latents → ``[1, C, F, H, W]`` in the VAE's output range, as each pipeline does."""
+    if family in ("animatediff", "cogvideox"):
+        return pipe.decode_latents(latents)
+    vae = pipe.vae  # Wan: undo the per-channel latent normalisation, then decode
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents)
+    return vae.decode((latents * std + mean).to(vae.dtype), return_dict=False)[0]
