@@ -60,9 +60,7 @@ class SEGWorker:
 
     def _generate_video(self, item: Item) -> bytes:
         """One video item → H.264 mp4 bytes (spec.video: frames, fps, mode, σ_time)."""
-        import tempfile
-
-        from seg_rt.video.io import write_mp4
+        from seg_rt.video.io import mp4_bytes
         from seg_rt.video.sampling import generate_video
 
         v, seg = self.spec.video, item.seg
@@ -72,8 +70,7 @@ class SEGWorker:
             seg_sigma=math.inf if seg["sigma"] == "inf" else float(seg["sigma"]), seg_sigma_time=v.sigma_time,
             seg_start=seg["start"], seg_end=seg["end"], seed=item.seed, scheduler=self.spec.scheduler,
         )[0]  # fmt: skip
-        with tempfile.TemporaryDirectory() as tmp:
-            return write_mp4(frames, f"{tmp}/v.mp4", fps=v.fps).read_bytes()
+        return mp4_bytes(frames, fps=v.fps)
 
     def _generate(self, items: Sequence[Item]) -> list:
         seg = items[0].seg
@@ -85,24 +82,6 @@ class SEGWorker:
             seg_end=seg["end"], height=self.spec.height, width=self.spec.width,
             scheduler=self.spec.scheduler, engine=self.engine,
         )  # fmt: skip
-
-    def _run_videos(self, items: Sequence[Item], t_batch: float) -> list[dict]:
-        results = []
-        for item in items:
-            t0 = time.perf_counter()
-            try:
-                data = self._generate_video(item)
-            except Exception as exc:  # reported per item; the driver retries or records it
-                results.append(
-                    {"item": item.id, "error": f"{type(exc).__name__}: {exc}", "worker": self.worker_id}
-                )
-                continue
-            results.append(
-                {"item": item.id, "mp4": data, "seconds": time.perf_counter() - t0, "worker": self.worker_id}
-            )
-        if results:
-            results[0]["batch_seconds"] = time.perf_counter() - t_batch
-        return results
 
     @staticmethod
     def _groups(items: Sequence[Item], fused: bool) -> list[list[Item]]:
@@ -121,32 +100,33 @@ class SEGWorker:
                 groups.append([item])
         return groups
 
+    def _outputs(self, group: list[Item]) -> tuple[str, list[bytes]]:
+        """One sampling run → ("mp4", [video bytes]) or ("png", [image bytes]) for the group's items."""
+        if self.spec.video is not None:
+            return "mp4", [self._generate_video(group[0])]
+        images = self._generate(group)
+        return "png", [
+            png_bytes(im, params_text(self.spec.model, it.params()))
+            for im, it in zip(images, group, strict=True)
+        ]
+
     def run(self, items: Sequence[Item]) -> list[dict]:
         t_batch = time.perf_counter()
         self.batches += 1
         self._maybe_crash()
-        if self.spec.video is not None:  # one video per item
-            return self._run_videos(items, t_batch)
-        groups = self._groups(items, self.spec.batch_mode == "fused")
+        fused = self.spec.batch_mode == "fused" and self.spec.video is None  # videos: one per run
         results = []
-        for group in groups:
+        for group in self._groups(items, fused):
             t0 = time.perf_counter()
             try:
-                images = self._generate(group)
+                kind, outputs = self._outputs(group)
             except Exception as exc:  # reported per item; the driver retries or records it
                 err = f"{type(exc).__name__}: {exc}"
                 results += [{"item": i.id, "error": err, "worker": self.worker_id} for i in group]
                 continue
             seconds = (time.perf_counter() - t0) / len(group)
-            for item, image in zip(group, images, strict=True):
-                results.append(
-                    {
-                        "item": item.id,
-                        "png": png_bytes(image, params_text(self.spec.model, item.params())),
-                        "seconds": seconds,
-                        "worker": self.worker_id,
-                    }
-                )
+            for item, data in zip(group, outputs, strict=True):
+                results.append({"item": item.id, kind: data, "seconds": seconds, "worker": self.worker_id})
         if results:
             results[0]["batch_seconds"] = time.perf_counter() - t_batch
         return results

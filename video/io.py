@@ -1,12 +1,11 @@
 """Write videos: H.264 mp4 through PyAV (cv2's H.264 is unavailable here), animated GIF through PIL.
 
-Both are written to a temp file beside the target and renamed, so nothing half-written remains.
+Both are encoded in memory and written with ``seg_rt.images.write_atomic`` (temp file + rename).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from seg_rt.images import write_atomic
 from seg_rt.optional import require
 
 
@@ -25,50 +25,39 @@ def to_uint8(frames) -> np.ndarray:
     return arr if arr.dtype == np.uint8 else (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _staged(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
-def write_mp4(frames, path: str | Path, fps: int = 8, crf: int = 18) -> Path:
-    """H.264 (libx264, yuv420p) mp4; height and width must be even (seg-rt sizes are multiples of 8)."""
+def mp4_bytes(frames, fps: int = 8, crf: int = 18) -> bytes:
+    """H.264 (libx264, yuv420p) mp4 in memory; height and width must be even (seg-rt sizes are multiples of 8)."""
     av = require("av", "writing mp4 video")
-    path = Path(path)
     video = to_uint8(frames)
     _, h, w, _ = video.shape
     if h % 2 or w % 2:
         raise ValueError(f"H.264 yuv420p needs even height and width, got {h}x{w}")
-    tmp = _staged(path)
-    try:
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps))
-            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in video:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def gif_bytes(frames, fps: int = 8) -> bytes:
+    images = [Image.fromarray(f) for f in to_uint8(frames)]
+    buf = io.BytesIO()
+    images[0].save(
+        buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
+    )
+    return buf.getvalue()
+
+
+def write_mp4(frames, path: str | Path, fps: int = 8, crf: int = 18) -> Path:
+    return write_atomic(path, mp4_bytes(frames, fps, crf))
 
 
 def write_gif(frames, path: str | Path, fps: int = 8) -> Path:
-    path = Path(path)
-    images = [Image.fromarray(f) for f in to_uint8(frames)]
-    tmp = _staged(path)
-    try:
-        images[0].save(
-            tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(path, gif_bytes(frames, fps))
 
 
 def write_video(frames, path: str | Path, fps: int = 8) -> Path:
