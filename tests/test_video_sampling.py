@@ -42,7 +42,7 @@ def test_dit_pipelines_every_mode(dit, mode):
 def test_dit_video_i_of_a_batch_equals_its_seed_alone(dit):
     _, pipe = dit
     batch = generate_video(pipe, "a dog", num_videos=2, seed=4, **DIT_KW)
-    assert np.array_equal(batch[1], generate_video(pipe, "a dog", seed=5, **DIT_KW)[0])
+    assert np.abs(batch[1] - generate_video(pipe, "a dog", seed=5, **DIT_KW)[0]).max() <= 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,11 @@ def test_each_mode_changes_the_video_and_is_deterministic(vpipe, mode):
 
 
 def test_video_i_of_a_batch_equals_its_seed_alone(vpipe):
+    # equal to float rounding: bit-exact in local runs, but one CI run (loaded machine) differed by 1e-7
     batch = generate_video(vpipe, "a dog", num_videos=2, seed=4, **KW)
     for i in range(2):
-        assert np.array_equal(batch[i], generate_video(vpipe, "a dog", seed=4 + i, **KW)[0])
+        assert np.abs(batch[i] - generate_video(vpipe, "a dog", seed=4 + i, **KW)[0]).max() <= 1e-5
+    assert np.abs(batch[0] - batch[1]).max() > 1e-2
 
 
 def test_unconditional_and_window(vpipe):

@@ -2,7 +2,7 @@
 
 Batching, the SEG window and per-sample seeds work exactly as for images (``seg_rt.sampler``):
 one forward of ``[uncond, cond, perturbed]`` videos per step, video i drawn from seed + i and equal
-to that seed run alone. diffusers does prompt encoding (CLIP for AnimateDiff, T5 / UMT5 for
+to that seed run alone (to float rounding; usually bit for bit on CPU, not guaranteed for video). diffusers does prompt encoding (CLIP for AnimateDiff, T5 / UMT5 for
 CogVideoX / Wan), RoPE tables, VAE decoding and video post-processing.
 """
 
