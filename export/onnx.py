@@ -25,7 +25,7 @@ from seg_rt.blur import blur_matrix
 from seg_rt.denoiser import SEGUNet
 from seg_rt.errors import ExportValidationError
 from seg_rt.optional import require
-from seg_rt.pipeline import family_of
+from seg_rt.pipeline import check_size, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ def export_onnx(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     f = pipe.vae_scale_factor
-    for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % f:
-            raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
+    check_size(height, width, f)
     if sigma is not None and (math.isnan(sigma) or sigma <= 0):
         raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
     family = family_of(pipe)

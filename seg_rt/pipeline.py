@@ -198,14 +198,18 @@ def decode(pipe, latents: Tensor, output_type: str):
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
-def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    factor = pipe.vae_scale_factor
-    default = pipe.unet.config.sample_size * factor
-    height, width = height or default, width or default
+def check_size(height: int, width: int, factor: int) -> tuple[int, int]:
+    """Pixel sizes must be positive multiples of the VAE's downsampling ``factor``."""
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % factor:
             raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
     return height, width
+
+
+def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    factor = pipe.vae_scale_factor
+    default = pipe.unet.config.sample_size * factor
+    return check_size(height or default, width or default, factor)
 
 
 def generate(

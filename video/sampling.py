@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from seg_rt.config import SEGConfig
 from seg_rt.denoiser import RowwiseLinear, swap_linears
-from seg_rt.pipeline import load_pipeline, make_scheduler, seed_generators
+from seg_rt.pipeline import check_size, load_pipeline, make_scheduler, seed_generators
 from seg_rt.sampler import sample
 
 from .attention import VideoBlur, VideoSEG, family_of_model
@@ -123,10 +123,7 @@ def generate_video(
     family = pipeline_family(pipe)
     net = pipe.unet if family == "animatediff" else pipe.transformer
     f = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
-    height, width = height or 8 * f, width or 8 * f
-    for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % f:
-            raise ValueError(f"{name} must be a positive multiple of {f}, got {v}")
+    height, width = check_size(height or 8 * f, width or 8 * f, f)
     device = pipe._execution_device
     do_cfg = cfg > 1
 
