@@ -292,6 +292,7 @@ class VideoSEG:
         self._saved: dict[str, object] = {}
         self._handles: list = []
         self._fn_hook: _AttentionFnHook | None = None
+        self._mats: dict[tuple, Tensor] = {}  # blur matrices by (n, sigma, device, dtype)
 
     def install(self) -> VideoSEG:
         mods = dict(self.model.named_modules())
@@ -323,8 +324,7 @@ class VideoSEG:
         if rows % b:
             raise ValueError(f"{proc.name}: {rows} attention rows are not a multiple of the {b}-row seg mask")
         mask = self.mask.to(hidden.device).repeat_interleave(rows // b)  # rows are sample-major
-        dev, dt = hidden.device, hidden.dtype
-        mat = lambda n, s: blur_matrix(n, s).to(device=dev, dtype=dt)  # noqa: E731
+        mat = lambda n, s: self._matrix(n, s, hidden)  # noqa: E731
         if proc.kind == "spatial":
             bh, bw = proc.block_hw or (h, w)
             mats = (None, mat(bh, self.blur.space), mat(bw, self.blur.space))
@@ -335,6 +335,14 @@ class VideoSEG:
         text = encoder.shape[1] if self.family.joint_text and encoder is not None else 0
         layout = self.family.attention[2]
         return _Call(layout, mask, text, mats)
+
+    def _matrix(self, n: int, sigma: float, probe: Tensor) -> Tensor:
+        """``blur_matrix(n, sigma)`` on ``probe``'s device and dtype, built once per install (it is
+        a Python loop, and every SEG attention call of every step needs it)."""
+        key = (n, sigma, probe.device, probe.dtype)
+        if key not in self._mats:
+            self._mats[key] = blur_matrix(n, sigma).to(device=probe.device, dtype=probe.dtype)
+        return self._mats[key]
 
     def remove(self) -> None:
         mods = dict(self.model.named_modules())
