@@ -92,7 +92,6 @@ class OnnxRuntimeDenoiser:
         )
         self.input_types = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.shapes = ShapeSpec(self.info.rows, self.info.latent_height, self.info.latent_width)
-        self.layers = self.info.layers
         self._blur: dict[str, np.ndarray] = {}
         self.sigma = math.inf if self.info.dynamic_sigma else float(self.info.sigma)
         if self.info.dynamic_sigma:

@@ -41,7 +41,6 @@ class TensorRTDenoiser:
             )
         self.context = self.engine.create_execution_context()
         self.shapes = ShapeSpec(self.info.rows, self.info.latent_height, self.info.latent_width)
-        self.layers = self.info.layers
         self.sigma = float("inf") if self.info.dynamic_sigma else float(self.info.sigma)
         self.buffers: dict[str, Tensor] = {}
         for i in range(self.engine.num_io_tensors):
