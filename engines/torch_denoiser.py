@@ -18,6 +18,7 @@ class TorchDenoiser:
 
     Accepts any shape. The SEG processors stay installed for the denoiser's lifetime; ``close()``
     (or ``with``) restores the model. Rows with ``seg_mask`` False run the unmodified attention.
+    ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
     """
 
     def __init__(
@@ -28,8 +29,12 @@ class TorchDenoiser:
         layers: Sequence[str] = ("mid",),
         controlnet: nn.Module | None = None,
         compile: bool = False,
+        perturbation: str = "blur",
     ) -> None:
-        self.model = SEGUNet(unet, sigma=sigma, layers=layers, controlnet=controlnet)
+        self.perturbation = perturbation
+        self.model = SEGUNet(
+            unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=perturbation
+        )
         self.layers = tuple(layers)
         self.shapes = ShapeSpec()
         self._call = torch.compile(self.model) if compile else self.model
@@ -39,7 +44,9 @@ class TorchDenoiser:
         if tuple(layers) != self.layers:
             unet, controlnet = self.model.unet, self.model.controlnet
             self.model.remove()
-            self.model = SEGUNet(unet, sigma=sigma, layers=layers, controlnet=controlnet)
+            self.model = SEGUNet(
+                unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=self.perturbation
+            )
             self.layers = tuple(layers)
             self._call = self.model
         self.model.seg.sigma = float(sigma)

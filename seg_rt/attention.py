@@ -52,7 +52,7 @@ class SEGAttnProcessor:
     def _perturb(self, q: Tensor, grid: tuple[int, int]) -> Tensor:
         """Blur the rows of ``q: [B, ..., N, c]`` that the patch's mask selects."""
         mask, rows = self.patch.mask, self.patch.rows
-        if mask is None:
+        if mask is None or self.patch.perturbation != "blur":
             return q
         if mask.shape[0] != q.shape[0]:
             raise ValueError(f"seg mask has {mask.shape[0]} rows but the batch has {q.shape[0]}")
@@ -63,6 +63,16 @@ class SEGAttnProcessor:
             return q
         # traced / exported: the mask stays data, one graph serves every branch layout
         return torch.where(mask.view(-1, *[1] * (q.ndim - 1)).to(q.device), self._blur(q, grid), q)
+
+    def _identity(self, out: Tensor, value: Tensor) -> Tensor:
+        """PAG (arXiv 2403.17377): the selected rows get an identity attention map, output = V."""
+        mask, rows = self.patch.mask, self.patch.rows
+        if mask is None:
+            return out
+        if rows is not None:
+            out[rows] = value[rows]
+            return out
+        return torch.where(mask.view(-1, 1, 1, 1).to(out.device), value, out)
 
     def __call__(
         self,
@@ -121,6 +131,8 @@ class SEGAttnProcessor:
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
+        if self.patch.perturbation == "identity":
+            hidden_states = self._identity(hidden_states, value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -153,11 +165,23 @@ class SEGAttention:
     ``set_mask(mask)`` (``Tensor[B]`` of bool, or None for no perturbed row) selects the rows whose
     queries are blurred in the next forwards; the denoiser sets it per call. ``sigma`` can be changed
     between calls. Use as a context manager or call ``install()`` / ``remove()``.
+
+    ``perturbation="identity"`` replaces the blur by PAG's identity attention map (the selected
+    rows' attention output is V), the baseline the SEG paper compares against; σ is then unused.
     """
 
-    def __init__(self, model: nn.Module, sigma: float, layers: Sequence[str] = ("mid",)) -> None:
+    PERTURBATIONS = ("blur", "identity")
+
+    def __init__(
+        self, model: nn.Module, sigma: float, layers: Sequence[str] = ("mid",), perturbation: str = "blur"
+    ) -> None:
         if math.isnan(sigma) or sigma <= 0:
             raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+        if perturbation not in self.PERTURBATIONS:
+            raise ValueError(
+                f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
+            )
+        self.perturbation = perturbation
         self.model = model
         self.sigma = float(sigma)
         self.layer_names = select_layers(model, layers)

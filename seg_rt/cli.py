@@ -37,7 +37,9 @@ def _sigma(value: str) -> float:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that samples (DESIGN §3)."""
-    p.add_argument("--model", help="local diffusers folder or hub id")
+    p.add_argument(
+        "--model", help="local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)"
+    )
     p.add_argument("--prompt", default="", help="text prompt ('' for unconditional SEG)")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--seg-scale", type=float, default=3.0, help="SEG guidance scale s (0 = off)")
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--control-image", default=None, help="control image for SDXL ControlNet models")
     g.add_argument("--controlnet-scale", type=float, default=1.0)
     g.add_argument("--compare", action="store_true", help="one labelled grid: vanilla, CFG, SEG σ sweep")
+    g.add_argument("--grid", action="store_true", help="with --num-images: one labelled grid PNG")
     g.add_argument("--compare-sigmas", default=DEFAULT_COMPARE_SIGMAS)
     g.add_argument("--out", default="seg.png", help="output PNG (several images: NAME-i.png)")
     g.add_argument("--json", action="store_true", help="print a JSON summary")
@@ -169,11 +172,25 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
-    b.add_argument("what", choices=["blur", "engines", "cluster", "serve", "video-quality"])
+    b.add_argument("what", choices=["blur", "engines", "cluster", "serve", "video-quality", "quality"])
     b.add_argument(
-        "--model", default=None, help="video-quality: AnimateDiff folder (default: tiny random model)"
+        "--model",
+        default=None,
+        help="video-quality: AnimateDiff folder (default: tiny random model); quality: demo-model folder",
     )
-    b.add_argument("--plot", default="video-quality.png", help="video-quality: plot PNG path")
+    b.add_argument("--plot", default=None, help="plot PNG path (default: WHAT.png)")
+    q = b.add_argument_group("quality (demo model: vanilla, CFG, PAG-style, SEG σ sweep)")
+    q.add_argument("--samples", type=int, default=256, help="samples per method (same prompts and seeds)")
+    q.add_argument("--steps", type=int, default=20)
+    q.add_argument("--cfg", type=float, default=3.0, help="scale of the CFG row")
+    q.add_argument("--seg-scale", type=float, default=3.0, help="scale of the SEG rows (no CFG)")
+    q.add_argument("--pag-scale", type=float, default=3.0, help="scale of the PAG-style row (no CFG)")
+    q.add_argument("--sigmas", default="1,2,5,10,inf", help="SEG σ values")
+    q.add_argument("--seg-layers", default="mid")
+    q.add_argument("--batch", type=int, default=64, help="images per sampling batch")
+    q.add_argument("--unconditional", action="store_true", help="empty prompts (the paper's main setting)")
+    q.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
+    q.add_argument("--device", default=None)
     b.add_argument("--json", action="store_true", help="print one JSON object per line")
     b.add_argument("--pairs", type=int, default=None, help="alternating timing pairs per case")
     b.set_defaults(func=cmd_bench)
@@ -227,8 +244,7 @@ def cmd_generate(args) -> int:
     kwargs = _generate_kwargs(args)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
-    if not args.model:
-        raise UsageError("seg-rt generate: no --model given; pass a local diffusers folder or a hub id")
+    model = args.model or _demo_model()
     control = load_image(args.control_image) if args.control_image else None
     if args.threads is not None:
         if args.threads < 1:
@@ -237,7 +253,7 @@ def cmd_generate(args) -> int:
 
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(model, args.device)
     engine = None
     if args.engine != "torch":
         from seg_rt.engines import load_engine
@@ -257,7 +273,15 @@ def cmd_generate(args) -> int:
         columns = compare_columns(kwargs, sigmas)
         images = [generate(pipe, **kw, **common)[0] for _, kw in columns]
         sheet = grid(images, [label for label, _ in columns])
-        save_png(sheet, out, params_text(args.model, {**kwargs, "compare_sigmas": sigmas}))
+        save_png(sheet, out, params_text(model, {**kwargs, "compare_sigmas": sigmas}))
+        paths = [out]
+    elif args.grid:
+        from .images import grid
+
+        images = generate(pipe, **kwargs, num_images=args.num_images, **common)
+        columns = min(len(images), 4)
+        sheet = grid(images, [f"seed {kwargs['seed'] + i}" for i in range(len(images))], columns=columns)
+        save_png(sheet, out, params_text(model, {**kwargs, "num_images": args.num_images}))
         paths = [out]
     else:
         images = generate(pipe, **kwargs, num_images=args.num_images, **common)
@@ -268,7 +292,7 @@ def cmd_generate(args) -> int:
         )
         for i, (img, path) in enumerate(zip(images, paths, strict=True)):
             params = generation_params(**{**kwargs, "seed": kwargs["seed"] + i})
-            save_png(img, path, params_text(args.model, params))
+            save_png(img, path, params_text(model, params))
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], "seconds": round(seconds, 3)}))
@@ -276,6 +300,22 @@ def cmd_generate(args) -> int:
         for p in paths:
             print(p)
     return 0
+
+
+def _demo_model() -> str:
+    from seg_rt.demo.model import weights_dir
+
+    path = weights_dir()
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the bundled demo model is missing from {path}; reinstall seg-rt or pass --model"
+        )
+    print(
+        "seg-rt: no --model: using the bundled 32x32 demo model (procedural shapes, see README); "
+        "for SDXL pass --model stabilityai/stable-diffusion-xl-base-1.0 or a local SDXL folder",
+        file=sys.stderr,
+    )
+    return str(path)
 
 
 def compare_columns(kwargs: dict, sigmas: list[float]) -> list[tuple[str, dict]]:
@@ -422,9 +462,24 @@ def cmd_bench(args) -> int:
     if args.what == "video-quality":
         from seg_rt.video.harness import run_harness
 
-        results = run_harness(args.model, plot=args.plot)
+        results = run_harness(args.model, plot=args.plot or "video-quality.png")
         for row in results:
             print(json.dumps(row) if args.json else row)
+        return 0
+    if args.what == "quality":
+        from . import quality
+
+        sigmas = [parse_sigma(s) for s in args.sigmas.split(",") if s.strip()]
+        rows = quality.run_quality(
+            args.model, samples=args.samples, steps=args.steps, cfg=args.cfg, seg_scale=args.seg_scale,
+            pag_scale=args.pag_scale, sigmas=sigmas, layers=parse_layers(args.seg_layers), batch=args.batch,
+            unconditional=args.unconditional, classifier=args.classifier, device=args.device,
+        )  # fmt: skip
+        quality.plot(rows, args.plot or "quality.png")
+        if args.json:
+            for row in rows:
+                print(json.dumps(row))
+        print(quality.table(rows), file=sys.stderr if args.json else sys.stdout)
         return 0
     results = bench.run(args.what, pairs=args.pairs)
     for row in results:

@@ -76,11 +76,12 @@ class SEGUNet(nn.Module):
         sigma: float,
         layers: Sequence[str] = ("mid",),
         controlnet: nn.Module | None = None,
+        perturbation: str = "blur",
     ) -> None:
         super().__init__()
         self.unet = unet
         self.controlnet = controlnet
-        self.seg = SEGAttention(unet, sigma, layers).install()
+        self.seg = SEGAttention(unet, sigma, layers, perturbation).install()
         swap_linears([unet, controlnet], RowwiseLinear)
 
     @property

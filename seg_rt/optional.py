@@ -17,7 +17,7 @@ EXTRAS = {
     "cv2": "video",
     "av": "video",
     "imageio": "video",
-    "matplotlib": "video",
+    "matplotlib": "plot",
 }
 
 

@@ -53,8 +53,14 @@ def load_pipeline(
         raise ModelLoadError(f"model folder {str(model)!r} does not exist or is not a diffusers folder")
     # diffusers renamed torch_dtype to dtype (0.36); pass whichever this version takes
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
+    cls = DiffusionPipeline
+    if is_local:
+        from seg_rt.demo.model import SEGDemoPipeline, is_demo_folder
+
+        if is_demo_folder(path):  # our own pipeline class: diffusers cannot look it up by name
+            cls = SEGDemoPipeline
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(model), use_safetensors=True, **{dtype_kw: dtype})
+        pipe = cls.from_pretrained(str(model), use_safetensors=True, **{dtype_kw: dtype})
     except Exception as exc:  # hub/network/format errors all mean the same thing to the user
         if not is_local:
             raise ModelLoadError(
@@ -81,8 +87,11 @@ def family_of(pipe) -> str:
         return "sdxl"
     if "StableDiffusionPipeline" in names:
         return "sd15"
+    if "SEGDemoPipeline" in names:
+        return "demo"
     raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet"
+        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet "
+        "and the bundled demo model"
     )
 
 
@@ -121,7 +130,7 @@ def encode(
 ) -> Prepared:
     """Encode prompts (and SDXL micro-conditioning, ControlNet image) with diffusers for n rows."""
     device, do_cfg = pipe._execution_device, cfg > 1.0
-    if family == "sd15":
+    if family in ("sd15", "demo"):  # the demo pipeline's encode_prompt has SD1.5's signature
         pe, ne = pipe.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
         return Prepared({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None)
 
@@ -179,7 +188,9 @@ def decode(pipe, latents: Tensor, output_type: str):
     """Latents → images with the pipeline's VAE and image processor (SDXL fp16 upcast included)."""
     if output_type == "latent":
         return latents
-    vae = pipe.vae
+    vae = getattr(pipe, "vae", None)
+    if vae is None:  # pixel-space model (the demo): the samples are the images, in [-1, 1]
+        return pipe.image_processor.postprocess(latents.float(), output_type=output_type)
     if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
         vae.to(torch.float32)
     latents = latents.to(vae.dtype)

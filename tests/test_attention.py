@@ -148,3 +148,44 @@ def test_blur_is_applied_after_norm_q():
     seg.remove()
     assert isinstance(attn.processor, AttnProcessor2_0)
     assert (ours - ref).abs().max() < 1e-5
+
+
+class _IdentityAttention:
+    """Independent PAG perturbation (arXiv 2403.17377): the attention map is the identity, so the
+    layer's output is to_out(to_v(x)); only for self-attention, as in diffusers' PAG processors."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        out = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def test_identity_perturbation_matches_pag_reference(sd15):
+    x, t, kw = unet_inputs(sd15, 1, 8, 8)
+    x, kw = torch.cat([x, x]), {"encoder_hidden_states": kw["encoder_hidden_states"].repeat(2, 1, 1)}
+    mid = [n for n in self_attention_layers(sd15.unet) if n.startswith("mid")]
+    modules = dict(sd15.unet.named_modules())
+    saved = {n: modules[n].processor for n in mid}
+    with torch.no_grad():
+        plain = sd15.unet(x, t, **kw).sample
+        for n in mid:
+            modules[n].processor = _IdentityAttention()
+        ref = sd15.unet(x, t, **kw).sample
+        for n in mid:
+            modules[n].processor = saved[n]
+        with SEGAttention(sd15.unet, 1.0, ["mid"], perturbation="identity") as seg:
+            seg.set_mask(torch.tensor([False, True]))
+            ours = sd15.unet(x, t, **kw).sample
+            seg.set_mask(torch.tensor([False, True]))
+            seg.rows = None  # traced path
+            ours_where = sd15.unet(x, t, **kw).sample
+    assert (ours[0] - plain[0]).abs().max() < 1e-5
+    assert (ours[1] - ref[1]).abs().max() < 1e-5
+    assert (ours_where - ours).abs().max() < 1e-6
+    assert (ref[1] - plain[1]).abs().max() > 1e-4
+
+
+def test_unknown_perturbation_is_rejected(sd15):
+    with pytest.raises(ValueError, match="perturbation must be one of blur, identity"):
+        SEGAttention(sd15.unet, 1.0, ["mid"], perturbation="pag")

@@ -1,0 +1,234 @@
+"""Train the demo model on procedural data (``seg_rt.demo.data``); resumable.
+
+    python -m seg_rt.demo.train --out seg_rt/demo/weights --work-dir .demo-train
+
+Every ``--checkpoint-every`` steps the full training state (weights, EMA, AdamW moments, step) is
+written atomically to ``WORK_DIR/checkpoint`` as safetensors + JSON; rerunning the same command
+continues from there. At the end the EMA weights are saved as a diffusers pipeline folder in
+``OUT`` (safetensors) with ``train_config.json`` (the config and the command line).
+Step k's batch, captions, timesteps and noise are functions of (seed, k), so a resumed run sees
+the data an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from seg_rt.artifacts import staged_dir
+
+from . import data
+from .model import build
+
+logger = logging.getLogger("seg_rt.demo.train")
+
+TRAIN_SEED_BASE = 1_000_000  # data seeds of training images (the benchmark's real set uses others)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2800
+    batch: int = 32
+    lr: float = 5e-4
+    warmup: int = 100
+    min_lr_frac: float = 0.1  # cosine decay to this fraction of lr
+    weight_decay: float = 0.01
+    snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023)
+    p_uncond: float = 0.1  # empty caption (so CFG has an unconditional model)
+    p_partial: float = 0.2  # a caption naming only some attributes
+    ema_max_decay: float = 0.9995
+    precision: str = "bf16"  # autocast dtype of forward/backward on CPU ("fp32" to disable)
+    seed: int = 0
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        for name in ("steps", "batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def caption_for(item: data.Item, rng: random.Random, cfg: TrainConfig) -> str:
+    r = rng.random()
+    if r < cfg.p_uncond:
+        return ""
+    if r < cfg.p_uncond + cfg.p_partial:
+        color, shape, texture = (
+            list(data.COLORS)[item.color],
+            data.shape_word(data.SHAPES[item.shape]),
+            data.TEXTURES[item.texture],
+        )
+        return rng.choice((shape, f"{color} {shape}", f"{shape} on {texture}"))
+    return item.caption
+
+
+def training_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
+    seeds = [TRAIN_SEED_BASE + (cfg.seed * cfg.steps + step) * cfg.batch + i for i in range(cfg.batch)]
+    x, items = data.batch(seeds)
+    rng = random.Random(f"{cfg.seed}:{step}")
+    return x, [caption_for(item, rng, cfg) for item in items]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, work_dir: Path) -> None:
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        self.cfg, self.work_dir = cfg, work_dir
+        self.pipe = build(cfg.seed)
+        self.unet, self.text = self.pipe.unet.train(), self.pipe.text_encoder.train()
+        self.params = [p for m in (self.unet, self.text) for p in m.parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = EMAModel(self.params, decay=cfg.ema_max_decay, use_ema_warmup=True, power=2 / 3)
+        self.noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.step = 0
+
+    # -- checkpoints: safetensors for tensors, JSON for the rest (nothing is unpickled) --------
+    @property
+    def ckpt(self) -> Path:
+        return self.work_dir / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        opt_state = self.opt.state_dict()
+        tensors = {f"param.{i}": p.detach().contiguous() for i, p in enumerate(self.params)}
+        tensors |= {f"ema.{i}": p.contiguous() for i, p in enumerate(self.ema.shadow_params)}
+        for i, st in opt_state["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = v.reshape(-1) if v.ndim == 0 else v.contiguous()
+        meta = {
+            "step": self.step,
+            "ema_step": self.ema.optimization_step,
+            "config": dataclasses.asdict(self.cfg),
+        }
+        with staged_dir(self.ckpt) as tmp:
+            save_file(tensors, tmp / "state.safetensors")
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+
+    def load_checkpoint(self) -> bool:
+        if not (self.ckpt / "state.json").is_file():
+            return False
+        meta = json.loads((self.ckpt / "state.json").read_text())
+        if meta["config"] != dataclasses.asdict(self.cfg):
+            raise ValueError(
+                f"checkpoint in {self.ckpt} was made with another config ({meta['config']}); "
+                "use the same options or another --work-dir"
+            )
+        tensors = load_file(self.ckpt / "state.safetensors")
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                p.copy_(tensors[f"param.{i}"])
+            for i, p in enumerate(self.ema.shadow_params):
+                p.copy_(tensors[f"ema.{i}"])
+        self.ema.optimization_step = meta["ema_step"]
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, i, k = key.split(".", 2)
+                state.setdefault(int(i), {})[k] = v.reshape(()) if k == "step" else v
+        opt_state = self.opt.state_dict()
+        opt_state["state"] = state
+        self.opt.load_state_dict(opt_state)
+        self.step = meta["step"]
+        return True
+
+    # -- training -------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        from diffusers.training_utils import compute_snr
+
+        cfg, k = self.cfg, self.step
+        x, captions = training_batch(k, cfg)
+        gen = torch.Generator().manual_seed(cfg.seed * 10_000_019 + k)
+        t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (len(x),), generator=gen)
+        noise = torch.randn(x.shape, generator=gen)
+        noisy = self.noise_sched.add_noise(x, noise, t)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(k, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            emb = self.text(self.pipe.tokenize(captions))[0]
+            pred = self.unet(noisy, t, emb).sample
+        snr = compute_snr(self.noise_sched, t)
+        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
+        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.ema.step(self.params)
+        self.step += 1
+        return loss.item()
+
+    def export(self, out: Path, command: str) -> None:
+        """Save the EMA weights as a diffusers pipeline folder (safetensors), atomically."""
+        self.ema.copy_to(self.params)
+        self.unet.eval(), self.text.eval()
+        with staged_dir(out) as tmp:
+            self.pipe.save_pretrained(tmp, safe_serialization=True)
+            info = {"config": dataclasses.asdict(self.cfg), "command": command, "steps_done": self.step}
+            (tmp / "train_config.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m seg_rt.demo.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="pipeline folder to write (EMA weights)")
+    p.add_argument("--work-dir", type=Path, default=Path(".demo-train"), help="checkpoint folder")
+    p.add_argument("--threads", type=int, default=2)
+    for f in dataclasses.fields(TrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    trainer = Trainer(cfg, args.work_dir)
+    if trainer.load_checkpoint():
+        logger.info("resumed from %s at step %d", trainer.ckpt, trainer.step)
+    start, losses = time.time(), []
+    while trainer.step < cfg.steps:
+        losses.append(trainer.train_step())
+        if trainer.step % 50 == 0:
+            rate = (time.time() - start) / len(losses)
+            logger.info(
+                "step %d/%d loss %.4f (%.2f s/step)",
+                trainer.step,
+                cfg.steps,
+                sum(losses[-50:]) / len(losses[-50:]),
+                rate,
+            )
+        if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
+            trainer.save_checkpoint()
+    command = "python -m seg_rt.demo.train " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    trainer.export(args.out, command)
+    logger.info("wrote %s (%d steps)", args.out, trainer.step)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())

@@ -1,0 +1,273 @@
+"""Sample-quality metrics and ``seg-rt bench quality`` on the demo model.
+
+Metrics work on feature vectors (rows of a ``[n, d]`` tensor) from the demo classifier
+(``seg_rt.demo.classifier``), the way FID uses Inception features:
+
+- ``fid``: Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017).
+- ``precision_recall``: k-NN manifold precision / recall (Kynkäänniemi et al. 2019).
+- ``mean_pairwise_distance``: a diversity measure (mean L2 distance between distinct samples).
+
+Written here rather than taken from torchmetrics / clean-fid: those bind FID to Inception-v3
+weights (a download) and to ImageNet-sized inputs; the formulas are a few lines in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _stats(feats: Tensor) -> tuple[Tensor, Tensor]:
+    x = feats.double()
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / max(1, x.shape[0] - 1)
+
+
+def _sqrt_psd(m: Tensor) -> Tensor:
+    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
+    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
+
+
+def frechet_distance(mu1: Tensor, s1: Tensor, mu2: Tensor, s2: Tensor) -> float:
+    """``|mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1^½ S2 S1^½)^½)``; the last trace via the symmetric
+    form, whose eigenvalues are those of ``S1 S2``, so no non-symmetric matrix square root is needed."""
+    r1 = _sqrt_psd(s1.double())
+    inner = _sqrt_psd(r1 @ s2.double() @ r1)
+    d = (mu1.double() - mu2.double()).pow(2).sum() + torch.trace(s1.double()) + torch.trace(s2.double())
+    return float(d - 2 * torch.trace(inner))
+
+
+def fid(a: Tensor, b: Tensor) -> float:
+    """FID between feature sets ``a`` and ``b`` (``[n, d]`` each)."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(
+            f"fid needs two [n>=2, d] feature sets of equal d, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    return frechet_distance(*_stats(a), *_stats(b))
+
+
+def mean_pairwise_distance(feats: Tensor) -> float:
+    n = feats.shape[0]
+    if n < 2:
+        raise ValueError(f"need at least 2 samples, got {n}")
+    d = torch.cdist(feats.double(), feats.double())
+    return float(d.sum() / (n * (n - 1)))
+
+
+def _radii(feats: Tensor, k: int) -> Tensor:
+    d = torch.cdist(feats, feats)
+    return d.kthvalue(k + 1, dim=1).values  # +1: each point's distance to itself is 0
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
+    """Precision: share of ``fake`` inside the real k-NN manifold; recall: share of ``real`` inside
+    the fake one (fidelity and coverage)."""
+    real, fake = real.double(), fake.double()
+    if min(real.shape[0], fake.shape[0]) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
+    r_real, r_fake = _radii(real, k), _radii(fake, k)
+    d = torch.cdist(fake, real)  # [n_fake, n_real]
+    precision = (d <= r_real[None]).any(1).double().mean()
+    recall = (r_fake[None] >= d.T).any(1).double().mean()
+    return float(precision), float(recall)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    cfg: float = 1.0
+    scale: float = 0.0  # SEG / PAG guidance scale
+    sigma: float = math.inf
+    perturbation: str = "blur"
+
+
+def methods(cfg: float, seg_scale: float, pag_scale: float, sigmas: Sequence[float]) -> list[Method]:
+    """vanilla, CFG, PAG-style (identity attention), SEG at each σ; SEG and PAG without CFG."""
+    out = [
+        Method("vanilla"),
+        Method(f"CFG {cfg:g}", cfg=cfg),
+        Method(f"PAG {pag_scale:g}", scale=pag_scale, perturbation="identity"),
+    ]
+    for s in sigmas:
+        label = "inf" if math.isinf(s) or s > 9999 else f"{s:g}"
+        out.append(Method(f"SEG σ={label}", scale=seg_scale, sigma=s))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# seg-rt bench quality
+# ---------------------------------------------------------------------------------------------
+
+BENCH_SEED_BASE = 40_000_000  # prompt i names the item of data seed BENCH_SEED_BASE + i
+HELDOUT_SEED_BASE = 50_000_000  # a second real set: the metrics' floor for this sample count
+SIGMAS = (1.0, 2.0, 5.0, 10.0, math.inf)
+
+
+def to_classifier_input(images: Tensor) -> Tensor:
+    """``[n, 3, H, W]`` in [0, 1] → quantised to 8 bits like a saved PNG → [-1, 1]."""
+    return (images.clamp(0, 1) * 255).round() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def describe_set(clf, x: Tensor, items=None) -> dict[str, Tensor]:
+    """Classifier features and per-sample scores of images ``x`` in [-1, 1]."""
+    out = {"features": clf.features(x)}
+    logits = {name: head(out["features"]) for name, head in clf.heads.items()}
+    probs = {k: v.softmax(-1) for k, v in logits.items()}
+    out["confidence"] = probs["shape"].max(-1).values
+    if items is not None:
+        hits = [probs[k].argmax(-1) == torch.tensor([getattr(i, k) for i in items]) for k in probs]
+        out["correct"] = torch.stack(hits).all(0).float()
+        out["shape_correct"] = hits[0].float()
+    return out
+
+
+def score(real: dict, fake: dict, vanilla: dict | None, k: int = 3) -> dict:
+    precision, recall = precision_recall(real["features"], fake["features"], k)
+    row = {
+        "fid": round(fid(real["features"], fake["features"]), 3),
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+        "diversity": round(mean_pairwise_distance(fake["features"]), 4),
+        "confidence": round(float(fake["confidence"].mean()), 4),
+        "accuracy": round(float(fake["correct"].mean()), 4) if "correct" in fake else None,
+        "shape_accuracy": round(float(fake["shape_correct"].mean()), 4) if "shape_correct" in fake else None,
+    }
+    if vanilla is not None:
+        row["dist_to_vanilla"] = round(float((fake["features"] - vanilla["features"]).norm(dim=1).mean()), 4)
+        row["pixel_rmse_to_vanilla"] = round(
+            float((fake["pixels"] - vanilla["pixels"]).pow(2).mean().sqrt()), 4
+        )
+    return row
+
+
+def run_quality(
+    model=None,
+    *,
+    samples: int = 256,
+    steps: int = 20,
+    cfg: float = 3.0,
+    seg_scale: float = 3.0,
+    pag_scale: float = 3.0,
+    sigmas: Sequence[float] = SIGMAS,
+    layers: Sequence[str] = ("mid",),
+    batch: int = 64,
+    unconditional: bool = False,
+    classifier=None,
+    device=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Sample ``samples`` images per method with the same prompts and seeds and score them
+    against real images of the same items. One JSON-able row per method, then the held-out
+    real set's row (what a perfect generator would score with this many samples)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    from seg_rt.demo import data
+    from seg_rt.demo.classifier import load_classifier
+    from seg_rt.demo.model import weights_dir
+    from seg_rt.engines.torch_denoiser import TorchDenoiser
+    from seg_rt.pipeline import generate_batch, load_pipeline
+
+    if samples < 8 or batch < 1 or steps < 1:
+        raise ValueError(f"need samples >= 8, batch >= 1, steps >= 1; got {samples}, {batch}, {steps}")
+    pipe = load_pipeline(model or weights_dir(), device)
+    clf = load_classifier(classifier)
+    seeds = list(range(samples))
+    real_x, items = data.batch([BENCH_SEED_BASE + s for s in seeds])
+    prompts = ["" if unconditional else it.caption for it in items]
+    real = describe_set(clf, real_x, items)
+    held_x, held_items = data.batch([HELDOUT_SEED_BASE + s for s in seeds])
+    common = {
+        "bench": "quality", "model": str(model or "demo"), "samples": samples, "steps": steps,
+        "prompts": "empty" if unconditional else "captions", "layers": list(layers),
+        "threads": torch.get_num_threads(), "device": str(pipe._execution_device),
+    }  # fmt: skip
+    rows, vanilla = [], None
+    for m in methods(cfg, seg_scale, pag_scale, sigmas):
+        t0 = time.perf_counter()
+        engine = TorchDenoiser(pipe.unet, sigma=m.sigma, layers=layers, perturbation=m.perturbation)
+        chunks = []
+        try:
+            for lo in tqdm(range(0, samples, batch), desc=m.name, disable=not progress, leave=False):
+                chunks.append(
+                    generate_batch(
+                        pipe, prompts[lo : lo + batch], seeds[lo : lo + batch], steps=steps, cfg=m.cfg,
+                        seg_scale=m.scale, seg_sigma=m.sigma, seg_layers=layers, engine=engine, output_type="pt",
+                    ).cpu().float()
+                )  # fmt: skip
+        finally:
+            engine.close()
+        x = to_classifier_input(torch.cat(chunks))
+        fake = describe_set(clf, x, None if unconditional else items)
+        fake["pixels"] = x
+        vanilla = vanilla or fake
+        row = {**common, "method": m.name, "cfg": m.cfg, "scale": m.scale,
+               "sigma": "inf" if math.isinf(m.sigma) else m.sigma, "perturbation": m.perturbation if m.scale else None,
+               **score(real, fake, None if fake is vanilla else vanilla), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+        if fake is vanilla:
+            row |= {"dist_to_vanilla": 0.0, "pixel_rmse_to_vanilla": 0.0}
+        rows.append(row)
+    held = describe_set(clf, held_x, None if unconditional else held_items)
+    rows.append({**common, "method": "real (held-out)", **score(real, held, None)})
+    return rows
+
+
+COLUMNS = ("fid", "precision", "recall", "diversity", "accuracy", "confidence", "dist_to_vanilla")
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the rows' metrics."""
+    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in rows)]
+    lines = ["| method | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in rows:
+        cells = [
+            "–" if r.get(c) is None else f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols
+        ]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path) -> None:
+    """One bar chart per metric, methods on the x axis; the held-out real set as a dashed line."""
+    import tempfile
+    from pathlib import Path
+
+    from seg_rt.images import write_atomic
+    from seg_rt.optional import require
+
+    matplotlib = require("matplotlib", "the quality plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gen = [r for r in rows if r["method"] != "real (held-out)"]
+    real = next((r for r in rows if r["method"] == "real (held-out)"), None)
+    cols = [c for c in COLUMNS if any(r.get(c) is not None for r in gen)]
+    fig, axes = plt.subplots(2, (len(cols) + 1) // 2, figsize=(4 * ((len(cols) + 1) // 2), 7))
+    for ax, col in zip(axes.flat, cols, strict=False):
+        ax.bar(
+            range(len(gen)),
+            [r[col] or 0.0 for r in gen],
+            color=["#888", "#c66", "#69c"] + ["#4a4"] * (len(gen) - 3),
+        )
+        if real is not None and real.get(col) is not None:
+            ax.axhline(real[col], linestyle="--", color="black", linewidth=1, label="real (held-out)")
+        ax.set_xticks(range(len(gen)), [r["method"] for r in gen], rotation=60, ha="right", fontsize=8)
+        ax.set_title(col.replace("_", " "))
+    for ax in list(axes.flat)[len(cols) :]:
+        ax.axis("off")
+    first = gen[0]
+    fig.suptitle(
+        f"seg-rt bench quality: {first['samples']} samples, {first['steps']} steps, prompts: {first['prompts']}"
+    )
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
+        fig.savefig(tmp.name, dpi=100)
+        plt.close(fig)
+        write_atomic(Path(path), Path(tmp.name).read_bytes())

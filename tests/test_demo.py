@@ -1,0 +1,146 @@
+"""The bundled demo model: data, tokenizer, training (resume), loading, deterministic sampling, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seg_rt.demo import data
+from seg_rt.demo.model import caption_words, is_demo_folder, tokenizer, weights_dir
+from seg_rt.pipeline import family_of, generate, generate_batch, load_pipeline
+
+CLI = [sys.executable, "-m", "seg_rt.cli"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.set_num_threads(2)
+    return load_pipeline(weights_dir(), "cpu")
+
+
+def test_caption_words_are_single_tokens():
+    tok = tokenizer()
+    for word in caption_words():
+        assert len(tok(word).input_ids) == 3, word  # BOS, the word, EOS
+    # any other prompt still tokenizes (byte fallback)
+    assert len(tok("a purple hexagon!").input_ids) > 3
+
+
+def test_render_is_a_function_of_the_seed():
+    a, item = data.render(123)
+    b, _ = data.render(123)
+    c, _ = data.render(124)
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert (a == b).all() and (a != c).any()
+    assert data.parse_caption(item.caption) == item
+    assert data.parse_caption("a photo of a cat") is None
+
+
+def test_bundled_model_is_a_demo_pipeline(demo):
+    assert is_demo_folder(weights_dir())
+    assert family_of(demo) == "demo"
+    sizes = sum(f.stat().st_size for f in weights_dir().rglob("*.safetensors"))
+    assert sizes <= 25 * 2**20
+    info = json.loads((weights_dir() / "train_config.json").read_text())
+    assert info["command"].startswith("python -m seg_rt.demo.train")
+    # self-attention in the middle block: what SEG perturbs by default
+    from seg_rt.layers import select_layers
+
+    assert select_layers(demo.unet, ["mid"])
+
+
+def test_bundled_model_samples_deterministically(demo):
+    kw = {"steps": 8, "cfg": 3.0, "seg_scale": 3.0, "seg_sigma": 2.0, "output_type": "np"}
+    a = generate(demo, "red letter a on stripes", seed=[3], **kw)
+    b = generate(demo, "red letter a on stripes", seed=[3], **kw)
+    batch = generate_batch(demo, ["blue circle on plain", "red letter a on stripes"], [9, 3], **kw)
+    assert a.shape == (1, 32, 32, 3)
+    assert np.array_equal(a, b)
+    assert np.array_equal(batch[1], a[0])  # a sample depends on its seed and prompt, not its batch
+    no_seg = generate(demo, "red letter a on stripes", seed=[3], **{**kw, "seg_scale": 0.0})
+    assert np.abs(no_seg - a).max() > 1e-3  # SEG acts on this model
+
+
+def test_training_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from seg_rt.demo import train
+
+    cfg = train.TrainConfig(steps=4, batch=2, checkpoint_every=2, warmup=1)
+    straight = train.Trainer(cfg, tmp_path / "a")
+    while straight.step < cfg.steps:
+        straight.train_step()
+    straight.save_checkpoint()
+    first = train.Trainer(cfg, tmp_path / "b")
+    first.train_step(), first.train_step()
+    first.save_checkpoint()
+    resumed = train.Trainer(cfg, tmp_path / "b")
+    assert resumed.load_checkpoint() and resumed.step == 2
+    while resumed.step < cfg.steps:
+        resumed.train_step()
+    resumed.save_checkpoint()
+    a = load_file(tmp_path / "a/checkpoint/state.safetensors")
+    b = load_file(tmp_path / "b/checkpoint/state.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(
+        not torch.equal(a[k], train.Trainer(cfg, tmp_path / "c").params[int(k.split(".")[1])].detach())
+        for k in a
+        if k.startswith("param.")
+    )
+
+    other = train.Trainer(dataclasses.replace(cfg, lr=1e-3), tmp_path / "b")
+    with pytest.raises(ValueError, match="another config"):
+        other.load_checkpoint()
+    resumed.export(tmp_path / "model", "python -m seg_rt.demo.train --steps 4")
+    pipe = load_pipeline(tmp_path / "model", "cpu")
+    assert family_of(pipe) == "demo"
+
+
+def test_generate_without_model_uses_the_demo_model(tmp_path):
+    out = tmp_path / "grid.png"
+    r = subprocess.run(
+        [*CLI, "generate", "--prompt", "green star on dots", "--num-images", "4", "--grid", "--steps", "6",
+         "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    notice = [line for line in r.stderr.splitlines() if "demo model" in line]
+    assert len(notice) == 1 and "--model" in notice[0] and "SDXL" in notice[0]
+    sheet = Image.open(out)
+    assert sheet.width == 4 * 128  # 4 columns of 32x32 images shown at 4x
+    assert "parameters" in sheet.info
+
+
+def test_quality_bench_cli_smoke(tmp_path):
+    plot = tmp_path / "q.png"
+    r = subprocess.run(
+        [*CLI, "bench", "quality", "--samples", "8", "--steps", "2", "--batch", "8", "--sigmas", "1,inf",
+         "--json", "--plot", str(plot)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["method"] for row in rows] == [
+        "vanilla",
+        "CFG 3",
+        "PAG 3",
+        "SEG σ=1",
+        "SEG σ=inf",
+        "real (held-out)",
+    ]
+    for row in rows:
+        assert {"fid", "precision", "recall", "diversity", "accuracy", "confidence"} <= row.keys()
+    assert rows[0]["dist_to_vanilla"] == 0.0 and rows[3]["dist_to_vanilla"] > 0
+    assert plot.stat().st_size > 1000
+    assert "| method | fid |" in r.stderr
+    bad = subprocess.run(
+        [*CLI, "bench", "quality", "--samples", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "samples >= 8" in bad.stderr
