@@ -68,6 +68,33 @@ def test_bundled_model_samples_deterministically(demo):
     assert np.abs(no_seg - a).max() > 1e-3  # SEG acts on this model
 
 
+def test_bundled_model_follows_its_prompts(demo):
+    """The shipped model is trained: the shipped classifier reads most samples as the prompted shape
+    (chance is 1/12) and the real renders almost perfectly."""
+    from seg_rt.demo.classifier import load_classifier
+    from seg_rt.quality import describe_set, to_classifier_input
+
+    items = [
+        data.Item(shape, (shape * 5) % len(data.COLORS), shape % len(data.TEXTURES))
+        for shape in range(len(data.SHAPES))
+    ]
+    images = generate_batch(
+        demo,
+        [it.caption for it in items],
+        list(range(len(items))),
+        steps=12,
+        cfg=3.0,
+        seg_scale=0.0,
+        output_type="pt",
+    )
+    clf = load_classifier()
+    fake = describe_set(clf, to_classifier_input(images), items)
+    real_x, _ = data.batch(range(len(items)), items)
+    real = describe_set(clf, real_x, items)
+    assert float(real["correct"].mean()) == 1.0
+    assert float(fake["shape_correct"].mean()) >= 0.5
+
+
 def test_training_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 

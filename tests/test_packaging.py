@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["seg_rt", "seg_rt.export", "seg_rt.engines", "seg_rt.video", "seg_rt.cluster"]
+SUBPACKAGES = ["seg_rt", "seg_rt.demo", "seg_rt.export", "seg_rt.engines", "seg_rt.video", "seg_rt.cluster"]
 
 
 def test_editable_install_imports_every_subpackage():
@@ -41,6 +41,12 @@ def test_plain_install_imports_every_subpackage(tmp_path):
         [sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert str(target) in out.stdout
+    # the demo model and the benchmark classifier ship as package data
+    demo = target / "seg_rt" / "demo"
+    for rel in ("weights/model_index.json", "weights/unet/diffusion_pytorch_model.safetensors",
+                "weights/text_encoder/model.safetensors", "weights/tokenizer/tokenizer.json",
+                "weights/train_config.json", "classifier/model.safetensors", "classifier/config.json"):  # fmt: skip
+        assert (demo / rel).is_file(), rel
 
 
 def test_core_imports_no_heavy_optional_dependency():

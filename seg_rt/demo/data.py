@@ -113,9 +113,10 @@ def _polygon(cx: float, cy: float, r: float, k: int, rot: float, inner: float | 
     return pts
 
 
-def render(seed: int) -> tuple[np.ndarray, Item]:
-    """One ``SIZE x SIZE`` RGB uint8 image and its labels, a function of ``seed`` only."""
-    item = item_for(seed)
+def render(seed: int, item: Item | None = None) -> tuple[np.ndarray, Item]:
+    """One ``SIZE x SIZE`` RGB uint8 image and its labels, a function of ``seed`` only; ``item``
+    overrides the labels the seed would pick (another picture of the same caption)."""
+    item = item or item_for(seed)
     rng = random.Random(seed)
     shape, color, texture = SHAPES[item.shape], list(COLORS.values())[item.color], TEXTURES[item.texture]
     jitter = tuple(int(np.clip(c + rng.randint(-25, 25), 0, 255)) for c in color)
@@ -156,8 +157,9 @@ def render(seed: int) -> tuple[np.ndarray, Item]:
     return np.asarray(out, dtype=np.uint8), item
 
 
-def batch(seeds: Sequence[int]) -> tuple[torch.Tensor, list[Item]]:
+def batch(seeds: Sequence[int], items: Sequence[Item] | None = None) -> tuple[torch.Tensor, list[Item]]:
     """Images ``[n, 3, SIZE, SIZE]`` in [-1, 1] (the model's pixel range) and their items."""
-    arrays, items = zip(*(render(int(s)) for s in seeds), strict=True)
+    chosen = items if items is not None else [None] * len(seeds)
+    arrays, items = zip(*(render(int(s), it) for s, it in zip(seeds, chosen, strict=True)), strict=True)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, list(items)

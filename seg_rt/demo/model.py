@@ -42,13 +42,15 @@ UNET_CONFIG = {
     "norm_num_groups": 16,
 }
 # DDPM's linear β schedule (the usual one for 32x32 pixel models); "trailing" so the first of
-# few sampling steps starts from (almost) pure noise
+# few sampling steps starts from (almost) pure noise. v-prediction: with ε-prediction the first
+# steps (σ up to ~157) turn small ε errors into large image errors, which a briefly trained model
+# cannot avoid (seen: saturated, noisy samples after 600 steps)
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_schedule": "linear",
     "beta_start": 1e-4,
     "beta_end": 0.02,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "timestep_spacing": "trailing",
 }
 

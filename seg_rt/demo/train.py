@@ -169,8 +169,14 @@ class Trainer:
             emb = self.text(self.pipe.tokenize(captions))[0]
             pred = self.unet(noisy, t, emb).sample
         snr = compute_snr(self.noise_sched, t)
-        weight = torch.clamp(snr, max=cfg.snr_gamma) / snr
-        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        if self.noise_sched.config.prediction_type == "v_prediction":
+            target, weight = (
+                self.noise_sched.get_velocity(x, noise, t),
+                torch.clamp(snr, max=cfg.snr_gamma) / (snr + 1),
+            )
+        else:
+            target, weight = noise, torch.clamp(snr, max=cfg.snr_gamma) / snr
+        loss = (F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
