@@ -97,10 +97,10 @@ def _fitting_font(labels: Sequence[str], width: int) -> ImageFont.FreeTypeFont:
 
 def grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int | None = None) -> Image.Image:
     """Images in rows of ``columns`` (default: one row), each under its (multi-line) label; images
-    under 128 px are enlarged by an integer factor (nearest neighbour)."""
+    under 64 px are enlarged to at least 128 px by an integer factor (nearest neighbour)."""
     columns = columns or len(images)
     w, h = images[0].size
-    if max(w, h) < 128:  # tiny images (the 32x32 demo model): enlarge, pixels kept sharp, to be seen
+    if max(w, h) < 64:  # tiny images (the 32x32 demo model): enlarge, pixels kept sharp, to be seen
         f = -(-128 // max(w, h))
         images = [img.resize((img.width * f, img.height * f), Image.Resampling.NEAREST) for img in images]
         w, h = images[0].size
