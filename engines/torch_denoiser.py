@@ -31,7 +31,6 @@ class TorchDenoiser:
         compile: bool = False,
         perturbation: str = "blur",
     ) -> None:
-        self.perturbation = perturbation
         self.model = SEGUNet(
             unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=perturbation
         )
@@ -43,9 +42,10 @@ class TorchDenoiser:
         """Use ``sigma`` and ``layers`` from the next call on."""
         if tuple(layers) != self.layers:
             unet, controlnet = self.model.unet, self.model.controlnet
+            perturbation = self.model.seg.perturbation
             self.model.remove()
             self.model = SEGUNet(
-                unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=self.perturbation
+                unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=perturbation
             )
             self.layers = tuple(layers)
             self._call = self.model

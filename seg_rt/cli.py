@@ -266,9 +266,9 @@ def cmd_generate(args) -> int:
         "progress": not args.no_progress,
     }
     out = Path(args.out)
-    if args.compare:
-        from .images import grid
+    from .images import grid
 
+    if args.compare:
         sigmas = [parse_sigma(s) for s in args.compare_sigmas.split(",") if s.strip()]
         columns = compare_columns(kwargs, sigmas)
         images = [generate(pipe, **kw, **common)[0] for _, kw in columns]
@@ -276,11 +276,9 @@ def cmd_generate(args) -> int:
         save_png(sheet, out, params_text(model, {**kwargs, "compare_sigmas": sigmas}))
         paths = [out]
     elif args.grid:
-        from .images import grid
-
         images = generate(pipe, **kwargs, num_images=args.num_images, **common)
-        columns = min(len(images), 4)
-        sheet = grid(images, [f"seed {kwargs['seed'] + i}" for i in range(len(images))], columns=columns)
+        labels = [f"seed {kwargs['seed'] + i}" for i in range(len(images))]
+        sheet = grid(images, labels, columns=min(len(images), 4))
         save_png(sheet, out, params_text(model, {**kwargs, "num_images": args.num_images}))
         paths = [out]
     else:
@@ -303,10 +301,10 @@ def cmd_generate(args) -> int:
 
 
 def _demo_model() -> str:
-    from seg_rt.demo.model import weights_dir
+    from seg_rt.demo.model import is_demo_folder, weights_dir
 
     path = weights_dir()
-    if not (path / "model_index.json").is_file():
+    if not is_demo_folder(path):
         raise FileNotFoundError(
             f"the bundled demo model is missing from {path}; reinstall seg-rt or pass --model"
         )
