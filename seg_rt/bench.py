@@ -134,7 +134,7 @@ def sd15_shaped_pipeline(width_scale: int = 5):
     cross-attention in the first three) at 1/``width_scale`` of its channels (320 -> 64)."""
     from diffusers import UNet2DConditionModel
 
-    from .testing import tiny_pipeline
+    from .tiny import tiny_pipeline
 
     pipe = tiny_pipeline("sd15")
     c = 320 // width_scale
@@ -209,7 +209,7 @@ def bench_cluster(items: int = 24, steps: int = 8, batch_size: int = 2) -> list[
     from seg_rt.cluster.driver import run_job, start_ray
     from seg_rt.cluster.spec import parse_job
 
-    from .testing import save_tiny_pipeline
+    from .tiny import save_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_pipeline("sdxl", f"{tmp}/model")
@@ -264,7 +264,7 @@ def bench_serve(
     from seg_rt.cluster.serve import build_app
 
     from .pipeline import generate, load_pipeline
-    from .testing import save_tiny_pipeline
+    from .tiny import save_tiny_pipeline
 
     def pct(xs: list[float], q: float) -> float:
         xs = sorted(xs)

@@ -9,20 +9,20 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def sdxl():
-    from seg_rt.testing import tiny_pipeline
+    from seg_rt.tiny import tiny_pipeline
 
     return tiny_pipeline("sdxl")
 
 
 @pytest.fixture(scope="session")
 def sd15():
-    from seg_rt.testing import tiny_pipeline
+    from seg_rt.tiny import tiny_pipeline
 
     return tiny_pipeline("sd15")
 
 
 @pytest.fixture(scope="session")
 def sdxl_dir(tmp_path_factory):
-    from seg_rt.testing import save_tiny_pipeline
+    from seg_rt.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("models") / "tiny-sdxl")

@@ -106,7 +106,7 @@ def test_compare_grid(sdxl_dir, tmp_path):
 
 
 def test_controlnet_cli(tmp_path):
-    from seg_rt.testing import save_tiny_pipeline
+    from seg_rt.tiny import save_tiny_pipeline
 
     model = save_tiny_pipeline("sdxl-controlnet", tmp_path / "cn")
     Image.new("RGB", (64, 64), "white").save(tmp_path / "ctl.png")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from seg_rt.cluster.driver import completed, read_manifest, run_job
 from seg_rt.cluster.spec import expand_items, item_seed, load_job, parse_job
 from seg_rt.cluster.worker import FAULT_AFTER_ENV, FAULT_FILE_ENV
@@ -219,7 +220,7 @@ def test_video_jobs_are_deterministic_and_resumable(local_ray, tmp_path):
     """A job spec asking for videos: mp4 per item, same bytes for 1 vs 2 workers, resume skips."""
     import av
 
-    from seg_rt.testing import save_tiny_video_pipeline
+    from seg_rt.tiny import save_tiny_video_pipeline
 
     model = save_tiny_video_pipeline("animatediff", tmp_path / "vid")
     video = {"frames": 3, "fps": 6, "mode": "spatiotemporal", "sigma_time": 1.0}

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from seg_rt.engines.onnxruntime import OnnxRuntimeDenoiser
-from seg_rt.export import export_onnx
-from seg_rt.export.checks import blur_is_matmul, op_counts, tensorrt_unsupported
-from seg_rt.export.onnx import example_inputs
 
 import seg_rt
 from seg_rt.artifacts import ArtifactInfo, read_info
 from seg_rt.cli import main
 from seg_rt.denoiser import SEGUNet
+from seg_rt.engines.onnxruntime import OnnxRuntimeDenoiser
+from seg_rt.export import export_onnx
+from seg_rt.export.checks import blur_is_matmul, op_counts, tensorrt_unsupported
+from seg_rt.export.onnx import example_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -117,7 +117,7 @@ def test_export_then_eager_in_one_process(exports, sdxl):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl-controlnet"])
 def test_other_families_export_and_validate(family, tmp_path):
-    from seg_rt.testing import tiny_pipeline
+    from seg_rt.tiny import tiny_pipeline
 
     result = export_onnx(tiny_pipeline(family), tmp_path / family, height=64, width=64, sigma=None, cfg=False)
     assert result.validation["max_abs_error"] < 1e-4

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler
-from seg_rt.engines import TorchDenoiser
 
 import seg_rt
+from seg_rt.engines import TorchDenoiser
 from seg_rt.pipeline import encode, initial_latents, seed_generators
 from seg_rt.sampler import sample
 
@@ -121,7 +121,7 @@ def test_unconditional_seg_runs_two_rows(sdxl):
 def test_controlnet_family_runs_and_uses_the_control_image():
     from PIL import Image
 
-    from seg_rt.testing import tiny_pipeline
+    from seg_rt.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("sdxl-controlnet")
     kw = {"steps": 2, "height": 64, "width": 96, "output_type": "latent", "seg_sigma": 2.0}

@@ -56,9 +56,9 @@ def pixels(png: bytes) -> np.ndarray:
 def server(sdxl_dir, tmp_path_factory):
     import ray
     from ray import serve
+
     from seg_rt.cluster.serve import build_app
     from seg_rt.export import export_onnx
-
     from seg_rt.pipeline import load_pipeline
 
     onnx_dir = export_onnx(

@@ -5,10 +5,10 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from seg_rt.video.attention import FAMILIES, VideoBlur, VideoSEG, _Call
 
 from seg_rt.blur import blur_matrix
-from seg_rt.testing import tiny_video_denoiser
+from seg_rt.tiny import tiny_video_denoiser
+from seg_rt.video.attention import FAMILIES, VideoBlur, VideoSEG, _Call
 
 B, FR, H, W = 2, 3, 6, 10  # odd frame count, non-square latents
 

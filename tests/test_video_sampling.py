@@ -8,11 +8,11 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+
+from seg_rt.tiny import save_tiny_video_pipeline, tiny_video_pipeline
 from seg_rt.video.io import write_gif, write_mp4
 from seg_rt.video.metrics import flicker, video_metrics, warping_error
 from seg_rt.video.sampling import generate_video
-
-from seg_rt.testing import save_tiny_video_pipeline, tiny_video_pipeline
 
 KW = {"frames": 5, "height": 48, "width": 80, "steps": 3, "seg_sigma": 2.0, "seg_sigma_time": 1.0}
 # CogVideoX and Wan compress time 4x: 9 frames = 3 latent frames (odd), 48x80 (non-square)

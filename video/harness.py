@@ -42,7 +42,7 @@ def run_harness(
     ``sigma`` is the swept σ: spatial for ``spatial`` / ``spatiotemporal`` (σ_time fixed at
     ``sigma_time``), temporal for ``temporal``."""
     if model is None:
-        from seg_rt.testing import tiny_video_pipeline
+        from seg_rt.tiny import tiny_video_pipeline
 
         model, name = tiny_video_pipeline("animatediff"), "tiny AnimateDiff (random weights)"
     else:

@@ -17,6 +17,8 @@ import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 
+from seg_rt.tokenizers import byte_unicode
+
 from . import data
 
 MAX_TOKENS = 16
@@ -81,9 +83,7 @@ def tokenizer():
     (so any prompt still tokenizes). Built in code: transformers 5 takes ``vocab=`` / ``merges=``."""
     from transformers import CLIPTokenizer
 
-    from seg_rt.testing import _byte_unicode
-
-    chars = _byte_unicode()
+    chars = byte_unicode()
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
     # BPE "training" on the caption words (why not tokenizers' trainer: CLIP's byte alphabet and
     # </w> suffix make a hand-off awkward, and the word list is tiny): merge the most frequent

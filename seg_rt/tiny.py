@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .tokenizers import byte_unicode
+
 FAMILIES = ("sd15", "sdxl", "sdxl-controlnet")
 
 _TEXT = {
@@ -27,24 +29,11 @@ _TEXT = {
 }
 
 
-def _byte_unicode() -> list[str]:
-    # GPT-2 / CLIP byte-to-unicode table, so every byte is one token of the tiny vocabulary.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def tiny_tokenizer():
     """A CLIP tokenizer over single bytes (no merges), model_max_length 77."""
     from transformers import CLIPTokenizer
 
-    chars = _byte_unicode()
+    chars = byte_unicode()
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
     vocab = {t: i for i, t in enumerate(tokens)}
     # transformers 5 ignores vocab_file/merges_file: pass the vocabulary itself (DESIGN §4).
