@@ -136,12 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU use)")
     eo.add_argument("--opset", type=int, default=18)
     eo.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
-    eo.add_argument("--out", required=True, help="output folder")
+    eo.add_argument("--out", required=True, help="output folder (new or empty)")
+    eo.add_argument("--overwrite", action="store_true", help="replace an existing seg-rt export in --out")
     eo.add_argument("--json", action="store_true")
     eo.set_defaults(func=cmd_export_onnx)
     et = esub.add_parser("trt", help="ONNX export -> TensorRT engine (needs TensorRT and a GPU)")
     et.add_argument("--onnx", required=True, help="folder written by seg-rt export onnx")
-    et.add_argument("--out", required=True)
+    et.add_argument("--out", required=True, help="output folder (new or empty)")
+    et.add_argument("--overwrite", action="store_true", help="replace an existing seg-rt export in --out")
     et.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     et.add_argument("--timing-cache", default=None, help="timing cache file (read and updated)")
     et.add_argument("--check-only", action="store_true", help="only check TensorRT operator support")
@@ -375,17 +377,19 @@ def cmd_video(args) -> int:
 def cmd_export_onnx(args) -> int:
     from seg_rt.export import export_onnx
 
+    from .artifacts import check_out_dir, is_export_folder
     from .pipeline import load_pipeline
 
     layers = parse_layers(args.seg_layers)
     sigma = None if args.dynamic_sigma else args.seg_sigma
     if sigma is not None and (math.isnan(sigma) or sigma <= 0):
         raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+    check_out_dir(args.out, is_export_folder, overwrite=args.overwrite)  # before the model loads
     pipe = load_pipeline(args.model, "cpu" if not args.fp16 else None)
     result = export_onnx(
         pipe, args.out, height=args.height, width=args.width, batch=args.batch, cfg=not args.no_cfg,
         sigma=sigma, layers=layers, fp16=args.fp16, opset=args.opset, validate=not args.no_validate,
-        model_name=str(args.model),
+        model_name=str(args.model), overwrite=args.overwrite,
     )  # fmt: skip
     summary = {
         "out": str(result.folder),
@@ -407,7 +411,14 @@ def cmd_export_trt(args) -> int:
         check_onnx_for_tensorrt(args.onnx)
         print(f"{args.onnx}: every operator is supported by TensorRT")
         return 0
-    print(build_engine(args.onnx, args.out, precision=args.precision, timing_cache=args.timing_cache))
+    engine = build_engine(
+        args.onnx,
+        args.out,
+        precision=args.precision,
+        timing_cache=args.timing_cache,
+        overwrite=args.overwrite,
+    )
+    print(engine)
     return 0
 
 
