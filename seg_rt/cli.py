@@ -153,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
     r.add_argument("--workers", type=int, default=None, help="override the job's worker count")
-    r.add_argument("--ray-temp-dir", default=None, help="temp dir for a local Ray")
+    r.add_argument("--ray-temp-dir", default=None, help="parent of the private temp dir of a local Ray")
+    r.add_argument(
+        "--start-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for every worker to be placed and load the model (default 300)",
+    )
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     r.set_defaults(func=cmd_run)
@@ -423,15 +429,17 @@ def cmd_export_trt(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from seg_rt.cluster.driver import run_job
+    from seg_rt.cluster.driver import START_TIMEOUT_S, run_job
     from seg_rt.cluster.spec import load_job
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.start_timeout is not None and not args.start_timeout > 0:
+        raise ValueError(f"--start-timeout must be > 0 seconds, got {args.start_timeout}")
     spec, base = load_job(args.job)
     result = run_job(
         spec, base, address=args.address, workers=args.workers, progress=not args.no_progress,
-        ray_temp_dir=args.ray_temp_dir,
+        ray_temp_dir=args.ray_temp_dir, start_timeout=args.start_timeout or START_TIMEOUT_S,
     )  # fmt: skip
     summary = {
         "total": result.total, "done": result.done, "skipped": result.skipped, "failed": result.failed,
