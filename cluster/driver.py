@@ -161,6 +161,11 @@ def _private_ray_env() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
     if not os.environ.get("RAY_AUTH_TOKEN"):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray caches its config (auth mode included) when imported; refresh it as Ray's own
+    # enable_token_auth_by_default does, so this process speaks token auth to the new cluster.
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def private_temp_dir(parent: str | None = None) -> str:
