@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
 import pytest
@@ -16,11 +17,25 @@ from seg_rt.cli import main
 
 def _info(**kw) -> ArtifactInfo:
     base = dict(
-        kind="onnx", family="sd15", model="m", height=64, width=64, latent_height=8, latent_width=8,
-        batch=1, branches=("uncond", "cond", "seg"), input_names=("sample",), output_names=("out_sample",),
-        dtype="float32", sigma=2.0, layers=("mid",), layer_names=("x",), blur_lengths=(), opset=18,
+        kind="onnx",
+        family="sd15",
+        model="m",
+        height=64,
+        width=64,
+        latent_height=8,
+        latent_width=8,
+        batch=1,
+        branches=("uncond", "cond", "seg"),
+        input_names=("sample",),
+        output_names=("out_sample",),
+        dtype="float32",
+        sigma=2.0,
+        layers=("mid",),
+        layer_names=("x",),
+        blur_lengths=(),
+        opset=18,
         file="model.onnx",
-    )  # fmt: skip
+    )
     return ArtifactInfo(**{**base, **kw})
 
 
@@ -61,8 +76,21 @@ def test_export_out_model_folder_refused(tmp_path, capsys):
     model = _model_folder(tmp_path / "model")
     before = _snapshot(model)
     for extra in ([], ["--overwrite"]):
-        rc = main(["export", "onnx", "--model", str(model), "--height", "64", "--width", "64",
-                   "--out", str(model), *extra])  # fmt: skip
+        rc = main(
+            [
+                "export",
+                "onnx",
+                "--model",
+                str(model),
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--out",
+                str(model),
+                *extra,
+            ]
+        )
         assert rc == 2
         err = capsys.readouterr().err.strip()
         assert "is not a seg-rt export" in err and len(err.splitlines()) == 1
@@ -193,8 +221,13 @@ def _job_dir(tmp_path: Path, **over) -> Path:
 
     folder = tmp_path / "jobs"
     folder.mkdir()
-    data = {"model": "/models/m", "seg": {"scale": 3.0, "sigma": 2.0}, "prompts": ["a"],
-            "output": "/data/out", **over}  # fmt: skip
+    data = {
+        "model": "/models/m",
+        "seg": {"scale": 3.0, "sigma": 2.0},
+        "prompts": ["a"],
+        "output": "/data/out",
+        **over,
+    }
     if "prompts_file" in over:
         del data["prompts"]
     path = folder / "job.yaml"
@@ -244,8 +277,6 @@ def test_submit_refuses_relative_output(tmp_path, monkeypatch):
 
 
 def test_submit_entrypoint_quotes_the_job_name():
-    import shlex
-
     from seg_rt.cluster.submit import entrypoint
 
     name = "my job; touch pwned.yaml"
@@ -277,13 +308,7 @@ def test_submit_does_not_store_the_token(tmp_path, monkeypatch):
     assert sub.submit(job, "http://127.0.0.1:1") == ("raysubmit_1", None)
     assert "s3cret" not in json.dumps(sent)
     assert sent["runtime_env"]["env_vars"] == {"RAY_AUTH_MODE": "token"}
-    assert shlex_split(sent["entrypoint"])[2] == "job; x.yaml"
-
-
-def shlex_split(s: str) -> list[str]:
-    import shlex
-
-    return shlex.split(s)
+    assert shlex.split(sent["entrypoint"])[2] == "job; x.yaml"
 
 
 # -- 4. a local Ray seg-rt starts is private -----------------------------------------------------
@@ -320,8 +345,13 @@ def _ok_row(output: Path, item: str, data: bytes = b"png") -> dict:
 
     rel = f"images/{item}.png"
     write_atomic(output / rel, data)
-    return {"item": item, "status": "ok", "path": rel, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    return {
+        "item": item,
+        "status": "ok",
+        "path": rel,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def test_torn_manifest_line_does_not_swallow_the_next_row(tmp_path):
@@ -442,10 +472,15 @@ def test_known_classes_pass_the_model_index_check(tmp_path):
     from seg_rt.pipeline import check_model_index
 
     for index in (
-        {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-         "text_encoder": ["transformers", "CLIPTextModel"], "image_encoder": [None, None],
-         "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "force_zeros_for_empty_prompt": True},
+        {
+            "_class_name": "StableDiffusionXLPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "image_encoder": [None, None],
+            "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+            "force_zeros_for_empty_prompt": True,
+        },
         {"_class_name": SEGDemoPipeline.__name__, "scheduler": ["diffusers", "EulerDiscreteScheduler"]},
-    ):  # fmt: skip
+    ):
         (tmp_path / "model_index.json").write_text(json.dumps(index))
         check_model_index(tmp_path / "model_index.json")
