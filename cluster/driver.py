@@ -169,18 +169,19 @@ def _private_ray_env() -> None:
 
 
 def private_temp_dir(parent: str | None = None) -> str:
-    """A fresh 0700 folder for Ray's sockets, logs and object spill (inside ``parent`` if given):
-    other users can neither reach the unix sockets nor read the logs."""
+    """Ray's temp dir (sockets, logs, object spill) inside a fresh 0700 folder (inside ``parent``
+    if given): other users can neither reach the unix sockets nor read the logs. Ray makes its own
+    temp dir world-writable (0777), so the privacy comes from the 0700 folder around it."""
     if parent:
         Path(parent).mkdir(parents=True, exist_ok=True)
-    path = tempfile.mkdtemp(prefix="segrt-ray-", dir=parent or "/tmp")  # mkdtemp: mode 0700
-    os.chmod(path, 0o700)
-    return path
+    private = tempfile.mkdtemp(prefix="segrt-", dir=parent or "/tmp")  # mkdtemp: mode 0700
+    os.chmod(private, 0o700)
+    return os.path.join(private, "ray")  # short: unix socket paths are limited to 107 bytes
 
 
 def start_ray(address: str | None, num_cpus: float | None = None, temp_dir: str | None = None):
     """Connect to ``address`` or start a private local Ray: loopback only, no dashboard, token
-    auth and a fresh 0700 temp dir (inside ``temp_dir`` if given)."""
+    auth and Ray's temp dir in a fresh 0700 folder (inside ``temp_dir`` if given)."""
     ray = require("ray", "cluster jobs")
     if ray.is_initialized():
         return ray

@@ -330,8 +330,8 @@ def test_local_ray_uses_token_auth_and_private_temp_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(ray, "init", fake_init)
     driver.start_ray(None, num_cpus=1, temp_dir=str(tmp_path / "rt"))
     assert seen["mode"] == "token" and len(seen["token"]) >= 32
-    temp = Path(seen["_temp_dir"])
-    assert temp.parent == tmp_path / "rt" and (temp.stat().st_mode & 0o777) == 0o700
+    private = Path(seen["_temp_dir"]).parent  # Ray chmods its own temp dir 0777: the folder around it is ours
+    assert private.parent == tmp_path / "rt" and (private.stat().st_mode & 0o777) == 0o700
     assert seen["_node_ip_address"] in (driver.LOOPBACK_NODE_IP, None) and not seen["include_dashboard"]
 
 
