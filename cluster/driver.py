@@ -163,8 +163,10 @@ def _private_ray_env() -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     # Ray caches its config (auth mode included) when imported; refresh it as Ray's own
     # enable_token_auth_by_default does, so this process speaks token auth to the new cluster.
-    from ray._raylet import Config
-
+    try:
+        from ray._raylet import Config
+    except ImportError:  # Ray < 2.52 has no token auth (see docs/security.md)
+        return
     Config.initialize("")
 
 
