@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from seg_rt.config import SEGConfig, parse_sigma
 from seg_rt.images import params_text, png_bytes
-from seg_rt.params import GenerationParams, check_scheduler, check_seed
+from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, check_scheduler, check_seed
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(16, ge=0, description="beyond this, HTTP 503")
     default_height: int | None = Field(None, ge=1)
     default_width: int | None = Field(None, ge=1)
-    scheduler: str = "euler"
+    scheduler: str = DEFAULT_SCHEDULER
     limits: Limits = Limits()
 
     @field_validator("scheduler")
@@ -211,7 +211,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = ""
     negative_prompt: str | None = None
-    seed: int = 0
+    seed: int = GenerationParams.seed
     steps: int = GenerationParams.steps
     cfg: float = GenerationParams.cfg
     seg_scale: float = SEGConfig.scale
@@ -259,7 +259,7 @@ class GenerateRequest(BaseModel):
         return self
 
     def params(
-        self, height: int | None = None, width: int | None = None, scheduler: str = "euler"
+        self, height: int | None = None, width: int | None = None, scheduler: str = DEFAULT_SCHEDULER
     ) -> GenerationParams:
         """The request as the one request type; ``height`` / ``width`` / ``scheduler`` fill what it leaves out."""
         seg = SEGConfig(self.seg_scale, self.seg_sigma, tuple(self.seg_layers), self.seg_start, self.seg_end)
@@ -330,7 +330,7 @@ class Failure:
 
 def _failure(exc: Exception) -> Failure:
     if isinstance(exc, ValueError):  # bad input only the model or engine can see (SegRtError included)
-        return Failure(422, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return Failure(422, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
     logger.error("sampling failed", exc_info=exc)
     return Failure(500, f"sampling failed ({type(exc).__name__})")
 

@@ -1,6 +1,7 @@
 """The serving core without Ray or a network: config, request model, limits, grouping, records,
 failure isolation, API keys and the body limit (FastAPI's TestClient on the app)."""
 
+import io
 import json
 import math
 from types import SimpleNamespace
@@ -8,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from seg_rt.cli import main
 from seg_rt.cluster.serving import (
@@ -21,6 +23,7 @@ from seg_rt.cluster.serving import (
     load_config,
     run_group,
 )
+from seg_rt.config import SEGConfig
 from seg_rt.engines import ShapeSpec
 from seg_rt.images import png_bytes
 from seg_rt.params import GenerationParams
@@ -241,7 +244,7 @@ def test_batch_equals_solo_and_a_bad_request_fails_alone(core):
         GenerationParams(prompt=p, seed=s, steps=2, height=64, width=64)
         for p, s in (("a cat", 1), ("a dog", 2))
     ]
-    bad = good[0].replace(prompt="bad", seg=good[0].seg.__class__(layers=("nowhere",)))  # not caught by check
+    bad = good[0].replace(prompt="bad", seg=SEGConfig(layers=("nowhere",)))  # not caught by check
     before = dict(core.stats)
     with torch.inference_mode():
         out = core.run_batch([[good[0]], [bad], [good[1], good[1].replace(seed=3)]])
@@ -273,11 +276,9 @@ def test_png_record_names_the_model_not_its_path(tmp_path, pipe):
     folder.mkdir(parents=True)
     c = ServingCore(ServeConfig(model=str(folder)), pipe)
     p = GenerationParams(prompt="a", height=64, width=64)
-    from PIL import Image
-
     img = Image.new("RGB", (64, 64))
     png = c.png(img, p)
-    record = json.loads(Image.open(__import__("io").BytesIO(png)).text["parameters"])
+    record = json.loads(Image.open(io.BytesIO(png)).text["parameters"])
     assert record["model"] == "my-model" and str(tmp_path) not in png.decode("latin-1")
     assert GenerationParams.from_record(record) == p
     assert png == png_bytes(
