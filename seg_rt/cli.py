@@ -177,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
     sv.add_argument("--config", default=None, help="YAML server config (replicas, batching, limits)")
     sv.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    sv.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (repeatable; also env SEG_RT_API_KEY, comma-separated); "
+        "needed to bind a non-loopback --host",
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=None, help="larger request bodies: HTTP 413 (1000000)"
+    )
+    sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
+    sv.add_argument("--ray-temp-dir", default=None, help="temp dir of the local Ray this starts")
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
@@ -465,11 +477,26 @@ def cmd_submit(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from seg_rt.cluster.serve import load_config, serve_forever
+    from seg_rt.cluster.serving import API_KEY_ENV, load_config
 
-    cfg = load_config(args.config, model=args.model, engine=args.engine, host=args.host, port=args.port)
-    print(f"seg-rt: serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)", file=sys.stderr)
-    serve_forever(cfg, address=args.address)
+    keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    cfg = load_config(
+        args.config,
+        model=args.model,
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        api_keys=keys or None,
+        max_body_bytes=args.max_body_bytes,
+        model_name=args.model_name,
+    )  # the whole config is valid before Ray starts
+    from seg_rt.cluster.serve import serve_forever
+
+    print(
+        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)",
+        file=sys.stderr,
+    )
+    serve_forever(cfg, address=args.address, ray_temp_dir=args.ray_temp_dir)
     return 0
 
 
