@@ -171,3 +171,7 @@ def test_modes_choose_layers_and_validate():
         VideoSEG(torch.nn.Linear(2, 2), VideoBlur())
     with pytest.raises(ValueError, match="match no video self-attention layer"):
         VideoSEG(m, VideoBlur(), layers=["nowhere"])
+    with pytest.raises(
+        ValueError, match=r"seg mode .spatial. uses none of the chosen layers down_blocks\.0\.motion"
+    ):
+        VideoSEG(m, VideoBlur("spatial", 2.0), layers=["down_blocks.0.motion_modules"])

@@ -338,6 +338,10 @@ class VideoSEG(SEGPatch):
             found = {n: k for n, k in found.items() if k != "temporal"}
         if blur.mode == "temporal":
             found = {n: k for n, k in found.items() if k != "spatial"}
+        if not found:
+            raise ValueError(
+                f"seg mode {blur.mode!r} uses none of the chosen layers {', '.join(layers or ())}"
+            )
         super().__init__(model, adapter, found)
         self.blur = blur
         self.rows: list[int] = []  # perturbed samples of the next forward (host-side)
