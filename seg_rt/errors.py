@@ -15,3 +15,9 @@ class EnvironmentUnavailable(SegRtError, RuntimeError):
 
 class ExportValidationError(SegRtError, RuntimeError):
     """An exported model disagrees with torch beyond the tolerance."""
+
+
+class SEGNotApplied(SegRtError, RuntimeError):
+    """SEG was active in a forward (perturbed rows present) but no query was perturbed: the SEG
+    processors were not reached (replaced, bypassed, or their layers never ran). Raised instead of
+    silently returning the unperturbed (CFG-only) prediction."""

@@ -27,7 +27,10 @@ PIPELINES = {"AnimateDiffPipeline": "animatediff", "CogVideoXPipeline": "cogvide
 
 
 class VideoDenoiser:
-    """A video model with ``VideoSEG`` installed, called with the sampler's named inputs."""
+    """A video model with ``VideoSEG`` installed, called with the sampler's named inputs.
+
+    Raises ``SEGNotApplied`` after a forward with perturbed rows in which no query was perturbed.
+    """
 
     def __init__(
         self,
@@ -44,27 +47,30 @@ class VideoDenoiser:
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        x, t, text = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
         self.seg.set_mask(inputs.get("seg_mask"))
         try:
-            if self.family == "animatediff":  # x: [B, C, F, h, w]; text per frame: [B·F, L, C]
-                text = text.repeat_interleave(x.shape[2], dim=0)
-                return self.model(x, t, encoder_hidden_states=text, return_dict=False)[0]
-            if self.family == "cogvideox":  # x: [B, F, C, h, w]
-                rope = self.extra.get("image_rotary_emb")
-                out = self.model(
-                    hidden_states=x,
-                    encoder_hidden_states=text,
-                    timestep=t,
-                    image_rotary_emb=rope,
-                    return_dict=False,
-                )
-                return out[0]
-            return self.model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[
-                0
-            ]  # wan
+            out = self._forward(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+            self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
+            return out
         finally:
             self.seg.set_mask(None)
+
+    def _forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
+        if self.family == "animatediff":  # x: [B, C, F, h, w]; text per frame: [B·F, L, C]
+            text = text.repeat_interleave(x.shape[2], dim=0)
+            return self.model(x, t, encoder_hidden_states=text, return_dict=False)[0]
+        if self.family == "cogvideox":  # x: [B, F, C, h, w]
+            rope = self.extra.get("image_rotary_emb")
+            out = self.model(
+                hidden_states=x,
+                encoder_hidden_states=text,
+                timestep=t,
+                image_rotary_emb=rope,
+                return_dict=False,
+            )
+            return out[0]
+        # wan: x: [B, C, F, h, w]
+        return self.model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
 
     def close(self) -> None:
         self.seg.remove()
