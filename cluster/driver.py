@@ -21,10 +21,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from seg_rt.errors import first_line
 from seg_rt.images import write_atomic
 from seg_rt.optional import require
 
-from .spec import Item, JobSpec, expand_items, load_job
+from .spec import Item, JobSpec, expand_items
 from .worker import SEGWorker
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class _Driver:
                 except ray.exceptions.RayError as exc:
                     self._retry(
                         batch,
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                        f"{type(exc).__name__}: {first_line(exc)[:300]}",
                         attempts,
                         queue,
                         manifest,
@@ -213,7 +214,7 @@ class _Driver:
                     write_atomic(self.output / rel, row[ext])
                     manifest.append({"item": item.id, "status": "ok", "prompt_index": item.prompt_index,
                                      "sample_index": item.sample_index, "prompt": item.prompt, "seed": item.seed,
-                                     "params": item.params(), "path": str(rel), "worker": row["worker"],
+                                     "params": item.params.to_record(), "path": str(rel), "worker": row["worker"],
                                      "seconds": round(row["seconds"], 4)})  # fmt: skip
                     self.result.done += 1
                     self.result.compute_seconds += row["seconds"]
@@ -279,8 +280,3 @@ def write_contact_sheets(items: list[Item], output: Path) -> list[Path]:
         )
         paths.append(path)
     return paths
-
-
-def run_job_file(path: str | Path, **kwargs) -> JobResult:
-    spec, base = load_job(path)
-    return run_job(spec, base, **kwargs)
