@@ -289,6 +289,7 @@ def cmd_generate(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     model = args.model or _demo_model()
+    _check_local_size(model, request)
     control = load_image(args.control_image) if args.control_image else None
     if args.threads is not None:
         import torch
@@ -335,6 +336,15 @@ def cmd_generate(args) -> int:
         for p in paths:
             print(p)
     return 0
+
+
+def _check_local_size(model: str, request: GenerationParams) -> None:
+    """A local model folder's scale factor is in its config files: check the size before loading it."""
+    from .pipeline import check_size, folder_scale_factor
+
+    factor = folder_scale_factor(model) if Path(model).is_dir() else None
+    if factor is not None:
+        check_size(request.height, request.width, factor)
 
 
 def _compare_sigmas(text: str) -> list[float]:
@@ -395,6 +405,7 @@ def cmd_video(args) -> int:
                 )
             except ValueError as exc:  # e.g. temporal with sigma time 0
                 raise ValueError(f"--compare, mode {mode}: {exc}") from None
+    _check_local_size(args.model, request)
     t0 = time.perf_counter()
     pipe = load_pipeline(args.model, args.device)
     videos = [generate_video(pipe, params=r, progress=not args.no_progress)[0] for _, r in runs]
