@@ -59,8 +59,7 @@ def check_cfg(cfg: float) -> float:
 def parse_engine_spec(spec: str) -> tuple[str, str | None]:
     """``torch`` / ``torch-compile`` → (kind, None); ``onnx:DIR`` / ``trt:DIR`` → (kind, DIR).
 
-    The one parser of engine specs: job specs, the server config and ``seg_rt.engines.load_engine``
-    all call it."""
+    The one parser of engine specs: the CLI, job specs and ``seg_rt.engines.load_engine`` call it."""
     kind, _, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if kind in ("torch", "torch-compile") and not path:
         return kind, None
