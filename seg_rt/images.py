@@ -27,60 +27,30 @@ def params_text(model, record: dict) -> str:
     return json.dumps({"model": str(model), "generator": "seg-rt", **record}, sort_keys=True)
 
 
-def generation_params(
-    *,
-    prompt: str,
-    negative_prompt: str | None,
-    steps: int,
-    cfg: float,
-    seg_scale: float,
-    seg_sigma: float | str,
-    seg_layers,
-    seg_start: float,
-    seg_end: float,
-    height: int | None,
-    width: int | None,
-    seed: int,
-    scheduler: str,
-    guidance_rescale: float = 0.0,
-    sequential: bool = False,
-) -> dict:
-    """Deprecated: ``GenerationParams(...).to_record()``. Kept only while ``cluster/serve.py`` still calls
-    it (it is being rebuilt on ``GenerationParams``); delete with that call."""
-    from .config import SEGConfig, parse_sigma
-    from .params import GenerationParams
-
-    seg = SEGConfig(seg_scale, parse_sigma(seg_sigma), seg_layers, seg_start, seg_end)
-    return GenerationParams(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        seed=seed,
-        steps=steps,
-        cfg=cfg,
-        seg=seg,
-        guidance_rescale=guidance_rescale,
-        height=height,
-        width=width,
-        scheduler=scheduler,
-        sequential=sequential,
-    ).to_record()
-
-
 def read_params(path: str | Path) -> dict:
     with Image.open(path) as img:
         return json.loads(img.text[PARAMS_KEY])
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file next to ``path``, then rename it over ``path``."""
+    """Write ``data`` to a temp file next to ``path``, fsync it, rename it over ``path`` and fsync
+    the folder: once this returns, the bytes and the name survive a crash or power loss (so a
+    manifest line written afterwards never names a file that is not on disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
