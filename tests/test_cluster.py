@@ -1,5 +1,6 @@
 """Batch jobs over a local Ray: determinism across workers / micro-batches, faults, resume, submit."""
 
+import hashlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from seg_rt.params import GenerationParams, VideoParams
 
 from . import fault_injection
 from .fault_injection import FAULT_AFTER_ENV, FAULT_FILE_ENV, CrashOnceWorker
+from .golden import GOLDEN, fingerprint, png_pixels
 from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
 
 BIN = Path(sys.executable).parent
@@ -188,6 +190,13 @@ def test_same_bytes_for_any_worker_count_and_micro_batch(local_ray, sdxl_dir, tm
             assert len(result.per_worker) == 2  # both workers got work
     assert len(runs[(1, 1)]) == 4
     assert runs[(1, 1)] == runs[(2, 2)] == runs[(2, 1)] == runs[(1, 3)]  # fused batches too
+    golden = json.loads(GOLDEN.read_text())
+    if golden["fingerprint"] == fingerprint():  # the pixels the job wrote before the consolidation
+        got = {
+            name: hashlib.sha256(png_pixels(data).tobytes()).hexdigest()
+            for name, data in runs[(2, 2)].items()
+        }
+        assert got == golden["job_pixels"]["images"]
     assert (tmp_path / "w2b2" / "contact" / "p00000.png").is_file()
 
 
