@@ -138,7 +138,7 @@ def test_controlnet_family_runs_and_uses_the_control_image():
     [
         ({"height": 60}, "height must be a positive multiple of 8, got 60"),
         ({"steps": 0}, "steps must be an integer >= 1"),
-        ({"cfg": 0.5}, "cfg must be >= 1"),
+        ({"cfg": 0.5}, "cfg must be a finite number >= 1"),
         ({"output_type": "jpg"}, "output_type must be one of"),
         ({"scheduler": "nope"}, "scheduler must be one of"),
         ({"seg_layers": ["nowhere"]}, "matches no self-attention layer"),
