@@ -177,6 +177,10 @@ def _deployment():
             self.generate_batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
             self.stats = {"requests": 0, "images": 0, "sampling_runs": 0}
 
+        def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down
+            if getattr(self, "engine", None) is not None:
+                self.engine.close()
+
         def check_health(self) -> None:
             if self.pipe is None:
                 raise RuntimeError("model not loaded")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -238,6 +239,11 @@ def _generate_kwargs(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    with contextlib.ExitStack() as resources:  # closes the engine loaded for the run
+        return _generate(args, resources)
+
+
+def _generate(args, resources: contextlib.ExitStack) -> int:
     from .images import generation_params, load_image, params_text, save_png
     from .pipeline import generate, load_pipeline
 
@@ -258,7 +264,7 @@ def cmd_generate(args) -> int:
     if args.engine != "torch":
         from seg_rt.engines import load_engine
 
-        engine = load_engine(args.engine, pipe, pipe._execution_device)
+        engine = resources.enter_context(load_engine(args.engine, pipe, pipe._execution_device))
     common = {
         "engine": engine,
         "control_image": control,

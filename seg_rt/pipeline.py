@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .config import SEGConfig
 from .errors import ModelLoadError
+from .families import family_of, pipeline_class
 from .sampler import StepCallback, sample
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def load_pipeline(
     model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ):
     """Load a diffusers pipeline from a local folder or hub id (safetensors only)."""
-    from diffusers import DiffusionPipeline
-
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = Path(model)
@@ -53,12 +53,7 @@ def load_pipeline(
         raise ModelLoadError(f"model folder {str(model)!r} does not exist or is not a diffusers folder")
     # diffusers renamed torch_dtype to dtype (0.36); pass whichever this version takes
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
-    cls = DiffusionPipeline
-    if is_local:
-        from seg_rt.demo.model import SEGDemoPipeline, is_demo_folder
-
-        if is_demo_folder(path):  # our own pipeline class: diffusers cannot look it up by name
-            cls = SEGDemoPipeline
+    cls = pipeline_class(path if is_local else None)
     try:
         pipe = cls.from_pretrained(str(model), use_safetensors=True, **{dtype_kw: dtype})
     except Exception as exc:  # hub/network/format errors all mean the same thing to the user
@@ -77,22 +72,6 @@ def _has_dtype_kwarg() -> bool:
     from diffusers.utils import deprecation_utils
 
     return hasattr(deprecation_utils, "_resolve_dtype")
-
-
-def family_of(pipe) -> str:
-    names = [c.__name__ for c in type(pipe).__mro__]
-    if "StableDiffusionXLControlNetPipeline" in names:
-        return "sdxl-controlnet"
-    if "StableDiffusionXLPipeline" in names:
-        return "sdxl"
-    if "StableDiffusionPipeline" in names:
-        return "sd15"
-    if "SEGDemoPipeline" in names:
-        return "demo"
-    raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet "
-        "and the bundled demo model"
-    )
 
 
 def make_scheduler(pipe, scheduler: str | Any | None):
@@ -314,23 +293,28 @@ def generate_batch(
     sched = make_scheduler(pipe, scheduler)
     sched.set_timesteps(steps, device=pipe._execution_device)
     latents = initial_latents(pipe, sched, generators, height, width, dtype)
-    own_engine = engine is None or isinstance(engine, str)
-    if own_engine:
-        from seg_rt.engines import load_engine
-
-        engine = load_engine(engine or "torch", pipe, pipe._execution_device)
-    if hasattr(engine, "configure"):
+    with _open_engine(engine, pipe) as engine:
         engine.configure(seg.sigma, seg.layers)
-    try:
         latents = sample(
             engine, sched, latents, cond, uncond, steps=steps, cfg=cfg, seg=seg,
             guidance_rescale=guidance_rescale, sequential=sequential, generators=generators,
             progress=progress, callback=callback,
         )  # fmt: skip
-    finally:
-        if own_engine:
-            engine.close()
     return decode(pipe, latents, output_type)
+
+
+def _open_engine(engine, pipe) -> AbstractContextManager:
+    """A denoiser given by the caller stays open (the caller closes it); one loaded here from a spec
+    (``None``: torch) is closed after the run."""
+    from seg_rt.engines import Denoiser, load_engine
+
+    if isinstance(engine, Denoiser):
+        return nullcontext(engine)
+    if engine is not None and not isinstance(engine, str):
+        raise TypeError(
+            f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
+        )
+    return load_engine(engine or "torch", pipe, pipe._execution_device)
 
 
 def _runs(keys: list) -> list[tuple]:
