@@ -1,4 +1,4 @@
-"""SEG configuration (DESIGN §3): a frozen dataclass validated when built."""
+"""SEG configuration (docs/design.md, "Contracts"): a frozen dataclass validated when built."""
 
 from __future__ import annotations
 
@@ -15,6 +15,11 @@ def parse_sigma(value: str | float) -> float:
         return float(value.strip())
     except ValueError:
         raise ValueError(f"seg sigma must be a number > 0 or 'inf', got {value!r}") from None
+
+
+def sigma_to_json(sigma: float) -> float | str:
+    """σ in JSON records: a number, or ``"inf"`` (JSON has no infinity)."""
+    return "inf" if math.isinf(sigma) else sigma
 
 
 def parse_layers(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -72,7 +77,7 @@ class SEGConfig:
     def to_dict(self) -> dict:
         return {
             "scale": self.scale,
-            "sigma": "inf" if math.isinf(self.sigma) else self.sigma,
+            "sigma": sigma_to_json(self.sigma),
             "layers": list(self.layers),
             "start": self.start,
             "end": self.end,

@@ -22,18 +22,11 @@ from torch import Tensor
 from .config import SEGConfig
 from .errors import ModelLoadError
 from .families import family_of, pipeline_class
+from .params import SCHEDULERS, check_scheduler
 from .sampler import StepCallback, sample
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "ddim": "DDIMScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "heun": "HeunDiscreteScheduler",
-}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -81,9 +74,7 @@ def make_scheduler(pipe, scheduler: str | Any | None):
     if scheduler is None:
         scheduler = "euler"
     if isinstance(scheduler, str):
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
-        return getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+        return getattr(diffusers, SCHEDULERS[check_scheduler(scheduler)]).from_config(pipe.scheduler.config)
     return scheduler
 
 

@@ -1,0 +1,229 @@
+"""One generation request, one type (docs/design.md, "One request, one type").
+
+``GenerationParams`` holds everything that determines an output image (``VideoParams`` adds the video
+fields): prompt, negative prompt, seed, steps, CFG, the SEG config, size, scheduler. Every entry point
+(Python API, CLI, job items, HTTP requests) builds one, and every record (PNG text chunk, manifest
+row) is its ``to_record()``. Each default is written here once. σ is a float inside; ``"inf"`` only in
+the JSON record (``SEGConfig.to_dict`` / ``sigma_to_json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+
+# Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
+SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+DEFAULT_SCHEDULER = "euler"  # the paper's sampler
+VIDEO_MODES = ("spatial", "temporal", "spatiotemporal")
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to 2**64 - 1
+
+
+def check_scheduler(name: str) -> str:
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    return name
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    return seed
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    """The fields only a video request has.
+
+    mode:       which axes the query blur runs over: ``spatial`` (per frame, σ = ``seg.sigma``),
+                ``temporal`` (along frames, σ = ``sigma_time``) or ``spatiotemporal`` (both, separable).
+    sigma_time: blur σ along time in frames; 0 keeps frames independent; ``inf`` = mean over frames.
+    frames:     output frames; fps: frames per second of the written file.
+    layers:     video self-attention layers to perturb, as module names or prefixes; ``None`` = all.
+    """
+
+    frames: int = 16
+    fps: int = 8
+    mode: str = "spatiotemporal"
+    sigma_time: float = 1.0
+    layers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _int("video frames", self.frames, 1)
+        _int("video fps", self.fps, 1)
+        if self.mode not in VIDEO_MODES:
+            raise ValueError(f"seg mode must be one of {', '.join(VIDEO_MODES)}, got {self.mode!r}")
+        sigma_time = _number("seg sigma time", self.sigma_time)
+        if math.isnan(sigma_time) or sigma_time < 0:
+            raise ValueError(f"seg sigma time must be >= 0 or inf, got {sigma_time:g}")
+        object.__setattr__(self, "sigma_time", sigma_time)
+        if self.mode == "temporal" and sigma_time == 0:
+            raise ValueError("seg mode 'temporal' with seg sigma time 0 blurs nothing: give sigma time > 0")
+        if self.layers is not None:
+            layers = parse_layers(self.layers)
+            if not layers:
+                raise ValueError("video seg layers must name at least one layer, or be left out for all")
+            object.__setattr__(self, "layers", layers)
+
+    def axis_sigmas(self, sigma: float) -> tuple[float, float]:
+        """(σ over space, σ over time) for this mode; 0 means that axis is not blurred."""
+        space = 0.0 if self.mode == "temporal" else sigma
+        time = 0.0 if self.mode == "spatial" else self.sigma_time
+        return space, time
+
+    def to_record(self) -> dict:
+        return {
+            "frames": self.frames,
+            "fps": self.fps,
+            "mode": self.mode,
+            "sigma_time": sigma_to_json(self.sigma_time),
+            "layers": None if self.layers is None else list(self.layers),
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> VideoParams:
+        data = dict(record)
+        if "sigma_time" in data:
+            data["sigma_time"] = parse_sigma(data["sigma_time"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that determines one generated image (or video, with ``video``).
+
+    ``height`` / ``width`` ``None`` mean the model's default size; sizes are checked against the
+    model's own scale factor where the model is known (``seg_rt.pipeline.check_size``).
+    """
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    seed: int = 0
+    steps: int = 25
+    cfg: float = 5.0
+    seg: SEGConfig = field(default_factory=SEGConfig)
+    guidance_rescale: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = DEFAULT_SCHEDULER
+    sequential: bool = False
+    video: VideoParams | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError(f"negative prompt must be a string, got {type(self.negative_prompt).__name__}")
+        check_seed(self.seed)
+        _int("steps", self.steps, 1)
+        cfg = _number("cfg", self.cfg)
+        if not math.isfinite(cfg) or cfg < 1.0:
+            raise ValueError(
+                f"cfg must be a finite number >= 1 (1 disables classifier-free guidance), got {cfg:g}"
+            )
+        object.__setattr__(self, "cfg", cfg)
+        if not isinstance(self.seg, SEGConfig):
+            raise ValueError(f"seg must be a SEGConfig, got {type(self.seg).__name__}")
+        rescale = _number("guidance rescale", self.guidance_rescale)
+        if not 0.0 <= rescale <= 1.0:
+            raise ValueError(f"guidance rescale must be in [0, 1], got {rescale:g}")
+        object.__setattr__(self, "guidance_rescale", rescale)
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None:
+                _int(name, value, 1)
+        check_scheduler(self.scheduler)
+        object.__setattr__(self, "sequential", bool(self.sequential))
+        if self.video is not None and not isinstance(self.video, VideoParams):
+            raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
+
+    def replace(self, **changes: Any) -> GenerationParams:
+        """A copy with ``changes`` (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_seg(self, **changes: Any) -> GenerationParams:
+        """A copy whose SEG config has ``changes`` (e.g. ``sigma=2.0``)."""
+        return self.replace(seg=dataclasses.replace(self.seg, **changes))
+
+    def to_record(self) -> dict:
+        """The JSON record written into PNG text chunks and manifests (σ = inf as ``"inf"``).
+
+        Flat ``seg_*`` keys: the record seg-rt PNGs have carried since the first release."""
+        record = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "seg_scale": self.seg.scale,
+            "seg_sigma": sigma_to_json(self.seg.sigma),
+            "seg_layers": list(self.seg.layers),
+            "seg_start": self.seg.start,
+            "seg_end": self.seg.end,
+            "guidance_rescale": self.guidance_rescale,
+            "height": self.height,
+            "width": self.width,
+            "seed": self.seed,
+            "scheduler": self.scheduler,
+            "sequential": self.sequential,
+        }
+        if self.video is not None:
+            record["video"] = self.video.to_record()
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> GenerationParams:
+        """Inverse of ``to_record``; unknown keys (``model``, ``generator``, ...) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"seg", "video"}
+        data = {k: record[k] for k in names if k in record}
+        seg = {
+            "scale": record.get("seg_scale", SEGConfig.scale),
+            "sigma": parse_sigma(record.get("seg_sigma", SEGConfig.sigma)),
+            "layers": record.get("seg_layers", SEGConfig().layers),
+            "start": record.get("seg_start", SEGConfig.start),
+            "end": record.get("seg_end", SEGConfig.end),
+        }
+        video = record.get("video")
+        return cls(
+            **data,
+            seg=SEGConfig(**seg),
+            video=VideoParams.from_record(video) if video is not None else None,
+        )
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one sampling run: everything but prompt,
+        negative prompt and seed (those are per row)."""
+        return (
+            self.steps,
+            self.cfg,
+            self.seg,
+            self.guidance_rescale,
+            self.height,
+            self.width,
+            self.scheduler,
+            self.sequential,
+            self.video,
+        )
