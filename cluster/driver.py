@@ -1,17 +1,21 @@
 """Run a batch job over Ray actors: keep every worker busy, survive worker deaths, resume.
 
-The driver owns the output folder: each image is written atomically (temp file + rename), then
-one line is appended to ``manifest.jsonl``. Rerunning the same job skips items whose manifest line
-says ``ok`` and whose file exists, so nothing is lost or duplicated. A worker that dies is replaced
+The driver owns the output folder: each image is written atomically (temp file + rename) and
+fsynced with its folder, then one fsynced line is appended to ``manifest.jsonl``. Rerunning the
+same job skips items whose manifest line says ``ok`` and whose file is there with the recorded size
+and sha256, so nothing is lost or duplicated; a torn or garbage line (a driver killed mid-write, a
+hand edit) is reported once and skipped, and never swallows the next row. A worker that dies is replaced
 and its in-flight items retried; an item that fails ``max_attempts`` times is recorded as failed,
 the rest of the job finishes, and the run reports failure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
 import sys
 import tempfile
 import time
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from seg_rt.errors import EnvironmentUnavailable, ModelLoadError
 from seg_rt.images import write_atomic
 from seg_rt.optional import require
 
@@ -34,6 +39,7 @@ MANIFEST = "manifest.jsonl"
 # loopback interface (Linux routes the whole range to lo). Elsewhere keep Ray's default.
 LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
 IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: hides Ray's round trip
+START_TIMEOUT_S = 300.0  # default wait for every worker to be placed and load its model
 
 
 @dataclass
@@ -56,52 +62,136 @@ class JobResult:
         return not self.failed
 
 
-def read_manifest(output: Path) -> list[dict]:
+def _manifest_path(output: Path) -> Path:
     path = output / MANIFEST
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; seg-rt only appends to a manifest it created")
+    return path
+
+
+def read_manifest(output: Path) -> list[dict]:
+    """Every row of ``manifest.jsonl`` that is a JSON object naming an item; torn or garbage lines
+    are skipped with one warning for the file."""
+    path = _manifest_path(output)
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            logger.warning("ignoring a torn manifest line (driver killed mid-write?)")
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("item"), str):
+            rows.append(row)
+        elif line.strip():
+            bad += 1
+    if bad:
+        logger.warning("%s: skipped %d unreadable line(s) (torn write or not a manifest row)", path, bad)
     return rows
 
 
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _verified(output: Path, row: dict) -> bool:
+    """An ``ok`` row counts only if its file is a regular file inside ``output`` with the recorded
+    size and sha256 (rows without them, or a file changed since, are redone)."""
+    rel = row.get("path")
+    if row.get("status") != "ok" or not isinstance(rel, str) or not isinstance(row.get("sha256"), str):
+        return False
+    path = output / rel
+    try:
+        if path.is_symlink() or not path.resolve().is_relative_to(output.resolve()) or not path.is_file():
+            return False
+        return path.stat().st_size == row.get("bytes") and sha256_file(path) == row["sha256"]
+    except OSError:
+        return False
+
+
 def completed(output: Path) -> set[str]:
-    """Items recorded ok whose image file exists."""
-    return {
-        r["item"] for r in read_manifest(output) if r.get("status") == "ok" and (output / r["path"]).is_file()
-    }
+    """Items recorded ok whose file is there, unchanged (size and sha256 as recorded)."""
+    return {r["item"] for r in read_manifest(output) if _verified(output, r)}
 
 
 class Manifest:
-    """Append-only ``manifest.jsonl``; every line flushed and fsynced before the next item."""
+    """Append-only ``manifest.jsonl``; every line flushed and fsynced before the next item.
+
+    Opened without following symbolic links; a file whose last line was torn (no final newline)
+    gets a newline first, so the torn fragment stays one skipped line and the next row survives."""
 
     def __init__(self, output: Path) -> None:
         output.mkdir(parents=True, exist_ok=True)
-        self.f = open(output / MANIFEST, "a")  # noqa: SIM115 (held open for the job)
+        path = _manifest_path(output)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        self.f = os.fdopen(fd, "r+b")
+        size = os.fstat(fd).st_size
+        if size:
+            self.f.seek(size - 1)
+            if self.f.read(1) != b"\n":
+                self._write(b"\n")
+        _fsync_dir(output)  # the manifest's own directory entry
 
-    def append(self, row: dict) -> None:
-        self.f.write(json.dumps(row, sort_keys=True) + "\n")
+    def _write(self, data: bytes) -> None:
+        self.f.write(data)
         self.f.flush()
         os.fsync(self.f.fileno())
+
+    def append(self, row: dict) -> None:
+        self._write((json.dumps(row, sort_keys=True) + "\n").encode())
 
     def close(self) -> None:
         self.f.close()
 
 
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _private_ray_env() -> None:
+    """Token auth for a Ray cluster seg-rt starts itself (Ray >= 2.52 reads ``RAY_AUTH_MODE`` and
+    ``RAY_AUTH_TOKEN``; its own default would write a token to ``~/.ray/auth_token`` with the
+    umask's mode). The token lives only in this process's environment, which the raylet and workers
+    inherit and other users cannot read, so another local user cannot attach to the cluster."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray caches its config (auth mode included) when imported; refresh it as Ray's own
+    # enable_token_auth_by_default does, so this process speaks token auth to the new cluster.
+    try:
+        from ray._raylet import Config
+    except ImportError:  # Ray < 2.52 has no token auth (see docs/security.md)
+        return
+    Config.initialize("")
+
+
+def private_temp_dir(parent: str | None = None) -> str:
+    """Ray's temp dir (sockets, logs, object spill) inside a fresh 0700 folder (inside ``parent``
+    if given): other users can neither reach the unix sockets nor read the logs. Ray makes its own
+    temp dir world-writable (0777), so the privacy comes from the 0700 folder around it."""
+    if parent:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+    private = tempfile.mkdtemp(prefix="segrt-", dir=parent or "/tmp")  # mkdtemp: mode 0700
+    os.chmod(private, 0o700)
+    return os.path.join(private, "ray")  # short: unix socket paths are limited to 107 bytes
+
+
 def start_ray(address: str | None, num_cpus: float | None = None, temp_dir: str | None = None):
-    """Connect to ``address`` or start a private local Ray (own temp dir, no dashboard)."""
+    """Connect to ``address`` or start a private local Ray: loopback only, no dashboard, token
+    auth and Ray's temp dir in a fresh 0700 folder (inside ``temp_dir`` if given)."""
     ray = require("ray", "cluster jobs")
     if ray.is_initialized():
         return ray
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        temp_dir = temp_dir or tempfile.mkdtemp(prefix="segrt-ray-", dir="/tmp")
-        # a private cluster on loopback only
+        _private_ray_env()
+        temp_dir = private_temp_dir(temp_dir)
         ray.init(
             num_cpus=num_cpus, _temp_dir=temp_dir, _node_ip_address=LOOPBACK_NODE_IP, include_dashboard=False,
             log_to_driver=False,
@@ -118,8 +208,15 @@ def run_job(
     progress: bool = True,
     ray_temp_dir: str | None = None,
     runtime_env: dict | None = None,
+    start_timeout: float = START_TIMEOUT_S,
 ) -> JobResult:
-    """Generate every item of ``spec`` not already done under ``spec.output``."""
+    """Generate every item of ``spec`` not already done under ``spec.output``.
+
+    Gives up with :class:`EnvironmentUnavailable` when the workers are not all placed and loaded
+    within ``start_timeout`` seconds (e.g. a GPU asked of a cluster without one), and with
+    :class:`ModelLoadError` (one line) when a worker cannot load the model."""
+    if not start_timeout > 0:
+        raise ValueError(f"start timeout must be > 0 seconds, got {start_timeout}")
     t_start = time.perf_counter()
     output = Path(spec.output)
     output = output if output.is_absolute() else base / output
@@ -135,7 +232,7 @@ def run_job(
             num_cpus=None if address else max(os.cpu_count() or 1, n_workers * res.num_cpus),
             temp_dir=ray_temp_dir,
         )
-        _Driver(ray, spec, output, n_workers, result, progress, runtime_env).run(todo)
+        _Driver(ray, spec, output, n_workers, result, progress, runtime_env).run(todo, start_timeout)
     if spec.contact_sheet and spec.video is None:
         write_contact_sheets(items, output)
     result.seconds = time.perf_counter() - t_start
@@ -166,14 +263,46 @@ class _Driver:
     def _start(self, wid: str):
         return self.actor_cls.remote(self.spec_dict, wid)
 
-    def run(self, todo: list[Item]) -> None:
+    def wait_ready(self, timeout_s: float) -> None:
+        """Every worker placed and its model loaded within ``timeout_s``, else one clear error."""
+        ray = self.ray
+        pending = {a.ready.remote(): wid for wid, a in self.workers.items()}
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise EnvironmentUnavailable(self._unplaced_message(len(pending), timeout_s))
+            wid = pending.pop(ready[0])
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as exc:
+                raise ModelLoadError(
+                    f"worker {wid} could not load the model: {_init_error_line(exc)}"
+                ) from None
+
+    def _unplaced_message(self, n_pending: int, timeout_s: float) -> str:
+        res = self.spec.resources_per_worker
+        have = {k: v for k, v in self.ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        have_text = ", ".join(f"{k}={v:g}" for k, v in sorted(have.items())) or "nothing"
+        return (
+            f"{n_pending} of {len(self.workers)} worker(s) did not start within {timeout_s:g} s: each asks for "
+            f"num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g} and the cluster has {have_text} "
+            "(lower resources_per_worker or workers, or raise --start-timeout if the model loads slowly)"
+        )
+
+    def run(self, todo: list[Item], start_timeout: float = START_TIMEOUT_S) -> None:
         ray = self.ray
         size = self.spec.batch_size
         queue = deque(todo[k : k + size] for k in range(0, len(todo), size))
         attempts: Counter = Counter()
         inflight: dict = {}  # ref -> (worker id, actor, batch)
         t0 = time.perf_counter()
-        ray.get([a.ready.remote() for a in self.workers.values()])  # load once, fail fast
+        try:
+            self.wait_ready(start_timeout)  # load once, fail fast
+        except BaseException:
+            for actor in self.workers.values():
+                ray.kill(actor)
+            raise
         self.result.startup_seconds = time.perf_counter() - t0
         t_loop = time.perf_counter()
         manifest = Manifest(self.output)
@@ -210,11 +339,24 @@ class _Driver:
                         continue
                     folder, ext = ("videos", "mp4") if "mp4" in row else ("images", "png")
                     rel = Path(folder) / f"{item.id}.{ext}"
-                    write_atomic(self.output / rel, row[ext])
-                    manifest.append({"item": item.id, "status": "ok", "prompt_index": item.prompt_index,
-                                     "sample_index": item.sample_index, "prompt": item.prompt, "seed": item.seed,
-                                     "params": item.params(), "path": str(rel), "worker": row["worker"],
-                                     "seconds": round(row["seconds"], 4)})  # fmt: skip
+                    data = row[ext]
+                    write_atomic(self.output / rel, data)  # fsynced before the manifest line names it
+                    manifest.append(
+                        {
+                            "item": item.id,
+                            "status": "ok",
+                            "prompt_index": item.prompt_index,
+                            "sample_index": item.sample_index,
+                            "prompt": item.prompt,
+                            "seed": item.seed,
+                            "params": item.params(),
+                            "path": str(rel),
+                            "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "worker": row["worker"],
+                            "seconds": round(row["seconds"], 4),
+                        }
+                    )
                     self.result.done += 1
                     self.result.compute_seconds += row["seconds"]
                     self.result.per_worker[row["worker"]] += 1
@@ -253,6 +395,17 @@ class _Driver:
                 self.result.failed.append(item.id)
             else:
                 queue.append([item])  # retried alone, so one bad item cannot sink its neighbours
+
+
+def _init_error_line(exc: Exception) -> str:
+    """The worker's own exception line (``ModelLoadError: cannot load ...``) from Ray's actor-death
+    error, whose text ends with the remote traceback; Ray's summary line when there is none."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if getattr(exc, "actor_init_failed", False) and lines:
+        last = lines[-1]
+        kind, sep, message = last.partition(": ")
+        return f"{kind.rsplit('.', 1)[-1]}: {message}"[:500] if sep else last[:500]
+    return (lines or [type(exc).__name__])[0][:300]
 
 
 def write_contact_sheets(items: list[Item], output: Path) -> list[Path]:

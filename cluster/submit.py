@@ -3,12 +3,19 @@
 The job file (and its prompts file) travel in a small ``working_dir``; the entrypoint is
 ``seg-rt run JOB --address auto`` on the cluster, where seg-rt must be installed. Ray's token auth
 is respected: the client reads ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` / the default token file
-as Ray does, and the variables are passed on to the job.
+as Ray does. Only ``RAY_AUTH_MODE`` is passed on to the job: the token itself would be stored in
+the job record (readable by anyone who can list jobs); the job's driver runs on the head and reads
+the head's token as every Ray process there does.
+
+Everything the job file names is checked before Ray is contacted: a relative ``prompts_file`` must
+stay inside the job's folder (no ``..``, no symbolic link out), and ``output`` must be absolute
+(a relative one would land in Ray's temporary copy of the working dir and vanish with it).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -19,7 +26,7 @@ from seg_rt.optional import require
 
 from .spec import load_job
 
-AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+AUTH_ENV = ("RAY_AUTH_MODE",)  # never the token: the job record keeps its runtime env
 
 
 TRANSIENT = ("No available agent", "status code 503")  # a head that is still starting
@@ -74,6 +81,36 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
+def entrypoint(job_name: str) -> str:
+    """The shell command Ray runs for the job (through ``/bin/sh``): the file name is quoted, so a
+    name with spaces or ``;`` is one argument and never a second command."""
+    return f"seg-rt run {shlex.quote(job_name)} --address auto --no-progress"
+
+
+def check_submittable(spec, base: Path) -> None:
+    """What ``seg-rt run`` accepts locally but a submitted job cannot honour safely.
+
+    - ``output`` relative: it would resolve inside Ray's temporary working-dir copy on the cluster
+      and be deleted with it, so submit refuses it (an absolute path on the cluster is required).
+    - ``prompts_file`` relative: copied into the staging folder at the same relative path, so it
+      must stay inside the job's folder: no ``..`` and no symbolic link resolving outside it.
+    """
+    if not Path(spec.output).is_absolute():
+        raise ValueError(
+            f"job: output: submit needs an absolute path on the cluster, got {spec.output!r} "
+            "(a relative output would land in Ray's temporary copy of the working dir)"
+        )
+    if not spec.prompts_file or Path(spec.prompts_file).is_absolute():
+        return
+    rel = Path(spec.prompts_file)
+    source = (base / rel).resolve()
+    if ".." in rel.parts or not source.is_relative_to(Path(base).resolve()):
+        raise ValueError(
+            f"job: prompts_file: {spec.prompts_file!r} leaves the job's folder; give a path inside it "
+            "(no '..', no symbolic link out) or an absolute path on the cluster"
+        )
+
+
 def submit(
     job_path: str | Path, address: str, *, follow: bool = False, timeout_s: float | None = None
 ) -> tuple[str, str | None]:
@@ -83,6 +120,7 @@ def submit(
 
     spec, base = load_job(job_path)  # validate before sending anything
     job_path = Path(job_path)
+    check_submittable(spec, base)
     staging = Path(tempfile.mkdtemp(prefix="segrt-job-"))
     try:
         shutil.copy(job_path, staging / job_path.name)
@@ -94,7 +132,7 @@ def submit(
         client = _client(JobSubmissionClient, address)
         job_id = _with_retry(
             lambda: client.submit_job(
-                entrypoint=f"seg-rt run {job_path.name} --address auto --no-progress",
+                entrypoint=entrypoint(job_path.name),
                 runtime_env={"working_dir": str(staging), "env_vars": env},
                 metadata={"tool": "seg-rt", "job": job_path.name},
             ),

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from seg_rt.artifacts import RUNTIME_SIGMA, ArtifactInfo, staged_dir
+from seg_rt.artifacts import RUNTIME_SIGMA, ArtifactInfo, is_export_folder, staged_dir
 from seg_rt.blur import blur_matrix
 from seg_rt.denoiser import SEGUNet
 from seg_rt.errors import ExportValidationError
@@ -106,6 +106,7 @@ def export_onnx(
     fp16: bool = False,
     opset: int = 18,
     validate: bool = True,
+    overwrite: bool = False,
     model_name: str = "",
 ) -> ExportResult:
     """Export ``pipe``'s SEG-patched denoiser for ``batch`` images per branch at ``height`` x ``width``.
@@ -164,7 +165,7 @@ def export_onnx(
             file=ONNX_FILE,
             versions=_versions(__version__),
         )
-        with staged_dir(out_dir) as tmp:
+        with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
             _trace_and_save(_Graph(model, names, blur_lengths).eval(), inputs, names, info, tmp / ONNX_FILE)
             info.write(tmp)
             validation = validate_onnx(tmp, model, inputs, info) if validate else None

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from seg_rt.artifacts import read_info, staged_dir
+from seg_rt.artifacts import check_out_dir, is_export_folder, read_info, staged_dir
 from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.images import write_atomic
 from seg_rt.optional import require
@@ -39,11 +39,13 @@ def build_engine(
     *,
     precision: str = "fp16",
     timing_cache: str | Path | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """ONNX → serialized TensorRT engine + sidecar. seg-rt exports are fixed-shape, so the engine
     needs no optimization profile. ``timing_cache`` is read when it exists and written back."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_out_dir(out_dir, is_export_folder, overwrite=overwrite)  # before the (long) build
     info = read_info(onnx_dir)
     if info.kind != "onnx":
         raise ValueError(f"{str(onnx_dir)!r} holds a {info.kind} artifact; build engines from an ONNX export")
@@ -74,7 +76,7 @@ def build_engine(
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
 
-    with staged_dir(out_dir) as tmp:
+    with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
         (tmp / ENGINE_FILE).write_bytes(bytes(serialized))
         extra = {
             "precision": precision,

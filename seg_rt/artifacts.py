@@ -6,12 +6,14 @@ record goes into the ONNX model's ``metadata_props`` (key ``seg_rt``).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -70,6 +72,7 @@ class ArtifactInfo:
             d = {k: v for k, v in d.items() if k in names}
             for k in ("branches", "input_names", "output_names", "layers", "layer_names", "blur_lengths"):
                 d[k] = tuple(d[k])
+            _check_file_name(d["file"])
             if d["sigma"] == "inf":
                 d["sigma"] = math.inf
             return cls(**d)
@@ -77,13 +80,18 @@ class ArtifactInfo:
             raise ValueError(f"{source} is not a seg-rt artifact description: {exc}") from None
 
     def write(self, folder: Path) -> Path:
+        _check_file_name(self.file)
         path = Path(folder) / SIDECAR
         path.write_text(self.to_json())
         return path
 
 
 def read_info(folder: str | Path) -> ArtifactInfo:
-    """Read ``folder/seg_rt.json``; a clear ``ValueError`` when the folder is not an export."""
+    """Read ``folder/seg_rt.json``; a clear ``ValueError`` when the folder is not an export.
+
+    The sidecar's ``file`` must name a file inside ``folder``: no path separators, no ``..``, and
+    no symbolic link that resolves outside the folder (a sidecar from elsewhere cannot point an
+    engine at an arbitrary file)."""
     folder = Path(folder)
     path = folder / SIDECAR
     if not folder.is_dir():
@@ -92,14 +100,86 @@ def read_info(folder: str | Path) -> ArtifactInfo:
         raise ValueError(
             f"{str(folder)!r} is not a seg-rt export folder (no {SIDECAR}); run seg-rt export first"
         )
-    return ArtifactInfo.from_json(path.read_text(), source=str(path))
+    info = ArtifactInfo.from_json(path.read_text(), source=str(path))
+    target = (folder / info.file).resolve()
+    if not target.is_relative_to(folder.resolve()):
+        raise ValueError(f"{path}: file {info.file!r} resolves outside its folder; refusing to load it")
+    return info
+
+
+def _check_file_name(name: object) -> None:
+    """A sidecar ``file`` entry is one plain name inside the artifact folder."""
+    if (
+        not isinstance(name, str)
+        or name in ("", ".", "..")
+        or "/" in name
+        or "\\" in name
+        or Path(name).is_absolute()
+    ):
+        raise ValueError(f"file must be a plain file name inside the folder, got {name!r}")
+
+
+# -- output folders seg-rt owns ------------------------------------------------------------------
+
+Owned = Callable[[Path], bool]
+
+
+def is_export_folder(folder: Path) -> bool:
+    """True when ``folder`` holds a seg-rt export and nothing else: a valid typed sidecar and only
+    the files it names (the model / engine file and its external-data file)."""
+    try:
+        info = read_info(folder)
+    except (OSError, ValueError):
+        return False
+    allowed = {SIDECAR, info.file, f"{info.file}.data"}
+    return info.kind in ("onnx", "tensorrt") and all(p.name in allowed for p in Path(folder).iterdir())
+
+
+def check_out_dir(
+    out_dir: str | Path, owned: Owned, *, overwrite: bool = False, what: str = "export"
+) -> None:
+    """Refuse an output folder seg-rt may not replace, before any work is done.
+
+    Allowed: a missing or empty folder; with ``overwrite``, a folder ``owned`` recognises as a
+    seg-rt ``what`` (by its typed sidecar). Refused with one line: a symbolic link, the working
+    directory or one of its parents, a file, and any other non-empty folder (seg-rt never
+    deletes what it did not write)."""
+    p = Path(out_dir)
+    if p.is_symlink():
+        raise ValueError(f"--out {str(p)!r} is a symbolic link; give a real folder path")
+    resolved, cwd = p.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(
+            f"--out {str(p)!r} is the working directory or one of its parents; give a new folder"
+        )
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise ValueError(f"--out {str(p)!r} exists and is not a folder")
+    if not any(p.iterdir()):
+        return
+    if not owned(p):
+        raise ValueError(
+            f"--out {str(p)!r} is a non-empty folder that is not a seg-rt {what}; "
+            "give a new or empty folder (seg-rt never deletes what it did not write)"
+        )
+    if not overwrite:
+        raise ValueError(f"--out {str(p)!r} already holds a seg-rt {what}; pass --overwrite to replace it")
 
 
 @contextmanager
-def staged_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Write a folder atomically: yield a temp folder beside ``out_dir``; on success it replaces
-    ``out_dir`` (mode per umask), on error it is removed and ``out_dir`` stays as it was."""
+def staged_dir(
+    out_dir: str | Path, owned: Owned, *, overwrite: bool = False, what: str = "export"
+) -> Iterator[Path]:
+    """Write a folder atomically: yield a temp folder beside ``out_dir``; on success it takes
+    ``out_dir``'s place (mode per umask), on error it is removed and ``out_dir`` stays as it was.
+
+    ``out_dir`` is checked first (:func:`check_out_dir`): only a missing or empty folder, or with
+    ``overwrite`` a folder ``owned`` recognises, is replaced. A replaced folder is swapped out in
+    one step (``renameat2(RENAME_EXCHANGE)`` where the kernel has it, else rename old away /
+    rename new in) and deleted only afterwards, so ``out_dir`` is never missing."""
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, owned, overwrite=overwrite, what=what)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     umask = os.umask(0)
@@ -107,9 +187,46 @@ def staged_dir(out_dir: str | Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        check_out_dir(out_dir, owned, overwrite=overwrite, what=what)  # unchanged while we worked?
+        if out_dir.exists() and any(out_dir.iterdir()):
+            _swap_in(tmp, out_dir)  # tmp now holds the old artifact
+        else:
+            os.replace(tmp, out_dir)  # rename(2) replaces a missing or empty folder atomically
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)`` (glibc >= 2.28); the
+    stdlib has no wrapper. False where the platform or file system lacks it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(new: Path, out_dir: Path) -> None:
+    """Put ``new`` at ``out_dir`` and the old ``out_dir`` at ``new`` (to be deleted by the caller)."""
+    if _exchange(new, out_dir):
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, old)  # old is an empty folder: replaced atomically
+    try:
+        os.replace(new, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    os.replace(old, new)  # new was renamed away, its name is free: the caller deletes it

@@ -137,12 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     eo.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU use)")
     eo.add_argument("--opset", type=int, default=18)
     eo.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
-    eo.add_argument("--out", required=True, help="output folder")
+    eo.add_argument("--out", required=True, help="output folder (new or empty)")
+    eo.add_argument("--overwrite", action="store_true", help="replace an existing seg-rt export in --out")
     eo.add_argument("--json", action="store_true")
     eo.set_defaults(func=cmd_export_onnx)
     et = esub.add_parser("trt", help="ONNX export -> TensorRT engine (needs TensorRT and a GPU)")
     et.add_argument("--onnx", required=True, help="folder written by seg-rt export onnx")
-    et.add_argument("--out", required=True)
+    et.add_argument("--out", required=True, help="output folder (new or empty)")
+    et.add_argument("--overwrite", action="store_true", help="replace an existing seg-rt export in --out")
     et.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
     et.add_argument("--timing-cache", default=None, help="timing cache file (read and updated)")
     et.add_argument("--check-only", action="store_true", help="only check TensorRT operator support")
@@ -152,7 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("job", help="job YAML file")
     r.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
     r.add_argument("--workers", type=int, default=None, help="override the job's worker count")
-    r.add_argument("--ray-temp-dir", default=None, help="temp dir for a local Ray")
+    r.add_argument("--ray-temp-dir", default=None, help="parent of the private temp dir of a local Ray")
+    r.add_argument(
+        "--start-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for every worker to be placed and load the model (default 300)",
+    )
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--json", action="store_true", help="print a JSON summary")
     r.set_defaults(func=cmd_run)
@@ -170,6 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
     sv.add_argument("--config", default=None, help="YAML server config (replicas, batching, limits)")
     sv.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    sv.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (repeatable; also env SEG_RT_API_KEY, comma-separated); "
+        "needed to bind a non-loopback --host",
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=None, help="larger request bodies: HTTP 413 (1000000)"
+    )
+    sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
+    sv.add_argument("--ray-temp-dir", default=None, help="temp dir of the local Ray this starts")
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
@@ -381,17 +401,19 @@ def cmd_video(args) -> int:
 def cmd_export_onnx(args) -> int:
     from seg_rt.export import export_onnx
 
+    from .artifacts import check_out_dir, is_export_folder
     from .pipeline import load_pipeline
 
     layers = parse_layers(args.seg_layers)
     sigma = None if args.dynamic_sigma else args.seg_sigma
     if sigma is not None and (math.isnan(sigma) or sigma <= 0):
         raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+    check_out_dir(args.out, is_export_folder, overwrite=args.overwrite)  # before the model loads
     pipe = load_pipeline(args.model, "cpu" if not args.fp16 else None)
     result = export_onnx(
         pipe, args.out, height=args.height, width=args.width, batch=args.batch, cfg=not args.no_cfg,
         sigma=sigma, layers=layers, fp16=args.fp16, opset=args.opset, validate=not args.no_validate,
-        model_name=str(args.model),
+        model_name=str(args.model), overwrite=args.overwrite,
     )  # fmt: skip
     summary = {
         "out": str(result.folder),
@@ -413,20 +435,29 @@ def cmd_export_trt(args) -> int:
         check_onnx_for_tensorrt(args.onnx)
         print(f"{args.onnx}: every operator is supported by TensorRT")
         return 0
-    print(build_engine(args.onnx, args.out, precision=args.precision, timing_cache=args.timing_cache))
+    engine = build_engine(
+        args.onnx,
+        args.out,
+        precision=args.precision,
+        timing_cache=args.timing_cache,
+        overwrite=args.overwrite,
+    )
+    print(engine)
     return 0
 
 
 def cmd_run(args) -> int:
-    from seg_rt.cluster.driver import run_job
+    from seg_rt.cluster.driver import START_TIMEOUT_S, run_job
     from seg_rt.cluster.spec import load_job
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.start_timeout is not None and not args.start_timeout > 0:
+        raise ValueError(f"--start-timeout must be > 0 seconds, got {args.start_timeout}")
     spec, base = load_job(args.job)
     result = run_job(
         spec, base, address=args.address, workers=args.workers, progress=not args.no_progress,
-        ray_temp_dir=args.ray_temp_dir,
+        ray_temp_dir=args.ray_temp_dir, start_timeout=args.start_timeout or START_TIMEOUT_S,
     )  # fmt: skip
     summary = {
         "total": result.total, "done": result.done, "skipped": result.skipped, "failed": result.failed,
@@ -452,11 +483,26 @@ def cmd_submit(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from seg_rt.cluster.serve import load_config, serve_forever
+    from seg_rt.cluster.serving import API_KEY_ENV, load_config
 
-    cfg = load_config(args.config, model=args.model, engine=args.engine, host=args.host, port=args.port)
-    print(f"seg-rt: serving {cfg.model} on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)", file=sys.stderr)
-    serve_forever(cfg, address=args.address)
+    keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    cfg = load_config(
+        args.config,
+        model=args.model,
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        api_keys=keys or None,
+        max_body_bytes=args.max_body_bytes,
+        model_name=args.model_name,
+    )  # the whole config is valid before Ray starts
+    from seg_rt.cluster.serve import serve_forever
+
+    print(
+        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)",
+        file=sys.stderr,
+    )
+    serve_forever(cfg, address=args.address, ray_temp_dir=args.ray_temp_dir)
     return 0
 
 

@@ -54,15 +54,24 @@ def read_params(path: str | Path) -> dict:
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to a temp file next to ``path``, then rename it over ``path``."""
+    """Write ``data`` to a temp file next to ``path``, fsync it, rename it over ``path`` and fsync
+    the folder: once this returns, the bytes and the name survive a crash or power loss (so a
+    manifest line written afterwards never names a file that is not on disk)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -37,7 +37,11 @@ def default_device() -> torch.device:
 def load_pipeline(
     model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ):
-    """Load a diffusers pipeline from a local folder or hub id (safetensors only)."""
+    """Load a diffusers pipeline from a local folder or hub id (safetensors only, no custom code).
+
+    ``model_index.json`` is read first and every class it names must be a diffusers /
+    transformers class or seg-rt's demo pipeline (:func:`check_model_index`): diffusers would
+    otherwise import a ``*.py`` file shipped in the model folder."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = Path(model)
@@ -46,9 +50,19 @@ def load_pipeline(
         raise ModelLoadError(f"model folder {str(model)!r} does not exist or is not a diffusers folder")
     # diffusers renamed torch_dtype to dtype (0.36); pass whichever this version takes
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
+    if is_local:
+        check_model_index(path / "model_index.json")  # before any code from the folder can run
     cls = pipeline_class(path if is_local else None)
     try:
-        pipe = cls.from_pretrained(str(model), use_safetensors=True, **{dtype_kw: dtype})
+        if not is_local:
+            from huggingface_hub import hf_hub_download
+
+            check_model_index(Path(hf_hub_download(str(model), "model_index.json")))
+        pipe = cls.from_pretrained(
+            str(model), use_safetensors=True, trust_remote_code=False, **{dtype_kw: dtype}
+        )
+    except ModelLoadError:
+        raise
     except Exception as exc:  # hub/network/format errors all mean the same thing to the user
         if not is_local:
             raise ModelLoadError(
@@ -59,6 +73,69 @@ def load_pipeline(
         raise ModelLoadError(f"cannot load model folder {str(model)!r}: {first}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_model_index(index_path: Path) -> None:
+    """Refuse (one line) a ``model_index.json`` that names a class outside diffusers / transformers.
+
+    diffusers loads custom code from a model folder when the pipeline ``_class_name`` is a
+    ``[module, class]`` pair or unknown, or when a component's library is a module file in the
+    folder; seg-rt allows only classes it can look up in the installed libraries (and, like
+    diffusers, ``diffusers.pipelines.<name>`` modules), plus its own ``SEGDemoPipeline``."""
+    import json
+
+    import diffusers
+
+    from seg_rt.demo.model import SEGDemoPipeline
+
+    if not index_path.is_file():
+        return  # not a pipeline folder: from_pretrained reports it
+    try:
+        index = json.loads(index_path.read_text())
+    except ValueError as exc:
+        raise ModelLoadError(f"{index_path}: not valid JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise ModelLoadError(f"{index_path}: must be a JSON object")
+    name = index.get("_class_name")
+    if name != SEGDemoPipeline.__name__ and not (
+        isinstance(name, str) and isinstance(getattr(diffusers, name, None), type)
+    ):
+        raise ModelLoadError(
+            f"{index_path}: pipeline class {name!r} is not a diffusers pipeline; seg-rt loads no custom code"
+        )
+    for key, value in index.items():
+        if key.startswith("_") or not isinstance(value, list | tuple) or len(value) != 2:
+            continue
+        library, cls_name = value
+        if library is None and cls_name is None:
+            continue  # an optional component left out
+        if _library_class(library, cls_name) is None:
+            raise ModelLoadError(
+                f"{index_path}: component {key!r} names {library}.{cls_name}, which is not a diffusers "
+                "or transformers class; seg-rt loads no custom code"
+            )
+
+
+def _library_class(library: object, name: object) -> type | None:
+    """``library.name`` when ``library`` is diffusers, transformers or a diffusers pipeline module
+    (diffusers' own rule for built-in components), else None."""
+    import importlib
+
+    import diffusers.pipelines
+
+    if not isinstance(library, str) or not isinstance(name, str) or not name.isidentifier():
+        return None
+    if library in ("diffusers", "transformers"):
+        module = importlib.import_module(library)
+    elif library.isidentifier() and hasattr(diffusers.pipelines, library):
+        module = getattr(diffusers.pipelines, library)
+    else:
+        return None
+    try:
+        obj = getattr(module, name, None)
+    except (ImportError, RuntimeError):  # lazy modules raise when an optional backend is missing
+        return None
+    return obj if isinstance(obj, type) else None
 
 
 def _has_dtype_kwarg() -> bool:

@@ -238,3 +238,39 @@ def test_video_jobs_are_deterministic_and_resumable(local_ray, tmp_path):
         parse_job(job(model, tmp_path / "v1", video=video, height=32, width=48)), tmp_path, progress=False
     )
     assert again.skipped == 4 and again.done == 0
+
+
+@pytest.mark.slow
+def test_run_gives_up_on_impossible_resources_and_reports_a_model_that_will_not_load(sdxl_dir, tmp_path):
+    """num_gpus: 1 on a GPU-less machine → one line and exit 2 after --start-timeout, not a hang;
+    a model folder that fails to load on the worker → one line naming the error, no traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without a GPU for an impossible resource request")
+    cases = [
+        (job(sdxl_dir, tmp_path / "o1", resources_per_worker={"num_gpus": 1}), 5, "did not start within 5 s"),
+        (
+            job(tmp_path / "broken", tmp_path / "o2"),
+            200,
+            "worker w0 could not load the model: ModelLoadError: ",
+        ),
+    ]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    for k, (data, timeout, message) in enumerate(cases):
+        path = write_job(tmp_path / f"job{k}.yaml", data)
+        temp = short_temp_dir()
+        try:
+            r = subprocess.run(
+                [str(BIN / "seg-rt"), "run", str(path), "--no-progress", "--ray-temp-dir", temp,
+                 "--start-timeout", str(timeout)],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+        finally:
+            kill_ray_under(temp)
+        err = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("seg-rt: error")]
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert len(err) == 1 and message in err[0], r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        assert not (tmp_path / f"o{k + 1}" / "manifest.jsonl").exists()

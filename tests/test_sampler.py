@@ -12,6 +12,7 @@ from seg_rt.pipeline import encode, initial_latents, seed_generators
 from seg_rt.sampler import sample
 
 from .reference_seg import reference_sdxl_latents
+from .tolerance import assert_close
 
 
 @pytest.mark.parametrize(("cfg", "sigma"), [(5.0, 2.0), (5.0, math.inf), (1.0, 10.0), (3.0, 1.0)])
@@ -22,7 +23,7 @@ def test_final_latents_equal_reference_pipeline_square(sdxl, cfg, sigma):
         seg_scale=3.0, sigma=sigma, **kw,
     )  # fmt: skip
     ours = seg_rt.generate(sdxl, "a red cube", seg_scale=3.0, seg_sigma=sigma, output_type="latent", **kw)
-    assert (ours - ref).abs().max() < 1e-4
+    assert_close(ours, ref, rel=1e-4, what="latents vs reference SEG pipeline")
     plain = seg_rt.generate(sdxl, "a red cube", seg_scale=0.0, output_type="latent", **kw)
     assert (ours - plain).abs().max() > 1e-3  # SEG changed the result
 
@@ -38,7 +39,7 @@ def test_without_seg_equals_diffusers_pipeline(family, request):
         "a cat", num_inference_steps=3, guidance_scale=4.0, output_type="latent",
         generator=torch.Generator("cpu").manual_seed(7), **kw,
     ).images  # fmt: skip
-    assert (ours - theirs).abs().max() < 1e-5
+    assert_close(ours, theirs, rel=1e-5, what="latents vs diffusers pipeline")
 
 
 def test_initial_noise_equals_diffusers_generator(sdxl):
@@ -80,7 +81,7 @@ def test_sequential_branches_equal_one_batch(sdxl):
     kw = {"steps": 3, "height": 64, "width": 64, "output_type": "latent", "seg_sigma": 1.0}
     a = seg_rt.generate(sdxl, "x", **kw)
     b = seg_rt.generate(sdxl, "x", sequential=True, **kw)
-    assert (a - b).abs().max() < 1e-4
+    assert_close(a, b, rel=1e-4, what="sequential vs batched branches")
 
 
 class Recorder(Denoiser):

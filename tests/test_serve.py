@@ -82,14 +82,16 @@ def server(sdxl_dir, tmp_path_factory):
     kill_ray_under(temp)
 
 
-def test_health_info_and_openapi(server):
+def test_health_info_and_openapi(server, sdxl_dir):
     assert get(f"{server}/v1/health") == {"status": "ok"}
     info = get(f"{server}/v1/info")
     assert info["limits"]["max_steps"] == 50 and info["accepted_shapes"] == "any multiple of 8"
+    assert info["model"] == "tiny-sdxl" and str(sdxl_dir) not in json.dumps(info)  # a name, not a path
     spec = get(f"{server}/openapi.json")
     assert "/v1/generate" in spec["paths"] and "GenerateRequest" in json.dumps(spec)
-    fixed = get(f"{server}/fixed/v1/info")["accepted_shapes"]
-    assert fixed == {"images_per_run": 1, "height": 64, "width": 96}
+    fixed = get(f"{server}/fixed/v1/info")
+    assert fixed["accepted_shapes"] == {"images_per_run": 1, "height": 64, "width": 96}
+    assert fixed["engine"] == "onnx"  # the kind, not the server folder
 
 
 def test_png_equals_cli_generate(server, sdxl_dir, tmp_path):
@@ -124,7 +126,13 @@ def test_png_equals_cli_generate(server, sdxl_dir, tmp_path):
         )
         == 0
     )  # fmt: skip  (the replica has 1 CPU: same thread count, same bits)
-    assert body == out.read_bytes()  # the same file: pixels and parameter record
+    # the same pixels and parameter record; the server names its model by folder name, not path
+    served, cli = Image.open(io.BytesIO(body)), Image.open(out)
+    assert np.array_equal(np.asarray(served), np.asarray(cli))
+    served_record, cli_record = json.loads(served.text["parameters"]), json.loads(cli.text["parameters"])
+    assert served_record.pop("model") == "tiny-sdxl" and str(sdxl_dir) not in body.decode("latin-1")
+    cli_record.pop("model")
+    assert served_record == cli_record
 
 
 def test_concurrent_requests_are_batched_and_equal_solo(server, sdxl_dir):
@@ -173,8 +181,12 @@ def test_several_images_per_request(server):
     ("body", "message"),
     [
         ({"steps": 500}, "steps must be <= 50, got 500"),
-        ({"height": 2048, "width": 2048}, "height x width must be <= 1048576 pixels"),
-        ({"height": 60}, "multiples of 8"),
+        ({"height": 2048, "width": 2048}, "height and width must be <= 256 pixels each, got 2048x2048"),
+        ({"height": 8, "width": 131072}, "height and width must be <= 256 pixels each"),
+        ({"height": 256, "width": 32}, "aspect ratio must be at most 4:1, got 256x32"),
+        ({"height": 60}, "height must be a positive multiple of 8, got 60"),
+        ({"cfg": float("nan")}, "cfg must be a finite number >= 1"),
+        ({"seg_scale": float("inf")}, "seg scale must be a finite number >= 0, got inf"),
         ({"seg_sigma": -1}, "seg sigma must be > 0 or inf, got -1"),
         ({"seg_scale": 99}, "seg_scale must be in [0, 20]"),
         ({"num_images": 9, "response": "json"}, "num_images must be <= 4, got 9"),
@@ -214,3 +226,11 @@ def test_overload_is_503_not_an_unbounded_queue(server):
     for t in threads:
         t.join()
     assert 503 in statuses and 200 in statuses and set(statuses) <= {200, 503}
+
+
+def test_soak_short():
+    """20 s of the soak run (``python -m tests.soak_serve``): 8 clients, valid and invalid requests."""
+    from .soak_serve import soak
+
+    summary = soak(seconds=20, clients=8)
+    assert summary["passed"], summary

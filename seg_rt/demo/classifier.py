@@ -137,6 +137,15 @@ def train(steps: int = 1000, batch: int = 128, lr: float = 2e-3, seed: int = 0) 
     return model.eval()
 
 
+def _is_classifier_folder(folder: Path) -> bool:
+    """A folder this script wrote: its ``config.json`` carries the training command and heads."""
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and {"widths", "heads", "command"} <= set(cfg)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m seg_rt.demo.classifier", description="train the benchmark classifier"
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"widths": list(model.widths), "heads": {"shape": list(data.SHAPES), "color": list(data.COLORS),
            "texture": list(data.TEXTURES)}, "validation_accuracy": acc, "command": command,
            "train": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed}}  # fmt: skip
-    with staged_dir(args.out) as tmp:
+    with staged_dir(args.out, _is_classifier_folder, overwrite=True, what="classifier") as tmp:
         save_file(model.state_dict(), tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     logger.info("wrote %s", args.out)

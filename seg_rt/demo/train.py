@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from seg_rt.artifacts import staged_dir
+from seg_rt.artifacts import check_out_dir, staged_dir
 
 from . import data
 from .model import build
@@ -91,6 +91,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def _read_json(path: Path) -> dict | None:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return d if isinstance(d, dict) else None
+
+
+def is_trained_folder(folder: Path) -> bool:
+    """A pipeline folder this trainer wrote: ``model_index.json`` plus its ``train_config.json``."""
+    info = _read_json(folder / "train_config.json")
+    return (
+        info is not None
+        and {"config", "command", "steps_done"} <= set(info)
+        and (folder / "model_index.json").is_file()
+    )
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    meta = _read_json(folder / "state.json")
+    return meta is not None and {"step", "ema_step", "config"} <= set(meta)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, work_dir: Path) -> None:
         from diffusers import DDPMScheduler
@@ -122,7 +145,7 @@ class Trainer:
             "ema_step": self.ema.optimization_step,
             "config": dataclasses.asdict(self.cfg),
         }
-        with staged_dir(self.ckpt) as tmp:
+        with staged_dir(self.ckpt, _is_checkpoint, overwrite=True, what="trainer checkpoint") as tmp:
             save_file(tensors, tmp / "state.safetensors")
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
@@ -185,11 +208,12 @@ class Trainer:
         self.step += 1
         return loss.item()
 
-    def export(self, out: Path, command: str) -> None:
-        """Save the EMA weights as a diffusers pipeline folder (safetensors), atomically."""
+    def export(self, out: Path, command: str, overwrite: bool = False) -> None:
+        """Save the EMA weights as a diffusers pipeline folder (safetensors), atomically; an existing
+        ``out`` is replaced only with ``overwrite`` and only if this trainer wrote it."""
         self.ema.copy_to(self.params)
         self.unet.eval(), self.text.eval()
-        with staged_dir(out) as tmp:
+        with staged_dir(out, is_trained_folder, overwrite=overwrite, what="demo model") as tmp:
             self.pipe.save_pretrained(tmp, safe_serialization=True)
             info = {"config": dataclasses.asdict(self.cfg), "command": command, "steps_done": self.step}
             (tmp / "train_config.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -198,6 +222,7 @@ class Trainer:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m seg_rt.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="pipeline folder to write (EMA weights)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out written by this trainer")
     p.add_argument("--work-dir", type=Path, default=Path(".demo-train"), help="checkpoint folder")
     p.add_argument("--threads", type=int, default=2)
     for f in dataclasses.fields(TrainConfig):
@@ -206,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_out_dir(args.out, is_trained_folder, overwrite=args.overwrite, what="demo model")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -230,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m seg_rt.demo.train " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
-    trainer.export(args.out, command)
+    trainer.export(args.out, command, overwrite=args.overwrite)
     logger.info("wrote %s (%d steps)", args.out, trainer.step)
     return 0
 

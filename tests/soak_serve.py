@@ -1,0 +1,304 @@
+"""Soak test of ``seg-rt serve``: a tiny model on loopback under concurrent valid and invalid requests.
+
+    python -m tests.soak_serve --seconds 120 --clients 8
+
+Starts ``seg-rt serve`` (its own local Ray under a private temp dir, an API key), then ``clients``
+threads send, until the time is up, a random mix of valid requests and invalid ones (oversized
+bodies with and without Content-Length, bad fields, NaN / inf, extreme sizes and aspect ratios,
+wrong or missing key). Checks: every valid request is 200 and its pixels equal the same request
+generated alone in this process (``seg_rt.generate``, 1 thread like the replica) and its record
+names the model, not a path; every invalid one gets its own 4xx and message; no 5xx; the server's
+resident memory (all its processes) stays bounded. Prints one JSON summary; exit 1 if a check fails.
+"""
+
+import argparse
+import base64
+import contextlib
+import http.client
+import io
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from .ray_helpers import free_port, kill_ray_under, short_temp_dir
+
+SIZE = 64
+VALID = [
+    {"prompt": "a cat", "seed": 1, "steps": 2},
+    {"prompt": "a dog", "seed": 2, "steps": 2},
+    {"prompt": "a red cube", "seed": 3, "steps": 2, "seg_sigma": 2},
+    {"prompt": "a cat", "seed": 4, "steps": 3, "height": 64, "width": 96},
+    {"prompt": "two", "seed": 5, "steps": 2, "num_images": 2, "response": "json"},
+    {"prompt": "", "seed": 6, "steps": 2, "cfg": 1, "negative_prompt": "blur"},
+]
+# (name, raw body or dict, headers override, expected status, expected message part)
+BIG = "x" * 1_100_000
+INVALID = [
+    ("oversized", {"prompt": BIG}, None, 413, "request body must be <="),
+    ("oversized-chunked", {"prompt": BIG}, "chunked", 413, "request body must be <="),
+    ("bad-type", {"steps": "many"}, None, 422, "steps: Input should be a valid integer"),
+    ("extra-field", {"colour": "red"}, None, 422, "colour: Extra inputs are not permitted"),
+    ("nan-cfg", '{"prompt": "a", "cfg": NaN}', None, 422, "cfg must be a finite number >= 1"),
+    (
+        "inf-seg-scale",
+        '{"prompt": "a", "seg_scale": Infinity}',
+        None,
+        422,
+        "seg scale must be a finite number",
+    ),
+    ("nan-sigma", '{"seg_sigma": NaN}', None, 422, "seg sigma must be > 0 or inf"),
+    ("aspect", {"height": 8, "width": 128, "steps": 2}, None, 422, "aspect ratio must be at most 4:1"),
+    ("huge-side", {"height": 64, "width": 131072, "steps": 2}, None, 422, "height and width must be <= 256"),
+    ("not-multiple", {"height": 60, "steps": 2}, None, 422, "height must be a positive multiple of 8"),
+    ("seed", {"seed": 2**64}, None, 422, "seed must be an integer from 0 to 2**64 - 1"),
+    ("layers", {"steps": 2, "seg_layers": ["nowhere"]}, None, 422, "matches no self-attention layer"),
+    ("steps", {"steps": 500}, None, 422, "steps must be <= 50, got 500"),
+    ("wrong-key", {"steps": 2}, "wrong-key", 401, "missing or wrong API key"),
+    ("no-key", {"steps": 2}, "no-key", 401, "missing or wrong API key"),
+]
+
+
+def send(port: int, key: str, body, mode: str | None) -> tuple[int, bytes]:
+    """One POST /v1/generate; ``mode``: None, ``chunked`` (no Content-Length), ``wrong-key``, ``no-key``."""
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if mode != "no-key":
+        headers["Authorization"] = f"Bearer {'nope' if mode == 'wrong-key' else key}"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        if mode == "chunked":
+            chunks = (data[i : i + 65536] for i in range(0, len(data), 65536))
+            conn.request("POST", "/v1/generate", body=chunks, headers=headers, encode_chunked=True)
+        else:
+            conn.request("POST", "/v1/generate", body=data, headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read()
+    except (ConnectionError, http.client.HTTPException) as exc:
+        return -1, repr(exc).encode()  # the server dropped the connection: a failure
+    finally:
+        conn.close()
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def references(model: str) -> dict[int, list[np.ndarray]]:
+    """Each valid request generated alone in this process, with the replica's one thread."""
+    import torch
+
+    import seg_rt
+    from seg_rt.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for k, b in enumerate(VALID):
+            opts = {n: b[n] for n in ("steps", "cfg", "seg_sigma", "negative_prompt") if n in b}
+            arr = seg_rt.generate(
+                pipe,
+                b["prompt"],
+                seed=b["seed"],
+                num_images=b.get("num_images", 1),
+                height=b.get("height", SIZE),
+                width=b.get("width", SIZE),
+                output_type="np",
+                **opts,
+            )
+            out[k] = [(a * 255).round().astype("uint8") for a in arr]
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_valid(k: int, status: int, raw: bytes, refs, name: str) -> str | None:
+    """None when the answer is right, else why not."""
+    if status != 200:
+        return f"valid #{k}: status {status}: {raw[:200]!r}"
+    body = VALID[k]
+    pngs = (
+        [base64.b64decode(s) for s in json.loads(raw)["images"]] if body.get("response") == "json" else [raw]
+    )
+    for png, ref in zip(pngs, refs[k], strict=True):
+        record = json.loads(Image.open(io.BytesIO(png)).text["parameters"])
+        if record["model"] != name:
+            return f"valid #{k}: record model {record['model']!r}, want {name!r}"
+        if not np.array_equal(pixels(png), ref):
+            return f"valid #{k}: pixels differ from the solo result"
+    return None
+
+
+def tree_rss(pid: int) -> int:
+    with contextlib.suppress(psutil.Error):
+        root = psutil.Process(pid)
+        total = 0
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+    return 0
+
+
+def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"seg-rt serve exited with {proc.returncode}")
+        with (
+            contextlib.suppress(OSError, urllib.error.URLError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=5) as r,
+        ):
+            if r.status == 200:
+                return
+        time.sleep(1)
+    raise RuntimeError("seg-rt serve did not become healthy")
+
+
+def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
+    from seg_rt.tiny import save_tiny_pipeline
+
+    tmp = Path(tempfile.mkdtemp(prefix="segrt-soak-"))
+    model = str(save_tiny_pipeline("sdxl", tmp / "tiny-sdxl"))
+    refs = references(model)
+    key, port, ray_tmp = secrets.token_hex(16), free_port(), short_temp_dir()
+    config = tmp / "serve.yaml"
+    config.write_text(
+        "num_replicas: 1\nmax_batch_size: 4\nbatch_wait_timeout_s: 0.05\nmax_ongoing_requests: 16\n"
+        "max_queued_requests: 64\ndefault_height: 64\ndefault_width: 64\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "seg_rt.cli",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--config",
+        str(config),
+        "--ray-temp-dir",
+        ray_tmp,
+    ]
+    env = {**os.environ, "SEG_RT_API_KEY": key}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    stats: Counter = Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+    rss: list[int] = []
+    try:
+        wait_healthy(port, proc)
+        for k in range(len(VALID)):  # warm-up: every valid kind once, serially
+            problem = check_valid(k, *send(port, key, VALID[k], None), refs, "tiny-sdxl")
+            if problem:
+                failures.append("warm-up " + problem)
+        rss.append(tree_rss(proc.pid))
+        deadline = time.monotonic() + seconds
+        stop = threading.Event()
+
+        def monitor() -> None:
+            while not stop.wait(1.0):
+                rss.append(tree_rss(proc.pid))
+
+        def client(c: int) -> None:
+            rng = random.Random(seed * 1000 + c)
+            while time.monotonic() < deadline:
+                if rng.random() < 0.5:
+                    k = rng.randrange(len(VALID))
+                    status, raw = send(port, key, VALID[k], None)
+                    problem = check_valid(k, status, raw, refs, "tiny-sdxl")
+                    kind = "valid"
+                else:
+                    name, body, mode, want, message = rng.choice(INVALID)
+                    status, raw = send(port, key, body, mode)
+                    ok = status == want and message in raw.decode(errors="replace")
+                    problem = None if ok else f"{name}: {status} {raw[:200]!r}, want {want} '{message}'"
+                    kind = "invalid"
+                with lock:
+                    stats[f"{kind}_sent"] += 1
+                    stats[f"{kind}_ok"] += problem is None
+                    stats[f"status_{status}"] += 1
+                    if problem and len(failures) < 20:
+                        failures.append(problem)
+
+        watcher = threading.Thread(target=monitor, daemon=True)
+        watcher.start()
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        watcher.join()
+        rss.append(tree_rss(proc.pid))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        kill_ray_under(ray_tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    mb = [r / 2**20 for r in rss] or [0.0]
+    five_xx = sum(v for k, v in stats.items() if k.startswith("status_5") or k == "status_-1")
+    # bounded: after warm-up, the peak stays within 25% (or 300 MB) of the start
+    bounded = mb[-1] > 0 and max(mb) <= mb[0] + max(0.25 * mb[0], 300)
+    passed = (
+        not failures and five_xx == 0 and bounded and stats["valid_sent"] > 0 and stats["invalid_sent"] > 0
+    )
+    return {
+        "seconds": seconds,
+        "clients": clients,
+        "requests": stats["valid_sent"] + stats["invalid_sent"],
+        "valid": stats["valid_sent"],
+        "valid_200_equal_solo": stats["valid_ok"],
+        "invalid": stats["invalid_sent"],
+        "invalid_own_4xx_and_message": stats["invalid_ok"],
+        "status_counts": {
+            k.removeprefix("status_"): v for k, v in sorted(stats.items()) if k.startswith("status_")
+        },
+        "5xx_or_dropped": five_xx,
+        "server_rss_mb": {"start": round(mb[0], 1), "peak": round(max(mb), 1), "end": round(mb[-1], 1)},
+        "rss_bounded": bounded,
+        "failures": failures,
+        "passed": passed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    summary = soak(args.seconds, args.clients, args.seed)
+    print(json.dumps(summary))
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
