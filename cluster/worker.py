@@ -46,6 +46,11 @@ class SEGWorker:
         self.load_seconds = time.perf_counter() - t0
         self.batches = 0
 
+    def close(self) -> None:
+        """Close the engine loaded for this worker (its process ending frees it too)."""
+        if self.engine is not None:
+            self.engine.close()
+
     def ready(self) -> dict:
         return {"worker": self.worker_id, "pid": os.getpid(), "load_seconds": self.load_seconds}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -295,6 +296,11 @@ def _quiet_libraries() -> None:
 
 
 def cmd_generate(args) -> int:
+    with contextlib.ExitStack() as resources:  # closes the engine loaded for the run
+        return _generate(args, resources)
+
+
+def _generate(args, resources: contextlib.ExitStack) -> int:
     from .images import check_png_path, grid, load_image, params_text, save_png
     from .pipeline import load_pipeline, run_params
 
@@ -321,7 +327,7 @@ def cmd_generate(args) -> int:
     if engine_kind != "torch":
         from seg_rt.engines import load_engine
 
-        engine = load_engine(args.engine, pipe, pipe._execution_device)
+        engine = resources.enter_context(load_engine(args.engine, pipe, pipe._execution_device))
     common = {
         "engine": engine,
         "control_image": control,

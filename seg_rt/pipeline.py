@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from .config import SEGConfig
 from .errors import ModelLoadError, first_line
+from .families import family_of, pipeline_class
 from .params import DEFAULT_SCHEDULER, SCHEDULERS, GenerationParams, check_scheduler, parse_engine_spec
 from .sampler import StepCallback, sample
 
@@ -40,8 +42,6 @@ def load_pipeline(
     ``model_index.json`` is read first and every class it names must be a diffusers /
     transformers class or seg-rt's demo pipeline (:func:`check_model_index`): diffusers would
     otherwise import a ``*.py`` file shipped in the model folder."""
-    from diffusers import DiffusionPipeline
-
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = Path(model)
@@ -50,13 +50,9 @@ def load_pipeline(
         raise ModelLoadError(f"model folder {str(model)!r} does not exist or is not a diffusers folder")
     # diffusers renamed torch_dtype to dtype (0.36); pass whichever this version takes
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
-    cls = DiffusionPipeline
     if is_local:
-        from seg_rt.demo.model import SEGDemoPipeline, is_demo_folder
-
         check_model_index(path / "model_index.json")  # before any code from the folder can run
-        if is_demo_folder(path):  # our own pipeline class: diffusers cannot look it up by name
-            cls = SEGDemoPipeline
+    cls = pipeline_class(path if is_local else None)
     try:
         if not is_local:
             from huggingface_hub import hf_hub_download
@@ -145,22 +141,6 @@ def _has_dtype_kwarg() -> bool:
     from diffusers.utils import deprecation_utils
 
     return hasattr(deprecation_utils, "_resolve_dtype")
-
-
-def family_of(pipe) -> str:
-    names = [c.__name__ for c in type(pipe).__mro__]
-    if "StableDiffusionXLControlNetPipeline" in names:
-        return "sdxl-controlnet"
-    if "StableDiffusionXLPipeline" in names:
-        return "sdxl"
-    if "StableDiffusionPipeline" in names:
-        return "sd15"
-    if "SEGDemoPipeline" in names:
-        return "demo"
-    raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet "
-        "and the bundled demo model"
-    )
 
 
 def make_scheduler(pipe, scheduler: str | Any | None):
@@ -477,14 +457,8 @@ def run_params(
     sched = make_scheduler(pipe, scheduler if scheduler is not None else first.scheduler)
     sched.set_timesteps(steps, device=pipe._execution_device)
     latents = initial_latents(pipe, sched, generators, height, width, dtype)
-    own_engine = engine is None or isinstance(engine, str)
-    if own_engine:
-        from seg_rt.engines import load_engine
-
-        engine = load_engine(engine or "torch", pipe, pipe._execution_device)
-    if hasattr(engine, "configure"):
+    with _open_engine(engine, pipe) as engine:
         engine.configure(seg.sigma, seg.layers)
-    try:
         latents = sample(
             engine,
             sched,
@@ -500,10 +474,21 @@ def run_params(
             progress=progress,
             callback=callback,
         )
-    finally:
-        if own_engine:
-            engine.close()
     return decode(pipe, latents, output_type)
+
+
+def _open_engine(engine, pipe) -> AbstractContextManager:
+    """A denoiser given by the caller stays open (the caller closes it); one loaded here from a spec
+    (``None``: torch) is closed after the run."""
+    from seg_rt.engines import Denoiser, load_engine
+
+    if isinstance(engine, Denoiser):
+        return nullcontext(engine)
+    if engine is not None and not isinstance(engine, str):
+        raise TypeError(
+            f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
+        )
+    return load_engine(engine or "torch", pipe, pipe._execution_device)
 
 
 def _runs(keys: list) -> list[tuple]:
