@@ -393,6 +393,8 @@ class ServingCore:
         self.stats = {"requests": 0, "images": 0, "sampling_runs": 0, "failed": 0}
         self.metrics = Metrics()
         self._lock = threading.Lock()
+        # one sampling run at a time: a run installs SEG processors on the shared pipeline
+        self._sampling = threading.Lock()
 
     @classmethod
     def load(cls, cfg: ServeConfig) -> "ServingCore":
@@ -467,6 +469,10 @@ class ServingCore:
     def run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
         """Images per request (or its ``Failure``): one sampling run per ``group_rows`` chunk; a
         chunk that fails is re-run one request at a time, so only the bad request fails."""
+        with self._sampling:
+            return self._run_batch(requests)
+
+    def _run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
         results: list[list | Failure] = [[None] * len(rows) for rows in requests]
         self.metrics.batch_requests.observe(len(requests))
         for chunk in group_rows(requests, self.run_capacity):
@@ -687,7 +693,8 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
     Images routes, the AUTOMATIC1111 routes, the playground at ``/`` and ``/metrics``.
 
     ``batcher`` takes one checked request's rows and returns its images or ``Failure`` (Ray Serve's
-    ``@serve.batch`` method in a replica); default: run it alone in a thread (tests, no Ray)."""
+    ``@serve.batch`` method in a replica); default: run it alone in a thread (tests, no Ray; the
+    core runs one batch at a time either way)."""
     from . import a1111_api, openai_api  # they build on this module's request type
 
     async def alone(rows: list[GenerationParams]) -> list | Failure:

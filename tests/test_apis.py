@@ -296,3 +296,22 @@ def test_serve_without_model_serves_the_demo_model(monkeypatch, tmp_path):
     config.write_text("model: org/other-model\nport: 8123\n")
     assert main(["serve", "--config", str(config)]) == 0  # a config's model wins over the demo
     assert seen["cfg"].model == "org/other-model" and seen["cfg"].port == 8123
+
+
+def test_concurrent_requests_without_ray_equal_solo(url, pipe):
+    """Concurrent requests of different settings: one sampling run at a time on the shared model
+    (a run installs SEG processors on it), each answer equal to its solo run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+    sigmas = [1, 5, "inf"]
+
+    def ask(sigma):
+        result = client.images.generate(prompt=PROMPT, extra_body={"seed": 7, "steps": 3, "seg_sigma": sigma})
+        return pixels(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
+
+    with ThreadPoolExecutor(len(sigmas)) as pool:
+        got = list(pool.map(ask, sigmas))
+    for sigma, image in zip(sigmas, got, strict=True):
+        [ref] = reference(pipe, seed=7, steps=3, seg_sigma=float(sigma))
+        assert np.array_equal(image, ref), sigma
