@@ -173,6 +173,10 @@ def _seg_script(scripts: dict[str, Any]) -> dict[str, Any]:
             raise RequestFailed(
                 422, f"alwayson script {name!r} is not available; seg-rt has: seg", "alwayson_scripts"
             )
+        if not isinstance(args, list):
+            raise RequestFailed(
+                422, f"alwayson_scripts.{name}.args must be a list, got {args!r}", "alwayson_scripts"
+            )
         if len(args) == 1 and isinstance(args[0], dict):
             seg = {
                 k if k.startswith("seg_") or k == "guidance_rescale" else f"seg_{k}": v
