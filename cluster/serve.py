@@ -37,6 +37,11 @@ class SEGService:
         self.generate_batched.set_max_batch_size(self.core.cfg.max_batch_size)
         self.generate_batched.set_batch_wait_timeout_s(self.core.cfg.batch_wait_timeout_s)
 
+    def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down: close the engine
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
+
     def __serve_build_asgi_app__(self):
         return build_http_app(self.core, self.generate_batched)
 

@@ -41,8 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.config import SEGConfig, parse_sigma
+from seg_rt.errors import first_line
 from seg_rt.images import params_text, png_bytes
-from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, check_scheduler, check_seed
+from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, check_scheduler, check_seed, parse_engine_spec
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, MetricsMiddleware
@@ -76,14 +77,10 @@ class Limits(BaseModel):
 
 def check_engine_spec(spec: str) -> str:
     """``torch``, ``torch-compile``, ``onnx:DIR`` or ``trt:DIR`` with DIR an existing folder."""
-    from seg_rt.engines import ENGINE_KINDS
-
-    kind, _, path = spec.partition(":")
-    if (kind in ("torch", "torch-compile") and not path) or (kind in ("onnx", "trt") and path):
-        if path and not Path(path).is_dir():
-            raise ValueError(f"engine folder {path!r} does not exist")
-        return spec
-    raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, got {spec!r}")
+    _, path = parse_engine_spec(spec)
+    if path and not Path(path).is_dir():
+        raise ValueError(f"engine folder {path!r} does not exist")
+    return spec
 
 
 def is_loopback(host: str) -> bool:
@@ -305,28 +302,9 @@ class GenerateResponse(BaseModel):
 
 def run_group(pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
     """One sampling run for rows sharing a ``batch_key()``: their images (PIL), in order."""
-    from seg_rt.pipeline import generate_batch
+    from seg_rt.pipeline import run_params
 
-    p = params_list[0]
-    return generate_batch(
-        pipe,
-        [q.prompt for q in params_list],
-        [q.seed for q in params_list],
-        negative_prompts=[q.negative_prompt for q in params_list],
-        steps=p.steps,
-        cfg=p.cfg,
-        seg_scale=p.seg.scale,
-        seg_sigma=p.seg.sigma,
-        seg_layers=p.seg.layers,
-        seg_start=p.seg.start,
-        seg_end=p.seg.end,
-        guidance_rescale=p.guidance_rescale,
-        height=p.height,
-        width=p.width,
-        scheduler=p.scheduler,
-        sequential=p.sequential,
-        engine=engine,
-    )
+    return run_params(pipe, params_list, engine=engine)
 
 
 def group_rows(requests: Sequence[Sequence[GenerationParams]], capacity: int) -> list[list[tuple[int, int]]]:
@@ -369,7 +347,7 @@ def make_request(**fields: Any) -> GenerateRequest:
 
 def _failure(exc: Exception) -> Failure:
     if isinstance(exc, ValueError):  # bad input only the model or engine can see (SegRtError included)
-        return Failure(422, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        return Failure(422, first_line(exc))
     logger.error("sampling failed", exc_info=exc)
     return Failure(500, f"sampling failed ({type(exc).__name__})")
 

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .config import sigma_to_json
+
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
 
@@ -57,8 +59,8 @@ class ArtifactInfo:
 
     def to_json(self) -> str:
         d = asdict(self)
-        if isinstance(self.sigma, float) and math.isinf(self.sigma):
-            d["sigma"] = "inf"
+        if isinstance(self.sigma, float):
+            d["sigma"] = sigma_to_json(self.sigma)
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod

@@ -1,78 +1,205 @@
-"""SEG self-attention processor for diffusers ``Attention`` and its reversible installer.
+"""SEG at the attention processor: one mechanism for every model family.
 
-``SEGAttnProcessor`` computes exactly what diffusers' ``AttnProcessor2_0`` computes, except that the
-final query of the rows selected by a per-row mask (DESIGN §1 "Batching") is replaced by its
-Gaussian-blurred version (SEG, arXiv 2408.00760 eq. 9). ``SEGAttention`` installs it on the chosen
-layers and removes it again, as a pair (context manager).
+SEG (arXiv 2408.00760 eq. 9) blurs the final self-attention query of the perturbed rows. It is
+installed the way diffusers installs PAG (``PAGCFGIdentitySelfAttnProcessor2_0``): each selected
+layer gets a SEG processor, a faithful copy of the family's diffusers processor ``__call__`` with the
+blur inserted on the final query (after ``to_q``, head split, ``norm_q`` and RoPE). No torch or
+diffusers function is replaced, no thread-local switch is read (docs/design.md, "One patch mechanism").
 
-The token grid (H, W) is read from the actual input: a forward pre-hook on the block that owns
-each layer (diffusers' ``Transformer2DModel``, input ``[B, C, H, W]``) records its spatial shape, so
-non-square sizes work; nothing is inferred from the sequence length.
+- ``Adapter``: what differs between families (which modules are self-attention, the token grid,
+  text tokens in front of joint attention, where the final query is formed, which processor).
+  Adding a family means adding an adapter (and a processor only if its diffusers processor differs).
+- ``SEGPatch``: installs an adapter's processors on chosen layers and restores the originals, as a
+  pair (context manager). Every processor that perturbs a query bumps ``SEGPatch.perturbed``;
+  ``check()`` after a forward raises ``SEGNotApplied`` when rows were perturbed-to-be but no query was
+  (SEG is provably on, never a silent CFG result).
+- ``SEGAttnProcessor``: diffusers' ``AttnProcessor2_0`` with the blur (UNets: SD1.5, SDXL,
+  ControlNet, the demo model; AnimateDiff's spatial and motion attention).
+- ``SEGAttention``: the image installer. The token grid (H, W) is read from the actual input: a
+  forward pre-hook on the block that owns each layer (diffusers' ``Transformer2DModel``, input
+  ``[B, C, H, W]``) records its spatial shape, so non-square sizes work; nothing is inferred from the
+  sequence length.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blur import blur_matrix, separable_blur
-from .layers import select_layers
+from .errors import SEGNotApplied
+from .layers import select_layers, self_attention_layers
 
 logger = logging.getLogger(__name__)
 
+Grid = tuple[int, int, int]  # (frames, height, width) of the token grid; frames = 1 for images
 
-class SEGAttnProcessor:
-    """``AttnProcessor2_0`` with the final query blurred on the rows ``patch.mask`` selects.
 
-    The blur runs in the ``[B, N, C]`` layout right after ``to_q`` when the layer has no ``norm_q``
-    (blur and head split commute: the blur is per channel), else after ``norm_q`` on ``[B·heads, N, d]``.
+def no_owner(layer_name: str) -> str | None:
+    """Adapters whose layers' grid comes from the model input (DiTs) have no owning block."""
+    return None
+
+
+def unet_owner(layer_name: str) -> str | None:
+    """The block whose 4D input gives the layer's grid: ``X.attentions.i`` for ``X.attentions.i.transformer_blocks.j.attn1``."""
+    head, sep, _ = layer_name.rpartition(".transformer_blocks.")
+    return head if sep else None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """What SEG needs to know about one model family; the processors and ``SEGPatch`` do the rest.
+
+    - ``processor``: the SEG processor class, built as ``processor(patch, name, kind, original)``; a
+      copy of the family's diffusers processor with the blur on the final query.
+    - ``layers``: model -> ``{self-attention module name: kind}`` in module order; the kind
+      (``spatial``, ``temporal``, ``joint``) says which axes the layer's tokens span.
+    - ``owner``: layer name -> the block whose 4D input ``[.., C, h, w]`` gives the layer's (h, w)
+      grid (UNets downsample per block), or None.
+    - ``grid``: (model, forward args, kwargs) -> the model's token grid (F, H, W) from its input
+      shape and patch size (DiTs, video UNets), or None.
+    - ``text_tokens``: joint attention: text tokens sit in front of the image/video tokens and are
+      never blurred.
+    - ``blur_projection``: the final query is ``to_q``'s output up to the head split (no ``norm_q``,
+      no RoPE), so the blur may run on ``[B, N, C]`` before the split (it commutes: per channel).
     """
 
-    def __init__(self, patch: SEGAttention, name: str) -> None:
+    name: str
+    processor: type
+    layers: Callable[[nn.Module], dict[str, str]]
+    owner: Callable[[str], str | None] = no_owner
+    grid: Callable[[nn.Module, tuple, dict], Grid] | None = None
+    text_tokens: bool = False
+    blur_projection: bool = False
+
+
+class SEGPatch:
+    """Installs ``adapter.processor`` on ``layer_names`` of ``model`` and restores the originals.
+
+    Subclasses say how a query is perturbed (``perturb``) and which rows (``set_mask``). Processors
+    call ``perturb`` on their final query and count themselves in ``perturbed``; ``check()`` after the
+    forward turns "SEG active but nothing perturbed" into ``SEGNotApplied``. Host-side only: whether
+    rows are perturbed is decided in ``set_mask`` (``self.mask`` is None when none is).
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, kinds: dict[str, str]) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.kinds = dict(kinds)  # layer name -> kind, module order
+        self.layer_names = list(kinds)
+        self.mask: Tensor | None = None  # perturbed rows of the next forward; None: no row perturbed
+        self.perturbed = 0  # queries (layer calls) perturbed since the last set_mask
+        self.grid: Grid | None = None  # the model input's token grid, when the adapter reads it
+        self.processors: dict[str, object] = {}
+        self._saved: dict[str, object] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def perturb(self, proc, q: Tensor, token_dim: int, text: int = 0) -> Tensor:
+        """The final query ``q`` (tokens along ``token_dim``, ``text`` text tokens first) with the
+        perturbed rows' image/video tokens blurred; counts the call in ``perturbed`` if it blurred."""
+        raise NotImplementedError
+
+    def perturb_output(self, proc, out: Tensor, value: Tensor) -> Tensor:
+        """Hook on the attention output ``[B, h, N, d]``; SEG leaves it alone."""
+        return out
+
+    def count(self) -> None:
+        """Called by a processor each time it perturbs a query."""
+        self.perturbed += 1
+
+    def check(self) -> None:
+        """After a forward: raise ``SEGNotApplied`` if rows were to be perturbed but no query was."""
+        if self.mask is not None and self.perturbed == 0:
+            raise SEGNotApplied(
+                f"SEG was active but no query was perturbed in this forward: none of the "
+                f"{len(self.layer_names)} SEG layers ran a SEG processor (installed: {self.installed}; "
+                f"were the model's attention processors replaced after install?)"
+            )
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._saved)
+
+    def install(self) -> SEGPatch:
+        if self.installed:
+            return self
+        modules = dict(self.model.named_modules())
+        owners: dict[str, list] = {}
+        for name, kind in self.kinds.items():
+            attn = modules[name]
+            proc = self.adapter.processor(self, name, kind, attn.processor)
+            self._saved[name] = attn.processor
+            attn.set_processor(proc)
+            self.processors[name] = proc
+            owner = self.adapter.owner(name)
+            if owner is not None and owner in modules:
+                owners.setdefault(owner, []).append(proc)
+        for owner, procs in owners.items():
+            self._hooks.append(modules[owner].register_forward_pre_hook(_grid_hook(procs), with_kwargs=True))
+        if self.adapter.grid is not None:
+            self._hooks.append(self.model.register_forward_pre_hook(self._model_grid_hook, with_kwargs=True))
+        logger.debug(
+            "SEG (%s) installed on %d layers: %s", self.adapter.name, len(self.kinds), self.layer_names
+        )
+        return self
+
+    def _model_grid_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.grid = self.adapter.grid(module, args, kwargs)
+
+    def remove(self) -> None:
+        """Restore every layer's original processor and remove the hooks."""
+        modules = dict(self.model.named_modules())
+        for name, proc in self._saved.items():
+            modules[name].set_processor(proc)
+        for hook in self._hooks:
+            hook.remove()
+        self._saved.clear()
+        self._hooks.clear()
+        self.processors.clear()
+        self.set_mask(None)
+
+    def set_mask(self, mask: Tensor | None) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _grid_hook(procs: list):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if hidden is not None and hidden.ndim == 4:  # [B, C, H, W]
+            grid = (int(hidden.shape[-2]), int(hidden.shape[-1]))
+            for proc in procs:
+                proc.grid = grid
+
+    return hook
+
+
+class SEGAttnProcessor:
+    """diffusers' ``AttnProcessor2_0`` with the final query perturbed by ``patch.perturb``.
+
+    The query is handed over where the adapter says the final query is formed: ``[B, N, C]`` right
+    after ``to_q`` when ``blur_projection`` and the layer has no ``norm_q`` (blur and head split
+    commute: the blur is per channel), else ``[B, h, N, d]`` after ``norm_q``, entering attention.
+    """
+
+    def __init__(self, patch: SEGPatch, name: str, kind: str = "spatial", original: object = None) -> None:
         if not hasattr(F, "scaled_dot_product_attention"):
             raise ImportError("SEGAttnProcessor needs torch.nn.functional.scaled_dot_product_attention")
         self.patch = patch
         self.name = name
-        self.grid: tuple[int, int] | None = None  # set by the owning block's pre-hook
-
-    def _blur(self, q: Tensor, grid: tuple[int, int]) -> Tensor:
-        # q: [b, ..., N, c] with N = H·W row-major; the blur runs over N for every leading index
-        if q.shape[-2] != grid[0] * grid[1]:
-            raise ValueError(
-                f"{self.name}: {q.shape[-2]} query tokens do not fit the {grid[0]}x{grid[1]} grid"
-            )
-        m_h, m_w = self.patch.matrices(grid, q)
-        return separable_blur(q.reshape(-1, q.shape[-2], q.shape[-1]), m_h, m_w).view(q.shape)
-
-    def _perturb(self, q: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Blur the rows of ``q: [B, ..., N, c]`` that the patch's mask selects."""
-        mask, rows = self.patch.mask, self.patch.rows
-        if mask is None or self.patch.perturbation != "blur":
-            return q
-        if mask.shape[0] != q.shape[0]:
-            raise ValueError(f"seg mask has {mask.shape[0]} rows but the batch has {q.shape[0]}")
-        if rows is not None:  # eager: blur just the perturbed rows, in place (q is to_q's fresh output)
-            if rows == slice(0, q.shape[0]):
-                return self._blur(q, grid)
-            q[rows] = self._blur(q[rows], grid)
-            return q
-        # traced / exported: the mask stays data, one graph serves every branch layout
-        return torch.where(mask.view(-1, *[1] * (q.ndim - 1)).to(q.device), self._blur(q, grid), q)
-
-    def _identity(self, out: Tensor, value: Tensor) -> Tensor:
-        """PAG (arXiv 2403.17377): the selected rows get an identity attention map, output = V."""
-        mask, rows = self.patch.mask, self.patch.rows
-        if mask is None:
-            return out
-        if rows is not None:
-            out[rows] = value[rows]
-            return out
-        return torch.where(mask.view(-1, 1, 1, 1).to(out.device), value, out)
+        self.kind = kind
+        self.grid: tuple[int, int] | None = None  # (h, w), set by the owning block's pre-hook
 
     def __call__(
         self,
@@ -89,13 +216,10 @@ class SEGAttnProcessor:
             hidden_states = attn.spatial_norm(hidden_states, temb)
 
         input_ndim = hidden_states.ndim
-        grid = self.grid
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
-            grid = (height, width)
+            self.grid = (height, width)
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        if grid is None:
-            raise RuntimeError(f"{self.name}: token grid unknown (the owning block's hook did not run)")
 
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
@@ -117,22 +241,24 @@ class SEGAttnProcessor:
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
-        if attn.norm_q is None:
-            query = self._perturb(query, grid)
+        early = self.patch.adapter.blur_projection and attn.norm_q is None
+        if early:
+            query = self.patch.perturb(self, query, token_dim=1)  # [B, N, C]
         query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, N, d]
         key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
         value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
 
         if attn.norm_q is not None:
-            query = self._perturb(attn.norm_q(query), grid)  # [B, h, N, d]
+            query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if not early:
+            query = self.patch.perturb(self, query, token_dim=2)  # [B, h, N, d]
 
         hidden_states = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
         )
-        if self.patch.perturbation == "identity":
-            hidden_states = self._identity(hidden_states, value)
+        hidden_states = self.patch.perturb_output(self, hidden_states, value)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
@@ -153,14 +279,16 @@ def tracing(t: Tensor | None = None) -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-def _owner_name(layer_name: str) -> str | None:
-    """The block whose 4D input gives the layer's grid: ``X.attentions.i`` for ``X.attentions.i.transformer_blocks.j.attn1``."""
-    head, sep, _ = layer_name.rpartition(".transformer_blocks.")
-    return head if sep else None
+def unet_layers(model: nn.Module) -> dict[str, str]:
+    """Every self-attention (``attn1``) layer of an image UNet; each spans the (H, W) grid."""
+    return {name: "spatial" for name in self_attention_layers(model)}
 
 
-class SEGAttention:
-    """Install SEG processors on the selected self-attention layers of a UNet; reversible.
+UNET = Adapter("unet", SEGAttnProcessor, unet_layers, owner=unet_owner, blur_projection=True)
+
+
+class SEGAttention(SEGPatch):
+    """Install SEG processors on the selected self-attention layers of an image UNet; reversible.
 
     ``set_mask(mask)`` (``Tensor[B]`` of bool, or None for no perturbed row) selects the rows whose
     queries are blurred in the next forwards; the denoiser sets it per call. ``sigma`` can be changed
@@ -181,15 +309,11 @@ class SEGAttention:
             raise ValueError(
                 f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
             )
+        kinds = UNET.layers(model)
+        super().__init__(model, UNET, {name: kinds[name] for name in select_layers(model, layers)})
         self.perturbation = perturbation
-        self.model = model
         self.sigma = float(sigma)
-        self.layer_names = select_layers(model, layers)
-        self.mask: Tensor | None = None
         self.rows: slice | None = None  # eager only: the perturbed rows when they are contiguous
-        self.processors: dict[str, SEGAttnProcessor] = {}
-        self._saved: dict[str, object] = {}
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         # axis length -> blur matrix, set by an exported graph whose σ is a runtime input
         self.runtime_matrices: dict[int, Tensor] | None = None
@@ -210,7 +334,7 @@ class SEGAttention:
     def set_mask(self, mask: Tensor | None) -> None:
         """Select the perturbed rows. Eager calls look at the mask on the host once (skip the blur
         when no row is perturbed, blur a contiguous run of rows in place); traced calls keep it as data."""
-        self.mask, self.rows = mask, None
+        self.mask, self.rows, self.perturbed = mask, None, 0
         if mask is None or tracing(mask):
             return
         idx = mask.nonzero().flatten().tolist()
@@ -219,53 +343,41 @@ class SEGAttention:
         elif idx == list(range(idx[0], idx[-1] + 1)):
             self.rows = slice(idx[0], idx[-1] + 1)
 
-    @property
-    def installed(self) -> bool:
-        return bool(self._saved)
+    def _blur(self, proc: SEGAttnProcessor, q: Tensor) -> Tensor:
+        # q: [b, ..., N, c] with N = H·W row-major; the blur runs over N for every leading index
+        grid = proc.grid
+        if grid is None:
+            raise RuntimeError(f"{proc.name}: token grid unknown (the owning block's hook did not run)")
+        if q.shape[-2] != grid[0] * grid[1]:
+            raise ValueError(
+                f"{proc.name}: {q.shape[-2]} query tokens do not fit the {grid[0]}x{grid[1]} grid"
+            )
+        m_h, m_w = self.matrices(grid, q)
+        return separable_blur(q.reshape(-1, q.shape[-2], q.shape[-1]), m_h, m_w).view(q.shape)
 
-    def install(self) -> SEGAttention:
-        if self.installed:
-            return self
-        modules = dict(self.model.named_modules())
-        owners: dict[str, list[SEGAttnProcessor]] = {}
-        for name in self.layer_names:
-            attn = modules[name]
-            proc = SEGAttnProcessor(self, name)
-            self._saved[name] = attn.processor
-            attn.set_processor(proc)
-            self.processors[name] = proc
-            owner = _owner_name(name)
-            if owner is not None and owner in modules:
-                owners.setdefault(owner, []).append(proc)
-        for owner, procs in owners.items():
-            self._hooks.append(modules[owner].register_forward_pre_hook(_grid_hook(procs), with_kwargs=True))
-        logger.debug("SEG installed on %d layers: %s", len(self.layer_names), self.layer_names)
-        return self
+    def perturb(self, proc: SEGAttnProcessor, q: Tensor, token_dim: int, text: int = 0) -> Tensor:
+        """Blur the rows of ``q: [B, ..., N, c]`` that the mask selects (tokens on dim -2)."""
+        mask, rows = self.mask, self.rows
+        if mask is None or self.perturbation != "blur":
+            return q
+        if mask.shape[0] != q.shape[0]:
+            raise ValueError(f"seg mask has {mask.shape[0]} rows but the batch has {q.shape[0]}")
+        self.count()
+        if rows is not None:  # eager: blur just the perturbed rows, in place (q is to_q's fresh output)
+            if rows == slice(0, q.shape[0]):
+                return self._blur(proc, q)
+            q[rows] = self._blur(proc, q[rows])
+            return q
+        # traced / exported: the mask stays data, one graph serves every branch layout
+        return torch.where(mask.view(-1, *[1] * (q.ndim - 1)).to(q.device), self._blur(proc, q), q)
 
-    def remove(self) -> None:
-        modules = dict(self.model.named_modules())
-        for name, proc in self._saved.items():
-            modules[name].set_processor(proc)
-        for hook in self._hooks:
-            hook.remove()
-        self._saved.clear()
-        self._hooks.clear()
-        self.processors.clear()
-        self.set_mask(None)
-
-    def __enter__(self) -> SEGAttention:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def _grid_hook(procs: list[SEGAttnProcessor]):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if hidden is not None and hidden.ndim == 4:  # [B, C, H, W]
-            grid = (int(hidden.shape[-2]), int(hidden.shape[-1]))
-            for proc in procs:
-                proc.grid = grid
-
-    return hook
+    def perturb_output(self, proc: SEGAttnProcessor, out: Tensor, value: Tensor) -> Tensor:
+        """PAG (arXiv 2403.17377): the selected rows get an identity attention map, output = V."""
+        mask, rows = self.mask, self.rows
+        if mask is None or self.perturbation != "identity":
+            return out
+        self.count()
+        if rows is not None:
+            out[rows] = value[rows]
+            return out
+        return torch.where(mask.view(-1, 1, 1, 1).to(out.device), value, out)

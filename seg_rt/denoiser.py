@@ -1,7 +1,7 @@
 """A diffusers UNet (and optional ControlNet) with SEG installed, called with named denoiser inputs.
 
 This is the computation every engine runs: ``seg_rt.engines.TorchDenoiser`` calls it eagerly and
-``seg_rt.export`` traces it into ONNX. Inputs follow DESIGN §3 / the TensorRT-demo names.
+``seg_rt.export`` traces it into ONNX. Inputs follow docs/design.md ("The contracts") / the TensorRT-demo names.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class SEGUNet(nn.Module):
             }
         self.seg.set_mask(inputs.get("seg_mask"))
         try:
-            return self.unet(
+            out = self.unet(
                 sample,
                 inputs["timestep"],
                 encoder_hidden_states=inputs["encoder_hidden_states"],
@@ -132,6 +132,8 @@ class SEGUNet(nn.Module):
                 return_dict=False,
                 **extra,
             )[0]
+            self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
+            return out
         finally:
             self.seg.set_mask(None)
 

@@ -1,4 +1,4 @@
-"""Which self-attention layers SEG perturbs (DESIGN §1 "Which query, where").
+"""Which self-attention layers SEG perturbs (docs/design.md, "Which query, where").
 
 Selectors, any mix of:
 - ``mid``, ``down``, ``up``: every self-attention layer of that UNet part (the reference default is

@@ -1,14 +1,15 @@
 """Video SEG: spatial / temporal / spatio-temporal query blur for AnimateDiff, CogVideoX and Wan."""
 
-import threading
-
+import diffusers.models.attention_dispatch
+import diffusers.models.transformers.transformer_wan as transformer_wan
 import pytest
 import torch
 import torch.nn.functional as F
 
+import seg_rt.video.attention as video_attention
 from seg_rt.blur import blur_matrix
 from seg_rt.tiny import tiny_video_denoiser
-from seg_rt.video.attention import FAMILIES, VideoBlur, VideoSEG, _Call
+from seg_rt.video.attention import VideoBlur, VideoSEG, blur_rows
 
 from .tolerance import assert_close
 
@@ -66,33 +67,37 @@ def _direct_3d(video, f, h, w, s_space, s_time):
 
 @pytest.mark.parametrize("family", ["cogvideox", "wan"])
 @pytest.mark.parametrize("mode", ["spatial", "temporal", "spatiotemporal"])
-def test_dit_query_entering_attention_is_the_3d_blur(family, mode):
-    """Spy on the attention function: the patched query is the direct 3D blur of the unpatched
-    one (after norm_q and RoPE) on the masked row's video tokens; text tokens are untouched."""
+def test_dit_query_entering_attention_is_the_3d_blur(family, mode, monkeypatch):
+    """Spy on the attention function (test-local): the query entering attention with SEG is the
+    direct 3D blur of the one without (after norm_q and RoPE) on the masked row's video tokens;
+    text tokens are untouched."""
     m = tiny_video_denoiser(family)
     kw = inputs(family)
     blur = VideoBlur(mode, 1.5, 1.0)
-    seen: dict[str, list] = {"plain": [], "seg": []}
+    seen: list[torch.Tensor] = []
+    if family == "cogvideox":  # the processor calls torch's F.scaled_dot_product_attention
+        real = F.scaled_dot_product_attention
+        where, name = torch.nn.functional, "scaled_dot_product_attention"
+    else:  # the processor calls diffusers' dispatch_attention_fn
+        real = video_attention.dispatch_attention_fn
+        where, name = video_attention, "dispatch_attention_fn"
+
+    def spy(q, *a, **k):
+        seen.append(q.detach().clone())
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(where, name, spy)
     with VideoSEG(m, blur) as seg:
-        hook = seg._fn_hook
-        real = hook.original
-
-        def spy(q, *a, **k):
-            seen["seg" if getattr(spy, "on", False) else "plain"].append(q.detach().clone())
-            return real(q, *a, **k)
-
-        hook.original = spy
         seg.set_mask(None)
         run(m, kw)
-        spy.on = True
+        n_plain = len(seen)
         seg.set_mask(torch.tensor([False, True]))
         run(m, kw)
-        hook.original = real
-    layout = FAMILIES[family].attention[2]
+    monkeypatch.undo()
     text = 5 if family == "cogvideox" else 0
     f, h, w = FR, H // 2, W // 2
-    plain, patched = seen["plain"][0], seen["seg"][0]  # first SEG layer: same inputs up to here
-    if layout == "bhnd":  # [B, heads, N, d] -> [B, N, heads*d]
+    plain, patched = seen[0], seen[n_plain]  # first SEG layer: same inputs up to here
+    if family == "cogvideox":  # [B, heads, N, d] -> [B, N, heads*d]
         plain, patched = (t.transpose(1, 2).flatten(2) for t in (plain, patched))
     else:  # [B, N, heads, d]
         plain, patched = plain.flatten(2), patched.flatten(2)
@@ -104,34 +109,51 @@ def test_dit_query_entering_attention_is_the_3d_blur(family, mode):
 
 def test_zero_time_sigma_keeps_frames_independent():
     q = torch.randn(1, 2, 7 + FR * 3 * 5, 4)  # [B, heads, text + F·H·W, d]
-    call = _Call(
-        "bhnd", torch.tensor([True]), 7, (blur_matrix(FR, 0.0), blur_matrix(3, 2.0), blur_matrix(5, 2.0))
-    )
+    mats = (blur_matrix(FR, 0.0), blur_matrix(3, 2.0), blur_matrix(5, 2.0))
     q2 = q.clone()
     q2[:, :, 7 : 7 + 15] += 3.0  # change frame 0's queries
-    a, b = call.perturb(q), call.perturb(q2)
+    a, b = blur_rows(q, [0], 2, 7, mats), blur_rows(q2, [0], 2, 7, mats)
     frame = lambda t, i: t[:, :, 7 + 15 * i : 7 + 15 * (i + 1)]  # noqa: E731
     assert torch.equal(frame(a, 2), frame(b, 2)) and torch.equal(frame(a, 1), frame(b, 1))
     assert not torch.allclose(frame(a, 0), frame(b, 0))
     assert torch.equal(a[:, :, :7], q[:, :, :7])
 
 
-def test_wrapper_passes_through_outside_seg_calls():
-    """The attention-function wrapper acts only inside a SEG call on its own thread."""
-    m = tiny_video_denoiser("cogvideox")
-    original = F.scaled_dot_product_attention
-    q = torch.randn(1, 2, 8, 4)
-    expected = original(q, q, q)
+def test_no_module_level_replacement(model):
+    """SEG lives in the processors only: during a SEG forward torch's scaled_dot_product_attention and
+    diffusers' dispatch_attention_fn (where Wan's module uses it) are the original objects, the SEG
+    layers run SEG processors, and removing SEG puts the very same original processors back."""
+    family, m = model
+    originals = {
+        "sdpa": torch.nn.functional.scaled_dot_product_attention,
+        "dispatch": diffusers.models.attention_dispatch.dispatch_attention_fn,
+        "wan_dispatch": transformer_wan.dispatch_attention_fn,
+    }
+    seen = []
+    modules = dict(m.named_modules())
+    plain = {n: mod.processor for n, mod in modules.items() if hasattr(mod, "processor")}
     with VideoSEG(m, VideoBlur("spatiotemporal", 2.0, 1.0)) as seg:
-        seg.set_mask(torch.tensor([True]))
-        assert F.scaled_dot_product_attention is not original  # installed
-        assert torch.equal(F.scaled_dot_product_attention(q, q, q), expected)  # no SEG call here
-        out = {}
-        t = threading.Thread(target=lambda: out.setdefault("x", F.scaled_dot_product_attention(q, q, q)))
-        t.start()
-        t.join()
-        assert torch.equal(out["x"], expected)  # nor on another thread
-    assert F.scaled_dot_product_attention is original  # removed
+        before = {n: modules[n].processor for n in seg.layer_names}
+        real = seg.perturb
+
+        def spy(proc, q, token_dim, text=0):
+            seen.append(
+                {
+                    "sdpa": torch.nn.functional.scaled_dot_product_attention,
+                    "dispatch": diffusers.models.attention_dispatch.dispatch_attention_fn,
+                    "wan_dispatch": transformer_wan.dispatch_attention_fn,
+                }
+            )
+            return real(proc, q, token_dim, text)
+
+        seg.perturb = spy
+        seg.set_mask(torch.tensor([True, False]))
+        run(m, inputs(family))
+        assert seg.perturbed == len(seg.layer_names) and seg.perturbed > 0
+        assert all(type(p).__name__.startswith("SEG") for p in before.values())
+    assert len(seen) == len(seg.layer_names)
+    assert all(s[k] is originals[k] for s in seen for k in originals)
+    assert all(modules[n].processor is p for n, p in plain.items())  # the same objects restored
 
 
 def test_modes_choose_layers_and_validate():
@@ -149,3 +171,7 @@ def test_modes_choose_layers_and_validate():
         VideoSEG(torch.nn.Linear(2, 2), VideoBlur())
     with pytest.raises(ValueError, match="match no video self-attention layer"):
         VideoSEG(m, VideoBlur(), layers=["nowhere"])
+    with pytest.raises(
+        ValueError, match=r"seg mode .spatial. uses none of the chosen layers down_blocks\.0\.motion"
+    ):
+        VideoSEG(m, VideoBlur("spatial", 2.0), layers=["down_blocks.0.motion_modules"])

@@ -1,5 +1,5 @@
 """SEG for video diffusion: spatial, temporal and spatio-temporal query blur (``seg_rt.video``)."""
 
-from .attention import MODES, VideoBlur, VideoSEG, video_seg
+from .attention import MODES, VideoBlur, VideoSEG
 
-__all__ = ["MODES", "VideoBlur", "VideoSEG", "video_seg"]
+__all__ = ["MODES", "VideoBlur", "VideoSEG"]

@@ -1,12 +1,13 @@
-"""SEG for video attention: spatial, temporal and spatio-temporal query blur (DESIGN §1 per axis).
+"""SEG for video attention: spatial, temporal and spatio-temporal query blur (docs/design.md, "The blur").
 
-Video models compute attention in their own diffusers processors (AnimateDiff: ``AttnProcessor2_0``
-on frames and along time; CogVideoX: joint text+video attention with RoPE; Wan / LTX: ``norm_q`` and
-RoPE, then ``dispatch_attention_fn``). The query SEG must blur is the one that enters attention, so
-instead of copying each processor, ``VideoSEG`` wraps the attention *function* a processor calls
-(``F.scaled_dot_product_attention`` or ``dispatch_attention_fn``). The wrapper acts only inside a
-SEG call on the current thread (thread-local state): there it blurs the video tokens of the
-perturbed rows of the final query and leaves text tokens alone; everywhere else it passes through.
+Video SEG uses the same mechanism as images (``seg_rt.attention``): per family an ``Adapter`` and
+SEG processors, faithful copies of the family's diffusers processors with the blur inserted on the
+final query (after ``norm_q`` and RoPE), installed and removed as a pair by ``VideoSEG``:
+- AnimateDiff (``UNetMotionModel``): ``AttnProcessor2_0`` on frames (spatial ``attn1``) and along
+  time (motion modules) -> ``SEGAttnProcessor``;
+- CogVideoX: joint text+video attention with RoPE on the video tokens -> ``SEGCogVideoXAttnProcessor``
+  (text tokens in front, never blurred);
+- Wan 2.1: ``norm_q``, then RoPE, then ``dispatch_attention_fn`` -> ``SEGWanAttnProcessor``.
 
 Axes per layer kind (rows x tokens):
 - ``spatial``: (B·F, H·W) — per-frame 2D blur with σ_space (AnimateDiff spatial attn1).
@@ -18,20 +19,20 @@ The token grid comes from the model's input shape and patch sizes, never from th
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
 import math
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
 from torch import Tensor, nn
 
+from seg_rt.attention import Adapter, Grid, SEGAttnProcessor, SEGPatch, unet_owner
 from seg_rt.blur import blur_matrix, separable_blur
 
 MODES = ("spatial", "temporal", "spatiotemporal")
-_local = threading.local()
 
 
 @dataclass(frozen=True)
@@ -60,104 +61,214 @@ class VideoBlur:
         return 0.0 if self.mode == "spatial" else self.sigma_time
 
 
-class _AttentionFnHook:
-    """Replaces ``module.name`` (an attention function taking query first); refcounted."""
+def blur_rows(
+    q: Tensor, rows: Sequence[int], token_dim: int, text: int, mats: tuple[Tensor | None, Tensor, Tensor]
+) -> Tensor:
+    """A copy of ``q`` with the video tokens of ``rows`` blurred by ``mats = (M_t or None, M_h, M_w)``.
 
-    def __init__(self, module, name: str, layout: str) -> None:
-        self.module, self.name, self.layout = module, name, layout
-        self.original = getattr(module, name)
-        self.users = 0
-
-    def __call__(self, query: Tensor, *args, **kwargs):
-        call = getattr(_local, "call", None)
-        if call is not None and call.layout == self.layout:
-            query = call.perturb(query)
-        return self.original(query, *args, **kwargs)
-
-
-_hooks: dict[tuple[int, str], _AttentionFnHook] = {}
-_hooks_lock = threading.Lock()
-
-
-def _acquire(module, name: str, layout: str) -> _AttentionFnHook:
-    with _hooks_lock:
-        key = (id(module), name)
-        hook = _hooks.get(key)
-        if hook is None:
-            hook = _hooks[key] = _AttentionFnHook(module, name, layout)
-            setattr(module, name, hook)
-        hook.users += 1
-        return hook
+    ``q``: ``[B, h, N, d]`` (``token_dim=2``) or ``[B, N, h, d]`` (``token_dim=1``); the video tokens
+    are ``N[text:]``, frame-major. One row at a time: cheaper than blurring every row, and a row's
+    result cannot depend on how many rows share the batch.
+    """
+    m_t, m_h, m_w = mats
+    tokens = (m_t.shape[0] if m_t is not None else 1) * m_h.shape[0] * m_w.shape[0]
+    q = q.clone()
+    for i in rows:
+        if token_dim == 2:
+            video = q[i, :, text:]  # [h, T, d]
+            q[i, :, text:] = separable_blur(video.reshape(-1, tokens, video.shape[-1]), m_h, m_w, m_t)
+        else:
+            video = q[i, text:]  # [T, h, d]
+            flat = video.reshape(1, tokens, -1)
+            q[i, text:] = separable_blur(flat, m_h, m_w, m_t).view_as(video)
+    return q
 
 
-def _release(hook: _AttentionFnHook) -> None:
-    with _hooks_lock:
-        hook.users -= 1
-        if hook.users == 0:
-            setattr(hook.module, hook.name, hook.original)
-            del _hooks[(id(hook.module), hook.name)]
+class SEGCogVideoXAttnProcessor:
+    """diffusers' ``CogVideoXAttnProcessor2_0`` with the final query (after ``norm_q`` and RoPE)
+    perturbed on the video tokens; the text tokens in front are left alone."""
+
+    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
+        if not hasattr(F, "scaled_dot_product_attention"):
+            raise ImportError(
+                "SEGCogVideoXAttnProcessor needs torch.nn.functional.scaled_dot_product_attention"
+            )
+        self.patch, self.name, self.kind = patch, name, kind
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Tensor | None = None,
+    ) -> Tensor:
+        text_seq_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L + T, C]
+        batch_size, sequence_length, _ = hidden_states.shape
+
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, L + T, d]
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if image_rotary_emb is not None:
+            query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_seq_length:] = apply_rotary_emb(key[:, :, text_seq_length:], image_rotary_emb)
+
+        query = self.patch.perturb(self, query, token_dim=2, text=text_seq_length)  # the final query
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_seq_length, hidden_states.size(1) - text_seq_length], dim=1
+        )
+        return hidden_states, encoder_hidden_states
 
 
-@dataclass
-class _Call:
-    """One SEG'd attention call: which rows, which tokens, which axes."""
+def _wan_rotary(hidden_states: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> Tensor:
+    """Wan's interleaved RoPE, as in diffusers' ``WanAttnProcessor``."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
 
-    layout: str  # "bhnd" (F.scaled_dot_product_attention) or "bnhd" (dispatch_attention_fn)
-    mask: Tensor  # [rows] bool, already expanded to the attention batch
-    text: int  # text tokens in front of the video tokens (joint attention)
-    mats: tuple[Tensor | None, Tensor, Tensor]  # (M_t or None, M_h, M_w)
 
-    def perturb(self, q: Tensor) -> Tensor:
-        """Blur the video tokens of the masked rows of ``q``, one row at a time: cheaper than blurring
-        every row, and a row's result cannot depend on how many rows share the batch."""
-        # q: [B, h, N, d] ("bhnd") or [B, N, h, d] ("bnhd"); video tokens are q[..., text:, ...]
-        m_t, m_h, m_w = self.mats
-        tokens = (m_t.shape[0] if m_t is not None else 1) * m_h.shape[0] * m_w.shape[0]
-        rows = self.mask.nonzero().flatten().tolist()
-        if not rows:
-            return q
-        q = q.clone()
-        for i in rows:
-            if self.layout == "bhnd":
-                video = q[i, :, self.text :]  # [h, T, d]
-                q[i, :, self.text :] = separable_blur(
-                    video.reshape(-1, tokens, video.shape[-1]), m_h, m_w, m_t
-                )
+class SEGWanAttnProcessor:
+    """diffusers' ``WanAttnProcessor`` with the final query (after ``norm_q`` and RoPE) perturbed.
+
+    Keeps the replaced processor's attention backend and parallel config, which
+    ``dispatch_attention_fn`` reads.
+    """
+
+    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
+        if not hasattr(F, "scaled_dot_product_attention"):
+            raise ImportError("SEGWanAttnProcessor needs torch.nn.functional.scaled_dot_product_attention")
+        self.patch, self.name, self.kind = patch, name, kind
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        rotary_emb: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        encoder_hidden_states_img = None
+        if attn.add_k_proj is not None:
+            # 512 is the context length of the text encoder (as in diffusers)
+            image_context_length = encoder_hidden_states.shape[1] - 512
+            encoder_hidden_states_img = encoder_hidden_states[:, :image_context_length]
+            encoder_hidden_states = encoder_hidden_states[:, image_context_length:]
+
+        query, key, value = _wan_qkv(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))  # [B, N, h, d]
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _wan_rotary(query, *rotary_emb)
+            key = _wan_rotary(key, *rotary_emb)
+        query = self.patch.perturb(self, query, token_dim=1)  # the final query
+
+        hidden_states_img = None
+        if encoder_hidden_states_img is not None:  # I2V
+            if attn.fused_projections:
+                key_img, value_img = attn.to_added_kv(encoder_hidden_states_img).chunk(2, dim=-1)
             else:
-                video = q[i, self.text :]  # [T, h, d]
-                flat = video.reshape(1, tokens, -1)
-                q[i, self.text :] = separable_blur(flat, m_h, m_w, m_t).view_as(video)
-        return q
+                key_img = attn.add_k_proj(encoder_hidden_states_img)
+                value_img = attn.add_v_proj(encoder_hidden_states_img)
+            key_img = attn.norm_added_k(key_img)
+            key_img = key_img.unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            hidden_states_img = dispatch_attention_fn(
+                query,
+                key_img,
+                value_img,
+                attn_mask=None,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=None,
+            )
+            hidden_states_img = hidden_states_img.flatten(2, 3)
+            hidden_states_img = hidden_states_img.type_as(query)
+
+        hidden_states = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=(self._parallel_config if encoder_hidden_states is None else None),
+        )
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.type_as(query)
+        if hidden_states_img is not None:
+            hidden_states = hidden_states + hidden_states_img
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states
 
 
-@dataclass(frozen=True)
-class Family:
-    """How a video model lays out attention: which layers, their kind, the grid, the attention fn."""
+def _wan_qkv(attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None):
+    """Wan's q, k, v projections (fused or not), as in diffusers' ``_get_qkv_projections``."""
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    if attn.fused_projections:
+        if not attn.is_cross_attention:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        return (attn.to_q(hidden_states), *attn.to_kv(encoder_hidden_states).chunk(2, dim=-1))
+    return attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
 
-    name: str
-    layers: Callable[[nn.Module], dict[str, str]]  # model -> {attn module name: kind}
-    grid: Callable[[nn.Module, tuple, dict], tuple[int, int, int]]  # (model, args, kwargs) -> (F, H, W)
-    joint_text: bool  # text tokens are concatenated in front of the video tokens
-    attention: tuple[str, str, str]  # (module path, function name, layout)
+
+def _attn1_names(model: nn.Module) -> list[str]:
+    """Self-attention modules (``attn1``, with a processor) in module order."""
+    return [n for n, m in model.named_modules() if n.endswith("attn1") and hasattr(m, "processor")]
 
 
-def _attn1_layers(kind_of: Callable[[str], str | None]) -> Callable[[nn.Module], dict[str, str]]:
-    def find(model: nn.Module) -> dict[str, str]:
-        from diffusers.models.attention_processor import Attention
+def animatediff_layers(model: nn.Module) -> dict[str, str]:
+    return {n: "temporal" if ".motion_modules." in n else "spatial" for n in _attn1_names(model)}
 
-        out = {}
-        for name, m in model.named_modules():
-            if (
-                isinstance(m, nn.Module)
-                and name.endswith("attn1")
-                and (isinstance(m, Attention) or hasattr(m, "processor"))
-            ):
-                kind = kind_of(name)
-                if kind:
-                    out[name] = kind
-        return out
 
-    return find
+def cogvideox_layers(model: nn.Module) -> dict[str, str]:
+    return {n: "joint" for n in _attn1_names(model) if n.startswith("transformer_blocks.")}
+
+
+def wan_layers(model: nn.Module) -> dict[str, str]:
+    return {n: "joint" for n in _attn1_names(model) if n.startswith("blocks.")}
+
+
+def animatediff_owner(layer_name: str) -> str | None:
+    """Spatial layers: the ``Transformer2DModel`` that sees ``[B·F, C, h, w]``; motion modules: none."""
+    return None if ".motion_modules." in layer_name else unet_owner(layer_name)
 
 
 def _hidden(args: tuple, kwargs: dict) -> Tensor:
@@ -167,114 +278,55 @@ def _hidden(args: tuple, kwargs: dict) -> Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else kwargs["sample"]
 
 
-def _cogvideox_grid(model, args, kwargs) -> tuple[int, int, int]:
+def cogvideox_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     _, f, _, h, w = _hidden(args, kwargs).shape  # [B, F, C, H, W]
     p, p_t = model.config.patch_size, model.config.patch_size_t or 1
     return (f + p_t - 1) // p_t, h // p, w // p
 
 
-def _wan_grid(model, args, kwargs) -> tuple[int, int, int]:
+def wan_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     _, _, f, h, w = _hidden(args, kwargs).shape  # [B, C, F, H, W]
     p_t, p_h, p_w = model.config.patch_size
     return f // p_t, h // p_h, w // p_w
 
 
-def _animatediff_grid(model, args, kwargs) -> tuple[int, int, int]:
-    _, _, f, h, w = _hidden(args, kwargs).shape  # [B, C, F, H, W] latents; per-block sizes come from hooks
+def animatediff_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
+    _, _, f, h, w = _hidden(args, kwargs).shape  # [B, C, F, H, W] latents; per-block (h, w) from hooks
     return f, h, w
 
 
-FAMILIES = {
-    "cogvideox": Family(
-        "cogvideox",
-        _attn1_layers(lambda n: "joint" if n.startswith("transformer_blocks.") else None),
-        _cogvideox_grid,
-        joint_text=True,
-        attention=("torch.nn.functional", "scaled_dot_product_attention", "bhnd"),
+ADAPTERS = {
+    "animatediff": Adapter(
+        "animatediff", SEGAttnProcessor, animatediff_layers, owner=animatediff_owner, grid=animatediff_grid
     ),
-    "wan": Family(
-        "wan",
-        _attn1_layers(lambda n: "joint" if n.startswith("blocks.") else None),
-        _wan_grid,
-        joint_text=False,
-        attention=("diffusers.models.transformers.transformer_wan", "dispatch_attention_fn", "bnhd"),
+    "cogvideox": Adapter(
+        "cogvideox", SEGCogVideoXAttnProcessor, cogvideox_layers, grid=cogvideox_grid, text_tokens=True
     ),
-    "animatediff": Family(
-        "animatediff",
-        _attn1_layers(lambda n: "temporal" if ".motion_modules." in n else "spatial"),
-        _animatediff_grid,
-        joint_text=False,
-        attention=("torch.nn.functional", "scaled_dot_product_attention", "bhnd"),
-    ),
+    "wan": Adapter("wan", SEGWanAttnProcessor, wan_layers, grid=wan_grid),
+}
+MODEL_FAMILIES = {
+    "UNetMotionModel": "animatediff",
+    "CogVideoXTransformer3DModel": "cogvideox",
+    "WanTransformer3DModel": "wan",
 }
 
 
 def family_of_model(model: nn.Module) -> str:
-    names = {
-        "CogVideoXTransformer3DModel": "cogvideox",
-        "WanTransformer3DModel": "wan",
-        "UNetMotionModel": "animatediff",
-    }
     name = type(model).__name__
-    if name not in names:
-        raise ValueError(f"no video SEG support for {name}; supported: {', '.join(names)}")
-    return names[name]
+    if name not in MODEL_FAMILIES:
+        raise ValueError(f"no video SEG support for {name}; supported: {', '.join(MODEL_FAMILIES)}")
+    return MODEL_FAMILIES[name]
 
 
-class VideoSEGProcessor:
-    """Wraps a layer's own processor; inside its call, the attention function blurs the query.
+class VideoSEG(SEGPatch):
+    """Install video SEG on a video transformer / motion UNet; ``set_mask`` per forward; reversible.
 
-    diffusers' attention modules drop keyword arguments that are not in the processor's
-    ``__call__`` signature (RoPE embeddings among them), so ``wrap`` makes a subclass per
-    processor type whose ``__call__`` carries the inner processor's signature.
+    ``layers``: module names or dotted prefixes (default: every self-attention layer the mode uses).
     """
 
-    def __init__(self, patch: VideoSEG, inner, name: str, kind: str) -> None:
-        self.patch, self.inner, self.name, self.kind = patch, inner, name, kind
-        self.block_hw: tuple[int, int] | None = None  # AnimateDiff: this block's spatial size
-
-    def __getattr__(self, item):  # processors carry attributes callers read (e.g. _attention_backend)
-        if item == "inner":
-            raise AttributeError(item)
-        return getattr(self.inner, item)
-
-    def __call__(self, attn, *args, **kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        encoder = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
-        call = self.patch.call_for(self, hidden, encoder)
-        if call is None:
-            return self.inner(attn, *args, **kwargs)
-        prev, _local.call = getattr(_local, "call", None), call
-        try:
-            return self.inner(attn, *args, **kwargs)
-        finally:
-            _local.call = prev
-
-
-_wrapper_types: dict[type, type] = {}
-
-
-def wrap(patch: VideoSEG, inner, name: str, kind: str) -> VideoSEGProcessor:
-    cls = _wrapper_types.get(type(inner))
-    if cls is None:
-
-        def __call__(self, attn, *args, **kwargs):
-            return VideoSEGProcessor.__call__(self, attn, *args, **kwargs)
-
-        __call__.__signature__ = inspect.signature(type(inner).__call__)
-        cls = _wrapper_types[type(inner)] = type(
-            f"SEG{type(inner).__name__}", (VideoSEGProcessor,), {"__call__": __call__}
-        )
-    return cls(patch, inner, name, kind)
-
-
-class VideoSEG:
-    """Install video SEG on a video transformer / motion UNet; ``set_mask`` per forward; reversible."""
-
     def __init__(self, model: nn.Module, blur: VideoBlur, layers: Sequence[str] | None = None) -> None:
-        self.model, self.blur = model, blur
-        self.family = FAMILIES[family_of_model(model)]
-        found = self.family.layers(model)
+        adapter = ADAPTERS[family_of_model(model)]
+        found = adapter.layers(model)
         if layers:
             chosen = {n: k for n, k in found.items() if any(n == s or n.startswith(s + ".") for s in layers)}
             if not chosen:
@@ -286,55 +338,51 @@ class VideoSEG:
             found = {n: k for n, k in found.items() if k != "temporal"}
         if blur.mode == "temporal":
             found = {n: k for n, k in found.items() if k != "spatial"}
-        self.kinds = found
-        self.mask: Tensor | None = None
-        self.grid: tuple[int, int, int] | None = None
-        self._saved: dict[str, object] = {}
-        self._handles: list = []
-        self._fn_hook: _AttentionFnHook | None = None
+        if not found:
+            raise ValueError(
+                f"seg mode {blur.mode!r} uses none of the chosen layers {', '.join(layers or ())}"
+            )
+        super().__init__(model, adapter, found)
+        self.blur = blur
+        self.rows: list[int] = []  # perturbed samples of the next forward (host-side)
         self._mats: dict[tuple, Tensor] = {}  # blur matrices by (n, sigma, device, dtype)
 
-    def install(self) -> VideoSEG:
-        mods = dict(self.model.named_modules())
-        mod_path, fn, layout = self.family.attention
-        self._fn_hook = _acquire(importlib.import_module(mod_path), fn, layout)
-        for name, kind in self.kinds.items():
-            attn = mods[name]
-            self._saved[name] = attn.processor
-            proc = wrap(self, attn.processor, name, kind)
-            attn.processor = proc  # not set_processor: keep the model's own processor object inside
-            if kind == "spatial":  # AnimateDiff: the owning Transformer2DModel sees [B·F, C, h, w]
-                owner = mods[name.rpartition(".transformer_blocks.")[0]]
-                self._handles.append(owner.register_forward_pre_hook(_block_hw_hook(proc), with_kwargs=True))
-        self._handles.append(self.model.register_forward_pre_hook(self._grid_hook, with_kwargs=True))
-        return self
-
-    def _grid_hook(self, module, args, kwargs) -> None:
-        self.grid = self.family.grid(module, args, kwargs)
-
     def set_mask(self, mask: Tensor | None) -> None:
-        self.mask = mask
+        """Select the perturbed samples (``Tensor[B]`` of bool, or None); read on the host once per forward."""
+        self.perturbed = 0
+        self.rows = [] if mask is None else mask.nonzero().flatten().tolist()
+        self.mask = mask if self.rows else None
 
-    def call_for(self, proc: VideoSEGProcessor, hidden: Tensor, encoder: Tensor | None) -> _Call | None:
-        if self.mask is None or self.grid is None:
-            return None
+    def perturb(self, proc, q: Tensor, token_dim: int, text: int = 0) -> Tensor:
+        """Blur the video tokens of the perturbed samples' rows of the final query ``q``.
+
+        The attention batch is sample-major: sample i owns rows ``[i·r, (i+1)·r)`` (r = frames for
+        AnimateDiff's spatial layers, H·W for its motion modules, 1 for DiTs).
+        """
+        if self.mask is None:
+            return q
+        if self.grid is None:
+            raise RuntimeError(f"{proc.name}: token grid unknown (the model's input hook did not run)")
+        b, n = self.mask.shape[0], q.shape[0]
+        if n % b:
+            raise ValueError(f"{proc.name}: {n} attention rows are not a multiple of the {b}-row seg mask")
+        r = n // b
+        rows = [i for s in self.rows for i in range(s * r, (s + 1) * r)]
+        text = text if self.adapter.text_tokens else 0
+        out = blur_rows(q, rows, token_dim, text, self._layer_mats(proc, q))
+        self.count()
+        return out
+
+    def _layer_mats(self, proc, probe: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """``(M_t or None, M_h, M_w)`` for the layer's kind and grid."""
         f, h, w = self.grid
-        b = self.mask.shape[0]
-        rows = hidden.shape[0]
-        if rows % b:
-            raise ValueError(f"{proc.name}: {rows} attention rows are not a multiple of the {b}-row seg mask")
-        mask = self.mask.to(hidden.device).repeat_interleave(rows // b)  # rows are sample-major
-        mat = lambda n, s: self._matrix(n, s, hidden)  # noqa: E731
+        mat = lambda n, s: self._matrix(n, s, probe)  # noqa: E731
         if proc.kind == "spatial":
-            bh, bw = proc.block_hw or (h, w)
-            mats = (None, mat(bh, self.blur.space), mat(bw, self.blur.space))
-        elif proc.kind == "temporal":
-            mats = (None, mat(f, self.blur.time), mat(1, 0.0))
-        else:
-            mats = (mat(f, self.blur.time), mat(h, self.blur.space), mat(w, self.blur.space))
-        text = encoder.shape[1] if self.family.joint_text and encoder is not None else 0
-        layout = self.family.attention[2]
-        return _Call(layout, mask, text, mats)
+            bh, bw = proc.grid or (h, w)  # the block's (h, w), from its hook
+            return None, mat(bh, self.blur.space), mat(bw, self.blur.space)
+        if proc.kind == "temporal":
+            return None, mat(f, self.blur.time), mat(1, 0.0)
+        return mat(f, self.blur.time), mat(h, self.blur.space), mat(w, self.blur.space)
 
     def _matrix(self, n: int, sigma: float, probe: Tensor) -> Tensor:
         """``blur_matrix(n, sigma)`` on ``probe``'s device and dtype, built once per install (it is
@@ -343,40 +391,3 @@ class VideoSEG:
         if key not in self._mats:
             self._mats[key] = blur_matrix(n, sigma).to(device=probe.device, dtype=probe.dtype)
         return self._mats[key]
-
-    def remove(self) -> None:
-        mods = dict(self.model.named_modules())
-        for name, proc in self._saved.items():
-            mods[name].processor = proc
-        for h in self._handles:
-            h.remove()
-        if self._fn_hook is not None:
-            _release(self._fn_hook)
-        self._saved.clear()
-        self._handles.clear()
-        self._fn_hook = None
-        self.mask = None
-
-    def __enter__(self) -> VideoSEG:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def _block_hw_hook(proc: VideoSEGProcessor):
-    def hook(module, args, kwargs) -> None:
-        x = _hidden(args, kwargs)
-        if x.ndim == 4:
-            proc.block_hw = (int(x.shape[-2]), int(x.shape[-1]))
-
-    return hook
-
-
-@contextlib.contextmanager
-def video_seg(model: nn.Module, blur: VideoBlur, layers: Sequence[str] | None = None):
-    seg = VideoSEG(model, blur, layers).install()
-    try:
-        yield seg
-    finally:
-        seg.remove()
