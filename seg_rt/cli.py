@@ -237,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     sv = sub.add_parser("serve", help="HTTP server (Ray Serve + FastAPI) for SEG generation")
-    sv.add_argument("--model", default=None, help="local diffusers folder or hub id")
+    sv.add_argument(
+        "--model",
+        default=None,
+        help="local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)",
+    )
     sv.add_argument("--engine", default=None, help="torch (default), onnx:DIR, trt:DIR")
     sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -525,10 +529,13 @@ def cmd_submit(args) -> int:
 
 def cmd_serve(args) -> int:
     from seg_rt.cluster.serving import API_KEY_ENV, load_config
+    from seg_rt.demo.model import weights_dir
 
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    demo = str(weights_dir())
     cfg = load_config(
         args.config,
+        defaults={"model": demo},  # no --model and none in the config: the demo model, as in generate
         model=args.model,
         engine=args.engine,
         host=args.host,
@@ -539,8 +546,10 @@ def cmd_serve(args) -> int:
     )  # the whole config is valid before Ray starts
     from seg_rt.cluster.serve import serve_forever
 
+    if cfg.model == demo:
+        _demo_model()  # the note on what the demo model is (and that it is there)
     print(
-        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)",
+        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (playground at /, OpenAPI at /docs)",
         file=sys.stderr,
     )
     serve_forever(cfg, address=args.address, ray_temp_dir=args.ray_temp_dir)
