@@ -1,7 +1,9 @@
 """Run a batch job over Ray actors: keep every worker busy, survive worker deaths, resume.
 
-The driver owns the output folder: each image is written atomically (temp file + rename) and
-fsynced with its folder, then one fsynced line is appended to ``manifest.jsonl``. Rerunning the
+The driver owns the output (a local folder or an fsspec URL such as ``s3://bucket/prefix``, see
+:mod:`seg_rt.cluster.storage`): each image is written atomically (temp file + rename + fsync, or one
+whole-object PUT), then one manifest row names it (an fsynced line of ``manifest.jsonl``, or one
+object under ``manifest/``). Rerunning the
 same job skips items whose manifest line says ``ok`` and whose file is there with the recorded size
 and sha256, so nothing is lost or duplicated; a torn or garbage line (a driver killed mid-write, a
 hand edit) is reported once and skipped, and never swallows the next row. A worker that dies is replaced
@@ -26,15 +28,23 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from seg_rt.errors import EnvironmentUnavailable, ModelLoadError, first_line
-from seg_rt.images import write_atomic
 from seg_rt.optional import require
 
 from .spec import Item, JobSpec, expand_items
+from .storage import (
+    MANIFEST,
+    FsspecStore,
+    LocalStore,
+    Manifest,
+    ManifestWriter,
+    Store,
+    open_store,
+)
 from .worker import SEGWorker
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
+__all__ = ["MANIFEST", "Manifest", "completed", "read_manifest", "run_job", "start_ray"]
 # Ray rewrites 127.0.0.1 to the machine's network address; any other 127/8 address stays on the
 # loopback interface (Linux routes the whole range to lo). Elsewhere keep Ray's default.
 LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
@@ -62,95 +72,21 @@ class JobResult:
         return not self.failed
 
 
-def _manifest_path(output: Path) -> Path:
-    path = output / MANIFEST
-    if path.is_symlink():
-        raise ValueError(f"{path} is a symbolic link; seg-rt only appends to a manifest it created")
-    return path
+def read_manifest(output: Path | str | Store) -> list[dict]:
+    """Every row of the job's manifest that is a JSON object naming an item (local
+    ``manifest.jsonl`` or the ``manifest/`` objects of a URL); torn or garbage rows are skipped
+    with one warning."""
+    return _store(output).read_manifest()
 
 
-def read_manifest(output: Path) -> list[dict]:
-    """Every row of ``manifest.jsonl`` that is a JSON object naming an item; torn or garbage lines
-    are skipped with one warning for the file."""
-    path = _manifest_path(output)
-    if not path.is_file():
-        return []
-    rows, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if isinstance(row, dict) and isinstance(row.get("item"), str):
-            rows.append(row)
-        elif line.strip():
-            bad += 1
-    if bad:
-        logger.warning("%s: skipped %d unreadable line(s) (torn write or not a manifest row)", path, bad)
-    return rows
+def completed(output: Path | str | Store) -> set[str]:
+    """Items recorded ok whose output is there, unchanged (size and sha256 as recorded)."""
+    store = _store(output)
+    return {r["item"] for r in store.read_manifest() if store.verified(r)}
 
 
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _verified(output: Path, row: dict) -> bool:
-    """An ``ok`` row counts only if its file is a regular file inside ``output`` with the recorded
-    size and sha256 (rows without them, or a file changed since, are redone)."""
-    rel = row.get("path")
-    if row.get("status") != "ok" or not isinstance(rel, str) or not isinstance(row.get("sha256"), str):
-        return False
-    path = output / rel
-    try:
-        if path.is_symlink() or not path.resolve().is_relative_to(output.resolve()) or not path.is_file():
-            return False
-        return path.stat().st_size == row.get("bytes") and sha256_file(path) == row["sha256"]
-    except OSError:
-        return False
-
-
-def completed(output: Path) -> set[str]:
-    """Items recorded ok whose file is there, unchanged (size and sha256 as recorded)."""
-    return {r["item"] for r in read_manifest(output) if _verified(output, r)}
-
-
-class Manifest:
-    """Append-only ``manifest.jsonl``; every line flushed and fsynced before the next item.
-
-    Opened without following symbolic links; a file whose last line was torn (no final newline)
-    gets a newline first, so the torn fragment stays one skipped line and the next row survives."""
-
-    def __init__(self, output: Path) -> None:
-        output.mkdir(parents=True, exist_ok=True)
-        path = _manifest_path(output)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        self.f = os.fdopen(fd, "r+b")
-        size = os.fstat(fd).st_size
-        if size:
-            self.f.seek(size - 1)
-            if self.f.read(1) != b"\n":
-                self._write(b"\n")
-        _fsync_dir(output)  # the manifest's own directory entry
-
-    def _write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def append(self, row: dict) -> None:
-        self._write((json.dumps(row, sort_keys=True) + "\n").encode())
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _store(output: Path | str | Store) -> Store:
+    return output if isinstance(output, (LocalStore, FsspecStore)) else open_store(output)
 
 
 def _private_ray_env() -> None:
@@ -218,8 +154,7 @@ def run_job(
     if not start_timeout > 0:
         raise ValueError(f"start timeout must be > 0 seconds, got {start_timeout}")
     t_start = time.perf_counter()
-    output = Path(spec.output)
-    output = output if output.is_absolute() else base / output
+    output = open_store(spec.output, base)
     items = expand_items(spec, base)
     done_before = completed(output)
     todo = [i for i in items if i.id not in done_before]
@@ -244,7 +179,7 @@ class _Driver:
         self,
         ray,
         spec: JobSpec,
-        output: Path,
+        output: Store,
         n_workers: int,
         result: JobResult,
         progress: bool,
@@ -305,7 +240,7 @@ class _Driver:
             raise
         self.result.startup_seconds = time.perf_counter() - t0
         t_loop = time.perf_counter()
-        manifest = Manifest(self.output)
+        manifest = self.output.open_manifest()
         bar = tqdm(total=len(todo), unit="img", desc="seg-rt run", disable=not self.progress)
         try:
             while queue or inflight:
@@ -338,9 +273,9 @@ class _Driver:
                         self._retry([item], row["error"], attempts, queue, manifest)
                         continue
                     folder, ext = ("videos", "mp4") if "mp4" in row else ("images", "png")
-                    rel = Path(folder) / f"{item.id}.{ext}"
+                    rel = f"{folder}/{item.id}.{ext}"
                     data = row[ext]
-                    write_atomic(self.output / rel, data)  # fsynced before the manifest line names it
+                    self.output.write_atomic(rel, data)  # complete (fsynced / PUT) before the row names it
                     manifest.append(
                         {
                             "item": item.id,
@@ -350,7 +285,7 @@ class _Driver:
                             "prompt": item.prompt,
                             "seed": item.seed,
                             "params": item.params.to_record(),
-                            "path": str(rel),
+                            "path": rel,
                             "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest(),
                             "worker": row["worker"],
@@ -384,7 +319,7 @@ class _Driver:
         self.result.restarts += 1
 
     def _retry(
-        self, batch: list[Item], error: str, attempts: Counter, queue: deque, manifest: Manifest
+        self, batch: list[Item], error: str, attempts: Counter, queue: deque, manifest: ManifestWriter
     ) -> None:
         for item in batch:
             attempts[item.id] += 1
@@ -408,14 +343,16 @@ def _init_error_line(exc: Exception) -> str:
     return first_line(exc)[:300]
 
 
-def write_contact_sheets(items: list[Item], output: Path) -> list[Path]:
+def write_contact_sheets(items: list[Item], output: Path | str | Store) -> list[str]:
     """One PNG per prompt: its samples in a grid labelled by seed (prompts with every sample done)."""
+    import io
     import math
 
     from PIL import Image
 
     from seg_rt.images import grid, png_bytes
 
+    output = _store(output)
     done = completed(output)
     by_prompt: dict[int, list[Item]] = {}
     for item in items:
@@ -424,10 +361,10 @@ def write_contact_sheets(items: list[Item], output: Path) -> list[Path]:
     for p, group in sorted(by_prompt.items()):
         if not all(i.id in done for i in group):
             continue
-        images = [Image.open(output / "images" / f"{i.id}.png").convert("RGB") for i in group]
+        images = [Image.open(io.BytesIO(output.read(f"images/{i.id}.png"))).convert("RGB") for i in group]
         sheet = grid(images, [f"seed {i.seed}" for i in group], columns=math.ceil(math.sqrt(len(images))))
-        path = output / "contact" / f"p{p:05d}.png"
-        write_atomic(
+        path = f"contact/p{p:05d}.png"
+        output.write_atomic(
             path, png_bytes(sheet, json.dumps({"prompt": group[0].prompt, "items": [i.id for i in group]}))
         )
         paths.append(path)

@@ -112,6 +112,35 @@ class VideoSpec(_Strict):
         return VideoParams(self.frames, self.fps, self.mode, self.sigma_time, self.layers)
 
 
+def check_output_url(output: str) -> str:
+    """A local path, or an fsspec URL (``s3://bucket/prefix``) with no credentials in it: they come
+    from the backend's own environment / config chain, so none lands in a spec, manifest or log."""
+    from urllib.parse import urlsplit
+
+    from .storage import is_url
+
+    if not is_url(output):
+        return output
+    parts = urlsplit(output)
+    if "@" in parts.netloc or parts.query:
+        shown = f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}"
+        raise ValueError(
+            f"output URL {shown!r} carries credentials or query options; give {parts.scheme}://bucket/prefix "
+            "and put credentials in the environment / config chain (e.g. AWS_* variables, ~/.aws)"
+        )
+    try:
+        import fsspec
+    except ImportError:  # checked again when the job starts, with the install hint
+        return output
+    if parts.scheme not in fsspec.available_protocols():
+        raise ValueError(
+            f"output URL scheme {parts.scheme!r} is not an fsspec protocol; give a local path or e.g. s3://bucket/prefix"
+        )
+    if not parts.netloc:
+        raise ValueError(f"output URL {output!r} names no bucket; give {parts.scheme}://bucket/prefix")
+    return output
+
+
 def _cfg(v: Any) -> Any:
     return v if v is None else check_cfg(v)
 
@@ -160,6 +189,11 @@ class JobSpec(_Strict):
     _check_cfg = field_validator("cfg")(_cfg)
     _check_seed = field_validator("seed")(_seed)
     _check_scheduler = field_validator("scheduler")(check_scheduler)
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return check_output_url(v)
 
     @field_validator("engine")
     @classmethod

@@ -25,6 +25,7 @@ from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.optional import require
 
 from .spec import load_job
+from .storage import is_url
 
 AUTH_ENV = ("RAY_AUTH_MODE",)  # never the token: the job record keeps its runtime env
 
@@ -91,7 +92,7 @@ def check_submittable(spec, base: Path) -> None:
     - ``prompts_file`` relative: copied into the staging folder at the same relative path, so it
       must stay inside the job's folder: no ``..`` and no symbolic link resolving outside it.
     """
-    if not Path(spec.output).is_absolute():
+    if not Path(spec.output).is_absolute() and not is_url(spec.output):
         raise ValueError(
             f"job: output: submit needs an absolute path on the cluster, got {spec.output!r} "
             "(a relative output would land in Ray's temporary copy of the working dir)"

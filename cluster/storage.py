@@ -1,0 +1,276 @@
+"""Where a job's outputs go: a local folder or any fsspec URL (``s3://bucket/prefix``, ``gs://``, ...).
+
+Both stores keep the same rule: an output is complete (durable, whole) before the manifest row that
+names it is written, and a rerun trusts a row only if the output it names has the recorded size and
+sha256 (see ``docs/design.md``, section "Engines, jobs, serving").
+
+- :class:`LocalStore`: ``images/``, ``videos/``, ``contact/`` and one append-only ``manifest.jsonl``;
+  files written with temp + rename + fsync (:func:`seg_rt.images.write_atomic`), the manifest opened
+  without following symbolic links and fsynced line by line.
+- :class:`FsspecStore`: the same names under the URL's prefix. An object store cannot append to an
+  object, so the manifest is **one object per row** under ``manifest/``, named
+  ``manifest/<run stamp>-<row number>.json``: an object PUT is visible only whole (no torn rows),
+  rows of concurrent or later runs never collide, and reading them in name order gives the rows in
+  the order they were written. Outputs are written with one whole-object PUT (``pipe_file``), which
+  object stores (S3, GCS, Azure) make visible atomically.
+
+Credentials come from the backend's own chain (for S3: botocore's environment variables,
+``~/.aws`` config, instance roles; ``AWS_ENDPOINT_URL_S3`` for an S3-compatible server); a URL
+carrying ``user:password@`` is refused by the job spec, so none is ever written to a manifest or log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Protocol
+
+from seg_rt.images import write_atomic
+from seg_rt.optional import require
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"  # local folders: one append-only file
+MANIFEST_PREFIX = "manifest"  # object stores: one object per row
+
+
+def is_url(output: str) -> bool:
+    """``scheme://...`` with a scheme other than ``file`` (a local path otherwise)."""
+    scheme, sep, _ = output.partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
+
+
+def parse_rows(texts: list[str], where: str) -> list[dict]:
+    """Manifest rows: JSON objects naming an item; torn or garbage ones are skipped with one warning."""
+    rows, bad = [], 0
+    for text in texts:
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("item"), str):
+            rows.append(row)
+        elif text.strip():
+            bad += 1
+    if bad:
+        logger.warning("%s: skipped %d unreadable line(s) (torn write or not a manifest row)", where, bad)
+    return rows
+
+
+def _safe_rel(rel: object) -> str | None:
+    """A manifest ``path`` that stays inside the output (relative, no ``..``), else None."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        return None
+    return None if ".." in rel.split("/") else rel
+
+
+class ManifestWriter(Protocol):
+    def append(self, row: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class Store(Protocol):
+    """The output location of one job (every name is relative, ``/``-separated)."""
+
+    def write_atomic(self, name: str, data: bytes) -> None: ...
+    def read(self, name: str) -> bytes: ...
+    def exists(self, name: str) -> bool: ...
+    def read_manifest(self) -> list[dict]: ...
+    def open_manifest(self) -> ManifestWriter: ...
+    def verified(self, row: dict) -> bool: ...
+
+
+def _row_matches(data: bytes, row: dict) -> bool:
+    return len(data) == row.get("bytes") and hashlib.sha256(data).hexdigest() == row["sha256"]
+
+
+def _ok_row_path(row: dict) -> str | None:
+    if row.get("status") != "ok" or not isinstance(row.get("sha256"), str):
+        return None
+    return _safe_rel(row.get("path"))
+
+
+# ---- local folder ------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Manifest:
+    """Append-only ``manifest.jsonl``; every line flushed and fsynced before the next item.
+
+    Opened without following symbolic links; a file whose last line was torn (no final newline)
+    gets a newline first, so the torn fragment stays one skipped line and the next row survives."""
+
+    def __init__(self, output: Path) -> None:
+        output.mkdir(parents=True, exist_ok=True)
+        path = _manifest_path(output)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        self.f = os.fdopen(fd, "r+b")
+        size = os.fstat(fd).st_size
+        if size:
+            self.f.seek(size - 1)
+            if self.f.read(1) != b"\n":
+                self._write(b"\n")
+        _fsync_dir(output)  # the manifest's own directory entry
+
+    def _write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def append(self, row: dict) -> None:
+        self._write((json.dumps(row, sort_keys=True) + "\n").encode())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _manifest_path(output: Path) -> Path:
+    path = output / MANIFEST
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; seg-rt only appends to a manifest it created")
+    return path
+
+
+class LocalStore:
+    """A local output folder (the job's behaviour before object storage, unchanged)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        write_atomic(self.root / name, data)  # fsynced file and folder before any manifest row
+
+    def read(self, name: str) -> bytes:
+        return (self.root / name).read_bytes()
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def read_manifest(self) -> list[dict]:
+        path = _manifest_path(self.root)
+        if not path.is_file():
+            return []
+        return parse_rows(path.read_text(errors="replace").splitlines(), str(path))
+
+    def open_manifest(self) -> Manifest:
+        return Manifest(self.root)
+
+    def verified(self, row: dict) -> bool:
+        """An ``ok`` row counts only if its file is a regular file inside the folder with the
+        recorded size and sha256 (rows without them, or a file changed since, are redone)."""
+        rel = _ok_row_path(row)
+        if rel is None:
+            return False
+        path = self.root / rel
+        try:
+            if (
+                path.is_symlink()
+                or not path.resolve().is_relative_to(self.root.resolve())
+                or not path.is_file()
+            ):
+                return False
+            return path.stat().st_size == row.get("bytes") and sha256_file(path) == row["sha256"]
+        except OSError:
+            return False
+
+
+# ---- fsspec URL --------------------------------------------------------------------------------
+
+
+class _ObjectManifest:
+    """One object per manifest row: ``manifest/<run stamp>-<row number>.json`` (see module doc)."""
+
+    def __init__(self, store: FsspecStore) -> None:
+        self.store = store
+        # sortable across runs (UTC time first), unique across concurrent drivers (random suffix)
+        self.stamp = f"{time.time_ns():020d}-{secrets.token_hex(3)}"
+        self.rows = 0
+
+    def append(self, row: dict) -> None:
+        self.rows += 1
+        name = f"{MANIFEST_PREFIX}/{self.stamp}-{self.rows:07d}.json"
+        self.store.write_atomic(name, (json.dumps(row, sort_keys=True) + "\n").encode())
+
+    def close(self) -> None:
+        pass
+
+
+class FsspecStore:
+    """Outputs under an fsspec URL; the filesystem and its credentials come from fsspec's own
+    resolution (``fsspec.core.url_to_fs``: environment and config chain of the backend)."""
+
+    def __init__(self, url: str) -> None:
+        fsspec = require("fsspec", "object-storage outputs (pip install 'seg-rt[storage]')")
+        self.url = url.rstrip("/")
+        self.fs, self.prefix = fsspec.core.url_to_fs(self.url)
+        self.prefix = self.prefix.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _path(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(name), data)  # one whole-object PUT: visible only complete
+
+    def read(self, name: str) -> bytes:
+        return self.fs.cat_file(self._path(name))
+
+    def exists(self, name: str) -> bool:
+        return self.fs.isfile(self._path(name))
+
+    def read_manifest(self) -> list[dict]:
+        folder = self._path(MANIFEST_PREFIX)
+        self.fs.invalidate_cache(folder)  # rows written since this process last listed
+        try:
+            names = sorted(p for p in self.fs.find(folder) if p.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        if not names:
+            return []
+        blobs = self.fs.cat(names, on_error="omit")  # fetched concurrently by async backends
+        texts = [blobs[n].decode(errors="replace") for n in names if n in blobs]
+        return parse_rows(texts, f"{self.url}/{MANIFEST_PREFIX}/")
+
+    def open_manifest(self) -> _ObjectManifest:
+        return _ObjectManifest(self)
+
+    def verified(self, row: dict) -> bool:
+        """An ``ok`` row counts only if its object is there with the recorded size and sha256."""
+        rel = _ok_row_path(row)
+        if rel is None:
+            return False
+        try:
+            return _row_matches(self.read(rel), row)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+
+
+def open_store(output: str | Path, base: Path | None = None) -> LocalStore | FsspecStore:
+    """The store for a job's ``output``: an fsspec URL, or a local path (relative to ``base``)."""
+    if isinstance(output, str) and is_url(output):
+        return FsspecStore(output)
+    text = str(output)
+    path = Path(text[len("file://") :] if text.lower().startswith("file://") else text)
+    return LocalStore(path if path.is_absolute() or base is None else Path(base) / path)
