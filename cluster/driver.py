@@ -66,6 +66,20 @@ class JobResult:
     batches: int = 0
     restarts: int = 0
     per_worker: Counter = field(default_factory=Counter)
+    rescheduled: int = 0  # items put back in the queue after their worker died
+    nodes: dict[str, str] = field(default_factory=dict)  # worker id -> Ray node id (latest actor)
+    start_nodes: dict[str, str] = field(default_factory=dict)  # worker id -> node, once all first loaded
+    events: list[str] = field(default_factory=list)  # one line per worker lost / replacement placed
+
+    def summary(self) -> str:
+        """One line: counts, then every worker loss and replacement in order."""
+        head = f"{self.done} done, {self.skipped} already there, {len(self.failed)} failed"
+        if not self.events:
+            return head
+        return (
+            f"{head}; {self.restarts} worker restart(s), {self.rescheduled} item(s) rescheduled: "
+            + "; ".join(self.events)
+        )
 
     @property
     def ok(self) -> bool:
@@ -171,6 +185,7 @@ def run_job(
     if spec.contact_sheet and spec.video is None:
         write_contact_sheets(items, output)
     result.seconds = time.perf_counter() - t_start
+    logger.log(logging.WARNING if result.restarts else logging.INFO, "job %s: %s", output, result.summary())
     return result
 
 
@@ -187,12 +202,20 @@ class _Driver:
     ) -> None:
         self.ray, self.spec, self.output, self.result = ray, spec, output, result
         res = spec.resources_per_worker
-        options = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": 0}
+        # SPREAD: workers land on as many nodes as fit, so one lost node takes as few as possible
+        options = {
+            "num_cpus": res.num_cpus,
+            "num_gpus": res.num_gpus,
+            "max_restarts": 0,
+            "scheduling_strategy": "SPREAD",
+        }
         if runtime_env:
             options["runtime_env"] = runtime_env
         self.actor_cls = ray.remote(SEGWorker).options(**options)
         self.spec_dict = spec.model_dump(mode="json")
         self.workers = {f"w{k}": self._start(f"w{k}") for k in range(n_workers)}
+        self.placed: set[str] = set()  # workers loaded and taking batches
+        self.placing: dict = {}  # a replacement's ready() ref -> worker id
         self.progress = progress
 
     def _start(self, wid: str):
@@ -209,11 +232,17 @@ class _Driver:
                 raise EnvironmentUnavailable(self._unplaced_message(len(pending), timeout_s))
             wid = pending.pop(ready[0])
             try:
-                ray.get(ready[0])
+                info = ray.get(ready[0])
             except ray.exceptions.RayActorError as exc:
                 raise ModelLoadError(
                     f"worker {wid} could not load the model: {_init_error_line(exc)}"
                 ) from None
+            self._mark_placed(wid, info)
+
+    def _mark_placed(self, wid: str, info: dict) -> None:
+        self.placed.add(wid)
+        if info.get("node"):
+            self.result.nodes[wid] = info["node"]
 
     def _unplaced_message(self, n_pending: int, timeout_s: float) -> str:
         res = self.spec.resources_per_worker
@@ -239,20 +268,28 @@ class _Driver:
                 ray.kill(actor)
             raise
         self.result.startup_seconds = time.perf_counter() - t0
+        self.result.start_nodes = dict(self.result.nodes)
         t_loop = time.perf_counter()
         manifest = self.output.open_manifest()
         bar = tqdm(total=len(todo), unit="img", desc="seg-rt run", disable=not self.progress)
         try:
             while queue or inflight:
                 self._fill(queue, inflight)
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                if not inflight:  # items left but no placed worker: wait for a replacement
+                    self._await_replacement(start_timeout, len(queue))
+                    continue
+                ready, _ = ray.wait(list(inflight) + list(self.placing), num_returns=1)
                 ref = ready[0]
+                if ref in self.placing:
+                    self._replacement_ready(ref)
+                    continue
                 wid, actor, batch = inflight.pop(ref)
                 try:
                     rows = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
                     if self.workers[wid] is actor:  # the slot's current actor died: replace it once
                         self._replace_dead(wid, exc)
+                    self.result.rescheduled += len(batch)
                     self._retry(batch, f"worker {wid} died: {type(exc).__name__}", attempts, queue, manifest)
                     continue
                 except ray.exceptions.RayError as exc:
@@ -307,16 +344,52 @@ class _Driver:
         """Breadth-first: every worker gets one batch before any gets its second."""
         for depth in range(1, IN_FLIGHT_PER_WORKER + 1):
             for wid, actor in self.workers.items():
-                if queue and sum(1 for w, _, _ in inflight.values() if w == wid) < depth:
+                if (
+                    wid in self.placed
+                    and queue
+                    and sum(1 for w, _, _ in inflight.values() if w == wid) < depth
+                ):
                     batch = queue.popleft()
                     inflight[actor.run.remote(batch)] = (wid, actor, batch)
 
     def _replace_dead(self, wid: str, exc: Exception) -> None:
-        """Start a fresh actor in the dead one's slot; later refs of the old actor fail and retry."""
-        logger.warning("worker %s died (%s); starting a replacement", wid, type(exc).__name__)
+        """Start a fresh actor in the dead one's slot; later refs of the old actor fail and retry.
+
+        The replacement takes batches only once placed and loaded (``_replacement_ready``): after a
+        node loss the cluster may have no room for it, and the surviving workers finish the job."""
+        node = self.result.nodes.get(wid, "?")
+        logger.warning(
+            "worker %s on node %s died (%s); starting a replacement", wid, node, type(exc).__name__
+        )
+        self.result.events.append(f"{wid} lost on node {node[:12]} ({type(exc).__name__})")
         self.ray.kill(self.workers[wid])
+        self.placed.discard(wid)
         self.workers[wid] = self._start(wid)
+        self.placing[self.workers[wid].ready.remote()] = wid
         self.result.restarts += 1
+
+    def _replacement_ready(self, ref) -> None:
+        wid = self.placing.pop(ref)
+        try:
+            info = self.ray.get(ref)
+        except self.ray.exceptions.RayError as exc:  # its node died too, or the model failed to load
+            logger.error("replacement worker %s did not start: %s", wid, first_line(exc)[:300])
+            self.result.events.append(f"replacement {wid} did not start ({type(exc).__name__})")
+            return
+        self._mark_placed(wid, info)
+        self.result.events.append(f"replacement {wid} placed on node {self.result.nodes.get(wid, '?')[:12]}")
+
+    def _await_replacement(self, timeout_s: float, n_left: int) -> None:
+        """No placed worker and ``n_left`` batches queued: wait for a replacement, or give up clearly."""
+        if self.placing:
+            ready, _ = self.ray.wait(list(self.placing), num_returns=1, timeout=timeout_s)
+            if ready:
+                self._replacement_ready(ready[0])
+                return
+        raise EnvironmentUnavailable(
+            f"no worker left to run {n_left} queued batch(es): the replacements were not placed within "
+            f"{timeout_s:g} s (the cluster lost capacity; rerun to resume once it is back)"
+        )
 
     def _retry(
         self, batch: list[Item], error: str, attempts: Counter, queue: deque, manifest: ManifestWriter

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 
@@ -52,7 +53,12 @@ class SEGWorker:
             self.engine.close()
 
     def ready(self) -> dict:
-        return {"worker": self.worker_id, "pid": os.getpid(), "load_seconds": self.load_seconds}
+        return {
+            "worker": self.worker_id,
+            "pid": os.getpid(),
+            "load_seconds": self.load_seconds,
+            "node": _ray_node(),
+        }
 
     def _generate_video(self, item: Item) -> bytes:
         """One video item → H.264 mp4 bytes (its ``params.video``: frames, fps, mode, σ_time, layers)."""
@@ -107,3 +113,11 @@ class SEGWorker:
         if results:
             results[0]["batch_seconds"] = time.perf_counter() - t_batch
         return results
+
+
+def _ray_node() -> str | None:
+    """The Ray node this worker runs on (the driver's restart summary names it); None outside Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
