@@ -363,11 +363,10 @@ class ServingCore:
         self.factor = int(pipe.vae_scale_factor)
         self.default_side = int(pipe.unet.config.sample_size) * self.factor
         self.max_side = cfg.limits.max_side or 4 * self.default_side
-        shapes = getattr(engine, "shapes", None)
-        self.shapes = shapes if shapes is not None and shapes.batch is not None else None
-        info = getattr(engine, "info", None)
-        # a fixed-shape engine serves at most its batch per run
-        self.run_capacity = info.batch if info is not None else cfg.max_batch_size
+        # a fixed-shape engine (seg_rt.engines.Denoiser) accepts one shape and at most its batch per run
+        self.shapes = engine.shapes if engine is not None and engine.shapes.batch is not None else None
+        per_run = engine.images_per_run if engine is not None else None
+        self.run_capacity = per_run if per_run is not None else cfg.max_batch_size
         self.stats = {"requests": 0, "images": 0, "sampling_runs": 0, "failed": 0}
         self.metrics = Metrics()
         self._lock = threading.Lock()
@@ -393,7 +392,7 @@ class ServingCore:
         return cls(cfg, pipe, engine)
 
     def close(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "close"):
+        if self.engine is not None:
             self.engine.close()
 
     # ---- per request, before batching -------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from seg_rt.errors import EnvironmentUnavailable
+from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.optional import require
 
 from .base import FixedShapeDenoiser
@@ -73,7 +73,7 @@ class OnnxRuntimeDenoiser(FixedShapeDenoiser):
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as exc:  # ORT raises its own Fail / InvalidProtobuf / ... types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise ValueError(f"cannot load ONNX model {str(self.path)!r}: {first[:300]}") from None
         active = self.session.get_providers()
         inactive = [p for p in providers if p not in active]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -18,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .config import sigma_to_json
+from .config import parse_sigma, sigma_to_json
 
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
@@ -75,8 +74,8 @@ class ArtifactInfo:
             for k in ("branches", "input_names", "output_names", "layers", "layer_names", "blur_lengths"):
                 d[k] = tuple(d[k])
             _check_file_name(d["file"])
-            if d["sigma"] == "inf":
-                d["sigma"] = math.inf
+            if d["sigma"] != "runtime":  # a baked σ: a number or "inf" in JSON
+                d["sigma"] = parse_sigma(d["sigma"])
             return cls(**d)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{source} is not a seg-rt artifact description: {exc}") from None
