@@ -220,7 +220,7 @@ class FsspecStore:
     resolution (``fsspec.core.url_to_fs``: environment and config chain of the backend)."""
 
     def __init__(self, url: str) -> None:
-        fsspec = require("fsspec", "object-storage outputs (pip install 'seg-rt[storage]')")
+        fsspec = require("fsspec", "job outputs on object storage")
         self.url = url.rstrip("/")
         self.fs, self.prefix = fsspec.core.url_to_fs(self.url)
         self.prefix = self.prefix.rstrip("/")

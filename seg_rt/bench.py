@@ -243,7 +243,38 @@ def bench_cluster(items: int = 24, steps: int = 8, batch_size: int = 2) -> list[
         "ms_per_item_1_worker": round(stats[1]["ms_per_item"], 1),
         "ms_overhead_per_batch_1_worker": round(stats[1]["ms_overhead_per_batch"], 1),
         "worker_startup_s": round(stats[2]["startup_s"], 2),
-    }]  # fmt: skip
+    }, bench_branch_parallel(steps=steps)]  # fmt: skip
+
+
+def bench_branch_parallel(steps: int = 8, size: int = 64, worlds: tuple[int, ...] = (1, 2, 3)) -> dict:
+    """One image's step time with its rows split over 1, 2, 3 gloo processes (1 CPU thread each) and
+    the median all_gather time per step (which includes waiting for the slowest rank)."""
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from seg_rt.engines.parallel import bench_rank
+
+    from .tiny import save_tiny_pipeline
+
+    row: dict = {"bench": "branch-parallel", "model": f"tiny SD1.5 (random weights), {size}x{size}, SEG + CFG",
+                 "steps": steps, "threads_per_rank": 1}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(save_tiny_pipeline("sd15", f"{tmp}/model"))
+        for world in worlds:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            out = f"{tmp}/w{world}.json"
+            mp.spawn(
+                bench_rank, args=(world, f"tcp://127.0.0.1:{port}", model, out, steps, size), nprocs=world
+            )
+            stats = json.loads(Path(out).read_text())
+            row[f"step_ms_{world}_ranks"] = round(stats["step_ms"], 1)
+            row[f"comm_ms_per_step_{world}_ranks"] = round(stats["comm_ms_median"], 2)
+    return row
 
 
 def bench_serve(
@@ -363,6 +394,12 @@ def describe(row: dict) -> str:
         return (
             f"{row['throughput_1_worker']} img/s (1 worker), {row['throughput_2_workers']} img/s (2), "
             f"scaling {row['scaling']}x, Ray overhead {100 * row['overhead_fraction']:.1f}% of compute"
+        )
+    if row["bench"] == "branch-parallel":
+        worlds = sorted(int(k.split("_")[2]) for k in row if k.startswith("step_ms_"))
+        return ", ".join(
+            f"{w} rank(s): {row[f'step_ms_{w}_ranks']} ms/step, exchange {row[f'comm_ms_per_step_{w}_ranks']} ms"
+            for w in worlds
         )
     if row["bench"] == "engines":
         return (

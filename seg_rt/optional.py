@@ -18,6 +18,8 @@ EXTRAS = {
     "av": "video",
     "imageio": "video",
     "matplotlib": "plot",
+    "fsspec": "storage",
+    "s3fs": "storage",
 }
 
 

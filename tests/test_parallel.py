@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from seg_rt.parallel import row_split
+from seg_rt.engines.parallel import row_split
 
 from .ray_helpers import free_port
 from .tolerance import max_rel_error
@@ -31,7 +31,7 @@ def _rank(rank: int, world: int, address: str, model: str, out: str, images: int
 
     from seg_rt import generate
     from seg_rt.engines import load_engine
-    from seg_rt.parallel import BranchParallelDenoiser, init_group
+    from seg_rt.engines.parallel import BranchParallelDenoiser, init_group
     from seg_rt.pipeline import load_pipeline
 
     torch.set_num_threads(1)

@@ -112,3 +112,39 @@ def _rows(value, rows: int, start: int, stop: int):
     if isinstance(value, Tensor) and value.ndim and value.shape[0] == rows:
         return value[start:stop]
     return value
+
+
+def bench_rank(rank: int, world: int, address: str, model: str, out: str, steps: int, size: int) -> None:
+    """One process of ``seg-rt bench cluster``'s branch-parallel case: one image, SEG + CFG over the
+    whole schedule; rank 0 writes step and exchange times (ms, after one warm-up step) to ``out``."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    from seg_rt.engines import load_engine
+    from seg_rt.pipeline import generate, load_pipeline
+
+    torch.set_num_threads(1)
+    init_group(rank, world, address)
+    try:
+        pipe = load_pipeline(model, "cpu")
+        run = {
+            "cfg": 4.0,
+            "seg_scale": 3.0,
+            "seg_sigma": 2.0,
+            "height": size,
+            "width": size,
+            "output_type": "latent",
+        }
+        with BranchParallelDenoiser(load_engine("torch", pipe, "cpu")) as engine:
+            generate(pipe, "warm up", steps=1, engine=engine, **run)
+            engine.comm_seconds.clear()
+            t0 = time.perf_counter()
+            generate(pipe, "a red cube", steps=steps, engine=engine, **run)
+            wall = time.perf_counter() - t0
+            comm = list(engine.comm_seconds)
+        if rank == 0:
+            stats = {"step_ms": 1000 * wall / steps, "comm_ms_median": 1000 * statistics.median(comm)}
+            Path(out).write_text(json.dumps(stats))
+    finally:
+        dist.destroy_process_group()
