@@ -70,6 +70,7 @@ class JobResult:
     nodes: dict[str, str] = field(default_factory=dict)  # worker id -> Ray node id (latest actor)
     start_nodes: dict[str, str] = field(default_factory=dict)  # worker id -> node, once all first loaded
     events: list[str] = field(default_factory=list)  # one line per worker lost / replacement placed
+    loss_times: list[float] = field(default_factory=list)  # time.perf_counter() when each loss was seen
 
     def summary(self) -> str:
         """One line: counts, then every worker loss and replacement in order."""
@@ -357,6 +358,7 @@ class _Driver:
 
         The replacement takes batches only once placed and loaded (``_replacement_ready``): after a
         node loss the cluster may have no room for it, and the surviving workers finish the job."""
+        self.result.loss_times.append(time.perf_counter())
         node = self.result.nodes.get(wid, "?")
         logger.warning(
             "worker %s on node %s died (%s); starting a replacement", wid, node, type(exc).__name__

@@ -243,7 +243,60 @@ def bench_cluster(items: int = 24, steps: int = 8, batch_size: int = 2) -> list[
         "ms_per_item_1_worker": round(stats[1]["ms_per_item"], 1),
         "ms_overhead_per_batch_1_worker": round(stats[1]["ms_overhead_per_batch"], 1),
         "worker_startup_s": round(stats[2]["startup_s"], 2),
-    }, bench_branch_parallel(steps=steps)]  # fmt: skip
+    }, bench_multinode(), bench_branch_parallel(steps=steps)]  # fmt: skip
+
+
+def bench_multinode(items: int = 12, steps: int = 4) -> dict:
+    """A local 2-node Ray cluster (1 CPU slot per node): job throughput on 1 node (1 worker) vs 2
+    nodes (2 workers), and the seconds from killing one node mid-job until the driver has put the
+    lost worker's items back on the queue (the rest of that run is the surviving node's work)."""
+    import tempfile
+    import threading
+
+    from seg_rt.cluster.driver import completed, run_job
+    from seg_rt.cluster.localcluster import start_local_cluster
+    from seg_rt.cluster.spec import parse_job
+
+    from .optional import require
+    from .tiny import save_tiny_pipeline
+
+    ray = require("ray", "the cluster benchmark")
+    row: dict = {"bench": "multinode", "model": "tiny SDXL (random weights), 64x64, SEG + CFG", "items": items,
+                 "steps": steps, "cpus_per_node": 1}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_pipeline("sdxl", f"{tmp}/model")
+
+        def spec(workers: int, out: str):
+            return parse_job({"model": str(model), "steps": steps, "height": 64, "width": 64, "seg": {"sigma": 2.0},
+                              "prompts": [f"prompt {k}" for k in range(items)], "workers": workers,
+                              "output": f"{tmp}/{out}"})  # fmt: skip
+
+        cluster = start_local_cluster(2)
+        try:
+            for workers in (1, 2):
+                r = run_job(spec(workers, f"n{workers}"), Path(tmp), address=cluster.address, progress=False)
+                row[f"throughput_{workers}_node{'s' if workers > 1 else ''}"] = round(
+                    r.done / r.loop_seconds, 3
+                )
+            killed: list[float] = []
+
+            def kill_once_items_land() -> None:
+                deadline = time.monotonic() + 600
+                while len(completed(f"{tmp}/loss")) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                killed.append(cluster.kill_node(1))
+
+            threading.Thread(target=kill_once_items_land, daemon=True).start()
+            r = run_job(spec(2, "loss"), Path(tmp), address=cluster.address, progress=False)
+            row["recovery_s_after_node_loss"] = (
+                round(r.loss_times[0] - killed[0], 2) if r.loss_times else None
+            )
+            row["items_rescheduled"], row["all_done_after_loss"] = r.rescheduled, r.ok and r.done == items
+        finally:
+            ray.shutdown()
+            cluster.stop()
+    row["scaling"] = round(row["throughput_2_nodes"] / row["throughput_1_node"], 3)
+    return row
 
 
 def bench_branch_parallel(steps: int = 8, size: int = 64, worlds: tuple[int, ...] = (1, 2, 3)) -> dict:
@@ -394,6 +447,11 @@ def describe(row: dict) -> str:
         return (
             f"{row['throughput_1_worker']} img/s (1 worker), {row['throughput_2_workers']} img/s (2), "
             f"scaling {row['scaling']}x, Ray overhead {100 * row['overhead_fraction']:.1f}% of compute"
+        )
+    if row["bench"] == "multinode":
+        return (
+            f"{row['throughput_1_node']} img/s (1 node), {row['throughput_2_nodes']} img/s (2 nodes), "
+            f"node loss seen after {row['recovery_s_after_node_loss']} s, {row['items_rescheduled']} item(s) rescheduled"
         )
     if row["bench"] == "branch-parallel":
         worlds = sorted(int(k.split("_")[2]) for k in row if k.startswith("step_ms_"))
