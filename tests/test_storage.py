@@ -7,6 +7,7 @@ come from the environment (AWS_* variables), never from the job spec.
 import hashlib
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -140,15 +141,31 @@ def test_second_driver_never_overwrites_the_firsts_rows(s3):
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """A private local Ray with token auth, as seg-rt starts one. Ray caches its auth config per
+    process, so it is re-read from the environment on the way in and out (an earlier test may have
+    left it stale)."""
     import ray
+    from ray._raylet import Config
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "token")
+    mp.setenv("RAY_AUTH_TOKEN", "segrt-test-" + os.urandom(8).hex())
+    Config.initialize("")
     temp = short_temp_dir()
-    ray.init(
-        num_cpus=2, _temp_dir=temp, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False
-    )
-    yield ray
-    ray.shutdown()
-    kill_ray_under(temp)
+    try:
+        ray.init(
+            num_cpus=2,
+            _temp_dir=temp,
+            _node_ip_address=LOOPBACK,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        yield ray
+    finally:
+        ray.shutdown()
+        kill_ray_under(temp)
+        mp.undo()
+        Config.initialize("")
 
 
 def _job(model, output, **over) -> dict:
