@@ -112,13 +112,19 @@ def _private_ray_env() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
     if not os.environ.get("RAY_AUTH_TOKEN"):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-    # Ray caches its config (auth mode included) when imported; refresh it as Ray's own
-    # enable_token_auth_by_default does, so this process speaks token auth to the new cluster.
+    refresh_ray_auth()
+
+
+def refresh_ray_auth() -> None:
+    """Make this process read ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN`` again. Ray caches its config
+    (auth mode included) when imported and the token when first used; refresh both as Ray's own
+    enable_token_auth_by_default does, so this process speaks the current token to a new cluster."""
     try:
-        from ray._raylet import Config
+        from ray._raylet import AuthenticationTokenLoader, Config
     except ImportError:  # Ray < 2.52 has no token auth (see docs/security.md)
         return
     Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def private_temp_dir(parent: str | None = None) -> str:

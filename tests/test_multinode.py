@@ -38,8 +38,8 @@ def test_node_lost_mid_job_items_rescheduled_on_the_survivor_each_written_once(
     sdxl_dir, tmp_path, monkeypatch, caplog
 ):
     import ray
-    from ray._raylet import Config
 
+    from seg_rt.cluster.driver import refresh_ray_auth
     from seg_rt.cluster.localcluster import FAST_NODE_DEATH, start_local_cluster
 
     # the cluster helper sets token auth and fast node-death detection in this process's
@@ -73,7 +73,7 @@ def test_node_lost_mid_job_items_rescheduled_on_the_survivor_each_written_once(
         if cluster is not None:
             cluster.stop()
         monkeypatch.undo()
-        Config.initialize("")
+        refresh_ray_auth()
     assert killed.is_set()
     assert len(set(result.start_nodes.values())) == 2  # one worker per node (CPU slot) at the start
     assert result.ok and result.done == 12 and result.restarts >= 1 and result.rescheduled >= 1

@@ -145,12 +145,13 @@ def local_ray():
     process, so it is re-read from the environment on the way in and out (an earlier test may have
     left it stale)."""
     import ray
-    from ray._raylet import Config
+
+    from seg_rt.cluster.driver import refresh_ray_auth
 
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "token")
     mp.setenv("RAY_AUTH_TOKEN", "segrt-test-" + os.urandom(8).hex())
-    Config.initialize("")
+    refresh_ray_auth()
     temp = short_temp_dir()
     try:
         ray.init(
@@ -165,7 +166,7 @@ def local_ray():
         ray.shutdown()
         kill_ray_under(temp)
         mp.undo()
-        Config.initialize("")
+        refresh_ray_auth()
 
 
 def _job(model, output, **over) -> dict:
