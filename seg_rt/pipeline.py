@@ -149,6 +149,10 @@ def _has_dtype_kwarg() -> bool:
 
 
 def family_of(pipe) -> str:
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        return dit.pipeline_family(pipe)
     names = [c.__name__ for c in type(pipe).__mro__]
     if "StableDiffusionXLControlNetPipeline" in names:
         return "sdxl-controlnet"
@@ -159,8 +163,8 @@ def family_of(pipe) -> str:
     if "SEGDemoPipeline" in names:
         return "demo"
     raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet "
-        "and the bundled demo model"
+        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet, "
+        "SD3 / SD3.5, Flux.1 and the bundled demo model"
     )
 
 
@@ -196,6 +200,10 @@ def encode(
     controlnet_scale: float = 1.0,
 ) -> Prepared:
     """Encode prompts (and SDXL micro-conditioning, ControlNet image) with diffusers for n rows."""
+    from . import dit
+
+    if family in dit.FAMILIES:
+        return Prepared(**dit.encode(pipe, family, prompt, negative_prompt, n, cfg))
     device, do_cfg = pipe._execution_device, cfg > 1.0
     if family in ("sd15", "demo"):  # the demo pipeline's encode_prompt has SD1.5's signature
         pe, ne = pipe.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
@@ -245,6 +253,10 @@ def initial_latents(
     scheduler's ``init_noise_sigma``; call after ``scheduler.set_timesteps`` as diffusers does."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        return dit.initial_latents(pipe, generators, height, width, dtype)
     f = pipe.vae_scale_factor
     shape = (len(generators), pipe.unet.config.in_channels, height // f, width // f)
     noise = randn_tensor(shape, generator=list(generators), device=pipe._execution_device, dtype=dtype)
@@ -253,6 +265,10 @@ def initial_latents(
 
 def decode(pipe, latents: Tensor, output_type: str):
     """Latents → images with the pipeline's VAE and image processor (SDXL fp16 upcast included)."""
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        return dit.decode(pipe, latents, output_type)
     if output_type == "latent":
         return latents
     vae = getattr(pipe, "vae", None)
@@ -285,6 +301,11 @@ def check_size(height: int, width: int, factor: int) -> tuple[int, int]:
 
 
 def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        side = dit.default_size(pipe)
+        return check_size(height or side, width or side, dit.size_factor(pipe))
     factor = pipe.vae_scale_factor
     default = pipe.unet.config.sample_size * factor
     return check_size(height or default, width or default, factor)
@@ -378,14 +399,12 @@ def generate_batch(
     dtype = cond["encoder_hidden_states"].dtype
     # the scheduler's noise (ancestral samplers) continues each row's stream, as in diffusers
     generators = seed_generators(seeds)
-    sched = make_scheduler(pipe, scheduler)
+    sched = _family_scheduler(pipe, family, scheduler, steps, height, width)
     sched.set_timesteps(steps, device=pipe._execution_device)
     latents = initial_latents(pipe, sched, generators, height, width, dtype)
     own_engine = engine is None or isinstance(engine, str)
     if own_engine:
-        from seg_rt.engines import load_engine
-
-        engine = load_engine(engine or "torch", pipe, pipe._execution_device)
+        engine = _load_engine(engine or "torch", pipe, family)
     if hasattr(engine, "configure"):
         engine.configure(seg.sigma, seg.layers)
     try:
@@ -398,6 +417,31 @@ def generate_batch(
         if own_engine:
             engine.close()
     return decode(pipe, latents, output_type)
+
+
+def _family_scheduler(pipe, family: str, scheduler, steps: int, height: int, width: int):
+    """The scheduler of a run. Image DiTs sample with their own flow-matching Euler scheduler, which
+    is what ``euler`` (the default) means for them; other schedulers are refused."""
+    from . import dit
+
+    if family not in dit.FAMILIES:
+        return make_scheduler(pipe, scheduler)
+    if scheduler not in (None, "euler"):
+        raise ValueError(
+            f"{family} samples with its own flow-matching Euler scheduler ('euler'); got scheduler {scheduler!r}"
+        )
+    return dit.make_scheduler(pipe, steps, height, width)
+
+
+def _load_engine(spec: str, pipe, family: str):
+    """The denoiser for ``spec``: image DiTs have their own torch engine (``seg_rt.dit``)."""
+    from . import dit
+
+    if family in dit.FAMILIES:
+        return dit.load_engine(spec, pipe)
+    from seg_rt.engines import load_engine
+
+    return load_engine(spec, pipe, pipe._execution_device)
 
 
 def _runs(keys: list) -> list[tuple]:

@@ -1,0 +1,289 @@
+"""SEG on image DiTs (SD3, Flux.1): model-level exactness and end-to-end behaviour on tiny models.
+
+The expected blur is built here from the reference formula (Gaussian taps, reflect boundary via
+``F.pad``) and applied with einsum; nothing of seg_rt's blur is used to check it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers import transformer_flux
+
+from seg_rt import dit, dit_attention
+from seg_rt.attention import SEGAttention
+from seg_rt.cli import main
+from seg_rt.errors import SEGNotApplied
+from seg_rt.pipeline import generate
+from seg_rt.tiny import save_tiny_dit_pipeline, tiny_dit, tiny_dit_pipeline
+from tests.tolerance import assert_close, max_rel_error
+
+GRID = (3, 5)  # non-square token grid: 48x80 pixels with an 8x VAE and 2x2 patches
+TEXT = 7
+
+
+def ref_matrix(n: int, sigma: float) -> torch.Tensor:
+    """The reference 1D blur on n positions as a matrix: column j is the blurred unit impulse e_j."""
+    if sigma > 9999:
+        return torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    c6 = math.ceil(6 * sigma)
+    k = min(c6 + 1 - c6 % 2, n - (n % 2 - 1))
+    x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (x / sigma) ** 2)
+    taps = taps / taps.sum()
+    impulses = F.pad(torch.eye(n, dtype=torch.float64)[:, None], (k // 2, k // 2), mode="reflect")
+    return F.conv1d(impulses, taps.view(1, 1, k))[:, 0].T  # [n, n]: M[i, j]
+
+
+def einsum_blur(q: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``q: [heads, H·W, d]`` blurred over the (H, W) grid, separably with einsum."""
+    h, w = GRID
+    x = q.double().reshape(q.shape[0], h, w, q.shape[-1])
+    x = torch.einsum("ij,hjwd->hiwd", ref_matrix(h, sigma), x)
+    x = torch.einsum("vw,hiwd->hivd", ref_matrix(w, sigma), x)
+    return x.reshape(q.shape)
+
+
+def model_inputs(family: str, model) -> dict:
+    torch.manual_seed(1)
+    h, w = GRID
+    if family == "sd3":
+        return {
+            "hidden_states": torch.randn(2, 4, 2 * h, 2 * w),
+            "encoder_hidden_states": torch.randn(2, TEXT, model.config.joint_attention_dim),
+            "pooled_projections": torch.randn(2, model.config.pooled_projection_dim),
+            "timestep": torch.tensor([500.0, 500.0]),
+        }
+    return {
+        "hidden_states": torch.randn(2, h * w, model.config.in_channels),
+        "encoder_hidden_states": torch.randn(2, TEXT, model.config.joint_attention_dim),
+        "pooled_projections": torch.randn(2, model.config.pooled_projection_dim),
+        "timestep": torch.tensor([0.5, 0.5]),
+        "guidance": torch.tensor([3.5, 3.5]),
+        "img_ids": dit.image_ids(h, w, "cpu", torch.float32),
+        "txt_ids": torch.zeros(TEXT, 3),
+    }
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def model(request):
+    return request.param, tiny_dit(request.param)
+
+
+def run(model, kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**kw, return_dict=False)[0]
+
+
+def all_layers(m) -> list[str]:
+    return list(dit_attention.adapter_of(m).layers(m))
+
+
+def test_all_false_mask_equals_unpatched_model(model):
+    family, m = model
+    kw = model_inputs(family, m)
+    plain = run(m, kw)
+    with SEGAttention(m, 1.0, all_layers(m), adapter=dit_attention.adapter_of(m)) as seg:
+        seg.set_mask(torch.tensor([False, False]))
+        patched = run(m, kw)
+        assert seg.perturbed == 0
+    assert_close(patched, plain, rel=1e-6)
+
+
+def test_unperturbed_rows_identical_and_perturbed_row_changes(model):
+    family, m = model
+    kw = model_inputs(family, m)
+    plain = run(m, kw)
+    with SEGAttention(m, 1.0, all_layers(m), adapter=dit_attention.adapter_of(m)) as seg:
+        seg.set_mask(torch.tensor([False, True]))
+        patched = run(m, kw)
+        seg.check()
+        assert seg.perturbed == len(all_layers(m))
+    assert_close(patched[0], plain[0], rel=1e-6)
+    assert max_rel_error(patched[1], plain[1]) > 1e-4
+
+
+def _spy(family, monkeypatch, seen):
+    if family == "sd3":  # JointAttnProcessor2_0 and its SEG copy call torch's sdpa: [B, h, N, d]
+        real = F.scaled_dot_product_attention
+
+        def spy(q, *a, **k):
+            seen.append(q.detach().clone())
+            return real(q, *a, **k)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        return
+    real = dit_attention.dispatch_attention_fn  # Flux: diffusers' dispatch, [B, N, h, d]
+
+    def spy(q, *a, **k):
+        seen.append(q.detach().transpose(1, 2).clone())  # -> [B, h, N, d]
+        return real(q, *a, **k)
+
+    monkeypatch.setattr(dit_attention, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+
+
+CASES = {
+    # (layer, image tokens first?) per family: joint attention, SD3.5's image-only attn2,
+    # Flux's double-stream (text first) and single-stream ([text, image] concatenated) blocks
+    "sd3": ["transformer_blocks.2.attn", "transformer_blocks.1.attn2"],
+    "flux": ["transformer_blocks.1.attn", "single_transformer_blocks.0.attn"],
+}
+
+
+@pytest.mark.parametrize("sigma", [1.0, math.inf])
+@pytest.mark.parametrize("case", [0, 1])
+def test_query_entering_attention_is_the_einsum_blur(model, case, sigma, monkeypatch):
+    """Spy on the attention function (test-local): with SEG on one layer, the query reaching that
+    layer's attention is the unpatched model's final query with the perturbed row's image tokens
+    blurred over the non-square grid; text tokens and the other row are untouched."""
+    family, m = model
+    layer = CASES[family][case]
+    order = all_layers(m)  # the attention calls run in module order
+    index = order.index(layer)
+    kw = model_inputs(family, m)
+    plain: list[torch.Tensor] = []
+    _spy(family, monkeypatch, plain)
+    run(m, kw)
+    monkeypatch.undo()
+    patched: list[torch.Tensor] = []
+    with SEGAttention(m, sigma, [layer], adapter=dit_attention.adapter_of(m)) as seg:
+        _spy(family, monkeypatch, patched)
+        seg.set_mask(torch.tensor([False, True]))
+        run(m, kw)
+        monkeypatch.undo()
+        seg.check()
+    assert len(plain) == len(patched) == len(order)
+    for i in range(index):
+        assert torch.equal(plain[i], patched[i])
+    p, q = plain[index], patched[index]
+    n_img = GRID[0] * GRID[1]
+    img_first = family == "sd3"
+    image = slice(0, n_img) if img_first else slice(q.shape[2] - n_img, q.shape[2])
+    text = slice(n_img, q.shape[2]) if img_first else slice(0, q.shape[2] - n_img)
+    if ".attn2" not in layer:
+        assert q.shape[2] - n_img >= TEXT  # joint attention: text tokens are in this query
+    assert torch.equal(q[:, :, text], p[:, :, text])  # text tokens untouched
+    assert torch.equal(q[0], p[0])  # unperturbed row untouched
+    assert_close(q[1, :, image], einsum_blur(p[1, :, image], sigma), rel=1e-5)
+    assert max_rel_error(q[1, :, image], p[1, :, image]) > 1e-3  # the blur did something
+
+
+def test_layer_selectors(model):
+    family, m = model
+    adapter = dit_attention.adapter_of(m)
+    kind = dit_attention.DEFAULT_KIND[family]
+    blocks = [n for n, k in adapter.layers(m).items() if k == kind]
+    assert adapter.select(m, ["mid"]) == [blocks[len(blocks) // 2]]
+    assert adapter.select(m, [f"{kind}.0-1"]) == blocks[:2]
+    assert adapter.select(m, [f"{kind}.1"]) == [blocks[1]]
+    with pytest.raises(ValueError, match=rf"seg layer '{kind}.9' matches no attention layer; available: mid"):
+        adapter.select(m, [f"{kind}.9"])
+
+
+def test_replaced_processors_raise_seg_not_applied():
+    m = tiny_dit("sd3")
+    kw = model_inputs("sd3", m)
+    with SEGAttention(m, 1.0, ["mid"], adapter=dit_attention.SD3) as seg:
+        m.set_attn_processor(diffusers.models.attention_processor.JointAttnProcessor2_0())
+        seg.set_mask(torch.tensor([False, True]))
+        run(m, kw)
+        with pytest.raises(SEGNotApplied):
+            seg.check()
+
+
+# ---- end to end on the tiny pipelines ----
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def pipe(request):
+    return request.param, tiny_dit_pipeline(request.param)
+
+
+def gen(p, **kw):
+    args = {"steps": 3, "height": 48, "width": 80, "output_type": "np", "seed": 3}
+    return generate(p, "a red fox", **{**args, **kw})
+
+
+def test_seg_changes_image_and_runs_are_deterministic(pipe):
+    _, p = pipe
+    a, b = gen(p), gen(p)
+    assert np.array_equal(a, b)
+    assert a.shape == (1, 48, 80, 3)
+    assert np.abs(a - gen(p, seg_scale=0.0)).max() > 1e-3
+
+
+def test_image_i_of_a_batch_equals_its_seed_alone(pipe):
+    """Bit for bit. At 64x96 (a 4x6 grid): on a 3x5 grid SD3.5's image-only attention has 15 query
+    tokens, where torch's CPU scaled_dot_product_attention itself rounds ~6e-8 differently for
+    another batch size (seen for N=15, not for N=24, 32, 365 or real sizes)."""
+    _, p = pipe
+    batch = gen(p, seed=5, num_images=2, height=64, width=96, output_type="latent")
+    alone = gen(p, seed=6, height=64, width=96, output_type="latent")
+    assert torch.equal(batch[1:], alone)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_without_seg_equals_the_diffusers_pipeline(pipe, cfg):
+    """seg scale 0: the same latents as the family's diffusers pipeline with the same seed (noise,
+    schedule, prompt encoding, guidance embedding, true CFG); SEG adds only its branch."""
+    family, p = pipe
+    ours = gen(p, cfg=cfg, seg_scale=0.0, negative_prompt="blurry", output_type="latent")
+    kw = {"num_inference_steps": 3, "height": 48, "width": 80, "output_type": "latent"}
+    kw["generator"] = torch.Generator("cpu").manual_seed(3)
+    if family == "sd3":
+        theirs = p("a red fox", negative_prompt="blurry", guidance_scale=cfg, **kw).images
+    else:
+        theirs = p(
+            "a red fox", negative_prompt="blurry", true_cfg_scale=cfg, guidance_scale=dit.FLUX_GUIDANCE, **kw
+        ).images
+        ours = dit.pack(ours)
+    assert_close(ours, theirs, rel=1e-5)
+
+
+def test_sizes_must_fit_the_patches(pipe):
+    """SD3: 8x VAE x 2x2 patches; Flux: 8x VAE x 2x2 packing: 16-pixel multiples (48x80 fits)."""
+    _, p = pipe
+    with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 40"):
+        gen(p, height=40)
+
+
+def test_dit_refuses_other_schedulers(pipe):
+    _, p = pipe
+    with pytest.raises(ValueError, match="flow-matching Euler scheduler"):
+        gen(p, scheduler="ddim")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_cli_generate_48x80(family, tmp_path):
+    folder = save_tiny_dit_pipeline(family, tmp_path / family)
+    out = tmp_path / "img.png"
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(folder),
+            "--prompt",
+            "a cat",
+            "--height",
+            "48",
+            "--width",
+            "80",
+            "--steps",
+            "2",
+            "--seg-layers",
+            "mid",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (80, 48)
