@@ -168,7 +168,7 @@ def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-VIDEO_FAMILIES = ("animatediff", "cogvideox", "wan")
+VIDEO_FAMILIES = ("animatediff", "cogvideox", "wan", "ltx")
 
 
 def tiny_video_denoiser(family: str, seed: int = 0):
@@ -192,7 +192,37 @@ def tiny_video_denoiser(family: str, seed: int = 0):
             text_dim=_TEXT["hidden_size"], freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         ).eval()  # fmt: skip
+    if family == "ltx":
+        return diffusers.LTXVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            cross_attention_dim=32,
+            num_layers=2,
+            caption_channels=_TEXT["hidden_size"],
+        ).eval()
     raise ValueError(f"unknown tiny video family {family!r}; choose from {', '.join(VIDEO_FAMILIES)}")
+
+
+def _ltx_vae(seed: int):
+    """An LTX-Video VAE with 8x spatial and 8x temporal compression (three scaling blocks, patch 1)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKLLTXVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False),
+        patch_size=1,
+        patch_size_t=1,
+    ).eval()
 
 
 def _animatediff_parts(seed: int):
@@ -259,6 +289,21 @@ def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
             tokenizer=tok, text_encoder=_t5(False, len(tok), seed + 1), vae=vae,
             transformer=tiny_video_denoiser("cogvideox", seed + 2), scheduler=diffusers.CogVideoXDDIMScheduler(),
         )  # fmt: skip
+    if family == "ltx":
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=0.95,
+            max_shift=2.05,
+            base_image_seq_len=1024,
+            max_image_seq_len=4096,
+        )
+        return diffusers.LTXPipeline(
+            scheduler=scheduler,
+            vae=_ltx_vae(seed),
+            text_encoder=_t5(False, len(tok), seed + 1),
+            tokenizer=tok,
+            transformer=tiny_video_denoiser("ltx", seed + 2),
+        )
     vae = diffusers.AutoencoderKLWan(
         base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4,

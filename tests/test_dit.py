@@ -31,6 +31,8 @@ def ref_matrix(n: int, sigma: float) -> torch.Tensor:
     """The reference 1D blur on n positions as a matrix: column j is the blurred unit impulse e_j."""
     if sigma > 9999:
         return torch.full((n, n), 1.0 / n, dtype=torch.float64)
+    if sigma == 0:  # σ = 0 on an axis: that axis is not blurred
+        return torch.eye(n, dtype=torch.float64)
     c6 = math.ceil(6 * sigma)
     k = min(c6 + 1 - c6 % 2, n - (n % 2 - 1))
     x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
@@ -287,3 +289,171 @@ def test_cli_generate_48x80(family, tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (80, 48)
+
+
+# ---- LTX-Video: the fourth video family (pre-patchified tokens + num_frames / height / width) ----
+
+LTX_GRID = (2, 3, 5)  # latent (frames, height, width): 9 frames at 48x80 with the 8x/8x tiny VAE
+
+
+def ltx_inputs(model) -> dict:
+    torch.manual_seed(2)
+    f, h, w = LTX_GRID
+    return {
+        "hidden_states": torch.randn(2, f * h * w, model.config.in_channels),
+        "encoder_hidden_states": torch.randn(2, TEXT, model.config.caption_channels),
+        "encoder_attention_mask": torch.ones(2, TEXT),
+        "timestep": torch.tensor([500.0, 500.0]),
+        "num_frames": f,
+        "height": h,
+        "width": w,
+        "rope_interpolation_scale": (8 / 25, 8, 8),
+    }
+
+
+def einsum_blur_3d(q: torch.Tensor, sigma: float, sigma_time: float) -> torch.Tensor:
+    """``q: [F·H·W, heads, d]`` (frame-major) blurred over (F, H, W) separably with einsum."""
+    f, h, w = LTX_GRID
+    x = q.double().reshape(f, h, w, -1)
+    x = torch.einsum("st,thwc->shwc", ref_matrix(f, sigma_time), x)
+    x = torch.einsum("gh,thwc->tgwc", ref_matrix(h, sigma), x)
+    x = torch.einsum("vw,thwc->thvc", ref_matrix(w, sigma), x)
+    return x.reshape(q.shape)
+
+
+def test_ltx_all_false_mask_equals_unpatched_and_rows_independent():
+    from seg_rt.tiny import tiny_video_denoiser
+    from seg_rt.video.attention import VideoBlur, VideoSEG
+
+    m = tiny_video_denoiser("ltx")
+    kw = ltx_inputs(m)
+    plain = run(m, kw)
+    with VideoSEG(m, VideoBlur("spatiotemporal", 1.0, 1.0)) as seg:
+        assert list(seg.kinds) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+        seg.set_mask(torch.tensor([False, False]))
+        assert_close(run(m, kw), plain, rel=1e-6)
+        seg.set_mask(torch.tensor([False, True]))
+        patched = run(m, kw)
+        seg.check()
+    assert_close(patched[0], plain[0], rel=1e-6)
+    assert max_rel_error(patched[1], plain[1]) > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["spatial", "temporal", "spatiotemporal"])
+def test_ltx_query_entering_attention_is_the_3d_einsum_blur(mode, monkeypatch):
+    """Spy on diffusers' attention dispatch (test-local): with SEG on block 1's self-attention, the
+    query reaching it is the unpatched final query (after norm_q and RoPE) blurred over the
+    non-square (F, H, W) grid on the perturbed row only."""
+    from diffusers.models.transformers import transformer_ltx
+
+    from seg_rt.tiny import tiny_video_denoiser
+    from seg_rt.video import attention as video_attention
+    from seg_rt.video.attention import VideoBlur, VideoSEG
+
+    m = tiny_video_denoiser("ltx")
+    kw = ltx_inputs(m)
+    real = video_attention.dispatch_attention_fn
+    seen: list[torch.Tensor] = []
+
+    def spy(q, *a, **k):
+        seen.append(q.detach().clone())  # [B, N, heads, d]
+        return real(q, *a, **k)
+
+    blur = VideoBlur(mode, 1.0, 1.0)
+    for where in (video_attention, transformer_ltx):
+        monkeypatch.setattr(where, "dispatch_attention_fn", spy)
+    run(m, kw)
+    plain = list(seen)
+    seen.clear()
+    with VideoSEG(m, blur, ["transformer_blocks.1"]) as seg:
+        seg.set_mask(torch.tensor([False, True]))
+        run(m, kw)
+        seg.check()
+    monkeypatch.undo()
+    index = 2  # calls: block 0 attn1, attn2 (cross), block 1 attn1
+    for i in range(index):
+        assert torch.equal(plain[i], seen[i])
+    p, q = plain[index], seen[index]
+    assert torch.equal(q[0], p[0])
+    assert_close(q[1], einsum_blur_3d(p[1], blur.space, blur.time), rel=1e-5)
+    assert max_rel_error(q[1], p[1]) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def ltx_pipe():
+    from seg_rt.tiny import tiny_video_pipeline
+
+    return tiny_video_pipeline("ltx")
+
+
+def test_ltx_video_seg_changes_video_deterministic_and_batch_rows(ltx_pipe):
+    from seg_rt.video.sampling import generate_video
+
+    kw = {"frames": 9, "height": 48, "width": 80, "steps": 2, "seg_sigma": 2.0, "output_type": "latent"}
+    a, b = generate_video(ltx_pipe, "a cat", **kw), generate_video(ltx_pipe, "a cat", **kw)
+    assert torch.equal(a, b)
+    assert max_rel_error(a, generate_video(ltx_pipe, "a cat", **{**kw, "seg_scale": 0.0})) > 1e-3
+    batch = generate_video(ltx_pipe, "a cat", **{**kw, "seed": 4, "num_videos": 2})
+    alone = generate_video(ltx_pipe, "a cat", **{**kw, "seed": 5})
+    assert_close(batch[1:], alone, rel=1e-6)  # video: to float rounding (see video.sampling)
+
+
+def test_ltx_without_seg_equals_the_diffusers_pipeline(ltx_pipe):
+    """seg scale 0: LTXPipeline's latents for the same seed (noise, sigmas + mu schedule, T5 mask,
+    RoPE scale, CFG). 64x96: LTXPipeline insists on multiples of 32 (its real VAE's factor)."""
+    from seg_rt.video.sampling import generate_video, ltx_pack
+
+    ours = generate_video(
+        ltx_pipe,
+        "a cat",
+        negative_prompt="dull",
+        frames=9,
+        height=64,
+        width=96,
+        steps=2,
+        cfg=3.0,
+        seg_scale=0.0,
+        output_type="latent",
+    )
+    theirs = ltx_pipe(
+        "a cat",
+        negative_prompt="dull",
+        num_frames=9,
+        height=64,
+        width=96,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        output_type="latent",
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).frames
+    assert_close(ltx_pack(ours, 1, 1), theirs, rel=1e-5)
+
+
+def test_cli_video_ltx(tmp_path):
+    from seg_rt.tiny import save_tiny_video_pipeline
+
+    folder = save_tiny_video_pipeline("ltx", tmp_path / "ltx")
+    out = tmp_path / "v.mp4"
+    code = main(
+        [
+            "video",
+            "--model",
+            str(folder),
+            "--prompt",
+            "a cat",
+            "--frames",
+            "9",
+            "--height",
+            "48",
+            "--width",
+            "80",
+            "--steps",
+            "2",
+            "--seg-sigma",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0 and out.stat().st_size > 0
