@@ -9,6 +9,11 @@ the image tokens only (docs/design.md, "Which query, where"):
 - Flux.1 (``FluxTransformer2DModel``, ``FluxAttnProcessor``): the query after RoPE; double-stream
   blocks put the text tokens in front, single-stream blocks see ``[text, image]`` concatenated; in
   both the image tokens are the last H·W and only they are blurred.
+- Qwen-Image (``QwenImageTransformer2DModel``, ``QwenDoubleStreamAttnProcessor2_0``): the image
+  stream's query after ``norm_q`` and its RoPE, before ``[text, image]`` are joined. Chosen over Sana
+  because Sana's self-attention is linear (ReLU-kernel) attention: it has no softmax logits whose
+  blur the query blur equals, so "exact SEG" is not defined there; Qwen-Image's is softmax attention.
+  Model level only so far: no sampling pipeline (``seg_rt.generate`` does not take Qwen-Image yet).
 
 The token grid comes from the model input: SD3 ``hidden_states [B, C, h, w]`` with patch size p
 gives (h/p, w/p); Flux's packed tokens carry their positions in ``img_ids [H·W, 3]`` (row, column).
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from torch import Tensor, nn
 
 from .attention import Adapter, Grid, SEGPatch
@@ -35,7 +41,12 @@ from .attention import Adapter, Grid, SEGPatch
 # block kind -> (container of blocks, attention module inside a block)
 SD3_KINDS = {"joint": ("transformer_blocks", "attn"), "dual": ("transformer_blocks", "attn2")}
 FLUX_KINDS = {"double": ("transformer_blocks", "attn"), "single": ("single_transformer_blocks", "attn")}
-DEFAULT_KIND = {"sd3": "joint", "flux": "double"}  # "mid" = the middle block of this kind
+QWEN_KINDS = {"joint": ("transformer_blocks", "attn")}
+DEFAULT_KIND = {
+    "sd3": "joint",
+    "flux": "double",
+    "qwenimage": "joint",
+}  # "mid" = the middle block of this kind
 
 
 def perturb_image_tokens(patch: SEGPatch, proc, q: Tensor, token_dim: int) -> Tensor:
@@ -222,6 +233,95 @@ class SEGFluxAttnProcessor:
         return hidden_states
 
 
+class SEGQwenDoubleStreamAttnProcessor:
+    """diffusers' ``QwenDoubleStreamAttnProcessor2_0`` with the image stream's final query (after
+    ``norm_q`` and RoPE) perturbed; the text stream is left alone."""
+
+    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
+        if not hasattr(F, "scaled_dot_product_attention"):
+            raise ImportError("SEGQwenDoubleStreamAttnProcessor needs scaled_dot_product_attention")
+        self.patch, self.name, self.kind = patch, name, kind
+        self.grid: tuple[int, int] | None = None
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor = None,
+        encoder_hidden_states_mask: Tensor = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        if encoder_hidden_states is None:
+            raise ValueError("SEGQwenDoubleStreamAttnProcessor requires encoder_hidden_states (text stream)")
+        if attention_mask is not None:
+            raise ValueError(
+                "SEGQwenDoubleStreamAttnProcessor takes encoder_hidden_states_mask, not attention_mask"
+            )
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+        seq_txt = encoder_hidden_states.shape[1]
+
+        img_query = attn.to_q(hidden_states)  # [B, H·W, C]
+        img_key = attn.to_k(hidden_states)
+        img_value = attn.to_v(hidden_states)
+        txt_query = attn.add_q_proj(encoder_hidden_states)
+        txt_key = attn.add_k_proj(encoder_hidden_states)
+        txt_value = attn.add_v_proj(encoder_hidden_states)
+
+        head_dim = attn.inner_dim // attn.heads
+        img_query = img_query.unflatten(-1, (-1, head_dim))  # [B, H·W, h, d]
+        img_key = img_key.unflatten(-1, (-1, head_dim))
+        img_value = img_value.unflatten(-1, (-1, head_dim))
+        txt_query = txt_query.unflatten(-1, (-1, head_dim))
+        txt_key = txt_key.unflatten(-1, (-1, head_dim))
+        txt_value = txt_value.unflatten(-1, (-1, head_dim))
+
+        if attn.norm_q is not None:
+            img_query = attn.norm_q(img_query)
+        if attn.norm_k is not None:
+            img_key = attn.norm_k(img_key)
+        if attn.norm_added_q is not None:
+            txt_query = attn.norm_added_q(txt_query)
+        if attn.norm_added_k is not None:
+            txt_key = attn.norm_added_k(txt_key)
+
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_query = apply_rotary_emb_qwen(img_query, img_freqs, use_real=False)
+            img_key = apply_rotary_emb_qwen(img_key, img_freqs, use_real=False)
+            txt_query = apply_rotary_emb_qwen(txt_query, txt_freqs, use_real=False)
+            txt_key = apply_rotary_emb_qwen(txt_key, txt_freqs, use_real=False)
+        img_query = perturb_image_tokens(self.patch, self, img_query, token_dim=1)  # the final query
+
+        joint_query = torch.cat([txt_query, img_query], dim=1)  # [B, L + H·W, h, d]
+        joint_key = torch.cat([txt_key, img_key], dim=1)
+        joint_value = torch.cat([txt_value, img_value], dim=1)
+        joint_hidden_states = dispatch_attention_fn(
+            joint_query,
+            joint_key,
+            joint_value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        joint_hidden_states = joint_hidden_states.flatten(2, 3)
+        joint_hidden_states = joint_hidden_states.to(joint_query.dtype)
+
+        txt_attn_output = joint_hidden_states[:, :seq_txt, :]
+        img_attn_output = joint_hidden_states[:, seq_txt:, :]
+        img_attn_output = attn.to_out[0](img_attn_output.contiguous())
+        if len(attn.to_out) > 1:
+            img_attn_output = attn.to_out[1](img_attn_output)
+        txt_attn_output = attn.to_add_out(txt_attn_output.contiguous())
+        return img_attn_output, txt_attn_output
+
+
 def _kind_layers(model: nn.Module, kinds: dict[str, tuple[str, str]]) -> dict[str, str]:
     """``{module name: kind}`` of every ``container.i.attn`` named in ``kinds``, in module order."""
     modules = dict(model.named_modules())
@@ -240,6 +340,10 @@ def sd3_layers(model: nn.Module) -> dict[str, str]:
 
 def flux_layers(model: nn.Module) -> dict[str, str]:
     return _kind_layers(model, FLUX_KINDS)
+
+
+def qwenimage_layers(model: nn.Module) -> dict[str, str]:
+    return _kind_layers(model, QWEN_KINDS)
 
 
 def _by_kind(found: dict[str, str]) -> dict[str, list[str]]:
@@ -320,8 +424,34 @@ FLUX = Adapter(
     text_tokens=True,
     select=_selector(flux_layers, DEFAULT_KIND["flux"]),
 )
-ADAPTERS = {"sd3": SD3, "flux": FLUX}
-MODEL_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+
+
+def qwenimage_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
+    """(1, H, W) from ``img_shapes`` (per sample a list of (frames, H, W) in packed tokens); one
+    image per sample, the same size for every row of a batch."""
+    shapes = kwargs["img_shapes"][0]
+    if len(shapes) != 1 or shapes[0][0] != 1:
+        raise ValueError(
+            f"SEG on Qwen-Image takes one single-frame image per sample, got img_shapes {shapes}"
+        )
+    _, h, w = shapes[0]
+    return 1, int(h), int(w)
+
+
+QWENIMAGE = Adapter(
+    "qwenimage",
+    SEGQwenDoubleStreamAttnProcessor,
+    qwenimage_layers,
+    grid=qwenimage_grid,
+    text_tokens=True,
+    select=_selector(qwenimage_layers, DEFAULT_KIND["qwenimage"]),
+)
+ADAPTERS = {"sd3": SD3, "flux": FLUX, "qwenimage": QWENIMAGE}
+MODEL_FAMILIES = {
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "QwenImageTransformer2DModel": "qwenimage",
+}
 
 
 def adapter_of(model: nn.Module) -> Adapter:

@@ -346,7 +346,8 @@ def _flow_vae(seed: int, shift: float, scaling: float):
 def tiny_dit(family: str, seed: int = 0):
     """A random-weight image DiT: ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, the last
     ``context_pre_only``, qk RMS norm; block 1 with SD3.5's second image attention) or
-    ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, guidance embedding)."""
+    ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, guidance embedding), or
+    ``QwenImageTransformer2DModel`` (``qwenimage``: 2 double-stream blocks; model only)."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -380,7 +381,18 @@ def tiny_dit(family: str, seed: int = 0):
             guidance_embeds=True,
             axes_dims_rope=(4, 6, 6),
         ).eval()
-    raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}")
+    if family == "qwenimage":  # model only: no tiny Qwen-Image pipeline yet
+        return diffusers.QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_TEXT["hidden_size"],
+            axes_dims_rope=(4, 6, 6),
+        ).eval()
+    raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}, qwenimage")
 
 
 def tiny_dit_pipeline(family: str = "sd3", seed: int = 0):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers.models.transformers import transformer_flux
+from diffusers.models.transformers import transformer_flux, transformer_qwenimage
 
 from seg_rt import dit, dit_attention
 from seg_rt.attention import SEGAttention
@@ -61,6 +61,14 @@ def model_inputs(family: str, model) -> dict:
             "pooled_projections": torch.randn(2, model.config.pooled_projection_dim),
             "timestep": torch.tensor([500.0, 500.0]),
         }
+    if family == "qwenimage":
+        return {
+            "hidden_states": torch.randn(2, h * w, model.config.in_channels),
+            "encoder_hidden_states": torch.randn(2, TEXT, model.config.joint_attention_dim),
+            "encoder_hidden_states_mask": torch.tensor([[True] * TEXT, [True] * (TEXT - 2) + [False] * 2]),
+            "timestep": torch.tensor([0.5, 0.5]),
+            "img_shapes": [[(1, h, w)]] * 2,
+        }
     return {
         "hidden_states": torch.randn(2, h * w, model.config.in_channels),
         "encoder_hidden_states": torch.randn(2, TEXT, model.config.joint_attention_dim),
@@ -72,7 +80,7 @@ def model_inputs(family: str, model) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage"])
 def model(request):
     return request.param, tiny_dit(request.param)
 
@@ -120,7 +128,7 @@ def _spy(family, monkeypatch, seen):
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
         return
-    real = dit_attention.dispatch_attention_fn  # Flux: diffusers' dispatch, [B, N, h, d]
+    real = dit_attention.dispatch_attention_fn  # Flux, Qwen-Image: diffusers' dispatch, [B, N, h, d]
 
     def spy(q, *a, **k):
         seen.append(q.detach().transpose(1, 2).clone())  # -> [B, h, N, d]
@@ -128,6 +136,7 @@ def _spy(family, monkeypatch, seen):
 
     monkeypatch.setattr(dit_attention, "dispatch_attention_fn", spy)
     monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(transformer_qwenimage, "dispatch_attention_fn", spy)
 
 
 CASES = {
@@ -135,6 +144,7 @@ CASES = {
     # Flux's double-stream (text first) and single-stream ([text, image] concatenated) blocks
     "sd3": ["transformer_blocks.2.attn", "transformer_blocks.1.attn2"],
     "flux": ["transformer_blocks.1.attn", "single_transformer_blocks.0.attn"],
+    "qwenimage": ["transformer_blocks.1.attn", "transformer_blocks.0.attn"],  # text first, joined after RoPE
 }
 
 
