@@ -248,6 +248,12 @@ class SEGDiT(nn.Module):
         )[0]
         return unpack(out, h, w)
 
+    controlnet = None  # the export code asks every SEG denoiser for its ControlNet
+
+    def grids(self) -> list[tuple[int, int]]:
+        """The token grid of the last forward (for runtime-σ exports' blur-matrix inputs)."""
+        return [] if self.seg.grid is None else [self.seg.grid[1:]]
+
     def remove(self) -> None:
         self.seg.remove()
         batch_invariance(self.transformer, False)
@@ -280,8 +286,42 @@ class DiTDenoiser:
         self.model.remove()
 
 
-def load_engine(spec: str, pipe) -> DiTDenoiser:
-    """Image DiTs run on the eager torch engine (ONNX export of a DiT is not built yet)."""
-    if spec != "torch":
-        raise ValueError(f"engine {spec!r} is not available for {type(pipe).__name__}; use 'torch'")
-    return DiTDenoiser(pipe.transformer)
+EXPORTABLE = ("sd3",)
+"""Image DiTs with an ONNX export. Flux's grid comes from the values of ``img_ids``, which a traced
+graph cannot read as Python ints; its export is not built yet."""
+
+T5_EXPORT_TOKENS = 256  # StableDiffusion3Pipeline.encode_prompt's max_sequence_length default
+
+
+def export_inputs(pipe, rows: int, batch: int, height: int, width: int, dtype, seed: int = 0) -> dict:
+    """Deterministic random denoiser inputs at the export shapes; the last ``batch`` rows perturbed."""
+    family = pipeline_family(pipe)
+    if family not in EXPORTABLE:
+        raise ValueError(f"ONNX export supports the image DiTs {', '.join(EXPORTABLE)}, got {family}")
+    g = torch.Generator().manual_seed(seed)
+    config = pipe.transformer.config
+    clip_tokens = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[rows - batch :] = True
+    return {
+        "sample": rnd(*latent_shape(pipe, rows, height, width)),
+        "timestep": torch.full((rows,), 500.0),
+        "encoder_hidden_states": rnd(rows, clip_tokens + T5_EXPORT_TOKENS, config.joint_attention_dim),
+        "pooled_projections": rnd(rows, config.pooled_projection_dim),
+        "seg_mask": mask,
+    }
+
+
+def load_engine(spec: str, pipe):
+    """``torch``: the eager ``DiTDenoiser``; ``onnx:DIR`` / ``trt:DIR``: an exported SD3 denoiser
+    (the engines take inputs by name, the same for every family)."""
+    if spec == "torch":
+        return DiTDenoiser(pipe.transformer)
+    if spec.startswith(("onnx:", "trt:")):
+        from seg_rt.engines import load_engine as load_exported
+
+        return load_exported(spec, pipe, pipe._execution_device)
+    raise ValueError(
+        f"engine {spec!r} is not available for {type(pipe).__name__}; use torch, onnx:DIR or trt:DIR"
+    )
