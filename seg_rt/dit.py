@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,19 +28,21 @@ from .dit_attention import MODEL_FAMILIES, adapter_of
 
 logger = logging.getLogger(__name__)
 
-PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
-FAMILIES = tuple(PIPELINES.values())
+FAMILIES = ("sd3", "flux")  # pipeline classes: seg_rt.families
 FLUX_GUIDANCE = 3.5
 """Flux.1-dev's distilled guidance embedding (``FluxPipeline``'s ``guidance_scale`` default); ``cfg``
 is Flux's *true* CFG (with the negative prompt), off at ``cfg = 1``."""
 
 
 def pipeline_family(pipe) -> str | None:
-    """``"sd3"`` / ``"flux"`` for an image-DiT pipeline, else None."""
-    for cls in type(pipe).__mro__:
-        if cls.__name__ in PIPELINES:
-            return PIPELINES[cls.__name__]
-    return None
+    """``"sd3"`` / ``"flux"`` for an image-DiT pipeline (``seg_rt.families``), else None."""
+    from .families import family_of
+
+    try:
+        family = family_of(pipe)
+    except ValueError:
+        return None
+    return family if family in FAMILIES else None
 
 
 def size_factor(pipe) -> int:
@@ -259,33 +260,6 @@ class SEGDiT(nn.Module):
         batch_invariance(self.transformer, False)
 
 
-class DiTDenoiser:
-    """The torch engine for image DiTs: ``SEGDiT`` behind the denoiser protocol (any shape)."""
-
-    def __init__(self, transformer: nn.Module, *, sigma: float = math.inf, layers: Sequence[str] = ("mid",)):
-        from seg_rt.engines.base import ShapeSpec
-
-        self.model = SEGDiT(transformer, sigma=sigma, layers=layers)
-        self.layers = tuple(layers)
-        self.shapes = ShapeSpec()
-
-    def configure(self, sigma: float, layers: Sequence[str]) -> None:
-        """Use ``sigma`` and ``layers`` from the next call on."""
-        if tuple(layers) != self.layers:
-            transformer = self.model.transformer
-            self.model.remove()
-            self.model = SEGDiT(transformer, sigma=sigma, layers=layers)
-            self.layers = tuple(layers)
-        self.model.seg.sigma = float(sigma)
-
-    @torch.no_grad()
-    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        return self.model(inputs)
-
-    def close(self) -> None:
-        self.model.remove()
-
-
 EXPORTABLE = ("sd3",)
 """Image DiTs with an ONNX export. Flux's grid comes from the values of ``img_ids``, which a traced
 graph cannot read as Python ints; its export is not built yet."""
@@ -317,6 +291,8 @@ def load_engine(spec: str, pipe):
     """``torch``: the eager ``DiTDenoiser``; ``onnx:DIR`` / ``trt:DIR``: an exported SD3 denoiser
     (the engines take inputs by name, the same for every family)."""
     if spec == "torch":
+        from seg_rt.engines.dit_denoiser import DiTDenoiser
+
         return DiTDenoiser(pipe.transformer)
     if spec.startswith(("onnx:", "trt:")):
         from seg_rt.engines import load_engine as load_exported
