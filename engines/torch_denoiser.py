@@ -19,6 +19,9 @@ class TorchDenoiser:
     Accepts any shape. The SEG processors stay installed for the denoiser's lifetime; ``close()``
     (or ``with``) restores the model. Rows with ``seg_mask`` False run the unmodified attention.
     ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
+    ``shared_prefix`` (default on): the perturbed rows share the cond rows' computation up to the
+    first SEG layer (``seg_rt.denoiser.SharedPrefix``); bit-identical to the plain batch on the CPU
+    path (tests/test_shared_prefix.py), so it is the default; ``False`` runs every row through.
     """
 
     def __init__(
@@ -30,9 +33,16 @@ class TorchDenoiser:
         controlnet: nn.Module | None = None,
         compile: bool = False,
         perturbation: str = "blur",
+        shared_prefix: bool = True,
     ) -> None:
+        self.shared_prefix = shared_prefix
         self.model = SEGUNet(
-            unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=perturbation
+            unet,
+            sigma=sigma,
+            layers=layers,
+            controlnet=controlnet,
+            perturbation=perturbation,
+            shared_prefix=shared_prefix,
         )
         self.layers = tuple(layers)
         self.shapes = ShapeSpec()
@@ -45,7 +55,12 @@ class TorchDenoiser:
             perturbation = self.model.seg.perturbation
             self.model.remove()
             self.model = SEGUNet(
-                unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=perturbation
+                unet,
+                sigma=sigma,
+                layers=layers,
+                controlnet=controlnet,
+                perturbation=perturbation,
+                shared_prefix=self.shared_prefix,
             )
             self.layers = tuple(layers)
             self._call = self.model

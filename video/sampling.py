@@ -47,7 +47,7 @@ class VideoDenoiser:
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"))
+        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
         try:
             out = self._forward(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
             self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
