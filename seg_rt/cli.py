@@ -47,6 +47,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg-layers", default="mid", help="comma list: mid, down, up, mid.0, module names")
     p.add_argument("--seg-start", type=float, default=0.0, help="SEG window start, fraction of steps")
     p.add_argument("--seg-end", type=float, default=1.0, help="SEG window end, fraction of steps")
+    p.add_argument(
+        "--seg-every",
+        type=int,
+        default=1,
+        help="cheap SEG: run the SEG branch every k-th step, reuse its delta",
+    )
+    p.add_argument(
+        "--seg-placement",
+        default="batched",
+        help="batched (default: an extra perturbed row) or uncond (cheap: blur inside the uncond row)",
+    )
     p.add_argument("--cfg", type=float, default=5.0, help="CFG scale (1 = no CFG)")
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=25)
@@ -192,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
-    b.add_argument("what", choices=["blur", "engines", "cluster", "serve", "video-quality", "quality"])
+    b.add_argument(
+        "what", choices=["blur", "engines", "cluster", "serve", "video-quality", "quality", "step"]
+    )
     b.add_argument(
         "--model",
         default=None,
@@ -234,8 +247,15 @@ def _generate_kwargs(args) -> dict:
     from .pipeline import SCHEDULERS
 
     seg = SEGConfig(
-        args.seg_scale, args.seg_sigma, parse_layers(args.seg_layers), args.seg_start, args.seg_end
+        args.seg_scale,
+        args.seg_sigma,
+        parse_layers(args.seg_layers),
+        args.seg_start,
+        args.seg_end,
+        args.seg_every,
+        args.seg_placement,
     )
+    seg.check_cfg(args.cfg)
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {args.scheduler!r}")
     return {
@@ -254,6 +274,7 @@ def _generate_kwargs(args) -> dict:
         "seed": args.seed,
         "scheduler": args.scheduler,
         "sequential": args.sequential,
+        **{f"seg_{k}": v for k, v in seg.cheap_fields().items()},  # only when set: records unchanged
     }
 
 

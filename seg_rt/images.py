@@ -36,7 +36,8 @@ def params_text(model, params: dict) -> str:
 def generation_params(
     *, prompt: str, negative_prompt: str | None, steps: int, cfg: float, seg_scale: float, seg_sigma: float,
     seg_layers, seg_start: float, seg_end: float, height: int | None, width: int | None, seed: int,
-    scheduler: str, guidance_rescale: float = 0.0, sequential: bool = False,
+    scheduler: str, guidance_rescale: float = 0.0, sequential: bool = False, seg_every: int = 1,
+    seg_placement: str = "batched",
 ) -> dict:  # fmt: skip
     """The parameter record a seg-rt PNG carries: one key set for the CLI and the server, so the same
     request gives the same file bytes from either."""
@@ -45,6 +46,9 @@ def generation_params(
         "seg_scale": float(seg_scale), "seg_sigma": float(seg_sigma), "seg_layers": list(seg_layers),
         "seg_start": float(seg_start), "seg_end": float(seg_end), "guidance_rescale": float(guidance_rescale),
         "height": height, "width": width, "seed": int(seed), "scheduler": scheduler, "sequential": bool(sequential),
+        # cheap SEG modes only when set (SEGConfig.cheap_fields): default records stay byte-identical
+        **({"seg_every": int(seg_every)} if seg_every != 1 else {}),
+        **({"seg_placement": seg_placement} if seg_placement != "batched" else {}),
     }  # fmt: skip
 
 

@@ -347,6 +347,8 @@ def generate_batch(
     output_type: str = "pil",
     seg_start: float = 0.0,
     seg_end: float = 1.0,
+    seg_every: int = 1,
+    seg_placement: str = "batched",
     guidance_rescale: float = 0.0,
     sequential: bool = False,
     control_image=None,
@@ -362,7 +364,16 @@ def generate_batch(
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [None] * n
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
         raise ValueError(f"need one seed and negative prompt per prompt, got {n} prompts, {len(seeds)} seeds")
-    seg = SEGConfig(scale=seg_scale, sigma=seg_sigma, layers=seg_layers, start=seg_start, end=seg_end)
+    seg = SEGConfig(
+        scale=seg_scale,
+        sigma=seg_sigma,
+        layers=seg_layers,
+        start=seg_start,
+        end=seg_end,
+        every=seg_every,
+        placement=seg_placement,
+    )
+    seg.check_cfg(cfg)  # before any model loads
     _check_args(steps, cfg, n, output_type, guidance_rescale)
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe)
