@@ -224,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--unconditional", action="store_true", help="empty prompts (the paper's main setting)")
     q.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
     q.add_argument("--device", default=None)
+    q.add_argument(
+        "--cheap",
+        action="store_true",
+        help="add the cheap SEG rows: every 2nd step, uncond placement, a window",
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object per line")
     b.add_argument("--pairs", type=int, default=None, help="alternating timing pairs per case")
     b.set_defaults(func=cmd_bench)
@@ -538,7 +543,7 @@ def cmd_bench(args) -> int:
         rows = quality.run_quality(
             args.model, samples=args.samples, steps=args.steps, cfg=args.cfg, seg_scale=args.seg_scale,
             pag_scale=args.pag_scale, sigmas=sigmas, layers=parse_layers(args.seg_layers), batch=args.batch,
-            unconditional=args.unconditional, classifier=args.classifier, device=args.device,
+            unconditional=args.unconditional, classifier=args.classifier, device=args.device, cheap=args.cheap,
         )  # fmt: skip
         quality.plot(rows, args.plot or "quality.png")
         if args.json:
