@@ -25,11 +25,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from seg_rt.errors import EnvironmentUnavailable, ModelLoadError
+from seg_rt.errors import EnvironmentUnavailable, ModelLoadError, first_line
 from seg_rt.images import write_atomic
 from seg_rt.optional import require
 
-from .spec import Item, JobSpec, expand_items, load_job
+from .spec import Item, JobSpec, expand_items
 from .worker import SEGWorker
 
 logger = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class _Driver:
                 except ray.exceptions.RayError as exc:
                     self._retry(
                         batch,
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}",
+                        f"{type(exc).__name__}: {first_line(exc)[:300]}",
                         attempts,
                         queue,
                         manifest,
@@ -349,7 +349,7 @@ class _Driver:
                             "sample_index": item.sample_index,
                             "prompt": item.prompt,
                             "seed": item.seed,
-                            "params": item.params(),
+                            "params": item.params.to_record(),
                             "path": str(rel),
                             "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest(),
@@ -405,7 +405,7 @@ def _init_error_line(exc: Exception) -> str:
         last = lines[-1]
         kind, sep, message = last.partition(": ")
         return f"{kind.rsplit('.', 1)[-1]}: {message}"[:500] if sep else last[:500]
-    return (lines or [type(exc).__name__])[0][:300]
+    return first_line(exc)[:300]
 
 
 def write_contact_sheets(items: list[Item], output: Path) -> list[Path]:
@@ -432,8 +432,3 @@ def write_contact_sheets(items: list[Item], output: Path) -> list[Path]:
         )
         paths.append(path)
     return paths
-
-
-def run_job_file(path: str | Path, **kwargs) -> JobResult:
-    spec, base = load_job(path)
-    return run_job(spec, base, **kwargs)

@@ -1,12 +1,15 @@
 """HTTP serving of SEG generation: a thin Ray Serve deployment around ``seg_rt.cluster.serving``.
 
 ``POST /v1/generate`` (PNG, or JSON with base64 images and their parameters), ``GET /v1/health``,
-``GET /v1/info``; OpenAPI at ``/docs`` and ``/openapi.json``. The replica loads the model once;
+``GET /v1/info``; the OpenAI Images API (``/v1/images/generations``, ``/v1/models``), the
+AUTOMATIC1111 API (``/sdapi/v1/...``), the playground at ``/`` and ``/metrics``; OpenAPI at ``/docs``
+and ``/openapi.json``. The replica loads the model once;
 ``@serve.batch`` collects concurrent requests and the Ray-free core (``serving.py``) groups them
 into sampling runs, enforces limits, isolates failures and writes records. Each replica builds its
 own FastAPI app (``__serve_build_asgi_app__``), so deployments in one process share no app state.
 
-Run it with ``seg-rt serve --model M`` or ``serve run seg_rt.cluster.serve:build_app model=M``.
+Run it with ``seg-rt serve [--model M]`` (no model: the bundled demo model) or
+``serve run seg_rt.cluster.serve:build_app model=M``.
 """
 
 import asyncio
@@ -33,6 +36,11 @@ class SEGService:
         self.core = ServingCore.load(ServeConfig.model_validate(config))
         self.generate_batched.set_max_batch_size(self.core.cfg.max_batch_size)
         self.generate_batched.set_batch_wait_timeout_s(self.core.cfg.batch_wait_timeout_s)
+
+    def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down: close the engine
+        core = getattr(self, "core", None)
+        if core is not None:
+            core.close()
 
     def __serve_build_asgi_app__(self):
         return build_http_app(self.core, self.generate_batched)

@@ -12,11 +12,17 @@ chunks each group to the engine's batch and runs each chunk as one sampling run.
 is re-run one request at a time, so a bad request fails alone with its own message and its
 neighbours get the images they get served alone (batch-invariant sampling, per-row seeds).
 
+The same core answers the APIs image clients already speak, each mapped onto ``GenerateRequest`` in
+one module: the OpenAI Images API (``openai_api.py``), the AUTOMATIC1111 web UI API
+(``a1111_api.py``), and a browser playground at ``/`` (``playground.html``). Prometheus metrics
+(``metrics.py``) at ``/metrics``.
+
 No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations as classes.
 """
 
 import asyncio
 import base64
+import binascii
 import hmac
 import ipaddress
 import logging
@@ -30,17 +36,26 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.config import SEGConfig, parse_sigma
+from seg_rt.errors import first_line
 from seg_rt.images import params_text, png_bytes
-from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, check_scheduler, check_seed
+from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, check_scheduler, check_seed, parse_engine_spec
+
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics, MetricsMiddleware
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "SEG_RT_API_KEY"
-OPEN_PATHS = ("/v1/health",)  # answered without an API key (load balancers, Serve's own probes)
+# answered without an API key: health (load balancers, Serve's own probes) and the playground page
+# (static HTML; the page asks for the key and sends it with each request)
+OPEN_PATHS = ("/v1/health", "/")
+DEMO_MODEL_NAME = "seg-rt-demo"  # what clients see of the bundled demo model
+PLAYGROUND = Path(__file__).with_name("playground.html")
 
 
 class Limits(BaseModel):
@@ -62,14 +77,10 @@ class Limits(BaseModel):
 
 def check_engine_spec(spec: str) -> str:
     """``torch``, ``torch-compile``, ``onnx:DIR`` or ``trt:DIR`` with DIR an existing folder."""
-    from seg_rt.engines import ENGINE_KINDS
-
-    kind, _, path = spec.partition(":")
-    if (kind in ("torch", "torch-compile") and not path) or (kind in ("onnx", "trt") and path):
-        if path and not Path(path).is_dir():
-            raise ValueError(f"engine folder {path!r} does not exist")
-        return spec
-    raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, got {spec!r}")
+    _, path = parse_engine_spec(spec)
+    if path and not Path(path).is_dir():
+        raise ValueError(f"engine folder {path!r} does not exist")
+    return spec
 
 
 def is_loopback(host: str) -> bool:
@@ -82,9 +93,14 @@ def is_loopback(host: str) -> bool:
 
 
 def model_name(model: str) -> str:
-    """What clients see of the model: a local folder's basename or the hub id, never a server path."""
+    """What clients see of the model: a local folder's basename or the hub id, never a server path;
+    the bundled demo model is ``seg-rt-demo``."""
+    from seg_rt.demo.model import is_demo_folder
+
     path = Path(model)
-    return path.resolve().name if path.is_dir() else model
+    if not path.is_dir():
+        return model
+    return DEMO_MODEL_NAME if is_demo_folder(path) else path.resolve().name
 
 
 class ServeConfig(BaseModel):
@@ -167,8 +183,8 @@ def validation_lines(errors: Sequence[dict]) -> list[str]:
     return lines
 
 
-def load_config(path: str | Path | None, **overrides: Any) -> ServeConfig:
-    """Read ``path`` (YAML) and apply ``overrides``; any problem is one ``ValueError`` line."""
+def load_config(path: str | Path | None, defaults: dict | None = None, **overrides: Any) -> ServeConfig:
+    """Read ``path`` (YAML) over ``defaults`` and apply ``overrides``; any problem is one ``ValueError`` line."""
     data: dict = {}
     if path:
         from seg_rt.optional import require
@@ -188,7 +204,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> ServeConfig:
             raise ValueError(
                 f"server config {str(p)!r} must be a mapping of settings, got {type(data).__name__}"
             )
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = {**(defaults or {}), **data, **{k: v for k, v in overrides.items() if v is not None}}
     try:
         return ServeConfig.model_validate(data)
     except ValidationError as exc:
@@ -286,28 +302,9 @@ class GenerateResponse(BaseModel):
 
 def run_group(pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
     """One sampling run for rows sharing a ``batch_key()``: their images (PIL), in order."""
-    from seg_rt.pipeline import generate_batch
+    from seg_rt.pipeline import run_params
 
-    p = params_list[0]
-    return generate_batch(
-        pipe,
-        [q.prompt for q in params_list],
-        [q.seed for q in params_list],
-        negative_prompts=[q.negative_prompt for q in params_list],
-        steps=p.steps,
-        cfg=p.cfg,
-        seg_scale=p.seg.scale,
-        seg_sigma=p.seg.sigma,
-        seg_layers=p.seg.layers,
-        seg_start=p.seg.start,
-        seg_end=p.seg.end,
-        guidance_rescale=p.guidance_rescale,
-        height=p.height,
-        width=p.width,
-        scheduler=p.scheduler,
-        sequential=p.sequential,
-        engine=engine,
-    )
+    return run_params(pipe, params_list, engine=engine)
 
 
 def group_rows(requests: Sequence[Sequence[GenerationParams]], capacity: int) -> list[list[tuple[int, int]]]:
@@ -328,9 +325,29 @@ class Failure:
     message: str
 
 
+class RequestFailed(Exception):
+    """A request answered with an error: HTTP ``status``, one-line ``message`` and, where known, the
+    request field (``param``) it is about. Each API turns it into its own error shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def make_request(**fields: Any) -> GenerateRequest:
+    """``GenerateRequest(**fields)``; a bad field is a 422 ``RequestFailed`` naming it (one line each)."""
+    try:
+        return GenerateRequest(**fields)
+    except ValidationError as exc:
+        errors = exc.errors()
+        loc = [p for p in errors[0].get("loc", ()) if p != "body"] if errors else []
+        param = str(loc[0]) if loc else None
+        raise RequestFailed(422, "\n".join(validation_lines(errors)), param) from None
+
+
 def _failure(exc: Exception) -> Failure:
     if isinstance(exc, ValueError):  # bad input only the model or engine can see (SegRtError included)
-        return Failure(422, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        return Failure(422, first_line(exc))
     logger.error("sampling failed", exc_info=exc)
     return Failure(500, f"sampling failed ({type(exc).__name__})")
 
@@ -346,13 +363,15 @@ class ServingCore:
         self.factor = int(pipe.vae_scale_factor)
         self.default_side = int(pipe.unet.config.sample_size) * self.factor
         self.max_side = cfg.limits.max_side or 4 * self.default_side
-        shapes = getattr(engine, "shapes", None)
-        self.shapes = shapes if shapes is not None and shapes.batch is not None else None
-        info = getattr(engine, "info", None)
-        # a fixed-shape engine serves at most its batch per run
-        self.run_capacity = info.batch if info is not None else cfg.max_batch_size
+        # a fixed-shape engine (seg_rt.engines.Denoiser) accepts one shape and at most its batch per run
+        self.shapes = engine.shapes if engine is not None and engine.shapes.batch is not None else None
+        per_run = engine.images_per_run if engine is not None else None
+        self.run_capacity = per_run if per_run is not None else cfg.max_batch_size
         self.stats = {"requests": 0, "images": 0, "sampling_runs": 0, "failed": 0}
+        self.metrics = Metrics()
         self._lock = threading.Lock()
+        # one sampling run at a time: a run installs SEG processors on the shared pipeline
+        self._sampling = threading.Lock()
 
     @classmethod
     def load(cls, cfg: ServeConfig) -> "ServingCore":
@@ -373,7 +392,7 @@ class ServingCore:
         return cls(cfg, pipe, engine)
 
     def close(self) -> None:
-        if self.engine is not None and hasattr(self.engine, "close"):
+        if self.engine is not None:
             self.engine.close()
 
     # ---- per request, before batching -------------------------------------------------------
@@ -427,7 +446,12 @@ class ServingCore:
     def run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
         """Images per request (or its ``Failure``): one sampling run per ``group_rows`` chunk; a
         chunk that fails is re-run one request at a time, so only the bad request fails."""
+        with self._sampling:
+            return self._run_batch(requests)
+
+    def _run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
         results: list[list | Failure] = [[None] * len(rows) for rows in requests]
+        self.metrics.batch_requests.observe(len(requests))
         for chunk in group_rows(requests, self.run_capacity):
             try:
                 self._fill(results, requests, chunk)
@@ -449,7 +473,11 @@ class ServingCore:
         return results
 
     def _fill(self, results: list, requests: Sequence[Sequence[GenerationParams]], chunk) -> None:
+        t0 = time.perf_counter()
         images = self._run(self.pipe, [requests[k][i] for k, i in chunk], self.engine)
+        self.metrics.sampling_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_images.observe(len(chunk))
+        self.metrics.images.inc(len(chunk))
         with self._lock:
             self.stats["sampling_runs"] += 1
             self.stats["images"] += len(chunk)
@@ -484,6 +512,7 @@ class ServingCore:
             "max_side": self.max_side,
             "limits": self.cfg.limits.model_dump(),
             "max_batch_size": self.cfg.max_batch_size,
+            "defaults": GenerationParams(scheduler=self.cfg.scheduler).to_record(),  # request defaults
             "stats": stats,
         }
 
@@ -491,11 +520,59 @@ class ServingCore:
 # ---- HTTP -------------------------------------------------------------------------------------
 
 
-def _bearer(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+@dataclass(frozen=True)
+class ErrorShape:
+    """How one API answers errors: its paths, its JSON body and its auth challenge.
+
+    ``body(status, message, param)`` → (status sent, JSON body); the API may map statuses (the
+    OpenAI API answers bad input with 400 where ``/v1/generate`` says 422)."""
+
+    prefixes: tuple[str, ...]
+    body: Callable[[int, str, str | None], tuple[int, dict]]
+    challenge: str = "Bearer"
+
+
+def _detail_body(status: int, message: str, param: str | None) -> tuple[int, dict]:
+    return status, {"detail": message}
+
+
+NATIVE_ERRORS = ErrorShape((), _detail_body)  # /v1/generate, /v1/info, ... and unknown paths
+AUTH_HINTS = {
+    "Bearer": "missing or wrong API key (Authorization: Bearer KEY)",
+    "Basic": "missing or wrong API key (HTTP Basic auth with the key as password, or Authorization: Bearer KEY)",
+}
+
+
+def shape_for(shapes: Sequence[ErrorShape], path: str) -> ErrorShape:
+    return next((s for s in shapes if path.startswith(s.prefixes)), NATIVE_ERRORS)
+
+
+def error_response(
+    shapes: Sequence[ErrorShape], path: str, status: int, message: str, param: str | None = None
+) -> JSONResponse:
+    """The error answer in the shape of the API that owns ``path``."""
+    shape = shape_for(shapes, path)
+    code, body = shape.body(status, message, param)
+    headers = {"www-authenticate": shape.challenge} if status == 401 else None
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def _credentials(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The key a client sent: ``Authorization: Bearer KEY`` (OpenAI clients, ours) or HTTP Basic
+    with the key as password and any user name (AUTOMATIC1111 clients, e.g. webuiapi's ``set_auth``)."""
     for name, value in headers:
         if name.lower() == b"authorization":
             scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else None
+            if scheme.lower() == b"bearer":
+                return token.strip()
+            if scheme.lower() == b"basic":
+                try:
+                    user_pass = base64.b64decode(token.strip(), validate=True)
+                except (binascii.Error, ValueError):
+                    return None
+                _user, colon, password = user_pass.partition(b":")
+                return password if colon else None
+            return None
     return None
 
 
@@ -507,33 +584,44 @@ def key_matches(token: bytes | None, keys: Sequence[str]) -> bool:
     return ok and bool(token)
 
 
+def _path(scope) -> str:
+    path = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
 class RequestGuard:
     """ASGI middleware: API keys and the body-size limit, before any route reads or parses the body.
 
     Starlette offers neither: its request-size handling is left to the server, and Ray Serve's
     proxy passes bodies through. ``Content-Length`` over the limit is refused at once; a body sent
-    without one (chunked) is counted as it streams and refused when it passes the limit."""
+    without one (chunked) is counted as it streams and refused when it passes the limit. Refusals
+    come in the error shape of the API that owns the path."""
 
-    def __init__(self, app, *, api_keys: Sequence[str], max_body_bytes: int) -> None:
+    def __init__(
+        self, app, *, api_keys: Sequence[str], max_body_bytes: int, shapes: Sequence[ErrorShape] = ()
+    ) -> None:
         self.app = app
         self.api_keys = list(api_keys)
         self.max_body_bytes = max_body_bytes
+        self.shapes = list(shapes)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :] or "/"
+        path = _path(scope)
         headers = scope.get("headers", [])
-        if self.api_keys and path not in OPEN_PATHS and not key_matches(_bearer(headers), self.api_keys):
-            return await _reply(send, 401, "missing or wrong API key (Authorization: Bearer KEY)",
-                                {"www-authenticate": "Bearer"})  # fmt: skip
+        if self.api_keys and path not in OPEN_PATHS and not key_matches(_credentials(headers), self.api_keys):
+            hint = AUTH_HINTS[shape_for(self.shapes, path).challenge]
+            return await self._reply(send, path, 401, hint)
         limit = self.max_body_bytes
         length = next((v for k, v in headers if k.lower() == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > limit):
-            return await _reply(send, 413, f"request body must be <= {limit} bytes, got {length.decode()}")
+            return await self._reply(
+                send, path, 413, f"request body must be <= {limit} bytes, got {length.decode()}"
+            )
         seen = 0
 
         async def counted():
@@ -547,31 +635,71 @@ class RequestGuard:
 
         await self.app(scope, counted, send)
 
-
-async def _reply(send, status: int, detail: str, headers: dict | None = None) -> None:
-    response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
-    await response({"type": "http"}, None, send)
+    async def _reply(self, send, path: str, status: int, detail: str) -> None:
+        response = error_response(self.shapes, path, status, detail)
+        await response({"type": "http"}, None, send)
 
 
 Batcher = Callable[[list[GenerationParams]], Awaitable[list | Failure]]
+Producer = Callable[[GenerateRequest], Awaitable[tuple[list[GenerationParams], list[bytes]]]]
+
+
+def producer(core: ServingCore, batcher: Batcher) -> Producer:
+    """``GenerateRequest`` → (its per-image params, its PNGs) through the core's limits, the batcher
+    and the records; every route of every API generates through this one function."""
+
+    async def produce(req: GenerateRequest) -> tuple[list[GenerationParams], list[bytes]]:
+        try:
+            rows = core.check(req)
+        except ValueError as exc:
+            raise RequestFailed(422, str(exc)) from None
+        core.metrics.queue_depth.inc()
+        try:
+            result = await batcher(rows)
+        finally:
+            core.metrics.queue_depth.dec()
+        if isinstance(result, Failure):
+            raise RequestFailed(result.status, result.message)
+        return rows, [core.png(img, p) for img, p in zip(result, rows, strict=True)]
+
+    return produce
 
 
 def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
-    """The FastAPI app of one deployment: ``/v1/generate``, ``/v1/health``, ``/v1/info``.
+    """The FastAPI app of one deployment: ``/v1/generate``, ``/v1/health``, ``/v1/info``, the OpenAI
+    Images routes, the AUTOMATIC1111 routes, the playground at ``/`` and ``/metrics``.
 
     ``batcher`` takes one checked request's rows and returns its images or ``Failure`` (Ray Serve's
-    ``@serve.batch`` method in a replica); default: run it alone in a thread (tests, no Ray)."""
+    ``@serve.batch`` method in a replica); default: run it alone in a thread (tests, no Ray; the
+    core runs one batch at a time either way)."""
+    from . import a1111_api, openai_api  # they build on this module's request type
 
     async def alone(rows: list[GenerationParams]) -> list | Failure:
         return (await asyncio.to_thread(core.run_batch, [rows]))[0]
 
-    batcher = batcher or alone
+    produce = producer(core, batcher or alone)
+    shapes = [openai_api.ERRORS, a1111_api.ERRORS]
     app = FastAPI(title="seg-rt", description="Smoothed Energy Guidance (SEG) image generation", version="1")
-    app.add_middleware(RequestGuard, api_keys=core.cfg.api_keys, max_body_bytes=core.cfg.max_body_bytes)
+    app.add_middleware(
+        RequestGuard, api_keys=core.cfg.api_keys, max_body_bytes=core.cfg.max_body_bytes, shapes=shapes
+    )
+    routes: set[str] = set()  # filled below, once every route exists
+    app.add_middleware(MetricsMiddleware, metrics=core.metrics, routes=routes)  # outermost: sees 401/413
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": "\n".join(validation_lines(exc.errors()))}, status_code=422)
+        errors = exc.errors()
+        loc = [p for p in errors[0].get("loc", ()) if p != "body"] if errors else []
+        message = "\n".join(validation_lines(errors))
+        return error_response(shapes, _path(request.scope), 422, message, str(loc[0]) if loc else None)
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(request: Request, exc: RequestFailed) -> JSONResponse:
+        return error_response(shapes, _path(request.scope), exc.status, exc.message, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(shapes, _path(request.scope), exc.status_code, str(exc.detail))
 
     @app.get("/v1/health")
     def health() -> dict:
@@ -581,17 +709,18 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
     def info() -> dict:
         return core.info()
 
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(core.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
     @app.post("/v1/generate", response_model=None)
     async def generate(req: GenerateRequest) -> Response | GenerateResponse:
         t0 = time.perf_counter()
-        try:
-            rows = core.check(req)
-        except ValueError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-        result = await batcher(rows)
-        if isinstance(result, Failure):
-            raise HTTPException(status_code=result.status, detail=result.message)
-        pngs = [core.png(img, p) for img, p in zip(result, rows, strict=True)]
+        rows, pngs = await produce(req)
         seeds = [p.seed for p in rows]
         if req.response == "png":
             headers = {"X-Seed": str(seeds[0]), "X-Server-Seconds": f"{time.perf_counter() - t0:.4f}"}
@@ -603,4 +732,8 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
             seconds=round(time.perf_counter() - t0, 4),
         )
 
+    for api in (openai_api.router(core, produce), a1111_api.router(core, produce)):
+        routes.update(r.path for r in api.routes)
+        app.include_router(api)
+    routes.update(r.path for r in app.routes if hasattr(r, "path"))
     return app

@@ -9,15 +9,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
-from seg_rt.config import SEGConfig, parse_layers, parse_sigma
+from seg_rt.config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+from seg_rt.errors import first_line
 from seg_rt.optional import require
+from seg_rt.params import (
+    GenerationParams,
+    VideoParams,
+    check_cfg,
+    check_scheduler,
+    check_seed,
+    parse_engine_spec,
+)
+
+# A job's defaults are the request type's: the same request gives the same output from the CLI,
+# the API and a job (docs/design.md, "One request, one type").
+_REQUEST = GenerationParams()
+_VIDEO = VideoParams()
 
 
 class _Strict(BaseModel):
@@ -25,16 +46,20 @@ class _Strict(BaseModel):
 
 
 class SegSpec(_Strict):
-    scale: float = 3.0
-    sigma: float = math.inf
-    layers: tuple[str, ...] = ("mid",)
-    start: float = 0.0
-    end: float = 1.0
+    scale: float = _REQUEST.seg.scale
+    sigma: float = _REQUEST.seg.sigma
+    layers: tuple[str, ...] = _REQUEST.seg.layers
+    start: float = _REQUEST.seg.start
+    end: float = _REQUEST.seg.end
 
     @field_validator("sigma", mode="before")
     @classmethod
     def _sigma(cls, v: Any) -> float:
         return parse_sigma(v) if isinstance(v, str) else v
+
+    @field_serializer("sigma")
+    def _sigma_json(self, v: float) -> float | str:
+        return sigma_to_json(v)
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -56,10 +81,43 @@ class Resources(_Strict):
 
 
 class VideoSpec(_Strict):
-    frames: int = Field(16, ge=1)
-    fps: int = Field(8, ge=1)
-    mode: Literal["spatial", "temporal", "spatiotemporal"] = "spatial"
-    sigma_time: float = Field(0.0, ge=0)
+    """``VideoParams`` as a job file writes it (same defaults, same rules)."""
+
+    frames: int = _VIDEO.frames
+    fps: int = _VIDEO.fps
+    mode: Literal["spatial", "temporal", "spatiotemporal"] = _VIDEO.mode
+    sigma_time: float = _VIDEO.sigma_time
+    layers: tuple[str, ...] | None = _VIDEO.layers
+
+    @field_validator("sigma_time", mode="before")
+    @classmethod
+    def _sigma_time(cls, v: Any) -> float:
+        return parse_sigma(v) if isinstance(v, str) else v
+
+    @field_serializer("sigma_time")
+    def _sigma_time_json(self, v: float) -> float | str:
+        return sigma_to_json(v)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers(cls, v: Any) -> tuple[str, ...] | None:
+        return None if v is None else parse_layers(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> VideoSpec:
+        self.params()
+        return self
+
+    def params(self) -> VideoParams:
+        return VideoParams(self.frames, self.fps, self.mode, self.sigma_time, self.layers)
+
+
+def _cfg(v: Any) -> Any:
+    return v if v is None else check_cfg(v)
+
+
+def _seed(v: Any) -> Any:
+    return v if v is None else check_seed(v)
 
 
 class Overrides(_Strict):
@@ -67,26 +125,29 @@ class Overrides(_Strict):
 
     prompt: str
     negative_prompt: str | None = None
-    seed: int | None = Field(None, ge=0)
-    cfg: float | None = Field(None, ge=1)
+    seed: int | None = None
+    cfg: float | None = None
     steps: int | None = Field(None, ge=1)
     seg: SegSpec | None = None
+
+    _check_cfg = field_validator("cfg")(_cfg)
+    _check_seed = field_validator("seed")(_seed)
 
 
 class JobSpec(_Strict):
     model: str
     engine: str = "torch"
     seg: SegSpec = SegSpec()
-    cfg: float = Field(5.0, ge=1)
-    steps: int = Field(25, ge=1)
-    height: int | None = Field(None, gt=0, multiple_of=8)
-    width: int | None = Field(None, gt=0, multiple_of=8)
-    scheduler: str = "euler"
-    negative_prompt: str | None = None
+    cfg: float = _REQUEST.cfg
+    steps: int = Field(_REQUEST.steps, ge=1)
+    height: int | None = Field(_REQUEST.height, gt=0)
+    width: int | None = Field(_REQUEST.width, gt=0)
+    scheduler: str = _REQUEST.scheduler
+    negative_prompt: str | None = _REQUEST.negative_prompt
     prompts: tuple[str, ...] | None = None
     prompts_file: str | None = None
     samples_per_prompt: int = Field(1, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = _REQUEST.seed
     batch_size: int = Field(1, ge=1, description="items per actor call (micro-batch)")
     batch_mode: Literal["item", "fused"] = "item"
     workers: int = Field(1, ge=1)
@@ -96,21 +157,14 @@ class JobSpec(_Strict):
     contact_sheet: bool = False
     video: VideoSpec | None = None
 
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, v: str) -> str:
-        from seg_rt.pipeline import SCHEDULERS
-
-        if v not in SCHEDULERS:
-            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}, got {v!r}")
-        return v
+    _check_cfg = field_validator("cfg")(_cfg)
+    _check_seed = field_validator("seed")(_seed)
+    _check_scheduler = field_validator("scheduler")(check_scheduler)
 
     @field_validator("engine")
     @classmethod
     def _engine(cls, v: str) -> str:
-        kind, _, path = v.partition(":")
-        if not ((kind in ("torch", "torch-compile") and not path) or (kind in ("onnx", "trt") and path)):
-            raise ValueError(f"must be torch, torch-compile, onnx:DIR or trt:DIR, got {v!r}")
+        parse_engine_spec(v)
         return v
 
     @model_validator(mode="after")
@@ -121,17 +175,52 @@ class JobSpec(_Strict):
             raise ValueError("prompts is empty")
         return self
 
+    @model_validator(mode="after")
+    def _request(self) -> JobSpec:
+        self.base_params()  # the request type's own rules (video: seg layers, temporal σ_time)
+        factor = local_scale_factor(self.model)
+        if factor is not None:
+            from seg_rt.pipeline import check_size
+
+            check_size(self.height, self.width, factor)
+        return self
+
+    def base_params(self) -> GenerationParams:
+        """The job's request before per-item prompt, negative prompt, seed and overrides."""
+        return GenerationParams(
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            cfg=self.cfg,
+            seg=self.seg.config(),
+            height=self.height,
+            width=self.width,
+            scheduler=self.scheduler,
+            video=self.video.params() if self.video is not None else None,
+        )
+
+
+def local_scale_factor(model: str) -> int | None:
+    """The pixel-size factor of ``model`` when it is a local diffusers folder (read from its config
+    files, no weights loaded); ``None`` for a hub id or a folder that is not there."""
+    from seg_rt.pipeline import folder_scale_factor
+
+    path = Path(model).expanduser()
+    return folder_scale_factor(path) if path.is_dir() else None
+
 
 def _field_error(exc: ValidationError, source: str) -> ValueError:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "job"
+    loc = ".".join(str(p) for p in err["loc"])
+    where = f"{loc}: " if loc else ""  # model-level rules name their fields in the message
     msg = err["msg"].removeprefix("Value error, ")
     extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return ValueError(f"{source}: {where}: {msg}{extra}")
+    return ValueError(f"{source}: {where}{msg}{extra}")
 
 
 def load_job(path: str | Path) -> tuple[JobSpec, Path]:
-    """Parse and validate a YAML job file; returns the spec and the folder relative paths resolve in."""
+    """Parse and validate a YAML job file; returns the spec and the folder relative paths resolve in.
+
+    Relative ``model:`` / ``engine:`` folders resolve against that folder (not the worker's cwd)."""
     yaml = require("yaml", "job files")
     path = Path(path)
     if not path.is_file():
@@ -139,39 +228,66 @@ def load_job(path: str | Path) -> tuple[JobSpec, Path]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"{path}: not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a job file must be a mapping of fields, got {type(data).__name__}")
-    return parse_job(data, str(path)), path.parent.resolve()
+    base = path.parent.resolve()
+    return parse_job(data, str(path), base=base), base
 
 
-def parse_job(data: dict, source: str = "job") -> JobSpec:
+def parse_job(data: dict, source: str = "job", base: Path | None = None) -> JobSpec:
+    """Validate a job mapping; with ``base``, relative model and engine folders resolve against it."""
+    if base is not None:
+        data = resolve_paths(data, base)
     try:
         return JobSpec.model_validate(data)
     except ValidationError as exc:
         raise _field_error(exc, source) from None
 
 
+def resolve_paths(data: dict, base: Path) -> dict:
+    """``model:`` and ``engine: onnx:DIR`` / ``trt:DIR`` given relative → absolute under ``base``.
+
+    A model that is neither an existing folder under ``base`` nor written as a path (``./m``, ``../m``)
+    stays as given: a hub id such as ``org/name``."""
+    data = dict(data)
+    model = data.get("model")
+    if isinstance(model, str) and model and not Path(model).expanduser().is_absolute():
+        local = base / model
+        if model.startswith("~"):
+            data["model"] = str(Path(model).expanduser())
+        elif local.exists() or model.startswith((".", "/")):
+            data["model"] = str(local.resolve())
+    engine = data.get("engine")
+    if isinstance(engine, str):
+        try:
+            kind, folder = parse_engine_spec(engine)
+        except ValueError:
+            return data  # reported by the validator, with the field name
+        if folder is not None and not Path(folder).expanduser().is_absolute():
+            data["engine"] = f"{kind}:{(base / folder).resolve()}"
+    return data
+
+
 @dataclass(frozen=True)
 class Item:
-    """One output: prompt index p, sample index s, and everything needed to generate it."""
+    """One output: prompt index p, sample index s, and the request that generates it."""
 
     prompt_index: int
     sample_index: int
-    prompt: str
-    negative_prompt: str | None
-    seed: int
-    cfg: float
-    steps: int
-    seg: dict
+    params: GenerationParams
 
     @property
     def id(self) -> str:
         return f"p{self.prompt_index:05d}_s{self.sample_index:03d}"
 
-    def params(self) -> dict:
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
-                "cfg": self.cfg, "steps": self.steps, "seg": self.seg}  # fmt: skip
+    @property
+    def prompt(self) -> str:
+        return self.params.prompt
+
+    @property
+    def seed(self) -> int:
+        return self.params.seed
 
 
 def item_seed(job_seed: int, prompt_index: int, sample_index: int) -> int:
@@ -206,13 +322,28 @@ def read_prompts(spec: JobSpec, base: Path) -> list[Overrides]:
     return out
 
 
+def item_params(spec: JobSpec, o: Overrides, prompt_index: int, sample_index: int) -> GenerationParams:
+    """The request of item (p, s): the job's request, then the prompt line's overrides."""
+    base = spec.base_params()
+    seed = o.seed + sample_index if o.seed is not None else item_seed(spec.seed, prompt_index, sample_index)
+    return base.replace(
+        prompt=o.prompt,
+        negative_prompt=o.negative_prompt if o.negative_prompt is not None else base.negative_prompt,
+        seed=seed,
+        cfg=o.cfg if o.cfg is not None else base.cfg,
+        steps=o.steps if o.steps is not None else base.steps,
+        seg=o.seg.config() if o.seg is not None else base.seg,
+    )
+
+
 def expand_items(spec: JobSpec, base: Path) -> list[Item]:
-    """Every (prompt, sample) item of the job, in a fixed order."""
+    """Every (prompt, sample) item of the job, in a fixed order; a bad override fails here, before
+    Ray starts, naming its prompt."""
     items = []
     for p, o in enumerate(read_prompts(spec, base)):
-        seg = (o.seg or spec.seg).config().to_dict()
         for s in range(spec.samples_per_prompt):
-            seed = o.seed + s if o.seed is not None else item_seed(spec.seed, p, s)
-            items.append(Item(p, s, o.prompt, o.negative_prompt if o.negative_prompt is not None else spec.negative_prompt,
-                              seed, o.cfg or spec.cfg, o.steps or spec.steps, seg))  # fmt: skip
+            try:
+                items.append(Item(p, s, item_params(spec, o, p, s)))
+            except ValueError as exc:
+                raise ValueError(f"prompt {p} ({o.prompt[:40]!r}), sample {s}: {exc}") from None
     return items

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from seg_rt.errors import EnvironmentUnavailable
+from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.optional import require
 
 from .spec import load_job
@@ -47,11 +47,11 @@ def _client(cls, address: str):
         raise _auth_error(address) from None
     except ConnectionError as exc:
         raise EnvironmentUnavailable(
-            f"cannot reach the Ray dashboard at {address}: {_first_line(exc)}"
+            f"cannot reach the Ray dashboard at {address}: {first_line(exc)[:300]}"
         ) from None
     except RuntimeError as exc:
         raise EnvironmentUnavailable(
-            f"Ray dashboard at {address} refused the client: {_first_line(exc)}"
+            f"Ray dashboard at {address} refused the client: {first_line(exc)[:300]}"
         ) from None
 
 
@@ -73,12 +73,8 @@ def _with_retry(call, address: str, wait_s: float = 90.0):
             if "401" in text or "403" in text:
                 raise _auth_error(address) from None
             raise EnvironmentUnavailable(
-                f"Ray job submission to {address} failed: {_first_line(exc)}"
+                f"Ray job submission to {address} failed: {first_line(exc)[:300]}"
             ) from None
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def entrypoint(job_name: str) -> str:

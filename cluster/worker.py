@@ -7,7 +7,6 @@ Outputs are returned as bytes and written by the driver, which owns the output f
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -15,16 +14,11 @@ from collections.abc import Sequence
 import torch
 
 from seg_rt.images import params_text, png_bytes
-from seg_rt.pipeline import generate_batch, load_pipeline
+from seg_rt.pipeline import check_size, load_pipeline, run_params
 
 from .spec import Item, JobSpec
 
 logger = logging.getLogger(__name__)
-
-# Test hook: crash (os._exit) on the Nth micro-batch if the marker file does not exist yet,
-# creating it first, so the restarted worker does not crash again.
-FAULT_FILE_ENV = "SEG_RT_FAULT_FILE"
-FAULT_AFTER_ENV = "SEG_RT_FAULT_AFTER"
 
 
 class SEGWorker:
@@ -41,6 +35,9 @@ class SEGWorker:
         )
         t0 = time.perf_counter()
         self.pipe = load_pipeline(self.spec.model, device)
+        # a hub model's scale factor is known only now (a local folder's was checked with the spec)
+        factor = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
+        check_size(self.spec.height, self.spec.width, factor)
         self.engine = None
         if self.spec.engine != "torch":
             from seg_rt.engines import load_engine
@@ -49,52 +46,33 @@ class SEGWorker:
         self.load_seconds = time.perf_counter() - t0
         self.batches = 0
 
+    def close(self) -> None:
+        """Close the engine loaded for this worker (its process ending frees it too)."""
+        if self.engine is not None:
+            self.engine.close()
+
     def ready(self) -> dict:
         return {"worker": self.worker_id, "pid": os.getpid(), "load_seconds": self.load_seconds}
 
-    def _maybe_crash(self) -> None:
-        marker, after = os.environ.get(FAULT_FILE_ENV), os.environ.get(FAULT_AFTER_ENV)
-        if marker and after and self.batches == int(after) and not os.path.exists(marker):
-            open(marker, "w").close()
-            os._exit(1)
-
     def _generate_video(self, item: Item) -> bytes:
-        """One video item → H.264 mp4 bytes (spec.video: frames, fps, mode, σ_time)."""
+        """One video item → H.264 mp4 bytes (its ``params.video``: frames, fps, mode, σ_time, layers)."""
         from seg_rt.video.io import mp4_bytes
         from seg_rt.video.sampling import generate_video
 
-        v, seg = self.spec.video, item.seg
-        frames = generate_video(
-            self.pipe, item.prompt, negative_prompt=item.negative_prompt, frames=v.frames, height=self.spec.height,
-            width=self.spec.width, steps=item.steps, cfg=item.cfg, seg_scale=seg["scale"], seg_mode=v.mode,
-            seg_sigma=math.inf if seg["sigma"] == "inf" else float(seg["sigma"]), seg_sigma_time=v.sigma_time,
-            seg_start=seg["start"], seg_end=seg["end"], seed=item.seed, scheduler=self.spec.scheduler,
-        )[0]  # fmt: skip
-        return mp4_bytes(frames, fps=v.fps)
+        frames = generate_video(self.pipe, params=item.params)[0]
+        return mp4_bytes(frames, fps=item.params.video.fps)
 
     def _generate(self, items: Sequence[Item]) -> list:
-        seg = items[0].seg
-        sigma = math.inf if seg["sigma"] == "inf" else float(seg["sigma"])
-        return generate_batch(
-            self.pipe, [i.prompt for i in items], [i.seed for i in items],
-            negative_prompts=[i.negative_prompt for i in items], steps=items[0].steps, cfg=items[0].cfg,
-            seg_scale=seg["scale"], seg_sigma=sigma, seg_layers=seg["layers"], seg_start=seg["start"],
-            seg_end=seg["end"], height=self.spec.height, width=self.spec.width,
-            scheduler=self.spec.scheduler, engine=self.engine,
-        )  # fmt: skip
+        return run_params(self.pipe, [i.params for i in items], engine=self.engine)
 
     @staticmethod
     def _groups(items: Sequence[Item], fused: bool) -> list[list[Item]]:
-        """fused: runs of items sharing cfg / steps / SEG settings go through one sampling run."""
+        """fused: runs of items with equal ``params.batch_key()`` go through one sampling run."""
         if not fused:
             return [[i] for i in items]
         groups: list[list[Item]] = []
         for item in items:
-            if groups and (item.cfg, item.steps, item.seg) == (
-                groups[-1][0].cfg,
-                groups[-1][0].steps,
-                groups[-1][0].seg,
-            ):
+            if groups and item.params.batch_key() == groups[-1][0].params.batch_key():
                 groups[-1].append(item)
             else:
                 groups.append([item])
@@ -106,14 +84,13 @@ class SEGWorker:
             return "mp4", [self._generate_video(group[0])]
         images = self._generate(group)
         return "png", [
-            png_bytes(im, params_text(self.spec.model, it.params()))
+            png_bytes(im, params_text(self.spec.model, it.params.to_record()))
             for im, it in zip(images, group, strict=True)
         ]
 
     def run(self, items: Sequence[Item]) -> list[dict]:
         t_batch = time.perf_counter()
         self.batches += 1
-        self._maybe_crash()
         fused = self.spec.batch_mode == "fused" and self.spec.video is None  # videos: one per run
         results = []
         for group in self._groups(items, fused):

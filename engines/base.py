@@ -1,20 +1,34 @@
-"""The denoiser protocol every engine implements (DESIGN §3).
+"""The denoiser protocol every engine implements, and the shared fixed-shape engine logic.
 
 A denoiser is called with the model inputs for one batch, by the ONNX / TensorRT-demo names
 (``sample``, ``timestep``, ``encoder_hidden_states``, ``text_embeds``, ``time_ids``,
 ``controlnet_cond``, ``conditioning_scale``) plus ``seg_mask`` (``[B]`` bool: which rows get the
-blurred query), and returns the model's prediction for the batch as a torch tensor. It states
-which shapes it accepts; a request outside them is a ``ValueError`` naming both.
+blurred query), and returns the model's prediction for the batch as a torch tensor
+(docs/design.md, "The contracts other parts rely on"). It states which shapes it accepts; a
+request outside them is a ``ValueError`` naming both.
+
+``Denoiser`` is an abstract base class rather than a ``typing.Protocol``: an engine that forgets
+a method cannot be instantiated, so callers never need ``hasattr``. ``FixedShapeDenoiser`` holds
+what ONNX Runtime and TensorRT engines share: the ``seg_rt.json`` sidecar, the shape check,
+padding a request to the engine's batch, and the blur-matrix inputs of runtime-σ exports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from seg_rt.artifacts import ArtifactInfo, read_info
+from seg_rt.blur import blur_matrix, is_infinite
+
+BLUR_INPUT_PREFIX = "seg_blur_"  # runtime-σ exports take one blur matrix per axis length
 
 
 @dataclass(frozen=True)
@@ -29,24 +43,56 @@ class ShapeSpec:
         want = (self.batch, self.height, self.width)
         got = (batch, height, width)
         if any(w is not None and w != g for w, g in zip(want, got, strict=True)):
-            fmt = lambda t: "x".join("any" if v is None else str(v) for v in t)  # noqa: E731
-            raise ValueError(f"engine accepts batch x latent height x width = {fmt(want)}, got {fmt(got)}")
+            raise ValueError(f"engine accepts batch x latent height x width = {_fmt(want)}, got {_fmt(got)}")
 
     def __str__(self) -> str:
-        return "x".join("any" if v is None else str(v) for v in (self.batch, self.height, self.width))
+        return _fmt((self.batch, self.height, self.width))
 
 
-@runtime_checkable
-class Denoiser(Protocol):
-    shapes: ShapeSpec
-
-    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor: ...
+def _fmt(dims: tuple[int | None, ...]) -> str:
+    return "x".join("any" if v is None else str(v) for v in dims)
 
 
-def check_artifact_config(info, sigma: float, layers) -> None:
+class Denoiser(ABC):
+    """One SEG denoiser: ``configure`` σ and layers, call it per step, ``close`` it (or ``with``).
+
+    ``shapes`` says which shapes it accepts; ``images_per_run`` how many images (per branch) one
+    call can hold, ``None`` for any. Calling a closed denoiser is an error.
+    """
+
+    shapes: ShapeSpec = ShapeSpec()
+    closed: bool = False
+
+    @property
+    def images_per_run(self) -> int | None:
+        return None
+
+    @abstractmethod
+    def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
+        """Use SEG σ ``sigma`` on ``layers`` (``None``: the current ones) from the next call on."""
+
+    @abstractmethod
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """The model's prediction for the batch in ``inputs`` (``seg_mask`` marks perturbed rows)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the denoiser holds (sessions, GPU buffers, installed SEG processors).
+        Closing twice is allowed."""
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"{type(self).__name__} is closed; load the engine again")
+
+    def __enter__(self) -> Denoiser:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_artifact_config(info: ArtifactInfo, sigma: float, layers: Sequence[str] | None) -> None:
     """An exported artifact serves the SEG layers it was exported for, and its baked σ only."""
-    from seg_rt.blur import is_infinite
-
     if layers is not None and tuple(layers) not in (info.layers, info.layer_names):
         raise ValueError(
             f"engine was exported for seg layers {','.join(info.layers)}, got {','.join(layers)}; "
@@ -61,11 +107,11 @@ def check_artifact_config(info, sigma: float, layers) -> None:
             )
 
 
-def blur_inputs(info, sigma: float) -> dict[str, Tensor]:
-    """The ``seg_blur_<n>`` inputs of a runtime-σ artifact for ``sigma`` (float32)."""
-    from seg_rt.blur import blur_matrix
-
-    return {f"seg_blur_{n}": blur_matrix(n, sigma) for n in info.blur_lengths} if info.dynamic_sigma else {}
+def blur_inputs(info: ArtifactInfo, sigma: float) -> dict[str, Tensor]:
+    """The ``seg_blur_<n>`` inputs of a runtime-σ artifact for ``sigma`` (float32); ``{}`` if baked."""
+    if not info.dynamic_sigma:
+        return {}
+    return {f"{BLUR_INPUT_PREFIX}{n}": blur_matrix(n, sigma) for n in info.blur_lengths}
 
 
 def pad_rows(inputs: Mapping[str, Tensor], rows: int) -> dict[str, Tensor]:
@@ -77,3 +123,61 @@ def pad_rows(inputs: Mapping[str, Tensor], rows: int) -> dict[str, Tensor]:
     mask = inputs["seg_mask"]
     out["seg_mask"] = torch.cat([mask, torch.zeros(rows - have, dtype=torch.bool, device=mask.device)])
     return out
+
+
+class FixedShapeDenoiser(Denoiser):
+    """An engine over a seg-rt export folder (``seg_rt.json`` + model file) with fixed shapes.
+
+    Subclasses load ``self.path`` after ``super().__init__``, end their ``__init__`` with
+    ``self.configure(self.sigma)``, and implement ``_set_blur`` (take the runtime blur matrices)
+    and ``_run`` (one forward on exactly the engine's shapes). Requests with fewer rows than the
+    engine batch are padded (extra rows unperturbed) and the padding is cut off the result.
+    """
+
+    kind: ClassVar[str]  # the sidecar kind this engine runs ("onnx", "tensorrt")
+    file_label: ClassVar[str]  # what the model file is called in errors ("ONNX model", ...)
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.info: ArtifactInfo = read_info(self.folder)
+        if self.info.kind != self.kind:
+            raise ValueError(
+                f"{str(self.folder)!r} holds a {self.info.kind} artifact; this engine runs {self.kind} artifacts"
+            )
+        self.path = self.folder / self.info.file
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.file_label} {str(self.path)!r} is missing")
+        self.shapes = ShapeSpec(self.info.rows, self.info.latent_height, self.info.latent_width)
+        self.sigma = math.inf if self.info.dynamic_sigma else float(self.info.sigma)
+
+    @property
+    def images_per_run(self) -> int:
+        return self.info.batch
+
+    def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
+        """Check σ and the SEG layers against the export; feed σ's blur matrices (runtime-σ exports)."""
+        self._check_open()
+        check_artifact_config(self.info, sigma, layers)
+        self._set_blur(blur_inputs(self.info, sigma))
+        self.sigma = float(sigma)
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        self._check_open()
+        sample = inputs["sample"]  # [B, C, h, w]
+        rows, want = sample.shape[0], self.info.rows
+        self.shapes.check(max(rows, want), sample.shape[-2], sample.shape[-1])
+        missing = [
+            n for n in self.info.input_names if not n.startswith(BLUR_INPUT_PREFIX) and n not in inputs
+        ]
+        if missing:
+            raise ValueError(f"engine input(s) {', '.join(missing)} missing from the request")
+        out = self._run(pad_rows(inputs, want))[:rows]  # fixed shape: pad, then cut the padding off
+        return out.to(device=sample.device, dtype=sample.dtype)
+
+    @abstractmethod
+    def _set_blur(self, matrices: Mapping[str, Tensor]) -> None:
+        """Use these ``seg_blur_<n>`` inputs (float32 ``[n, n]``) from the next run on."""
+
+    @abstractmethod
+    def _run(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """One forward on exactly ``info.rows`` rows; a tensor the next run does not overwrite."""

@@ -2,14 +2,13 @@
 
 CPU provider by default; CUDA / TensorRT providers when asked for and present, with IO binding of
 torch CUDA tensors. A requested provider that the session did not actually activate is an error,
-never a silent CPU fallback. Requests with fewer rows than the fixed engine batch are padded
-(extra rows unperturbed) and the padding is cut off the result.
+never a silent CPU fallback. The sidecar, shape checks, row padding and runtime-σ blur inputs are
+``FixedShapeDenoiser``'s (shared with TensorRT).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,11 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from seg_rt.artifacts import ArtifactInfo, read_info
-from seg_rt.errors import EnvironmentUnavailable
+from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.optional import require
 
-from .base import ShapeSpec, blur_inputs, check_artifact_config, pad_rows
+from .base import FixedShapeDenoiser
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +32,15 @@ _NP = {
 _TORCH = {np.float32: torch.float32, np.float16: torch.float16, np.bool_: torch.bool, np.int64: torch.int64}
 
 
-class OnnxRuntimeDenoiser:
+class OnnxRuntimeDenoiser(FixedShapeDenoiser):
     """Run an exported SEG denoiser with ONNX Runtime.
 
     ``threads`` sets intra-op threads (default: ONNX Runtime's choice); ``optimization`` is the
     graph optimisation level name (``disable``, ``basic``, ``extended``, ``all``).
     """
+
+    kind = "onnx"
+    file_label = "ONNX model"
 
     def __init__(
         self,
@@ -50,13 +51,7 @@ class OnnxRuntimeDenoiser:
         optimization: str = "all",
     ) -> None:
         ort = require("onnxruntime", "ONNX Runtime engines")
-        self.folder = Path(folder)
-        self.info: ArtifactInfo = read_info(self.folder)
-        if self.info.kind != "onnx":
-            raise ValueError(f"{str(self.folder)!r} holds a {self.info.kind} artifact, not an ONNX model")
-        path = self.folder / self.info.file
-        if not path.is_file():
-            raise FileNotFoundError(f"ONNX model {str(path)!r} is missing")
+        super().__init__(folder)
         options = ort.SessionOptions()
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -76,10 +71,10 @@ class OnnxRuntimeDenoiser:
                 f"ONNX Runtime provider(s) {', '.join(missing)} not available here (available: {', '.join(available)})"
             )
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+            self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
         except Exception as exc:  # ORT raises its own Fail / InvalidProtobuf / ... types
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ValueError(f"cannot load ONNX model {str(path)!r}: {first[:300]}") from None
+            first = first_line(exc)
+            raise ValueError(f"cannot load ONNX model {str(self.path)!r}: {first[:300]}") from None
         active = self.session.get_providers()
         inactive = [p for p in providers if p not in active]
         if inactive:
@@ -91,25 +86,14 @@ class OnnxRuntimeDenoiser:
             "cuda" if providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
         )
         self.input_types = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
-        self.shapes = ShapeSpec(self.info.rows, self.info.latent_height, self.info.latent_width)
         self._blur: dict[str, np.ndarray] = {}
-        self.sigma = math.inf if self.info.dynamic_sigma else float(self.info.sigma)
-        if self.info.dynamic_sigma:
-            self.configure(self.sigma, None)
+        self.configure(self.sigma)
 
-    def configure(self, sigma: float, layers: Sequence[str] | None) -> None:
-        """Set σ (runtime-σ exports only) and check the SEG layers match the export."""
-        check_artifact_config(self.info, sigma, layers)
-        self._blur = {
-            k: v.numpy().astype(self.input_types[k]) for k, v in blur_inputs(self.info, sigma).items()
-        }
-        self.sigma = float(sigma)
+    def _set_blur(self, matrices: Mapping[str, Tensor]) -> None:
+        self._blur = {k: v.numpy().astype(self.input_types[k]) for k, v in matrices.items()}
 
-    def run_raw(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """One session run on exactly the engine's shapes (no padding)."""
-        missing = [n for n in self.input_types if n not in self._blur and n not in inputs]
-        if missing:
-            raise ValueError(f"engine input(s) {', '.join(missing)} missing from the request")
+    def _run(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """One session run on exactly the engine's shapes."""
         if self.device.type == "cuda":
             return self._run_bound(inputs)
         feed = {
@@ -143,12 +127,7 @@ class OnnxRuntimeDenoiser:
         self.session.run_with_iobinding(binding)
         return out
 
-    def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        sample = inputs["sample"]
-        rows, want = sample.shape[0], self.info.rows
-        self.shapes.check(max(rows, want), sample.shape[-2], sample.shape[-1])
-        out = self.run_raw(pad_rows(inputs, want))[:rows]  # fixed shape: pad, then cut the padding off
-        return out.to(device=sample.device, dtype=sample.dtype)
-
     def close(self) -> None:
         self.session = None
+        self._blur = {}
+        self.closed = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 
@@ -10,19 +11,25 @@ from torch import Tensor, nn
 
 from seg_rt.denoiser import SEGUNet
 
-from .base import ShapeSpec
+from .base import Denoiser, ShapeSpec
+
+logger = logging.getLogger(__name__)
 
 
-class TorchDenoiser:
+class TorchDenoiser(Denoiser):
     """Calls ``unet`` (and ``controlnet`` when given) with SEG installed on the chosen layers.
 
     Accepts any shape. The SEG processors stay installed for the denoiser's lifetime; ``close()``
     (or ``with``) restores the model. Rows with ``seg_mask`` False run the unmodified attention.
     ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
+    ``compile=True`` runs the SEG-patched model through ``torch.compile``; ``configure`` with other
+    layers installs new processors and compiles the new model again (never silently eager).
     ``shared_prefix`` (default on): the perturbed rows share the cond rows' computation up to the
     first SEG layer (``seg_rt.denoiser.SharedPrefix``); bit-identical to the plain batch on the CPU
     path (tests/test_shared_prefix.py), so it is the default; ``False`` runs every row through.
     """
+
+    shapes = ShapeSpec()
 
     def __init__(
         self,
@@ -36,6 +43,7 @@ class TorchDenoiser:
         shared_prefix: bool = True,
     ) -> None:
         self.shared_prefix = shared_prefix
+        self.compile = compile
         self.model = SEGUNet(
             unet,
             sigma=sigma,
@@ -45,12 +53,15 @@ class TorchDenoiser:
             shared_prefix=shared_prefix,
         )
         self.layers = tuple(layers)
-        self.shapes = ShapeSpec()
-        self._call = torch.compile(self.model) if compile else self.model
+        self._call = self._compiled()
 
-    def configure(self, sigma: float, layers: Sequence[str]) -> None:
-        """Use ``sigma`` and ``layers`` from the next call on."""
-        if tuple(layers) != self.layers:
+    def _compiled(self):
+        return torch.compile(self.model) if self.compile else self.model
+
+    def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
+        """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on."""
+        self._check_open()
+        if layers is not None and tuple(layers) != self.layers:
             unet, controlnet = self.model.unet, self.model.controlnet
             perturbation = self.model.seg.perturbation
             self.model.remove()
@@ -63,18 +74,18 @@ class TorchDenoiser:
                 shared_prefix=self.shared_prefix,
             )
             self.layers = tuple(layers)
-            self._call = self.model
+            if self.compile:
+                logger.info("SEG layers changed to %s: compiling the denoiser again", ",".join(layers))
+            self._call = self._compiled()
         self.model.seg.sigma = float(sigma)
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        self._check_open()
         return self._call(inputs)
 
     def close(self) -> None:
-        self.model.remove()
-
-    def __enter__(self) -> TorchDenoiser:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        if not self.closed:
+            self.model.remove()
+            self._call = None
+        self.closed = True

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from seg_rt.artifacts import check_out_dir, is_export_folder, read_info, staged_dir
 from seg_rt.errors import EnvironmentUnavailable
+from seg_rt.images import write_atomic
 from seg_rt.optional import require
 
 from .checks import tensorrt_unsupported
@@ -21,8 +22,6 @@ logger = logging.getLogger(__name__)
 
 ENGINE_FILE = "denoiser.plan"
 PRECISIONS = ("fp32", "fp16", "bf16")
-
-Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # name -> (min, opt, max)
 
 
 def check_onnx_for_tensorrt(onnx_dir: str | Path) -> None:
@@ -40,12 +39,10 @@ def build_engine(
     *,
     precision: str = "fp16",
     timing_cache: str | Path | None = None,
-    profile: Profile | None = None,
-    workspace_gib: float | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """ONNX → serialized TensorRT engine + sidecar. ``profile`` (min/opt/max per input) only for
-    inputs whose ONNX shape is dynamic; seg-rt exports are fixed-shape, so the default is static."""
+    """ONNX → serialized TensorRT engine + sidecar. seg-rt exports are fixed-shape, so the engine
+    needs no optimization profile. ``timing_cache`` is read when it exists and written back."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     check_out_dir(out_dir, is_export_folder, overwrite=overwrite)  # before the (long) build
@@ -70,18 +67,11 @@ def build_engine(
         config.set_flag(trt.BuilderFlag.FP16)
     elif precision == "bf16":
         config.set_flag(trt.BuilderFlag.BF16)
-    if workspace_gib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 1024**3))
     cache_path = Path(timing_cache) if timing_cache else None
     cache = config.create_timing_cache(
         cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     )
     config.set_timing_cache(cache, ignore_mismatch=False)
-    if profile:
-        opt = builder.create_optimization_profile()
-        for name, (lo, mid, hi) in profile.items():
-            opt.set_shape(name, lo, mid, hi)
-        config.add_optimization_profile(opt)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
@@ -91,7 +81,6 @@ def build_engine(
         extra = {
             "precision": precision,
             "gpu": torch.cuda.get_device_name(0),
-            "profile": {k: [list(s) for s in v] for k, v in (profile or {}).items()} or "static",
             "onnx": str(Path(onnx_dir).resolve()),
         }
         versions = {**info.versions, "tensorrt": trt.__version__}
@@ -99,5 +88,5 @@ def build_engine(
             tmp
         )
     if cache_path:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return Path(out_dir)

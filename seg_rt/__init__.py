@@ -8,7 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 from .blur import QueryBlur, blur_matrix
 from .config import SEGConfig
 from .guidance import seg_guidance
-from .pipeline import generate, generate_batch
+from .params import GenerationParams, VideoParams
+from .pipeline import generate, generate_batch, run_params
 
 try:
     __version__ = version("seg-rt")
@@ -16,11 +17,14 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
 __all__ = [
+    "GenerationParams",
     "QueryBlur",
     "SEGConfig",
+    "VideoParams",
     "__version__",
     "blur_matrix",
     "generate",
     "generate_batch",
+    "run_params",
     "seg_guidance",
 ]

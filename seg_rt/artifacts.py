@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -17,6 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from .config import parse_sigma, sigma_to_json
 
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
@@ -57,8 +58,8 @@ class ArtifactInfo:
 
     def to_json(self) -> str:
         d = asdict(self)
-        if isinstance(self.sigma, float) and math.isinf(self.sigma):
-            d["sigma"] = "inf"
+        if isinstance(self.sigma, float):
+            d["sigma"] = sigma_to_json(self.sigma)
         return json.dumps(d, indent=2, sort_keys=True)
 
     @classmethod
@@ -73,8 +74,8 @@ class ArtifactInfo:
             for k in ("branches", "input_names", "output_names", "layers", "layer_names", "blur_lengths"):
                 d[k] = tuple(d[k])
             _check_file_name(d["file"])
-            if d["sigma"] == "inf":
-                d["sigma"] = math.inf
+            if d["sigma"] != "runtime":  # a baked σ: a number or "inf" in JSON
+                d["sigma"] = parse_sigma(d["sigma"])
             return cls(**d)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"{source} is not a seg-rt artifact description: {exc}") from None

@@ -173,31 +173,30 @@ def bench_engines(pairs: int = 10, size: int = 256) -> list[dict]:
         inputs = example_inputs(pipe, probe, 3, 1, size, size, torch.float32, seed=1)
         probe.remove()
         inputs["encoder_hidden_states"] = inputs["encoder_hidden_states"][:, :77]
-        eager = TorchDenoiser(pipe.unet, sigma=2.0)
         settings = [("all", None), ("all", 1), ("extended", None), ("basic", None)]
         rows = []
-        for level, threads in settings:
-            engine = OnnxRuntimeDenoiser(f"{tmp}/onnx", optimization=level, threads=threads)
-            err = (engine(inputs) - eager(inputs)).abs().max().item()
-            r = alternating_ratio(lambda e=engine: e(inputs), lambda: eager(inputs), pairs, calls=1)
-            rows.append(
-                {
-                    "bench": "engines",
-                    "model": "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch), SEG on mid",
-                    "latent": f"{size // 8}x{size // 8}",
-                    "rows": 3,
-                    "ort_optimization": level,
-                    "ort_threads": threads or "default",
-                    "speedup_ort_vs_torch": r["ratio_median"],
-                    "speedup_iqr": [r["ratio_p25"], r["ratio_p75"]],
-                    "ort_step_ms": r["baseline_ms_median"],
-                    "max_abs_diff": err,
-                    "pairs": pairs,
-                    "export_seconds": round(export_seconds, 1),
-                    "torch_threads": torch.get_num_threads(),
-                }
-            )
-        eager.close()
+        with TorchDenoiser(pipe.unet, sigma=2.0) as eager:
+            for level, threads in settings:
+                with OnnxRuntimeDenoiser(f"{tmp}/onnx", optimization=level, threads=threads) as engine:
+                    err = (engine(inputs) - eager(inputs)).abs().max().item()
+                    r = alternating_ratio(lambda e=engine: e(inputs), lambda: eager(inputs), pairs, calls=1)
+                rows.append(
+                    {
+                        "bench": "engines",
+                        "model": "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch), SEG on mid",
+                        "latent": f"{size // 8}x{size // 8}",
+                        "rows": 3,
+                        "ort_optimization": level,
+                        "ort_threads": threads or "default",
+                        "speedup_ort_vs_torch": r["ratio_median"],
+                        "speedup_iqr": [r["ratio_p25"], r["ratio_p75"]],
+                        "ort_step_ms": r["baseline_ms_median"],
+                        "max_abs_diff": err,
+                        "pairs": pairs,
+                        "export_seconds": round(export_seconds, 1),
+                        "torch_threads": torch.get_num_threads(),
+                    }
+                )
     return rows
 
 

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from .config import parse_layers, parse_sigma
+from .config import SEGConfig, check_sigma, parse_layers, parse_sigma, sigma_label, sigma_to_json
 from .errors import SegRtError
+from .params import SCHEDULERS, GenerationParams, VideoParams, parse_engine_spec
 
 logger = logging.getLogger("seg_rt")
 
 DEFAULT_COMPARE_SIGMAS = "1,2,5,10,inf"
+# every sampling flag's default is the request type's (seg_rt.params): one default per field
+_REQUEST = GenerationParams()
+_VIDEO = VideoParams()
 
 
 class UsageError(Exception):
@@ -36,44 +41,117 @@ def _sigma(value: str) -> float:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that samples (DESIGN §3)."""
+    """Flags shared by every command that samples images (docs/design.md, "Contracts")."""
     p.add_argument(
         "--model", help="local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)"
     )
-    p.add_argument("--prompt", default="", help="text prompt ('' for unconditional SEG)")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seg-scale", type=float, default=3.0, help="SEG guidance scale s (0 = off)")
-    p.add_argument("--seg-sigma", type=_sigma, default=math.inf, help="blur σ in tokens, or 'inf' (default)")
-    p.add_argument("--seg-layers", default="mid", help="comma list: mid, down, up, mid.0, module names")
-    p.add_argument("--seg-start", type=float, default=0.0, help="SEG window start, fraction of steps")
-    p.add_argument("--seg-end", type=float, default=1.0, help="SEG window end, fraction of steps")
+    _add_request_args(p)
+    p.add_argument(
+        "--seg-layers",
+        default=",".join(_REQUEST.seg.layers),
+        help="comma list: mid, down, up, mid.0, module names",
+    )
+    p.add_argument(
+        "--seg-start", type=float, default=_REQUEST.seg.start, help="SEG window start, fraction of steps"
+    )
+    p.add_argument(
+        "--seg-end", type=float, default=_REQUEST.seg.end, help="SEG window end, fraction of steps"
+    )
     p.add_argument(
         "--seg-every",
         type=int,
-        default=1,
-        help="cheap SEG: run the SEG branch every k-th step, reuse its delta",
+        default=_REQUEST.seg.every,
+        help="cheap SEG: run the SEG branch every k-th step, reuse its delta in between",
     )
     p.add_argument(
         "--seg-placement",
-        default="batched",
+        default=_REQUEST.seg.placement,
         help="batched (default: an extra perturbed row) or uncond (cheap: blur inside the uncond row)",
     )
-    p.add_argument("--cfg", type=float, default=5.0, help="CFG scale (1 = no CFG)")
-    p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--scheduler", default="euler", help="euler (default), euler_a, ddim, dpmpp_2m, unipc, heun"
-    )
+    p.add_argument("--guidance-rescale", type=float, default=_REQUEST.guidance_rescale)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
-    p.add_argument("--sequential", action="store_true", help="run CFG/SEG branches one at a time")
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        default=_REQUEST.sequential,
+        help="run CFG/SEG branches one at a time",
+    )
     p.add_argument(
         "--threads",
         type=int,
         default=None,
         help="CPU threads (results depend on it; match a server / job worker)",
+    )
+
+
+def _add_request_args(p: argparse.ArgumentParser) -> None:
+    """The request flags images and videos share; defaults from ``GenerationParams``."""
+    p.add_argument("--prompt", default=_REQUEST.prompt, help="text prompt ('' for unconditional SEG)")
+    p.add_argument("--negative-prompt", default=_REQUEST.negative_prompt)
+    p.add_argument(
+        "--seg-scale", type=float, default=_REQUEST.seg.scale, help="SEG guidance scale s (0 = off)"
+    )
+    p.add_argument(
+        "--seg-sigma", type=_sigma, default=_REQUEST.seg.sigma, help="blur σ in tokens, or 'inf' (default)"
+    )
+    p.add_argument("--cfg", type=float, default=_REQUEST.cfg, help="CFG scale (1 = no CFG)")
+    p.add_argument("--steps", type=int, default=_REQUEST.steps)
+    p.add_argument("--height", type=int, default=_REQUEST.height)
+    p.add_argument("--width", type=int, default=_REQUEST.width)
+    p.add_argument("--seed", type=int, default=_REQUEST.seed)
+    p.add_argument(
+        "--scheduler",
+        default=_REQUEST.scheduler,
+        help=f"{', '.join(SCHEDULERS)} (default {_REQUEST.scheduler})",
+    )
+
+
+def request_from_args(args) -> GenerationParams:
+    """``seg-rt generate``'s flags as one request (validated by ``GenerationParams``)."""
+    seg = SEGConfig(
+        args.seg_scale,
+        args.seg_sigma,
+        parse_layers(args.seg_layers),
+        args.seg_start,
+        args.seg_end,
+        args.seg_every,
+        args.seg_placement,
+    )
+    return GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        seg=seg,
+        guidance_rescale=args.guidance_rescale,
+        height=args.height,
+        width=args.width,
+        scheduler=args.scheduler,
+        sequential=args.sequential,
+    )
+
+
+def video_request_from_args(args) -> GenerationParams:
+    """``seg-rt video``'s flags as one request; ``--seg-layers`` are video layers (``VideoParams.layers``)."""
+    video = VideoParams(
+        frames=args.frames,
+        fps=args.fps,
+        mode=args.seg_mode,
+        sigma_time=args.seg_sigma_time,
+        layers=parse_layers(args.seg_layers) if args.seg_layers else None,
+    )
+    return GenerationParams(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        seg=SEGConfig(scale=args.seg_scale, sigma=args.seg_sigma),
+        height=args.height,
+        width=args.width,
+        scheduler=args.scheduler,
+        video=video,
     )
 
 
@@ -100,23 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
         "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan)"
     )
     v.add_argument("--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan folder or hub id")
-    v.add_argument("--prompt", default="")
-    v.add_argument("--negative-prompt", default=None)
-    v.add_argument("--frames", type=int, default=16)
-    v.add_argument("--height", type=int, default=None)
-    v.add_argument("--width", type=int, default=None)
-    v.add_argument("--steps", type=int, default=25)
-    v.add_argument("--cfg", type=float, default=5.0)
-    v.add_argument("--seg-scale", type=float, default=3.0)
-    v.add_argument("--seg-mode", default="spatiotemporal", help="spatial, temporal or spatiotemporal")
-    v.add_argument("--seg-sigma", type=_sigma, default=math.inf, help="spatial blur σ, or 'inf'")
+    _add_request_args(v)
+    v.add_argument("--frames", type=int, default=_VIDEO.frames)
+    v.add_argument("--seg-mode", default=_VIDEO.mode, help="spatial, temporal or spatiotemporal")
     v.add_argument(
-        "--seg-sigma-time", type=_sigma, default=1.0, help="temporal blur σ (0: frames independent)"
+        "--seg-sigma-time",
+        type=_sigma,
+        default=_VIDEO.sigma_time,
+        help="temporal blur σ (0: frames independent)",
     )
     v.add_argument("--seg-layers", default=None, help="comma list of module names / prefixes (default: all)")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--fps", type=int, default=8)
-    v.add_argument("--scheduler", default="euler")
+    v.add_argument("--fps", type=int, default=_VIDEO.fps)
     v.add_argument("--device", default=None)
     v.add_argument("--gif", action="store_true", help="write an animated GIF instead of mp4")
     v.add_argument("--compare", action="store_true", help="one side-by-side video: no SEG | each SEG mode")
@@ -138,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sigma = eo.add_mutually_exclusive_group()
     sigma.add_argument(
-        "--seg-sigma", type=_sigma, default=math.inf, help="σ baked into the graph (default inf)"
+        "--seg-sigma", type=_sigma, default=SEGConfig.sigma, help="σ baked into the graph (default inf)"
     )
     sigma.add_argument(
         "--dynamic-sigma", action="store_true", help="σ as a runtime input (one model, every σ)"
@@ -182,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     sv = sub.add_parser("serve", help="HTTP server (Ray Serve + FastAPI) for SEG generation")
-    sv.add_argument("--model", default=None, help="local diffusers folder or hub id")
+    sv.add_argument(
+        "--model",
+        default=None,
+        help="local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)",
+    )
     sv.add_argument("--engine", default=None, help="torch (default), onnx:DIR, trt:DIR")
     sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -247,96 +323,66 @@ def _quiet_libraries() -> None:
     tlog.disable_progress_bar()
 
 
-def _generate_kwargs(args) -> dict:
-    from .config import SEGConfig
-    from .pipeline import SCHEDULERS
-
-    seg = SEGConfig(
-        args.seg_scale,
-        args.seg_sigma,
-        parse_layers(args.seg_layers),
-        args.seg_start,
-        args.seg_end,
-        args.seg_every,
-        args.seg_placement,
-    )
-    seg.check_cfg(args.cfg)
-    if args.scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {args.scheduler!r}")
-    return {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "steps": args.steps,
-        "cfg": args.cfg,
-        "seg_scale": seg.scale,
-        "seg_sigma": seg.sigma,
-        "seg_layers": seg.layers,
-        "seg_start": seg.start,
-        "seg_end": seg.end,
-        "guidance_rescale": args.guidance_rescale,
-        "height": args.height,
-        "width": args.width,
-        "seed": args.seed,
-        "scheduler": args.scheduler,
-        "sequential": args.sequential,
-        **{f"seg_{k}": v for k, v in seg.cheap_fields().items()},  # only when set: records unchanged
-    }
-
-
 def cmd_generate(args) -> int:
-    from .images import generation_params, load_image, params_text, save_png
-    from .pipeline import generate, load_pipeline
+    with contextlib.ExitStack() as resources:  # closes the engine loaded for the run
+        return _generate(args, resources)
 
-    kwargs = _generate_kwargs(args)
+
+def _generate(args, resources: contextlib.ExitStack) -> int:
+    from .images import check_png_path, grid, load_image, params_text, save_png
+    from .pipeline import load_pipeline, run_params
+
+    # every input is checked before the model loads
+    request = request_from_args(args)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    out = check_png_path(args.out)
+    engine_kind, _ = parse_engine_spec(args.engine)
+    columns = compare_columns(request, _compare_sigmas(args.compare_sigmas)) if args.compare else None
+    requests = [request.replace(seed=request.seed + i) for i in range(args.num_images)]
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     model = args.model or _demo_model()
+    _check_local_size(model, request)
     control = load_image(args.control_image) if args.control_image else None
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pipe = load_pipeline(model, args.device)
     engine = None
-    if args.engine != "torch":
+    if engine_kind != "torch":
         from seg_rt.engines import load_engine
 
-        engine = load_engine(args.engine, pipe, pipe._execution_device)
+        engine = resources.enter_context(load_engine(args.engine, pipe, pipe._execution_device))
     common = {
         "engine": engine,
         "control_image": control,
         "controlnet_scale": args.controlnet_scale,
         "progress": not args.no_progress,
     }
-    out = Path(args.out)
-    from .images import grid
-
-    if args.compare:
-        sigmas = [parse_sigma(s) for s in args.compare_sigmas.split(",") if s.strip()]
-        columns = compare_columns(kwargs, sigmas)
-        images = [generate(pipe, **kw, **common)[0] for _, kw in columns]
+    if columns is not None:
+        images = [run_params(pipe, [column], **common)[0] for _, column in columns]
         sheet = grid(images, [label for label, _ in columns])
-        save_png(sheet, out, params_text(model, {**kwargs, "compare_sigmas": sigmas}))
+        sigmas = [sigma_to_json(column.seg.sigma) for _, column in columns[2:]]
+        save_png(sheet, out, params_text(model, {**request.to_record(), "compare_sigmas": sigmas}))
         paths = [out]
     elif args.grid:
-        images = generate(pipe, **kwargs, num_images=args.num_images, **common)
-        labels = [f"seed {kwargs['seed'] + i}" for i in range(len(images))]
+        images = run_params(pipe, requests, **common)
+        labels = [f"seed {r.seed}" for r in requests]
         sheet = grid(images, labels, columns=min(len(images), 4))
-        save_png(sheet, out, params_text(model, {**kwargs, "num_images": args.num_images}))
+        save_png(sheet, out, params_text(model, {**request.to_record(), "num_images": args.num_images}))
         paths = [out]
     else:
-        images = generate(pipe, **kwargs, num_images=args.num_images, **common)
+        images = run_params(pipe, requests, **common)
         paths = (
             [out]
             if len(images) == 1
             else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
         )
-        for i, (img, path) in enumerate(zip(images, paths, strict=True)):
-            params = generation_params(**{**kwargs, "seed": kwargs["seed"] + i})
-            save_png(img, path, params_text(model, params))
+        for img, path, r in zip(images, paths, requests, strict=True):
+            save_png(img, path, params_text(model, r.to_record()))
     seconds = time.perf_counter() - t0
     if args.json:
         print(json.dumps({"outputs": [str(p) for p in paths], "seconds": round(seconds, 3)}))
@@ -344,6 +390,22 @@ def cmd_generate(args) -> int:
         for p in paths:
             print(p)
     return 0
+
+
+def _check_local_size(model: str, request: GenerationParams) -> None:
+    """A local model folder's scale factor is in its config files: check the size before loading it."""
+    from .pipeline import check_size, folder_scale_factor
+
+    factor = folder_scale_factor(model) if Path(model).is_dir() else None
+    if factor is not None:
+        check_size(request.height, request.width, factor)
+
+
+def _compare_sigmas(text: str) -> list[float]:
+    sigmas = [check_sigma(parse_sigma(s)) for s in text.split(",") if s.strip()]
+    if not sigmas:
+        raise ValueError(f"--compare-sigmas must list at least one σ, got {text!r}")
+    return sigmas
 
 
 def _demo_model() -> str:
@@ -362,16 +424,16 @@ def _demo_model() -> str:
     return str(path)
 
 
-def compare_columns(kwargs: dict, sigmas: list[float]) -> list[tuple[str, dict]]:
+def compare_columns(request: GenerationParams, sigmas: list[float]) -> list[tuple[str, GenerationParams]]:
     """vanilla (no guidance), CFG only, then SEG (with the given CFG) at each σ; one seed."""
-    cfg = kwargs["cfg"]
+    cfg = request.cfg
     cols = [
-        ("vanilla", {**kwargs, "cfg": 1.0, "seg_scale": 0.0}),
-        (f"CFG {cfg:g}", {**kwargs, "seg_scale": 0.0}),
+        ("vanilla", request.replace(cfg=1.0).with_seg(scale=0.0)),
+        (f"CFG {cfg:g}", request.with_seg(scale=0.0)),
     ]
     for s in sigmas:
-        label = f"SEG sigma={'inf' if math.isinf(s) or s > 9999 else f'{s:g}'}"
-        cols.append((label + (f"\n+CFG {cfg:g}" if cfg > 1 else ""), {**kwargs, "seg_sigma": s}))
+        label = f"SEG sigma={sigma_label(s)}"
+        cols.append((label + (f"\n+CFG {cfg:g}" if cfg > 1 else ""), request.with_seg(sigma=s)))
     return cols
 
 
@@ -386,34 +448,23 @@ def cmd_video(args) -> int:
         out = out.with_suffix(".gif")
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
-    if args.fps < 1:
-        raise ValueError(f"--fps must be >= 1, got {args.fps}")
-    common = {
-        "prompt": args.prompt, "negative_prompt": args.negative_prompt, "frames": args.frames,
-        "height": args.height, "width": args.width, "steps": args.steps, "cfg": args.cfg,
-        "seg_scale": args.seg_scale, "seg_mode": args.seg_mode, "seg_sigma": args.seg_sigma,
-        "seg_sigma_time": args.seg_sigma_time, "seed": args.seed, "scheduler": args.scheduler,
-        "seg_layers": parse_layers(args.seg_layers) if args.seg_layers else None,
-        "progress": not args.no_progress,
-    }  # fmt: skip
-    from seg_rt.video.attention import VideoBlur
-
-    VideoBlur(args.seg_mode, args.seg_sigma, args.seg_sigma_time)  # validate before loading the model
-    t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, args.device)
+    request = video_request_from_args(args)  # validated before the model loads
+    runs = [("", request)]
     if args.compare:
-        videos = [generate_video(pipe, **{**common, "seg_scale": 0.0})[0]]
-        labels = [f"no SEG\nCFG {args.cfg:g}"]
+        runs = [(f"no SEG\nCFG {args.cfg:g}", request.with_seg(scale=0.0))]
         for mode in MODES:
             try:
-                videos.append(generate_video(pipe, **{**common, "seg_mode": mode})[0])
+                runs.append(
+                    (f"SEG {mode}", request.replace(video=dataclasses.replace(request.video, mode=mode)))
+                )
             except ValueError as exc:  # e.g. temporal with sigma time 0
                 raise ValueError(f"--compare, mode {mode}: {exc}") from None
-            labels.append(f"SEG {mode}")
-        frames = side_by_side(videos, labels)
-    else:
-        frames = generate_video(pipe, **common)[0]
-    write_video(frames, out, fps=args.fps)
+    _check_local_size(args.model, request)
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args.model, args.device)
+    videos = [generate_video(pipe, params=r, progress=not args.no_progress)[0] for _, r in runs]
+    frames = side_by_side(videos, [label for label, _ in runs]) if args.compare else videos[0]
+    write_video(frames, out, fps=request.video.fps)
     print(json.dumps({"out": str(out), "frames": len(frames), "seconds": round(time.perf_counter() - t0, 2)}))
     return 0
 
@@ -425,9 +476,7 @@ def cmd_export_onnx(args) -> int:
     from .pipeline import load_pipeline
 
     layers = parse_layers(args.seg_layers)
-    sigma = None if args.dynamic_sigma else args.seg_sigma
-    if sigma is not None and (math.isnan(sigma) or sigma <= 0):
-        raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+    sigma = None if args.dynamic_sigma else check_sigma(args.seg_sigma)
     check_out_dir(args.out, is_export_folder, overwrite=args.overwrite)  # before the model loads
     pipe = load_pipeline(args.model, "cpu" if not args.fp16 else None)
     result = export_onnx(
@@ -504,10 +553,13 @@ def cmd_submit(args) -> int:
 
 def cmd_serve(args) -> int:
     from seg_rt.cluster.serving import API_KEY_ENV, load_config
+    from seg_rt.demo.model import weights_dir
 
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    demo = str(weights_dir())
     cfg = load_config(
         args.config,
+        defaults={"model": demo},  # no --model and none in the config: the demo model, as in generate
         model=args.model,
         engine=args.engine,
         host=args.host,
@@ -518,8 +570,10 @@ def cmd_serve(args) -> int:
     )  # the whole config is valid before Ray starts
     from seg_rt.cluster.serve import serve_forever
 
+    if cfg.model == demo:
+        _demo_model()  # the note on what the demo model is (and that it is there)
     print(
-        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (OpenAPI at /docs)",
+        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (playground at /, OpenAPI at /docs)",
         file=sys.stderr,
     )
     serve_forever(cfg, address=args.address, ray_temp_dir=args.ray_temp_dir)

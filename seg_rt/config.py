@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .blur import is_infinite
+
 
 def parse_sigma(value: str | float) -> float:
     """Parse a σ given on the command line or in a file: a number or ``inf``; validated by SEGConfig."""
@@ -20,6 +22,20 @@ def parse_sigma(value: str | float) -> float:
 def sigma_to_json(sigma: float) -> float | str:
     """σ in JSON records: a number, or ``"inf"`` (JSON has no infinity)."""
     return "inf" if math.isinf(sigma) else sigma
+
+
+def sigma_label(sigma: float) -> str:
+    """σ for people (grid labels, tables): ``inf`` for every σ the blur treats as infinite, else ``%g``."""
+    return "inf" if is_infinite(sigma) else f"{sigma:g}"
+
+
+def check_sigma(sigma: float) -> float:
+    """The σ rule of SEG's query blur: a number > 0, or ``inf`` (``seg_rt.blur.is_infinite``)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise ValueError(f"seg sigma must be a number, got {sigma!r}")
+    if math.isnan(sigma) or sigma <= 0:
+        raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+    return float(sigma)
 
 
 def parse_layers(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -64,8 +80,7 @@ class SEGConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"seg {name} must be a number, got {value!r}")
             object.__setattr__(self, name, float(value))
-        if math.isnan(self.sigma) or self.sigma <= 0:
-            raise ValueError(f"seg sigma must be > 0 or inf, got {self.sigma:g}")
+        check_sigma(self.sigma)
         if math.isnan(self.scale) or math.isinf(self.scale) or self.scale < 0:
             raise ValueError(f"seg scale must be a finite number >= 0, got {self.scale:g}")
         if not (0.0 <= self.start <= 1.0 and 0.0 <= self.end <= 1.0) or self.start >= self.end:

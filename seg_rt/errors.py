@@ -21,3 +21,10 @@ class SEGNotApplied(SegRtError, RuntimeError):
     """SEG was active in a forward (perturbed rows present) but no query was perturbed: the SEG
     processors were not reached (replaced, bypassed, or their layers never ran). Raised instead of
     silently returning the unperturbed (CFG-only) prediction."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type name when it has none): what a
+    one-line error report shows of an error raised by a library."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(exc).__name__

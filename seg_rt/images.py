@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -22,34 +21,10 @@ def load_image(path: str | Path) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def params_text(model, params: dict) -> str:
-    """Generation parameters as JSON for the PNG text chunk (σ = inf written as "inf")."""
-    clean = {
-        k: ("inf" if isinstance(v, float) and math.isinf(v) else list(v) if isinstance(v, tuple) else v)
-        for k, v in params.items()
-    }
-    if isinstance(clean.get("compare_sigmas"), list):
-        clean["compare_sigmas"] = ["inf" if math.isinf(s) else s for s in clean["compare_sigmas"]]
-    return json.dumps({"model": str(model), "generator": "seg-rt", **clean}, sort_keys=True)
-
-
-def generation_params(
-    *, prompt: str, negative_prompt: str | None, steps: int, cfg: float, seg_scale: float, seg_sigma: float,
-    seg_layers, seg_start: float, seg_end: float, height: int | None, width: int | None, seed: int,
-    scheduler: str, guidance_rescale: float = 0.0, sequential: bool = False, seg_every: int = 1,
-    seg_placement: str = "batched",
-) -> dict:  # fmt: skip
-    """The parameter record a seg-rt PNG carries: one key set for the CLI and the server, so the same
-    request gives the same file bytes from either."""
-    return {
-        "prompt": prompt, "negative_prompt": negative_prompt, "steps": int(steps), "cfg": float(cfg),
-        "seg_scale": float(seg_scale), "seg_sigma": float(seg_sigma), "seg_layers": list(seg_layers),
-        "seg_start": float(seg_start), "seg_end": float(seg_end), "guidance_rescale": float(guidance_rescale),
-        "height": height, "width": width, "seed": int(seed), "scheduler": scheduler, "sequential": bool(sequential),
-        # cheap SEG modes only when set (SEGConfig.cheap_fields): default records stay byte-identical
-        **({"seg_every": int(seg_every)} if seg_every != 1 else {}),
-        **({"seg_placement": seg_placement} if seg_placement != "batched" else {}),
-    }  # fmt: skip
+def params_text(model, record: dict) -> str:
+    """A request's record (``GenerationParams.to_record()``, JSON-ready: σ = inf already ``"inf"``) as
+    the JSON of a PNG's ``parameters`` text chunk, with the model it came from."""
+    return json.dumps({"model": str(model), "generator": "seg-rt", **record}, sort_keys=True)
 
 
 def read_params(path: str | Path) -> dict:
@@ -92,11 +67,16 @@ def png_bytes(image: Image.Image, params: str) -> bytes:
     return buf.getvalue()
 
 
-def save_png(image: Image.Image, path: str | Path, params: str) -> Path:
+def check_png_path(path: str | Path) -> Path:
+    """An output path for a PNG: must end in ``.png`` (checked before any sampling)."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"output must be a .png file, got {str(path)!r}")
-    return write_atomic(path, png_bytes(image, params))
+    return path
+
+
+def save_png(image: Image.Image, path: str | Path, params: str) -> Path:
+    return write_atomic(check_png_path(path), png_bytes(image, params))
 
 
 def _fitting_font(labels: Sequence[str], width: int) -> ImageFont.FreeTypeFont:

@@ -31,8 +31,11 @@ VIDEO_MODES = ("spatial", "temporal", "spatiotemporal")
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds up to 2**64 - 1
 
 
+ENGINE_KINDS = ("torch", "torch-compile", "onnx:DIR", "trt:DIR")
+
+
 def check_scheduler(name: str) -> str:
-    if name not in SCHEDULERS:
+    if not isinstance(name, str) or name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
     return name
 
@@ -41,6 +44,28 @@ def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
     return seed
+
+
+def check_cfg(cfg: float) -> float:
+    """CFG scale: finite and >= 1 (an infinite scale gives NaN images)."""
+    cfg = _number("cfg", cfg)
+    if not math.isfinite(cfg) or cfg < 1.0:
+        raise ValueError(
+            f"cfg must be a finite number >= 1 (1 disables classifier-free guidance), got {cfg:g}"
+        )
+    return cfg
+
+
+def parse_engine_spec(spec: str) -> tuple[str, str | None]:
+    """``torch`` / ``torch-compile`` → (kind, None); ``onnx:DIR`` / ``trt:DIR`` → (kind, DIR).
+
+    The one parser of engine specs: the CLI, job specs and ``seg_rt.engines.load_engine`` call it."""
+    kind, _, path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if kind in ("torch", "torch-compile") and not path:
+        return kind, None
+    if kind in ("onnx", "trt") and path:
+        return kind, path
+    raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, got {spec!r}")
 
 
 def _number(name: str, value: Any) -> float:
@@ -140,12 +165,7 @@ class GenerationParams:
             raise ValueError(f"negative prompt must be a string, got {type(self.negative_prompt).__name__}")
         check_seed(self.seed)
         _int("steps", self.steps, 1)
-        cfg = _number("cfg", self.cfg)
-        if not math.isfinite(cfg) or cfg < 1.0:
-            raise ValueError(
-                f"cfg must be a finite number >= 1 (1 disables classifier-free guidance), got {cfg:g}"
-            )
-        object.__setattr__(self, "cfg", cfg)
+        object.__setattr__(self, "cfg", check_cfg(self.cfg))
         if not isinstance(self.seg, SEGConfig):
             raise ValueError(f"seg must be a SEGConfig, got {type(self.seg).__name__}")
         rescale = _number("guidance rescale", self.guidance_rescale)
@@ -158,9 +178,14 @@ class GenerationParams:
                 _int(name, value, 1)
         check_scheduler(self.scheduler)
         object.__setattr__(self, "sequential", bool(self.sequential))
-        self.seg.check_cfg(cfg)
+        self.seg.check_cfg(self.cfg)
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
+        if self.video is not None and self.seg.layers != SEGConfig().layers:
+            raise ValueError(
+                f"seg layers {','.join(self.seg.layers)!r} select image UNet blocks and do not apply to video "
+                "models; give video layers (module names or prefixes) instead"
+            )
 
     def replace(self, **changes: Any) -> GenerationParams:
         """A copy with ``changes`` (validated again)."""

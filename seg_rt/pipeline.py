@@ -9,8 +9,9 @@ SEG-patched denoiser and the sampling loop (``seg_rt.sampler``).
 from __future__ import annotations
 
 import logging
-import math
+import operator
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor
 
 from .config import SEGConfig
-from .errors import ModelLoadError
-from .params import SCHEDULERS, check_scheduler
+from .errors import ModelLoadError, first_line
+from .families import family_of, pipeline_class
+from .params import DEFAULT_SCHEDULER, SCHEDULERS, GenerationParams, check_scheduler, parse_engine_spec
 from .sampler import StepCallback, sample
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,6 @@ def load_pipeline(
     ``model_index.json`` is read first and every class it names must be a diffusers /
     transformers class or seg-rt's demo pipeline (:func:`check_model_index`): diffusers would
     otherwise import a ``*.py`` file shipped in the model folder."""
-    from diffusers import DiffusionPipeline
-
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = Path(model)
@@ -50,13 +50,9 @@ def load_pipeline(
         raise ModelLoadError(f"model folder {str(model)!r} does not exist or is not a diffusers folder")
     # diffusers renamed torch_dtype to dtype (0.36); pass whichever this version takes
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
-    cls = DiffusionPipeline
     if is_local:
-        from seg_rt.demo.model import SEGDemoPipeline, is_demo_folder
-
         check_model_index(path / "model_index.json")  # before any code from the folder can run
-        if is_demo_folder(path):  # our own pipeline class: diffusers cannot look it up by name
-            cls = SEGDemoPipeline
+    cls = pipeline_class(path if is_local else None)
     try:
         if not is_local:
             from huggingface_hub import hf_hub_download
@@ -73,8 +69,7 @@ def load_pipeline(
                 f"cannot fetch model {str(model)!r} from the hub ({type(exc).__name__}); "
                 "pass a local diffusers folder with --model PATH"
             ) from exc
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelLoadError(f"cannot load model folder {str(model)!r}: {first}") from exc
+        raise ModelLoadError(f"cannot load model folder {str(model)!r}: {first_line(exc)}") from exc
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -148,28 +143,12 @@ def _has_dtype_kwarg() -> bool:
     return hasattr(deprecation_utils, "_resolve_dtype")
 
 
-def family_of(pipe) -> str:
-    names = [c.__name__ for c in type(pipe).__mro__]
-    if "StableDiffusionXLControlNetPipeline" in names:
-        return "sdxl-controlnet"
-    if "StableDiffusionXLPipeline" in names:
-        return "sdxl"
-    if "StableDiffusionPipeline" in names:
-        return "sd15"
-    if "SEGDemoPipeline" in names:
-        return "demo"
-    raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet "
-        "and the bundled demo model"
-    )
-
-
 def make_scheduler(pipe, scheduler: str | Any | None):
     """``None`` → Euler (the paper's sampler) from the model's scheduler config; a name; or an instance."""
     import diffusers
 
     if scheduler is None:
-        scheduler = "euler"
+        scheduler = DEFAULT_SCHEDULER
     if isinstance(scheduler, str):
         return getattr(diffusers, SCHEDULERS[check_scheduler(scheduler)]).from_config(pipe.scheduler.config)
     return scheduler
@@ -276,10 +255,11 @@ def decode(pipe, latents: Tensor, output_type: str):
     return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
-def check_size(height: int, width: int, factor: int) -> tuple[int, int]:
-    """Pixel sizes must be positive multiples of the VAE's downsampling ``factor``."""
+def check_size(height: int | None, width: int | None, factor: int) -> tuple[int | None, int | None]:
+    """Pixel sizes must be positive multiples of the model's downsampling ``factor`` (its VAE's; 1 for a
+    pixel-space model such as the demo). ``None`` (the model's default size) is not checked."""
     for name, v in (("height", height), ("width", width)):
-        if v <= 0 or v % factor:
+        if v is not None and (v <= 0 or v % factor):
             raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
     return height, width
 
@@ -290,19 +270,43 @@ def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
     return check_size(height or default, width or default, factor)
 
 
+def folder_scale_factor(folder: str | Path) -> int | None:
+    """The pixel-size factor of a local diffusers folder, read from its config files without loading
+    weights (what ``pipe.vae_scale_factor`` / ``vae_scale_factor_spatial`` will be once loaded):
+    1 for the pixel-space demo model, Wan's ``scale_factor_spatial``, else ``2 ** (len(block_out_channels)
+    - 1)`` of the VAE as diffusers computes it. ``None`` when the folder is not a diffusers folder."""
+    import json
+
+    from seg_rt.demo.model import is_demo_folder
+
+    folder = Path(folder)
+    if is_demo_folder(folder):
+        return 1
+    vae = folder / "vae" / "config.json"
+    if not vae.is_file():
+        return None
+    try:
+        config = json.loads(vae.read_text())
+        if "scale_factor_spatial" in config:
+            return int(config["scale_factor_spatial"])
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def generate(
     model,
-    prompt: str = "",
+    prompt: str = GenerationParams.prompt,
     *,
-    negative_prompt: str | None = None,
-    steps: int = 25,
-    cfg: float = 5.0,
-    seg_scale: float = 3.0,
-    seg_sigma: float = math.inf,
-    seg_layers: Sequence[str] = ("mid",),
-    height: int | None = None,
-    width: int | None = None,
-    seed: int | Sequence[int] = 0,
+    negative_prompt: str | None = GenerationParams.negative_prompt,
+    steps: int = GenerationParams.steps,
+    cfg: float = GenerationParams.cfg,
+    seg_scale: float = SEGConfig.scale,
+    seg_sigma: float = SEGConfig.sigma,
+    seg_layers: Sequence[str] = SEGConfig.layers,
+    height: int | None = GenerationParams.height,
+    width: int | None = GenerationParams.width,
+    seed: int | Sequence[int] = GenerationParams.seed,
     num_images: int = 1,
     scheduler=None,
     engine=None,
@@ -318,15 +322,34 @@ def generate(
     VAE still come from ``model``. Returns PIL images (``"pil"``), a numpy array (``"np"``), a
     tensor (``"pt"``) or the final latents (``"latent"``), like diffusers. ``options``: see
     ``generate_batch`` (SEG window, CFG rescale, sequential branches, ControlNet image, ...).
+    Defaults are ``GenerationParams``'; ``run_params`` takes the requests themselves.
     """
-    seeds = [int(s) for s in seed] if isinstance(seed, Sequence) else [seed + i for i in range(num_images)]
-    if not seeds or (not isinstance(seed, Sequence) and num_images < 1):
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if isinstance(seed, Sequence):
+        seeds = [_integer(s) for s in seed]
+    else:
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be an integer >= 1, got {num_images!r}")
+        first = _integer(seed)
+        seeds = [first + i for i in range(num_images)] if isinstance(first, int) else [first]
+    if not seeds:
+        raise ValueError("seed must be an integer or a non-empty list of integers, got []")
     return generate_batch(
-        model, [prompt] * len(seeds), seeds, negative_prompts=[negative_prompt] * len(seeds), steps=steps,
-        cfg=cfg, seg_scale=seg_scale, seg_sigma=seg_sigma, seg_layers=seg_layers, height=height, width=width,
-        scheduler=scheduler, engine=engine, output_type=output_type, **options,
-    )  # fmt: skip
+        model,
+        [prompt] * len(seeds),
+        seeds,
+        negative_prompts=[negative_prompt] * len(seeds),
+        steps=steps,
+        cfg=cfg,
+        seg_scale=seg_scale,
+        seg_sigma=seg_sigma,
+        seg_layers=seg_layers,
+        height=height,
+        width=width,
+        scheduler=scheduler,
+        engine=engine,
+        output_type=output_type,
+        **options,
+    )
 
 
 def generate_batch(
@@ -335,22 +358,22 @@ def generate_batch(
     seeds: Sequence[int],
     *,
     negative_prompts: Sequence[str | None] | None = None,
-    steps: int = 25,
-    cfg: float = 5.0,
-    seg_scale: float = 3.0,
-    seg_sigma: float = math.inf,
-    seg_layers: Sequence[str] = ("mid",),
-    height: int | None = None,
-    width: int | None = None,
+    steps: int = GenerationParams.steps,
+    cfg: float = GenerationParams.cfg,
+    seg_scale: float = SEGConfig.scale,
+    seg_sigma: float = SEGConfig.sigma,
+    seg_layers: Sequence[str] = SEGConfig.layers,
+    height: int | None = GenerationParams.height,
+    width: int | None = GenerationParams.width,
     scheduler=None,
     engine=None,
     output_type: str = "pil",
-    seg_start: float = 0.0,
-    seg_end: float = 1.0,
-    seg_every: int = 1,
-    seg_placement: str = "batched",
-    guidance_rescale: float = 0.0,
-    sequential: bool = False,
+    seg_start: float = SEGConfig.start,
+    seg_end: float = SEGConfig.end,
+    seg_every: int = SEGConfig.every,
+    seg_placement: str = SEGConfig.placement,
+    guidance_rescale: float = GenerationParams.guidance_rescale,
+    sequential: bool = GenerationParams.sequential,
     control_image=None,
     controlnet_scale: float = 1.0,
     device: str | torch.device | None = None,
@@ -359,11 +382,13 @@ def generate_batch(
 ):
     """One sampling run for images with their own prompt, negative prompt and seed, sharing every
     other setting (one denoiser call per step for all of them). Image i equals
-    ``generate(model, prompts[i], negative_prompt=negative_prompts[i], seed=seeds[i], ...)``."""
+    ``generate(model, prompts[i], negative_prompt=negative_prompts[i], seed=seeds[i], ...)``.
+    ``scheduler``: a name (``seg_rt.params.SCHEDULERS``; ``None`` = Euler) or a diffusers scheduler."""
     n = len(prompts)
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [None] * n
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
         raise ValueError(f"need one seed and negative prompt per prompt, got {n} prompts, {len(seeds)} seeds")
+    name = scheduler if isinstance(scheduler, str) else GenerationParams.scheduler
     seg = SEGConfig(
         scale=seg_scale,
         sigma=seg_sigma,
@@ -373,14 +398,64 @@ def generate_batch(
         every=seg_every,
         placement=seg_placement,
     )
-    seg.check_cfg(cfg)  # before any model loads
-    _check_args(steps, cfg, n, output_type, guidance_rescale)
+    base = GenerationParams(
+        steps=steps,
+        cfg=cfg,
+        seg=seg,
+        guidance_rescale=guidance_rescale,
+        height=height,
+        width=width,
+        scheduler=name,
+        sequential=sequential,
+    )
+    params = [
+        base.replace(prompt=p, negative_prompt=neg, seed=_integer(s))
+        for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True)
+    ]
+    return run_params(
+        model,
+        params,
+        engine=engine,
+        output_type=output_type,
+        scheduler=None if isinstance(scheduler, str) else scheduler,
+        control_image=control_image,
+        controlnet_scale=controlnet_scale,
+        device=device,
+        progress=progress,
+        callback=callback,
+    )
+
+
+def run_params(
+    model,
+    params: Sequence[GenerationParams],
+    *,
+    engine=None,
+    output_type: str = "pil",
+    scheduler=None,
+    control_image=None,
+    controlnet_scale: float = 1.0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    callback: StepCallback | None = None,
+):
+    """One sampling run for image requests that share ``batch_key()`` (all but prompt, negative prompt
+    and seed): the entry point of the CLI, job workers and the server. Image i equals ``params[i]``
+    run alone. ``model``, ``engine``, ``output_type``, ``device``, ``progress`` and ``callback`` as in
+    ``generate_batch``; ``scheduler``, a diffusers scheduler instance, overrides ``params[i].scheduler``
+    (Python API only: records name the scheduler by ``params``)."""
+    params = list(params)
+    _check_run(params, output_type)
+    if isinstance(engine, str):
+        parse_engine_spec(engine)  # a bad spec fails before the model loads
+    first = params[0]
+    seg, steps, cfg, height, width = first.seg, first.steps, first.cfg, first.height, first.width
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe)
     height, width = _check_size(pipe, height, width)
     parts = [
         encode(pipe, family, p, neg, count, cfg, height, width, control_image, controlnet_scale)
-        for (p, neg), count in _runs(list(zip(prompts, negative_prompts, strict=True)))
+        for (p, neg), count in _runs([(q.prompt, q.negative_prompt) for q in params])
     ]
     cond = {k: torch.cat([q.cond[k] for q in parts]) for k in parts[0].cond}
     uncond = (
@@ -388,27 +463,42 @@ def generate_batch(
     )
     dtype = cond["encoder_hidden_states"].dtype
     # the scheduler's noise (ancestral samplers) continues each row's stream, as in diffusers
-    generators = seed_generators(seeds)
-    sched = make_scheduler(pipe, scheduler)
+    generators = seed_generators([q.seed for q in params])
+    sched = make_scheduler(pipe, scheduler if scheduler is not None else first.scheduler)
     sched.set_timesteps(steps, device=pipe._execution_device)
     latents = initial_latents(pipe, sched, generators, height, width, dtype)
-    own_engine = engine is None or isinstance(engine, str)
-    if own_engine:
-        from seg_rt.engines import load_engine
-
-        engine = load_engine(engine or "torch", pipe, pipe._execution_device)
-    if hasattr(engine, "configure"):
+    with _open_engine(engine, pipe) as engine:
         engine.configure(seg.sigma, seg.layers)
-    try:
         latents = sample(
-            engine, sched, latents, cond, uncond, steps=steps, cfg=cfg, seg=seg,
-            guidance_rescale=guidance_rescale, sequential=sequential, generators=generators,
-            progress=progress, callback=callback,
-        )  # fmt: skip
-    finally:
-        if own_engine:
-            engine.close()
+            engine,
+            sched,
+            latents,
+            cond,
+            uncond,
+            steps=steps,
+            cfg=cfg,
+            seg=seg,
+            guidance_rescale=first.guidance_rescale,
+            sequential=first.sequential,
+            generators=generators,
+            progress=progress,
+            callback=callback,
+        )
     return decode(pipe, latents, output_type)
+
+
+def _open_engine(engine, pipe) -> AbstractContextManager:
+    """A denoiser given by the caller stays open (the caller closes it); one loaded here from a spec
+    (``None``: torch) is closed after the run."""
+    from seg_rt.engines import Denoiser, load_engine
+
+    if isinstance(engine, Denoiser):
+        return nullcontext(engine)
+    if engine is not None and not isinstance(engine, str):
+        raise TypeError(
+            f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
+        )
+    return load_engine(engine or "torch", pipe, pipe._execution_device)
 
 
 def _runs(keys: list) -> list[tuple]:
@@ -422,14 +512,27 @@ def _runs(keys: list) -> list[tuple]:
     return [tuple(r) for r in out]
 
 
-def _check_args(steps: int, cfg: float, num_images: int, output_type: str, rescale: float) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if math.isnan(cfg) or cfg < 1.0:
-        raise ValueError(f"cfg must be >= 1 (1 disables classifier-free guidance), got {cfg:g}")
-    if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+def _integer(value):
+    """numpy integers as ``int``; anything else unchanged, for ``check_seed`` to judge."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
+
+
+def _check_run(params: list[GenerationParams], output_type: str) -> None:
+    """What one sampling run needs beyond each request's own validation (``GenerationParams``)."""
+    if not params:
+        raise ValueError("need at least one request (GenerationParams) per sampling run")
+    for p in params:
+        if not isinstance(p, GenerationParams):
+            raise ValueError(f"requests must be GenerationParams, got {type(p).__name__}")
+        if p.video is not None:
+            raise ValueError("a video request goes through seg_rt.video.sampling.generate_video")
+        if p.batch_key() != params[0].batch_key():
+            raise ValueError(
+                "requests in one sampling run must share every setting but prompt, negative prompt and "
+                "seed (GenerationParams.batch_key)"
+            )
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    if not 0.0 <= rescale <= 1.0:
-        raise ValueError(f"guidance rescale must be in [0, 1], got {rescale:g}")

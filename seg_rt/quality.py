@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import sigma_label, sigma_to_json
+
 
 def _stats(feats: Tensor) -> tuple[Tensor, Tensor]:
     x = feats.double()
@@ -118,8 +120,7 @@ def methods(
         Method(f"PAG {pag_scale:g}", scale=pag_scale, perturbation="identity"),
     ]
     for s in sigmas:
-        label = "inf" if math.isinf(s) or s > 9999 else f"{s:g}"
-        out.append(Method(f"SEG σ={label}", scale=seg_scale, sigma=s))
+        out.append(Method(f"SEG σ={sigma_label(s)}", scale=seg_scale, sigma=s))
     return out + (cheap_methods(cfg, seg_scale) if cheap else [])
 
 
@@ -236,7 +237,7 @@ def run_quality(
         fake["pixels"] = x
         vanilla = vanilla or fake
         row = {**common, "method": m.name, "cfg": m.cfg, "scale": m.scale,
-               "sigma": "inf" if math.isinf(m.sigma) else m.sigma, "perturbation": m.perturbation if m.scale else None,
+               "sigma": sigma_to_json(m.sigma), "perturbation": m.perturbation if m.scale else None,
                **({"every": m.every, "placement": m.placement, "window": [m.start, m.end]} if cheap else {}),
                **score(real, fake, None if fake is vanilla else vanilla), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         if fake is vanilla:

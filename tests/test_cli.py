@@ -114,3 +114,47 @@ def test_controlnet_cli(tmp_path):
     code = main(["generate", "--model", str(model), "--control-image", str(tmp_path / "ctl.png"), "--steps", "2",
                  "--height", "64", "--width", "64", "--out", str(out), "--no-progress"])  # fmt: skip
     assert code == 0 and out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["generate", "--cfg", "inf"], "cfg must be a finite number >= 1 (1 disables classifier-free guidance), got inf"),
+        (["generate", "--seed", "18446744073709551616"], "seed must be an integer from 0 to 2**64 - 1, got 18446744073709551616"),
+        (["generate", "--out", "x.jpg"], "output must be a .png file, got 'x.jpg'"),
+        (["generate", "--engine", "magic"], "engine must be one of torch, torch-compile, onnx:DIR, trt:DIR, got 'magic'"),
+        (["generate", "--compare", "--compare-sigmas", "2,0"], "seg sigma must be > 0 or inf, got 0"),
+        (["generate", "--height", "65", "--model", "SDXL"], "height must be a positive multiple of 8, got 65"),
+        (["video", "--model", "m", "--seg-mode", "temporal", "--seg-sigma-time", "0"], "seg mode 'temporal' with seg sigma time 0"),
+        (["video", "--model", "m", "--seed", "18446744073709551616"], "seed must be an integer from 0 to 2**64 - 1"),
+        (["video", "--model", "m", "--cfg", "inf"], "cfg must be a finite number >= 1"),
+        (["video", "--model", "m", "--compare", "--seg-sigma-time", "0"], "--compare, mode temporal: seg mode 'temporal'"),
+    ],
+)  # fmt: skip
+def test_bad_request_exits_2_before_a_model_loads(sdxl_dir, tmp_path, monkeypatch, capsys, argv, message):
+    import seg_rt.pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(seg_rt.pipeline, "load_pipeline", no_loading)
+    monkeypatch.chdir(tmp_path)
+    argv = [str(sdxl_dir) if a == "SDXL" else a for a in argv]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_records_equal_for_cli_and_api_requests(sdxl_dir, tmp_path):
+    """The PNG record is the request's own: parsing it back gives the request the CLI built."""
+    from seg_rt.params import GenerationParams
+
+    out = tmp_path / "r.png"
+    argv = ["generate", "--model", str(sdxl_dir), "--steps", "1", "--height", "64", "--width", "64",
+            "--seg-sigma", "inf", "--seed", str(2**64 - 1), "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    record = read_params(out)
+    assert record["seg_sigma"] == "inf" and record["model"] == str(sdxl_dir)
+    expected = GenerationParams(seed=2**64 - 1, steps=1, height=64, width=64)
+    assert GenerationParams.from_record(record) == expected

@@ -84,10 +84,11 @@ def test_dynamic_sigma_graph_takes_blur_matrices(exports):
 @pytest.mark.parametrize("sigma", [1.0, 10.0, math.inf])
 def test_dynamic_sigma_equals_baked(exports, sdxl, sigma):
     inputs = engine_inputs(sdxl)
-    baked = OnnxRuntimeDenoiser(exports(sigma))(inputs)
-    dyn = OnnxRuntimeDenoiser(exports(None))
-    dyn.configure(sigma, ["mid"])
-    assert_close(dyn(inputs), baked, rel=1e-5, what="dynamic vs baked sigma")
+    with OnnxRuntimeDenoiser(exports(sigma)) as engine:
+        baked = engine(inputs)
+    with OnnxRuntimeDenoiser(exports(None)) as dyn:
+        dyn.configure(sigma, ["mid"])
+        assert_close(dyn(inputs), baked, rel=1e-5, what="dynamic vs baked sigma")
 
 
 @pytest.mark.parametrize("sigma", [2.0, None])
@@ -129,7 +130,11 @@ def test_other_families_export_and_validate(family, tmp_path):
 
 
 def test_engine_rejects_other_shapes_naming_both(exports, sdxl):
-    engine = OnnxRuntimeDenoiser(exports(2.0))
+    with OnnxRuntimeDenoiser(exports(2.0)) as engine:
+        _check_rejections(engine, sdxl)
+
+
+def _check_rejections(engine, sdxl):
     inputs = engine_inputs(sdxl)
     inputs["sample"] = torch.randn(3, 4, 8, 8)
     with pytest.raises(ValueError, match=r"engine accepts batch x latent height x width = 3x8x12, got 3x8x8"):
@@ -141,6 +146,22 @@ def test_engine_rejects_other_shapes_naming_both(exports, sdxl):
         engine.configure(5.0, ["mid"])
     with pytest.raises(ValueError, match="exported for seg layers mid, got up"):
         engine.configure(2.0, ["up"])
+
+
+def test_onnx_engine_is_a_fixed_shape_denoiser_and_closes(exports, sdxl):
+    from seg_rt.engines import FixedShapeDenoiser, load_engine
+
+    inputs = engine_inputs(sdxl)
+    with load_engine(f"onnx:{exports(None)}") as engine:
+        assert isinstance(engine, OnnxRuntimeDenoiser) and isinstance(engine, FixedShapeDenoiser)
+        assert engine.images_per_run == 1 and str(engine.shapes) == "3x8x12"
+        two = engine({k: v[:2] for k, v in inputs.items()})  # padded to the engine's 3 rows, cut back
+        three = engine(inputs)
+    assert two.shape[0] == 2
+    assert_close(two, three[:2], rel=1e-5, what="padded vs full batch")
+    assert engine.closed and engine.session is None
+    with pytest.raises(RuntimeError, match="OnnxRuntimeDenoiser is closed"):
+        engine(inputs)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -242,11 +263,12 @@ def test_tensorrt_engine_matches_onnx_runtime(exports, sdxl, tmp_path):
     from seg_rt.export.tensorrt import build_engine
 
     folder = build_engine(exports(None), tmp_path / "trt", precision="fp32")
-    trt_engine = TensorRTDenoiser(folder)
-    trt_engine.configure(2.0, ["mid"])
-    ort_engine = OnnxRuntimeDenoiser(exports(2.0))
-    inputs = {k: v.cuda() for k, v in engine_inputs(sdxl).items()}
-    assert_close(trt_engine(inputs).cpu(), ort_engine(engine_inputs(sdxl)), rel=1e-3, what="TensorRT vs ORT")
+    with TensorRTDenoiser(folder) as trt_engine, OnnxRuntimeDenoiser(exports(2.0)) as ort_engine:
+        trt_engine.configure(2.0, ["mid"])
+        inputs = {k: v.cuda() for k, v in engine_inputs(sdxl).items()}
+        assert_close(
+            trt_engine(inputs).cpu(), ort_engine(engine_inputs(sdxl)), rel=1e-3, what="TensorRT vs ORT"
+        )
 
 
 def test_fp16_export_loads_validates_and_samples(sdxl, tmp_path):

@@ -46,6 +46,8 @@ def test_output_unchanged(name, golden, runs, machine):
     else:  # another CPU: kernels differ in the last bits; compare thumbnails relative to the scale
         assert got["kind"] == want["kind"]
         err = np.abs(np.array(got["thumb"]) - np.array(want["thumb"])).max()
-        assert err <= 2e-3 * max(1.0, want["scale"]), f"{name}: thumbnail differs by {err:g}"
+        # 8-bit outputs: half a level of a block mean; float outputs: far tighter
+        rel = 2e-3 if want["kind"] in ("png", "mp4") else 1e-4
+        assert err <= rel * max(1.0, want["scale"]), f"{name}: thumbnail differs by {err:g}"
     if want["kind"] == "png":
         assert got["record"] == want["record"], f"{name}: PNG parameter record changed"

@@ -47,6 +47,7 @@ def test_plain_install_imports_every_subpackage(tmp_path):
                 "weights/text_encoder/model.safetensors", "weights/tokenizer/tokenizer.json",
                 "weights/train_config.json", "classifier/model.safetensors", "classifier/config.json"):  # fmt: skip
         assert (demo / rel).is_file(), rel
+    assert (target / "seg_rt" / "cluster" / "playground.html").is_file()  # the server's page at /
 
 
 def test_core_imports_no_heavy_optional_dependency():

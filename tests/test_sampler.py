@@ -7,7 +7,7 @@ import torch
 from diffusers import EulerDiscreteScheduler
 
 import seg_rt
-from seg_rt.engines import TorchDenoiser
+from seg_rt.engines import Denoiser, TorchDenoiser
 from seg_rt.pipeline import encode, initial_latents, seed_generators
 from seg_rt.sampler import sample
 
@@ -84,15 +84,21 @@ def test_sequential_branches_equal_one_batch(sdxl):
     assert_close(a, b, rel=1e-4, what="sequential vs batched branches")
 
 
-class Recorder:
+class Recorder(Denoiser):
     """Wraps a denoiser and records each call's batch size and perturbed-row count."""
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
+    def configure(self, sigma, layers=None):
+        self.inner.configure(sigma, layers)
+
     def __call__(self, inputs):
         self.calls.append((inputs["sample"].shape[0], int(inputs["seg_mask"].sum())))
         return self.inner(inputs)
+
+    def close(self):  # the wrapped denoiser belongs to the test
+        self.closed = True
 
 
 def test_seg_branch_not_computed_outside_window(sdxl):
@@ -108,15 +114,11 @@ def test_seg_branch_not_computed_outside_window(sdxl):
 
 
 def test_unconditional_seg_runs_two_rows(sdxl):
-    rec_calls = []
     with TorchDenoiser(sdxl.unet, sigma=math.inf) as den:
-
-        def engine(inputs):
-            rec_calls.append(inputs["sample"].shape[0])
-            return den(inputs)
-
-        img = seg_rt.generate(sdxl, "", cfg=1.0, steps=2, height=64, width=64, engine=engine)
-    assert rec_calls == [2, 2] and img[0].size == (64, 64)
+        rec = Recorder(den)
+        img = seg_rt.generate(sdxl, "", cfg=1.0, steps=2, height=64, width=64, engine=rec)
+    assert [rows for rows, _ in rec.calls] == [2, 2] and img[0].size == (64, 64)
+    assert not rec.closed  # a denoiser passed in stays the caller's to close
 
 
 def test_controlnet_family_runs_and_uses_the_control_image():
@@ -138,7 +140,7 @@ def test_controlnet_family_runs_and_uses_the_control_image():
     [
         ({"height": 60}, "height must be a positive multiple of 8, got 60"),
         ({"steps": 0}, "steps must be an integer >= 1"),
-        ({"cfg": 0.5}, "cfg must be >= 1"),
+        ({"cfg": 0.5}, "cfg must be a finite number >= 1"),
         ({"output_type": "jpg"}, "output_type must be one of"),
         ({"scheduler": "nope"}, "scheduler must be one of"),
         ({"seg_layers": ["nowhere"]}, "matches no self-attention layer"),

@@ -234,3 +234,19 @@ def test_soak_short():
 
     summary = soak(seconds=20, clients=8)
     assert summary["passed"], summary
+
+
+def test_openai_client_through_ray_serve(server, sdxl_dir):
+    """The one Ray end-to-end run of the client APIs (the others run without Ray: test_apis.py)."""
+    import openai
+
+    from seg_rt.pipeline import load_pipeline
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    result = client.images.generate(prompt="a cat", size="64x64", extra_body={"seed": 3, "steps": 3})
+    with one_thread():  # the replica computes with 1 thread
+        solo = seg_rt.generate(load_pipeline(sdxl_dir, "cpu"), "a cat", seed=3, steps=3, height=64, width=64)
+    assert np.array_equal(pixels(base64.b64decode(result.data[0].b64_json)), np.asarray(solo[0]))
+    with urllib.request.urlopen(f"{server}/metrics", timeout=60) as r:
+        metrics = r.read().decode()
+    assert 'seg_rt_requests_total{route="/v1/images/generations",status="200"}' in metrics

@@ -214,7 +214,7 @@ def test_side_limits_follow_the_model_scale_factor():
 
 
 def test_fixed_shape_engine_rejects_other_sizes_naming_both(pipe):
-    engine = SimpleNamespace(shapes=ShapeSpec(3, 8, 12), info=SimpleNamespace(batch=1))
+    engine = SimpleNamespace(shapes=ShapeSpec(3, 8, 12), images_per_run=1)  # a fixed-shape Denoiser's surface
     c = ServingCore(ServeConfig(model="m"), pipe, engine)
     assert c.run_capacity == 1 and c.info()["accepted_shapes"] == {
         "images_per_run": 1,

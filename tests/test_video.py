@@ -165,6 +165,8 @@ def test_modes_choose_layers_and_validate():
         VideoBlur("sideways", 1.0)
     with pytest.raises(ValueError, match="blurs nothing"):
         VideoBlur("temporal", 2.0, 0.0)
+    with pytest.raises(ValueError, match="seg sigma must be > 0 or inf"):
+        VideoBlur("spatial", 0.0)
     with pytest.raises(ValueError, match="seg sigma time must be >= 0"):
         VideoBlur("spatiotemporal", 2.0, -1.0)
     with pytest.raises(ValueError, match="no video SEG support"):

@@ -19,7 +19,6 @@ The token grid comes from the model's input shape and patch sizes, never from th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,26 +30,27 @@ from torch import Tensor, nn
 
 from seg_rt.attention import Adapter, Grid, SEGAttnProcessor, SEGPatch, unet_owner
 from seg_rt.blur import blur_matrix, separable_blur
+from seg_rt.config import SEGConfig, check_sigma
+from seg_rt.params import VIDEO_MODES, VideoParams
 
-MODES = ("spatial", "temporal", "spatiotemporal")
+MODES = VIDEO_MODES
 
 
 @dataclass(frozen=True)
 class VideoBlur:
-    """σ per axis kind for a mode: spatial → (σ, 0), temporal → (0, σ_t), spatiotemporal → (σ, σ_t)."""
+    """σ per axis kind for a mode: spatial → (σ, 0), temporal → (0, σ_t), spatiotemporal → (σ, σ_t).
 
-    mode: str = "spatiotemporal"
-    sigma: float = math.inf
-    sigma_time: float = 0.0
+    The rules (mode names, σ_time >= 0, temporal needs σ_time > 0) and defaults are the request
+    type's (``seg_rt.params.VideoParams``); σ is SEG's (``seg_rt.config.check_sigma``)."""
+
+    mode: str = VideoParams.mode
+    sigma: float = SEGConfig.sigma
+    sigma_time: float = VideoParams.sigma_time
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"seg mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name, v in (("seg sigma", self.sigma), ("seg sigma time", self.sigma_time)):
-            if math.isnan(v) or v < 0:
-                raise ValueError(f"{name} must be >= 0 or inf, got {v:g}")
-        if self.space == 0 and self.time == 0:
-            raise ValueError(f"seg mode {self.mode!r} with these sigmas blurs nothing (sigma time 0?)")
+        video = VideoParams(mode=self.mode, sigma_time=self.sigma_time)
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        object.__setattr__(self, "sigma_time", video.sigma_time)
 
     @property
     def space(self) -> float:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from seg_rt.config import parse_sigma, sigma_to_json
 from seg_rt.optional import require
 
 from .attention import MODES
@@ -59,16 +60,11 @@ def run_harness(
                 video = generate_video(
                     model, prompt, seg_mode=mode, seg_sigma=space, seg_sigma_time=time_, **common
                 )[0]
-                rows.append({"model": name, "prompt": prompt, "mode": mode, "sigma": _label(sigma),
-                             "sigma_time": _label(time_) if mode != "spatial" else 0.0, **video_metrics(video)})  # fmt: skip
+                rows.append({"model": name, "prompt": prompt, "mode": mode, "sigma": sigma_to_json(sigma),
+                             "sigma_time": sigma_to_json(time_) if mode != "spatial" else 0.0, **video_metrics(video)})  # fmt: skip
     if plot:
         plot_rows(rows, plot)
     return rows
-
-
-def _label(sigma: float) -> float | str:
-    """σ for JSON: inf is not valid JSON, so it is written "inf" (as the CLI takes it)."""
-    return "inf" if math.isinf(sigma) else sigma
 
 
 def plot_rows(rows: list[dict], path: str | Path) -> Path:
@@ -80,9 +76,7 @@ def plot_rows(rows: list[dict], path: str | Path) -> Path:
 
     from seg_rt.images import write_atomic
 
-    sigmas = sorted(
-        {r["sigma"] for r in rows if r["mode"] != "none"}, key=lambda s: math.inf if s == "inf" else s
-    )
+    sigmas = sorted({r["sigma"] for r in rows if r["mode"] != "none"}, key=parse_sigma)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, metric in zip(axes, ("warping_error", "flicker"), strict=True):
         base = np.mean([r[metric] for r in rows if r["mode"] == "none"])

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from seg_rt.config import SEGConfig
 from seg_rt.denoiser import RowwiseLinear, swap_linears
+from seg_rt.params import GenerationParams, VideoParams
 from seg_rt.pipeline import check_size, load_pipeline, make_scheduler, seed_generators
 from seg_rt.sampler import sample
 
@@ -86,45 +87,75 @@ def pipeline_family(pipe) -> str:
 
 def generate_video(
     model,
-    prompt: str = "",
+    prompt: str = GenerationParams.prompt,
     *,
-    negative_prompt: str | None = None,
-    frames: int = 16,
-    height: int | None = None,
-    width: int | None = None,
-    steps: int = 25,
-    cfg: float = 5.0,
-    seg_scale: float = 3.0,
-    seg_mode: str = "spatiotemporal",
-    seg_sigma: float = math.inf,
-    seg_sigma_time: float = 1.0,
-    seg_layers: Sequence[str] | None = None,
-    seg_start: float = 0.0,
-    seg_end: float = 1.0,
-    seed: int = 0,
+    negative_prompt: str | None = GenerationParams.negative_prompt,
+    frames: int = VideoParams.frames,
+    height: int | None = GenerationParams.height,
+    width: int | None = GenerationParams.width,
+    steps: int = GenerationParams.steps,
+    cfg: float = GenerationParams.cfg,
+    seg_scale: float = SEGConfig.scale,
+    seg_mode: str = VideoParams.mode,
+    seg_sigma: float = SEGConfig.sigma,
+    seg_sigma_time: float = VideoParams.sigma_time,
+    seg_layers: Sequence[str] | None = VideoParams.layers,
+    seg_start: float = SEGConfig.start,
+    seg_end: float = SEGConfig.end,
+    seed: int = GenerationParams.seed,
     num_videos: int = 1,
     scheduler=None,
     output_type: str = "np",
     device: str | torch.device | None = None,
     progress: bool = False,
+    params: GenerationParams | None = None,
 ):
     """Videos with SEG on video attention. ``model``: a folder, hub id or loaded diffusers pipeline
     (AnimateDiff, CogVideoX or Wan). AnimateDiff samples with Euler by default (as the paper);
     the DiTs with a fresh copy of their own scheduler unless one is given.
 
+    The request is ``params`` (a ``GenerationParams`` with ``video``: what the CLI and job workers
+    pass) or, without it, the keyword arguments (defaults: ``GenerationParams`` / ``VideoParams``;
+    ``seg_layers`` are ``VideoParams.layers``, ``None`` = every video self-attention layer).
     Returns ``[B, F, H, W, 3]`` floats in [0, 1] (``"np"``), lists of PIL frames (``"pil"``) or the
     final latents (``"latent"``). Video i uses seed ``seed + i``. ``frames`` counts output frames;
     CogVideoX and Wan compress time 4x in their VAE, so they decode ``4k + 1`` frames.
     """
+    if params is None:
+        video = VideoParams(frames=frames, mode=seg_mode, sigma_time=seg_sigma_time, layers=seg_layers)
+        params = GenerationParams(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            steps=steps,
+            cfg=cfg,
+            seg=SEGConfig(scale=seg_scale, sigma=seg_sigma, start=seg_start, end=seg_end),
+            height=height,
+            width=width,
+            scheduler=scheduler if isinstance(scheduler, str) else GenerationParams.scheduler,
+            video=video,
+        )
+    elif params.video is None:
+        raise ValueError("generate_video needs a video request: GenerationParams(video=VideoParams(...))")
+    else:
+        scheduler = params.scheduler
+    prompt, negative_prompt, seed, steps, cfg = (
+        params.prompt,
+        params.negative_prompt,
+        params.seed,
+        params.steps,
+        params.cfg,
+    )
+    height, width, v, s = params.height, params.width, params.video, params.seg
+    frames, seg_mode, seg_sigma_time, seg_layers = v.frames, v.mode, v.sigma_time, v.layers
+    seg_scale, seg_sigma, seg_start, seg_end = s.scale, s.sigma, s.start, s.end
     blur = VideoBlur(seg_mode, seg_sigma, seg_sigma_time)
     # the sampler reads scale and window from SEGConfig; the blur itself is `blur`
     seg = SEGConfig(scale=seg_scale, sigma=math.inf, layers=("video",), start=seg_start, end=seg_end)
     if output_type not in VIDEO_OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(VIDEO_OUTPUT_TYPES)}, got {output_type!r}")
-    if frames < 1 or num_videos < 1 or steps < 1:
-        raise ValueError(f"frames, num_videos and steps must be >= 1, got {frames}, {num_videos}, {steps}")
-    if math.isnan(cfg) or cfg < 1:
-        raise ValueError(f"cfg must be >= 1, got {cfg:g}")
+    if isinstance(num_videos, bool) or not isinstance(num_videos, int) or num_videos < 1:
+        raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = pipeline_family(pipe)
     net = pipe.unet if family == "animatediff" else pipe.transformer

@@ -140,8 +140,10 @@ def build(seed: int = 0):
 class SEGDemoPipeline(DiffusionPipeline):
     """Pixel-space text-to-image pipeline of the demo model (see the module docstring).
 
-    ``pipe(prompt, ...)`` is ``seg_rt.generate(pipe, prompt, ...)``; ``encode_prompt`` has
-    ``StableDiffusionPipeline``'s signature, so seg-rt treats it as an SD1.5-style model.
+    Sample it with ``seg_rt.generate(pipe, prompt, ...)``; ``encode_prompt`` has
+    ``StableDiffusionPipeline``'s signature, so seg-rt treats it as an SD1.5-style model. The model
+    module imports nothing from the sampling code (``seg_rt.pipeline`` loads this class, and
+    ``seg_rt.families`` maps it to the ``demo`` family), so there is no import cycle.
     """
 
     model_cpu_offload_seq = "text_encoder->unet"
@@ -179,8 +181,3 @@ class SEGDemoPipeline(DiffusionPipeline):
         neg = [neg] * len(prompt) if isinstance(neg, str) else list(neg)
         ne = self.embed(neg).to(device).repeat_interleave(num_images_per_prompt, 0)
         return pe, ne
-
-    def __call__(self, prompt: str = "", **kwargs):
-        from seg_rt.pipeline import generate
-
-        return generate(self, prompt, **kwargs)

@@ -1,0 +1,359 @@
+"""The AUTOMATIC1111 web UI API on the seg-rt server: ``/sdapi/v1/txt2img`` and what clients probe.
+
+Reference behaviour: stable-diffusion-webui's ``modules/api/api.py`` and ``models.py`` (txt2img
+request and response, ``sd-models``, ``samplers``, ``schedulers``, ``options``, ``scripts``,
+``progress``), as clients such as ``webuiapi`` speak it: ``WebUIApi(host, port)``, its
+``set_auth(user, KEY)`` sends HTTP Basic auth (any user name, the server's API key as password).
+
+The one mapping onto ``GenerateRequest`` is ``to_generate_request``: ``cfg_scale`` → ``cfg``,
+``batch_size × n_iter`` images with seeds ``seed + i`` (as the web UI numbers them),
+``sampler_name`` (or the older ``sampler_index``) → a seg-rt scheduler through ``SAMPLERS``,
+``seed: -1`` (the web UI's default) → a random seed, reported back in ``info`` and ``parameters``.
+SEG settings come as top-level extras (``seg_scale``, ``seg_sigma``, ``seg_layers``, ``seg_start``,
+``seg_end``) or as an ``alwayson_scripts`` entry ``{"seg": {"args": [{"scale": 3, "sigma": "inf"}]}}``
+(or positional ``[scale, sigma, layers, start, end]``). Fields left out take seg-rt's defaults
+(size: the model's). Web UI features seg-rt does not have (hires fix, face restoration, tiling,
+variation seeds, styles, other scripts, other schedule types) are refused by name unless sent at
+their off value; fields that only act through them (``hr_*``, ``denoising_strength``, ``subseed``)
+and the save flags are ignored, as is ``eta``: the schedulers keep diffusers' noise (Euler a:
+fully ancestral, the web UI's η = 1; DDIM: η = 0). Errors come in the web UI's API error shape
+``{"error", "detail", "body", "errors"}``.
+"""
+
+import base64
+import json
+import secrets
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict
+
+from seg_rt.params import MAX_SEED
+
+from .serving import ErrorShape, GenerateRequest, Producer, RequestFailed, ServingCore, make_request
+
+PREFIXES = ("/sdapi/",)
+# web UI sampler name → seg-rt scheduler; aliases as the web UI lists them
+SAMPLERS = {
+    "Euler": "euler",
+    "Euler a": "euler_a",
+    "DDIM": "ddim",
+    "DPM++ 2M": "dpmpp_2m",
+    "UniPC": "unipc",
+    "Heun": "heun",
+}
+ALIASES = {
+    "Euler": ["k_euler"],
+    "Euler a": ["k_euler_a"],
+    "DDIM": ["ddim"],
+    "DPM++ 2M": ["k_dpmpp_2m"],
+    "UniPC": ["unipc"],
+    "Heun": ["k_heun"],
+}
+SCHEDULE_TYPES = ("automatic", "Automatic")  # the sampler's own schedule (seg-rt has no other)
+SEG_SCRIPT_NAMES = ("seg", "smoothed energy guidance")  # alwayson_scripts key, any case
+SEG_FIELDS = ("seg_scale", "seg_sigma", "seg_layers", "seg_start", "seg_end", "guidance_rescale")
+RANDOM_SEED = -1
+
+
+def error_body(status: int, message: str, param: str | None) -> tuple[int, dict]:
+    """The web UI API's error object (``api_middleware``'s ``handle_exception`` shape)."""
+    kind = {401: "Unauthorized", 404: "NotFound", 413: "PayloadTooLarge", 422: "ValueError"}.get(
+        status, "HTTPException"
+    )
+    return status, {"error": kind, "detail": message, "body": "", "errors": message}
+
+
+ERRORS = ErrorShape(PREFIXES, error_body, challenge="Basic")
+
+
+class Txt2ImgRequest(BaseModel):
+    """The txt2img body: the fields seg-rt maps, the web UI switches it checks are off, extras."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str | None = None
+    seed: int = RANDOM_SEED
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # the older field; sampler_name wins
+    scheduler: str | None = None  # the web UI's schedule type (1.9+), not a seg-rt scheduler
+    alwayson_scripts: dict[str, Any] = {}
+    send_images: bool = True
+
+
+# web UI switches that would change the image: accepted only at their off value
+OFF_VALUES: dict[str, tuple] = {
+    "enable_hr": (False, None),
+    "restore_faces": (False, None),
+    "tiling": (False, None),
+    "subseed_strength": (0, 0.0, None),
+    "seed_resize_from_h": (0, -1, None),
+    "seed_resize_from_w": (0, -1, None),
+    "s_churn": (0, 0.0, None),
+    "s_noise": (1, 1.0, None),
+    "styles": ([], None),
+    "script_name": (None, ""),
+    "script_args": ([], None),
+}
+# fields that act only through a switch above, or change no image
+IGNORED = {
+    "denoising_strength",
+    "firstphase_width",
+    "firstphase_height",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_resize_x",
+    "hr_resize_y",
+    "hr_checkpoint_name",
+    "hr_sampler_name",
+    "hr_scheduler",
+    "hr_prompt",
+    "hr_negative_prompt",
+    "subseed",
+    "eta",
+    "s_tmin",
+    "s_tmax",
+    "do_not_save_samples",
+    "do_not_save_grid",
+    "save_images",
+    "override_settings_restore_afterwards",
+}
+
+
+def scheduler_for(sampler: str | None, default: str) -> str:
+    """A web UI sampler name (or alias) → the seg-rt scheduler; ``None`` → the server's default."""
+    if sampler is None:
+        return default
+    for name, scheduler in SAMPLERS.items():
+        if sampler == name or sampler in ALIASES[name]:
+            return scheduler
+    accepted = ", ".join(repr(n) for n in SAMPLERS)
+    raise RequestFailed(422, f"sampler_name must be one of {accepted}, got {sampler!r}", "sampler_name")
+
+
+def _check_off(req: Txt2ImgRequest, served_model: str) -> dict[str, Any]:
+    """The extras that are seg-rt fields; refuses web UI features left on and unknown settings."""
+    ours = {}
+    for key, value in (req.model_extra or {}).items():
+        if key in SEG_FIELDS:
+            ours[key] = value
+        elif key in OFF_VALUES:
+            if value not in OFF_VALUES[key]:
+                raise RequestFailed(
+                    422, f"{key} is not available on seg-rt (send {OFF_VALUES[key][0]!r}), got {value!r}", key
+                )
+        elif key == "override_settings":
+            _check_options(value or {}, served_model)
+        elif key not in IGNORED and value not in (None, "", [], {}, False, 0):
+            raise RequestFailed(422, f"{key} is not supported by seg-rt's txt2img, got {value!r}", key)
+    if req.scheduler is not None and req.scheduler not in SCHEDULE_TYPES:
+        raise RequestFailed(
+            422,
+            f"scheduler (schedule type) must be 'Automatic' on seg-rt, got {req.scheduler!r}",
+            "scheduler",
+        )
+    return ours
+
+
+def _seg_script(scripts: dict[str, Any]) -> dict[str, Any]:
+    """SEG fields from ``alwayson_scripts``; other scripts are refused unless disabled."""
+    seg: dict[str, Any] = {}
+    for name, entry in scripts.items():
+        args = (entry or {}).get("args", []) if isinstance(entry, dict) else entry
+        if name.lower() not in SEG_SCRIPT_NAMES:
+            if args in ([], [False], None):
+                continue  # a client's "disabled" placeholder
+            raise RequestFailed(
+                422, f"alwayson script {name!r} is not available; seg-rt has: seg", "alwayson_scripts"
+            )
+        if not isinstance(args, list):
+            raise RequestFailed(
+                422, f"alwayson_scripts.{name}.args must be a list, got {args!r}", "alwayson_scripts"
+            )
+        if len(args) == 1 and isinstance(args[0], dict):
+            seg = {
+                k if k.startswith("seg_") or k == "guidance_rescale" else f"seg_{k}": v
+                for k, v in args[0].items()
+            }
+        else:
+            seg = dict(zip(SEG_FIELDS[:5], args, strict=False))
+    unknown = sorted(set(seg) - set(SEG_FIELDS))
+    if unknown:
+        raise RequestFailed(
+            422,
+            f"seg script argument {unknown[0]!r} is unknown; accepted: {', '.join(SEG_FIELDS)}",
+            "alwayson_scripts",
+        )
+    return seg
+
+
+def _check_options(options: dict[str, Any], served_model: str) -> None:
+    for key, value in options.items():
+        if key == "sd_model_checkpoint" and value in (served_model, None, ""):
+            continue
+        raise RequestFailed(
+            422, f"option {key} = {value!r} cannot be set on seg-rt (it serves {served_model!r} as is)", key
+        )
+
+
+def to_generate_request(req: Txt2ImgRequest, served_model: str, default_scheduler: str) -> GenerateRequest:
+    """This API's one mapping onto ``GenerateRequest`` (a random seed for ``seed: -1``)."""
+    top = _check_off(req, served_model)
+    script = _seg_script(req.alwayson_scripts)
+    if top and script:
+        raise RequestFailed(
+            422, "give SEG settings top level or in alwayson_scripts.seg, not both", "alwayson_scripts"
+        )
+    if req.batch_size < 1 or req.n_iter < 1:
+        raise RequestFailed(
+            422, f"batch_size and n_iter must be >= 1, got {req.batch_size} and {req.n_iter}", "batch_size"
+        )
+    seed = secrets.randbelow(2**32) if req.seed == RANDOM_SEED else req.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise RequestFailed(
+            422, f"seed must be -1 (random) or an integer from 0 to 2**64 - 1, got {req.seed}", "seed"
+        )
+    fields: dict[str, Any] = {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt or None,
+        "seed": seed,
+        "steps": req.steps,
+        "cfg": req.cfg_scale,
+        "width": req.width,
+        "height": req.height,
+        "scheduler": scheduler_for(req.sampler_name or req.sampler_index, default_scheduler),
+        "num_images": req.batch_size * req.n_iter,
+        "response": "json",
+        **top,
+        **script,
+    }
+    return make_request(**{k: v for k, v in fields.items() if v is not None})
+
+
+def infotext(p, model: str, sampler: str) -> str:
+    """The web UI's one-line parameters text (``prompt\\nNegative prompt: ...\\nSteps: ...``)."""
+    lines = [p.prompt]
+    if p.negative_prompt:
+        lines.append(f"Negative prompt: {p.negative_prompt}")
+    sigma = "inf" if p.seg.sigma == float("inf") else f"{p.seg.sigma:g}"
+    lines.append(
+        f"Steps: {p.steps}, Sampler: {sampler}, CFG scale: {p.cfg:g}, Seed: {p.seed}, "
+        f"Size: {p.width}x{p.height}, Model: {model}, SEG scale: {p.seg.scale:g}, SEG sigma: {sigma}"
+    )
+    return "\n".join(lines)
+
+
+def sampler_name(scheduler: str) -> str:
+    return next(name for name, s in SAMPLERS.items() if s == scheduler)
+
+
+def router(core: ServingCore, produce: Producer) -> APIRouter:
+    """The web UI routes over the server's one producer (limits, batching, records)."""
+    api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
+    name = core.cfg.public_model
+
+    def options_now() -> dict:
+        return {"sd_model_checkpoint": name, "sd_checkpoint_hash": None, "samples_format": "png"}
+
+    @api.post("/txt2img")
+    async def txt2img(req: Txt2ImgRequest) -> dict:
+        gen = to_generate_request(req, name, core.cfg.scheduler)
+        rows, pngs = await produce(gen)
+        first, sampler = rows[0], sampler_name(rows[0].scheduler)
+        info = {
+            "prompt": first.prompt,
+            "all_prompts": [p.prompt for p in rows],
+            "negative_prompt": first.negative_prompt or "",
+            "all_negative_prompts": [p.negative_prompt or "" for p in rows],
+            "seed": first.seed,
+            "all_seeds": [p.seed for p in rows],
+            "subseed": first.seed,
+            "all_subseeds": [p.seed for p in rows],
+            "subseed_strength": 0,
+            "width": first.width,
+            "height": first.height,
+            "sampler_name": sampler,
+            "cfg_scale": first.cfg,
+            "steps": first.steps,
+            "batch_size": req.batch_size,
+            "sd_model_name": name,
+            "sd_model_hash": None,
+            "index_of_first_image": 0,
+            "infotexts": [infotext(p, name, sampler) for p in rows],
+            "seg_rt": [p.to_record() for p in rows],  # seg-rt's own record, one per image
+            "version": "seg-rt",
+        }
+        parameters = req.model_dump() | {
+            "seed": first.seed,
+            "sampler_name": sampler,
+            "scheduler": "Automatic",
+        }
+        return {
+            "images": [base64.b64encode(png).decode() for png in pngs] if req.send_images else [],
+            "parameters": parameters,
+            "info": json.dumps(info),
+        }
+
+    @api.get("/sd-models")
+    def sd_models() -> list[dict]:
+        return [
+            {
+                "title": name,
+                "model_name": name,
+                "hash": None,
+                "sha256": None,
+                "filename": name,
+                "config": None,
+            }
+        ]
+
+    @api.get("/samplers")
+    def samplers() -> list[dict]:
+        return [{"name": n, "aliases": ALIASES[n], "options": {}} for n in SAMPLERS]
+
+    @api.get("/schedulers")
+    def schedulers() -> list[dict]:
+        return [
+            {
+                "name": "automatic",
+                "label": "Automatic",
+                "aliases": None,
+                "default_rho": -1,
+                "need_inner_model": False,
+            }
+        ]
+
+    @api.get("/options")
+    def get_options() -> dict:
+        return options_now()
+
+    @api.post("/options")
+    def set_options(options: dict[str, Any]) -> None:
+        _check_options(options, name)
+
+    @api.get("/scripts")
+    def scripts() -> dict:
+        return {"txt2img": ["seg"], "img2img": []}
+
+    @api.get("/progress")
+    def progress() -> dict:
+        state = {
+            "skipped": False,
+            "interrupted": False,
+            "job": "",
+            "job_count": 0,
+            "job_timestamp": "0",
+            "job_no": 0,
+            "sampling_step": 0,
+            "sampling_steps": 0,
+        }
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+
+    return api

@@ -1,0 +1,140 @@
+"""The OpenAI Images API on the seg-rt server: ``POST /v1/images/generations``, ``GET /v1/models``.
+
+Reference behaviour: the OpenAI API reference (Images → Create image; Models; Error codes), as the
+official ``openai`` Python client speaks it: ``OpenAI(base_url="http://HOST:PORT/v1", api_key=KEY)``
+sends ``Authorization: Bearer KEY``; ``client.images.generate(prompt=..., n=..., size="WxH",
+response_format="b64_json", extra_body={"seed": 3, "seg_sigma": "inf", ...})``.
+
+The one mapping from this API onto ``GenerateRequest`` is ``to_generate_request``: ``size`` →
+width × height (OpenAI writes width first), ``n`` → ``num_images``; seg-rt's own fields (``seed``,
+``steps``, ``cfg``, ``seg_scale``, ``seg_sigma``, ``seg_layers``, ...) come as extra body fields and
+are checked by ``GenerateRequest``'s rules. ``user`` is accepted and ignored (it changes no image);
+every other OpenAI field that would change the result is refused by name. Images are PNGs with the
+seg-rt parameter record, returned as ``b64_json`` (this server does not host files, so no ``url``).
+Errors come as ``{"error": {"message", "type", "param", "code"}}``; bad input is HTTP 400.
+"""
+
+import base64
+import re
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from .serving import ErrorShape, GenerateRequest, Producer, RequestFailed, ServingCore, make_request
+
+PREFIXES = ("/v1/images/", "/v1/models")
+# seg-rt fields a client may add (``extra_body``); OpenAI's own names cover size and count
+EXTRA_FIELDS = tuple(
+    sorted(set(GenerateRequest.model_fields) - {"height", "width", "num_images", "response"})
+)
+OUR_NAMES = {"num_images": "n", "height": "size", "width": "size"}  # our field → the client's
+SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def error_body(status: int, message: str, param: str | None) -> tuple[int, dict]:
+    """OpenAI's error object; our 422 (bad input) is its 400 ``invalid_request_error``."""
+    status = 400 if status == 422 else status
+    param = OUR_NAMES.get(param, param) if param else _param_of(message)
+    code = {401: "invalid_api_key", 404: "model_not_found"}.get(status)
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    if message.startswith("num_images "):  # name the client's field, not ours
+        message = "n" + message.removeprefix("num_images")
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _param_of(message: str) -> str | None:
+    """The field a core message is about (they start with its name, e.g. ``steps must be <= 50``)."""
+    first = message.split(" ", 1)[0]
+    if first in OUR_NAMES:
+        return OUR_NAMES[first]
+    return first if first in EXTRA_FIELDS else None
+
+
+ERRORS = ErrorShape(PREFIXES, error_body, challenge="Bearer")
+
+
+class ImagesRequest(BaseModel):
+    """The Create image body. OpenAI's own fields are typed here; seg-rt's arrive as extras."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str
+    model: str | None = None
+    n: int | None = Field(None, ge=1)
+    size: str | None = None
+    response_format: str | None = None
+    output_format: str | None = None
+    user: str | None = None  # ignored: it changes no image
+
+
+def to_generate_request(req: ImagesRequest, served_model: str) -> GenerateRequest:
+    """This API's one mapping onto ``GenerateRequest`` (``RequestFailed`` naming the field)."""
+    if req.model not in (None, served_model):
+        raise RequestFailed(
+            404, f"model {req.model!r} does not exist; this server serves {served_model!r}", "model"
+        )
+    if req.response_format not in (None, "b64_json"):
+        raise RequestFailed(
+            422,
+            f"response_format must be 'b64_json' (this server does not host image files), got {req.response_format!r}",
+            "response_format",
+        )
+    if req.output_format not in (None, "png"):
+        raise RequestFailed(422, f"output_format must be 'png', got {req.output_format!r}", "output_format")
+    extras = dict(req.model_extra or {})
+    unknown = sorted(set(extras) - set(EXTRA_FIELDS))
+    if unknown:
+        raise RequestFailed(
+            422,
+            f"{unknown[0]} is not supported; OpenAI fields: prompt, model, n, size, response_format, "
+            f"output_format, user; seg-rt fields: {', '.join(EXTRA_FIELDS)}",
+            unknown[0],
+        )
+    fields: dict[str, Any] = {"prompt": req.prompt, **extras, "response": "json"}
+    if req.n is not None:
+        fields["num_images"] = req.n
+    if req.size not in (None, "auto"):
+        match = SIZE.match(req.size)
+        if not match:
+            raise RequestFailed(
+                422, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {req.size!r}", "size"
+            )
+        fields["width"], fields["height"] = int(match[1]), int(match[2])
+    return make_request(**fields)
+
+
+def router(core: ServingCore, produce: Producer) -> APIRouter:
+    """The OpenAI routes over the server's one producer (limits, batching, records)."""
+    api = APIRouter(tags=["OpenAI Images API"])
+    name = core.cfg.public_model
+
+    def model_object() -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "seg-rt"}
+
+    @api.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [model_object()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    def model(model_id: str) -> dict:
+        if model_id != name:
+            raise RequestFailed(
+                404, f"model {model_id!r} does not exist; this server serves {name!r}", "model"
+            )
+        return model_object()
+
+    @api.post("/v1/images/generations")
+    async def generations(req: ImagesRequest) -> dict:
+        rows, pngs = await produce(to_generate_request(req, name))
+        return {
+            "created": int(time.time()),
+            "data": [
+                {"b64_json": base64.b64encode(png).decode(), "seed": p.seed}
+                for png, p in zip(pngs, rows, strict=True)
+            ],
+            "output_format": "png",
+            "size": f"{rows[0].width}x{rows[0].height}",
+        }
+
+    return api

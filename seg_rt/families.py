@@ -1,0 +1,55 @@
+"""Which pipeline classes seg-rt samples, and which family (prompt encoding, inputs) each one is.
+
+Decided by ``isinstance`` against the classes themselves (a subclass of a diffusers pipeline
+belongs to its family), never by class names. It lives apart from ``seg_rt.pipeline`` so that the model definitions
+it names (diffusers' and the demo's) never have to import the sampling code back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+FAMILIES = ("demo", "sdxl-controlnet", "sdxl", "sd15")
+
+
+def _family_classes() -> Iterator[tuple[type, str]]:
+    """(class, family), most specific first. Each class is imported only when the ones before it
+    did not match: diffusers' SD pipelines pull in transformers' image processors (and their
+    warnings), which the pixel-space demo model never needs."""
+    from seg_rt.demo.model import SEGDemoPipeline
+
+    yield SEGDemoPipeline, "demo"
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    yield StableDiffusionXLControlNetPipeline, "sdxl-controlnet"
+    from diffusers import StableDiffusionXLPipeline
+
+    yield StableDiffusionXLPipeline, "sdxl"
+    from diffusers import StableDiffusionPipeline
+
+    yield StableDiffusionPipeline, "sd15"
+
+
+def family_of(pipe) -> str:
+    """The family of a loaded pipeline (one of ``FAMILIES``), or a ``ValueError`` naming what is supported."""
+    for cls, family in _family_classes():
+        if isinstance(pipe, cls):
+            return family
+    raise ValueError(
+        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet "
+        "and the bundled demo model"
+    )
+
+
+def pipeline_class(folder: str | Path | None):
+    """The class that loads a model folder: the demo's own class for a demo folder (diffusers cannot
+    look it up by name), else diffusers' ``DiffusionPipeline`` (which reads ``model_index.json``)."""
+    from diffusers import DiffusionPipeline
+
+    if folder is not None:
+        from seg_rt.demo.model import SEGDemoPipeline, is_demo_folder
+
+        if is_demo_folder(folder):
+            return SEGDemoPipeline
+    return DiffusionPipeline
