@@ -382,6 +382,16 @@ def step_inputs(unet: nn.Module, latent: int, n: int = 1, seed: int = 0):
     return torch.randn(n, 4, latent, latent, generator=g), branch(), branch()
 
 
+def move_inputs(inputs: tuple, device: torch.device | str, dtype: torch.dtype) -> tuple:
+    """``step_inputs`` on ``device``, floating tensors in ``dtype``."""
+
+    def move(v: torch.Tensor) -> torch.Tensor:
+        return v.to(device, dtype if v.is_floating_point() else v.dtype)
+
+    x, cond, uncond = inputs
+    return move(x), {k: move(v) for k, v in cond.items()}, {k: move(v) for k, v in uncond.items()}
+
+
 STEP_MODES = (
     "vanilla",
     "cfg_seg",
@@ -393,7 +403,16 @@ STEP_MODES = (
 )
 
 
-def bench_step_case(unet: nn.Module, model: str, layers: Sequence[str], latent: int, pairs: int) -> dict:
+def bench_step_case(
+    unet: nn.Module,
+    model: str,
+    layers: Sequence[str],
+    latent: int,
+    pairs: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    modes: Sequence[str] = STEP_MODES,
+) -> dict:
     """Time per denoising step of each mode as a ratio to the CFG step ([uncond, cond] rows), one
     image, alternating pairs in this process. ``cfg_seg`` is today's batched SEG (every row runs the
     whole UNet); ``cfg_seg_shared`` the shared-prefix forward (``seg_rt.denoiser.SharedPrefix``).
@@ -403,8 +422,9 @@ def bench_step_case(unet: nn.Module, model: str, layers: Sequence[str], latent: 
 
     from .sampler import build_batch
 
-    x, cond, uncond = step_inputs(unet, latent)
-    t = torch.tensor(500.0)
+    x, cond, uncond = move_inputs(step_inputs(unet, latent), device, dtype)
+    t = torch.tensor(500.0, device=device)
+    cuda = torch.device(device).type == "cuda"
     batch = {
         names: build_batch(list(names), x, t, cond, uncond)
         for names in (("cond",), ("uncond", "cond"), ("uncond", "cond", "seg"), ("seg_uncond", "cond"))
@@ -417,7 +437,10 @@ def bench_step_case(unet: nn.Module, model: str, layers: Sequence[str], latent: 
 
         def call() -> object:
             seg.perturbation = perturbation
-            return den(inputs)
+            out = den(inputs)
+            if cuda:  # host timers measure the GPU work
+                torch.cuda.synchronize(device)
+            return out
 
         return call
 
@@ -441,7 +464,7 @@ def bench_step_case(unet: nn.Module, model: str, layers: Sequence[str], latent: 
     }
     try:
         with torch.no_grad():
-            for name in STEP_MODES:
+            for name in modes:
                 fn, steps = candidates[name]
                 r = alternating_ratio(cfg, fn, pairs, calls=1)
                 row[f"{name}_over_cfg"] = round(r["ratio_median"] / steps, 4)
