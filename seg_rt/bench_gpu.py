@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .bench import bench_step_case, move_inputs, sdxl_shaped_unet, step_inputs
+from .bench import STEP_MODES, bench_step_case, move_inputs, sdxl_shaped_unet, step_inputs
 from .sampler import build_batch
 
 STEPS = 25  # images/s are for this many steps of CFG+SEG
@@ -194,13 +194,15 @@ def run(args: argparse.Namespace) -> dict:
     }
     ratios = []
     for layers in ("mid", "up"):
-        row = bench_step_case(unet, "SDXL", [layers], latent, args.pairs, device, dtype)
+        modes = ("cfg_seg", "cfg_seg_shared") if args.tiny else STEP_MODES  # the dry run: a few calls
+        row = bench_step_case(unet, "SDXL", [layers], latent, args.pairs, device, dtype, modes)
         ratios.append(
             {k: v for k, v in row.items() if k.endswith(("_over_cfg", "_over_cfg_iqr", "ms", "layers"))}
         )
     result["ratios"] = ratios
     compile = not (args.skip_compile or args.tiny)
-    result["engines"] = engine_rows(unet, latent, device, dtype, reps=max(3, args.pairs), compile=compile)
+    reps = 1 if args.tiny else max(3, args.pairs)
+    result["engines"] = engine_rows(unet, latent, device, dtype, reps=reps, compile=compile)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
