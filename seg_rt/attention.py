@@ -343,11 +343,16 @@ class SEGAttention(SEGPatch):
             self._cache[key] = mats
         return mats
 
-    def set_mask(self, mask: Tensor | None) -> None:
-        """Select the perturbed rows. Eager calls look at the mask on the host once (skip the blur
-        when no row is perturbed, blur a contiguous run of rows in place); traced calls keep it as data."""
+    def set_mask(self, mask: Tensor | None, rows: slice | None = None) -> None:
+        """Select the perturbed rows. ``rows``: the perturbed rows as host data when the caller knows
+        them (the sampler's ``DenoiserBatch.seg_rows``): no device read, so no host sync per forward.
+        Otherwise eager calls read the mask back once (skip the blur when no row is perturbed, blur a
+        contiguous run of rows in place); traced calls keep it as data."""
         self.mask, self.rows, self.perturbed = mask, None, 0
         if mask is None or tracing(mask):
+            return
+        if rows is not None:
+            self.mask, self.rows = (mask, rows) if rows.stop > rows.start else (None, None)
             return
         idx = mask.nonzero().flatten().tolist()
         if not idx:

@@ -387,6 +387,8 @@ def generate_batch(
     output_type: str = "pil",
     seg_start: float = SEGConfig.start,
     seg_end: float = SEGConfig.end,
+    seg_every: int = SEGConfig.every,
+    seg_placement: str = SEGConfig.placement,
     guidance_rescale: float = GenerationParams.guidance_rescale,
     sequential: bool = GenerationParams.sequential,
     control_image=None,
@@ -404,7 +406,15 @@ def generate_batch(
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
         raise ValueError(f"need one seed and negative prompt per prompt, got {n} prompts, {len(seeds)} seeds")
     name = scheduler if isinstance(scheduler, str) else GenerationParams.scheduler
-    seg = SEGConfig(scale=seg_scale, sigma=seg_sigma, layers=seg_layers, start=seg_start, end=seg_end)
+    seg = SEGConfig(
+        scale=seg_scale,
+        sigma=seg_sigma,
+        layers=seg_layers,
+        start=seg_start,
+        end=seg_end,
+        every=seg_every,
+        placement=seg_placement,
+    )
     base = GenerationParams(
         steps=steps,
         cfg=cfg,

@@ -419,10 +419,15 @@ class VideoSEG(SEGPatch):
         self.rows: list[int] = []  # perturbed samples of the next forward (host-side)
         self._mats: dict[tuple, Tensor] = {}  # blur matrices by (n, sigma, device, dtype)
 
-    def set_mask(self, mask: Tensor | None) -> None:
-        """Select the perturbed samples (``Tensor[B]`` of bool, or None); read on the host once per forward."""
+    def set_mask(self, mask: Tensor | None, rows: slice | None = None) -> None:
+        """Select the perturbed samples (``Tensor[B]`` of bool, or None). ``rows``: the perturbed samples
+        as host data (the sampler's ``DenoiserBatch.seg_rows``, no device read); else the mask is read
+        on the host once per forward."""
         self.perturbed = 0
-        self.rows = [] if mask is None else mask.nonzero().flatten().tolist()
+        if mask is not None and rows is not None:
+            self.rows = list(range(rows.start, rows.stop))
+        else:
+            self.rows = [] if mask is None else mask.nonzero().flatten().tolist()
         self.mask = mask if self.rows else None
 
     def perturb(self, proc, q: Tensor, token_dim: int, text: int = 0) -> Tensor:

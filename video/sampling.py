@@ -54,7 +54,7 @@ class VideoDenoiser:
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"))
+        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
         try:
             if self.family == "ltx":
                 out = self._forward_ltx(inputs)
