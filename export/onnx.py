@@ -1,6 +1,6 @@
 """Export a SEG-patched diffusers denoiser to a fixed-shape ONNX model, then validate it.
 
-The graph takes the DESIGN §3 inputs (``sample``, ``timestep``, ``encoder_hidden_states``, SDXL's
+The graph takes the docs/design.md §5 inputs (``sample``, ``timestep``, ``encoder_hidden_states``, SDXL's
 ``text_embeds`` / ``time_ids``, ControlNet's ``controlnet_cond`` / ``conditioning_scale``) plus
 ``seg_mask`` (which rows are perturbed) and returns ``out_sample``. The SEG blur is the fixed-shape
 separable op: MatMuls with blur matrices that are initializers (σ baked) or graph inputs

@@ -46,7 +46,7 @@ def alternating_ratio(
 
 
 def _reference_blur_2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    # The reference SEG-SDXL blur (k×k depthwise conv2d, reflect pad), cap per axis as DESIGN §1;
+    # The reference SEG-SDXL blur (k×k depthwise conv2d, reflect pad), cap per axis as docs/design.md §1;
     # kept only as the cost baseline the separable op is measured against.
     c = math.ceil(6 * sigma)
     k0 = c + 1 - c % 2

@@ -1,4 +1,4 @@
-"""Model families and ``seg_rt.generate`` (DESIGN §3).
+"""Model families and ``seg_rt.generate`` (docs/design.md §5).
 
 Everything around the loop is diffusers': pipeline loading, prompt encoding, SDXL micro-conditioning,
 ControlNet image preparation, initial latents (so seed s gives diffusers' noise for

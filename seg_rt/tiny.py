@@ -36,7 +36,7 @@ def tiny_tokenizer():
     chars = byte_unicode()
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
     vocab = {t: i for i, t in enumerate(tokens)}
-    # transformers 5 ignores vocab_file/merges_file: pass the vocabulary itself (DESIGN §4).
+    # transformers 5 ignores vocab_file/merges_file: pass the vocabulary itself (docs/design.md §8).
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
