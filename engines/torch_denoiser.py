@@ -24,6 +24,9 @@ class TorchDenoiser(Denoiser):
     ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
     ``compile=True`` runs the SEG-patched model through ``torch.compile``; ``configure`` with other
     layers installs new processors and compiles the new model again (never silently eager).
+    ``shared_prefix`` (default on): the perturbed rows share the cond rows' computation up to the
+    first SEG layer (``seg_rt.denoiser.SharedPrefix``); bit-identical to the plain batch on the CPU
+    path (tests/test_shared_prefix.py), so it is the default; ``False`` runs every row through.
     """
 
     shapes = ShapeSpec()
@@ -37,10 +40,17 @@ class TorchDenoiser(Denoiser):
         controlnet: nn.Module | None = None,
         compile: bool = False,
         perturbation: str = "blur",
+        shared_prefix: bool = True,
     ) -> None:
+        self.shared_prefix = shared_prefix
         self.compile = compile
         self.model = SEGUNet(
-            unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=perturbation
+            unet,
+            sigma=sigma,
+            layers=layers,
+            controlnet=controlnet,
+            perturbation=perturbation,
+            shared_prefix=shared_prefix,
         )
         self.layers = tuple(layers)
         self._call = self._compiled()
@@ -56,7 +66,12 @@ class TorchDenoiser(Denoiser):
             perturbation = self.model.seg.perturbation
             self.model.remove()
             self.model = SEGUNet(
-                unet, sigma=sigma, layers=layers, controlnet=controlnet, perturbation=perturbation
+                unet,
+                sigma=sigma,
+                layers=layers,
+                controlnet=controlnet,
+                perturbation=perturbation,
+                shared_prefix=self.shared_prefix,
             )
             self.layers = tuple(layers)
             if self.compile:

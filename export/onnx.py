@@ -1,6 +1,6 @@
 """Export a SEG-patched diffusers denoiser to a fixed-shape ONNX model, then validate it.
 
-The graph takes the DESIGN §3 inputs (``sample``, ``timestep``, ``encoder_hidden_states``, SDXL's
+The graph takes the docs/design.md §5 inputs (``sample``, ``timestep``, ``encoder_hidden_states``, SDXL's
 ``text_embeds`` / ``time_ids``, ControlNet's ``controlnet_cond`` / ``conditioning_scale``) plus
 ``seg_mask`` (which rows are perturbed) and returns ``out_sample``. The SEG blur is the fixed-shape
 separable op: MatMuls with blur matrices that are initializers (σ baked) or graph inputs
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from seg_rt import dit
 from seg_rt.artifacts import RUNTIME_SIGMA, ArtifactInfo, is_export_folder, staged_dir
 from seg_rt.blur import blur_matrix
 from seg_rt.denoiser import SEGUNet
@@ -121,23 +122,30 @@ def export_onnx(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     f = pipe.vae_scale_factor
-    check_size(height, width, f)
+    is_dit = dit.pipeline_family(pipe) is not None
+    check_size(height, width, dit.size_factor(pipe) if is_dit else f)
     if sigma is not None and (math.isnan(sigma) or sigma <= 0):
         raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
     family = family_of(pipe)
+    if is_dit and family not in dit.EXPORTABLE:
+        raise ValueError(f"ONNX export supports the image DiTs {', '.join(dit.EXPORTABLE)}, got {family}")
     dtype = torch.float16 if fp16 else torch.float32
     branches = ("uncond", "cond", "seg") if cfg else ("cond", "seg")
     rows = batch * len(branches)
-    model = SEGUNet(
-        pipe.unet,
-        sigma=math.inf if sigma is None else sigma,
-        layers=layers,
-        controlnet=getattr(pipe, "controlnet", None),
-    )
-    original_dtype = pipe.unet.dtype
+    seg_sigma = math.inf if sigma is None else sigma
+    if is_dit:  # image DiT (SD3): the same SEG denoiser interface, inputs by name
+        net = pipe.transformer
+        model = dit.SEGDiT(net, sigma=seg_sigma, layers=layers)
+    else:
+        net = pipe.unet
+        model = SEGUNet(net, sigma=seg_sigma, layers=layers, controlnet=getattr(pipe, "controlnet", None))
+    original_dtype = net.dtype
     try:
         model.to(dtype)
-        inputs = example_inputs(pipe, model, rows, batch, height, width, dtype)
+        if is_dit:
+            inputs = dit.export_inputs(pipe, rows, batch, height, width, dtype)
+        else:
+            inputs = example_inputs(pipe, model, rows, batch, height, width, dtype)
         with torch.no_grad():
             model(inputs)  # records each SEG layer's token grid at these shapes
         blur_lengths = sorted({n for grid in model.grids() for n in grid}) if sigma is None else []
@@ -171,7 +179,7 @@ def export_onnx(
             validation = validate_onnx(tmp, model, inputs, info) if validate else None
     finally:
         model.remove()
-        pipe.unet.to(original_dtype)
+        net.to(original_dtype)
         if model.controlnet is not None:
             model.controlnet.to(original_dtype)
     return ExportResult(Path(out_dir), info, validation, time.perf_counter() - t0)

@@ -68,6 +68,8 @@ class Adapter:
       never blurred.
     - ``blur_projection``: the final query is ``to_q``'s output up to the head split (no ``norm_q``,
       no RoPE), so the blur may run on ``[B, N, C]`` before the split (it commutes: per channel).
+    - ``select``: (model, selectors) -> chosen layer names, for families whose layers are not
+      picked by ``seg_rt.layers.select_layers`` (the UNet parts); image DiTs (``seg_rt.dit_attention``).
     """
 
     name: str
@@ -77,6 +79,7 @@ class Adapter:
     grid: Callable[[nn.Module, tuple, dict], Grid] | None = None
     text_tokens: bool = False
     blur_projection: bool = False
+    select: Callable[[nn.Module, Sequence[str]], list[str]] | None = None
 
 
 class SEGPatch:
@@ -296,12 +299,20 @@ class SEGAttention(SEGPatch):
 
     ``perturbation="identity"`` replaces the blur by PAG's identity attention map (the selected
     rows' attention output is V), the baseline the SEG paper compares against; σ is then unused.
+
+    ``adapter`` (default the UNet one) installs the same perturbation on another image family
+    (the image DiTs of ``seg_rt.dit_attention``), whose processors set ``grid`` from ``self.grid``.
     """
 
     PERTURBATIONS = ("blur", "identity")
 
     def __init__(
-        self, model: nn.Module, sigma: float, layers: Sequence[str] = ("mid",), perturbation: str = "blur"
+        self,
+        model: nn.Module,
+        sigma: float,
+        layers: Sequence[str] = ("mid",),
+        perturbation: str = "blur",
+        adapter: Adapter = UNET,
     ) -> None:
         if math.isnan(sigma) or sigma <= 0:
             raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
@@ -309,8 +320,9 @@ class SEGAttention(SEGPatch):
             raise ValueError(
                 f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
             )
-        kinds = UNET.layers(model)
-        super().__init__(model, UNET, {name: kinds[name] for name in select_layers(model, layers)})
+        kinds = adapter.layers(model)
+        chosen = adapter.select(model, layers) if adapter.select is not None else select_layers(model, layers)
+        super().__init__(model, adapter, {name: kinds[name] for name in chosen})
         self.perturbation = perturbation
         self.sigma = float(sigma)
         self.rows: slice | None = None  # eager only: the perturbed rows when they are contiguous
@@ -331,11 +343,16 @@ class SEGAttention(SEGPatch):
             self._cache[key] = mats
         return mats
 
-    def set_mask(self, mask: Tensor | None) -> None:
-        """Select the perturbed rows. Eager calls look at the mask on the host once (skip the blur
-        when no row is perturbed, blur a contiguous run of rows in place); traced calls keep it as data."""
+    def set_mask(self, mask: Tensor | None, rows: slice | None = None) -> None:
+        """Select the perturbed rows. ``rows``: the perturbed rows as host data when the caller knows
+        them (the sampler's ``DenoiserBatch.seg_rows``): no device read, so no host sync per forward.
+        Otherwise eager calls read the mask back once (skip the blur when no row is perturbed, blur a
+        contiguous run of rows in place); traced calls keep it as data."""
         self.mask, self.rows, self.perturbed = mask, None, 0
         if mask is None or tracing(mask):
+            return
+        if rows is not None:
+            self.mask, self.rows = (mask, rows) if rows.stop > rows.start else (None, None)
             return
         idx = mask.nonzero().flatten().tolist()
         if not idx:

@@ -10,7 +10,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ def alternating_ratio(
 
 
 def _reference_blur_2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    # The reference SEG-SDXL blur (k×k depthwise conv2d, reflect pad), cap per axis as DESIGN §1;
+    # The reference SEG-SDXL blur (k×k depthwise conv2d, reflect pad), cap per axis as docs/design.md §1;
     # kept only as the cost baseline the separable op is measured against.
     c = math.ceil(6 * sigma)
     k0 = c + 1 - c % 2
@@ -423,6 +423,165 @@ def bench_serve(
     }]  # fmt: skip
 
 
+def sdxl_shaped_unet(width_scale: int = 5):
+    """A random-weight UNet with SDXL's layout (3 levels, no attention in the first, 2 / 10
+    transformer layers in the second / third, text-time embedding, linear projections) at
+    1/``width_scale`` of its channels (320 -> 64) and text width (2048 -> 2048/``width_scale``)."""
+    from diffusers import UNet2DConditionModel
+
+    c = 320 // width_scale
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(c, 2 * c, 4 * c),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4, 8),  # heads per level (diffusers' name), 32 channels per head
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256 // width_scale,
+        projection_class_embeddings_input_dim=6 * (256 // width_scale) + 1280 // width_scale,
+        cross_attention_dim=2048 // width_scale,
+        norm_num_groups=32,
+    ).eval()
+
+
+def step_inputs(unet: nn.Module, latent: int, n: int = 1, seed: int = 0):
+    """(latents ``[n, 4, latent, latent]``, cond inputs, uncond inputs) of random values for ``unet``."""
+    g = torch.Generator().manual_seed(seed)
+    c = unet.config.cross_attention_dim
+
+    def branch() -> dict[str, torch.Tensor]:
+        d = {"encoder_hidden_states": torch.randn(n, 77, c, generator=g)}
+        if unet.config.addition_embed_type == "text_time":
+            pooled = (
+                unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            )
+            d["text_embeds"] = torch.randn(n, pooled, generator=g)
+            d["time_ids"] = torch.tensor([[8.0 * latent, 8.0 * latent, 0, 0, 8.0 * latent, 8.0 * latent]] * n)
+        return d
+
+    return torch.randn(n, 4, latent, latent, generator=g), branch(), branch()
+
+
+def move_inputs(inputs: tuple, device: torch.device | str, dtype: torch.dtype) -> tuple:
+    """``step_inputs`` on ``device``, floating tensors in ``dtype``."""
+
+    def move(v: torch.Tensor) -> torch.Tensor:
+        return v.to(device, dtype if v.is_floating_point() else v.dtype)
+
+    x, cond, uncond = inputs
+    return move(x), {k: move(v) for k, v in cond.items()}, {k: move(v) for k, v in uncond.items()}
+
+
+STEP_MODES = (
+    "vanilla",
+    "cfg_seg",
+    "cfg_seg_shared",
+    "cfg_pag",
+    "seg_every_2",
+    "seg_uncond",
+    "seg_window_half",
+)
+
+
+def bench_step_case(
+    unet: nn.Module,
+    model: str,
+    layers: Sequence[str],
+    latent: int,
+    pairs: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    modes: Sequence[str] = STEP_MODES,
+) -> dict:
+    """Time per denoising step of each mode as a ratio to the CFG step ([uncond, cond] rows), one
+    image, alternating pairs in this process. ``cfg_seg`` is today's batched SEG (every row runs the
+    whole UNet); ``cfg_seg_shared`` the shared-prefix forward (``seg_rt.denoiser.SharedPrefix``).
+    The cheap modes' cost per step is their average over a schedule: ``seg_every_2`` and
+    ``seg_window_half`` alternate a SEG step and a CFG step; ``seg_uncond`` runs two rows."""
+    from seg_rt.engines import TorchDenoiser
+
+    from .sampler import build_batch
+
+    x, cond, uncond = move_inputs(step_inputs(unet, latent), device, dtype)
+    t = torch.tensor(500.0, device=device)
+    cuda = torch.device(device).type == "cuda"
+    batch = {
+        names: build_batch(list(names), x, t, cond, uncond)
+        for names in (("cond",), ("uncond", "cond"), ("uncond", "cond", "seg"), ("seg_uncond", "cond"))
+    }
+    den = TorchDenoiser(unet, sigma=math.inf, layers=layers)
+    seg = den.model.seg
+
+    def step(names: tuple[str, ...], shared: bool = True, perturbation: str = "blur") -> Callable[[], object]:
+        inputs = batch[names] if shared else dict(batch[names])  # a plain dict: no host layout, no sharing
+
+        def call() -> object:
+            seg.perturbation = perturbation
+            out = den(inputs)
+            if cuda:  # host timers measure the GPU work
+                torch.cuda.synchronize(device)
+            return out
+
+        return call
+
+    cfg = step(("uncond", "cond"))
+    seg_step = step(("uncond", "cond", "seg"))
+    candidates = {
+        "vanilla": (step(("cond",)), 1),
+        "cfg_seg": (step(("uncond", "cond", "seg"), shared=False), 1),
+        "cfg_seg_shared": (seg_step, 1),
+        "cfg_pag": (step(("uncond", "cond", "seg"), perturbation="identity"), 1),
+        "seg_every_2": (lambda: (seg_step(), cfg()), 2),  # SEG step, then a step reusing its delta
+        "seg_uncond": (step(("seg_uncond", "cond")), 1),
+        "seg_window_half": (lambda: (seg_step(), cfg()), 2),  # window [0, 0.5): half the steps
+    }
+    row = {
+        "bench": "step",
+        "model": model,
+        "layers": list(layers),
+        "latent": f"{latent}x{latent}",
+        "pairs": pairs,
+    }
+    try:
+        with torch.no_grad():
+            for name in modes:
+                fn, steps = candidates[name]
+                r = alternating_ratio(cfg, fn, pairs, calls=1)
+                row[f"{name}_over_cfg"] = round(r["ratio_median"] / steps, 4)
+                row[f"{name}_over_cfg_iqr"] = [
+                    round(r["ratio_p25"] / steps, 4),
+                    round(r["ratio_p75"] / steps, 4),
+                ]
+                row["cfg_step_ms"] = r["baseline_ms_median"]
+    finally:
+        den.close()
+    row |= {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    return row
+
+
+def bench_step(pairs: int = 3) -> list[dict]:
+    """``seg-rt bench step``: the step-cost ratios on an SD1.5-shaped UNet (32x32 latents, 256 px)
+    and an SDXL-shaped one (16x16 latents; its 10-layer level dominates), both at 1/5 width to fit
+    a 2-core CPU in ~3 minutes, for SEG layers ``mid`` and ``up``."""
+    models = [
+        (sd15_shaped_pipeline().unet, "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch)", 32),
+        (sdxl_shaped_unet(), "SDXL-shaped UNet at 1/5 width (64-128-256 ch, 1/2/10 transformer layers)", 16),
+    ]
+    return [
+        bench_step_case(unet, name, [layers], latent, pairs)
+        for unet, name, latent in models
+        for layers in ("mid", "up")
+    ]
+
+
 def run(what: str, pairs: int | None = None) -> list[dict]:
     if what == "blur":
         p = pairs or 40
@@ -434,10 +593,17 @@ def run(what: str, pairs: int | None = None) -> list[dict]:
         return bench_cluster()
     if what == "serve":
         return bench_serve()
-    raise ValueError(f"unknown benchmark {what!r}; available: blur, engines, cluster, serve")
+    if what == "step":
+        return bench_step(pairs=pairs or 3)
+    raise ValueError(f"unknown benchmark {what!r}; available: blur, engines, cluster, serve, step")
 
 
 def describe(row: dict) -> str:
+    if row["bench"] == "step":
+        return (
+            f"{row['model']}, SEG {','.join(row['layers'])}: CFG step {row['cfg_step_ms']:.0f} ms; "
+            + ", ".join(f"{m} {row[f'{m}_over_cfg']:.2f}x" for m in STEP_MODES)
+        )
     if row["bench"] == "serve":
         return (
             f"1 client: {row['rps_1_client']} req/s p50 {row['p50_ms_1_client']} ms; 8 clients: "

@@ -1,4 +1,4 @@
-"""The SEG query blur as a fixed-shape separable op (DESIGN §1).
+"""The SEG query blur as a fixed-shape separable op (docs/design.md §1).
 
 SEG (Hong 2024, arXiv 2408.00760, eq. 8-9) blurs the self-attention queries with a Gaussian over
 their spatial positions. The reference SEG-SDXL code builds one k×k kernel and runs a depthwise

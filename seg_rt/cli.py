@@ -57,6 +57,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seg-end", type=float, default=_REQUEST.seg.end, help="SEG window end, fraction of steps"
     )
+    p.add_argument(
+        "--seg-every",
+        type=int,
+        default=_REQUEST.seg.every,
+        help="cheap SEG: run the SEG branch every k-th step, reuse its delta in between",
+    )
+    p.add_argument(
+        "--seg-placement",
+        default=_REQUEST.seg.placement,
+        help="batched (default: an extra perturbed row) or uncond (cheap: blur inside the uncond row)",
+    )
     p.add_argument("--guidance-rescale", type=float, default=_REQUEST.guidance_rescale)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument(
@@ -98,7 +109,13 @@ def _add_request_args(p: argparse.ArgumentParser) -> None:
 def request_from_args(args) -> GenerationParams:
     """``seg-rt generate``'s flags as one request (validated by ``GenerationParams``)."""
     seg = SEGConfig(
-        args.seg_scale, args.seg_sigma, parse_layers(args.seg_layers), args.seg_start, args.seg_end
+        args.seg_scale,
+        args.seg_sigma,
+        parse_layers(args.seg_layers),
+        args.seg_start,
+        args.seg_end,
+        args.seg_every,
+        args.seg_placement,
     )
     return GenerationParams(
         prompt=args.prompt,
@@ -262,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
-    b.add_argument("what", choices=["blur", "engines", "cluster", "serve", "video-quality", "quality"])
+    b.add_argument(
+        "what", choices=["blur", "engines", "cluster", "serve", "video-quality", "quality", "step"]
+    )
     b.add_argument(
         "--model",
         default=None,
@@ -281,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--unconditional", action="store_true", help="empty prompts (the paper's main setting)")
     q.add_argument("--classifier", default=None, help="feature classifier folder (default: the shipped one)")
     q.add_argument("--device", default=None)
+    q.add_argument(
+        "--cheap",
+        action="store_true",
+        help="add the cheap SEG rows: every 2nd step, uncond placement, a window",
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object per line")
     b.add_argument("--pairs", type=int, default=None, help="alternating timing pairs per case")
     b.set_defaults(func=cmd_bench)
@@ -573,7 +597,7 @@ def cmd_bench(args) -> int:
         rows = quality.run_quality(
             args.model, samples=args.samples, steps=args.steps, cfg=args.cfg, seg_scale=args.seg_scale,
             pag_scale=args.pag_scale, sigmas=sigmas, layers=parse_layers(args.seg_layers), batch=args.batch,
-            unconditional=args.unconditional, classifier=args.classifier, device=args.device,
+            unconditional=args.unconditional, classifier=args.classifier, device=args.device, cheap=args.cheap,
         )  # fmt: skip
         quality.plot(rows, args.plot or "quality.png")
         if args.json:

@@ -53,6 +53,14 @@ class SEGConfig:
     layers: self-attention layers to perturb (see ``seg_rt.layers``); default the UNet mid block.
     start, end: the step window ``[start, end)`` as fractions of the schedule; outside it the SEG
             branch is not computed.
+    every:  cheap mode: inside the window the SEG branch runs on every ``every``-th step only; the
+            steps between reuse the guidance delta ``eps_cond - eps_seg`` of the last step that ran
+            it (cost ≈ (2 + 1/every)/2 of a CFG step). 1 (default): every step, exact SEG.
+    placement: ``"batched"`` (default): the perturbed prediction is an extra row
+            (``[uncond, cond, perturbed]``). ``"uncond"`` (cheap mode, needs cfg > 1): the blur is
+            applied inside the unconditional row instead, ``eps = eps_u' + cfg(eps_c - eps_u')``
+            with zero extra rows, the form some UIs use for skip-layer guidance on DiTs; ``scale``
+            then only switches SEG on (> 0), the strength is the CFG scale.
     """
 
     scale: float = 3.0
@@ -60,6 +68,10 @@ class SEGConfig:
     layers: tuple[str, ...] = field(default=("mid",))
     start: float = 0.0
     end: float = 1.0
+    every: int = 1
+    placement: str = "batched"
+
+    PLACEMENTS = ("batched", "uncond")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", parse_layers(self.layers))
@@ -77,6 +89,17 @@ class SEGConfig:
             )
         if not self.layers:
             raise ValueError("seg layers must name at least one layer, got none")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"seg every must be an integer >= 1, got {self.every!r}")
+        if self.placement not in self.PLACEMENTS:
+            raise ValueError(
+                f"seg placement must be one of {', '.join(self.PLACEMENTS)}, got {self.placement!r}"
+            )
+        if self.every > 1 and self.placement != "batched":
+            raise ValueError(
+                f"seg every {self.every} reuses the (cond - perturbed) delta, which placement "
+                f"{self.placement!r} does not compute: use every=1 or placement 'batched'"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -89,6 +112,34 @@ class SEGConfig:
         frac = step / num_steps
         return self.start <= frac < self.end
 
+    def check_cfg(self, cfg: float) -> None:
+        """Placement ``"uncond"`` guides through the CFG term: it needs cfg > 1."""
+        if self.enabled and self.placement == "uncond" and cfg <= 1.0:
+            raise ValueError(
+                f"seg placement 'uncond' blurs the unconditional row and needs cfg > 1, got cfg {cfg:g}"
+            )
+
+    def runs_branch(self, step: int, num_steps: int) -> bool:
+        """Whether the SEG prediction is computed at ``step``: inside the window, on every
+        ``every``-th step counted from the window's first step. Inside the window on the other
+        steps the last computed guidance delta is reused (``seg_rt.sampler.seg_action``)."""
+        if not self.active(step, num_steps):
+            return False
+        first = math.ceil(self.start * num_steps)  # first step with start <= step/num
+        while first / num_steps < self.start:  # float rounding of start * num_steps
+            first += 1
+        return (step - first) % self.every == 0
+
+    def cheap_fields(self) -> dict:
+        """The cheap-mode fields that differ from their defaults (records carry only these, so
+        records of default runs stay as they were)."""
+        out: dict = {}
+        if self.every != SEGConfig.every:
+            out["every"] = self.every
+        if self.placement != SEGConfig.placement:
+            out["placement"] = self.placement
+        return out
+
     def to_dict(self) -> dict:
         return {
             "scale": self.scale,
@@ -96,4 +147,5 @@ class SEGConfig:
             "layers": list(self.layers),
             "start": self.start,
             "end": self.end,
+            **self.cheap_fields(),
         }

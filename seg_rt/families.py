@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-FAMILIES = ("demo", "sdxl-controlnet", "sdxl", "sd15")
+FAMILIES = ("demo", "sdxl-controlnet", "sdxl", "sd15", "sd3", "flux")
 
 
 def _family_classes() -> Iterator[tuple[type, str]]:
@@ -29,6 +29,10 @@ def _family_classes() -> Iterator[tuple[type, str]]:
     from diffusers import StableDiffusionPipeline
 
     yield StableDiffusionPipeline, "sd15"
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    yield StableDiffusion3Pipeline, "sd3"  # the image DiTs (seg_rt.dit)
+    yield FluxPipeline, "flux"
 
 
 def family_of(pipe) -> str:
@@ -37,8 +41,8 @@ def family_of(pipe) -> str:
         if isinstance(pipe, cls):
             return family
     raise ValueError(
-        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet "
-        "and the bundled demo model"
+        f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet, "
+        "SD3 / SD3.5, Flux.1 and the bundled demo model"
     )
 
 

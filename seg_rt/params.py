@@ -178,6 +178,7 @@ class GenerationParams:
                 _int(name, value, 1)
         check_scheduler(self.scheduler)
         object.__setattr__(self, "sequential", bool(self.sequential))
+        self.seg.check_cfg(self.cfg)
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
         if self.video is not None and self.seg.layers != SEGConfig().layers:
@@ -215,6 +216,8 @@ class GenerationParams:
             "scheduler": self.scheduler,
             "sequential": self.sequential,
         }
+        # cheap SEG modes only when set: records of default runs stay byte-identical
+        record.update({f"seg_{k}": v for k, v in self.seg.cheap_fields().items()})
         if self.video is not None:
             record["video"] = self.video.to_record()
         return record
@@ -230,6 +233,8 @@ class GenerationParams:
             "layers": record.get("seg_layers", SEGConfig().layers),
             "start": record.get("seg_start", SEGConfig.start),
             "end": record.get("seg_end", SEGConfig.end),
+            "every": record.get("seg_every", SEGConfig.every),
+            "placement": record.get("seg_placement", SEGConfig.placement),
         }
         video = record.get("video")
         return cls(

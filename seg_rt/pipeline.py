@@ -1,4 +1,4 @@
-"""Model families and ``seg_rt.generate`` (DESIGN §3).
+"""Model families and ``seg_rt.generate`` (docs/design.md §5).
 
 Everything around the loop is diffusers': pipeline loading, prompt encoding, SDXL micro-conditioning,
 ControlNet image preparation, initial latents (so seed s gives diffusers' noise for
@@ -175,6 +175,10 @@ def encode(
     controlnet_scale: float = 1.0,
 ) -> Prepared:
     """Encode prompts (and SDXL micro-conditioning, ControlNet image) with diffusers for n rows."""
+    from . import dit
+
+    if family in dit.FAMILIES:
+        return Prepared(**dit.encode(pipe, family, prompt, negative_prompt, n, cfg))
     device, do_cfg = pipe._execution_device, cfg > 1.0
     if family in ("sd15", "demo"):  # the demo pipeline's encode_prompt has SD1.5's signature
         pe, ne = pipe.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
@@ -224,6 +228,10 @@ def initial_latents(
     scheduler's ``init_noise_sigma``; call after ``scheduler.set_timesteps`` as diffusers does."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        return dit.initial_latents(pipe, generators, height, width, dtype)
     f = pipe.vae_scale_factor
     shape = (len(generators), pipe.unet.config.in_channels, height // f, width // f)
     noise = randn_tensor(shape, generator=list(generators), device=pipe._execution_device, dtype=dtype)
@@ -232,6 +240,10 @@ def initial_latents(
 
 def decode(pipe, latents: Tensor, output_type: str):
     """Latents → images with the pipeline's VAE and image processor (SDXL fp16 upcast included)."""
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        return dit.decode(pipe, latents, output_type)
     if output_type == "latent":
         return latents
     vae = getattr(pipe, "vae", None)
@@ -265,6 +277,11 @@ def check_size(height: int | None, width: int | None, factor: int) -> tuple[int 
 
 
 def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        side = dit.default_size(pipe)
+        return check_size(height or side, width or side, dit.size_factor(pipe))
     factor = pipe.vae_scale_factor
     default = pipe.unet.config.sample_size * factor
     return check_size(height or default, width or default, factor)
@@ -370,6 +387,8 @@ def generate_batch(
     output_type: str = "pil",
     seg_start: float = SEGConfig.start,
     seg_end: float = SEGConfig.end,
+    seg_every: int = SEGConfig.every,
+    seg_placement: str = SEGConfig.placement,
     guidance_rescale: float = GenerationParams.guidance_rescale,
     sequential: bool = GenerationParams.sequential,
     control_image=None,
@@ -387,7 +406,15 @@ def generate_batch(
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
         raise ValueError(f"need one seed and negative prompt per prompt, got {n} prompts, {len(seeds)} seeds")
     name = scheduler if isinstance(scheduler, str) else GenerationParams.scheduler
-    seg = SEGConfig(scale=seg_scale, sigma=seg_sigma, layers=seg_layers, start=seg_start, end=seg_end)
+    seg = SEGConfig(
+        scale=seg_scale,
+        sigma=seg_sigma,
+        layers=seg_layers,
+        start=seg_start,
+        end=seg_end,
+        every=seg_every,
+        placement=seg_placement,
+    )
     base = GenerationParams(
         steps=steps,
         cfg=cfg,
@@ -454,7 +481,9 @@ def run_params(
     dtype = cond["encoder_hidden_states"].dtype
     # the scheduler's noise (ancestral samplers) continues each row's stream, as in diffusers
     generators = seed_generators([q.seed for q in params])
-    sched = make_scheduler(pipe, scheduler if scheduler is not None else first.scheduler)
+    sched = _family_scheduler(
+        pipe, family, scheduler if scheduler is not None else first.scheduler, steps, height, width
+    )
     sched.set_timesteps(steps, device=pipe._execution_device)
     latents = initial_latents(pipe, sched, generators, height, width, dtype)
     with _open_engine(engine, pipe) as engine:
@@ -477,6 +506,20 @@ def run_params(
     return decode(pipe, latents, output_type)
 
 
+def _family_scheduler(pipe, family: str, scheduler, steps: int, height: int, width: int):
+    """The scheduler of a run. Image DiTs sample with their own flow-matching Euler scheduler, which
+    is what ``euler`` (the default) means for them; other schedulers are refused."""
+    from . import dit
+
+    if family not in dit.FAMILIES:
+        return make_scheduler(pipe, scheduler)
+    if scheduler not in (None, "euler"):
+        raise ValueError(
+            f"{family} samples with its own flow-matching Euler scheduler ('euler'); got scheduler {scheduler!r}"
+        )
+    return dit.make_scheduler(pipe, steps, height, width)
+
+
 def _open_engine(engine, pipe) -> AbstractContextManager:
     """A denoiser given by the caller stays open (the caller closes it); one loaded here from a spec
     (``None``: torch) is closed after the run."""
@@ -488,6 +531,10 @@ def _open_engine(engine, pipe) -> AbstractContextManager:
         raise TypeError(
             f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
         )
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:  # image DiTs: their own torch engine, exports by name
+        return dit.load_engine(engine or "torch", pipe)
     return load_engine(engine or "torch", pipe, pipe._execution_device)
 
 

@@ -86,10 +86,34 @@ class Method:
     scale: float = 0.0  # SEG / PAG guidance scale
     sigma: float = math.inf
     perturbation: str = "blur"
+    every: int = 1  # cheap modes (SEGConfig.every / placement / window)
+    placement: str = "batched"
+    start: float = 0.0
+    end: float = 1.0
 
 
-def methods(cfg: float, seg_scale: float, pag_scale: float, sigmas: Sequence[float]) -> list[Method]:
-    """vanilla, CFG, PAG-style (identity attention), SEG at each σ; SEG and PAG without CFG."""
+CHEAP_SIGMA = math.inf  # σ of the cheap-mode rows: SEGConfig's default
+CHEAP_WINDOW = (0.0, 0.5)  # the window row: SEG on the first half of the steps
+
+
+def cheap_methods(cfg: float, seg_scale: float) -> list[Method]:
+    """The cheap SEG modes at the default σ: every 2nd step (delta reused), the blur inside the
+    unconditional row (needs CFG: at the CFG row's scale), and SEG on a window of the steps."""
+    start, end = CHEAP_WINDOW
+    return [
+        Method("SEG σ=inf every 2", scale=seg_scale, sigma=CHEAP_SIGMA, every=2),
+        Method("SEG uncond-placement", cfg=cfg, scale=seg_scale, sigma=CHEAP_SIGMA, placement="uncond"),
+        Method(
+            f"SEG σ=inf window {start:g}-{end:g}", scale=seg_scale, sigma=CHEAP_SIGMA, start=start, end=end
+        ),
+    ]
+
+
+def methods(
+    cfg: float, seg_scale: float, pag_scale: float, sigmas: Sequence[float], cheap: bool = False
+) -> list[Method]:
+    """vanilla, CFG, PAG-style (identity attention), SEG at each σ; SEG and PAG without CFG; with
+    ``cheap`` the cheap SEG modes after them (``cheap_methods``)."""
     out = [
         Method("vanilla"),
         Method(f"CFG {cfg:g}", cfg=cfg),
@@ -97,7 +121,7 @@ def methods(cfg: float, seg_scale: float, pag_scale: float, sigmas: Sequence[flo
     ]
     for s in sigmas:
         out.append(Method(f"SEG σ={sigma_label(s)}", scale=seg_scale, sigma=s))
-    return out
+    return out + (cheap_methods(cfg, seg_scale) if cheap else [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,6 +186,7 @@ def run_quality(
     classifier=None,
     device=None,
     progress: bool = True,
+    cheap: bool = False,
 ) -> list[dict]:
     """Sample ``samples`` images per method with the same prompts and seeds and score them
     against real images of the same items. One JSON-able row per method, then the held-out
@@ -192,7 +217,7 @@ def run_quality(
         "threads": torch.get_num_threads(), "device": str(pipe._execution_device),
     }  # fmt: skip
     rows, vanilla = [], None
-    for m in methods(cfg, seg_scale, pag_scale, sigmas):
+    for m in methods(cfg, seg_scale, pag_scale, sigmas, cheap):
         t0 = time.perf_counter()
         engine = TorchDenoiser(pipe.unet, sigma=m.sigma, layers=layers, perturbation=m.perturbation)
         chunks = []
@@ -202,6 +227,7 @@ def run_quality(
                     generate_batch(
                         pipe, prompts[lo : lo + batch], seeds[lo : lo + batch], steps=steps, cfg=m.cfg,
                         seg_scale=m.scale, seg_sigma=m.sigma, seg_layers=layers, engine=engine, output_type="pt",
+                        seg_every=m.every, seg_placement=m.placement, seg_start=m.start, seg_end=m.end,
                     ).cpu().float()
                 )  # fmt: skip
         finally:
@@ -212,6 +238,7 @@ def run_quality(
         vanilla = vanilla or fake
         row = {**common, "method": m.name, "cfg": m.cfg, "scale": m.scale,
                "sigma": sigma_to_json(m.sigma), "perturbation": m.perturbation if m.scale else None,
+               **({"every": m.every, "placement": m.placement, "window": [m.start, m.end]} if cheap else {}),
                **score(real, fake, None if fake is vanilla else vanilla), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
         if fake is vanilla:
             row |= {"dist_to_vanilla": 0.0, "pixel_rmse_to_vanilla": 0.0}

@@ -1,9 +1,16 @@
 """The SEG sampling loop: one plain loop over a denoiser callable and any diffusers scheduler.
 
 Each step builds one batch ``[uncond, cond, perturbed]`` (``[cond, perturbed]`` without CFG) whose
-perturbed rows are marked by ``seg_mask`` (DESIGN §1 "Batching"), calls the denoiser once (or once
-per branch with ``sequential=True`` to save memory), and combines the predictions with
+perturbed rows are marked by ``seg_mask`` (docs/design.md, "Batching"), calls the denoiser once (or
+once per branch with ``sequential=True`` to save memory), and combines the predictions with
 ``seg_guidance``. Outside the SEG window the perturbed rows are simply not in the batch.
+
+The batch is a ``DenoiserBatch``: the named tensors plus the row layout as host data (which rows
+are perturbed, which rows' inputs they copy), so a denoiser never reads ``seg_mask`` back from the
+device (no host sync per forward) and can share the perturbed rows' unperturbed prefix.
+
+Cheap modes (``SEGConfig.every``, ``SEGConfig.placement``) are decided by ``seg_action`` and
+``branches_at``, pure functions of (step, num_steps, config).
 """
 
 from __future__ import annotations
@@ -25,27 +32,71 @@ Conditioning = Mapping[str, Tensor]  # per-row model inputs for one branch, batc
 StepCallback = Callable[[int, Tensor, Tensor], None]  # (step, timestep, latents)
 
 
+SEG_ACTIONS = ("off", "run", "reuse")
+
+
+def seg_action(step: int, num_steps: int, seg: SEGConfig) -> str:
+    """What SEG does at ``step``: ``"run"`` (compute the perturbed prediction), ``"reuse"`` (inside
+    the window, ``every`` > 1: reuse the last computed delta ``eps_cond - eps_seg``) or ``"off"``."""
+    if not seg.active(step, num_steps):
+        return "off"
+    return "run" if seg.runs_branch(step, num_steps) else "reuse"
+
+
+# Branch name -> (inputs it takes, whether its rows are perturbed). "seg_uncond" is the unconditional
+# row with the blur inside (placement "uncond"); it stands in for "uncond" in the guidance.
+BRANCHES = {
+    "uncond": ("uncond", False),
+    "cond": ("cond", False),
+    "seg": ("cond", True),
+    "seg_uncond": ("uncond", True),
+}
+
+
 def branches_at(step: int, num_steps: int, cfg: float, seg: SEGConfig) -> list[str]:
     """Branch names computed at ``step``: a function of (step, num_steps, config) only."""
+    run = seg_action(step, num_steps, seg) == "run"
+    if seg.placement == "uncond":
+        return ["seg_uncond" if run else "uncond", "cond"]
     names = ["uncond"] if cfg > 1.0 else []
     names.append("cond")
-    if seg.active(step, num_steps):
+    if run:
         names.append("seg")
     return names
 
 
+class DenoiserBatch(dict):
+    """The denoiser's named input tensors (a plain ``dict[str, Tensor]`` to every engine) plus the
+    row layout as host data, known when the batch is built:
+
+    - ``seg_rows``: the perturbed rows (contiguous), or None when no row is perturbed;
+    - ``seg_source``: rows of the batch whose inputs the perturbed rows repeat (the cond branch for
+      a batched SEG row), or None. A denoiser may compute the rows' shared unperturbed prefix once.
+    """
+
+    seg_rows: slice | None = None
+    seg_source: slice | None = None
+
+
 def build_batch(
     branches: Sequence[str], x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None
-) -> dict[str, Tensor]:
+) -> DenoiserBatch:
     """Concatenate the branches' inputs along the batch; ``seg_mask`` marks the perturbed rows."""
     n = x.shape[0]
-    per_branch = [uncond if b == "uncond" else cond for b in branches]
-    inputs = {k: torch.cat([c[k] for c in per_branch]) for k in cond}
+    per_branch = [uncond if BRANCHES[b][0] == "uncond" else cond for b in branches]
+    inputs = DenoiserBatch({k: torch.cat([c[k] for c in per_branch]) for k in cond})
     inputs["sample"] = torch.cat([x] * len(branches))
     inputs["timestep"] = t.reshape(1).to(x.device).expand(n * len(branches))
     inputs["seg_mask"] = torch.cat(
-        [torch.full((n,), b == "seg", dtype=torch.bool, device=x.device) for b in branches]
+        [torch.full((n,), BRANCHES[b][1], dtype=torch.bool, device=x.device) for b in branches]
     )
+    perturbed = [i for i, b in enumerate(branches) if BRANCHES[b][1]]
+    if perturbed:  # one perturbed branch at most (branches_at)
+        i = perturbed[0]
+        inputs.seg_rows = slice(i * n, (i + 1) * n)
+        if branches[i] == "seg" and "cond" in branches:
+            j = branches.index("cond")
+            inputs.seg_source = slice(j * n, (j + 1) * n)
     return inputs
 
 
@@ -80,11 +131,13 @@ def sample(
     """
     if cfg > 1.0 and uncond is None:
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
+    seg.check_cfg(cfg)
     scheduler.set_timesteps(steps, device=latents.device)
     timesteps = scheduler.timesteps
     num = len(timesteps)
     extra = _step_kwargs(scheduler, generators)
     n = latents.shape[0]
+    delta: Tensor | None = None  # seg every > 1: the last computed eps_cond - eps_seg
     for i, t in enumerate(tqdm(timesteps, desc="seg-rt", disable=not progress, leave=False)):
         # flow-matching schedulers (Wan) have no input scaling
         x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
@@ -94,10 +147,18 @@ def sample(
         else:
             out = denoiser(build_batch(names, x, t, cond, uncond))
             preds = dict(zip(names, out.split(n), strict=True))
+        eps_seg, seg_delta = preds.get("seg"), None
+        if seg.every > 1:
+            action = seg_action(i, num, seg)
+            if action == "run":
+                delta = preds["cond"] - eps_seg
+            if action != "off":
+                eps_seg, seg_delta = None, delta
         eps = seg_guidance(
             preds["cond"],
-            eps_uncond=preds.get("uncond"),
-            eps_seg=preds.get("seg"),
+            eps_uncond=preds.get("uncond", preds.get("seg_uncond")),
+            eps_seg=eps_seg,
+            seg_delta=seg_delta,
             cfg=cfg,
             seg_scale=seg.scale,
             rescale=guidance_rescale,

@@ -36,7 +36,7 @@ def tiny_tokenizer():
     chars = byte_unicode()
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
     vocab = {t: i for i, t in enumerate(tokens)}
-    # transformers 5 ignores vocab_file/merges_file: pass the vocabulary itself (DESIGN §4).
+    # transformers 5 ignores vocab_file/merges_file: pass the vocabulary itself (docs/design.md §8).
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
@@ -168,7 +168,7 @@ def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-VIDEO_FAMILIES = ("animatediff", "cogvideox", "wan")
+VIDEO_FAMILIES = ("animatediff", "cogvideox", "wan", "ltx")
 
 
 def tiny_video_denoiser(family: str, seed: int = 0):
@@ -192,7 +192,37 @@ def tiny_video_denoiser(family: str, seed: int = 0):
             text_dim=_TEXT["hidden_size"], freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
             qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
         ).eval()  # fmt: skip
+    if family == "ltx":
+        return diffusers.LTXVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            patch_size=1,
+            patch_size_t=1,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            cross_attention_dim=32,
+            num_layers=2,
+            caption_channels=_TEXT["hidden_size"],
+        ).eval()
     raise ValueError(f"unknown tiny video family {family!r}; choose from {', '.join(VIDEO_FAMILIES)}")
+
+
+def _ltx_vae(seed: int):
+    """An LTX-Video VAE with 8x spatial and 8x temporal compression (three scaling blocks, patch 1)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKLLTXVideo(
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False),
+        patch_size=1,
+        patch_size_t=1,
+    ).eval()
 
 
 def _animatediff_parts(seed: int):
@@ -225,11 +255,11 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def _t5(umt5: bool, vocab_size: int, seed: int):
+def _t5(umt5: bool, vocab_size: int, seed: int, d_model: int = _TEXT["hidden_size"]):
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(seed)
-    kw = {"vocab_size": vocab_size, "d_model": _TEXT["hidden_size"], "d_kv": 8, "d_ff": 37, "num_layers": 2,
+    kw = {"vocab_size": vocab_size, "d_model": d_model, "d_kv": 8, "d_ff": 37, "num_layers": 2,
           "num_heads": 4, "relative_attention_num_buckets": 8}  # fmt: skip
     return (UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))).eval()
 
@@ -259,6 +289,21 @@ def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
             tokenizer=tok, text_encoder=_t5(False, len(tok), seed + 1), vae=vae,
             transformer=tiny_video_denoiser("cogvideox", seed + 2), scheduler=diffusers.CogVideoXDDIMScheduler(),
         )  # fmt: skip
+    if family == "ltx":
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=0.95,
+            max_shift=2.05,
+            base_image_seq_len=1024,
+            max_image_seq_len=4096,
+        )
+        return diffusers.LTXPipeline(
+            scheduler=scheduler,
+            vae=_ltx_vae(seed),
+            text_encoder=_t5(False, len(tok), seed + 1),
+            tokenizer=tok,
+            transformer=tiny_video_denoiser("ltx", seed + 2),
+        )
     vae = diffusers.AutoencoderKLWan(
         base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
@@ -272,4 +317,125 @@ def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
 def save_tiny_video_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     path = Path(path)
     tiny_video_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+DIT_FAMILIES = ("sd3", "flux")
+
+
+def _flow_vae(seed: int, shift: float, scaling: float):
+    """An 8x ``AutoencoderKL`` with the SD3 / Flux latent normalisation (``shift_factor``)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+        shift_factor=shift,
+        scaling_factor=scaling,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def tiny_dit(family: str, seed: int = 0):
+    """A random-weight image DiT: ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, the last
+    ``context_pre_only``, qk RMS norm; block 1 with SD3.5's second image attention) or
+    ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, guidance embedding), or
+    ``QwenImageTransformer2DModel`` (``qwenimage``: 2 double-stream blocks; model only)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    if family == "sd3":
+        return diffusers.SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=2 * _TEXT["hidden_size"],
+            caption_projection_dim=32,
+            pooled_projection_dim=2 * _TEXT["projection_dim"],
+            pos_embed_max_size=32,
+            qk_norm="rms_norm",
+            dual_attention_layers=(1,),
+        ).eval()
+    if family == "flux":
+        return diffusers.FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            out_channels=16,
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_TEXT["hidden_size"],
+            pooled_projection_dim=_TEXT["hidden_size"],
+            guidance_embeds=True,
+            axes_dims_rope=(4, 6, 6),
+        ).eval()
+    if family == "qwenimage":  # model only: no tiny Qwen-Image pipeline yet
+        return diffusers.QwenImageTransformer2DModel(
+            patch_size=2,
+            in_channels=16,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=_TEXT["hidden_size"],
+            axes_dims_rope=(4, 6, 6),
+        ).eval()
+    raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}, qwenimage")
+
+
+def tiny_dit_pipeline(family: str = "sd3", seed: int = 0):
+    """A random-weight ``StableDiffusion3Pipeline`` (CLIP-L, CLIP-G and T5 text encoders, all tiny)
+    or ``FluxPipeline`` (CLIP + T5), with the family's flow-matching scheduler and an 8x VAE."""
+    import diffusers
+
+    if family not in DIT_FAMILIES:
+        raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}")
+    t5_tok = tiny_t5_tokenizer()
+    if family == "sd3":
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=tiny_dit("sd3", seed + 2),
+            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_flow_vae(seed, 0.0609, 1.5305),
+            text_encoder=_text_encoder(True, seed + 1),
+            tokenizer=tiny_tokenizer(),
+            text_encoder_2=_text_encoder(True, seed + 3),
+            tokenizer_2=tiny_tokenizer(),
+            text_encoder_3=_t5(False, len(t5_tok), seed + 4, d_model=2 * _TEXT["hidden_size"]),
+            tokenizer_3=t5_tok,
+        )
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return diffusers.FluxPipeline(
+        scheduler=scheduler,
+        vae=_flow_vae(seed, 0.1159, 0.3611),
+        text_encoder=_text_encoder(False, seed + 1),
+        tokenizer=tiny_tokenizer(),
+        text_encoder_2=_t5(False, len(t5_tok), seed + 4),
+        tokenizer_2=t5_tok,
+        transformer=tiny_dit("flux", seed + 2),
+    )
+
+
+def save_tiny_dit_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
+    """Build ``tiny_dit_pipeline(family, seed)`` and save it (safetensors); loadable with ``--model``."""
+    path = Path(path)
+    tiny_dit_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
     return path

@@ -1,6 +1,6 @@
 """An independent, direct implementation of the published SEG-SDXL reference math, for tests only.
 
-Written from the paper / reference pipeline description (DESIGN §1): a k×k depthwise conv2d blur
+Written from the paper / reference pipeline description (docs/design.md §1): a k×k depthwise conv2d blur
 with reflect padding applied to the last batch chunk of the query in [B, heads, N, d] layout, and a
 plain denoising loop with the reference guidance formula. Nothing from seg_rt is used here.
 """

@@ -314,7 +314,18 @@ def test_submit_does_not_store_the_token(tmp_path, monkeypatch):
 # -- 4. a local Ray seg-rt starts is private -----------------------------------------------------
 
 
-def test_local_ray_uses_token_auth_and_private_temp_dir(tmp_path, monkeypatch):
+@pytest.fixture
+def ray_auth_config_restored():
+    """start_ray makes Ray re-read its (cached) auth settings from the environment; after
+    monkeypatch restores the environment, make Ray re-read them again, or a later ray.init in this
+    process speaks token auth with a token that no longer exists."""
+    yield
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def test_local_ray_uses_token_auth_and_private_temp_dir(ray_auth_config_restored, tmp_path, monkeypatch):
     import ray
 
     from seg_rt.cluster import driver

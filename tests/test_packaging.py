@@ -1,4 +1,4 @@
-"""The folder-to-namespace mapping works from a plain (non-editable) install too (DESIGN §2)."""
+"""The folder-to-namespace mapping works from a plain (non-editable) install too (docs/design.md §2)."""
 
 import os
 import subprocess

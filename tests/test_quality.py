@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from seg_rt import quality
+from seg_rt.config import SEGConfig
 
 
 def _gaussian(n: int, d: int, seed: int, scale=1.0, shift=0.0) -> torch.Tensor:
@@ -92,3 +93,16 @@ def test_table_formats_rows():
     ]
     text = quality.table(rows)
     assert "| vanilla | 1.500 | – |" in text and "| SEG | 0.250 | 0.500 |" in text
+
+
+def test_cheap_rows_follow_the_plain_rows():
+    plain = quality.methods(3.0, 3.0, 3.0, [math.inf])
+    cheap = quality.methods(3.0, 3.0, 3.0, [math.inf], cheap=True)
+    assert cheap[: len(plain)] == plain
+    every, uncond, window = cheap[len(plain) :]
+    assert (every.name, every.every, every.cfg) == ("SEG σ=inf every 2", 2, 1.0)
+    assert (uncond.name, uncond.placement, uncond.cfg) == ("SEG uncond-placement", "uncond", 3.0)
+    assert (window.start, window.end) == quality.CHEAP_WINDOW and window.name == "SEG σ=inf window 0-0.5"
+    for m in cheap:  # every row is a valid SEG config for its CFG scale
+        seg = SEGConfig(m.scale, m.sigma, ("mid",), m.start, m.end, m.every, m.placement)
+        seg.check_cfg(m.cfg)

@@ -7,7 +7,9 @@ final query (after ``norm_q`` and RoPE), installed and removed as a pair by ``Vi
   time (motion modules) -> ``SEGAttnProcessor``;
 - CogVideoX: joint text+video attention with RoPE on the video tokens -> ``SEGCogVideoXAttnProcessor``
   (text tokens in front, never blurred);
-- Wan 2.1: ``norm_q``, then RoPE, then ``dispatch_attention_fn`` -> ``SEGWanAttnProcessor``.
+- Wan 2.1: ``norm_q``, then RoPE, then ``dispatch_attention_fn`` -> ``SEGWanAttnProcessor``;
+- LTX-Video: pre-patchified tokens, ``norm_q`` then RoPE on ``[B, N, C]`` -> ``SEGLTXAttnProcessor``
+  (grid from the forward's ``num_frames`` / ``height`` / ``width`` and the patch sizes).
 
 Axes per layer kind (rows x tokens):
 - ``spatial``: (B·F, H·W) — per-frame 2D blur with σ_space (AnimateDiff spatial attn1).
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rotary
 from torch import Tensor, nn
 
 from seg_rt.attention import Adapter, Grid, SEGAttnProcessor, SEGPatch, unet_owner
@@ -238,6 +241,62 @@ class SEGWanAttnProcessor:
         return hidden_states
 
 
+class SEGLTXAttnProcessor:
+    """diffusers' ``LTXVideoAttnProcessor`` with the final self-attention query (after ``norm_q`` and
+    RoPE, head split) perturbed. Keeps the replaced processor's attention backend / parallel config."""
+
+    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
+        self.patch, self.name, self.kind = patch, name, kind
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_rotary_emb: Tensor | None = None,
+    ) -> Tensor:
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+
+        query = attn.to_q(hidden_states)  # [B, N, C]
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = ltx_rotary(query, image_rotary_emb)
+            key = ltx_rotary(key, image_rotary_emb)
+        query = query.unflatten(2, (attn.heads, -1))  # [B, N, h, d]
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        query = self.patch.perturb(self, query, token_dim=1)  # the final query
+
+        hidden_states = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states
+
+
 def _wan_qkv(attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Tensor | None):
     """Wan's q, k, v projections (fused or not), as in diffusers' ``_get_qkv_projections``."""
     if encoder_hidden_states is None:
@@ -266,6 +325,10 @@ def wan_layers(model: nn.Module) -> dict[str, str]:
     return {n: "joint" for n in _attn1_names(model) if n.startswith("blocks.")}
 
 
+def ltx_layers(model: nn.Module) -> dict[str, str]:
+    return {n: "joint" for n in _attn1_names(model) if n.startswith("transformer_blocks.")}
+
+
 def animatediff_owner(layer_name: str) -> str | None:
     """Spatial layers: the ``Transformer2DModel`` that sees ``[B·F, C, h, w]``; motion modules: none."""
     return None if ".motion_modules." in layer_name else unet_owner(layer_name)
@@ -290,6 +353,13 @@ def wan_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     return f // p_t, h // p_h, w // p_w
 
 
+def ltx_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
+    """LTX takes packed tokens plus the latent ``num_frames``, ``height``, ``width``; its tokens are
+    frame-major over (F/p_t, H/p, W/p) (``LTXPipeline._pack_latents``)."""
+    p, p_t = model.config.patch_size, model.config.patch_size_t
+    return kwargs["num_frames"] // p_t, kwargs["height"] // p, kwargs["width"] // p
+
+
 def animatediff_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     _, _, f, h, w = _hidden(args, kwargs).shape  # [B, C, F, H, W] latents; per-block (h, w) from hooks
     return f, h, w
@@ -303,11 +373,13 @@ ADAPTERS = {
         "cogvideox", SEGCogVideoXAttnProcessor, cogvideox_layers, grid=cogvideox_grid, text_tokens=True
     ),
     "wan": Adapter("wan", SEGWanAttnProcessor, wan_layers, grid=wan_grid),
+    "ltx": Adapter("ltx", SEGLTXAttnProcessor, ltx_layers, grid=ltx_grid),
 }
 MODEL_FAMILIES = {
     "UNetMotionModel": "animatediff",
     "CogVideoXTransformer3DModel": "cogvideox",
     "WanTransformer3DModel": "wan",
+    "LTXVideoTransformer3DModel": "ltx",
 }
 
 
@@ -347,10 +419,15 @@ class VideoSEG(SEGPatch):
         self.rows: list[int] = []  # perturbed samples of the next forward (host-side)
         self._mats: dict[tuple, Tensor] = {}  # blur matrices by (n, sigma, device, dtype)
 
-    def set_mask(self, mask: Tensor | None) -> None:
-        """Select the perturbed samples (``Tensor[B]`` of bool, or None); read on the host once per forward."""
+    def set_mask(self, mask: Tensor | None, rows: slice | None = None) -> None:
+        """Select the perturbed samples (``Tensor[B]`` of bool, or None). ``rows``: the perturbed samples
+        as host data (the sampler's ``DenoiserBatch.seg_rows``, no device read); else the mask is read
+        on the host once per forward."""
         self.perturbed = 0
-        self.rows = [] if mask is None else mask.nonzero().flatten().tolist()
+        if mask is not None and rows is not None:
+            self.rows = list(range(rows.start, rows.stop))
+        else:
+            self.rows = [] if mask is None else mask.nonzero().flatten().tolist()
         self.mask = mask if self.rows else None
 
     def perturb(self, proc, q: Tensor, token_dim: int, text: int = 0) -> Tensor:

@@ -24,7 +24,13 @@ from seg_rt.sampler import sample
 from .attention import VideoBlur, VideoSEG, family_of_model
 
 VIDEO_OUTPUT_TYPES = ("np", "pil", "latent")
-PIPELINES = {"AnimateDiffPipeline": "animatediff", "CogVideoXPipeline": "cogvideox", "WanPipeline": "wan"}
+PIPELINES = {
+    "AnimateDiffPipeline": "animatediff",
+    "CogVideoXPipeline": "cogvideox",
+    "WanPipeline": "wan",
+    "LTXPipeline": "ltx",
+}
+LTX_FRAME_RATE = 25  # LTXPipeline's default frame_rate: sets RoPE's temporal interpolation scale
 
 
 class VideoDenoiser:
@@ -48,9 +54,12 @@ class VideoDenoiser:
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"))
+        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
         try:
-            out = self._forward(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+            if self.family == "ltx":
+                out = self._forward_ltx(inputs)
+            else:
+                out = self._forward(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
             self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
             return out
         finally:
@@ -73,9 +82,41 @@ class VideoDenoiser:
         # wan: x: [B, C, F, h, w]
         return self.model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
 
+    def _forward_ltx(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """LTX-Video: unpacked latents ``[B, C, F, h, w]`` packed into tokens, as ``LTXPipeline``."""
+        x = inputs["sample"]
+        _, _, f, h, w = x.shape
+        p, p_t = self.model.config.patch_size, self.model.config.patch_size_t
+        out = self.model(
+            hidden_states=ltx_pack(x, p, p_t),
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            timestep=inputs["timestep"],
+            encoder_attention_mask=inputs["encoder_attention_mask"],
+            num_frames=f,
+            height=h,
+            width=w,
+            rope_interpolation_scale=self.extra.get("rope_interpolation_scale"),
+            return_dict=False,
+        )[0]
+        return ltx_unpack(out, f, h, w, p, p_t)
+
     def close(self) -> None:
         self.seg.remove()
         swap_linears([self.model], nn.Linear)
+
+
+def ltx_pack(latents: Tensor, p: int, p_t: int) -> Tensor:
+    """``[B, C, F, H, W]`` → tokens ``[B, F/p_t·H/p·W/p, C·p_t·p·p]``, frame-major (``LTXPipeline._pack_latents``)."""
+    b, c, f, h, w = latents.shape
+    x = latents.reshape(b, c, f // p_t, p_t, h // p, p, w // p, p)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7).flatten(4, 7).flatten(1, 3)
+
+
+def ltx_unpack(tokens: Tensor, f: int, h: int, w: int, p: int, p_t: int) -> Tensor:
+    """Tokens → ``[B, C, F, H, W]`` (``LTXPipeline._unpack_latents``)."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, f // p_t, h // p, w // p, -1, p_t, p, p)
+    return x.permute(0, 4, 1, 5, 2, 6, 3, 7).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
 def pipeline_family(pipe) -> str:
@@ -159,32 +200,52 @@ def generate_video(
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = pipeline_family(pipe)
     net = pipe.unet if family == "animatediff" else pipe.transformer
-    f = getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
+    f = (
+        pipe.vae_spatial_compression_ratio
+        if family == "ltx"
+        else getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
+    )
     height, width = check_size(height or 8 * f, width or 8 * f, f)
     device = pipe._execution_device
     do_cfg = cfg > 1
 
+    cond_extra: dict = {}
+    uncond_extra: dict = {}
     if family == "animatediff":
         pe, ne = pipe.encode_prompt(prompt, device, num_videos, do_cfg, negative_prompt)
         latent_frames = frames
+    elif family == "ltx":  # T5 embeddings with their attention mask (max_sequence_length 128)
+        pe, pm, ne, nm = pipe.encode_prompt(
+            prompt, negative_prompt, do_cfg, num_videos, max_sequence_length=128, device=device
+        )
+        cond_extra, uncond_extra = {"encoder_attention_mask": pm}, {"encoder_attention_mask": nm}
+        latent_frames = (frames - 1) // pipe.vae_temporal_compression_ratio + 1
     else:
         text_len = getattr(net.config, "max_text_seq_length", None) or 226
         pe, ne = pipe.encode_prompt(
             prompt, negative_prompt, do_cfg, num_videos, max_sequence_length=text_len, device=device
         )
         latent_frames = (frames - 1) // pipe.vae_scale_factor_temporal + 1
-    cond = {"encoder_hidden_states": pe}
-    uncond = {"encoder_hidden_states": ne} if do_cfg else None
+    cond = {"encoder_hidden_states": pe, **cond_extra}
+    uncond = {"encoder_hidden_states": ne, **uncond_extra} if do_cfg else None
 
     generators = seed_generators(seed + i for i in range(num_videos))
-    if scheduler is None and family != "animatediff":
+    c, h, w = net.config.in_channels, height // f, width // f
+    if family == "ltx":  # its own flow-matching Euler (what "euler", the CLI default, means for it)
+        if scheduler not in (None, "euler"):
+            raise ValueError(
+                f"ltx samples with its own flow-matching Euler scheduler; got scheduler {scheduler!r}"
+            )
+        sched = ltx_schedule(
+            type(pipe.scheduler).from_config(pipe.scheduler.config), steps, latent_frames * h * w
+        )
+    elif scheduler is None and family != "animatediff":
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     else:
         sched = make_scheduler(pipe, scheduler)
     sched.set_timesteps(steps, device=device)
     from diffusers.utils.torch_utils import randn_tensor
 
-    c, h, w = net.config.in_channels, height // f, width // f
     shape = (
         (num_videos, latent_frames, c, h, w)
         if family == "cogvideox"
@@ -194,6 +255,13 @@ def generate_video(
     latents = latents * getattr(sched, "init_noise_sigma", 1.0)  # flow matching starts at unit noise
 
     extra = {}
+    if family == "ltx":
+        ratio = pipe.vae_spatial_compression_ratio
+        extra["rope_interpolation_scale"] = (
+            pipe.vae_temporal_compression_ratio / LTX_FRAME_RATE,
+            ratio,
+            ratio,
+        )
     if family == "cogvideox" and net.config.use_rotary_positional_embeddings:
         extra["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(
             height, width, latent_frames, device
@@ -213,10 +281,39 @@ def generate_video(
     return pipe.video_processor.postprocess_video(video=video, output_type=output_type)
 
 
+def ltx_schedule(sched, steps: int, sequence_length: int):
+    """``LTXPipeline``'s schedule: ``sigmas = linspace(1, 1/steps)`` and the sequence-length shift
+    ``mu``, bound on this (fresh) scheduler because the sampler calls ``set_timesteps(steps)`` itself."""
+    import functools
+
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = sched.config
+    mu = calculate_shift(
+        sequence_length,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+    sched.set_timesteps = functools.partial(
+        sched.set_timesteps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu
+    )
+    return sched
+
+
 def _decode(pipe, family: str, latents: Tensor) -> Tensor:
     """One video's latents → ``[1, C, F, H, W]`` in the VAE's output range, as each pipeline does."""
     if family in ("animatediff", "cogvideox"):
         return pipe.decode_latents(latents)
+    if family == "ltx":  # undo the latent normalisation; decode at timestep 0 without noise (the defaults)
+        vae = pipe.vae
+        mean = vae.latents_mean.view(1, -1, 1, 1, 1).to(latents)
+        std = vae.latents_std.view(1, -1, 1, 1, 1).to(latents)
+        latents = latents * std / vae.config.scaling_factor + mean
+        t = torch.zeros(latents.shape[0], device=latents.device) if vae.config.timestep_conditioning else None
+        return vae.decode(latents.to(vae.dtype), t, return_dict=False)[0]
     vae = pipe.vae  # Wan: undo the per-channel latent normalisation, then decode
     z = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents)

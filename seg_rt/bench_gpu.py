@@ -1,0 +1,227 @@
+"""GPU step check: ``python -m seg_rt.bench_gpu [--out gpu-step.json]`` on one CUDA GPU.
+
+Needs only torch (CUDA build) and diffusers: no TensorRT, no network, random weights. Under
+8 minutes on one H100-class GPU. Measures, for an SDXL-shaped UNet (SDXL's full config, random
+weights) in fp16 at 128x128 latents (1024x1024 images):
+
+- the step-cost ratios of ``seg-rt bench step`` (vanilla, CFG+SEG batched / shared prefix, CFG+PAG,
+  the cheap modes) against the CFG step, for SEG layers ``mid`` and ``up``;
+- the CFG+SEG step in torch eager, ``torch.compile`` (batched SEG: a traced forward keeps the mask
+  as data) and CUDA graphs (eager shared-prefix forward captured once: possible because the hot
+  path reads nothing back from the device);
+- UNet-only images/s at batch 1 and 4 (25 steps of CFG+SEG), and peak GPU memory of each.
+
+``--device cpu --tiny`` is a dry run of the same code on a tiny UNet (fp32, no compile, no graphs):
+what the tests run. Prints one JSON object; ``--out`` also writes it (atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .bench import STEP_MODES, bench_step_case, move_inputs, sdxl_shaped_unet, step_inputs
+from .sampler import build_batch
+
+STEPS = 25  # images/s are for this many steps of CFG+SEG
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m seg_rt.bench_gpu", description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with --tiny (dry run)")
+    p.add_argument("--tiny", action="store_true", help="a tiny SDXL-shaped UNet, fp32, 8x8 latents")
+    p.add_argument("--latent", type=int, default=128, help="latent height = width (default 128: 1024 px)")
+    p.add_argument("--pairs", type=int, default=10, help="alternating timing pairs per ratio")
+    p.add_argument(
+        "--skip-compile", action="store_true", help="leave out torch.compile (its warm-up is minutes)"
+    )
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.latent < 8 or args.latent % 8:
+        p.error(f"--latent must be a multiple of 8 and >= 8, got {args.latent}")
+    if args.pairs < 2:
+        p.error(f"--pairs must be >= 2, got {args.pairs}")
+    return args
+
+
+def check_device(device: str, tiny: bool) -> torch.device:
+    """The device to run on; a clear one-line error when it cannot be used."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "needs a CUDA GPU (torch.cuda.is_available() is False); for a CPU dry run use --device cpu --tiny"
+        )
+    if dev.type != "cuda" and not tiny:
+        raise RuntimeError(f"--device {device} is only for the dry run: add --tiny")
+    return dev
+
+
+def sdxl_unet(tiny: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """SDXL's UNet config with random weights (built directly on ``device``), or a tiny one."""
+    from diffusers import UNet2DConditionModel
+
+    if tiny:
+        return sdxl_shaped_unet(width_scale=10).to(device, dtype)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            cross_attention_dim=2048,
+        )
+    return unet.to(dtype).eval()
+
+
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device sync, so host timers measure the GPU work."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> object:
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return call
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 3)
+
+
+def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+def cuda_graph_step(den, inputs, device: torch.device) -> Callable[[], object] | None:
+    """Capture one eager (shared-prefix) SEG forward in a CUDA graph; replays it on static buffers."""
+    if device.type != "cuda":
+        return None
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up outside capture (blur matrices cached, kernels chosen)
+            den(inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        den(inputs)
+    return graph.replay
+
+
+def engine_rows(unet: nn.Module, latent: int, device: torch.device, dtype, reps: int, compile: bool) -> dict:
+    """CFG+SEG (mid) step: eager vs torch.compile vs CUDA graph; images/s at batch 1 and 4."""
+    out: dict = {}
+    for n in (1, 4):
+        out |= engine_batch(unet, latent, n, device, dtype, reps, compile)
+    if device.type != "cuda":
+        out["cuda_graph"] = "skipped: needs CUDA"
+    if not compile:
+        out["compile"] = "skipped"
+    return out
+
+
+def engine_batch(
+    unet: nn.Module, latent: int, n: int, device: torch.device, dtype, reps: int, compile: bool
+) -> dict:
+    """``engine_rows`` for ``n`` images: one CFG+SEG batch of 3n rows."""
+    from seg_rt.engines import TorchDenoiser
+
+    x, cond, uncond = move_inputs(step_inputs(unet, latent, n), device, dtype)
+    batch = build_batch(["uncond", "cond", "seg"], x, torch.tensor(500.0, device=device), cond, uncond)
+    out: dict = {}
+    with torch.no_grad(), TorchDenoiser(unet, sigma=math.inf, layers=["mid"]) as den:
+        variants = {"eager": synced(lambda: den(batch), device)}
+        graph = cuda_graph_step(den, batch, device)
+        if graph is not None:
+            variants["cuda_graph"] = synced(graph, device)
+        if compile:  # traced: the fork is skipped, the mask stays data (batched SEG)
+            compiled = torch.compile(den.model, dynamic=False)
+            call = synced(lambda: compiled(dict(batch)), device)
+            t0 = time.perf_counter()
+            call()
+            out[f"compile_warmup_s_batch{n}"] = round(time.perf_counter() - t0, 1)
+            variants["compile"] = call
+        for name, fn in variants.items():
+            ms = median_ms(fn, reps)
+            out[f"{name}_step_ms_batch{n}"] = ms
+            out[f"{name}_images_per_s_batch{n}"] = round(n / (STEPS * ms / 1000), 3)
+            out[f"{name}_peak_mib_batch{n}"] = peak_mib(fn, device)
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = check_device(args.device, args.tiny)
+    dtype = torch.float32 if args.tiny else torch.float16
+    latent = 8 if args.tiny else args.latent
+    t0 = time.perf_counter()
+    unet = sdxl_unet(args.tiny, device, dtype)
+    result: dict = {
+        "bench": "gpu-step",
+        "model": "tiny SDXL-shaped UNet (dry run)" if args.tiny else "SDXL UNet config, random weights",
+        "dtype": str(dtype).removeprefix("torch."),
+        "latent": f"{latent}x{latent}",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    ratios = []
+    for layers in ("mid", "up"):
+        modes = ("cfg_seg", "cfg_seg_shared") if args.tiny else STEP_MODES  # the dry run: a few calls
+        row = bench_step_case(unet, "SDXL", [layers], latent, args.pairs, device, dtype, modes)
+        ratios.append(
+            {k: v for k, v in row.items() if k.endswith(("_over_cfg", "_over_cfg_iqr", "ms", "layers"))}
+        )
+    result["ratios"] = ratios
+    compile = not (args.skip_compile or args.tiny)
+    reps = 1 if args.tiny else max(3, args.pairs)
+    result["engines"] = engine_rows(unet, latent, device, dtype, reps=reps, compile=compile)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except RuntimeError as exc:
+        print(f"seg_rt.bench_gpu: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(result)
+    print(text)
+    if args.out:
+        from .images import write_atomic
+
+        write_atomic(Path(args.out), (text + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Shared-prefix SEG and the sync-free hot path of the torch UNet denoiser.
+
+The perturbed rows repeat the cond rows' inputs, so up to the first SEG layer they compute the same
+numbers: ``SEGUNet(shared_prefix=True)`` runs that prefix once and forks the perturbed rows off the
+cond rows. It must equal the plain batched forward (bit for bit on this CPU path; bounded relative
+to the values' scale as the contract), and it must really skip the prefix rows.
+"""
+
+import pytest
+import torch
+
+import seg_rt
+from seg_rt.denoiser import SEGUNet
+from seg_rt.engines import TorchDenoiser
+from seg_rt.sampler import build_batch
+
+from .tolerance import assert_close
+
+
+def _branches(pipe, n=2, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    unet = pipe.unet
+    c = unet.config.cross_attention_dim
+
+    def one():
+        d = {"encoder_hidden_states": torch.randn(n, 7, c, generator=g)}
+        if unet.config.addition_embed_type == "text_time":
+            pooled = unet.add_embedding.linear_1.in_features - 6 * unet.config.addition_time_embed_dim
+            d["text_embeds"] = torch.randn(n, pooled, generator=g)
+            d["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * n)
+        return d
+
+    return torch.randn(n, 4, size, size, generator=g), one(), one()
+
+
+def _forward(pipe, layers, shared, batch):
+    model = SEGUNet(pipe.unet, sigma=2.0, layers=layers, shared_prefix=shared)
+    seen = []  # batch rows entering each top-level down block
+
+    def record(module, args, kwargs):
+        seen.append(kwargs["hidden_states"].shape[0])
+
+    hooks = [b.register_forward_pre_hook(record, with_kwargs=True) for b in pipe.unet.down_blocks]
+    fork = model.prefix.fork_block if model.prefix is not None else None
+    try:
+        with torch.no_grad():
+            return model(batch), seen, fork
+    finally:
+        for h in hooks:
+            h.remove()
+        model.remove()
+
+
+FORKS = [(("mid",), "mid_block"), (("up",), "up_blocks.0"), (("down.1",), "down_blocks.1")]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize(("layers", "fork"), FORKS)
+def test_shared_prefix_equals_batched(family, layers, fork, request):
+    pipe = request.getfixturevalue(family)
+    x, cond, uncond = _branches(pipe)
+    batch = build_batch(["uncond", "cond", "seg"], x, torch.tensor(500.0), cond, uncond)
+    plain, seen_plain, _ = _forward(pipe, layers, False, batch)
+    shared, seen_shared, fork_block = _forward(pipe, layers, True, batch)
+    assert fork_block == fork
+    assert seen_plain == [6] * len(seen_plain)
+    # the perturbed rows join at the fork block: the down blocks before it ran 4 rows, not 6
+    first = int(fork.split(".")[1]) if fork.startswith("down_blocks.") else len(seen_shared)
+    assert seen_shared == [4] * first + [6] * (len(seen_shared) - first)
+    assert_close(shared, plain, rel=1e-5, what="shared-prefix vs batched SEG")
+    assert torch.equal(shared, plain)  # the same kernels per row on this CPU path: bit-exact
+    # the SEG rows really differ from the cond rows (the fork happened before the blur)
+    assert (shared[4:] - shared[2:4]).abs().max() > 1e-4
+
+
+def test_shared_prefix_without_cfg_and_plain_dicts(sd15):
+    x, cond, _ = _branches(sd15)
+    batch = build_batch(["cond", "seg"], x, torch.tensor(10.0), cond, None)
+    plain, _, _ = _forward(sd15, ("mid",), False, batch)
+    shared, seen, _ = _forward(sd15, ("mid",), True, batch)
+    assert torch.equal(shared, plain) and seen[0] == 2
+    # a plain dict carries no host layout: the full batch runs (same numbers)
+    full, seen, _ = _forward(sd15, ("mid",), True, dict(batch))
+    assert torch.equal(full, plain) and seen[0] == 4
+
+
+def test_shared_prefix_controlnet():
+    from seg_rt.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sdxl-controlnet")
+    x, cond, uncond = _branches(pipe)
+    for d in (cond, uncond):
+        d["controlnet_cond"] = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+        d["conditioning_scale"] = torch.full((2,), 0.7)
+    batch = build_batch(["uncond", "cond", "seg"], x, torch.tensor(500.0), cond, uncond)
+    outs = {}
+    for shared in (False, True):
+        model = SEGUNet(pipe.unet, sigma=2.0, controlnet=pipe.controlnet, shared_prefix=shared)
+        with torch.no_grad():
+            outs[shared] = model(batch)
+        model.remove()
+    assert_close(outs[True], outs[False], rel=1e-5, what="shared-prefix vs batched SEG with ControlNet")
+
+
+def test_generate_default_engine_equals_unshared(sdxl):
+    kw = {"steps": 3, "height": 64, "width": 64, "seg_sigma": 2.0, "output_type": "latent", "seed": 4}
+    shared = seg_rt.generate(sdxl, "a cube", **kw)
+    with TorchDenoiser(sdxl.unet, sigma=2.0, shared_prefix=False) as den:
+        plain = seg_rt.generate(sdxl, "a cube", engine=den, **kw)
+    assert torch.equal(shared, plain)
+
+
+class SyncCounter:
+    """Counts calls that read a tensor's values back to the host (each one a device sync on GPU)."""
+
+    NAMES = ("tolist", "item", "nonzero", "__bool__", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(name, original))
+
+    def _wrap(self, name, original):
+        def counted(t, *args, **kwargs):
+            self.calls.append(name)
+            return original(t, *args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_seg_step_has_no_host_sync(family, request, monkeypatch):
+    """One batched SEG forward on the torch path reads nothing back from the device: the sampler's
+    batch carries the perturbed-row layout as host data."""
+    pipe = request.getfixturevalue(family)
+    x, cond, uncond = _branches(pipe)
+    batch = build_batch(["uncond", "cond", "seg"], x, torch.tensor(500.0), cond, uncond)
+    with TorchDenoiser(pipe.unet, sigma=2.0, layers=("mid", "up")) as den:
+        den(batch)  # warm-up: blur matrices cached
+        counter = SyncCounter(monkeypatch)
+        den(batch)
+        synced = list(counter.calls)
+        den(dict(batch))  # a plain dict: the mask must be read back (the test can fail)
+        monkeypatch.undo()
+    assert synced == []
+    assert "tolist" in counter.calls[len(synced) :]
