@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seg_rt.cluster.driver import completed, read_manifest, run_job
+from seg_rt.cluster.driver import completed, read_manifest, refresh_ray_auth, run_job
 from seg_rt.cluster.spec import expand_items, item_seed, load_job, parse_job
 from seg_rt.demo.model import weights_dir
 from seg_rt.params import GenerationParams, VideoParams
@@ -163,6 +163,7 @@ def test_prompt_files_and_jsonl_overrides(tmp_path):
 def local_ray():
     import ray
 
+    refresh_ray_auth()  # Ray caches auth settings per process: read this test's environment
     temp = short_temp_dir()
     ray.init(
         num_cpus=2, _temp_dir=temp, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False

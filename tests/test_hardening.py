@@ -320,9 +320,9 @@ def ray_auth_config_restored():
     monkeypatch restores the environment, make Ray re-read them again, or a later ray.init in this
     process speaks token auth with a token that no longer exists."""
     yield
-    from ray._raylet import Config
+    from seg_rt.cluster.driver import refresh_ray_auth
 
-    Config.initialize("")
+    refresh_ray_auth()
 
 
 def test_local_ray_uses_token_auth_and_private_temp_dir(ray_auth_config_restored, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from PIL import Image
 
 import seg_rt
 from seg_rt.cli import main
+from seg_rt.cluster.driver import refresh_ray_auth
 
 from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
 
@@ -64,6 +65,7 @@ def server(sdxl_dir, tmp_path_factory):
     onnx_dir = export_onnx(
         load_pipeline(sdxl_dir, "cpu"), tmp_path_factory.mktemp("e") / "onnx", height=64, width=96, sigma=2.0
     ).folder
+    refresh_ray_auth()  # Ray caches auth settings per process: read this test's environment
     temp, port = short_temp_dir(), free_port()
     ray.init(
         num_cpus=4, _temp_dir=temp, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False
@@ -233,7 +235,8 @@ def test_soak_short():
     from .soak_serve import soak
 
     summary = soak(seconds=20, clients=8)
-    assert summary["passed"], summary
+    shown = {k: summary.get(k) for k in ("status_counts", "5xx_or_dropped", "rss_bounded", "server_rss_mb")}
+    assert summary["passed"], f"{shown} failures: {summary.get('failures', [])[:5]}"
 
 
 def test_openai_client_through_ray_serve(server, sdxl_dir):
