@@ -136,7 +136,7 @@ class SEGUNet(nn.Module):
         layers: Sequence[str] = ("mid",),
         controlnet: nn.Module | None = None,
         perturbation: str = "blur",
-        shared_prefix: bool = True,
+        shared_prefix: bool = False,
     ) -> None:
         super().__init__()
         self.unet = unet
