@@ -513,7 +513,7 @@ def bench_step_case(
         names: build_batch(list(names), x, t, cond, uncond)
         for names in (("cond",), ("uncond", "cond"), ("uncond", "cond", "seg"), ("seg_uncond", "cond"))
     }
-    den = TorchDenoiser(unet, sigma=math.inf, layers=layers)
+    den = TorchDenoiser(unet, sigma=math.inf, layers=layers, shared_prefix=True)
     seg = den.model.seg
 
     def step(names: tuple[str, ...], shared: bool = True, perturbation: str = "blur") -> Callable[[], object]:

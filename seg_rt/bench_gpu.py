@@ -9,7 +9,13 @@ weights) in fp16 at 128x128 latents (1024x1024 images):
 - the CFG+SEG step in torch eager, ``torch.compile`` (batched SEG: a traced forward keeps the mask
   as data) and CUDA graphs (eager shared-prefix forward captured once: possible because the hot
   path reads nothing back from the device);
-- UNet-only images/s at batch 1 and 4 (25 steps of CFG+SEG), and peak GPU memory of each.
+- UNet-only images/s at batch 1 and 4 (25 steps of CFG+SEG), and peak GPU memory of each;
+- on CUDA, correctness checks: one SEG step (batched and shared prefix) under
+  ``torch.cuda.set_sync_debug_mode("error")`` (no host sync), shared prefix vs batched in fp16 and
+  fp32, and image 0 of a batch of 2 vs the same image alone (bit-equal or not, max difference).
+
+Each section is printed as one JSON line as soon as it is done (``{"section": ...}``), so a run cut
+short still reports what it measured; the last line is the whole result.
 
 ``--device cpu --tiny`` is a dry run of the same code on a tiny UNet (fp32, no compile, no graphs):
 what the tests run. Prints one JSON object; ``--out`` also writes it (atomically).
@@ -138,14 +144,61 @@ def cuda_graph_step(den, inputs, device: torch.device) -> Callable[[], object] |
 
 
 def engine_rows(unet: nn.Module, latent: int, device: torch.device, dtype, reps: int, compile: bool) -> dict:
-    """CFG+SEG (mid) step: eager vs torch.compile vs CUDA graph; images/s at batch 1 and 4."""
+    """CFG+SEG (mid) step: eager vs CUDA graph (or torch.compile alone with ``compile``); images/s
+    at batch 1 and 4."""
     out: dict = {}
     for n in (1, 4):
         out |= engine_batch(unet, latent, n, device, dtype, reps, compile)
-    if device.type != "cuda":
+    if device.type != "cuda" and not compile:
         out["cuda_graph"] = "skipped: needs CUDA"
-    if not compile:
-        out["compile"] = "skipped"
+    return out
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max(1, max|b|), in float64 (tests/tolerance.py's measure)."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+def gpu_checks(unet: nn.Module, latent: int, device: torch.device) -> dict:
+    """Sync-free SEG step, shared prefix vs batched (fp16 and fp32), batch of 2 vs solo."""
+    from seg_rt.engines import TorchDenoiser
+
+    if device.type != "cuda":
+        return {"skipped": "needs CUDA"}
+    out: dict = {}
+    t = torch.tensor(500.0, device=device)
+    for dtype in (torch.float16, torch.float32):
+        name = str(dtype).removeprefix("torch.")
+        unet.to(dtype)  # fp16 -> fp32 -> fp16 is lossless
+        x, cond, uncond = move_inputs(step_inputs(unet, latent, 2), device, dtype)
+        batch = build_batch(["uncond", "cond", "seg"], x, t, cond, uncond)
+        solo = build_batch(
+            ["uncond", "cond", "seg"],
+            x[:1],
+            t,
+            {k: v[:1] for k, v in cond.items()},
+            {k: v[:1] for k, v in uncond.items()},
+        )
+        with torch.no_grad(), TorchDenoiser(unet, sigma=10.0, layers=["mid"], shared_prefix=True) as den:
+            batched = den(dict(batch))  # a plain dict: no host layout, every row runs the whole UNet
+            shared = den(batch)
+            one = den(solo)
+            torch.cuda.synchronize(device)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                den(batch)
+                den(dict(batch))
+                out[f"sync_free_{name}"] = True
+            except RuntimeError as exc:
+                out[f"sync_free_{name}"] = f"no: {str(exc).splitlines()[0]}"
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        out[f"shared_vs_batched_rel_{name}"] = relative(shared, batched)
+        rows0 = shared[0::2]  # image 0's uncond, cond and perturbed rows
+        out[f"batch_vs_solo_bit_equal_{name}"] = bool(torch.equal(rows0, one))
+        out[f"batch_vs_solo_rel_{name}"] = relative(rows0, one)
+    unet.to(torch.float16)
     return out
 
 
@@ -158,9 +211,9 @@ def engine_batch(
     x, cond, uncond = move_inputs(step_inputs(unet, latent, n), device, dtype)
     batch = build_batch(["uncond", "cond", "seg"], x, torch.tensor(500.0, device=device), cond, uncond)
     out: dict = {}
-    with torch.no_grad(), TorchDenoiser(unet, sigma=math.inf, layers=["mid"]) as den:
+    with torch.no_grad(), TorchDenoiser(unet, sigma=math.inf, layers=["mid"], shared_prefix=True) as den:
         variants = {"eager": synced(lambda: den(batch), device)}
-        graph = cuda_graph_step(den, batch, device)
+        graph = None if compile else cuda_graph_step(den, batch, device)
         if graph is not None:
             variants["cuda_graph"] = synced(graph, device)
         if compile:  # traced: the fork is skipped, the mask stays data (batched SEG)
@@ -178,6 +231,11 @@ def engine_batch(
     return out
 
 
+def emit(section: str, data: object) -> None:
+    """One section's result as a JSON line, at once (a run cut short keeps what it measured)."""
+    print(json.dumps({"section": section, "data": data}), flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     device = check_device(args.device, args.tiny)
     dtype = torch.float32 if args.tiny else torch.float16
@@ -192,6 +250,10 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
+    emit("setup", result)
+    if not args.tiny:
+        result["checks"] = gpu_checks(unet, min(latent, 64), device)
+        emit("checks", result["checks"])
     ratios = []
     for layers in ("mid", "up"):
         modes = ("cfg_seg", "cfg_seg_shared") if args.tiny else STEP_MODES  # the dry run: a few calls
@@ -199,10 +261,17 @@ def run(args: argparse.Namespace) -> dict:
         ratios.append(
             {k: v for k, v in row.items() if k.endswith(("_over_cfg", "_over_cfg_iqr", "ms", "layers"))}
         )
+        emit(f"ratios_{layers}", ratios[-1])
     result["ratios"] = ratios
-    compile = not (args.skip_compile or args.tiny)
     reps = 1 if args.tiny else max(3, args.pairs)
-    result["engines"] = engine_rows(unet, latent, device, dtype, reps=reps, compile=compile)
+    result["engines"] = engine_rows(unet, latent, device, dtype, reps=reps, compile=False)
+    emit("engines", result["engines"])
+    if args.skip_compile or args.tiny:
+        result["engines"]["compile"] = "skipped"
+    else:  # last: its warm-up is minutes
+        compiled = engine_rows(unet, latent, device, dtype, reps=reps, compile=True)
+        emit("compile", compiled)  # its eager rows: the baseline measured next to the compiled ones
+        result["engines"] |= {k: v for k, v in compiled.items() if not k.startswith("eager")}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
