@@ -32,21 +32,30 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.config import SEGConfig, parse_sigma
 from seg_rt.errors import first_line
 from seg_rt.images import params_text, png_bytes
-from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, check_scheduler, check_seed, parse_engine_spec
+from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, parse_engine_spec
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, MetricsMiddleware
+from .spec import Scheduler, Seed
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +118,7 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     model_name: str | None = Field(None, description="name shown to clients; default: folder name or hub id")
-    engine: str = "torch"
+    engine: Annotated[str, AfterValidator(check_engine_spec)] = "torch"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[str] = Field(
@@ -128,18 +137,8 @@ class ServeConfig(BaseModel):
     max_queued_requests: int = Field(16, ge=0, description="beyond this, HTTP 503")
     default_height: int | None = Field(None, ge=1)
     default_width: int | None = Field(None, ge=1)
-    scheduler: str = DEFAULT_SCHEDULER
+    scheduler: Scheduler = DEFAULT_SCHEDULER
     limits: Limits = Limits()
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, v: str) -> str:
-        return check_scheduler(v)
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str) -> str:
-        return check_engine_spec(v)
 
     @field_validator("api_keys")
     @classmethod
@@ -227,7 +226,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = ""
     negative_prompt: str | None = None
-    seed: int = GenerationParams.seed
+    seed: Seed = GenerationParams.seed
     steps: int = GenerationParams.steps
     cfg: float = GenerationParams.cfg
     seg_scale: float = SEGConfig.scale
@@ -238,19 +237,9 @@ class GenerateRequest(BaseModel):
     guidance_rescale: float = GenerationParams.guidance_rescale
     height: int | None = None
     width: int | None = None
-    scheduler: str | None = None
+    scheduler: Scheduler | None = None
     num_images: int = Field(1, ge=1)
     response: Literal["png", "json"] = "png"
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int) -> int:
-        return check_seed(v)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler(cls, v: str | None) -> str | None:
-        return v if v is None else check_scheduler(v)
 
     @field_validator("steps", "cfg", "guidance_rescale", "height", "width")
     @classmethod

@@ -11,14 +11,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     ValidationError,
-    field_serializer,
     field_validator,
     model_validator,
 )
@@ -41,30 +43,37 @@ _REQUEST = GenerationParams()
 _VIDEO = VideoParams()
 
 
+def _engine_syntax(spec: str) -> str:
+    parse_engine_spec(spec)  # the folder is checked where the job runs: it may be on a worker node
+    return spec
+
+
+def _optional(rule):
+    return lambda v: v if v is None else rule(v)
+
+
+# Field types that call the one rule of their value (seg_rt.params / seg_rt.config), for every
+# pydantic model of the cluster (job spec, server config, HTTP request).
+Sigma = Annotated[
+    float,
+    BeforeValidator(lambda v: parse_sigma(v) if isinstance(v, str) else v),  # "inf" at JSON boundaries
+    PlainSerializer(sigma_to_json),
+]
+Layers = Annotated[tuple[str, ...], BeforeValidator(parse_layers)]
+Scheduler = Annotated[str, AfterValidator(check_scheduler)]
+Seed = Annotated[int, AfterValidator(check_seed)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SegSpec(_Strict):
     scale: float = _REQUEST.seg.scale
-    sigma: float = _REQUEST.seg.sigma
-    layers: tuple[str, ...] = _REQUEST.seg.layers
+    sigma: Sigma = _REQUEST.seg.sigma
+    layers: Layers = _REQUEST.seg.layers
     start: float = _REQUEST.seg.start
     end: float = _REQUEST.seg.end
-
-    @field_validator("sigma", mode="before")
-    @classmethod
-    def _sigma(cls, v: Any) -> float:
-        return parse_sigma(v) if isinstance(v, str) else v
-
-    @field_serializer("sigma")
-    def _sigma_json(self, v: float) -> float | str:
-        return sigma_to_json(v)
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _layers(cls, v: Any) -> tuple[str, ...]:
-        return parse_layers(v)
 
     @model_validator(mode="after")
     def _check(self) -> SegSpec:
@@ -86,22 +95,8 @@ class VideoSpec(_Strict):
     frames: int = _VIDEO.frames
     fps: int = _VIDEO.fps
     mode: Literal["spatial", "temporal", "spatiotemporal"] = _VIDEO.mode
-    sigma_time: float = _VIDEO.sigma_time
-    layers: tuple[str, ...] | None = _VIDEO.layers
-
-    @field_validator("sigma_time", mode="before")
-    @classmethod
-    def _sigma_time(cls, v: Any) -> float:
-        return parse_sigma(v) if isinstance(v, str) else v
-
-    @field_serializer("sigma_time")
-    def _sigma_time_json(self, v: float) -> float | str:
-        return sigma_to_json(v)
-
-    @field_validator("layers", mode="before")
-    @classmethod
-    def _layers(cls, v: Any) -> tuple[str, ...] | None:
-        return None if v is None else parse_layers(v)
+    sigma_time: Sigma = _VIDEO.sigma_time
+    layers: Annotated[tuple[str, ...] | None, BeforeValidator(_optional(parse_layers))] = _VIDEO.layers
 
     @model_validator(mode="after")
     def _check(self) -> VideoSpec:
@@ -145,61 +140,43 @@ def _cfg(v: Any) -> Any:
     return v if v is None else check_cfg(v)
 
 
-def _seed(v: Any) -> Any:
-    return v if v is None else check_seed(v)
-
-
 class Overrides(_Strict):
     """Per-item settings a JSONL prompts file may override."""
 
     prompt: str
     negative_prompt: str | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     cfg: float | None = None
     steps: int | None = Field(None, ge=1)
     seg: SegSpec | None = None
 
     _check_cfg = field_validator("cfg")(_cfg)
-    _check_seed = field_validator("seed")(_seed)
 
 
 class JobSpec(_Strict):
     model: str
-    engine: str = "torch"
+    engine: Annotated[str, AfterValidator(_engine_syntax)] = "torch"
     seg: SegSpec = SegSpec()
     cfg: float = _REQUEST.cfg
     steps: int = Field(_REQUEST.steps, ge=1)
     height: int | None = Field(_REQUEST.height, gt=0)
     width: int | None = Field(_REQUEST.width, gt=0)
-    scheduler: str = _REQUEST.scheduler
+    scheduler: Scheduler = _REQUEST.scheduler
     negative_prompt: str | None = _REQUEST.negative_prompt
     prompts: tuple[str, ...] | None = None
     prompts_file: str | None = None
     samples_per_prompt: int = Field(1, ge=1)
-    seed: int = _REQUEST.seed
+    seed: Seed = _REQUEST.seed
     batch_size: int = Field(1, ge=1, description="items per actor call (micro-batch)")
     batch_mode: Literal["item", "fused"] = "item"
     workers: int = Field(1, ge=1)
     resources_per_worker: Resources = Resources()
     max_attempts: int = Field(3, ge=1)
-    output: str
+    output: Annotated[str, AfterValidator(check_output_url)]
     contact_sheet: bool = False
     video: VideoSpec | None = None
 
     _check_cfg = field_validator("cfg")(_cfg)
-    _check_seed = field_validator("seed")(_seed)
-    _check_scheduler = field_validator("scheduler")(check_scheduler)
-
-    @field_validator("output")
-    @classmethod
-    def _output(cls, v: str) -> str:
-        return check_output_url(v)
-
-    @field_validator("engine")
-    @classmethod
-    def _engine(cls, v: str) -> str:
-        parse_engine_spec(v)
-        return v
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> JobSpec:

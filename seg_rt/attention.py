@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import Tensor, nn
 
 from .blur import blur_matrix, separable_blur
@@ -80,6 +81,15 @@ class Adapter:
     text_tokens: bool = False
     blur_projection: bool = False
     select: Callable[[nn.Module, Sequence[str]], list[str]] | None = None
+
+
+def model_family(model: nn.Module, families: dict[str, str], what: str) -> str:
+    """The family name of ``model`` by its diffusers class (``families``: class name -> family); a
+    clear error naming the supported classes otherwise."""
+    name = type(model).__name__
+    if name not in families:
+        raise ValueError(f"no {what} SEG support for {name}; supported: {', '.join(families)}")
+    return families[name]
 
 
 class SEGPatch:
@@ -188,21 +198,74 @@ def _grid_hook(procs: list):
     return hook
 
 
-class SEGAttnProcessor:
+class SEGProcessor:
+    """What every SEG processor shares: built as ``cls(patch, name, kind, original)`` by
+    ``SEGPatch.install``; holds its layer's name and kind and the token grid it last saw, and keeps the
+    replaced processor's attention backend and parallel config (the processors of diffusers' newer
+    models call ``dispatch_attention_fn`` with them), which ``attend`` passes on."""
+
+    def __init__(self, patch: SEGPatch, name: str, kind: str, original: object = None) -> None:
+        if not hasattr(F, "scaled_dot_product_attention"):
+            raise ImportError(f"{type(self).__name__} needs torch.nn.functional.scaled_dot_product_attention")
+        self.patch, self.name, self.kind = patch, name, kind
+        self.grid: tuple[int, int] | None = None  # (h, w) of the image tokens, set per call or by a hook
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        *,
+        parallel: bool = True,
+    ) -> Tensor:
+        """diffusers' ``dispatch_attention_fn`` on ``[B, N, h, d]`` with the replaced processor's
+        backend (and parallel config unless ``parallel`` is false) → ``[B, N, h·d]`` in the query's
+        dtype, as diffusers' processors do after it."""
+        out = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config if parallel else None,
+        )
+        return out.flatten(2, 3).to(query.dtype)
+
+
+def split_heads(attn: nn.Module, *tensors: Tensor) -> list[Tensor]:
+    """``[B, N, h·d]`` -> ``[B, h, N, d]`` for each tensor, as diffusers' processors split heads."""
+    return [t.view(t.shape[0], -1, attn.heads, t.shape[-1] // attn.heads).transpose(1, 2) for t in tensors]
+
+
+def attention_mask_heads(attn: nn.Module, mask: Tensor | None, sequence_length: int, batch_size: int):
+    """diffusers' mask preparation: ``None`` stays ``None``, else ``[B, h, N, S]``."""
+    if mask is None:
+        return None
+    mask = attn.prepare_attention_mask(mask, sequence_length, batch_size)
+    return mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+
+
+def norm_qk(attn: nn.Module, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """The layer's ``norm_q`` / ``norm_k`` where it has them."""
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key
+
+
+class SEGAttnProcessor(SEGProcessor):
     """diffusers' ``AttnProcessor2_0`` with the final query perturbed by ``patch.perturb``.
 
     The query is handed over where the adapter says the final query is formed: ``[B, N, C]`` right
     after ``to_q`` when ``blur_projection`` and the layer has no ``norm_q`` (blur and head split
     commute: the blur is per channel), else ``[B, h, N, d]`` after ``norm_q``, entering attention.
     """
-
-    def __init__(self, patch: SEGPatch, name: str, kind: str = "spatial", original: object = None) -> None:
-        if not hasattr(F, "scaled_dot_product_attention"):
-            raise ImportError("SEGAttnProcessor needs torch.nn.functional.scaled_dot_product_attention")
-        self.patch = patch
-        self.name = name
-        self.kind = kind
-        self.grid: tuple[int, int] | None = None  # (h, w), set by the owning block's pre-hook
 
     def __call__(
         self,
@@ -227,9 +290,7 @@ class SEGAttnProcessor:
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = attention_mask_heads(attn, attention_mask, sequence_length, batch_size)
 
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -247,14 +308,9 @@ class SEGAttnProcessor:
         early = self.patch.adapter.blur_projection and attn.norm_q is None
         if early:
             query = self.patch.perturb(self, query, token_dim=1)  # [B, N, C]
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, N, d]
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = split_heads(attn, query, key, value)  # [B, h, N, d]
 
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = norm_qk(attn, query, key)
         if not early:
             query = self.patch.perturb(self, query, token_dim=2)  # [B, h, N, d]
 

@@ -118,18 +118,14 @@ def request_from_args(args) -> GenerationParams:
         args.seg_placement,
     )
     return GenerationParams(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        steps=args.steps,
-        cfg=args.cfg,
-        seg=seg,
-        guidance_rescale=args.guidance_rescale,
-        height=args.height,
-        width=args.width,
-        scheduler=args.scheduler,
-        sequential=args.sequential,
+        **_shared_fields(args), seg=seg, guidance_rescale=args.guidance_rescale, sequential=args.sequential
     )
+
+
+def _shared_fields(args) -> dict:
+    """The ``GenerationParams`` fields that ``generate`` and ``video`` take from like-named flags."""
+    names = ("prompt", "negative_prompt", "seed", "steps", "cfg", "height", "width", "scheduler")
+    return {name: getattr(args, name) for name in names}
 
 
 def video_request_from_args(args) -> GenerationParams:
@@ -141,18 +137,8 @@ def video_request_from_args(args) -> GenerationParams:
         sigma_time=args.seg_sigma_time,
         layers=parse_layers(args.seg_layers) if args.seg_layers else None,
     )
-    return GenerationParams(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        steps=args.steps,
-        cfg=args.cfg,
-        seg=SEGConfig(scale=args.seg_scale, sigma=args.seg_sigma),
-        height=args.height,
-        width=args.width,
-        scheduler=args.scheduler,
-        video=video,
-    )
+    seg = SEGConfig(scale=args.seg_scale, sigma=args.seg_sigma)
+    return GenerationParams(**_shared_fields(args), seg=seg, video=video)
 
 
 def build_parser() -> argparse.ArgumentParser:

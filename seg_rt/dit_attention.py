@@ -31,12 +31,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from torch import Tensor, nn
 
-from .attention import Adapter, Grid, SEGPatch
+from .attention import Adapter, Grid, SEGPatch, SEGProcessor, model_family, norm_qk, split_heads
+from .layers import resolve
 
 # block kind -> (container of blocks, attention module inside a block)
 SD3_KINDS = {"joint": ("transformer_blocks", "attn"), "dual": ("transformer_blocks", "attn2")}
@@ -72,15 +72,9 @@ def perturb_image_tokens(patch: SEGPatch, proc, q: Tensor, token_dim: int) -> Te
     return torch.cat([q.narrow(token_dim, 0, text), image], dim=token_dim) if text else image
 
 
-class SEGJointAttnProcessor:
+class SEGJointAttnProcessor(SEGProcessor):
     """diffusers' ``JointAttnProcessor2_0`` (SD3 / SD3.5) with the image stream's final query
     (after ``norm_q``) perturbed; the context stream's query is left alone."""
-
-    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
-        if not hasattr(F, "scaled_dot_product_attention"):
-            raise ImportError("SEGJointAttnProcessor needs torch.nn.functional.scaled_dot_product_attention")
-        self.patch, self.name, self.kind = patch, name, kind
-        self.grid: tuple[int, int] | None = None  # (H, W), from the model's input hook
 
     def __call__(
         self,
@@ -100,23 +94,18 @@ class SEGJointAttnProcessor:
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, H·W, d]
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = split_heads(attn, query, key, value)  # [B, h, H·W, d]
 
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = norm_qk(attn, query, key)
         query = perturb_image_tokens(self.patch, self, query, token_dim=2)  # the image tokens' final query
 
         if encoder_hidden_states is not None:
             encoder_query = attn.add_q_proj(encoder_hidden_states)
             encoder_key = attn.add_k_proj(encoder_hidden_states)
             encoder_value = attn.add_v_proj(encoder_hidden_states)
-            encoder_query = encoder_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            encoder_key = encoder_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            encoder_value = encoder_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            encoder_query, encoder_key, encoder_value = split_heads(
+                attn, encoder_query, encoder_key, encoder_value
+            )
             if attn.norm_added_q is not None:
                 encoder_query = attn.norm_added_q(encoder_query)
             if attn.norm_added_k is not None:
@@ -163,20 +152,12 @@ def _flux_qkv(attn: nn.Module, hidden_states: Tensor, encoder_hidden_states: Ten
     return query, key, value, *context
 
 
-class SEGFluxAttnProcessor:
+class SEGFluxAttnProcessor(SEGProcessor):
     """diffusers' ``FluxAttnProcessor`` with the final query (after ``norm_q`` and RoPE) perturbed on
     the image tokens; text tokens (in front, in both block kinds) are left alone.
 
     Keeps the replaced processor's attention backend and parallel config (``dispatch_attention_fn``).
     """
-
-    def __init__(self, patch: SEGPatch, name: str, kind: str = "double", original: object = None) -> None:
-        if not hasattr(F, "scaled_dot_product_attention"):
-            raise ImportError("SEGFluxAttnProcessor needs torch.nn.functional.scaled_dot_product_attention")
-        self.patch, self.name, self.kind = patch, name, kind
-        self.grid: tuple[int, int] | None = None
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,
@@ -210,16 +191,7 @@ class SEGFluxAttnProcessor:
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         query = perturb_image_tokens(self.patch, self, query, token_dim=1)  # the final query
 
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = self.attend(query, key, value, attention_mask)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -233,17 +205,9 @@ class SEGFluxAttnProcessor:
         return hidden_states
 
 
-class SEGQwenDoubleStreamAttnProcessor:
+class SEGQwenDoubleStreamAttnProcessor(SEGProcessor):
     """diffusers' ``QwenDoubleStreamAttnProcessor2_0`` with the image stream's final query (after
     ``norm_q`` and RoPE) perturbed; the text stream is left alone."""
-
-    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
-        if not hasattr(F, "scaled_dot_product_attention"):
-            raise ImportError("SEGQwenDoubleStreamAttnProcessor needs scaled_dot_product_attention")
-        self.patch, self.name, self.kind = patch, name, kind
-        self.grid: tuple[int, int] | None = None
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,
@@ -300,18 +264,7 @@ class SEGQwenDoubleStreamAttnProcessor:
         joint_query = torch.cat([txt_query, img_query], dim=1)  # [B, L + H·W, h, d]
         joint_key = torch.cat([txt_key, img_key], dim=1)
         joint_value = torch.cat([txt_value, img_value], dim=1)
-        joint_hidden_states = dispatch_attention_fn(
-            joint_query,
-            joint_key,
-            joint_value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        joint_hidden_states = joint_hidden_states.flatten(2, 3)
-        joint_hidden_states = joint_hidden_states.to(joint_query.dtype)
+        joint_hidden_states = self.attend(joint_query, joint_key, joint_value, attention_mask)
 
         txt_attn_output = joint_hidden_states[:, :seq_txt, :]
         img_attn_output = joint_hidden_states[:, seq_txt:, :]
@@ -382,13 +335,13 @@ def describe_dit(found: dict[str, str]) -> str:
 def _selector(layers: Callable[[nn.Module], dict[str, str]], default_kind: str):
     def select(model: nn.Module, selectors: Sequence[str]) -> list[str]:
         found = layers(model)
-        chosen: set[str] = set()
-        for sel in selectors:
-            matched = _match(sel, found, default_kind)
-            if not matched:
-                raise ValueError(f"seg layer {sel!r} matches no attention layer; {describe_dit(found)}")
-            chosen.update(matched)
-        return [n for n in found if n in chosen]
+        return resolve(
+            selectors,
+            list(found),
+            lambda sel: _match(sel, found, default_kind),
+            "attention",
+            lambda: describe_dit(found),
+        )
 
     return select
 
@@ -455,7 +408,4 @@ MODEL_FAMILIES = {
 
 
 def adapter_of(model: nn.Module) -> Adapter:
-    name = type(model).__name__
-    if name not in MODEL_FAMILIES:
-        raise ValueError(f"no image-DiT SEG support for {name}; supported: {', '.join(MODEL_FAMILIES)}")
-    return ADAPTERS[MODEL_FAMILIES[name]]
+    return ADAPTERS[model_family(model, MODEL_FAMILIES, "image-DiT")]

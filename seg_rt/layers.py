@@ -14,7 +14,7 @@ cross-attention.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -50,11 +50,25 @@ def select_layers(model: nn.Module, selectors: Sequence[str]) -> list[str]:
     """
     names = list(self_attention_layers(model))
     groups = _groups(names)
+    return resolve(
+        selectors, names, lambda sel: _match(sel, names, groups), "self-attention", lambda: describe(names)
+    )
+
+
+def resolve(
+    selectors: Sequence[str],
+    names: Sequence[str],
+    match: Callable[[str], list[str]],
+    what: str,
+    available: Callable[[], str],
+) -> list[str]:
+    """The layers ``match`` finds for each selector, in ``names``' order, without duplicates; a
+    selector that matches nothing raises one line naming it and what is ``available``."""
     chosen: set[str] = set()
     for sel in selectors:
-        matched = _match(sel, names, groups)
+        matched = match(sel)
         if not matched:
-            raise ValueError(f"seg layer {sel!r} matches no self-attention layer; {describe(names)}")
+            raise ValueError(f"seg layer {sel!r} matches no {what} layer; {available()}")
         chosen.update(matched)
     return [n for n in names if n in chosen]
 

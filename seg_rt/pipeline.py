@@ -316,29 +316,20 @@ def generate(
     prompt: str = GenerationParams.prompt,
     *,
     negative_prompt: str | None = GenerationParams.negative_prompt,
-    steps: int = GenerationParams.steps,
-    cfg: float = GenerationParams.cfg,
-    seg_scale: float = SEGConfig.scale,
-    seg_sigma: float = SEGConfig.sigma,
-    seg_layers: Sequence[str] = SEGConfig.layers,
-    height: int | None = GenerationParams.height,
-    width: int | None = GenerationParams.width,
     seed: int | Sequence[int] = GenerationParams.seed,
     num_images: int = 1,
-    scheduler=None,
-    engine=None,
-    output_type: str = "pil",
-    **options,
+    **settings,
 ):
     """Generate images with SEG (and CFG when ``cfg > 1``).
 
     ``model`` is a folder, a hub id or a loaded diffusers pipeline. Image i uses seed ``seed + i``
     (or ``seed[i]`` when a list is given) and equals that seed run alone, bit for bit.
-    ``engine`` is a denoiser (``seg_rt.engines``) or a spec (``"torch"``, ``"torch-compile"``,
-    ``"onnx:DIR"``, ``"trt:DIR"``) used instead of the pipeline's torch UNet; text encoders and
-    VAE still come from ``model``. Returns PIL images (``"pil"``), a numpy array (``"np"``), a
-    tensor (``"pt"``) or the final latents (``"latent"``), like diffusers. ``options``: see
-    ``generate_batch`` (SEG window, CFG rescale, sequential branches, ControlNet image, ...).
+    ``settings`` are ``generate_batch``'s keywords, defined there once: ``steps``, ``cfg``,
+    ``seg_scale``, ``seg_sigma``, ``seg_layers``, ``height``, ``width``, ``scheduler``, ``engine``
+    (a denoiser of ``seg_rt.engines`` or a spec: ``"torch"``, ``"torch-compile"``, ``"onnx:DIR"``,
+    ``"trt:DIR"``, used instead of the pipeline's torch UNet; text encoders and VAE still come from
+    ``model``), ``output_type`` (``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``, like diffusers), the
+    SEG window and cheap modes, CFG rescale, sequential branches, a ControlNet image, ...
     Defaults are ``GenerationParams``'; ``run_params`` takes the requests themselves.
     """
     if isinstance(seed, Sequence):
@@ -350,23 +341,8 @@ def generate(
         seeds = [first + i for i in range(num_images)] if isinstance(first, int) else [first]
     if not seeds:
         raise ValueError("seed must be an integer or a non-empty list of integers, got []")
-    return generate_batch(
-        model,
-        [prompt] * len(seeds),
-        seeds,
-        negative_prompts=[negative_prompt] * len(seeds),
-        steps=steps,
-        cfg=cfg,
-        seg_scale=seg_scale,
-        seg_sigma=seg_sigma,
-        seg_layers=seg_layers,
-        height=height,
-        width=width,
-        scheduler=scheduler,
-        engine=engine,
-        output_type=output_type,
-        **options,
-    )
+    negatives = [negative_prompt] * len(seeds)
+    return generate_batch(model, [prompt] * len(seeds), seeds, negative_prompts=negatives, **settings)
 
 
 def generate_batch(
@@ -406,15 +382,7 @@ def generate_batch(
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
         raise ValueError(f"need one seed and negative prompt per prompt, got {n} prompts, {len(seeds)} seeds")
     name = scheduler if isinstance(scheduler, str) else GenerationParams.scheduler
-    seg = SEGConfig(
-        scale=seg_scale,
-        sigma=seg_sigma,
-        layers=seg_layers,
-        start=seg_start,
-        end=seg_end,
-        every=seg_every,
-        placement=seg_placement,
-    )
+    seg = SEGConfig(seg_scale, seg_sigma, seg_layers, seg_start, seg_end, seg_every, seg_placement)
     base = GenerationParams(
         steps=steps,
         cfg=cfg,

@@ -94,19 +94,16 @@ def _controlnet(unet, seed: int):
     return net
 
 
-def _vae(seed: int):
+def _vae(seed: int, **config):
+    """An 8x ``AutoencoderKL`` (4 levels: the latent factor of real SD models); ``config`` adds to it."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),  # 4 levels: the 8x latent factor of real SD models
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-    ).eval()
+        block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        sample_size=64, **config,
+    ).eval()  # fmt: skip
 
 
 def _scheduler():
@@ -121,6 +118,12 @@ def _scheduler():
         steps_offset=1,
         timestep_spacing="leading",
     )
+
+
+def _save(pipe, path: str | Path) -> Path:
+    path = Path(path)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
 
 
 def tiny_pipeline(family: str = "sdxl", seed: int = 0):
@@ -163,9 +166,7 @@ def tiny_pipeline(family: str = "sdxl", seed: int = 0):
 
 def save_tiny_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     """Build ``tiny_pipeline(family, seed)`` and save it (safetensors) to ``path``; loadable with ``--model``."""
-    path = Path(path)
-    tiny_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
-    return path
+    return _save(tiny_pipeline(family, seed), path)
 
 
 VIDEO_FAMILIES = ("animatediff", "cogvideox", "wan", "ltx")
@@ -194,16 +195,9 @@ def tiny_video_denoiser(family: str, seed: int = 0):
         ).eval()  # fmt: skip
     if family == "ltx":
         return diffusers.LTXVideoTransformer3DModel(
-            in_channels=4,
-            out_channels=4,
-            patch_size=1,
-            patch_size_t=1,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            cross_attention_dim=32,
-            num_layers=2,
-            caption_channels=_TEXT["hidden_size"],
-        ).eval()
+            in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+            attention_head_dim=16, cross_attention_dim=32, num_layers=2, caption_channels=_TEXT["hidden_size"],
+        ).eval()  # fmt: skip
     raise ValueError(f"unknown tiny video family {family!r}; choose from {', '.join(VIDEO_FAMILIES)}")
 
 
@@ -213,16 +207,11 @@ def _ltx_vae(seed: int):
 
     torch.manual_seed(seed)
     return diffusers.AutoencoderKLLTXVideo(
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        latent_channels=4, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
         spatio_temporal_scaling=(True, True, True, False),
-        decoder_spatio_temporal_scaling=(True, True, True, False),
-        patch_size=1,
-        patch_size_t=1,
-    ).eval()
+        decoder_spatio_temporal_scaling=(True, True, True, False), patch_size=1, patch_size_t=1,
+    ).eval()  # fmt: skip
 
 
 def _animatediff_parts(seed: int):
@@ -291,19 +280,13 @@ def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
         )  # fmt: skip
     if family == "ltx":
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-            use_dynamic_shifting=True,
-            base_shift=0.95,
-            max_shift=2.05,
-            base_image_seq_len=1024,
+            use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05, base_image_seq_len=1024,
             max_image_seq_len=4096,
-        )
+        )  # fmt: skip
         return diffusers.LTXPipeline(
-            scheduler=scheduler,
-            vae=_ltx_vae(seed),
-            text_encoder=_t5(False, len(tok), seed + 1),
-            tokenizer=tok,
+            scheduler=scheduler, vae=_ltx_vae(seed), text_encoder=_t5(False, len(tok), seed + 1), tokenizer=tok,
             transformer=tiny_video_denoiser("ltx", seed + 2),
-        )
+        )  # fmt: skip
     vae = diffusers.AutoencoderKLWan(
         base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
@@ -315,32 +298,18 @@ def tiny_video_pipeline(family: str = "animatediff", seed: int = 0):
 
 
 def save_tiny_video_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
-    path = Path(path)
-    tiny_video_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
-    return path
+    """Build ``tiny_video_pipeline(family, seed)`` and save it (safetensors) to ``path``; loadable with ``--model``."""
+    return _save(tiny_video_pipeline(family, seed), path)
 
 
 DIT_FAMILIES = ("sd3", "flux")
 
 
 def _flow_vae(seed: int, shift: float, scaling: float):
-    """An 8x ``AutoencoderKL`` with the SD3 / Flux latent normalisation (``shift_factor``)."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-        shift_factor=shift,
-        scaling_factor=scaling,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
+    """``_vae`` with the SD3 / Flux latent normalisation (``shift_factor``) and no quant convs."""
+    return _vae(
+        seed, shift_factor=shift, scaling_factor=scaling, use_quant_conv=False, use_post_quant_conv=False
+    )
 
 
 def tiny_dit(family: str, seed: int = 0):
@@ -353,45 +322,22 @@ def tiny_dit(family: str, seed: int = 0):
     torch.manual_seed(seed)
     if family == "sd3":
         return diffusers.SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            out_channels=4,
-            num_layers=4,
-            attention_head_dim=8,
-            num_attention_heads=4,
-            joint_attention_dim=2 * _TEXT["hidden_size"],
-            caption_projection_dim=32,
-            pooled_projection_dim=2 * _TEXT["projection_dim"],
-            pos_embed_max_size=32,
-            qk_norm="rms_norm",
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+            num_attention_heads=4, joint_attention_dim=2 * _TEXT["hidden_size"], caption_projection_dim=32,
+            pooled_projection_dim=2 * _TEXT["projection_dim"], pos_embed_max_size=32, qk_norm="rms_norm",
             dual_attention_layers=(1,),
-        ).eval()
+        ).eval()  # fmt: skip
     if family == "flux":
         return diffusers.FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=16,
-            out_channels=16,
-            num_layers=2,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=_TEXT["hidden_size"],
-            pooled_projection_dim=_TEXT["hidden_size"],
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
-        ).eval()
+            patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=_TEXT["hidden_size"],
+            pooled_projection_dim=_TEXT["hidden_size"], guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        ).eval()  # fmt: skip
     if family == "qwenimage":  # model only: no tiny Qwen-Image pipeline yet
         return diffusers.QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=16,
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=_TEXT["hidden_size"],
-            axes_dims_rope=(4, 6, 6),
-        ).eval()
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=_TEXT["hidden_size"], axes_dims_rope=(4, 6, 6),
+        ).eval()  # fmt: skip
     raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}, qwenimage")
 
 
@@ -405,37 +351,23 @@ def tiny_dit_pipeline(family: str = "sd3", seed: int = 0):
     t5_tok = tiny_t5_tokenizer()
     if family == "sd3":
         return diffusers.StableDiffusion3Pipeline(
-            transformer=tiny_dit("sd3", seed + 2),
-            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_flow_vae(seed, 0.0609, 1.5305),
-            text_encoder=_text_encoder(True, seed + 1),
-            tokenizer=tiny_tokenizer(),
-            text_encoder_2=_text_encoder(True, seed + 3),
-            tokenizer_2=tiny_tokenizer(),
+            transformer=tiny_dit("sd3", seed + 2), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_flow_vae(seed, 0.0609, 1.5305), text_encoder=_text_encoder(True, seed + 1),
+            tokenizer=tiny_tokenizer(), text_encoder_2=_text_encoder(True, seed + 3), tokenizer_2=tiny_tokenizer(),
             text_encoder_3=_t5(False, len(t5_tok), seed + 4, d_model=2 * _TEXT["hidden_size"]),
             tokenizer_3=t5_tok,
-        )
+        )  # fmt: skip
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
         max_image_seq_len=4096,
-    )
+    )  # fmt: skip
     return diffusers.FluxPipeline(
-        scheduler=scheduler,
-        vae=_flow_vae(seed, 0.1159, 0.3611),
-        text_encoder=_text_encoder(False, seed + 1),
-        tokenizer=tiny_tokenizer(),
-        text_encoder_2=_t5(False, len(t5_tok), seed + 4),
-        tokenizer_2=t5_tok,
+        scheduler=scheduler, vae=_flow_vae(seed, 0.1159, 0.3611), text_encoder=_text_encoder(False, seed + 1),
+        tokenizer=tiny_tokenizer(), text_encoder_2=_t5(False, len(t5_tok), seed + 4), tokenizer_2=t5_tok,
         transformer=tiny_dit("flux", seed + 2),
-    )
+    )  # fmt: skip
 
 
 def save_tiny_dit_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
-    """Build ``tiny_dit_pipeline(family, seed)`` and save it (safetensors); loadable with ``--model``."""
-    path = Path(path)
-    tiny_dit_pipeline(family, seed).save_pretrained(path, safe_serialization=True)
-    return path
+    """Build ``tiny_dit_pipeline(family, seed)`` and save it (safetensors) to ``path``; loadable with ``--model``."""
+    return _save(tiny_dit_pipeline(family, seed), path)

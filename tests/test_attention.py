@@ -48,20 +48,23 @@ def test_install_is_reversible(sdxl):
     assert not any(m._forward_pre_hooks for m in sdxl.unet.modules())
 
 
+def _two_rows_mid(sdxl, h: int, w: int):
+    """UNet inputs of one sample at latent ``h`` x ``w`` doubled into two rows; the mid block's
+    self-attention layer names, the UNet's modules and their current processors."""
+    x, t, kw = unet_inputs(sdxl, 1, h, w)
+    kw = {
+        "encoder_hidden_states": kw["encoder_hidden_states"].repeat(2, 1, 1),
+        "added_cond_kwargs": {k: v.repeat(2, 1) for k, v in kw["added_cond_kwargs"].items()},
+    }
+    mid = [n for n in self_attention_layers(sdxl.unet) if n.startswith("mid")]
+    modules = dict(sdxl.unet.named_modules())
+    return torch.cat([x, x]), t, kw, mid, modules, {n: modules[n].processor for n in mid}
+
+
 @pytest.mark.parametrize("sigma", [1.0, 2.0, 10.0, float("inf")])
 def test_perturbed_rows_match_reference_processor_square(sdxl, sigma):
     """Rows [cond, perturbed]: our mask-driven processor equals the reference chunk processor."""
-    x, t, kw = unet_inputs(sdxl, 1, 8, 8)
-    x, kw = (
-        torch.cat([x, x]),
-        {
-            "encoder_hidden_states": kw["encoder_hidden_states"].repeat(2, 1, 1),
-            "added_cond_kwargs": {k: v.repeat(2, 1) for k, v in kw["added_cond_kwargs"].items()},
-        },
-    )
-    mid = [n for n in self_attention_layers(sdxl.unet) if n.startswith("mid")]
-    modules = dict(sdxl.unet.named_modules())
-    saved = {n: modules[n].processor for n in mid}
+    x, t, kw, mid, modules, saved = _two_rows_mid(sdxl, 8, 8)
     with torch.no_grad():
         for n in mid:
             modules[n].processor = ReferenceSEGProcessor(sigma, chunks=2)
@@ -81,15 +84,7 @@ def test_perturbed_rows_match_reference_processor_square(sdxl, sigma):
 
 def test_non_square_grid_comes_from_input_shape(sdxl):
     """64x96 px -> latent 8x12 -> mid grid 4x6 (the reference's isqrt would crash)."""
-    x, t, kw = unet_inputs(sdxl, 1, 8, 12)
-    x = torch.cat([x, x])
-    kw = {
-        "encoder_hidden_states": kw["encoder_hidden_states"].repeat(2, 1, 1),
-        "added_cond_kwargs": {k: v.repeat(2, 1) for k, v in kw["added_cond_kwargs"].items()},
-    }
-    mid = [n for n in self_attention_layers(sdxl.unet) if n.startswith("mid")]
-    modules = dict(sdxl.unet.named_modules())
-    saved = {n: modules[n].processor for n in mid}
+    x, t, kw, mid, modules, saved = _two_rows_mid(sdxl, 8, 12)
     with torch.no_grad():
         for n in mid:
             modules[n].processor = ReferenceSEGProcessor(3.0, chunks=2, grid=(4, 6))

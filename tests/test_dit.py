@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers import transformer_flux, transformer_qwenimage
 
+from seg_rt import attention as seg_attention
 from seg_rt import dit, dit_attention
 from seg_rt.attention import SEGAttention
 from seg_rt.cli import main
@@ -128,13 +129,13 @@ def _spy(family, monkeypatch, seen):
 
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
         return
-    real = dit_attention.dispatch_attention_fn  # Flux, Qwen-Image: diffusers' dispatch, [B, N, h, d]
+    real = seg_attention.dispatch_attention_fn  # Flux, Qwen-Image: diffusers' dispatch, [B, N, h, d]
 
     def spy(q, *a, **k):
         seen.append(q.detach().transpose(1, 2).clone())  # -> [B, h, N, d]
         return real(q, *a, **k)
 
-    monkeypatch.setattr(dit_attention, "dispatch_attention_fn", spy)
+    monkeypatch.setattr(seg_attention, "dispatch_attention_fn", spy)  # SEGProcessor.attend
     monkeypatch.setattr(transformer_flux, "dispatch_attention_fn", spy)
     monkeypatch.setattr(transformer_qwenimage, "dispatch_attention_fn", spy)
 
@@ -357,12 +358,11 @@ def test_ltx_query_entering_attention_is_the_3d_einsum_blur(mode, monkeypatch):
     from diffusers.models.transformers import transformer_ltx
 
     from seg_rt.tiny import tiny_video_denoiser
-    from seg_rt.video import attention as video_attention
     from seg_rt.video.attention import VideoBlur, VideoSEG
 
     m = tiny_video_denoiser("ltx")
     kw = ltx_inputs(m)
-    real = video_attention.dispatch_attention_fn
+    real = seg_attention.dispatch_attention_fn
     seen: list[torch.Tensor] = []
 
     def spy(q, *a, **k):
@@ -370,7 +370,7 @@ def test_ltx_query_entering_attention_is_the_3d_einsum_blur(mode, monkeypatch):
         return real(q, *a, **k)
 
     blur = VideoBlur(mode, 1.0, 1.0)
-    for where in (video_attention, transformer_ltx):
+    for where in (seg_attention, transformer_ltx):
         monkeypatch.setattr(where, "dispatch_attention_fn", spy)
     run(m, kw)
     plain = list(seen)

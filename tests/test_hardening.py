@@ -350,19 +350,11 @@ def test_local_ray_uses_token_auth_and_private_temp_dir(ray_auth_config_restored
 
 
 def _ok_row(output: Path, item: str, data: bytes = b"png") -> dict:
-    import hashlib
+    from seg_rt.cluster.storage import LocalStore
 
-    from seg_rt.images import write_atomic
+    from .manifest_rows import ok_row
 
-    rel = f"images/{item}.png"
-    write_atomic(output / rel, data)
-    return {
-        "item": item,
-        "status": "ok",
-        "path": rel,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    return ok_row(LocalStore(output), item, data)
 
 
 def test_torn_manifest_line_does_not_swallow_the_next_row(tmp_path):

@@ -4,7 +4,6 @@ The driver speaks HTTP to it through s3fs/botocore exactly as to S3; credentials
 come from the environment (AWS_* variables), never from the job spec.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from seg_rt.cluster.driver import completed, read_manifest, run_job
 from seg_rt.cluster.spec import parse_job
 from seg_rt.cluster.storage import MANIFEST_PREFIX, FsspecStore, LocalStore, open_store
 
+from .manifest_rows import ok_row
 from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
 
 SECRET = "segrt-test-secret-" + "9f3c1a"  # must never appear in an object or a log line
@@ -55,18 +55,6 @@ def _objects(client, prefix: str) -> dict[str, bytes]:
     return {k[len(prefix) :]: client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
 
 
-def _ok_row(store, item: str, data: bytes) -> dict:
-    rel = f"images/{item}.png"
-    store.write_atomic(rel, data)
-    return {
-        "item": item,
-        "status": "ok",
-        "path": rel,
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
-
-
 # ---- spec ------------------------------------------------------------------------------------
 
 
@@ -99,7 +87,7 @@ def test_urls_go_to_fsspec_and_paths_stay_local(tmp_path):
 
 def test_object_store_manifest_is_one_object_per_row_and_verifies_bytes(s3, caplog):
     store = open_store(f"s3://{BUCKET}/unit/")
-    rows = [_ok_row(store, k, f"png {k}".encode()) for k in ("kept", "missing", "changed", "escape")]
+    rows = [ok_row(store, k, f"png {k}".encode()) for k in ("kept", "missing", "changed", "escape")]
     rows[3]["path"] = "../other/images/escape.png"
     manifest = store.open_manifest()
     for row in rows:

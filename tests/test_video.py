@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import seg_rt.video.attention as video_attention
+import seg_rt.attention as seg_attention
 from seg_rt.blur import blur_matrix
 from seg_rt.tiny import tiny_video_denoiser
 from seg_rt.video.attention import VideoBlur, VideoSEG, blur_rows
@@ -79,8 +79,8 @@ def test_dit_query_entering_attention_is_the_3d_blur(family, mode, monkeypatch):
         real = F.scaled_dot_product_attention
         where, name = torch.nn.functional, "scaled_dot_product_attention"
     else:  # the processor calls diffusers' dispatch_attention_fn
-        real = video_attention.dispatch_attention_fn
-        where, name = video_attention, "dispatch_attention_fn"
+        real = seg_attention.dispatch_attention_fn  # SEGProcessor.attend
+        where, name = seg_attention, "dispatch_attention_fn"
 
     def spy(q, *a, **k):
         seen.append(q.detach().clone())

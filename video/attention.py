@@ -26,12 +26,22 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rotary
 from torch import Tensor, nn
 
-from seg_rt.attention import Adapter, Grid, SEGAttnProcessor, SEGPatch, unet_owner
+from seg_rt.attention import (
+    Adapter,
+    Grid,
+    SEGAttnProcessor,
+    SEGPatch,
+    SEGProcessor,
+    attention_mask_heads,
+    model_family,
+    norm_qk,
+    split_heads,
+    unet_owner,
+)
 from seg_rt.blur import blur_matrix, separable_blur
 from seg_rt.config import SEGConfig, check_sigma
 from seg_rt.params import VIDEO_MODES, VideoParams
@@ -87,16 +97,9 @@ def blur_rows(
     return q
 
 
-class SEGCogVideoXAttnProcessor:
+class SEGCogVideoXAttnProcessor(SEGProcessor):
     """diffusers' ``CogVideoXAttnProcessor2_0`` with the final query (after ``norm_q`` and RoPE)
     perturbed on the video tokens; the text tokens in front are left alone."""
-
-    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
-        if not hasattr(F, "scaled_dot_product_attention"):
-            raise ImportError(
-                "SEGCogVideoXAttnProcessor needs torch.nn.functional.scaled_dot_product_attention"
-            )
-        self.patch, self.name, self.kind = patch, name, kind
 
     def __call__(
         self,
@@ -110,9 +113,7 @@ class SEGCogVideoXAttnProcessor:
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L + T, C]
         batch_size, sequence_length, _ = hidden_states.shape
 
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = attention_mask_heads(attn, attention_mask, sequence_length, batch_size)
 
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
@@ -120,14 +121,9 @@ class SEGCogVideoXAttnProcessor:
 
         inner_dim = key.shape[-1]
         head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # [B, h, L + T, d]
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        query, key, value = split_heads(attn, query, key, value)  # [B, h, L + T, d]
 
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key = norm_qk(attn, query, key)
 
         if image_rotary_emb is not None:
             query[:, :, text_seq_length:] = apply_rotary_emb(query[:, :, text_seq_length:], image_rotary_emb)
@@ -159,19 +155,12 @@ def _wan_rotary(hidden_states: Tensor, freqs_cos: Tensor, freqs_sin: Tensor) -> 
     return out.type_as(hidden_states)
 
 
-class SEGWanAttnProcessor:
+class SEGWanAttnProcessor(SEGProcessor):
     """diffusers' ``WanAttnProcessor`` with the final query (after ``norm_q`` and RoPE) perturbed.
 
     Keeps the replaced processor's attention backend and parallel config, which
     ``dispatch_attention_fn`` reads.
     """
-
-    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
-        if not hasattr(F, "scaled_dot_product_attention"):
-            raise ImportError("SEGWanAttnProcessor needs torch.nn.functional.scaled_dot_product_attention")
-        self.patch, self.name, self.kind = patch, name, kind
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,
@@ -209,31 +198,9 @@ class SEGWanAttnProcessor:
             key_img = attn.norm_added_k(key_img)
             key_img = key_img.unflatten(2, (attn.heads, -1))
             value_img = value_img.unflatten(2, (attn.heads, -1))
-            hidden_states_img = dispatch_attention_fn(
-                query,
-                key_img,
-                value_img,
-                attn_mask=None,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=None,
-            )
-            hidden_states_img = hidden_states_img.flatten(2, 3)
-            hidden_states_img = hidden_states_img.type_as(query)
+            hidden_states_img = self.attend(query, key_img, value_img, parallel=False)
 
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=(self._parallel_config if encoder_hidden_states is None else None),
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.type_as(query)
+        hidden_states = self.attend(query, key, value, attention_mask, parallel=encoder_hidden_states is None)
         if hidden_states_img is not None:
             hidden_states = hidden_states + hidden_states_img
         hidden_states = attn.to_out[0](hidden_states)
@@ -241,14 +208,9 @@ class SEGWanAttnProcessor:
         return hidden_states
 
 
-class SEGLTXAttnProcessor:
+class SEGLTXAttnProcessor(SEGProcessor):
     """diffusers' ``LTXVideoAttnProcessor`` with the final self-attention query (after ``norm_q`` and
     RoPE, head split) perturbed. Keeps the replaced processor's attention backend / parallel config."""
-
-    def __init__(self, patch: SEGPatch, name: str, kind: str = "joint", original: object = None) -> None:
-        self.patch, self.name, self.kind = patch, name, kind
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,
@@ -261,9 +223,7 @@ class SEGLTXAttnProcessor:
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        attention_mask = attention_mask_heads(attn, attention_mask, sequence_length, batch_size)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
 
@@ -280,18 +240,7 @@ class SEGLTXAttnProcessor:
         value = value.unflatten(2, (attn.heads, -1))
         query = self.patch.perturb(self, query, token_dim=1)  # the final query
 
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        hidden_states = hidden_states.flatten(2, 3)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = self.attend(query, key, value, attention_mask)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         return hidden_states
@@ -384,10 +333,7 @@ MODEL_FAMILIES = {
 
 
 def family_of_model(model: nn.Module) -> str:
-    name = type(model).__name__
-    if name not in MODEL_FAMILIES:
-        raise ValueError(f"no video SEG support for {name}; supported: {', '.join(MODEL_FAMILIES)}")
-    return MODEL_FAMILIES[name]
+    return model_family(model, MODEL_FAMILIES, "video")
 
 
 class VideoSEG(SEGPatch):
