@@ -15,13 +15,19 @@ pick other algorithms for another row count. ``seg_mask`` travels with its rows:
 block holds no perturbed row runs the plain attention (SEG, arXiv 2408.00760, eq. 10 needs only
 the perturbed *rows'* query blurred).
 
-Backends: gloo on CPU, NCCL on GPUs (``init_process_group``). Wiring into a Ray placement group,
-the CLI and serving is not done yet.
+Backends: gloo on CPU, NCCL on GPUs (``init_process_group``; ``check_backend`` says in one line
+what NCCL lacks). The ranks themselves (local processes or Ray actors in a placement group) are
+``seg_rt.cluster.branch``.
+
+Shared prefix (``TorchDenoiser(shared_prefix=True)``) is not used across ranks: each rank gets a plain
+block of rows, so the rank holding the perturbed rows computes their prefix itself. docs/design.md
+("Branch-parallel SEG") says why that costs no step time with 3 ranks and what 2 ranks could gain.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Mapping, Sequence
 
@@ -44,7 +50,36 @@ def row_split(rows: int, world: int) -> list[int]:
 
 def init_group(rank: int, world: int, address: str, backend: str = "gloo") -> None:
     """Join the process group at ``address`` (``tcp://host:port``), as ``torch.distributed`` does."""
+    check_backend(backend)
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=world)
+
+
+def check_backend(backend: str, ranks: int | None = None) -> None:
+    """NCCL needs CUDA GPUs (``ranks`` of them when given, local launcher) and a torch built with
+    NCCL; say which is missing in one line instead of failing inside ``init_process_group``."""
+    if backend == "gloo":
+        return
+    if backend != "nccl":
+        raise ValueError(f"torch.distributed backend must be gloo (CPU) or nccl (GPU), got {backend!r}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "branch parallel on cuda uses torch.distributed NCCL, which needs CUDA GPUs; none is visible "
+            "here (use device 'cpu' for gloo)"
+        )
+    if not dist.is_nccl_available():
+        raise RuntimeError("branch parallel on cuda needs a torch build with NCCL; this torch has none")
+    if ranks is not None and torch.cuda.device_count() < ranks:
+        raise RuntimeError(
+            f"branch parallel on cuda needs one GPU per rank: {ranks} ranks, "
+            f"{torch.cuda.device_count()} GPUs visible"
+        )
+
+
+def free_address(host: str = "127.0.0.1") -> str:
+    """``tcp://host:port`` with a port free now, for rank 0's rendezvous."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 class BranchParallelDenoiser(Denoiser):
