@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from seg_rt.engines.parallel import BranchParallelDenoiser, check_backend, free_address, init_group
+from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.params import BranchParallel
 
 logger = logging.getLogger(__name__)
@@ -236,7 +237,7 @@ class RayBranchGroup:
         ray = start_ray(spec.address)
         gpus = 1 if spec.device == "cuda" else 0
         if gpus and ray.cluster_resources().get("GPU", 0) < spec.ranks:
-            raise RuntimeError(
+            raise EnvironmentUnavailable(
                 f"branch parallel on cuda needs {spec.ranks} GPUs in the Ray cluster (NCCL, one per rank); "
                 f"it has {ray.cluster_resources().get('GPU', 0):g}"
             )
@@ -246,7 +247,7 @@ class RayBranchGroup:
         ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
         if not ready:
             self.close()
-            raise RuntimeError(
+            raise EnvironmentUnavailable(
                 f"the placement group of {spec.ranks} x {bundle} ({spec.strategy}) was not placed within "
                 f"{ready_timeout_s:g} s; cluster resources: {ray.cluster_resources()}"
             )

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seg_rt.engines import Denoiser
+from seg_rt.errors import EnvironmentUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,16 @@ def check_backend(backend: str, ranks: int | None = None) -> None:
     if backend != "nccl":
         raise ValueError(f"torch.distributed backend must be gloo (CPU) or nccl (GPU), got {backend!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError(
+        raise EnvironmentUnavailable(
             "branch parallel on cuda uses torch.distributed NCCL, which needs CUDA GPUs; none is visible "
             "here (use device 'cpu' for gloo)"
         )
     if not dist.is_nccl_available():
-        raise RuntimeError("branch parallel on cuda needs a torch build with NCCL; this torch has none")
+        raise EnvironmentUnavailable(
+            "branch parallel on cuda needs a torch build with NCCL; this torch has none"
+        )
     if ranks is not None and torch.cuda.device_count() < ranks:
-        raise RuntimeError(
+        raise EnvironmentUnavailable(
             f"branch parallel on cuda needs one GPU per rank: {ranks} ranks, "
             f"{torch.cuda.device_count()} GPUs visible"
         )

@@ -110,3 +110,70 @@ def test_nccl_without_gpus_fails_with_a_clear_message():
         check_backend("nccl", 2)
     with pytest.raises(RuntimeError, match="NCCL, which needs CUDA GPUs"):
         generate("unused", parallel=BranchParallel(ranks=2, device="cuda"), **RUN)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_nccl_without_gpus_is_one_line(tmp_path, capsys):
+    from seg_rt.cli import main
+
+    code = main(["generate", "--model", str(tmp_path), "--branch-parallel", "2", "--parallel-device", "cuda",
+                 "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("none is visible here (use device 'cpu' for gloo)")
+
+
+@pytest.mark.slow
+def test_cli_branch_parallel_writes_the_image_of_the_one_device_run(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from seg_rt.cli import main
+
+    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    flags = ["generate", "--model", model, "--steps", "2", "--height", "64", "--width", "64", "--seed", "3",
+             "--seg-sigma", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "one.png")]) == 0
+    assert main([*flags, "--out", str(tmp_path / "split.png"), "--branch-parallel", "3"]) == 0
+    one, split = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "split"))
+    assert np.abs(one - split).max() <= 1  # latents within 1e-5: at most one 8-bit rounding step apart
+    assert main([*flags, "--out", str(tmp_path / "x.png"), "--branch-parallel", "2", "--device", "cpu"]) == 2
+    assert "--device does not apply with --branch-parallel" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_ranks_in_a_strict_spread_placement_group_over_two_nodes(tmp_path, monkeypatch):
+    """Two Ray nodes on loopback (1 CPU each); STRICT_SPREAD puts one rank on each; the result
+    equals the one-device run and the ranks exchange over gloo between the nodes."""
+    import os
+
+    import ray
+
+    from seg_rt.cluster.branch import RayBranchGroup
+    from seg_rt.cluster.driver import refresh_ray_auth
+    from seg_rt.cluster.localcluster import FAST_NODE_DEATH, start_local_cluster
+
+    for key, value in {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segrt-test-" + os.urandom(8).hex(),
+                       **FAST_NODE_DEATH}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    one = _one_thread(generate, load_pipeline(model, "cpu"), **RUN)
+    cluster = None
+    try:
+        cluster = start_local_cluster(2)
+        spec = BranchParallel(ranks=2, launcher="ray", strategy="STRICT_SPREAD", address=cluster.address)
+        with RayBranchGroup(spec, model, threads=1) as group:
+            nodes = group.nodes()
+            split = group.run("images", _params(1), "latent")
+        with pytest.raises(
+            RuntimeError, match=r"placement group of 3 x \{'CPU': 1\} \(STRICT_SPREAD\) was not placed"
+        ):
+            RayBranchGroup(BranchParallel(ranks=3, launcher="ray", strategy="STRICT_SPREAD"), model,
+                           ready_timeout_s=3)  # fmt: skip
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
+        monkeypatch.undo()
+        refresh_ray_auth()
+    assert len(set(nodes)) == 2
+    assert max_rel_error(split, one) <= 1e-5
