@@ -220,6 +220,11 @@ class RayRank:
             self.rank.close()
 
 
+def rank_bundle(spec: BranchParallel) -> dict:
+    """The placement-group bundle of one rank: 1 CPU, plus 1 GPU for device ``cuda``."""
+    return {"CPU": 1, "GPU": 1} if spec.device == "cuda" else {"CPU": 1}
+
+
 class RayBranchGroup:
     """The ranks of ``spec`` as Ray actors in one placement group (one bundle per rank: 1 CPU, plus
     1 GPU for device ``cuda``). Connects to ``spec.address`` or the running Ray, else starts a
@@ -227,9 +232,9 @@ class RayBranchGroup:
 
     def __init__(
         self, spec: BranchParallel, model: str, engine: str = "torch", threads: int | None = None,
-        ready_timeout_s: float = READY_TIMEOUT_S,
+        ready_timeout_s: float = READY_TIMEOUT_S, placement_group=None, first_bundle: int = 0,
     ) -> None:  # fmt: skip
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group as new_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from .driver import start_ray
@@ -241,9 +246,15 @@ class RayBranchGroup:
                 f"branch parallel on cuda needs {spec.ranks} GPUs in the Ray cluster (NCCL, one per rank); "
                 f"it has {ray.cluster_resources().get('GPU', 0):g}"
             )
-        bundle = {"CPU": 1, "GPU": 1} if gpus else {"CPU": 1}
+        bundle = rank_bundle(spec)
         self._ray, self.actors = ray, []
-        self.pg = placement_group([bundle] * spec.ranks, strategy=spec.strategy, name="")
+        # a placement group given by the caller (a Serve replica's own: bundles first_bundle..) stays
+        self._owns_pg = placement_group is None
+        self.pg = (
+            new_placement_group([bundle] * spec.ranks, strategy=spec.strategy)
+            if self._owns_pg
+            else placement_group
+        )
         ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
         if not ready:
             self.close()
@@ -255,7 +266,9 @@ class RayBranchGroup:
         self.actors = [
             actor.options(
                 num_cpus=1, num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=first_bundle + r
+                ),
             ).remote()
             for r in range(spec.ranks)
         ]  # fmt: skip
@@ -298,9 +311,9 @@ class RayBranchGroup:
                 self._ray.get(a.close.remote(), timeout=10)
             self._ray.kill(a)
         self.actors = []
-        if self.pg is not None:
+        if self.pg is not None and self._owns_pg:
             remove_placement_group(self.pg)
-            self.pg = None
+        self.pg = None
 
     def __enter__(self) -> RayBranchGroup:
         return self
@@ -309,8 +322,11 @@ class RayBranchGroup:
         self.close()
 
 
-def open_group(spec: BranchParallel, model, engine: str | None = None, threads: int | None = None):
-    """The group ``spec`` asks for, loading ``model`` (a folder or hub id) on every rank."""
+def open_group(
+    spec: BranchParallel, model, engine: str | None = None, threads: int | None = None, **ray_options
+):
+    """The group ``spec`` asks for, loading ``model`` (a folder or hub id) on every rank.
+    ``ray_options``: ``RayBranchGroup``'s placement group options (launcher ``ray``)."""
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(
             "branch parallel loads the model in every rank: give the model as a folder or hub id, "
@@ -322,5 +338,7 @@ def open_group(spec: BranchParallel, model, engine: str | None = None, threads: 
             f"not a loaded {type(engine).__name__}"
         )
     if spec.launcher == "ray":
-        return RayBranchGroup(spec, str(model), engine or "torch", threads)
+        return RayBranchGroup(spec, str(model), engine or "torch", threads, **ray_options)
+    if ray_options:
+        raise ValueError(f"{', '.join(ray_options)} apply to launcher 'ray' only, not {spec.launcher!r}")
     return ProcessBranchGroup(spec, str(model), engine or "torch", threads)

@@ -307,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
     sv.add_argument("--ray-temp-dir", default=None, help="temp dir of the local Ray this starts")
+    sv.add_argument(
+        "--branch-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="latency mode: each run's steps split over N ranks per replica (branch-parallel SEG)",
+    )
+    sv.add_argument("--parallel-device", default=None, help="latency mode ranks: cpu (gloo) or cuda (NCCL)")
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
@@ -606,6 +614,8 @@ def cmd_serve(args) -> int:
         api_keys=keys or None,
         max_body_bytes=args.max_body_bytes,
         model_name=args.model_name,
+        branch_parallel=args.branch_parallel,
+        branch_parallel_device=args.parallel_device,
     )  # the whole config is valid before Ray starts
     from seg_rt.cluster.serve import serve_forever
 

@@ -177,3 +177,39 @@ def test_ray_ranks_in_a_strict_spread_placement_group_over_two_nodes(tmp_path, m
         refresh_ray_auth()
     assert len(set(nodes)) == 2
     assert max_rel_error(split, one) <= 1e-5
+
+
+@pytest.mark.slow
+def test_serving_latency_mode_answers_with_the_one_device_image(tmp_path):
+    """The Ray-free serving core with ``branch_parallel: 2``: the ranks sample, the replica only
+    checks requests; the image equals the one-device core's (within one 8-bit step)."""
+    import numpy as np
+
+    from seg_rt.cluster.serving import ServeConfig, ServingCore, make_request
+
+    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    req = make_request(prompt="a red cube", steps=2, height=64, width=64, seed=9, seg_sigma=2.0)
+    cores = [ServingCore.load(ServeConfig(model=model, branch_parallel=n)) for n in (1, 2)]
+    try:
+        assert cores[1].group is not None and cores[1].info()["branch_parallel"] == 2
+        images = [core.run_batch([core.check(req)])[0][0] for core in cores]
+        with pytest.raises(ValueError, match="height must be a positive multiple of"):
+            cores[1].check(make_request(prompt="x", height=61, width=64))  # checked by the replica
+    finally:
+        for core in cores:
+            core.close()
+    one, split = (np.asarray(im, dtype=int) for im in images)
+    assert np.abs(one - split).max() <= 1
+
+
+def test_serve_latency_mode_puts_the_ranks_in_the_replica_placement_group():
+    from seg_rt.cluster.serve import build_app
+    from seg_rt.demo.model import weights_dir
+
+    app = build_app({"model": str(weights_dir()), "branch_parallel": 3, "num_cpus_per_replica": 2})
+    deployment = app._bound_deployment
+    assert deployment.ray_actor_options["num_gpus"] == 0  # the ranks hold the devices
+    assert deployment._replica_config.placement_group_bundles == [{"CPU": 2.0}] + [{"CPU": 1}] * 3
+    assert deployment._replica_config.placement_group_strategy == "PACK"
+    with pytest.raises(ValueError, match="branch parallel device must be one of cpu, cuda, got 'tpu'"):
+        build_app({"model": str(weights_dir()), "branch_parallel": 2, "branch_parallel_device": "tpu"})
