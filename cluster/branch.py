@@ -25,6 +25,8 @@ from seg_rt.engines.parallel import BranchParallelDenoiser, check_backend, free_
 from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.params import BranchParallel
 
+from .storage import resolve_model
+
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0  # a placement group not placed by then: a clear error, not a hang
@@ -51,7 +53,7 @@ class BranchRank:
             torch.set_num_threads(threads)  # CPU results depend on the thread count: fixed per rank
         init_group(rank, world, address, "nccl" if device.startswith("cuda") else "gloo")
         self.rank, self.engine_spec = rank, engine
-        self.pipe = load_pipeline(model, device)
+        self.pipe = load_pipeline(resolve_model(model), device)  # a URL: fetched once per node
         self._engine: BranchParallelDenoiser | None = None
 
     def images(self, params, output_type: str = "pil", **options):

@@ -417,13 +417,15 @@ class ServingCore:
         # CPU results depend on the thread count: fix it from the replica's resources
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_replica)))
         parallel = cfg.parallel(launcher)
+        from .storage import resolve_model
+
         if parallel is not None:
             from .branch import open_group
 
             group = open_group(parallel, cfg.model, cfg.engine, **group_options)
-            return cls(cfg, load_pipeline(cfg.model, "cpu"), group=group)
+            return cls(cfg, load_pipeline(resolve_model(cfg.model), "cpu"), group=group)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = load_pipeline(cfg.model, device)
+        pipe = load_pipeline(resolve_model(cfg.model), device)  # a URL: fetched once per node
         engine = None
         if cfg.engine != "torch":
             from seg_rt.engines import load_engine

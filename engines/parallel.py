@@ -95,6 +95,7 @@ class BranchParallelDenoiser(Denoiser):
         self.inner, self.group = inner, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.comm_seconds: list[float] = []
+        self.block_shape: tuple[int, ...] | None = None  # the last exchanged block (rows padded), per rank
         self._trailing: dict[tuple, tuple[int, ...]] = {}
 
     @property
@@ -118,6 +119,7 @@ class BranchParallelDenoiser(Denoiser):
         buf = torch.zeros((max(sizes), *trailing), dtype=sample.dtype, device=sample.device)
         if out is not None:
             buf[: out.shape[0]] = out
+        self.block_shape = tuple(buf.shape)
         gathered = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(gathered, buf, group=self.group)
         result = torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)])  # [rows, *trailing]
@@ -181,8 +183,23 @@ def bench_rank(rank: int, world: int, address: str, model: str, out: str, steps:
             generate(pipe, "a red cube", steps=steps, engine=engine, **run)
             wall = time.perf_counter() - t0
             comm = list(engine.comm_seconds)
+            exchange_s, payload = _time_exchange(engine.block_shape, world)
         if rank == 0:
-            stats = {"step_ms": 1000 * wall / steps, "comm_ms_median": 1000 * statistics.median(comm)}
+            stats = {"step_ms": 1000 * wall / steps, "comm_ms_median": 1000 * statistics.median(comm),
+                     "exchange_ms": 1000 * exchange_s, "payload_bytes": payload}  # fmt: skip
             Path(out).write_text(json.dumps(stats))
     finally:
         dist.destroy_process_group()
+
+
+def _time_exchange(block: tuple[int, ...], world: int, reps: int = 20) -> tuple[float, int]:
+    """The exchange alone: seconds per ``all_gather`` of one step's prediction blocks, all ranks
+    released together by a barrier (no waiting for a slow rank), and the bytes gathered per rank."""
+    buf = torch.zeros(block)
+    gathered = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(gathered, buf)  # warm-up
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_gather(gathered, buf)
+    return (time.perf_counter() - t0) / reps, world * buf.numel() * buf.element_size()

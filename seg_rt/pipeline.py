@@ -538,10 +538,16 @@ def _run_parallel(parallel, model, params, engine, output_type, scheduler, devic
     ):
         if value is not None:
             raise ValueError(f"branch parallel takes no {name} argument: {why}")
+    with branch_group(parallel, model, engine) as group:
+        return group.run("images", params, output_type, **options)
+
+
+def branch_group(parallel: BranchParallel, model, engine: str | None = None):
+    """The ranks of branch-parallel SEG (``seg_rt.cluster.branch.open_group``: local processes or
+    Ray actors), each loading ``model`` (a folder, hub id or model URL) and ``engine`` (a spec)."""
     from seg_rt.cluster.branch import open_group  # the ranks are processes or Ray actors
 
-    with open_group(parallel, model, engine) as group:
-        return group.run("images", params, output_type, **options)
+    return open_group(parallel, model, engine)
 
 
 def _family_scheduler(pipe, family: str, scheduler, steps: int, height: int, width: int):

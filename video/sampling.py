@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from seg_rt.config import SEGConfig
 from seg_rt.denoiser import RowwiseLinear, swap_linears
 from seg_rt.params import BranchParallel, GenerationParams, VideoParams
-from seg_rt.pipeline import check_size, load_pipeline, make_scheduler, seed_generators
+from seg_rt.pipeline import branch_group, check_size, load_pipeline, make_scheduler, seed_generators
 from seg_rt.sampler import sample
 
 from .attention import VideoBlur, VideoSEG, family_of_model
@@ -210,9 +210,7 @@ def generate_video(
                 "branch parallel takes no device or scheduler object: the ranks use BranchParallel.device "
                 "and the request's scheduler name"
             )
-        from seg_rt.cluster.branch import open_group  # the ranks are processes or Ray actors
-
-        with open_group(parallel, model) as group:
+        with branch_group(parallel, model) as group:
             return group.run("video", params, output_type, num_videos=num_videos)
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = pipeline_family(pipe)
