@@ -89,7 +89,7 @@ class BranchRank:
         return out if self.rank == 0 else None
 
     def comm_seconds(self) -> list[float]:
-        """Exchange seconds of every image denoiser call so far (``seg-rt bench cluster``)."""
+        """Exchange seconds of every image denoiser call so far, one per step (with waiting)."""
         return list(self._engine.comm_seconds) if self._engine is not None else []
 
     def close(self) -> None:
