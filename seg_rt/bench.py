@@ -306,13 +306,12 @@ def bench_branch_parallel(steps: int = 8, size: int = 64, worlds: tuple[int, ...
     payload; and, in one process, the step time at 1, 2 and 3 rows (the compute split that the
     3-GPU projection in docs/benchmarks.md is derived from)."""
     import json
-    import socket
     import tempfile
 
     import torch
     import torch.multiprocessing as mp
 
-    from seg_rt.engines.parallel import bench_rank
+    from seg_rt.engines.parallel import bench_rank, free_address
 
     from .pipeline import generate, load_pipeline
     from .tiny import save_tiny_pipeline
@@ -335,13 +334,8 @@ def bench_branch_parallel(steps: int = 8, size: int = 64, worlds: tuple[int, ...
         finally:
             torch.set_num_threads(threads)
         for world in worlds:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             out = f"{tmp}/w{world}.json"
-            mp.spawn(
-                bench_rank, args=(world, f"tcp://127.0.0.1:{port}", model, out, steps, size), nprocs=world
-            )
+            mp.spawn(bench_rank, args=(world, free_address(), model, out, steps, size), nprocs=world)
             stats = json.loads(Path(out).read_text())
             row[f"step_ms_{world}_ranks"] = round(stats["step_ms"], 1)
             row[f"comm_ms_per_step_{world}_ranks"] = round(stats["comm_ms_median"], 2)
