@@ -8,6 +8,11 @@ and ``/openapi.json``. The replica loads the model once;
 into sampling runs, enforces limits, isolates failures and writes records. Each replica builds its
 own FastAPI app (``__serve_build_asgi_app__``), so deployments in one process share no app state.
 
+Latency mode (``branch_parallel: N`` in the config): each replica's placement group holds the
+replica (bundle 0) and N ranks (bundles 1..N; 1 CPU, plus 1 GPU for ``branch_parallel_device:
+cuda``), so Serve reserves and releases them with the replica; each run's steps are split over the
+ranks (``seg_rt.cluster.branch``).
+
 Run it with ``seg-rt serve [--model M]`` (no model: the bundled demo model) or
 ``serve run seg_rt.cluster.serve:build_app model=M``.
 """
@@ -33,7 +38,15 @@ class SEGService:
     """One replica: the model loaded once; batched sampling runs through the serving core."""
 
     def __init__(self, config: dict) -> None:
-        self.core = ServingCore.load(ServeConfig.model_validate(config))
+        cfg = ServeConfig.model_validate(config)
+        if cfg.branch_parallel > 1:  # latency mode: the ranks use bundles 1.. of this replica's group
+            from ray.util import get_current_placement_group
+
+            self.core = ServingCore.load(
+                cfg, "ray", placement_group=get_current_placement_group(), first_bundle=1
+            )
+        else:
+            self.core = ServingCore.load(cfg)
         self.generate_batched.set_max_batch_size(self.core.cfg.max_batch_size)
         self.generate_batched.set_batch_wait_timeout_s(self.core.cfg.batch_wait_timeout_s)
 
@@ -66,6 +79,15 @@ def build_app(args: dict):
         "max_ongoing_requests": cfg.max_ongoing_requests,
         "max_queued_requests": cfg.max_queued_requests,
     }
+    parallel = cfg.parallel("ray")
+    if parallel is not None:  # latency mode: one placement group per replica, the ranks after it
+        from .branch import rank_bundle
+
+        options["ray_actor_options"]["num_gpus"] = 0  # the ranks hold the GPUs
+        options["placement_group_bundles"] = [{"CPU": cfg.num_cpus_per_replica}] + [
+            rank_bundle(parallel)
+        ] * parallel.ranks
+        options["placement_group_strategy"] = parallel.strategy
     if cfg.num_replicas is not None:
         options["num_replicas"] = cfg.num_replicas
     else:

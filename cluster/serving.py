@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -51,7 +52,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from seg_rt.config import SEGConfig, parse_sigma
 from seg_rt.errors import first_line
 from seg_rt.images import params_text, png_bytes
-from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams, parse_engine_spec
+from seg_rt.params import (
+    DEFAULT_SCHEDULER,
+    BranchParallel,
+    GenerationParams,
+    parse_engine_spec,
+)
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics, MetricsMiddleware
@@ -139,6 +145,24 @@ class ServeConfig(BaseModel):
     default_width: int | None = Field(None, ge=1)
     scheduler: Scheduler = DEFAULT_SCHEDULER
     limits: Limits = Limits()
+    branch_parallel: int = Field(
+        1, ge=1, description="latency mode: each step's rows split over N ranks (branch-parallel SEG)"
+    )
+    branch_parallel_device: str = Field("cpu", description="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+
+    @field_validator("branch_parallel_device")
+    @classmethod
+    def _parallel_device(cls, v: str) -> str:
+        BranchParallel(device=v)  # the one check of the value
+        return v
+
+    def parallel(self, launcher: str) -> BranchParallel | None:
+        """The latency mode's ``BranchParallel`` (``None``: one device per run)."""
+        if self.branch_parallel == 1:
+            return None
+        return BranchParallel(
+            ranks=self.branch_parallel, launcher=launcher, device=self.branch_parallel_device
+        )
 
     @field_validator("api_keys")
     @classmethod
@@ -296,6 +320,11 @@ def run_group(pipe, params_list: Sequence[GenerationParams], engine=None) -> lis
     return run_params(pipe, params_list, engine=engine)
 
 
+def run_on_group(group, pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
+    """``run_group`` for latency mode: the branch-parallel ranks sample; rank 0's images come back."""
+    return group.run("images", list(params_list), "pil")
+
+
 def group_rows(requests: Sequence[Sequence[GenerationParams]], capacity: int) -> list[list[tuple[int, int]]]:
     """Sampling runs for one batch: rows ``(request, image)`` grouped by ``batch_key()`` (first-seen
     order), each group cut into chunks of at most ``capacity`` rows."""
@@ -344,11 +373,12 @@ def _failure(exc: Exception) -> Failure:
 class ServingCore:
     """One replica's state: the loaded model and engine, the limits, stats; no Ray, no HTTP."""
 
-    def __init__(self, cfg: ServeConfig, pipe, engine=None, run: Callable = run_group) -> None:
+    def __init__(self, cfg: ServeConfig, pipe, engine=None, run: Callable = run_group, group=None) -> None:
         self.cfg = cfg
         self.pipe = pipe
         self.engine = engine
-        self._run = run
+        self.group = group  # latency mode: the branch-parallel ranks that sample (closed with the core)
+        self._run = run if group is None else partial(run_on_group, group)
         self.factor = int(pipe.vae_scale_factor)
         self.default_side = int(pipe.unet.config.sample_size) * self.factor
         self.max_side = cfg.limits.max_side or 4 * self.default_side
@@ -363,16 +393,26 @@ class ServingCore:
         self._sampling = threading.Lock()
 
     @classmethod
-    def load(cls, cfg: ServeConfig) -> "ServingCore":
-        """Load the model (and engine) once, as a replica does."""
+    def load(cls, cfg: ServeConfig, launcher: str = "processes", **group_options) -> "ServingCore":
+        """Load the model (and engine) once, as a replica does. Latency mode (``branch_parallel`` > 1):
+        the ranks (``launcher``: processes or ray; ``group_options`` for ``open_group``) load and run
+        the model; the replica keeps a CPU copy only to check requests (sizes, SEG layers)."""
         import torch
 
         from seg_rt.pipeline import load_pipeline
 
         # CPU results depend on the thread count: fix it from the replica's resources
         torch.set_num_threads(max(1, int(cfg.num_cpus_per_replica)))
+        parallel = cfg.parallel(launcher)
+        from .storage import resolve_model
+
+        if parallel is not None:
+            from .branch import open_group
+
+            group = open_group(parallel, cfg.model, cfg.engine, **group_options)
+            return cls(cfg, load_pipeline(resolve_model(cfg.model), "cpu"), group=group)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = load_pipeline(cfg.model, device)
+        pipe = load_pipeline(resolve_model(cfg.model), device)  # a URL: fetched once per node
         engine = None
         if cfg.engine != "torch":
             from seg_rt.engines import load_engine
@@ -383,6 +423,8 @@ class ServingCore:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if self.group is not None:
+            self.group.close()
 
     # ---- per request, before batching -------------------------------------------------------
 
@@ -501,6 +543,7 @@ class ServingCore:
             "max_side": self.max_side,
             "limits": self.cfg.limits.model_dump(),
             "max_batch_size": self.cfg.max_batch_size,
+            "branch_parallel": self.cfg.branch_parallel,
             "defaults": GenerationParams(scheduler=self.cfg.scheduler).to_record(),  # request defaults
             "stats": stats,
         }

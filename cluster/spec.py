@@ -107,9 +107,10 @@ class VideoSpec(_Strict):
         return VideoParams(self.frames, self.fps, self.mode, self.sigma_time, self.layers)
 
 
-def check_output_url(output: str) -> str:
+def check_output_url(output: str, what: str = "output") -> str:
     """A local path, or an fsspec URL (``s3://bucket/prefix``) with no credentials in it: they come
-    from the backend's own environment / config chain, so none lands in a spec, manifest or log."""
+    from the backend's own environment / config chain, so none lands in a spec, manifest or log.
+    ``what`` names the field in the messages (``output``, ``model``)."""
     from urllib.parse import urlsplit
 
     from .storage import is_url
@@ -120,7 +121,7 @@ def check_output_url(output: str) -> str:
     if "@" in parts.netloc or parts.query:
         shown = f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}"
         raise ValueError(
-            f"output URL {shown!r} carries credentials or query options; give {parts.scheme}://bucket/prefix "
+            f"{what} URL {shown!r} carries credentials or query options; give {parts.scheme}://bucket/prefix "
             "and put credentials in the environment / config chain (e.g. AWS_* variables, ~/.aws)"
         )
     try:
@@ -129,11 +130,15 @@ def check_output_url(output: str) -> str:
         return output
     if parts.scheme not in fsspec.available_protocols():
         raise ValueError(
-            f"output URL scheme {parts.scheme!r} is not an fsspec protocol; give a local path or e.g. s3://bucket/prefix"
+            f"{what} URL scheme {parts.scheme!r} is not an fsspec protocol; give a local path or e.g. s3://bucket/prefix"
         )
     if not parts.netloc:
-        raise ValueError(f"output URL {output!r} names no bucket; give {parts.scheme}://bucket/prefix")
+        raise ValueError(f"{what} URL {output!r} names no bucket; give {parts.scheme}://bucket/prefix")
     return output
+
+
+def _model_url(model: str) -> str:
+    return check_output_url(model, "model")
 
 
 def _cfg(v: Any) -> Any:
@@ -154,7 +159,7 @@ class Overrides(_Strict):
 
 
 class JobSpec(_Strict):
-    model: str
+    model: Annotated[str, AfterValidator(_model_url)]  # a URL: fetched once per node (fetch_model)
     engine: Annotated[str, AfterValidator(_engine_syntax)] = "torch"
     seg: SegSpec = SegSpec()
     cfg: float = _REQUEST.cfg

@@ -26,6 +26,8 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
@@ -274,3 +276,88 @@ def open_store(output: str | Path, base: Path | None = None) -> LocalStore | Fss
     text = str(output)
     path = Path(text[len("file://") :] if text.lower().startswith("file://") else text)
     return LocalStore(path if path.is_absolute() or base is None else Path(base) / path)
+
+
+# ---- model folders on object storage -------------------------------------------------------------
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # torch.load / pickle formats
+MODEL_CACHE_ENV = "SEG_RT_MODEL_CACHE"
+
+
+def model_cache_dir() -> Path:
+    """Where fetched model folders live: ``$SEG_RT_MODEL_CACHE`` or ``~/.cache/seg-rt/models``."""
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "seg-rt" / "models")
+
+
+def fetch_model(url: str, cache_dir: str | Path | None = None) -> Path:
+    """A diffusers model folder at an fsspec URL (``s3://bucket/models/sdxl``) as a local folder,
+    fetched once per machine and reused by every worker on it.
+
+    The cache entry is named by the URL and the remote listing (each file's relative path, size and
+    ETag / modification time), so a changed object gives a new entry and an unchanged one is
+    reused without a download. A fetch goes into a temp folder beside the cache and is renamed into
+    place whole; concurrent workers race harmlessly (the loser drops its copy). Weights must be
+    safetensors: a folder holding pickle formats (``.bin``, ``.pt``, ``.ckpt``, ...) is refused
+    before any byte is fetched, and the pipeline loads with ``use_safetensors=True``."""
+    fsspec = require("fsspec", "model folders on object storage")
+    fs, root = fsspec.core.url_to_fs(url.rstrip("/"))
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)
+    listing = fs.find(root, detail=True)  # {path: info}
+    files = {p[len(root) + 1 :]: info for p, info in listing.items() if info.get("type") != "directory"}
+    if not files:
+        raise FileNotFoundError(f"model URL {url!r} holds no files")
+    pickled = sorted(rel for rel in files if rel.lower().endswith(PICKLE_SUFFIXES))
+    if pickled:
+        raise ValueError(
+            f"model URL {url!r} holds pickle-format files ({', '.join(pickled[:3])}); seg-rt loads "
+            "safetensors weights only: convert them (diffusers save_pretrained(safe_serialization=True))"
+        )
+    if not any(rel.endswith(".safetensors") for rel in files):
+        raise ValueError(f"model URL {url!r} holds no .safetensors weights")
+    for rel in files:
+        if _safe_rel(rel) is None:
+            raise ValueError(f"model URL {url!r} holds an unsafe object name {rel!r}")
+    key = _listing_key(url, files)
+    cache = Path(cache_dir) if cache_dir is not None else model_cache_dir()
+    target = cache / key
+    if target.is_dir():
+        logger.debug("model %s: cached at %s", url, target)
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    try:
+        for rel, info in files.items():
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{root}/{rel}", str(dest))
+            if info.get("size") is not None and dest.stat().st_size != info["size"]:
+                raise OSError(f"model URL {url!r}: {rel} changed while it was fetched; try again")
+        try:
+            os.rename(tmp, target)  # whole or not at all
+        except OSError:
+            if not target.is_dir():  # not another worker's finished copy: a real failure
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _fsync_dir(cache)
+            logger.info("model %s: fetched %d file(s) into %s", url, len(files), target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _listing_key(url: str, files: dict) -> str:
+    """The cache entry of a remote folder: sha256 over the URL and every (path, size, version)."""
+    h = hashlib.sha256(url.rstrip("/").encode())
+    for rel in sorted(files):
+        info = files[rel]
+        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
+        h.update(f"\n{rel}\t{info.get('size')}\t{version}".encode())
+    return h.hexdigest()[:32]
+
+
+def resolve_model(model: str, cache_dir: str | Path | None = None) -> str:
+    """``model`` as ``load_pipeline`` takes it: a URL fetched into the cache, anything else as is."""
+    return str(fetch_model(model, cache_dir)) if is_url(model) else model

@@ -18,6 +18,7 @@ from seg_rt.images import params_text, png_bytes
 from seg_rt.pipeline import check_size, load_pipeline, run_params
 
 from .spec import Item, JobSpec
+from .storage import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class SEGWorker:
             "cuda" if self.spec.resources_per_worker.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         )
         t0 = time.perf_counter()
-        self.pipe = load_pipeline(self.spec.model, device)
+        self.pipe = load_pipeline(resolve_model(self.spec.model), device)  # a URL: fetched once per node
         # a hub model's scale factor is known only now (a local folder's was checked with the spec)
         factor = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
         check_size(self.spec.height, self.spec.width, factor)

@@ -15,13 +15,19 @@ pick other algorithms for another row count. ``seg_mask`` travels with its rows:
 block holds no perturbed row runs the plain attention (SEG, arXiv 2408.00760, eq. 10 needs only
 the perturbed *rows'* query blurred).
 
-Backends: gloo on CPU, NCCL on GPUs (``init_process_group``). Wiring into a Ray placement group,
-the CLI and serving is not done yet.
+Backends: gloo on CPU, NCCL on GPUs (``init_process_group``; ``check_backend`` says in one line
+what NCCL lacks). The ranks themselves (local processes or Ray actors in a placement group) are
+``seg_rt.cluster.branch``.
+
+Shared prefix (``TorchDenoiser(shared_prefix=True)``) is not used across ranks: each rank gets a plain
+block of rows, so the rank holding the perturbed rows computes their prefix itself. docs/design.md
+("Branch-parallel SEG") says why that costs no step time with 3 ranks and what 2 ranks could gain.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Mapping, Sequence
 
@@ -30,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from seg_rt.engines import Denoiser
+from seg_rt.errors import EnvironmentUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +51,38 @@ def row_split(rows: int, world: int) -> list[int]:
 
 def init_group(rank: int, world: int, address: str, backend: str = "gloo") -> None:
     """Join the process group at ``address`` (``tcp://host:port``), as ``torch.distributed`` does."""
+    check_backend(backend)
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=world)
+
+
+def check_backend(backend: str, ranks: int | None = None) -> None:
+    """NCCL needs CUDA GPUs (``ranks`` of them when given, local launcher) and a torch built with
+    NCCL; say which is missing in one line instead of failing inside ``init_process_group``."""
+    if backend == "gloo":
+        return
+    if backend != "nccl":
+        raise ValueError(f"torch.distributed backend must be gloo (CPU) or nccl (GPU), got {backend!r}")
+    if not torch.cuda.is_available():
+        raise EnvironmentUnavailable(
+            "branch parallel on cuda uses torch.distributed NCCL, which needs CUDA GPUs; none is visible "
+            "here (use device 'cpu' for gloo)"
+        )
+    if not dist.is_nccl_available():
+        raise EnvironmentUnavailable(
+            "branch parallel on cuda needs a torch build with NCCL; this torch has none"
+        )
+    if ranks is not None and torch.cuda.device_count() < ranks:
+        raise EnvironmentUnavailable(
+            f"branch parallel on cuda needs one GPU per rank: {ranks} ranks, "
+            f"{torch.cuda.device_count()} GPUs visible"
+        )
+
+
+def free_address(host: str = "127.0.0.1") -> str:
+    """``tcp://host:port`` with a port free now, for rank 0's rendezvous."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
 
 
 class BranchParallelDenoiser(Denoiser):
@@ -57,6 +95,7 @@ class BranchParallelDenoiser(Denoiser):
         self.inner, self.group = inner, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.comm_seconds: list[float] = []
+        self.block_shape: tuple[int, ...] | None = None  # the last exchanged block (rows padded), per rank
         self._trailing: dict[tuple, tuple[int, ...]] = {}
 
     @property
@@ -80,6 +119,7 @@ class BranchParallelDenoiser(Denoiser):
         buf = torch.zeros((max(sizes), *trailing), dtype=sample.dtype, device=sample.device)
         if out is not None:
             buf[: out.shape[0]] = out
+        self.block_shape = tuple(buf.shape)
         gathered = [torch.empty_like(buf) for _ in range(self.world)]
         dist.all_gather(gathered, buf, group=self.group)
         result = torch.cat([g[:n] for g, n in zip(gathered, sizes, strict=True)])  # [rows, *trailing]
@@ -143,8 +183,23 @@ def bench_rank(rank: int, world: int, address: str, model: str, out: str, steps:
             generate(pipe, "a red cube", steps=steps, engine=engine, **run)
             wall = time.perf_counter() - t0
             comm = list(engine.comm_seconds)
+            exchange_s, payload = _time_exchange(engine.block_shape, world)
         if rank == 0:
-            stats = {"step_ms": 1000 * wall / steps, "comm_ms_median": 1000 * statistics.median(comm)}
+            stats = {"step_ms": 1000 * wall / steps, "comm_ms_median": 1000 * statistics.median(comm),
+                     "exchange_ms": 1000 * exchange_s, "payload_bytes": payload}  # fmt: skip
             Path(out).write_text(json.dumps(stats))
     finally:
         dist.destroy_process_group()
+
+
+def _time_exchange(block: tuple[int, ...], world: int, reps: int = 20) -> tuple[float, int]:
+    """The exchange alone: seconds per ``all_gather`` of one step's prediction blocks, all ranks
+    released together by a barrier (no waiting for a slow rank), and the bytes gathered per rank."""
+    buf = torch.zeros(block)
+    gathered = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(gathered, buf)  # warm-up
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_gather(gathered, buf)
+    return (time.perf_counter() - t0) / reps, world * buf.numel() * buf.element_size()

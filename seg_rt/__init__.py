@@ -8,7 +8,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .blur import QueryBlur, blur_matrix
 from .config import SEGConfig
 from .guidance import seg_guidance
-from .params import GenerationParams, VideoParams
+from .params import BranchParallel, GenerationParams, VideoParams
 from .pipeline import generate, generate_batch, run_params
 
 try:
@@ -17,6 +17,7 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0"
 
 __all__ = [
+    "BranchParallel",
     "GenerationParams",
     "QueryBlur",
     "SEGConfig",

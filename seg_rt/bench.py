@@ -300,33 +300,51 @@ def bench_multinode(items: int = 12, steps: int = 4) -> dict:
 
 
 def bench_branch_parallel(steps: int = 8, size: int = 64, worlds: tuple[int, ...] = (1, 2, 3)) -> dict:
-    """One image's step time with its rows split over 1, 2, 3 gloo processes (1 CPU thread each) and
-    the median all_gather time per step (which includes waiting for the slowest rank)."""
+    """Branch-parallel SEG on this machine: one image's step time with its rows split over 1, 2, 3
+    gloo processes (1 CPU thread each), the median all_gather time per step inside the run (which
+    includes waiting for the slowest rank), the exchange alone (all ranks released together) and its
+    payload; and, in one process, the step time at 1, 2 and 3 rows (the compute split that the
+    3-GPU projection in docs/benchmarks.md is derived from)."""
     import json
-    import socket
     import tempfile
 
+    import torch
     import torch.multiprocessing as mp
 
-    from seg_rt.engines.parallel import bench_rank
+    from seg_rt.engines.parallel import bench_rank, free_address
 
+    from .pipeline import generate, load_pipeline
     from .tiny import save_tiny_pipeline
 
     row: dict = {"bench": "branch-parallel", "model": f"tiny SD1.5 (random weights), {size}x{size}, SEG + CFG",
                  "steps": steps, "threads_per_rank": 1}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         model = str(save_tiny_pipeline("sd15", f"{tmp}/model"))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:  # one device, 1 thread: rows per step 3 (CFG + SEG), 2 (SEG, no CFG), 1 (neither)
+            pipe = load_pipeline(model, "cpu")
+            for rows, cfg, scale in ((3, 4.0, 3.0), (2, 1.0, 3.0), (1, 1.0, 0.0)):
+                run = {"cfg": cfg, "seg_scale": scale, "seg_sigma": 2.0, "height": size, "width": size,
+                       "output_type": "latent"}  # fmt: skip
+                generate(pipe, "warm up", steps=1, **run)
+                t0 = time.perf_counter()
+                generate(pipe, "a red cube", steps=steps, **run)
+                row[f"one_device_step_ms_{rows}_rows"] = round(1000 * (time.perf_counter() - t0) / steps, 1)
+        finally:
+            torch.set_num_threads(threads)
         for world in worlds:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
             out = f"{tmp}/w{world}.json"
-            mp.spawn(
-                bench_rank, args=(world, f"tcp://127.0.0.1:{port}", model, out, steps, size), nprocs=world
-            )
+            mp.spawn(bench_rank, args=(world, free_address(), model, out, steps, size), nprocs=world)
             stats = json.loads(Path(out).read_text())
             row[f"step_ms_{world}_ranks"] = round(stats["step_ms"], 1)
             row[f"comm_ms_per_step_{world}_ranks"] = round(stats["comm_ms_median"], 2)
+            row[f"exchange_ms_{world}_ranks"] = round(stats["exchange_ms"], 3)
+            row[f"exchange_kb_{world}_ranks"] = round(stats["payload_bytes"] / 1024, 1)
+        for world in worlds:
+            row[f"step_vs_one_device_{world}_ranks"] = round(
+                row[f"step_ms_{world}_ranks"] / row["one_device_step_ms_3_rows"], 3
+            )
     return row
 
 
@@ -622,7 +640,8 @@ def describe(row: dict) -> str:
     if row["bench"] == "branch-parallel":
         worlds = sorted(int(k.split("_")[2]) for k in row if k.startswith("step_ms_"))
         return ", ".join(
-            f"{w} rank(s): {row[f'step_ms_{w}_ranks']} ms/step, exchange {row[f'comm_ms_per_step_{w}_ranks']} ms"
+            f"{w} rank(s): {row[f'step_ms_{w}_ranks']} ms/step ({row[f'step_vs_one_device_{w}_ranks']}x one device), "
+            f"exchange {row[f'exchange_ms_{w}_ranks']} ms ({row[f'comm_ms_per_step_{w}_ranks']} ms with waiting)"
             for w in worlds
         )
     if row["bench"] == "engines":

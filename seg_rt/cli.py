@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import SEGConfig, check_sigma, parse_layers, parse_sigma, sigma_label, sigma_to_json
 from .errors import SegRtError
-from .params import SCHEDULERS, GenerationParams, VideoParams, parse_engine_spec
+from .params import SCHEDULERS, BranchParallel, GenerationParams, VideoParams, parse_engine_spec
 
 logger = logging.getLogger("seg_rt")
 
@@ -82,6 +82,35 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads (results depend on it; match a server / job worker)",
     )
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Branch-parallel SEG flags (``seg_rt.params.BranchParallel``; its defaults)."""
+    b = p.add_argument_group("branch-parallel SEG (one image's latency over several processes / GPUs)")
+    b.add_argument(
+        "--branch-parallel", type=int, default=1, metavar="N", help="split each step's rows over N ranks"
+    )
+    b.add_argument("--parallel-launcher", default=BranchParallel.launcher, help="processes (default) or ray")
+    b.add_argument(
+        "--parallel-device", default=BranchParallel.device, help="cpu (gloo, default) or cuda (NCCL)"
+    )
+    b.add_argument("--placement", default=BranchParallel.strategy, help="Ray placement strategy (PACK)")
+    b.add_argument("--ray-address", default=None, help="Ray address (default: start a local Ray)")
+
+
+def parallel_from_args(args) -> BranchParallel | None:
+    """The ``BranchParallel`` of ``--branch-parallel N`` (N > 1), validated before any model loads."""
+    if args.branch_parallel < 1:
+        raise ValueError(f"--branch-parallel must be >= 1, got {args.branch_parallel}")
+    spec = BranchParallel(
+        ranks=args.branch_parallel, launcher=args.parallel_launcher, device=args.parallel_device,
+        strategy=args.placement, address=args.ray_address,
+    )  # fmt: skip
+    if spec.ranks == 1:
+        return None
+    if args.device is not None:
+        raise ValueError("--device does not apply with --branch-parallel: give --parallel-device cpu or cuda")
+    return spec
 
 
 def _add_request_args(p: argparse.ArgumentParser) -> None:
@@ -158,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print a JSON summary")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--engine", default="torch", help="torch (default), torch-compile, onnx:DIR, trt:DIR")
+    _add_parallel_args(g)
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser(
@@ -180,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--compare", action="store_true", help="one side-by-side video: no SEG | each SEG mode")
     v.add_argument("--out", default="seg.mp4")
     v.add_argument("--no-progress", action="store_true")
+    _add_parallel_args(v)
     v.set_defaults(func=cmd_video)
 
     e = sub.add_parser("export", help="export the SEG denoiser: ONNX, then TensorRT")
@@ -262,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
     sv.add_argument("--ray-temp-dir", default=None, help="temp dir of the local Ray this starts")
+    sv.add_argument(
+        "--branch-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="latency mode: each run's steps split over N ranks per replica (branch-parallel SEG)",
+    )
+    sv.add_argument("--parallel-device", default=None, help="latency mode ranks: cpu (gloo) or cuda (NCCL)")
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks (JSON output)")
@@ -324,6 +363,7 @@ def _generate(args, resources: contextlib.ExitStack) -> int:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     out = check_png_path(args.out)
     engine_kind, _ = parse_engine_spec(args.engine)
+    parallel = parallel_from_args(args)
     columns = compare_columns(request, _compare_sigmas(args.compare_sigmas)) if args.compare else None
     requests = [request.replace(seed=request.seed + i) for i in range(args.num_images)]
     if args.threads is not None and args.threads < 1:
@@ -336,13 +376,17 @@ def _generate(args, resources: contextlib.ExitStack) -> int:
 
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    pipe = load_pipeline(model, args.device)
-    engine = None
-    if engine_kind != "torch":
-        from seg_rt.engines import load_engine
+    if parallel is not None:  # every rank loads the model and engine itself
+        pipe, engine = model, args.engine
+    else:
+        pipe = load_pipeline(model, args.device)
+        engine = None
+        if engine_kind != "torch":
+            from seg_rt.engines import load_engine
 
-        engine = resources.enter_context(load_engine(args.engine, pipe, pipe._execution_device))
+            engine = resources.enter_context(load_engine(args.engine, pipe, pipe._execution_device))
     common = {
+        "parallel": parallel,
         "engine": engine,
         "control_image": control,
         "controlnet_scale": args.controlnet_scale,
@@ -445,10 +489,13 @@ def cmd_video(args) -> int:
                 )
             except ValueError as exc:  # e.g. temporal with sigma time 0
                 raise ValueError(f"--compare, mode {mode}: {exc}") from None
+    parallel = parallel_from_args(args)
     _check_local_size(args.model, request)
     t0 = time.perf_counter()
-    pipe = load_pipeline(args.model, args.device)
-    videos = [generate_video(pipe, params=r, progress=not args.no_progress)[0] for _, r in runs]
+    pipe = args.model if parallel is not None else load_pipeline(args.model, args.device)
+    videos = [
+        generate_video(pipe, params=r, progress=not args.no_progress, parallel=parallel)[0] for _, r in runs
+    ]
     frames = side_by_side(videos, [label for label, _ in runs]) if args.compare else videos[0]
     write_video(frames, out, fps=request.video.fps)
     print(json.dumps({"out": str(out), "frames": len(frames), "seconds": round(time.perf_counter() - t0, 2)}))
@@ -553,6 +600,8 @@ def cmd_serve(args) -> int:
         api_keys=keys or None,
         max_body_bytes=args.max_body_bytes,
         model_name=args.model_name,
+        branch_parallel=args.branch_parallel,
+        branch_parallel_device=args.parallel_device,
     )  # the whole config is valid before Ray starts
     from seg_rt.cluster.serve import serve_forever
 

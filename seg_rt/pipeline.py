@@ -22,7 +22,14 @@ from torch import Tensor
 from .config import SEGConfig
 from .errors import ModelLoadError, first_line
 from .families import family_of, pipeline_class
-from .params import DEFAULT_SCHEDULER, SCHEDULERS, GenerationParams, check_scheduler, parse_engine_spec
+from .params import (
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    BranchParallel,
+    GenerationParams,
+    check_scheduler,
+    parse_engine_spec,
+)
 from .sampler import StepCallback, sample
 
 logger = logging.getLogger(__name__)
@@ -329,7 +336,8 @@ def generate(
     (a denoiser of ``seg_rt.engines`` or a spec: ``"torch"``, ``"torch-compile"``, ``"onnx:DIR"``,
     ``"trt:DIR"``, used instead of the pipeline's torch UNet; text encoders and VAE still come from
     ``model``), ``output_type`` (``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``, like diffusers), the
-    SEG window and cheap modes, CFG rescale, sequential branches, a ControlNet image, ...
+    SEG window and cheap modes, CFG rescale, sequential branches, a ControlNet image, ``parallel``
+    (branch-parallel SEG over 2 or 3 ranks), ...
     Defaults are ``GenerationParams``'; ``run_params`` takes the requests themselves.
     """
     if isinstance(seed, Sequence):
@@ -372,11 +380,14 @@ def generate_batch(
     device: str | torch.device | None = None,
     progress: bool = False,
     callback: StepCallback | None = None,
+    parallel: BranchParallel | int | None = None,
 ):
     """One sampling run for images with their own prompt, negative prompt and seed, sharing every
     other setting (one denoiser call per step for all of them). Image i equals
     ``generate(model, prompts[i], negative_prompt=negative_prompts[i], seed=seeds[i], ...)``.
-    ``scheduler``: a name (``seg_rt.params.SCHEDULERS``; ``None`` = Euler) or a diffusers scheduler."""
+    ``scheduler``: a name (``seg_rt.params.SCHEDULERS``; ``None`` = Euler) or a diffusers scheduler.
+    ``parallel``: branch-parallel SEG (``BranchParallel``, or a number of local CPU processes): each
+    step's rows split over that many ranks, for one image's latency (see ``run_params``)."""
     n = len(prompts)
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [None] * n
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
@@ -408,6 +419,7 @@ def generate_batch(
         device=device,
         progress=progress,
         callback=callback,
+        parallel=parallel,
     )
 
 
@@ -423,16 +435,28 @@ def run_params(
     device: str | torch.device | None = None,
     progress: bool = False,
     callback: StepCallback | None = None,
+    parallel: BranchParallel | int | None = None,
 ):
     """One sampling run for image requests that share ``batch_key()`` (all but prompt, negative prompt
     and seed): the entry point of the CLI, job workers and the server. Image i equals ``params[i]``
     run alone. ``model``, ``engine``, ``output_type``, ``device``, ``progress`` and ``callback`` as in
     ``generate_batch``; ``scheduler``, a diffusers scheduler instance, overrides ``params[i].scheduler``
-    (Python API only: records name the scheduler by ``params``)."""
+    (Python API only: records name the scheduler by ``params``).
+
+    ``parallel`` (``BranchParallel``; an int n: n local CPU processes): branch-parallel SEG. The run
+    goes to a group of ranks (``seg_rt.cluster.branch``) that each load ``model`` (a folder or hub id)
+    and ``engine`` (a spec) and split every step's rows; the result equals the one-device run within
+    scale-relative 1e-5. ``device`` is then ``parallel.device``; ``callback`` is not available."""
     params = list(params)
     _check_run(params, output_type)
     if isinstance(engine, str):
         parse_engine_spec(engine)  # a bad spec fails before the model loads
+    parallel = BranchParallel.of(parallel)
+    if parallel is not None:
+        return _run_parallel(
+            parallel, model, params, engine, output_type, scheduler, device, callback,
+            control_image=control_image, controlnet_scale=controlnet_scale, progress=progress,
+        )  # fmt: skip
     first = params[0]
     seg, steps, cfg, height, width = first.seg, first.steps, first.cfg, first.height, first.width
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
@@ -472,6 +496,27 @@ def run_params(
             callback=callback,
         )
     return decode(pipe, latents, output_type)
+
+
+def _run_parallel(parallel, model, params, engine, output_type, scheduler, device, callback, **options):
+    """``run_params`` over the ranks of a branch-parallel group opened for this run."""
+    for name, value, why in (
+        ("scheduler", scheduler, "give the scheduler by name in the request"),
+        ("device", device, f"the ranks use device {parallel.device!r} (BranchParallel.device)"),
+        ("callback", callback, "the steps run in the rank processes"),
+    ):
+        if value is not None:
+            raise ValueError(f"branch parallel takes no {name} argument: {why}")
+    with branch_group(parallel, model, engine) as group:
+        return group.run("images", params, output_type, **options)
+
+
+def branch_group(parallel: BranchParallel, model, engine: str | None = None):
+    """The ranks of branch-parallel SEG (``seg_rt.cluster.branch.open_group``: local processes or
+    Ray actors), each loading ``model`` (a folder, hub id or model URL) and ``engine`` (a spec)."""
+    from seg_rt.cluster.branch import open_group  # the ranks are processes or Ray actors
+
+    return open_group(parallel, model, engine)
 
 
 def _family_scheduler(pipe, family: str, scheduler, steps: int, height: int, width: int):

@@ -1,19 +1,22 @@
-"""Branch-parallel SEG on CPU: the rows of each step split over 2 or 3 gloo processes equal the
-batched run (scale-relative 1e-5), and every rank ends with the same latents."""
-
-from pathlib import Path
+"""Branch-parallel SEG on CPU through the public entry points: the rows of each step split over 2 or
+3 gloo processes equal the one-device run (scale-relative 1e-5) and are deterministic (a rerun is
+bit-equal), for SD1.5, SDXL and a video family (AnimateDiff)."""
 
 import pytest
 import torch
 
-from seg_rt.engines.parallel import row_split
+from seg_rt import BranchParallel, generate
+from seg_rt.engines.parallel import check_backend, row_split
+from seg_rt.pipeline import load_pipeline
+from seg_rt.tiny import save_tiny_pipeline, save_tiny_video_pipeline
 
-from .ray_helpers import free_port
 from .tolerance import max_rel_error
 
 # SEG window ends half-way: later steps have 2 rows per image, so with 3 ranks one rank has none
-RUN = {"prompt": "a red cube", "steps": 4, "cfg": 4.0, "seg_scale": 3.0, "seg_sigma": 2.0, "height": 64,
+RUN = {"prompt": "a red cube", "steps": 3, "cfg": 4.0, "seg_scale": 3.0, "seg_sigma": 2.0, "height": 64,
        "width": 64, "seed": 5, "seg_end": 0.5, "output_type": "latent"}  # fmt: skip
+VIDEO = {"prompt": "a cat", "frames": 3, "height": 32, "width": 48, "steps": 2, "cfg": 3.0, "seg_sigma": 2.0,
+         "seg_sigma_time": 1.0, "seed": 2, "output_type": "latent"}  # fmt: skip
 
 
 def test_row_split_is_contiguous_balanced_and_rank0_first():
@@ -25,49 +28,186 @@ def test_row_split_is_contiguous_balanced_and_rank0_first():
             assert sum(sizes) == rows and max(sizes) - min(sizes) <= 1 and sizes[0] >= 1
 
 
-def _rank(rank: int, world: int, address: str, model: str, out: str, images: int) -> None:
-    """One process of the group: the whole sampling loop, with only the denoiser call split."""
-    import torch.distributed as dist
-
-    from seg_rt import generate
-    from seg_rt.engines import load_engine
-    from seg_rt.engines.parallel import BranchParallelDenoiser, init_group
-    from seg_rt.pipeline import load_pipeline
-
-    torch.set_num_threads(1)
-    init_group(rank, world, address)
-    try:
-        pipe = load_pipeline(model, "cpu")
-        with BranchParallelDenoiser(load_engine("torch", pipe, "cpu")) as engine:
-            latents = generate(pipe, engine=engine, num_images=images, **RUN)
-            comm = list(engine.comm_seconds)
-        torch.save({"latents": latents, "calls": len(comm), "comm": comm}, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("family", "world", "images"), [("sd15", 2, 1), ("sd15", 3, 1), ("sdxl", 3, 2)])
-def test_branch_parallel_equals_the_batched_run(family, world, images, tmp_path):
-    import torch.multiprocessing as mp
-
-    from seg_rt import generate
-    from seg_rt.pipeline import load_pipeline
-    from seg_rt.tiny import save_tiny_pipeline
-
-    model = str(save_tiny_pipeline(family, tmp_path / family))
-    mp.spawn(
-        _rank, args=(world, f"tcp://127.0.0.1:{free_port()}", model, str(tmp_path), images), nprocs=world
-    )
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+def _one_thread(fn, *args, **kwargs):
+    """The one-device reference with one thread, as each rank runs (CPU results depend on it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        batched = generate(load_pipeline(model, "cpu"), num_images=images, **RUN)
+        return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
-    assert ranks[0]["calls"] == RUN["steps"]  # one exchange per step
-    for r in ranks[1:]:
-        assert torch.equal(r["latents"], ranks[0]["latents"])  # identical guidance on every rank
-    assert ranks[0]["latents"].shape == batched.shape
-    assert max_rel_error(ranks[0]["latents"], batched) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "ranks", "images"), [("sd15", 2, 1), ("sd15", 3, 1), ("sdxl", 3, 2)])
+def test_branch_parallel_generate_equals_the_one_device_run(family, ranks, images, tmp_path):
+    from seg_rt.cluster.branch import ProcessBranchGroup
+
+    model = str(save_tiny_pipeline(family, tmp_path / family))
+    one = _one_thread(generate, load_pipeline(model, "cpu"), num_images=images, **RUN)
+    # one group, two runs: the same result twice (deterministic), ranks loaded once
+    with ProcessBranchGroup(BranchParallel(ranks=ranks), model, threads=1) as group:
+        params = _params(images)
+        first = group.run("images", params, "latent")
+        again = group.run("images", params, "latent")
+        calls = group.run("comm_seconds")
+        if ranks == 2:  # a request every rank refuses: the error comes back and the group ends
+            procs = list(group._procs)
+            with pytest.raises(ValueError, match="height must be a positive multiple of"):
+                group.run("images", [params[0].replace(height=61)], "latent")
+            assert not any(p.is_alive() for p in procs)
+    assert first.shape == one.shape
+    assert torch.equal(first, again)
+    assert len(calls) == 2 * RUN["steps"]  # one exchange per step
+    assert max_rel_error(first, one) <= 1e-5
+
+
+def _params(images: int):
+    from seg_rt import GenerationParams, SEGConfig
+
+    base = GenerationParams(
+        prompt=RUN["prompt"], steps=RUN["steps"], cfg=RUN["cfg"], height=64, width=64,
+        seg=SEGConfig(scale=3.0, sigma=2.0, end=0.5),
+    )  # fmt: skip
+    return [base.replace(seed=RUN["seed"] + i) for i in range(images)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_branch_parallel_video_equals_the_one_device_run(ranks, tmp_path):
+    from seg_rt.video.sampling import generate_video
+
+    model = str(save_tiny_video_pipeline("animatediff", tmp_path / "ad"))
+    one = _one_thread(generate_video, load_pipeline(model, "cpu"), **VIDEO)
+    split = generate_video(model, parallel=BranchParallel(ranks=ranks), **VIDEO)
+    again = generate_video(model, parallel=BranchParallel(ranks=ranks), **VIDEO)
+    assert split.shape == one.shape
+    assert torch.equal(split, again)
+    assert max_rel_error(split, one) <= 1e-5
+
+
+def test_bad_parallel_options_fail_before_any_process_starts():
+    assert BranchParallel.of(2) == BranchParallel(ranks=2) and BranchParallel.of(1) is None
+    assert BranchParallel.of(None) is None and BranchParallel(ranks=2, device="cuda").backend == "nccl"
+    with pytest.raises(ValueError, match="branch parallel launcher must be one of processes, ray, got 'mpi'"):
+        BranchParallel(ranks=2, launcher="mpi")
+    with pytest.raises(ValueError, match="branch parallel ranks must be an integer >= 1, got 0"):
+        BranchParallel(ranks=0)
+    with pytest.raises(ValueError, match="placement strategy must be one of"):
+        BranchParallel(strategy="ANYWHERE")
+    pipe_like = object()
+    with pytest.raises(ValueError, match="give the model as a folder or hub id, not a loaded object"):
+        generate(pipe_like, parallel=2, **RUN)
+    with pytest.raises(ValueError, match="branch parallel takes no callback argument"):
+        generate("unused", parallel=2, callback=lambda *a: None, **RUN)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_nccl_without_gpus_fails_with_a_clear_message():
+    with pytest.raises(RuntimeError, match="NCCL, which needs CUDA GPUs; none is visible here"):
+        check_backend("nccl", 2)
+    with pytest.raises(RuntimeError, match="NCCL, which needs CUDA GPUs"):
+        generate("unused", parallel=BranchParallel(ranks=2, device="cuda"), **RUN)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_nccl_without_gpus_is_one_line(tmp_path, capsys):
+    from seg_rt.cli import main
+
+    code = main(["generate", "--model", str(tmp_path), "--branch-parallel", "2", "--parallel-device", "cuda",
+                 "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr().err.strip().endswith("none is visible here (use device 'cpu' for gloo)")
+
+
+@pytest.mark.slow
+def test_cli_branch_parallel_writes_the_image_of_the_one_device_run(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from seg_rt.cli import main
+
+    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    flags = ["generate", "--model", model, "--steps", "2", "--height", "64", "--width", "64", "--seed", "3",
+             "--seg-sigma", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "one.png")]) == 0
+    assert main([*flags, "--out", str(tmp_path / "split.png"), "--branch-parallel", "3"]) == 0
+    one, split = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "split"))
+    assert np.abs(one - split).max() <= 1  # latents within 1e-5: at most one 8-bit rounding step apart
+    assert main([*flags, "--out", str(tmp_path / "x.png"), "--branch-parallel", "2", "--device", "cpu"]) == 2
+    assert "--device does not apply with --branch-parallel" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_ranks_in_a_strict_spread_placement_group_over_two_nodes(tmp_path, monkeypatch):
+    """Two Ray nodes on loopback (1 CPU each); STRICT_SPREAD puts one rank on each; the result
+    equals the one-device run and the ranks exchange over gloo between the nodes."""
+    import os
+
+    import ray
+
+    from seg_rt.cluster.branch import RayBranchGroup
+    from seg_rt.cluster.driver import refresh_ray_auth
+    from seg_rt.cluster.localcluster import FAST_NODE_DEATH, start_local_cluster
+
+    for key, value in {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segrt-test-" + os.urandom(8).hex(),
+                       **FAST_NODE_DEATH}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    one = _one_thread(generate, load_pipeline(model, "cpu"), **RUN)
+    cluster = None
+    try:
+        cluster = start_local_cluster(2)
+        spec = BranchParallel(ranks=2, launcher="ray", strategy="STRICT_SPREAD", address=cluster.address)
+        with RayBranchGroup(spec, model, threads=1) as group:
+            nodes = group.nodes()
+            split = group.run("images", _params(1), "latent")
+        with pytest.raises(
+            RuntimeError, match=r"placement group of 3 x \{'CPU': 1\} \(STRICT_SPREAD\) was not placed"
+        ):
+            RayBranchGroup(BranchParallel(ranks=3, launcher="ray", strategy="STRICT_SPREAD"), model,
+                           ready_timeout_s=3)  # fmt: skip
+    finally:
+        ray.shutdown()
+        if cluster is not None:
+            cluster.stop()
+        monkeypatch.undo()
+        refresh_ray_auth()
+    assert len(set(nodes)) == 2
+    assert max_rel_error(split, one) <= 1e-5
+
+
+@pytest.mark.slow
+def test_serving_latency_mode_answers_with_the_one_device_image(tmp_path):
+    """The Ray-free serving core with ``branch_parallel: 2``: the ranks sample, the replica only
+    checks requests; the image equals the one-device core's (within one 8-bit step)."""
+    import numpy as np
+
+    from seg_rt.cluster.serving import ServeConfig, ServingCore, make_request
+
+    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    req = make_request(prompt="a red cube", steps=2, height=64, width=64, seed=9, seg_sigma=2.0)
+    cores = [ServingCore.load(ServeConfig(model=model, branch_parallel=n)) for n in (1, 2)]
+    try:
+        assert cores[1].group is not None and cores[1].info()["branch_parallel"] == 2
+        images = [core.run_batch([core.check(req)])[0][0] for core in cores]
+        with pytest.raises(ValueError, match="height must be a positive multiple of"):
+            cores[1].check(make_request(prompt="x", height=61, width=64))  # checked by the replica
+    finally:
+        for core in cores:
+            core.close()
+    one, split = (np.asarray(im, dtype=int) for im in images)
+    assert np.abs(one - split).max() <= 1
+
+
+def test_serve_latency_mode_puts_the_ranks_in_the_replica_placement_group():
+    from seg_rt.cluster.serve import build_app
+    from seg_rt.demo.model import weights_dir
+
+    app = build_app({"model": str(weights_dir()), "branch_parallel": 3, "num_cpus_per_replica": 2})
+    deployment = app._bound_deployment
+    assert deployment.ray_actor_options["num_gpus"] == 0  # the ranks hold the devices
+    assert deployment._replica_config.placement_group_bundles == [{"CPU": 2.0}] + [{"CPU": 1}] * 3
+    assert deployment._replica_config.placement_group_strategy == "PACK"
+    with pytest.raises(ValueError, match="branch parallel device must be one of cpu, cuda, got 'tpu'"):
+        build_app({"model": str(weights_dir()), "branch_parallel": 2, "branch_parallel_device": "tpu"})

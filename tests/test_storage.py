@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +27,10 @@ BUCKET = "segrt-out"
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1, reached through the usual AWS environment variables."""
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1, reached through the usual AWS environment variables (set
+    before the module's Ray starts, so its workers see them too, as on a configured node); fetched
+    model folders are cached in a temp dir (``SEG_RT_MODEL_CACHE``)."""
     import boto3
     import s3fs
     from moto.server import ThreadedMotoServer
@@ -41,6 +44,7 @@ def s3():
     for key, value in env.items():
         mp.setenv(key, value)
     mp.delenv("AWS_PROFILE", raising=False)
+    mp.setenv("SEG_RT_MODEL_CACHE", str(tmp_path_factory.mktemp("model-cache")))
     s3fs.S3FileSystem.clear_instance_cache()
     client = boto3.client("s3")
     client.create_bucket(Bucket=BUCKET)
@@ -199,3 +203,81 @@ def test_job_to_s3_same_bytes_as_local_and_resumes_from_the_manifest_in_storage(
         on_disk_item[7:-4] for on_disk_item in on_disk if on_disk_item.startswith("images/")
     )
     assert completed(url) == completed(tmp_path / "local")
+
+
+def _upload(client, folder, prefix: str) -> None:
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.put_object(
+            Bucket=BUCKET, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes()
+        )
+
+
+def test_model_url_is_fetched_once_keyed_by_its_listing_and_safetensors_only(s3, tmp_path, caplog):
+    from seg_rt.cluster.storage import fetch_model, resolve_model
+    from seg_rt.tiny import save_tiny_pipeline
+
+    folder = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    _upload(s3, folder, "models/sd15")
+    cache = tmp_path / "cache"
+    url = f"s3://{BUCKET}/models/sd15"
+    with caplog.at_level(logging.INFO, logger="seg_rt"):
+        first = fetch_model(url, cache)
+        again = fetch_model(url + "/", cache)
+    assert first == again and [p.name for p in cache.iterdir()] == [first.name]  # no temp dir left
+    assert sum("fetched" in r.getMessage() for r in caplog.records) == 1  # the second call reused it
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    fetched = {p.relative_to(first).as_posix(): p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert fetched == local
+    assert resolve_model("org/name") == "org/name" and resolve_model(str(folder)) == str(folder)
+
+    # a changed object (new ETag) is a new cache entry; the old one is left for its readers
+    s3.put_object(
+        Bucket=BUCKET,
+        Key="models/sd15/model_index.json",
+        Body=(folder / "model_index.json").read_bytes() + b" ",
+    )
+    changed = fetch_model(url, cache)
+    assert changed != first and (changed / "model_index.json").read_bytes().endswith(b" ")
+
+    # pickle weights are refused before any byte is fetched
+    _upload(s3, folder, "models/pickled")
+    s3.put_object(Bucket=BUCKET, Key="models/pickled/unet/diffusion_pytorch_model.bin", Body=b"not read")
+    with pytest.raises(ValueError, match=r"holds pickle-format files \(unet/diffusion_pytorch_model.bin\)"):
+        fetch_model(f"s3://{BUCKET}/models/pickled", cache)
+    assert len(list(cache.iterdir())) == 2
+    with pytest.raises(FileNotFoundError, match="holds no files"):
+        fetch_model(f"s3://{BUCKET}/models/none", cache)
+
+
+def test_model_url_with_credentials_is_refused_in_one_line():
+    with pytest.raises(ValueError) as err:
+        parse_job(_job(f"s3://key:{SECRET}@{BUCKET}/models/sd15", "out"))
+    assert "model URL 's3://***@segrt-out/models/sd15' carries credentials" in str(err.value)
+    assert SECRET not in str(err.value)
+
+
+@pytest.mark.slow
+def test_video_job_from_a_model_url_to_s3_equals_the_local_run(s3, local_ray, tmp_path):
+    """Workers fetch the model from S3 (once per node, cached), the driver PUTs the mp4s and the
+    manifest rows to S3; the videos are the bytes an in-process worker makes from the local folder."""
+    from seg_rt.cluster.spec import expand_items
+    from seg_rt.cluster.worker import SEGWorker
+    from seg_rt.tiny import save_tiny_video_pipeline
+
+    folder = save_tiny_video_pipeline("animatediff", tmp_path / "vid")
+    _upload(s3, folder, "models/vid")
+    video = {"frames": 3, "fps": 6, "mode": "spatiotemporal", "sigma_time": 1.0}
+    over = {"video": video, "height": 32, "width": 48, "contact_sheet": False}
+    spec = parse_job(_job(f"s3://{BUCKET}/models/vid", f"s3://{BUCKET}/videojob", **over))
+    result = run_job(spec, tmp_path, progress=False)
+    assert result.ok and result.done == 4
+    objects = _objects(s3, "videojob/")
+    videos = {k[len("videos/") : -len(".mp4")]: v for k, v in objects.items() if k.startswith("videos/")}
+    rows = [json.loads(v) for k, v in objects.items() if k.startswith(f"{MANIFEST_PREFIX}/")]
+    assert sorted(r["item"] for r in rows if r["status"] == "ok") == sorted(videos)
+    local_spec = parse_job(_job(folder, tmp_path / "unused", **over))
+    worker_rows = SEGWorker(local_spec.model_dump(mode="json"), "ref").run(expand_items(local_spec, tmp_path))
+    assert all("mp4" in r for r in worker_rows), worker_rows
+    reference = {r["item"]: r["mp4"] for r in worker_rows}
+    assert videos == reference
+    assert len(list(Path(os.environ["SEG_RT_MODEL_CACHE"]).iterdir())) == 1  # one fetch for both workers

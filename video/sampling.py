@@ -9,7 +9,7 @@ CogVideoX / Wan), RoPE tables, VAE decoding and video post-processing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from seg_rt.config import SEGConfig
 from seg_rt.denoiser import RowwiseLinear, swap_linears
-from seg_rt.params import GenerationParams, VideoParams
-from seg_rt.pipeline import check_size, load_pipeline, make_scheduler, seed_generators
+from seg_rt.params import BranchParallel, GenerationParams, VideoParams
+from seg_rt.pipeline import branch_group, check_size, load_pipeline, make_scheduler, seed_generators
 from seg_rt.sampler import sample
 
 from .attention import VideoBlur, VideoSEG, family_of_model
@@ -150,6 +150,8 @@ def generate_video(
     device: str | torch.device | None = None,
     progress: bool = False,
     params: GenerationParams | None = None,
+    parallel: BranchParallel | int | None = None,
+    wrap_denoiser: Callable | None = None,
 ):
     """Videos with SEG on video attention. ``model``: a folder, hub id or loaded diffusers pipeline
     (AnimateDiff, CogVideoX or Wan). AnimateDiff samples with Euler by default (as the paper);
@@ -161,6 +163,10 @@ def generate_video(
     Returns ``[B, F, H, W, 3]`` floats in [0, 1] (``"np"``), lists of PIL frames (``"pil"``) or the
     final latents (``"latent"``). Video i uses seed ``seed + i``. ``frames`` counts output frames;
     CogVideoX and Wan compress time 4x in their VAE, so they decode ``4k + 1`` frames.
+
+    ``parallel``: branch-parallel SEG over ranks that each load ``model`` (a folder or hub id), as in
+    ``seg_rt.run_params``. ``wrap_denoiser``: applied to the video denoiser before sampling (a rank
+    passes ``seg_rt.engines.parallel.BranchParallelDenoiser``).
     """
     if params is None:
         video = VideoParams(frames=frames, mode=seg_mode, sigma_time=seg_sigma_time, layers=seg_layers)
@@ -197,6 +203,15 @@ def generate_video(
         raise ValueError(f"output_type must be one of {', '.join(VIDEO_OUTPUT_TYPES)}, got {output_type!r}")
     if isinstance(num_videos, bool) or not isinstance(num_videos, int) or num_videos < 1:
         raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
+    parallel = BranchParallel.of(parallel)
+    if parallel is not None:
+        if device is not None or (scheduler is not None and not isinstance(scheduler, str)):
+            raise ValueError(
+                "branch parallel takes no device or scheduler object: the ranks use BranchParallel.device "
+                "and the request's scheduler name"
+            )
+        with branch_group(parallel, model) as group:
+            return group.run("video", params, output_type, num_videos=num_videos)
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = pipeline_family(pipe)
     net = pipe.unet if family == "animatediff" else pipe.transformer
@@ -267,6 +282,8 @@ def generate_video(
             height, width, latent_frames, device
         )
     denoiser = VideoDenoiser(net, blur, seg_layers, extra)
+    if wrap_denoiser is not None:
+        denoiser = wrap_denoiser(denoiser)
     try:
         latents = sample(
             denoiser, sched, latents, cond, uncond, steps=steps, cfg=cfg, seg=seg, generators=generators,
