@@ -1,15 +1,20 @@
-"""Image DiT families (SD3 / SD3.5, Flux.1): prompt encoding, latents, schedule, denoiser, decoding.
+"""Image DiT families (SD3 / SD3.5, Flux.1, Qwen-Image): prompt encoding, latents, schedule, denoiser, decoding.
 
 Each step reproduces the family's diffusers pipeline (``StableDiffusion3Pipeline``,
-``FluxPipeline``) so that seed s gives diffusers' noise for ``torch.Generator("cpu").manual_seed(s)``
+``FluxPipeline``, ``QwenImagePipeline``) so that seed s gives diffusers' noise for ``torch.Generator("cpu").manual_seed(s)``
 and the same schedule: the family's own ``FlowMatchEulerDiscreteScheduler`` (Flux: ``sigmas =
 linspace(1, 1/steps)`` and the resolution-dependent shift ``mu``), the pipelines' ``encode_prompt``,
 and the VAE's ``scaling_factor`` / ``shift_factor``. SEG guidance combines the velocity
 predictions with the same formula as noise predictions (docs/design.md, "SEG, exactly").
 
-Flux's latents stay unpacked ``[B, C, 2H, 2W]`` in the sampler (Flux's scheduler step is
-elementwise, so packing, a permutation, commutes with it); ``SEGDiT`` packs them into 2×2 patches
-for the transformer and unpacks its output, exactly as ``FluxPipeline`` packs its noise.
+Flux's and Qwen-Image's latents stay unpacked ``[B, C, 2H, 2W]`` in the sampler (their scheduler
+step is elementwise, so packing, a permutation, commutes with it); ``SEGDiT`` packs them into 2×2
+patches for the transformer and unpacks its output, exactly as the pipelines pack their noise.
+
+Qwen-Image differs from its pipeline in two documented ways: every prompt's embedding is padded to
+``QWEN_TEXT_TOKENS`` with its mask (diffusers keeps each run's own length), so that a row's result
+does not depend on the other prompts of its batch; and its CFG is seg-rt's shared formula, without
+``QwenImagePipeline``'s per-token norm rescale of the CFG prediction.
 """
 
 from __future__ import annotations
@@ -28,14 +33,18 @@ from .dit_attention import MODEL_FAMILIES, adapter_of
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd3", "flux")  # pipeline classes: seg_rt.families
+FAMILIES = ("sd3", "flux", "qwenimage")  # pipeline classes: seg_rt.families
+PACKED = ("flux", "qwenimage")  # 2x2-packed latent tokens, RoPE positions instead of a patchify conv
+QWEN_TEXT_TOKENS = 512
+"""Qwen-Image prompt embeddings are padded (masked) to this length: ``QwenImagePipeline``'s
+``max_sequence_length`` default, so every row of every batch has the same text length."""
 FLUX_GUIDANCE = 3.5
 """Flux.1-dev's distilled guidance embedding (``FluxPipeline``'s ``guidance_scale`` default); ``cfg``
 is Flux's *true* CFG (with the negative prompt), off at ``cfg = 1``."""
 
 
 def pipeline_family(pipe) -> str | None:
-    """``"sd3"`` / ``"flux"`` for an image-DiT pipeline (``seg_rt.families``), else None."""
+    """``"sd3"`` / ``"flux"`` / ``"qwenimage"`` for an image-DiT pipeline (``seg_rt.families``), else None."""
     from .families import family_of
 
     try:
@@ -46,8 +55,9 @@ def pipeline_family(pipe) -> str | None:
 
 
 def size_factor(pipe) -> int:
-    """Pixel sizes are multiples of the VAE factor times the patch (SD3) / the 2x2 packing (Flux)."""
-    if pipeline_family(pipe) == "flux":
+    """Pixel sizes are multiples of the VAE factor times the patch (SD3) / the 2x2 packing (Flux,
+    Qwen-Image)."""
+    if pipeline_family(pipe) in PACKED:
         return pipe.vae_scale_factor * 2
     return pipe.vae_scale_factor * pipe.transformer.config.patch_size
 
@@ -63,6 +73,10 @@ def default_size(pipe) -> int:
 def encode(pipe, family: str, prompt: str, negative_prompt: str | None, n: int, cfg: float) -> dict:
     """Per-row inputs ``{"cond": {...}, "uncond": {...} or None}`` from the pipeline's ``encode_prompt``."""
     device, do_cfg = pipe._execution_device, cfg > 1.0
+    if family == "qwenimage":
+        cond = _qwen_embeds(pipe, prompt, n)
+        uncond = _qwen_embeds(pipe, negative_prompt or "", n) if do_cfg else None
+        return {"cond": cond, "uncond": uncond}
     if family == "sd3":
         pe, ne, pooled, npooled = pipe.encode_prompt(
             prompt,
@@ -92,10 +106,25 @@ def encode(pipe, family: str, prompt: str, negative_prompt: str | None, n: int, 
     return {"cond": cond, "uncond": uncond}
 
 
+def _qwen_embeds(pipe, prompt: str, n: int) -> dict:
+    """``QwenImagePipeline.encode_prompt`` for n rows, padded with its mask to ``QWEN_TEXT_TOKENS``."""
+    embeds, mask = pipe.encode_prompt(
+        prompt, device=pipe._execution_device, num_images_per_prompt=n, max_sequence_length=QWEN_TEXT_TOKENS
+    )
+    # embeds: [n, L, D]; mask: [n, L] or None (all valid)
+    length = embeds.shape[1]
+    if mask is None:
+        mask = torch.ones(n, length, dtype=torch.long, device=embeds.device)
+    pad = QWEN_TEXT_TOKENS - length
+    embeds = torch.cat([embeds, embeds.new_zeros(n, pad, embeds.shape[2])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(n, pad)], dim=1)
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+
 def latent_shape(pipe, n: int, height: int, width: int) -> tuple[int, int, int, int]:
     """Unpacked latent shape ``[n, C, h, w]`` as the pipeline's ``prepare_latents`` draws its noise."""
     f = pipe.vae_scale_factor
-    if pipeline_family(pipe) == "flux":
+    if pipeline_family(pipe) in PACKED:
         channels = pipe.transformer.config.in_channels // 4
         return n, channels, 2 * (height // (f * 2)), 2 * (width // (f * 2))
     return n, pipe.transformer.config.in_channels, height // f, width // f
@@ -120,11 +149,14 @@ def make_scheduler(pipe, steps: int, height: int, width: int):
 
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     family, config = pipeline_family(pipe), sched.config
+    if family in PACKED and config.get("shift_terminal") and steps < 2:
+        # sigmas = linspace(1, 1/steps) is [1.0]: stretching it to shift_terminal divides by zero
+        raise ValueError(f"{family} with a terminal shift (shift_terminal) needs steps >= 2, got {steps}")
     _, _, h, w = latent_shape(pipe, 1, height, width)
-    p = 2 if family == "flux" else pipe.transformer.config.patch_size
+    p = 2 if family in PACKED else pipe.transformer.config.patch_size
     seq_len = (h // p) * (w // p)
     kwargs = {}
-    if family == "flux" or config.get("use_dynamic_shifting", False):
+    if family in PACKED or config.get("use_dynamic_shifting", False):
         kwargs["mu"] = calculate_shift(
             seq_len,
             config.get("base_image_seq_len", 256),
@@ -132,7 +164,7 @@ def make_scheduler(pipe, steps: int, height: int, width: int):
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-    if family == "flux" and not config.get("use_flow_sigmas", False):
+    if family in PACKED and not config.get("use_flow_sigmas", False):
         kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     if kwargs:
         sched.set_timesteps = functools.partial(sched.set_timesteps, **kwargs)
@@ -145,6 +177,14 @@ def decode(pipe, latents: Tensor, output_type: str):
     if output_type == "latent":
         return latents
     vae = pipe.vae
+    if pipeline_family(pipe) == "qwenimage":  # a video VAE: one frame, per-channel mean and std
+        c = latents.shape[1]
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(latents.device, vae.dtype)
+        latents = latents.to(vae.dtype)[:, :, None] * std + mean  # [B, C, 1, h, w]
+        with torch.no_grad():
+            image = torch.cat([vae.decode(x[None], return_dict=False)[0][:, :, 0] for x in latents])
+        return pipe.image_processor.postprocess(image, output_type=output_type)
     latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     with torch.no_grad():
         image = torch.cat([vae.decode(latent[None], return_dict=False)[0] for latent in latents])
@@ -200,10 +240,12 @@ def batch_invariance(transformer: nn.Module, on: bool) -> None:
 
 
 class SEGDiT(nn.Module):
-    """An SD3 / Flux transformer with SEG installed; ``forward(inputs)`` → the velocity prediction.
+    """An SD3 / Flux / Qwen-Image transformer with SEG installed; ``forward(inputs)`` → the velocity
+    prediction.
 
     Inputs: ``sample`` (unpacked latents ``[B, C, h, w]``), ``timestep`` (the scheduler's, 0-1000),
-    ``encoder_hidden_states``, ``pooled_projections``, Flux-dev's ``guidance``, and ``seg_mask``.
+    ``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), Flux-dev's ``guidance``,
+    Qwen-Image's ``encoder_hidden_states_mask``, and ``seg_mask``.
     """
 
     def __init__(
@@ -227,21 +269,30 @@ class SEGDiT(nn.Module):
 
     def _forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         x, t, text = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
-        pooled = inputs["pooled_projections"]
         if self.family == "sd3":
             return self.transformer(
                 hidden_states=x,
                 timestep=t,
                 encoder_hidden_states=text,
-                pooled_projections=pooled,
+                pooled_projections=inputs["pooled_projections"],
                 return_dict=False,
             )[0]
         h, w = x.shape[-2:]
+        if self.family == "qwenimage":
+            out = self.transformer(
+                hidden_states=pack(x),
+                timestep=t.to(x.dtype) / 1000,
+                encoder_hidden_states=text,
+                encoder_hidden_states_mask=inputs["encoder_hidden_states_mask"],
+                img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0],
+                return_dict=False,
+            )[0]
+            return unpack(out, h, w)
         out = self.transformer(
             hidden_states=pack(x),
             timestep=t.to(x.dtype) / 1000,
             guidance=inputs.get("guidance"),
-            pooled_projections=pooled,
+            pooled_projections=inputs["pooled_projections"],
             encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
             img_ids=image_ids(h // 2, w // 2, x.device, x.dtype),

@@ -1,4 +1,4 @@
-"""SEG on image DiTs (SD3 / SD3.5, Flux.1): adapters and processors of the one patch mechanism.
+"""SEG on image DiTs (SD3 / SD3.5, Flux.1, Qwen-Image): adapters and processors of the one patch mechanism.
 
 Same mechanism as the UNets (``seg_rt.attention``): ``SEGAttention`` with a DiT ``Adapter`` installs
 these processors, faithful copies of diffusers' processors with the SEG blur on the final query of
@@ -13,7 +13,7 @@ the image tokens only (docs/design.md, "Which query, where"):
   stream's query after ``norm_q`` and its RoPE, before ``[text, image]`` are joined. Chosen over Sana
   because Sana's self-attention is linear (ReLU-kernel) attention: it has no softmax logits whose
   blur the query blur equals, so "exact SEG" is not defined there; Qwen-Image's is softmax attention.
-  Model level only so far: no sampling pipeline (``seg_rt.generate`` does not take Qwen-Image yet).
+  Sampled end to end like the others (``seg_rt.dit``).
 
 The token grid comes from the model input: SD3 ``hidden_states [B, C, h, w]`` with patch size p
 gives (h/p, w/p); Flux's packed tokens carry their positions in ``img_ids [H·W, 3]`` (row, column).

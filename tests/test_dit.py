@@ -212,7 +212,7 @@ def test_replaced_processors_raise_seg_not_applied():
 # ---- end to end on the tiny pipelines ----
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage"])
 def pipe(request):
     return request.param, tiny_dit_pipeline(request.param)
 
@@ -245,11 +245,18 @@ def test_without_seg_equals_the_diffusers_pipeline(pipe, cfg):
     """seg scale 0: the same latents as the family's diffusers pipeline with the same seed (noise,
     schedule, prompt encoding, guidance embedding, true CFG); SEG adds only its branch."""
     family, p = pipe
+    if family == "qwenimage" and cfg > 1:
+        pytest.skip(
+            "QwenImagePipeline rescales its CFG prediction per token; seg-rt's CFG is the shared formula"
+        )
     ours = gen(p, cfg=cfg, seg_scale=0.0, negative_prompt="blurry", output_type="latent")
     kw = {"num_inference_steps": 3, "height": 48, "width": 80, "output_type": "latent"}
     kw["generator"] = torch.Generator("cpu").manual_seed(3)
     if family == "sd3":
         theirs = p("a red fox", negative_prompt="blurry", guidance_scale=cfg, **kw).images
+    elif family == "qwenimage":  # diffusers keeps the prompt's own length; seg-rt pads it, masked
+        theirs = p("a red fox", true_cfg_scale=cfg, **kw).images
+        ours = dit.pack(ours)
     else:
         theirs = p(
             "a red fox", negative_prompt="blurry", true_cfg_scale=cfg, guidance_scale=dit.FLUX_GUIDANCE, **kw
@@ -271,7 +278,30 @@ def test_dit_refuses_other_schedulers(pipe):
         gen(p, scheduler="ddim")
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_qwenimage_one_step_is_refused(pipe):
+    """Qwen-Image's terminal shift cannot stretch a one-sigma schedule (diffusers divides by zero)."""
+    family, p = pipe
+    if family != "qwenimage":
+        pytest.skip("no terminal shift")
+    with pytest.raises(ValueError, match=r"qwenimage with a terminal shift .* needs steps >= 2, got 1"):
+        gen(p, steps=1)
+
+
+def test_qwenimage_rows_with_other_prompts_equal_their_runs_alone(pipe):
+    """Qwen-Image prompts have their own token counts; padded to one length (masked), a row's
+    result does not depend on the other prompts of its batch."""
+    family, p = pipe
+    if family != "qwenimage":
+        pytest.skip("CLIP / T5 prompts have a fixed length")
+    from seg_rt.pipeline import generate_batch
+
+    kw = {"steps": 2, "height": 64, "width": 96, "output_type": "latent"}
+    batch = generate_batch(p, ["a red fox", "a much longer prompt about a cat"], [1, 2], **kw)
+    alone = generate_batch(p, ["a much longer prompt about a cat"], [2], **kw)
+    assert torch.equal(batch[1:], alone)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
 def test_cli_generate_48x80(family, tmp_path):
     folder = save_tiny_dit_pipeline(family, tmp_path / family)
     out = tmp_path / "img.png"
@@ -299,6 +329,11 @@ def test_cli_generate_48x80(family, tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (80, 48)
+    sheet = tmp_path / "compare.png"
+    args = ["generate", "--model", str(folder), "--height", "48", "--width", "80", "--steps", "2"]
+    args += ["--compare", "--compare-sigmas", "1,inf", "--out", str(sheet), "--no-progress"]
+    assert main(args) == 0
+    assert Image.open(sheet).size[0] >= 4 * 80  # vanilla, CFG, SEG σ=1, SEG σ=inf
 
 
 # ---- LTX-Video: the fourth video family (pre-patchified tokens + num_frames / height / width) ----
