@@ -360,8 +360,11 @@ class ServingCore:
         self.pipe = pipe
         self.engine = engine
         self._run = run
-        self.factor = int(pipe.vae_scale_factor)
-        self.default_side = int(pipe.unet.config.sample_size) * self.factor
+        from seg_rt.pipeline import default_side, size_factor
+
+        self.factor = size_factor(pipe)  # pixel sizes are multiples of it (the family's rule)
+        self.latent_factor = int(pipe.vae_scale_factor)  # pixels per latent (engine shapes)
+        self.default_side = default_side(pipe)
         self.max_side = cfg.limits.max_side or 4 * self.default_side
         # a fixed-shape engine (seg_rt.engines.Denoiser) accepts one shape and at most its batch per run
         self.shapes = engine.shapes if engine is not None and engine.shapes.batch is not None else None
@@ -432,14 +435,14 @@ class ServingCore:
 
     def check_model(self, p: GenerationParams) -> None:
         """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers."""
-        from seg_rt.layers import select_layers
-        from seg_rt.pipeline import check_size
+        from seg_rt.pipeline import check_size, select_seg_layers
 
         check_size(p.height, p.width, self.factor)
         if self.shapes is not None:
-            self.shapes.check(self.shapes.batch, p.height // self.factor, p.width // self.factor)
+            f = self.latent_factor
+            self.shapes.check(self.shapes.batch, p.height // f, p.width // f)
         if p.seg.enabled:
-            select_layers(self.pipe.unet, p.seg.layers)
+            select_seg_layers(self.pipe, p.seg.layers)
 
     # ---- one batch of checked requests -------------------------------------------------------
 

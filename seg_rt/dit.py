@@ -336,19 +336,3 @@ def export_inputs(pipe, rows: int, batch: int, height: int, width: int, dtype, s
         "pooled_projections": rnd(rows, config.pooled_projection_dim),
         "seg_mask": mask,
     }
-
-
-def load_engine(spec: str, pipe):
-    """``torch``: the eager ``DiTDenoiser``; ``onnx:DIR`` / ``trt:DIR``: an exported SD3 denoiser
-    (the engines take inputs by name, the same for every family)."""
-    if spec == "torch":
-        from seg_rt.engines.dit_denoiser import DiTDenoiser
-
-        return DiTDenoiser(pipe.transformer)
-    if spec.startswith(("onnx:", "trt:")):
-        from seg_rt.engines import load_engine as load_exported
-
-        return load_exported(spec, pipe, pipe._execution_device)
-    raise ValueError(
-        f"engine {spec!r} is not available for {type(pipe).__name__}; use torch, onnx:DIR or trt:DIR"
-    )

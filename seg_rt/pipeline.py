@@ -277,21 +277,57 @@ def check_size(height: int | None, width: int | None, factor: int) -> tuple[int 
 
 
 def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    side = default_side(pipe)
+    return check_size(height or side, width or side, size_factor(pipe))
+
+
+def size_factor(pipe) -> int:
+    """Pixel sizes of a loaded pipeline are multiples of this: its VAE factor (the spatial one for
+    video), times the patch / 2x2 packing for image DiTs (``seg_rt.dit.size_factor``)."""
     from . import dit
 
     if dit.pipeline_family(pipe) is not None:
-        side = dit.default_size(pipe)
-        return check_size(height or side, width or side, dit.size_factor(pipe))
-    factor = pipe.vae_scale_factor
-    default = pipe.unet.config.sample_size * factor
-    return check_size(height or default, width or default, factor)
+        return dit.size_factor(pipe)
+    return int(getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor)
+
+
+def default_side(pipe) -> int:
+    """The image side in pixels that a loaded image pipeline samples when none is given."""
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        return dit.default_size(pipe)
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
+def denoiser_model(pipe):
+    """The network SEG patches: an image DiT's ``transformer``, else the ``unet``."""
+    from . import dit
+
+    return pipe.transformer if dit.pipeline_family(pipe) is not None else pipe.unet
+
+
+def select_seg_layers(pipe, selectors: Sequence[str]) -> list[str]:
+    """The layers ``selectors`` pick in ``pipe``'s denoiser, by its family's adapter (DiT block
+    selectors such as ``joint.1``, or UNet parts); ``ValueError`` listing what exists otherwise."""
+    from . import dit
+
+    if dit.pipeline_family(pipe) is None:
+        from .layers import select_layers
+
+        return select_layers(pipe.unet, selectors)
+    from .dit_attention import adapter_of
+
+    return adapter_of(pipe.transformer).select(pipe.transformer, selectors)
 
 
 def folder_scale_factor(folder: str | Path) -> int | None:
     """The pixel-size factor of a local diffusers folder, read from its config files without loading
-    weights (what ``pipe.vae_scale_factor`` / ``vae_scale_factor_spatial`` will be once loaded):
-    1 for the pixel-space demo model, Wan's ``scale_factor_spatial``, else ``2 ** (len(block_out_channels)
-    - 1)`` of the VAE as diffusers computes it. ``None`` when the folder is not a diffusers folder."""
+    weights (what ``size_factor(pipe)`` will be once loaded): 1 for the pixel-space demo model, Wan's
+    ``scale_factor_spatial``, Qwen-Image's ``2 ** len(temperal_downsample)``, else ``2 **
+    (len(block_out_channels) - 1)`` of the VAE as diffusers computes it; times the patch size (SD3)
+    or the 2x2 packing (Flux, Qwen-Image) for image DiTs. ``None`` when the folder is not a
+    diffusers folder."""
     import json
 
     from seg_rt.demo.model import is_demo_folder
@@ -306,9 +342,27 @@ def folder_scale_factor(folder: str | Path) -> int | None:
         config = json.loads(vae.read_text())
         if "scale_factor_spatial" in config:
             return int(config["scale_factor_spatial"])
-        return 2 ** (len(config["block_out_channels"]) - 1)
+        if "temperal_downsample" in config:
+            factor = 2 ** len(config["temperal_downsample"])
+        else:
+            factor = 2 ** (len(config["block_out_channels"]) - 1)
+        return factor * _dit_patch(folder)
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _dit_patch(folder: Path) -> int:
+    """Pixels of latent per token side for an image-DiT folder (its pipeline class in
+    ``model_index.json``): SD3's ``patch_size``, 2 for Flux's and Qwen-Image's packing; else 1."""
+    import json
+
+    index = folder / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name in ("FluxPipeline", "QwenImagePipeline"):
+        return 2
+    if name == "StableDiffusion3Pipeline":
+        return int(json.loads((folder / "transformer" / "config.json").read_text())["patch_size"])
+    return 1
 
 
 def generate(
@@ -531,10 +585,6 @@ def _open_engine(engine, pipe) -> AbstractContextManager:
         raise TypeError(
             f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
         )
-    from . import dit
-
-    if dit.pipeline_family(pipe) is not None:  # image DiTs: their own torch engine, exports by name
-        return dit.load_engine(engine or "torch", pipe)
     return load_engine(engine or "torch", pipe, pipe._execution_device)
 
 
