@@ -236,6 +236,7 @@ class GenerateRequest(BaseModel):
     seg_start: float = SEGConfig.start
     seg_end: float = SEGConfig.end
     guidance_rescale: float = GenerationParams.guidance_rescale
+    distilled_guidance: float = GenerationParams.distilled_guidance
     height: int | None = None
     width: int | None = None
     scheduler: str | None = None
@@ -252,7 +253,7 @@ class GenerateRequest(BaseModel):
     def _scheduler(cls, v: str | None) -> str | None:
         return v if v is None else check_scheduler(v)
 
-    @field_validator("steps", "cfg", "guidance_rescale", "height", "width")
+    @field_validator("steps", "cfg", "guidance_rescale", "distilled_guidance", "height", "width")
     @classmethod
     def _params_fields(cls, v: Any, info) -> Any:
         return _params_rule(info.field_name, v)
@@ -287,6 +288,7 @@ class GenerateRequest(BaseModel):
             cfg=self.cfg,
             seg=seg,
             guidance_rescale=self.guidance_rescale,
+            distilled_guidance=self.distilled_guidance,
             height=self.height or height,
             width=self.width or width,
             scheduler=self.scheduler or scheduler,
@@ -434,10 +436,12 @@ class ServingCore:
         return [p.replace(seed=p.seed + i) for i in range(req.num_images)]
 
     def check_model(self, p: GenerationParams) -> None:
-        """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers."""
-        from seg_rt.pipeline import check_size, select_seg_layers
+        """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers,
+        whether it takes a distilled guidance value."""
+        from seg_rt.pipeline import check_model_guidance, check_size, select_seg_layers
 
         check_size(p.height, p.width, self.factor)
+        check_model_guidance(self.pipe, p.distilled_guidance)
         if self.shapes is not None:
             f = self.latent_factor
             self.shapes.check(self.shapes.batch, p.height // f, p.width // f)

@@ -69,6 +69,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="batched (default: an extra perturbed row) or uncond (cheap: blur inside the uncond row)",
     )
     p.add_argument("--guidance-rescale", type=float, default=_REQUEST.guidance_rescale)
+    p.add_argument(
+        "--distilled-guidance",
+        type=float,
+        default=_REQUEST.distilled_guidance,
+        help="guidance value a guidance-distilled model embeds (Flux.1-dev; not CFG)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument(
         "--sequential",
@@ -129,6 +135,7 @@ def request_from_args(args) -> GenerationParams:
         width=args.width,
         scheduler=args.scheduler,
         sequential=args.sequential,
+        distilled_guidance=args.distilled_guidance,
     )
 
 

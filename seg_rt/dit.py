@@ -38,9 +38,6 @@ PACKED = ("flux", "qwenimage")  # 2x2-packed latent tokens, RoPE positions inste
 QWEN_TEXT_TOKENS = 512
 """Qwen-Image prompt embeddings are padded (masked) to this length: ``QwenImagePipeline``'s
 ``max_sequence_length`` default, so every row of every batch has the same text length."""
-FLUX_GUIDANCE = 3.5
-"""Flux.1-dev's distilled guidance embedding (``FluxPipeline``'s ``guidance_scale`` default); ``cfg``
-is Flux's *true* CFG (with the negative prompt), off at ``cfg = 1``."""
 
 
 def pipeline_family(pipe) -> str | None:
@@ -70,8 +67,24 @@ def default_size(pipe) -> int:
     )
 
 
-def encode(pipe, family: str, prompt: str, negative_prompt: str | None, n: int, cfg: float) -> dict:
-    """Per-row inputs ``{"cond": {...}, "uncond": {...} or None}`` from the pipeline's ``encode_prompt``."""
+def takes_distilled_guidance(pipe) -> bool:
+    """Whether the pipeline's transformer embeds a distilled guidance value (Flux.1-dev, not schnell)."""
+    return pipeline_family(pipe) == "flux" and bool(pipe.transformer.config.guidance_embeds)
+
+
+def encode(
+    pipe,
+    family: str,
+    prompt: str,
+    negative_prompt: str | None,
+    n: int,
+    cfg: float,
+    distilled_guidance: float,
+) -> dict:
+    """Per-row inputs ``{"cond": {...}, "uncond": {...} or None}`` from the pipeline's ``encode_prompt``.
+
+    ``cfg`` is true CFG (SD3's usual CFG; Flux's and Qwen-Image's with the negative prompt, off at 1);
+    ``distilled_guidance`` is the value Flux.1-dev embeds (``GenerationParams.distilled_guidance``)."""
     device, do_cfg = pipe._execution_device, cfg > 1.0
     if family == "qwenimage":
         cond = _qwen_embeds(pipe, prompt, n)
@@ -98,8 +111,8 @@ def encode(pipe, family: str, prompt: str, negative_prompt: str | None, n: int, 
             negative_prompt or "", None, device=device, num_images_per_prompt=n
         )
         uncond = {"encoder_hidden_states": ne, "pooled_projections": npooled}
-    if pipe.transformer.config.guidance_embeds:
-        guidance = torch.full((n,), FLUX_GUIDANCE, device=device, dtype=torch.float32)
+    if takes_distilled_guidance(pipe):
+        guidance = torch.full((n,), float(distilled_guidance), device=device, dtype=torch.float32)
         cond["guidance"] = guidance
         if uncond is not None:
             uncond["guidance"] = guidance

@@ -173,12 +173,14 @@ def encode(
     width: int,
     control_image=None,
     controlnet_scale: float = 1.0,
+    distilled_guidance: float = GenerationParams.distilled_guidance,
 ) -> Prepared:
-    """Encode prompts (and SDXL micro-conditioning, ControlNet image) with diffusers for n rows."""
+    """Encode prompts (and SDXL micro-conditioning, ControlNet image, Flux-dev's distilled guidance)
+    with diffusers for n rows."""
     from . import dit
 
     if family in dit.FAMILIES:
-        return Prepared(**dit.encode(pipe, family, prompt, negative_prompt, n, cfg))
+        return Prepared(**dit.encode(pipe, family, prompt, negative_prompt, n, cfg, distilled_guidance))
     device, do_cfg = pipe._execution_device, cfg > 1.0
     if family in ("sd15", "demo"):  # the demo pipeline's encode_prompt has SD1.5's signature
         pe, ne = pipe.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
@@ -445,6 +447,7 @@ def generate_batch(
     seg_placement: str = SEGConfig.placement,
     guidance_rescale: float = GenerationParams.guidance_rescale,
     sequential: bool = GenerationParams.sequential,
+    distilled_guidance: float = GenerationParams.distilled_guidance,
     control_image=None,
     controlnet_scale: float = 1.0,
     device: str | torch.device | None = None,
@@ -478,6 +481,7 @@ def generate_batch(
         width=width,
         scheduler=name,
         sequential=sequential,
+        distilled_guidance=distilled_guidance,
     )
     params = [
         base.replace(prompt=p, negative_prompt=neg, seed=_integer(s))
@@ -524,8 +528,14 @@ def run_params(
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe)
     height, width = _check_size(pipe, height, width)
+    check_model_guidance(pipe, first.distilled_guidance)
+    extra = {
+        "control_image": control_image,
+        "controlnet_scale": controlnet_scale,
+        "distilled_guidance": first.distilled_guidance,
+    }
     parts = [
-        encode(pipe, family, p, neg, count, cfg, height, width, control_image, controlnet_scale)
+        encode(pipe, family, p, neg, count, cfg, height, width, **extra)
         for (p, neg), count in _runs([(q.prompt, q.negative_prompt) for q in params])
     ]
     cond = {k: torch.cat([q.cond[k] for q in parts]) for k in parts[0].cond}
@@ -558,6 +568,17 @@ def run_params(
             callback=callback,
         )
     return decode(pipe, latents, output_type)
+
+
+def check_model_guidance(pipe, value: float) -> None:
+    """A value other than the default needs a model that embeds it (Flux.1-dev): never ignored."""
+    from . import dit
+
+    if value != GenerationParams.distilled_guidance and not dit.takes_distilled_guidance(pipe):
+        raise ValueError(
+            f"distilled guidance applies only to guidance-distilled models (Flux.1-dev); "
+            f"{type(pipe).__name__} has no guidance input, got {value:g}"
+        )
 
 
 def _family_scheduler(pipe, family: str, scheduler, steps: int, height: int, width: int):

@@ -6,6 +6,7 @@ The expected blur is built here from the reference formula (Gaussian taps, refle
 
 from __future__ import annotations
 
+import json
 import math
 
 import diffusers
@@ -19,6 +20,7 @@ from seg_rt import dit, dit_attention
 from seg_rt.attention import SEGAttention
 from seg_rt.cli import main
 from seg_rt.errors import SEGNotApplied
+from seg_rt.params import GenerationParams
 from seg_rt.pipeline import generate
 from seg_rt.tiny import save_tiny_dit_pipeline, tiny_dit, tiny_dit_pipeline
 from tests.tolerance import assert_close, max_rel_error
@@ -259,10 +261,29 @@ def test_without_seg_equals_the_diffusers_pipeline(pipe, cfg):
         ours = dit.pack(ours)
     else:
         theirs = p(
-            "a red fox", negative_prompt="blurry", true_cfg_scale=cfg, guidance_scale=dit.FLUX_GUIDANCE, **kw
+            "a red fox",
+            negative_prompt="blurry",
+            true_cfg_scale=cfg,
+            guidance_scale=GenerationParams.distilled_guidance,
+            **kw,
         ).images
         ours = dit.pack(ours)
     assert_close(ours, theirs, rel=1e-5)
+
+
+def test_distilled_guidance_is_flux_dev_s_guidance_input(pipe):
+    """Flux.1-dev: ``distilled_guidance`` is FluxPipeline's ``guidance_scale`` (seg off: the same
+    latents) and changes the image; a model without a guidance input refuses another value."""
+    family, p = pipe
+    if family != "flux":
+        with pytest.raises(ValueError, match=r"distilled guidance applies only to guidance-distilled models"):
+            gen(p, distilled_guidance=2.0)
+        return
+    ours = gen(p, cfg=1.0, seg_scale=0.0, distilled_guidance=1.5, output_type="latent")
+    kw = {"num_inference_steps": 3, "height": 48, "width": 80, "output_type": "latent"}
+    theirs = p("a red fox", guidance_scale=1.5, generator=torch.Generator("cpu").manual_seed(3), **kw).images
+    assert_close(dit.pack(ours), theirs, rel=1e-5)
+    assert not torch.equal(ours, gen(p, cfg=1.0, seg_scale=0.0, output_type="latent"))
 
 
 def test_sizes_must_fit_the_patches(pipe):
@@ -334,6 +355,14 @@ def test_cli_generate_48x80(family, tmp_path):
     args += ["--compare", "--compare-sigmas", "1,inf", "--out", str(sheet), "--no-progress"]
     assert main(args) == 0
     assert Image.open(sheet).size[0] >= 4 * 80  # vanilla, CFG, SEG σ=1, SEG σ=inf
+    flagged = tmp_path / "guided.png"
+    args = ["generate", "--model", str(folder), "--height", "48", "--width", "80", "--steps", "2"]
+    args += ["--distilled-guidance", "2", "--out", str(flagged), "--no-progress"]
+    if family != "flux":  # no guidance input: refused, one line
+        assert main(args) != 0 and not flagged.exists()
+        return
+    assert main(args) == 0
+    assert json.loads(Image.open(flagged).text["parameters"])["distilled_guidance"] == 2.0
 
 
 # ---- LTX-Video: the fourth video family (pre-patchified tokens + num_frames / height / width) ----

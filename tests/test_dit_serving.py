@@ -32,6 +32,20 @@ def test_served_request_equals_generate(core):
     assert r.content == core.png(ref, p)
 
 
+def test_distilled_guidance_over_http(core):
+    """The HTTP field reaches Flux-dev's guidance input; a model without one answers 422, one line."""
+    body = {"prompt": "a", "seed": 1, "steps": 2, "height": 48, "width": 80, "distilled_guidance": 2.0}
+    r = TestClient(build_app(core)).post("/v1/generate", json=body)
+    if core.cfg.model == "tiny-sd3":
+        assert r.status_code == 422
+        assert r.json()["detail"].startswith("distilled guidance applies only to guidance-distilled models")
+        return
+    assert r.status_code == 200, r.text
+    ref = generate(core.pipe, "a", seed=1, steps=2, height=48, width=80, distilled_guidance=2.0)[0]
+    p = GenerationParams(prompt="a", seed=1, steps=2, height=48, width=80, distilled_guidance=2.0)
+    assert r.content == core.png(ref, p)
+
+
 def test_serving_checks_follow_the_family(core):
     """16-pixel multiples (8x VAE x 2x2 patches / packing), the family's default size, DiT block
     selectors: one 422 line each, before sampling."""
