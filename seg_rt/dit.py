@@ -270,6 +270,7 @@ class SEGDiT(nn.Module):
         self.seg = SEGAttention(transformer, sigma, layers, perturbation, adapter=adapter_of(transformer))
         self.seg.install()
         batch_invariance(transformer, True)  # per-sample results independent of the batch
+        self._image_ids: dict[tuple, Tensor] = {}  # Flux: (h, w, device, dtype) -> img_ids
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self.seg.set_mask(inputs.get("seg_mask"))
@@ -308,10 +309,19 @@ class SEGDiT(nn.Module):
             pooled_projections=inputs["pooled_projections"],
             encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
-            img_ids=image_ids(h // 2, w // 2, x.device, x.dtype),
+            img_ids=self._ids(h // 2, w // 2, x.device, x.dtype),
             return_dict=False,
         )[0]
         return unpack(out, h, w)
+
+    def _ids(self, h: int, w: int, device, dtype) -> Tensor:
+        """Flux's ``img_ids`` for an (h, w) token grid, built once per shape as a concrete tensor:
+        the SEG grid is read from their values, which an exporter's trace can read only from a
+        tensor made before it (``export_onnx`` runs the model eagerly first)."""
+        key = (h, w, str(device), dtype)
+        if key not in self._image_ids:
+            self._image_ids[key] = image_ids(h, w, device, dtype)
+        return self._image_ids[key]
 
     controlnet = None  # the export code asks every SEG denoiser for its ControlNet
 
@@ -324,11 +334,12 @@ class SEGDiT(nn.Module):
         batch_invariance(self.transformer, False)
 
 
-EXPORTABLE = ("sd3",)
-"""Image DiTs with an ONNX export. Flux's grid comes from the values of ``img_ids``, which a traced
-graph cannot read as Python ints; its export is not built yet."""
+EXPORTABLE = ("sd3", "flux")
+"""Image DiTs with an ONNX export (fixed shapes). Flux's grid is read from the values of its
+``img_ids``, built as a constant for the export's shape (``SEGDiT._ids``). Qwen-Image is not
+exportable yet (its padded text and mask make a graph of their own)."""
 
-T5_EXPORT_TOKENS = 256  # StableDiffusion3Pipeline.encode_prompt's max_sequence_length default
+T5_EXPORT_TOKENS = {"sd3": 256, "flux": 512}  # the pipelines' encode_prompt max_sequence_length defaults
 
 
 def export_inputs(pipe, rows: int, batch: int, height: int, width: int, dtype, seed: int = 0) -> dict:
@@ -342,10 +353,14 @@ def export_inputs(pipe, rows: int, batch: int, height: int, width: int, dtype, s
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     mask = torch.zeros(rows, dtype=torch.bool)
     mask[rows - batch :] = True
-    return {
+    text_tokens = T5_EXPORT_TOKENS[family] + (clip_tokens if family == "sd3" else 0)  # Flux: T5 only
+    inputs = {
         "sample": rnd(*latent_shape(pipe, rows, height, width)),
         "timestep": torch.full((rows,), 500.0),
-        "encoder_hidden_states": rnd(rows, clip_tokens + T5_EXPORT_TOKENS, config.joint_attention_dim),
+        "encoder_hidden_states": rnd(rows, text_tokens, config.joint_attention_dim),
         "pooled_projections": rnd(rows, config.pooled_projection_dim),
-        "seg_mask": mask,
     }
+    if takes_distilled_guidance(pipe):  # Flux-dev's guidance input (a runtime value per row)
+        inputs["guidance"] = torch.full((rows,), 3.5)
+    inputs["seg_mask"] = mask
+    return inputs

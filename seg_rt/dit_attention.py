@@ -400,12 +400,20 @@ def sd3_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
 
 
 def flux_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
-    """(1, H, W) from ``img_ids [H·W, 3]`` (0, row, column), row-major as diffusers builds them."""
+    """(1, H, W) from ``img_ids [H·W, 3]`` (0, row, column), row-major as diffusers builds them.
+
+    The values are read on the host, and the grid is kept on the ids tensor (``_seg_grid``, with the
+    tensor's version) for the next call: an exporter's trace cannot read tensor values, so it reuses
+    the grid an eager call found for the same tensor (``seg_rt.dit.SEGDiT`` makes one per shape)."""
     ids = kwargs["img_ids"]
-    if ids.ndim == 3:  # deprecated batched ids
-        ids = ids[0]
-    w = int(ids[:, 2].max().item()) + 1
-    return 1, ids.shape[0] // w, w
+    memo = getattr(ids, "_seg_grid", None)
+    if memo is not None and memo[0] == ids._version:
+        return memo[1]
+    flat = ids[0] if ids.ndim == 3 else ids  # deprecated batched ids
+    w = int(flat[:, 2].max().item()) + 1
+    grid = (1, flat.shape[0] // w, w)
+    ids._seg_grid = (ids._version, grid)
+    return grid
 
 
 SD3 = Adapter(

@@ -533,53 +533,70 @@ def test_cli_video_ltx(tmp_path):
     assert code == 0 and out.stat().st_size > 0
 
 
-# ---- ONNX export of an image DiT (SD3) ----
+# ---- ONNX export of the image DiTs (SD3, Flux) ----
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def export_pipe(request):
+    return request.param, tiny_dit_pipeline(request.param)
 
 
 @pytest.fixture(scope="module")
-def sd3_pipe():
-    return tiny_dit_pipeline("sd3")
-
-
-@pytest.fixture(scope="module")
-def sd3_exports(sd3_pipe, tmp_path_factory):
+def dit_exports(export_pipe, tmp_path_factory):
     """sigma -> export folder (None: runtime σ), 48x80, CFG rows [uncond, cond, seg]."""
     from seg_rt.export import export_onnx
 
+    family, pipe = export_pipe
     made: dict = {}
 
     def get(sigma):
         if sigma not in made:
-            out = tmp_path_factory.mktemp("sd3onnx") / "engine"
-            made[sigma] = export_onnx(sd3_pipe, out, height=48, width=80, sigma=sigma)
+            out = tmp_path_factory.mktemp(f"{family}onnx") / "engine"
+            made[sigma] = export_onnx(pipe, out, height=48, width=80, sigma=sigma)
         return made[sigma]
 
     return get
 
 
 @pytest.mark.parametrize("sigma", [2.0, None])
-def test_sd3_onnx_export_validates_and_passes_the_tensorrt_op_check(sd3_exports, sigma):
+def test_dit_onnx_export_validates_and_passes_the_tensorrt_op_check(export_pipe, dit_exports, sigma):
+    """Flux's grid (3x5) comes from its img_ids, read eagerly before the trace (``flux_grid``)."""
     from seg_rt.export.tensorrt import check_onnx_for_tensorrt
 
-    result = sd3_exports(sigma)
+    family, _ = export_pipe
+    result = dit_exports(sigma)
     assert result.validation["max_rel_error"] < 1e-4  # export_onnx raises above its own bound
-    assert result.info.family == "sd3" and result.info.latent_height == 6 and result.info.latent_width == 10
+    assert result.info.family == family and result.info.latent_height == 6 and result.info.latent_width == 10
     assert ("seg_blur_3" in result.info.input_names) == (sigma is None)
+    assert ("seg_blur_5" in result.info.input_names) == (sigma is None)
+    assert ("guidance" in result.info.input_names) == (family == "flux")  # Flux-dev's runtime input
     check_onnx_for_tensorrt(result.folder)
 
 
 @pytest.mark.parametrize("sigma", [2.0, None])
-def test_sd3_onnx_engine_image_equals_torch(sd3_pipe, sd3_exports, sigma):
+def test_dit_onnx_engine_image_equals_torch(export_pipe, dit_exports, sigma):
     """``engine="onnx:DIR"`` (baked σ 2, or runtime σ set to 2) gives torch's latents within the
     UNet exports' bound; the SEG window makes some steps run 2 of the engine's 3 rows (padding)."""
+    _, pipe = export_pipe
     kw = {"steps": 3, "height": 48, "width": 80, "seg_sigma": 2.0, "seg_end": 0.5, "output_type": "latent"}
-    ours = generate(sd3_pipe, "a red fox", **kw)
-    onnx = generate(sd3_pipe, "a red fox", engine=f"onnx:{sd3_exports(sigma).folder}", **kw)
+    ours = generate(pipe, "a red fox", **kw)
+    onnx = generate(pipe, "a red fox", engine=f"onnx:{dit_exports(sigma).folder}", **kw)
     assert_close(onnx, ours, rel=1e-4, what="ONNX Runtime vs torch latents")
 
 
-def test_flux_export_is_refused_with_one_line(tmp_path):
+def test_flux_onnx_distilled_guidance_is_a_runtime_input(export_pipe, dit_exports):
+    family, pipe = export_pipe
+    if family != "flux":
+        pytest.skip("Flux-dev only")
+    kw = {"steps": 2, "height": 48, "width": 80, "seg_sigma": 2.0, "output_type": "latent"}
+    kw["distilled_guidance"] = 1.5
+    ours = generate(pipe, "a red fox", **kw)
+    onnx = generate(pipe, "a red fox", engine=f"onnx:{dit_exports(2.0).folder}", **kw)
+    assert_close(onnx, ours, rel=1e-4, what="ONNX Runtime vs torch latents")
+
+
+def test_qwenimage_export_is_refused_with_one_line(tmp_path):
     from seg_rt.export import export_onnx
 
-    with pytest.raises(ValueError, match="ONNX export supports the image DiTs sd3, got flux"):
-        export_onnx(tiny_dit_pipeline("flux"), tmp_path / "x", height=48, width=80)
+    with pytest.raises(ValueError, match="ONNX export supports the image DiTs sd3, flux, got qwenimage"):
+        export_onnx(tiny_dit_pipeline("qwenimage"), tmp_path / "x", height=48, width=80)
