@@ -290,7 +290,10 @@ def size_factor(pipe) -> int:
 
     if dit.pipeline_family(pipe) is not None:
         return dit.size_factor(pipe)
-    return int(getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor)
+    for video in ("vae_scale_factor_spatial", "vae_spatial_compression_ratio"):  # LTX-Video's name
+        if getattr(pipe, video, None):
+            return int(getattr(pipe, video))
+    return int(pipe.vae_scale_factor)
 
 
 def default_side(pipe) -> int:
@@ -326,7 +329,7 @@ def select_seg_layers(pipe, selectors: Sequence[str]) -> list[str]:
 def folder_scale_factor(folder: str | Path) -> int | None:
     """The pixel-size factor of a local diffusers folder, read from its config files without loading
     weights (what ``size_factor(pipe)`` will be once loaded): 1 for the pixel-space demo model, Wan's
-    ``scale_factor_spatial``, Qwen-Image's ``2 ** len(temperal_downsample)``, else ``2 **
+    ``scale_factor_spatial``, LTX-Video's ``spatial_compression_ratio``, Qwen-Image's ``2 ** len(temperal_downsample)``, else ``2 **
     (len(block_out_channels) - 1)`` of the VAE as diffusers computes it; times the patch size (SD3)
     or the 2x2 packing (Flux, Qwen-Image) for image DiTs. ``None`` when the folder is not a
     diffusers folder."""
@@ -344,6 +347,9 @@ def folder_scale_factor(folder: str | Path) -> int | None:
         config = json.loads(vae.read_text())
         if "scale_factor_spatial" in config:
             return int(config["scale_factor_spatial"])
+        if "spatio_temporal_scaling" in config:  # LTX-Video's VAE, as it computes its ratio
+            scaling = config["spatio_temporal_scaling"]
+            return int(config.get("spatial_compression_ratio") or config["patch_size"] * 2 ** sum(scaling))
         if "temperal_downsample" in config:
             factor = 2 ** len(config["temperal_downsample"])
         else:

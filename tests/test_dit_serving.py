@@ -1,5 +1,5 @@
 """Image DiTs through jobs and serving: the Ray-free job worker and serving core on tiny SD3 / Flux
-pipelines give the same bytes as ``seg_rt.generate`` (the same code path, so bit-equal), and the
+(and, served, Qwen-Image) pipelines give the same bytes as ``seg_rt.generate`` (the same code path, so bit-equal), and the
 model-side checks (size multiple, default size, layer selectors) follow the family's rules."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from seg_rt.pipeline import folder_scale_factor, generate
 from seg_rt.tiny import save_tiny_dit_pipeline, tiny_dit_pipeline
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage"])
 def core(request):
     return ServingCore(ServeConfig(model=f"tiny-{request.param}"), tiny_dit_pipeline(request.param))
 
@@ -36,7 +36,7 @@ def test_distilled_guidance_over_http(core):
     """The HTTP field reaches Flux-dev's guidance input; a model without one answers 422, one line."""
     body = {"prompt": "a", "seed": 1, "steps": 2, "height": 48, "width": 80, "distilled_guidance": 2.0}
     r = TestClient(build_app(core)).post("/v1/generate", json=body)
-    if core.cfg.model == "tiny-sd3":
+    if core.cfg.model != "tiny-flux":
         assert r.status_code == 422
         assert r.json()["detail"].startswith("distilled guidance applies only to guidance-distilled models")
         return
@@ -51,7 +51,7 @@ def test_serving_checks_follow_the_family(core):
     selectors: one 422 line each, before sampling."""
     family = core.cfg.model.removeprefix("tiny-")
     assert core.factor == 16
-    assert core.default_side == (64 if family == "sd3" else 1024)  # SD3: sample_size x 8; Flux: 1024
+    assert core.default_side == (64 if family == "sd3" else 1024)  # SD3: sample_size x 8; else 1024
     c = TestClient(build_app(core))
     r = c.post("/v1/generate", json={"prompt": "a", "height": 40, "width": 80, "steps": 1})
     assert r.status_code == 422 and r.json()["detail"] == "height must be a positive multiple of 16, got 40"
@@ -61,7 +61,7 @@ def test_serving_checks_follow_the_family(core):
     assert r.status_code == 422 and r.json()["detail"].startswith("seg layer")
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
 def test_job_items_equal_generate(family, tmp_path):
     folder = save_tiny_dit_pipeline(family, tmp_path / family)
     assert folder_scale_factor(folder) == 16  # the spec checks sizes before any worker loads
@@ -90,3 +90,33 @@ def test_job_items_equal_generate(family, tmp_path):
         torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="height must be a positive multiple of 16, got 40"):
         JobSpec(model=str(folder), prompts=("a",), height=40, width=80, output=str(tmp_path / "o"))
+
+
+def test_ltx_video_job_item_equals_generate_video(tmp_path):
+    """LTX-Video through the job worker: the item's mp4 is ``generate_video``'s frames, encoded."""
+    from seg_rt.tiny import save_tiny_video_pipeline
+    from seg_rt.video.io import mp4_bytes
+    from seg_rt.video.sampling import generate_video
+
+    folder = save_tiny_video_pipeline("ltx", tmp_path / "ltx")
+    assert folder_scale_factor(folder) == 8  # patch 1 x 2^3 spatio-temporal scalings
+    video = {"frames": 9, "fps": 6, "mode": "spatiotemporal", "sigma_time": 1.0}
+    spec = JobSpec(
+        model=str(folder),
+        prompts=("a cat",),
+        steps=2,
+        height=48,
+        width=80,
+        video=video,
+        output=str(tmp_path / "o"),
+    )
+    (item,) = expand_items(spec, tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        worker = SEGWorker(spec.model_dump(mode="json"), "w0")
+        (row,) = worker.run([item])
+        assert "error" not in row, row
+        frames = generate_video(worker.pipe, params=item.params)[0]
+        assert row["mp4"] == mp4_bytes(frames, fps=6)
+    finally:
+        torch.set_num_threads(threads)
