@@ -126,3 +126,18 @@ def test_ltx_video_job_item_equals_generate_video(tmp_path, monkeypatch):
         assert row["mp4"] == raw(frames, 6)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a1111_distilled_cfg_scale_is_the_distilled_guidance(core):
+    """Forge's ``distilled_cfg_scale`` (its Flux field) on ``/sdapi/v1/txt2img``."""
+    import base64
+
+    body = {"prompt": "a", "seed": 1, "steps": 2, "height": 48, "width": 80, "distilled_cfg_scale": 2.0}
+    r = TestClient(build_app(core)).post("/sdapi/v1/txt2img", json=body)
+    if core.cfg.model != "tiny-flux":
+        assert r.status_code == 422 and "distilled guidance applies only to guidance-distilled" in r.text
+        return
+    assert r.status_code == 200, r.text
+    ref = generate(core.pipe, "a", seed=1, steps=2, height=48, width=80, distilled_guidance=2.0)[0]
+    p = GenerationParams(prompt="a", seed=1, steps=2, height=48, width=80, distilled_guidance=2.0)
+    assert base64.b64decode(r.json()["images"][0]) == core.png(ref, p)
