@@ -182,9 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser(
-        "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan)"
+        "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan, LTX-Video)"
     )
-    v.add_argument("--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan folder or hub id")
+    v.add_argument(
+        "--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan / LTX-Video folder or hub id"
+    )
     _add_request_args(v)
     v.add_argument("--frames", type=int, default=_VIDEO.frames)
     v.add_argument("--seg-mode", default=_VIDEO.mode, help="spatial, temporal or spatiotemporal")
