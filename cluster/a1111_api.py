@@ -6,6 +6,7 @@ request and response, ``sd-models``, ``samplers``, ``schedulers``, ``options``, 
 ``set_auth(user, KEY)`` sends HTTP Basic auth (any user name, the server's API key as password).
 
 The one mapping onto ``GenerateRequest`` is ``to_generate_request``: ``cfg_scale`` → ``cfg``,
+``distilled_cfg_scale`` (Forge's Flux field) → ``distilled_guidance``,
 ``batch_size × n_iter`` images with seeds ``seed + i`` (as the web UI numbers them),
 ``sampler_name`` (or the older ``sampler_index``) → a seg-rt scheduler through ``SAMPLERS``,
 ``seed: -1`` (the web UI's default) → a random seed, reported back in ``info`` and ``parameters``.
@@ -76,6 +77,7 @@ class Txt2ImgRequest(BaseModel):
     seed: int = RANDOM_SEED
     steps: int | None = None
     cfg_scale: float | None = None
+    distilled_cfg_scale: float | None = None  # Forge's Flux distilled guidance
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
@@ -226,6 +228,7 @@ def to_generate_request(req: Txt2ImgRequest, served_model: str, default_schedule
         "seed": seed,
         "steps": req.steps,
         "cfg": req.cfg_scale,
+        "distilled_guidance": req.distilled_cfg_scale,
         "width": req.width,
         "height": req.height,
         "scheduler": scheduler_for(req.sampler_name or req.sampler_index, default_scheduler),

@@ -259,13 +259,14 @@ class GenerateRequest(BaseModel):
     seg_start: float = SEGConfig.start
     seg_end: float = SEGConfig.end
     guidance_rescale: float = GenerationParams.guidance_rescale
+    distilled_guidance: float = GenerationParams.distilled_guidance
     height: int | None = None
     width: int | None = None
     scheduler: Scheduler | None = None
     num_images: int = Field(1, ge=1)
     response: Literal["png", "json"] = "png"
 
-    @field_validator("steps", "cfg", "guidance_rescale", "height", "width")
+    @field_validator("steps", "cfg", "guidance_rescale", "distilled_guidance", "height", "width")
     @classmethod
     def _params_fields(cls, v: Any, info) -> Any:
         return _params_rule(info.field_name, v)
@@ -300,6 +301,7 @@ class GenerateRequest(BaseModel):
             cfg=self.cfg,
             seg=seg,
             guidance_rescale=self.guidance_rescale,
+            distilled_guidance=self.distilled_guidance,
             height=self.height or height,
             width=self.width or width,
             scheduler=self.scheduler or scheduler,
@@ -379,8 +381,11 @@ class ServingCore:
         self.engine = engine
         self.group = group  # latency mode: the branch-parallel ranks that sample (closed with the core)
         self._run = run if group is None else partial(run_on_group, group)
-        self.factor = int(pipe.vae_scale_factor)
-        self.default_side = int(pipe.unet.config.sample_size) * self.factor
+        from seg_rt.pipeline import default_side, size_factor
+
+        self.factor = size_factor(pipe)  # pixel sizes are multiples of it (the family's rule)
+        self.latent_factor = int(pipe.vae_scale_factor)  # pixels per latent (engine shapes)
+        self.default_side = default_side(pipe)
         self.max_side = cfg.limits.max_side or 4 * self.default_side
         # a fixed-shape engine (seg_rt.engines.Denoiser) accepts one shape and at most its batch per run
         self.shapes = engine.shapes if engine is not None and engine.shapes.batch is not None else None
@@ -462,15 +467,17 @@ class ServingCore:
         return [p.replace(seed=p.seed + i) for i in range(req.num_images)]
 
     def check_model(self, p: GenerationParams) -> None:
-        """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers."""
-        from seg_rt.layers import select_layers
-        from seg_rt.pipeline import check_size
+        """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers,
+        whether it takes a distilled guidance value."""
+        from seg_rt.pipeline import check_model_guidance, check_size, select_seg_layers
 
         check_size(p.height, p.width, self.factor)
+        check_model_guidance(self.pipe, p.distilled_guidance)
         if self.shapes is not None:
-            self.shapes.check(self.shapes.batch, p.height // self.factor, p.width // self.factor)
+            f = self.latent_factor
+            self.shapes.check(self.shapes.batch, p.height // f, p.width // f)
         if p.seg.enabled:
-            select_layers(self.pipe.unet, p.seg.layers)
+            select_seg_layers(self.pipe, p.seg.layers)
 
     # ---- one batch of checked requests -------------------------------------------------------
 

@@ -163,6 +163,7 @@ class JobSpec(_Strict):
     engine: Annotated[str, AfterValidator(_engine_syntax)] = "torch"
     seg: SegSpec = SegSpec()
     cfg: float = _REQUEST.cfg
+    distilled_guidance: float = _REQUEST.distilled_guidance
     steps: int = Field(_REQUEST.steps, ge=1)
     height: int | None = Field(_REQUEST.height, gt=0)
     width: int | None = Field(_REQUEST.width, gt=0)
@@ -207,6 +208,7 @@ class JobSpec(_Strict):
             negative_prompt=self.negative_prompt,
             steps=self.steps,
             cfg=self.cfg,
+            distilled_guidance=self.distilled_guidance,
             seg=self.seg.config(),
             height=self.height,
             width=self.width,

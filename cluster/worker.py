@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from seg_rt.images import params_text, png_bytes
-from seg_rt.pipeline import check_size, load_pipeline, run_params
+from seg_rt.pipeline import check_model_guidance, check_size, load_pipeline, run_params, size_factor
 
 from .spec import Item, JobSpec
 from .storage import resolve_model
@@ -37,9 +37,10 @@ class SEGWorker:
         )
         t0 = time.perf_counter()
         self.pipe = load_pipeline(resolve_model(self.spec.model), device)  # a URL: fetched once per node
-        # a hub model's scale factor is known only now (a local folder's was checked with the spec)
-        factor = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
-        check_size(self.spec.height, self.spec.width, factor)
+        # a hub model's scale factor is known only now (a local folder's was checked with the spec);
+        # so is whether it takes a distilled guidance value
+        check_size(self.spec.height, self.spec.width, size_factor(self.pipe))
+        check_model_guidance(self.pipe, self.spec.distilled_guidance)
         self.engine = None
         if self.spec.engine != "torch":
             from seg_rt.engines import load_engine

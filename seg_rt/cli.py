@@ -69,6 +69,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="batched (default: an extra perturbed row) or uncond (cheap: blur inside the uncond row)",
     )
     p.add_argument("--guidance-rescale", type=float, default=_REQUEST.guidance_rescale)
+    p.add_argument(
+        "--distilled-guidance",
+        type=float,
+        default=_REQUEST.distilled_guidance,
+        help="guidance value a guidance-distilled model embeds (Flux.1-dev; not CFG)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument(
         "--sequential",
@@ -147,7 +153,11 @@ def request_from_args(args) -> GenerationParams:
         args.seg_placement,
     )
     return GenerationParams(
-        **_shared_fields(args), seg=seg, guidance_rescale=args.guidance_rescale, sequential=args.sequential
+        **_shared_fields(args),
+        seg=seg,
+        guidance_rescale=args.guidance_rescale,
+        sequential=args.sequential,
+        distilled_guidance=args.distilled_guidance,
     )
 
 
@@ -191,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser(
-        "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan)"
+        "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan, LTX-Video)"
     )
-    v.add_argument("--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan folder or hub id")
+    v.add_argument(
+        "--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan / LTX-Video folder or hub id"
+    )
     _add_request_args(v)
     v.add_argument("--frames", type=int, default=_VIDEO.frames)
     v.add_argument("--seg-mode", default=_VIDEO.mode, help="spatial, temporal or spatiotemporal")

@@ -1,15 +1,20 @@
-"""Image DiT families (SD3 / SD3.5, Flux.1): prompt encoding, latents, schedule, denoiser, decoding.
+"""Image DiT families (SD3 / SD3.5, Flux.1, Qwen-Image): prompt encoding, latents, schedule, denoiser, decoding.
 
 Each step reproduces the family's diffusers pipeline (``StableDiffusion3Pipeline``,
-``FluxPipeline``) so that seed s gives diffusers' noise for ``torch.Generator("cpu").manual_seed(s)``
+``FluxPipeline``, ``QwenImagePipeline``) so that seed s gives diffusers' noise for ``torch.Generator("cpu").manual_seed(s)``
 and the same schedule: the family's own ``FlowMatchEulerDiscreteScheduler`` (Flux: ``sigmas =
 linspace(1, 1/steps)`` and the resolution-dependent shift ``mu``), the pipelines' ``encode_prompt``,
 and the VAE's ``scaling_factor`` / ``shift_factor``. SEG guidance combines the velocity
 predictions with the same formula as noise predictions (docs/design.md, "SEG, exactly").
 
-Flux's latents stay unpacked ``[B, C, 2H, 2W]`` in the sampler (Flux's scheduler step is
-elementwise, so packing, a permutation, commutes with it); ``SEGDiT`` packs them into 2×2 patches
-for the transformer and unpacks its output, exactly as ``FluxPipeline`` packs its noise.
+Flux's and Qwen-Image's latents stay unpacked ``[B, C, 2H, 2W]`` in the sampler (their scheduler
+step is elementwise, so packing, a permutation, commutes with it); ``SEGDiT`` packs them into 2×2
+patches for the transformer and unpacks its output, exactly as the pipelines pack their noise.
+
+Qwen-Image differs from its pipeline in two documented ways: every prompt's embedding is padded to
+``QWEN_TEXT_TOKENS`` with its mask (diffusers keeps each run's own length), so that a row's result
+does not depend on the other prompts of its batch; and its CFG is seg-rt's shared formula, without
+``QwenImagePipeline``'s per-token norm rescale of the CFG prediction.
 """
 
 from __future__ import annotations
@@ -28,14 +33,15 @@ from .dit_attention import MODEL_FAMILIES, adapter_of
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("sd3", "flux")  # pipeline classes: seg_rt.families
-FLUX_GUIDANCE = 3.5
-"""Flux.1-dev's distilled guidance embedding (``FluxPipeline``'s ``guidance_scale`` default); ``cfg``
-is Flux's *true* CFG (with the negative prompt), off at ``cfg = 1``."""
+FAMILIES = ("sd3", "flux", "qwenimage")  # pipeline classes: seg_rt.families
+PACKED = ("flux", "qwenimage")  # 2x2-packed latent tokens, RoPE positions instead of a patchify conv
+QWEN_TEXT_TOKENS = 512
+"""Qwen-Image prompt embeddings are padded (masked) to this length: ``QwenImagePipeline``'s
+``max_sequence_length`` default, so every row of every batch has the same text length."""
 
 
 def pipeline_family(pipe) -> str | None:
-    """``"sd3"`` / ``"flux"`` for an image-DiT pipeline (``seg_rt.families``), else None."""
+    """``"sd3"`` / ``"flux"`` / ``"qwenimage"`` for an image-DiT pipeline (``seg_rt.families``), else None."""
     from .families import family_of
 
     try:
@@ -46,8 +52,9 @@ def pipeline_family(pipe) -> str | None:
 
 
 def size_factor(pipe) -> int:
-    """Pixel sizes are multiples of the VAE factor times the patch (SD3) / the 2x2 packing (Flux)."""
-    if pipeline_family(pipe) == "flux":
+    """Pixel sizes are multiples of the VAE factor times the patch (SD3) / the 2x2 packing (Flux,
+    Qwen-Image)."""
+    if pipeline_family(pipe) in PACKED:
         return pipe.vae_scale_factor * 2
     return pipe.vae_scale_factor * pipe.transformer.config.patch_size
 
@@ -60,9 +67,29 @@ def default_size(pipe) -> int:
     )
 
 
-def encode(pipe, family: str, prompt: str, negative_prompt: str | None, n: int, cfg: float) -> dict:
-    """Per-row inputs ``{"cond": {...}, "uncond": {...} or None}`` from the pipeline's ``encode_prompt``."""
+def takes_distilled_guidance(pipe) -> bool:
+    """Whether the pipeline's transformer embeds a distilled guidance value (Flux.1-dev, not schnell)."""
+    return pipeline_family(pipe) == "flux" and bool(pipe.transformer.config.guidance_embeds)
+
+
+def encode(
+    pipe,
+    family: str,
+    prompt: str,
+    negative_prompt: str | None,
+    n: int,
+    cfg: float,
+    distilled_guidance: float,
+) -> dict:
+    """Per-row inputs ``{"cond": {...}, "uncond": {...} or None}`` from the pipeline's ``encode_prompt``.
+
+    ``cfg`` is true CFG (SD3's usual CFG; Flux's and Qwen-Image's with the negative prompt, off at 1);
+    ``distilled_guidance`` is the value Flux.1-dev embeds (``GenerationParams.distilled_guidance``)."""
     device, do_cfg = pipe._execution_device, cfg > 1.0
+    if family == "qwenimage":
+        cond = _qwen_embeds(pipe, prompt, n)
+        uncond = _qwen_embeds(pipe, negative_prompt or "", n) if do_cfg else None
+        return {"cond": cond, "uncond": uncond}
     if family == "sd3":
         pe, ne, pooled, npooled = pipe.encode_prompt(
             prompt,
@@ -84,18 +111,33 @@ def encode(pipe, family: str, prompt: str, negative_prompt: str | None, n: int, 
             negative_prompt or "", None, device=device, num_images_per_prompt=n
         )
         uncond = {"encoder_hidden_states": ne, "pooled_projections": npooled}
-    if pipe.transformer.config.guidance_embeds:
-        guidance = torch.full((n,), FLUX_GUIDANCE, device=device, dtype=torch.float32)
+    if takes_distilled_guidance(pipe):
+        guidance = torch.full((n,), float(distilled_guidance), device=device, dtype=torch.float32)
         cond["guidance"] = guidance
         if uncond is not None:
             uncond["guidance"] = guidance
     return {"cond": cond, "uncond": uncond}
 
 
+def _qwen_embeds(pipe, prompt: str, n: int) -> dict:
+    """``QwenImagePipeline.encode_prompt`` for n rows, padded with its mask to ``QWEN_TEXT_TOKENS``."""
+    embeds, mask = pipe.encode_prompt(
+        prompt, device=pipe._execution_device, num_images_per_prompt=n, max_sequence_length=QWEN_TEXT_TOKENS
+    )
+    # embeds: [n, L, D]; mask: [n, L] or None (all valid)
+    length = embeds.shape[1]
+    if mask is None:
+        mask = torch.ones(n, length, dtype=torch.long, device=embeds.device)
+    pad = QWEN_TEXT_TOKENS - length
+    embeds = torch.cat([embeds, embeds.new_zeros(n, pad, embeds.shape[2])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(n, pad)], dim=1)
+    return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+
+
 def latent_shape(pipe, n: int, height: int, width: int) -> tuple[int, int, int, int]:
     """Unpacked latent shape ``[n, C, h, w]`` as the pipeline's ``prepare_latents`` draws its noise."""
     f = pipe.vae_scale_factor
-    if pipeline_family(pipe) == "flux":
+    if pipeline_family(pipe) in PACKED:
         channels = pipe.transformer.config.in_channels // 4
         return n, channels, 2 * (height // (f * 2)), 2 * (width // (f * 2))
     return n, pipe.transformer.config.in_channels, height // f, width // f
@@ -120,11 +162,14 @@ def make_scheduler(pipe, steps: int, height: int, width: int):
 
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     family, config = pipeline_family(pipe), sched.config
+    if family in PACKED and config.get("shift_terminal") and steps < 2:
+        # sigmas = linspace(1, 1/steps) is [1.0]: stretching it to shift_terminal divides by zero
+        raise ValueError(f"{family} with a terminal shift (shift_terminal) needs steps >= 2, got {steps}")
     _, _, h, w = latent_shape(pipe, 1, height, width)
-    p = 2 if family == "flux" else pipe.transformer.config.patch_size
+    p = 2 if family in PACKED else pipe.transformer.config.patch_size
     seq_len = (h // p) * (w // p)
     kwargs = {}
-    if family == "flux" or config.get("use_dynamic_shifting", False):
+    if family in PACKED or config.get("use_dynamic_shifting", False):
         kwargs["mu"] = calculate_shift(
             seq_len,
             config.get("base_image_seq_len", 256),
@@ -132,7 +177,7 @@ def make_scheduler(pipe, steps: int, height: int, width: int):
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-    if family == "flux" and not config.get("use_flow_sigmas", False):
+    if family in PACKED and not config.get("use_flow_sigmas", False):
         kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
     if kwargs:
         sched.set_timesteps = functools.partial(sched.set_timesteps, **kwargs)
@@ -145,6 +190,14 @@ def decode(pipe, latents: Tensor, output_type: str):
     if output_type == "latent":
         return latents
     vae = pipe.vae
+    if pipeline_family(pipe) == "qwenimage":  # a video VAE: one frame, per-channel mean and std
+        c = latents.shape[1]
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(latents.device, vae.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(latents.device, vae.dtype)
+        latents = latents.to(vae.dtype)[:, :, None] * std + mean  # [B, C, 1, h, w]
+        with torch.no_grad():
+            image = torch.cat([vae.decode(x[None], return_dict=False)[0][:, :, 0] for x in latents])
+        return pipe.image_processor.postprocess(image, output_type=output_type)
     latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
     with torch.no_grad():
         image = torch.cat([vae.decode(latent[None], return_dict=False)[0] for latent in latents])
@@ -200,10 +253,12 @@ def batch_invariance(transformer: nn.Module, on: bool) -> None:
 
 
 class SEGDiT(nn.Module):
-    """An SD3 / Flux transformer with SEG installed; ``forward(inputs)`` → the velocity prediction.
+    """An SD3 / Flux / Qwen-Image transformer with SEG installed; ``forward(inputs)`` → the velocity
+    prediction.
 
     Inputs: ``sample`` (unpacked latents ``[B, C, h, w]``), ``timestep`` (the scheduler's, 0-1000),
-    ``encoder_hidden_states``, ``pooled_projections``, Flux-dev's ``guidance``, and ``seg_mask``.
+    ``encoder_hidden_states``, ``pooled_projections`` (SD3, Flux), Flux-dev's ``guidance``,
+    Qwen-Image's ``encoder_hidden_states_mask``, and ``seg_mask``.
     """
 
     def __init__(
@@ -215,6 +270,7 @@ class SEGDiT(nn.Module):
         self.seg = SEGAttention(transformer, sigma, layers, perturbation, adapter=adapter_of(transformer))
         self.seg.install()
         batch_invariance(transformer, True)  # per-sample results independent of the batch
+        self._image_ids: dict[tuple, Tensor] = {}  # Flux: (h, w, device, dtype) -> img_ids
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self.seg.set_mask(inputs.get("seg_mask"))
@@ -227,27 +283,45 @@ class SEGDiT(nn.Module):
 
     def _forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         x, t, text = inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"]
-        pooled = inputs["pooled_projections"]
         if self.family == "sd3":
             return self.transformer(
                 hidden_states=x,
                 timestep=t,
                 encoder_hidden_states=text,
-                pooled_projections=pooled,
+                pooled_projections=inputs["pooled_projections"],
                 return_dict=False,
             )[0]
         h, w = x.shape[-2:]
+        if self.family == "qwenimage":
+            out = self.transformer(
+                hidden_states=pack(x),
+                timestep=t.to(x.dtype) / 1000,
+                encoder_hidden_states=text,
+                encoder_hidden_states_mask=inputs["encoder_hidden_states_mask"],
+                img_shapes=[[(1, h // 2, w // 2)]] * x.shape[0],
+                return_dict=False,
+            )[0]
+            return unpack(out, h, w)
         out = self.transformer(
             hidden_states=pack(x),
             timestep=t.to(x.dtype) / 1000,
             guidance=inputs.get("guidance"),
-            pooled_projections=pooled,
+            pooled_projections=inputs["pooled_projections"],
             encoder_hidden_states=text,
             txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=text.dtype),
-            img_ids=image_ids(h // 2, w // 2, x.device, x.dtype),
+            img_ids=self._ids(h // 2, w // 2, x.device, x.dtype),
             return_dict=False,
         )[0]
         return unpack(out, h, w)
+
+    def _ids(self, h: int, w: int, device, dtype) -> Tensor:
+        """Flux's ``img_ids`` for an (h, w) token grid, built once per shape as a concrete tensor:
+        the SEG grid is read from their values, which an exporter's trace can read only from a
+        tensor made before it (``export_onnx`` runs the model eagerly first)."""
+        key = (h, w, str(device), dtype)
+        if key not in self._image_ids:
+            self._image_ids[key] = image_ids(h, w, device, dtype)
+        return self._image_ids[key]
 
     controlnet = None  # the export code asks every SEG denoiser for its ControlNet
 
@@ -260,11 +334,12 @@ class SEGDiT(nn.Module):
         batch_invariance(self.transformer, False)
 
 
-EXPORTABLE = ("sd3",)
-"""Image DiTs with an ONNX export. Flux's grid comes from the values of ``img_ids``, which a traced
-graph cannot read as Python ints; its export is not built yet."""
+EXPORTABLE = ("sd3", "flux")
+"""Image DiTs with an ONNX export (fixed shapes). Flux's grid is read from the values of its
+``img_ids``, built as a constant for the export's shape (``SEGDiT._ids``). Qwen-Image is not
+exportable yet (its padded text and mask make a graph of their own)."""
 
-T5_EXPORT_TOKENS = 256  # StableDiffusion3Pipeline.encode_prompt's max_sequence_length default
+T5_EXPORT_TOKENS = {"sd3": 256, "flux": 512}  # the pipelines' encode_prompt max_sequence_length defaults
 
 
 def export_inputs(pipe, rows: int, batch: int, height: int, width: int, dtype, seed: int = 0) -> dict:
@@ -278,26 +353,14 @@ def export_inputs(pipe, rows: int, batch: int, height: int, width: int, dtype, s
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
     mask = torch.zeros(rows, dtype=torch.bool)
     mask[rows - batch :] = True
-    return {
+    text_tokens = T5_EXPORT_TOKENS[family] + (clip_tokens if family == "sd3" else 0)  # Flux: T5 only
+    inputs = {
         "sample": rnd(*latent_shape(pipe, rows, height, width)),
         "timestep": torch.full((rows,), 500.0),
-        "encoder_hidden_states": rnd(rows, clip_tokens + T5_EXPORT_TOKENS, config.joint_attention_dim),
+        "encoder_hidden_states": rnd(rows, text_tokens, config.joint_attention_dim),
         "pooled_projections": rnd(rows, config.pooled_projection_dim),
-        "seg_mask": mask,
     }
-
-
-def load_engine(spec: str, pipe):
-    """``torch``: the eager ``DiTDenoiser``; ``onnx:DIR`` / ``trt:DIR``: an exported SD3 denoiser
-    (the engines take inputs by name, the same for every family)."""
-    if spec == "torch":
-        from seg_rt.engines.dit_denoiser import DiTDenoiser
-
-        return DiTDenoiser(pipe.transformer)
-    if spec.startswith(("onnx:", "trt:")):
-        from seg_rt.engines import load_engine as load_exported
-
-        return load_exported(spec, pipe, pipe._execution_device)
-    raise ValueError(
-        f"engine {spec!r} is not available for {type(pipe).__name__}; use torch, onnx:DIR or trt:DIR"
-    )
+    if takes_distilled_guidance(pipe):  # Flux-dev's guidance input (a runtime value per row)
+        inputs["guidance"] = torch.full((rows,), 3.5)
+    inputs["seg_mask"] = mask
+    return inputs

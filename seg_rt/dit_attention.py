@@ -1,4 +1,4 @@
-"""SEG on image DiTs (SD3 / SD3.5, Flux.1): adapters and processors of the one patch mechanism.
+"""SEG on image DiTs (SD3 / SD3.5, Flux.1, Qwen-Image): adapters and processors of the one patch mechanism.
 
 Same mechanism as the UNets (``seg_rt.attention``): ``SEGAttention`` with a DiT ``Adapter`` installs
 these processors, faithful copies of diffusers' processors with the SEG blur on the final query of
@@ -13,7 +13,7 @@ the image tokens only (docs/design.md, "Which query, where"):
   stream's query after ``norm_q`` and its RoPE, before ``[text, image]`` are joined. Chosen over Sana
   because Sana's self-attention is linear (ReLU-kernel) attention: it has no softmax logits whose
   blur the query blur equals, so "exact SEG" is not defined there; Qwen-Image's is softmax attention.
-  Model level only so far: no sampling pipeline (``seg_rt.generate`` does not take Qwen-Image yet).
+  Sampled end to end like the others (``seg_rt.dit``).
 
 The token grid comes from the model input: SD3 ``hidden_states [B, C, h, w]`` with patch size p
 gives (h/p, w/p); Flux's packed tokens carry their positions in ``img_ids [H·W, 3]`` (row, column).
@@ -353,12 +353,20 @@ def sd3_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
 
 
 def flux_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
-    """(1, H, W) from ``img_ids [H·W, 3]`` (0, row, column), row-major as diffusers builds them."""
+    """(1, H, W) from ``img_ids [H·W, 3]`` (0, row, column), row-major as diffusers builds them.
+
+    The values are read on the host, and the grid is kept on the ids tensor (``_seg_grid``, with the
+    tensor's version) for the next call: an exporter's trace cannot read tensor values, so it reuses
+    the grid an eager call found for the same tensor (``seg_rt.dit.SEGDiT`` makes one per shape)."""
     ids = kwargs["img_ids"]
-    if ids.ndim == 3:  # deprecated batched ids
-        ids = ids[0]
-    w = int(ids[:, 2].max().item()) + 1
-    return 1, ids.shape[0] // w, w
+    memo = getattr(ids, "_seg_grid", None)
+    if memo is not None and memo[0] == ids._version:
+        return memo[1]
+    flat = ids[0] if ids.ndim == 3 else ids  # deprecated batched ids
+    w = int(flat[:, 2].max().item()) + 1
+    grid = (1, flat.shape[0] // w, w)
+    ids._seg_grid = (ids._version, grid)
+    return grid
 
 
 SD3 = Adapter(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-FAMILIES = ("demo", "sdxl-controlnet", "sdxl", "sd15", "sd3", "flux")
+FAMILIES = ("demo", "sdxl-controlnet", "sdxl", "sd15", "sd3", "flux", "qwenimage")
 
 
 def _family_classes() -> Iterator[tuple[type, str]]:
@@ -29,10 +29,11 @@ def _family_classes() -> Iterator[tuple[type, str]]:
     from diffusers import StableDiffusionPipeline
 
     yield StableDiffusionPipeline, "sd15"
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
     yield StableDiffusion3Pipeline, "sd3"  # the image DiTs (seg_rt.dit)
     yield FluxPipeline, "flux"
+    yield QwenImagePipeline, "qwenimage"
 
 
 def family_of(pipe) -> str:
@@ -42,7 +43,7 @@ def family_of(pipe) -> str:
             return family
     raise ValueError(
         f"unsupported pipeline {type(pipe).__name__}; seg-rt generate supports SD1.5, SDXL, SDXL+ControlNet, "
-        "SD3 / SD3.5, Flux.1 and the bundled demo model"
+        "SD3 / SD3.5, Flux.1, Qwen-Image and the bundled demo model"
     )
 
 

@@ -1,7 +1,8 @@
 """One generation request, one type (docs/design.md, "One request, one type").
 
 ``GenerationParams`` holds everything that determines an output image (``VideoParams`` adds the video
-fields): prompt, negative prompt, seed, steps, CFG, the SEG config, size, scheduler. Every entry point
+fields): prompt, negative prompt, seed, steps, CFG, the SEG config, size, scheduler, and the distilled
+guidance that guidance-distilled models (Flux.1-dev) take as an input. Every entry point
 (Python API, CLI, job items, HTTP requests) builds one, and every record (PNG text chunk, manifest
 row) is its ``to_record()``. Each default is written here once. σ is a float inside; ``"inf"`` only in
 the JSON record (``SEGConfig.to_dict`` / ``sigma_to_json``).
@@ -111,6 +112,14 @@ def check_cfg(cfg: float) -> float:
     return cfg
 
 
+def check_distilled_guidance(value: float) -> float:
+    """Flux.1-dev's distilled guidance (the ``guidance`` input its transformer embeds): finite, >= 0."""
+    value = _number("distilled guidance", value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"distilled guidance must be a finite number >= 0, got {value:g}")
+    return value
+
+
 def parse_engine_spec(spec: str) -> tuple[str, str | None]:
     """``torch`` / ``torch-compile`` → (kind, None); ``onnx:DIR`` / ``trt:DIR`` → (kind, DIR).
 
@@ -198,6 +207,9 @@ class GenerationParams:
 
     ``height`` / ``width`` ``None`` mean the model's default size; sizes are checked against the
     model's own scale factor where the model is known (``seg_rt.pipeline.check_size``).
+    ``distilled_guidance``: the guidance value a guidance-distilled model (Flux.1-dev) embeds, as
+    ``FluxPipeline``'s ``guidance_scale`` (default 3.5); a model without that input refuses any other
+    value (``seg_rt.pipeline.run_params``). Not CFG: ``cfg`` is true CFG with the negative prompt.
     """
 
     prompt: str = ""
@@ -212,6 +224,7 @@ class GenerationParams:
     scheduler: str = DEFAULT_SCHEDULER
     sequential: bool = False
     video: VideoParams | None = None
+    distilled_guidance: float = 3.5
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -232,6 +245,7 @@ class GenerationParams:
             if value is not None:
                 _int(name, value, 1)
         check_scheduler(self.scheduler)
+        object.__setattr__(self, "distilled_guidance", check_distilled_guidance(self.distilled_guidance))
         object.__setattr__(self, "sequential", bool(self.sequential))
         self.seg.check_cfg(self.cfg)
         if self.video is not None and not isinstance(self.video, VideoParams):
@@ -273,6 +287,8 @@ class GenerationParams:
         }
         # cheap SEG modes only when set: records of default runs stay byte-identical
         record.update({f"seg_{k}": v for k, v in self.seg.cheap_fields().items()})
+        if self.distilled_guidance != GenerationParams.distilled_guidance:  # likewise: only when set
+            record["distilled_guidance"] = self.distilled_guidance
         if self.video is not None:
             record["video"] = self.video.to_record()
         return record
@@ -311,4 +327,5 @@ class GenerationParams:
             self.scheduler,
             self.sequential,
             self.video,
+            self.distilled_guidance,
         )

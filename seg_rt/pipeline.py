@@ -180,12 +180,14 @@ def encode(
     width: int,
     control_image=None,
     controlnet_scale: float = 1.0,
+    distilled_guidance: float = GenerationParams.distilled_guidance,
 ) -> Prepared:
-    """Encode prompts (and SDXL micro-conditioning, ControlNet image) with diffusers for n rows."""
+    """Encode prompts (and SDXL micro-conditioning, ControlNet image, Flux-dev's distilled guidance)
+    with diffusers for n rows."""
     from . import dit
 
     if family in dit.FAMILIES:
-        return Prepared(**dit.encode(pipe, family, prompt, negative_prompt, n, cfg))
+        return Prepared(**dit.encode(pipe, family, prompt, negative_prompt, n, cfg, distilled_guidance))
     device, do_cfg = pipe._execution_device, cfg > 1.0
     if family in ("sd15", "demo"):  # the demo pipeline's encode_prompt has SD1.5's signature
         pe, ne = pipe.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
@@ -284,21 +286,60 @@ def check_size(height: int | None, width: int | None, factor: int) -> tuple[int 
 
 
 def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    side = default_side(pipe)
+    return check_size(height or side, width or side, size_factor(pipe))
+
+
+def size_factor(pipe) -> int:
+    """Pixel sizes of a loaded pipeline are multiples of this: its VAE factor (the spatial one for
+    video), times the patch / 2x2 packing for image DiTs (``seg_rt.dit.size_factor``)."""
     from . import dit
 
     if dit.pipeline_family(pipe) is not None:
-        side = dit.default_size(pipe)
-        return check_size(height or side, width or side, dit.size_factor(pipe))
-    factor = pipe.vae_scale_factor
-    default = pipe.unet.config.sample_size * factor
-    return check_size(height or default, width or default, factor)
+        return dit.size_factor(pipe)
+    for video in ("vae_scale_factor_spatial", "vae_spatial_compression_ratio"):  # LTX-Video's name
+        if getattr(pipe, video, None):
+            return int(getattr(pipe, video))
+    return int(pipe.vae_scale_factor)
+
+
+def default_side(pipe) -> int:
+    """The image side in pixels that a loaded image pipeline samples when none is given."""
+    from . import dit
+
+    if dit.pipeline_family(pipe) is not None:
+        return dit.default_size(pipe)
+    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
+
+
+def denoiser_model(pipe):
+    """The network SEG patches: an image DiT's ``transformer``, else the ``unet``."""
+    from . import dit
+
+    return pipe.transformer if dit.pipeline_family(pipe) is not None else pipe.unet
+
+
+def select_seg_layers(pipe, selectors: Sequence[str]) -> list[str]:
+    """The layers ``selectors`` pick in ``pipe``'s denoiser, by its family's adapter (DiT block
+    selectors such as ``joint.1``, or UNet parts); ``ValueError`` listing what exists otherwise."""
+    from . import dit
+
+    if dit.pipeline_family(pipe) is None:
+        from .layers import select_layers
+
+        return select_layers(pipe.unet, selectors)
+    from .dit_attention import adapter_of
+
+    return adapter_of(pipe.transformer).select(pipe.transformer, selectors)
 
 
 def folder_scale_factor(folder: str | Path) -> int | None:
     """The pixel-size factor of a local diffusers folder, read from its config files without loading
-    weights (what ``pipe.vae_scale_factor`` / ``vae_scale_factor_spatial`` will be once loaded):
-    1 for the pixel-space demo model, Wan's ``scale_factor_spatial``, else ``2 ** (len(block_out_channels)
-    - 1)`` of the VAE as diffusers computes it. ``None`` when the folder is not a diffusers folder."""
+    weights (what ``size_factor(pipe)`` will be once loaded): 1 for the pixel-space demo model, Wan's
+    ``scale_factor_spatial``, LTX-Video's ``spatial_compression_ratio``, Qwen-Image's ``2 ** len(temperal_downsample)``, else ``2 **
+    (len(block_out_channels) - 1)`` of the VAE as diffusers computes it; times the patch size (SD3)
+    or the 2x2 packing (Flux, Qwen-Image) for image DiTs. ``None`` when the folder is not a
+    diffusers folder."""
     import json
 
     from seg_rt.demo.model import is_demo_folder
@@ -313,9 +354,30 @@ def folder_scale_factor(folder: str | Path) -> int | None:
         config = json.loads(vae.read_text())
         if "scale_factor_spatial" in config:
             return int(config["scale_factor_spatial"])
-        return 2 ** (len(config["block_out_channels"]) - 1)
+        if "spatio_temporal_scaling" in config:  # LTX-Video's VAE, as it computes its ratio
+            scaling = config["spatio_temporal_scaling"]
+            return int(config.get("spatial_compression_ratio") or config["patch_size"] * 2 ** sum(scaling))
+        if "temperal_downsample" in config:
+            factor = 2 ** len(config["temperal_downsample"])
+        else:
+            factor = 2 ** (len(config["block_out_channels"]) - 1)
+        return factor * _dit_patch(folder)
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def _dit_patch(folder: Path) -> int:
+    """Pixels of latent per token side for an image-DiT folder (its pipeline class in
+    ``model_index.json``): SD3's ``patch_size``, 2 for Flux's and Qwen-Image's packing; else 1."""
+    import json
+
+    index = folder / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name in ("FluxPipeline", "QwenImagePipeline"):
+        return 2
+    if name == "StableDiffusion3Pipeline":
+        return int(json.loads((folder / "transformer" / "config.json").read_text())["patch_size"])
+    return 1
 
 
 def generate(
@@ -375,6 +437,7 @@ def generate_batch(
     seg_placement: str = SEGConfig.placement,
     guidance_rescale: float = GenerationParams.guidance_rescale,
     sequential: bool = GenerationParams.sequential,
+    distilled_guidance: float = GenerationParams.distilled_guidance,
     control_image=None,
     controlnet_scale: float = 1.0,
     device: str | torch.device | None = None,
@@ -403,6 +466,7 @@ def generate_batch(
         width=width,
         scheduler=name,
         sequential=sequential,
+        distilled_guidance=distilled_guidance,
     )
     params = [
         base.replace(prompt=p, negative_prompt=neg, seed=_integer(s))
@@ -462,8 +526,14 @@ def run_params(
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe)
     height, width = _check_size(pipe, height, width)
+    check_model_guidance(pipe, first.distilled_guidance)
+    extra = {
+        "control_image": control_image,
+        "controlnet_scale": controlnet_scale,
+        "distilled_guidance": first.distilled_guidance,
+    }
     parts = [
-        encode(pipe, family, p, neg, count, cfg, height, width, control_image, controlnet_scale)
+        encode(pipe, family, p, neg, count, cfg, height, width, **extra)
         for (p, neg), count in _runs([(q.prompt, q.negative_prompt) for q in params])
     ]
     cond = {k: torch.cat([q.cond[k] for q in parts]) for k in parts[0].cond}
@@ -519,6 +589,17 @@ def branch_group(parallel: BranchParallel, model, engine: str | None = None):
     return open_group(parallel, model, engine)
 
 
+def check_model_guidance(pipe, value: float) -> None:
+    """A value other than the default needs a model that embeds it (Flux.1-dev): never ignored."""
+    from . import dit
+
+    if value != GenerationParams.distilled_guidance and not dit.takes_distilled_guidance(pipe):
+        raise ValueError(
+            f"distilled guidance applies only to guidance-distilled models (Flux.1-dev); "
+            f"{type(pipe).__name__} has no guidance input, got {value:g}"
+        )
+
+
 def _family_scheduler(pipe, family: str, scheduler, steps: int, height: int, width: int):
     """The scheduler of a run. Image DiTs sample with their own flow-matching Euler scheduler, which
     is what ``euler`` (the default) means for them; other schedulers are refused."""
@@ -544,10 +625,6 @@ def _open_engine(engine, pipe) -> AbstractContextManager:
         raise TypeError(
             f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
         )
-    from . import dit
-
-    if dit.pipeline_family(pipe) is not None:  # image DiTs: their own torch engine, exports by name
-        return dit.load_engine(engine or "torch", pipe)
     return load_engine(engine or "torch", pipe, pipe._execution_device)
 
 

@@ -302,7 +302,7 @@ def save_tiny_video_pipeline(family: str, path: str | Path, seed: int = 0) -> Pa
     return _save(tiny_video_pipeline(family, seed), path)
 
 
-DIT_FAMILIES = ("sd3", "flux")
+DIT_FAMILIES = ("sd3", "flux", "qwenimage")
 
 
 def _flow_vae(seed: int, shift: float, scaling: float):
@@ -316,7 +316,7 @@ def tiny_dit(family: str, seed: int = 0):
     """A random-weight image DiT: ``SD3Transformer2DModel`` (patch 2, 4 joint blocks, the last
     ``context_pre_only``, qk RMS norm; block 1 with SD3.5's second image attention) or
     ``FluxTransformer2DModel`` (2 double-stream + 2 single-stream blocks, guidance embedding), or
-    ``QwenImageTransformer2DModel`` (``qwenimage``: 2 double-stream blocks; model only)."""
+    ``QwenImageTransformer2DModel`` (``qwenimage``: 2 double-stream blocks)."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -333,21 +333,86 @@ def tiny_dit(family: str, seed: int = 0):
             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=_TEXT["hidden_size"],
             pooled_projection_dim=_TEXT["hidden_size"], guidance_embeds=True, axes_dims_rope=(4, 6, 6),
         ).eval()  # fmt: skip
-    if family == "qwenimage":  # model only: no tiny Qwen-Image pipeline yet
+    if family == "qwenimage":
         return diffusers.QwenImageTransformer2DModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=_TEXT["hidden_size"], axes_dims_rope=(4, 6, 6),
         ).eval()  # fmt: skip
-    raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}, qwenimage")
+    raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}")
+
+
+def tiny_qwen_tokenizer():
+    """A ``Qwen2Tokenizer`` over single bytes (no merges) plus Qwen's chat special tokens, so that
+    ``QwenImagePipeline``'s prompt template tokenizes as with the real vocabulary's specials."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(byte_unicode())}
+    for special in ("<|endoftext|>", "<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+
+
+def _qwen_text_encoder(vocab_size: int, seed: int):
+    """A tiny ``Qwen2_5_VLForConditionalGeneration`` (2 text layers, 1 vision block never used)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = {
+        "hidden_size": _TEXT["hidden_size"],
+        "intermediate_size": _TEXT["intermediate_size"],
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": 2048,
+        "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+        "bos_token_id": None,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 3,
+    }
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2,
+              "out_hidden_size": _TEXT["hidden_size"], "fullatt_block_indexes": [0]}  # fmt: skip
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen_vae(seed: int):
+    """An ``AutoencoderKLQwenImage`` (Wan-style video VAE, 8x spatial) with 4 latent channels."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.2, 2.0],
+    ).eval()  # fmt: skip
 
 
 def tiny_dit_pipeline(family: str = "sd3", seed: int = 0):
-    """A random-weight ``StableDiffusion3Pipeline`` (CLIP-L, CLIP-G and T5 text encoders, all tiny)
-    or ``FluxPipeline`` (CLIP + T5), with the family's flow-matching scheduler and an 8x VAE."""
+    """A random-weight ``StableDiffusion3Pipeline`` (CLIP-L, CLIP-G and T5 text encoders, all tiny),
+    ``FluxPipeline`` (CLIP + T5) or ``QwenImagePipeline`` (Qwen2.5-VL text encoder, Qwen-Image VAE),
+    with the family's flow-matching scheduler and an 8x VAE."""
     import diffusers
 
     if family not in DIT_FAMILIES:
         raise ValueError(f"unknown tiny DiT family {family!r}; choose from {', '.join(DIT_FAMILIES)}")
+    if family == "qwenimage":
+        tok = tiny_qwen_tokenizer()
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+            max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+        )  # fmt: skip
+        return diffusers.QwenImagePipeline(
+            scheduler=scheduler, vae=_qwen_vae(seed), text_encoder=_qwen_text_encoder(len(tok), seed + 1),
+            tokenizer=tok, transformer=tiny_dit("qwenimage", seed + 2),
+        )  # fmt: skip
     t5_tok = tiny_t5_tokenizer()
     if family == "sd3":
         return diffusers.StableDiffusion3Pipeline(

@@ -6,6 +6,7 @@ The expected blur is built here from the reference formula (Gaussian taps, refle
 
 from __future__ import annotations
 
+import json
 import math
 
 import diffusers
@@ -20,6 +21,7 @@ from seg_rt import dit, dit_attention
 from seg_rt.attention import SEGAttention
 from seg_rt.cli import main
 from seg_rt.errors import SEGNotApplied
+from seg_rt.params import GenerationParams
 from seg_rt.pipeline import generate
 from seg_rt.tiny import save_tiny_dit_pipeline, tiny_dit, tiny_dit_pipeline
 from tests.tolerance import assert_close, max_rel_error
@@ -213,7 +215,7 @@ def test_replaced_processors_raise_seg_not_applied():
 # ---- end to end on the tiny pipelines ----
 
 
-@pytest.fixture(scope="module", params=["sd3", "flux"])
+@pytest.fixture(scope="module", params=["sd3", "flux", "qwenimage"])
 def pipe(request):
     return request.param, tiny_dit_pipeline(request.param)
 
@@ -246,17 +248,43 @@ def test_without_seg_equals_the_diffusers_pipeline(pipe, cfg):
     """seg scale 0: the same latents as the family's diffusers pipeline with the same seed (noise,
     schedule, prompt encoding, guidance embedding, true CFG); SEG adds only its branch."""
     family, p = pipe
+    if family == "qwenimage" and cfg > 1:
+        pytest.skip(
+            "QwenImagePipeline rescales its CFG prediction per token; seg-rt's CFG is the shared formula"
+        )
     ours = gen(p, cfg=cfg, seg_scale=0.0, negative_prompt="blurry", output_type="latent")
     kw = {"num_inference_steps": 3, "height": 48, "width": 80, "output_type": "latent"}
     kw["generator"] = torch.Generator("cpu").manual_seed(3)
     if family == "sd3":
         theirs = p("a red fox", negative_prompt="blurry", guidance_scale=cfg, **kw).images
+    elif family == "qwenimage":  # diffusers keeps the prompt's own length; seg-rt pads it, masked
+        theirs = p("a red fox", true_cfg_scale=cfg, **kw).images
+        ours = dit.pack(ours)
     else:
         theirs = p(
-            "a red fox", negative_prompt="blurry", true_cfg_scale=cfg, guidance_scale=dit.FLUX_GUIDANCE, **kw
+            "a red fox",
+            negative_prompt="blurry",
+            true_cfg_scale=cfg,
+            guidance_scale=GenerationParams.distilled_guidance,
+            **kw,
         ).images
         ours = dit.pack(ours)
     assert_close(ours, theirs, rel=1e-5)
+
+
+def test_distilled_guidance_is_flux_dev_s_guidance_input(pipe):
+    """Flux.1-dev: ``distilled_guidance`` is FluxPipeline's ``guidance_scale`` (seg off: the same
+    latents) and changes the image; a model without a guidance input refuses another value."""
+    family, p = pipe
+    if family != "flux":
+        with pytest.raises(ValueError, match=r"distilled guidance applies only to guidance-distilled models"):
+            gen(p, distilled_guidance=2.0)
+        return
+    ours = gen(p, cfg=1.0, seg_scale=0.0, distilled_guidance=1.5, output_type="latent")
+    kw = {"num_inference_steps": 3, "height": 48, "width": 80, "output_type": "latent"}
+    theirs = p("a red fox", guidance_scale=1.5, generator=torch.Generator("cpu").manual_seed(3), **kw).images
+    assert_close(dit.pack(ours), theirs, rel=1e-5)
+    assert not torch.equal(ours, gen(p, cfg=1.0, seg_scale=0.0, output_type="latent"))
 
 
 def test_sizes_must_fit_the_patches(pipe):
@@ -272,7 +300,30 @@ def test_dit_refuses_other_schedulers(pipe):
         gen(p, scheduler="ddim")
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_qwenimage_one_step_is_refused(pipe):
+    """Qwen-Image's terminal shift cannot stretch a one-sigma schedule (diffusers divides by zero)."""
+    family, p = pipe
+    if family != "qwenimage":
+        pytest.skip("no terminal shift")
+    with pytest.raises(ValueError, match=r"qwenimage with a terminal shift .* needs steps >= 2, got 1"):
+        gen(p, steps=1)
+
+
+def test_qwenimage_rows_with_other_prompts_equal_their_runs_alone(pipe):
+    """Qwen-Image prompts have their own token counts; padded to one length (masked), a row's
+    result does not depend on the other prompts of its batch."""
+    family, p = pipe
+    if family != "qwenimage":
+        pytest.skip("CLIP / T5 prompts have a fixed length")
+    from seg_rt.pipeline import generate_batch
+
+    kw = {"steps": 2, "height": 64, "width": 96, "output_type": "latent"}
+    batch = generate_batch(p, ["a red fox", "a much longer prompt about a cat"], [1, 2], **kw)
+    alone = generate_batch(p, ["a much longer prompt about a cat"], [2], **kw)
+    assert torch.equal(batch[1:], alone)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
 def test_cli_generate_48x80(family, tmp_path):
     folder = save_tiny_dit_pipeline(family, tmp_path / family)
     out = tmp_path / "img.png"
@@ -300,6 +351,19 @@ def test_cli_generate_48x80(family, tmp_path):
     from PIL import Image
 
     assert Image.open(out).size == (80, 48)
+    sheet = tmp_path / "compare.png"
+    args = ["generate", "--model", str(folder), "--height", "48", "--width", "80", "--steps", "2"]
+    args += ["--compare", "--compare-sigmas", "1,inf", "--out", str(sheet), "--no-progress"]
+    assert main(args) == 0
+    assert Image.open(sheet).size[0] >= 4 * 80  # vanilla, CFG, SEG σ=1, SEG σ=inf
+    flagged = tmp_path / "guided.png"
+    args = ["generate", "--model", str(folder), "--height", "48", "--width", "80", "--steps", "2"]
+    args += ["--distilled-guidance", "2", "--out", str(flagged), "--no-progress"]
+    if family != "flux":  # no guidance input: refused, one line
+        assert main(args) != 0 and not flagged.exists()
+        return
+    assert main(args) == 0
+    assert json.loads(Image.open(flagged).text["parameters"])["distilled_guidance"] == 2.0
 
 
 # ---- LTX-Video: the fourth video family (pre-patchified tokens + num_frames / height / width) ----
@@ -469,53 +533,70 @@ def test_cli_video_ltx(tmp_path):
     assert code == 0 and out.stat().st_size > 0
 
 
-# ---- ONNX export of an image DiT (SD3) ----
+# ---- ONNX export of the image DiTs (SD3, Flux) ----
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def export_pipe(request):
+    return request.param, tiny_dit_pipeline(request.param)
 
 
 @pytest.fixture(scope="module")
-def sd3_pipe():
-    return tiny_dit_pipeline("sd3")
-
-
-@pytest.fixture(scope="module")
-def sd3_exports(sd3_pipe, tmp_path_factory):
+def dit_exports(export_pipe, tmp_path_factory):
     """sigma -> export folder (None: runtime σ), 48x80, CFG rows [uncond, cond, seg]."""
     from seg_rt.export import export_onnx
 
+    family, pipe = export_pipe
     made: dict = {}
 
     def get(sigma):
         if sigma not in made:
-            out = tmp_path_factory.mktemp("sd3onnx") / "engine"
-            made[sigma] = export_onnx(sd3_pipe, out, height=48, width=80, sigma=sigma)
+            out = tmp_path_factory.mktemp(f"{family}onnx") / "engine"
+            made[sigma] = export_onnx(pipe, out, height=48, width=80, sigma=sigma)
         return made[sigma]
 
     return get
 
 
 @pytest.mark.parametrize("sigma", [2.0, None])
-def test_sd3_onnx_export_validates_and_passes_the_tensorrt_op_check(sd3_exports, sigma):
+def test_dit_onnx_export_validates_and_passes_the_tensorrt_op_check(export_pipe, dit_exports, sigma):
+    """Flux's grid (3x5) comes from its img_ids, read eagerly before the trace (``flux_grid``)."""
     from seg_rt.export.tensorrt import check_onnx_for_tensorrt
 
-    result = sd3_exports(sigma)
+    family, _ = export_pipe
+    result = dit_exports(sigma)
     assert result.validation["max_rel_error"] < 1e-4  # export_onnx raises above its own bound
-    assert result.info.family == "sd3" and result.info.latent_height == 6 and result.info.latent_width == 10
+    assert result.info.family == family and result.info.latent_height == 6 and result.info.latent_width == 10
     assert ("seg_blur_3" in result.info.input_names) == (sigma is None)
+    assert ("seg_blur_5" in result.info.input_names) == (sigma is None)
+    assert ("guidance" in result.info.input_names) == (family == "flux")  # Flux-dev's runtime input
     check_onnx_for_tensorrt(result.folder)
 
 
 @pytest.mark.parametrize("sigma", [2.0, None])
-def test_sd3_onnx_engine_image_equals_torch(sd3_pipe, sd3_exports, sigma):
+def test_dit_onnx_engine_image_equals_torch(export_pipe, dit_exports, sigma):
     """``engine="onnx:DIR"`` (baked σ 2, or runtime σ set to 2) gives torch's latents within the
     UNet exports' bound; the SEG window makes some steps run 2 of the engine's 3 rows (padding)."""
+    _, pipe = export_pipe
     kw = {"steps": 3, "height": 48, "width": 80, "seg_sigma": 2.0, "seg_end": 0.5, "output_type": "latent"}
-    ours = generate(sd3_pipe, "a red fox", **kw)
-    onnx = generate(sd3_pipe, "a red fox", engine=f"onnx:{sd3_exports(sigma).folder}", **kw)
+    ours = generate(pipe, "a red fox", **kw)
+    onnx = generate(pipe, "a red fox", engine=f"onnx:{dit_exports(sigma).folder}", **kw)
     assert_close(onnx, ours, rel=1e-4, what="ONNX Runtime vs torch latents")
 
 
-def test_flux_export_is_refused_with_one_line(tmp_path):
+def test_flux_onnx_distilled_guidance_is_a_runtime_input(export_pipe, dit_exports):
+    family, pipe = export_pipe
+    if family != "flux":
+        pytest.skip("Flux-dev only")
+    kw = {"steps": 2, "height": 48, "width": 80, "seg_sigma": 2.0, "output_type": "latent"}
+    kw["distilled_guidance"] = 1.5
+    ours = generate(pipe, "a red fox", **kw)
+    onnx = generate(pipe, "a red fox", engine=f"onnx:{dit_exports(2.0).folder}", **kw)
+    assert_close(onnx, ours, rel=1e-4, what="ONNX Runtime vs torch latents")
+
+
+def test_qwenimage_export_is_refused_with_one_line(tmp_path):
     from seg_rt.export import export_onnx
 
-    with pytest.raises(ValueError, match="ONNX export supports the image DiTs sd3, got flux"):
-        export_onnx(tiny_dit_pipeline("flux"), tmp_path / "x", height=48, width=80)
+    with pytest.raises(ValueError, match="ONNX export supports the image DiTs sd3, flux, got qwenimage"):
+        export_onnx(tiny_dit_pipeline("qwenimage"), tmp_path / "x", height=48, width=80)

@@ -44,6 +44,16 @@ def test_record_is_the_flat_png_record_and_round_trips():
     )
 
 
+def test_distilled_guidance_is_recorded_only_when_set():
+    """Records of runs at the default (every non-Flux run) stay byte-identical to older records."""
+    p = full_request()
+    assert "distilled_guidance" not in p.to_record()
+    q = p.replace(distilled_guidance=2.0)
+    record = json.loads(params_text("m", q.to_record()))
+    assert record["distilled_guidance"] == 2.0 and GenerationParams.from_record(record) == q
+    assert {**record, "distilled_guidance": 3.5} != p.to_record()  # the key is omitted, not defaulted
+
+
 def test_video_record_round_trips():
     video = {"frames": 5, "fps": 12, "mode": "temporal", "sigma_time": math.inf, "layers": ("down_blocks.0",)}
     p = full_request(seg_layers=SEGConfig().layers, **video)
@@ -58,7 +68,8 @@ def test_batch_key_ignores_only_prompt_negative_prompt_and_seed():
     same = p.replace(prompt="x", negative_prompt="y", seed=9)
     assert same.batch_key() == p.batch_key()
     for other in (p.replace(cfg=2.0), p.with_seg(sigma=2.0), p.replace(height=64), p.replace(steps=3),
-                  p.replace(scheduler="ddim"), p.replace(video=VideoParams())):  # fmt: skip
+                  p.replace(scheduler="ddim"), p.replace(video=VideoParams()),
+                  p.replace(distilled_guidance=2.0)):  # fmt: skip
         assert other.batch_key() != p.batch_key()
 
 
@@ -94,6 +105,7 @@ def test_one_set_of_defaults_for_cli_api_job_and_video():
     batch = _defaults(generate_batch)
     assert (batch["seg_start"], batch["seg_end"], batch["guidance_rescale"], batch["sequential"]) == (
         d.seg.start, d.seg.end, d.guidance_rescale, d.sequential)  # fmt: skip
+    assert batch["distilled_guidance"] == d.distilled_guidance == 3.5  # FluxPipeline's guidance_scale
     video = _defaults(generate_video)
     v = VideoParams()
     assert (video["frames"], video["seg_mode"], video["seg_sigma_time"], video["seg_layers"]) == (
@@ -113,6 +125,8 @@ BAD = [
     (lambda: GenerationParams(scheduler="lms"), "scheduler must be one of euler, euler_a", "'lms'"),
     (lambda: GenerationParams(guidance_rescale=2.0), "guidance rescale must be in [0, 1]", "2"),
     (lambda: GenerationParams(height=0), "height must be an integer >= 1", "0"),
+    (lambda: GenerationParams(distilled_guidance=-1.0), "distilled guidance must be a finite number >= 0", "-1"),
+    (lambda: GenerationParams(distilled_guidance=math.inf), "distilled guidance must be a finite number >= 0", "inf"),
     (lambda: SEGConfig(sigma=0.0), "seg sigma must be > 0 or inf", "0"),
     (lambda: SEGConfig(sigma=math.nan), "seg sigma must be > 0 or inf", "nan"),
     (lambda: SEGConfig(scale=math.inf), "seg scale must be a finite number >= 0", "inf"),
