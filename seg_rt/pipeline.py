@@ -438,19 +438,15 @@ def generate_batch(
     guidance_rescale: float = GenerationParams.guidance_rescale,
     sequential: bool = GenerationParams.sequential,
     distilled_guidance: float = GenerationParams.distilled_guidance,
-    control_image=None,
-    controlnet_scale: float = 1.0,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-    callback: StepCallback | None = None,
-    parallel: BranchParallel | int | None = None,
+    **run_options,
 ):
     """One sampling run for images with their own prompt, negative prompt and seed, sharing every
     other setting (one denoiser call per step for all of them). Image i equals
     ``generate(model, prompts[i], negative_prompt=negative_prompts[i], seed=seeds[i], ...)``.
     ``scheduler``: a name (``seg_rt.params.SCHEDULERS``; ``None`` = Euler) or a diffusers scheduler.
-    ``parallel``: branch-parallel SEG (``BranchParallel``, or a number of local CPU processes): each
-    step's rows split over that many ranks, for one image's latency (see ``run_params``)."""
+    ``run_options`` go to ``run_params`` as they are: ``control_image``, ``controlnet_scale``,
+    ``device``, ``progress``, ``callback`` and ``parallel`` (branch-parallel SEG: ``BranchParallel``,
+    or a number of local CPU processes; each step's rows split over that many ranks)."""
     n = len(prompts)
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [None] * n
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
@@ -478,12 +474,7 @@ def generate_batch(
         engine=engine,
         output_type=output_type,
         scheduler=None if isinstance(scheduler, str) else scheduler,
-        control_image=control_image,
-        controlnet_scale=controlnet_scale,
-        device=device,
-        progress=progress,
-        callback=callback,
-        parallel=parallel,
+        **run_options,
     )
 
 

@@ -8,7 +8,6 @@ the surviving node finishes the job, every item is recorded exactly once, and th
 single-process run of the same items. Only this cluster's processes are killed (never `ray stop`).
 """
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,8 @@ import pytest
 
 from seg_rt.cluster.driver import completed, read_manifest, run_job
 from seg_rt.cluster.spec import expand_items, parse_job
+
+from .ray_helpers import local_nodes
 
 
 def _reference_bytes(spec, base: Path) -> dict[str, bytes]:
@@ -37,22 +38,11 @@ def _reference_bytes(spec, base: Path) -> dict[str, bytes]:
 def test_node_lost_mid_job_items_rescheduled_on_the_survivor_each_written_once(
     sdxl_dir, tmp_path, monkeypatch, caplog
 ):
-    import ray
-
-    from seg_rt.cluster.driver import refresh_ray_auth
-    from seg_rt.cluster.localcluster import FAST_NODE_DEATH, start_local_cluster
-
-    # the cluster helper sets token auth and fast node-death detection in this process's
-    # environment; monkeypatch remembers the previous values so the next tests get them back
-    for key, value in {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segrt-test-" + os.urandom(8).hex(),
-                       **FAST_NODE_DEATH}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
     out = tmp_path / "out"
     spec = parse_job({"model": str(sdxl_dir), "seg": {"scale": 3.0, "sigma": 2.0}, "cfg": 4.0, "steps": 3,
                       "height": 64, "width": 64, "prompts": ["a cat", "a dog", "a fox"], "samples_per_prompt": 4,
                       "seed": 7, "workers": 2, "output": str(out)})  # fmt: skip
     killed = threading.Event()
-    cluster = None
 
     def kill_node_once_items_land() -> None:
         deadline = time.monotonic() + 300
@@ -61,19 +51,12 @@ def test_node_lost_mid_job_items_rescheduled_on_the_survivor_each_written_once(
         cluster.kill_node(1)  # raylet, agents and the worker on that node
         killed.set()
 
-    try:
-        cluster = start_local_cluster(2)
+    with local_nodes(monkeypatch, 2) as cluster:
         killer = threading.Thread(target=kill_node_once_items_land, daemon=True)
         killer.start()
         with caplog.at_level("INFO", logger="seg_rt"):
             result = run_job(spec, tmp_path, address=cluster.address, progress=False, start_timeout=240)
         killer.join(timeout=30)
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.stop()
-        monkeypatch.undo()
-        refresh_ray_auth()
     assert killed.is_set()
     assert len(set(result.start_nodes.values())) == 2  # one worker per node (CPU slot) at the start
     assert result.ok and result.done == 12 and result.restarts >= 1 and result.rescheduled >= 1

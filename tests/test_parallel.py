@@ -10,6 +10,7 @@ from seg_rt.engines.parallel import check_backend, row_split
 from seg_rt.pipeline import load_pipeline
 from seg_rt.tiny import save_tiny_pipeline, save_tiny_video_pipeline
 
+from .ray_helpers import local_nodes
 from .tolerance import max_rel_error
 
 # SEG window ends half-way: later steps have 2 rows per image, so with 3 ranks one rank has none
@@ -142,22 +143,12 @@ def test_cli_branch_parallel_writes_the_image_of_the_one_device_run(tmp_path, ca
 def test_ray_ranks_in_a_strict_spread_placement_group_over_two_nodes(tmp_path, monkeypatch):
     """Two Ray nodes on loopback (1 CPU each); STRICT_SPREAD puts one rank on each; the result
     equals the one-device run and the ranks exchange over gloo between the nodes."""
-    import os
-
-    import ray
 
     from seg_rt.cluster.branch import RayBranchGroup
-    from seg_rt.cluster.driver import refresh_ray_auth
-    from seg_rt.cluster.localcluster import FAST_NODE_DEATH, start_local_cluster
 
-    for key, value in {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segrt-test-" + os.urandom(8).hex(),
-                       **FAST_NODE_DEATH}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
     model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
     one = _one_thread(generate, load_pipeline(model, "cpu"), **RUN)
-    cluster = None
-    try:
-        cluster = start_local_cluster(2)
+    with local_nodes(monkeypatch, 2) as cluster:
         spec = BranchParallel(ranks=2, launcher="ray", strategy="STRICT_SPREAD", address=cluster.address)
         with RayBranchGroup(spec, model, threads=1) as group:
             nodes = group.nodes()
@@ -167,12 +158,6 @@ def test_ray_ranks_in_a_strict_spread_placement_group_over_two_nodes(tmp_path, m
         ):
             RayBranchGroup(BranchParallel(ranks=3, launcher="ray", strategy="STRICT_SPREAD"), model,
                            ready_timeout_s=3)  # fmt: skip
-    finally:
-        ray.shutdown()
-        if cluster is not None:
-            cluster.stop()
-        monkeypatch.undo()
-        refresh_ray_auth()
     assert len(set(nodes)) == 2
     assert max_rel_error(split, one) <= 1e-5
 
