@@ -477,28 +477,11 @@ def test_ltx_without_seg_equals_the_diffusers_pipeline(ltx_pipe):
     RoPE scale, CFG). 64x96: LTXPipeline insists on multiples of 32 (its real VAE's factor)."""
     from seg_rt.video.sampling import generate_video, ltx_pack
 
-    ours = generate_video(
-        ltx_pipe,
-        "a cat",
-        negative_prompt="dull",
-        frames=9,
-        height=64,
-        width=96,
-        steps=2,
-        cfg=3.0,
-        seg_scale=0.0,
-        output_type="latent",
-    )
+    same = {"negative_prompt": "dull", "height": 64, "width": 96, "output_type": "latent"}
+    ours = generate_video(ltx_pipe, "a cat", frames=9, steps=2, cfg=3.0, seg_scale=0.0, **same)
+    generator = torch.Generator("cpu").manual_seed(0)
     theirs = ltx_pipe(
-        "a cat",
-        negative_prompt="dull",
-        num_frames=9,
-        height=64,
-        width=96,
-        num_inference_steps=2,
-        guidance_scale=3.0,
-        output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(0),
+        "a cat", num_frames=9, num_inference_steps=2, guidance_scale=3.0, generator=generator, **same
     ).frames
     assert_close(ltx_pack(ours, 1, 1), theirs, rel=1e-5)
 

@@ -16,26 +16,10 @@ from seg_rt.cli import main
 
 
 def _info(**kw) -> ArtifactInfo:
-    base = dict(
-        kind="onnx",
-        family="sd15",
-        model="m",
-        height=64,
-        width=64,
-        latent_height=8,
-        latent_width=8,
-        batch=1,
-        branches=("uncond", "cond", "seg"),
-        input_names=("sample",),
-        output_names=("out_sample",),
-        dtype="float32",
-        sigma=2.0,
-        layers=("mid",),
-        layer_names=("x",),
-        blur_lengths=(),
-        opset=18,
-        file="model.onnx",
-    )
+    base = dict(kind="onnx", family="sd15", model="m", height=64, width=64, latent_height=8, latent_width=8,
+                batch=1, branches=("uncond", "cond", "seg"), input_names=("sample",), output_names=("out_sample",),
+                dtype="float32", sigma=2.0, layers=("mid",), layer_names=("x",), blur_lengths=(), opset=18,
+                file="model.onnx")  # fmt: skip
     return ArtifactInfo(**{**base, **kw})
 
 
