@@ -24,10 +24,10 @@ class TorchDenoiser(Denoiser):
     ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
     ``compile=True`` runs the SEG-patched model through ``torch.compile``; ``configure`` with other
     layers installs new processors and compiles the new model again (never silently eager).
-    ``shared_prefix`` (opt-in): the perturbed rows share the cond rows' computation up to the
-    first SEG layer (``seg_rt.denoiser.SharedPrefix``); bit-identical to the plain batch in
-    tests/test_shared_prefix.py, but served batches of several no-CFG requests differed from their
-    solo runs in the soak test, so it stays off by default until that is understood.
+    ``shared_prefix`` (default on): the perturbed rows share the cond rows' computation up to the
+    first SEG layer (``seg_rt.prefix``, ``seg_rt.denoiser.SharedPrefix``); the result equals the plain
+    batch bit for bit on the CPU path, batch and solo alike (tests/test_shared_prefix.py), and every
+    golden output is unchanged. ``False`` runs every row through the whole UNet.
     """
 
     shapes = ShapeSpec()
@@ -41,7 +41,7 @@ class TorchDenoiser(Denoiser):
         controlnet: nn.Module | None = None,
         compile: bool = False,
         perturbation: str = "blur",
-        shared_prefix: bool = False,
+        shared_prefix: bool = True,
     ) -> None:
         self.shared_prefix = shared_prefix
         self.compile = compile
