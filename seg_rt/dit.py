@@ -217,7 +217,7 @@ class SEGDiT(nn.Module):
         batch_invariance(transformer, True)  # per-sample results independent of the batch
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"))
+        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
         try:
             out = self._forward(inputs)
             self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result

@@ -37,7 +37,17 @@ plain SEG batch always has >= 2 rows, so a 1-row prefix (one image without CFG: 
 would change the numbers; on the CPU such a step runs the plain batch (the same cost: 2 rows)."""
 
 ROTARY_ARGS = frozenset({"image_rotary_emb", "rotary_emb", "freqs_cis"})
-"""Block arguments that are per token, not per row (RoPE tables): never cut or grown."""
+"""Block arguments holding RoPE tables: per token (``[S, D]``: Flux, CogVideoX, Qwen; ``[1, S, 1, D]``:
+Wan), left alone, unless per row (``[B, S, D]``: LTX), cut and grown like the hidden states. A table
+is per row when its tensors have >= 3 dims; a ``[1, ...]`` table grown for a 1-row prefix only
+repeats identical rows."""
+
+
+def _per_row(name: str | None, v) -> bool:
+    if name not in ROTARY_ARGS:
+        return True
+    parts = v if isinstance(v, tuple) else (v,)
+    return all(isinstance(x, Tensor) and x.ndim >= 3 for x in parts)
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,8 @@ def first_block(blocks: Sequence[str], layer_names: Sequence[str]) -> int | None
 
 class RowFork:
     """Forward pre-hooks that cut the inputs of ``cut`` blocks to the prefix rows and grow the inputs of
-    ``grow`` blocks to the whole batch, while ``fork`` is set (one forward); arguments named in
-    ``ROTARY_ARGS`` are left alone. Removable; no effect while ``fork`` is None."""
+    ``grow`` blocks to the whole batch, while ``fork`` is set (one forward); per-token RoPE tables
+    (``ROTARY_ARGS``) are left alone. Removable; no effect while ``fork`` is None."""
 
     def __init__(self, model: nn.Module, cut: Sequence[str] = (), grow: Sequence[str] = ()) -> None:
         self.fork: Fork | None = None
@@ -111,9 +121,9 @@ class RowFork:
                 return None
             op = getattr(self.fork, how)
             args = tuple(
-                a if i < len(names) and names[i] in ROTARY_ARGS else op(a) for i, a in enumerate(args)
+                op(a) if _per_row(names[i] if i < len(names) else None, a) else a for i, a in enumerate(args)
             )
-            return args, {k: v if k in ROTARY_ARGS else op(v) for k, v in kwargs.items()}
+            return args, {k: op(v) if _per_row(k, v) else v for k, v in kwargs.items()}
 
         return hook
 
@@ -121,3 +131,46 @@ class RowFork:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+"""A transformer's block lists, in forward order (Flux runs its double-stream ``transformer_blocks``,
+then its ``single_transformer_blocks``; Wan calls its list ``blocks``)."""
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Module names of ``model``'s top-level transformer blocks in forward order."""
+    names = []
+    for attr in BLOCK_LISTS:
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            names += [f"{attr}.{i}" for i in range(len(blocks))]
+    return names
+
+
+class TransformerFork:
+    """Shared prefix for a DiT / video DiT called with every row: the blocks before the one holding the
+    first SEG layer run on the prefix rows, the perturbed rows fork at that block (module docstring).
+
+    ``run(inputs, forward)`` calls ``forward(inputs)`` with the fork active when ``fork_of(inputs)``
+    allows it. A model without top-level transformer blocks (AnimateDiff's motion UNet) never forks.
+    """
+
+    def __init__(self, model: nn.Module, layer_names: Sequence[str]) -> None:
+        blocks = transformer_blocks(model)
+        first = first_block(blocks, layer_names)
+        self.fork_block = None if first is None else blocks[first]
+        self.hooks = None if not first else RowFork(model, cut=blocks[:first], grow=[blocks[first]])
+
+    def run(self, inputs: Mapping[str, Tensor], forward):
+        if self.hooks is None:
+            return forward(inputs)
+        self.hooks.fork = fork_of(inputs)
+        try:
+            return forward(inputs)
+        finally:
+            self.hooks.fork = None
+
+    def remove(self) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()

@@ -216,3 +216,110 @@ def test_seg_step_has_no_host_sync(family, request, monkeypatch):
         monkeypatch.undo()
     assert synced == []
     assert "tolist" in counter.calls[len(synced) :]
+
+
+def _count_rows(model, block_lists):
+    """Batch rows entering each transformer block (in forward order), recorded by pre-hooks."""
+    seen: list[int] = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[0])
+
+    hooks = [
+        b.register_forward_pre_hook(record, with_kwargs=True)
+        for attr in block_lists
+        for b in getattr(model, attr, [])
+    ]
+    return seen, hooks
+
+
+def _transformer_shared_vs_plain(make, model, inputs_of, block_lists, fork_index):
+    """``make(shared)`` → a denoiser; its shared-prefix result equals its plain one (≤ 1e-5 of the
+    values' scale) on CFG+SEG and no-CFG batches, and the blocks before the fork block ran the
+    prefix rows only."""
+    for branches, n in ((["uncond", "cond", "seg"], 1), (["cond", "seg"], 2)):
+        x, cond, uncond = inputs_of(n)
+        batch = build_batch(branches, x, torch.tensor(500.0), cond, uncond)
+        outs, rows = {}, {}
+        for shared in (False, True):
+            den = make(shared)
+            seen, hooks = _count_rows(model, block_lists)
+            try:
+                outs[shared] = den(batch)
+            finally:
+                for h in hooks:
+                    h.remove()
+                den.close()
+            rows[shared] = seen
+        total, prefix = batch["sample"].shape[0], batch.seg_rows.start
+        assert rows[False] == [total] * len(rows[False])
+        assert rows[True] == [prefix] * fork_index + [total] * (len(rows[True]) - fork_index)
+        assert_close(outs[True], outs[False], rel=1e-5, what=f"shared-prefix vs batched SEG {branches}")
+        # not asserted bit for bit: token-major GEMMs and CPU SDPA round ~1e-7 differently per batch size
+        seg = slice(batch.seg_rows.start, total)
+        assert (outs[True][seg] - outs[True][batch.seg_source]).abs().max() > 1e-4
+
+
+DIT_FORKS = [("sd3", ("mid",), 2), ("flux", ("mid",), 1), ("flux", ("single.0",), 2)]
+
+
+@pytest.mark.parametrize(("family", "layers", "fork_index"), DIT_FORKS)
+def test_dit_shared_prefix_equals_batched(family, layers, fork_index):
+    from seg_rt.engines.dit_denoiser import DiTDenoiser
+    from seg_rt.tiny import tiny_dit
+
+    model = tiny_dit(family)
+    config = model.config
+
+    def inputs_of(n):
+        g = torch.Generator().manual_seed(n)
+        if family == "sd3":
+            x = torch.randn(n, config.in_channels, 8, 12, generator=g)
+        else:
+            x = torch.randn(n, config.in_channels // 4, 8, 12, generator=g)
+
+        def one():
+            d = {
+                "encoder_hidden_states": torch.randn(n, 7, config.joint_attention_dim, generator=g),
+                "pooled_projections": torch.randn(n, config.pooled_projection_dim, generator=g),
+            }
+            if family == "flux":
+                d["guidance"] = torch.full((n,), 3.5)
+            return d
+
+        return x, one(), one()
+
+    make = lambda shared: DiTDenoiser(model, sigma=2.0, layers=layers, shared_prefix=shared)  # noqa: E731
+    lists = ("transformer_blocks", "single_transformer_blocks")
+    _transformer_shared_vs_plain(make, model, inputs_of, lists, fork_index)
+
+
+VIDEO_FORKS = [("wan", "blocks.1"), ("cogvideox", "transformer_blocks.1"), ("ltx", "transformer_blocks.1")]
+
+
+@pytest.mark.parametrize(("family", "layer"), VIDEO_FORKS)
+def test_video_shared_prefix_equals_batched(family, layer):
+    from seg_rt.tiny import tiny_video_denoiser
+    from seg_rt.video.attention import VideoBlur
+    from seg_rt.video.sampling import VideoDenoiser
+
+    model = tiny_video_denoiser(family)
+
+    def inputs_of(n):
+        g = torch.Generator().manual_seed(n)
+        shape = (n, 3, 4, 4, 6) if family == "cogvideox" else (n, 4, 3, 4, 6)  # Cog: [B, F, C, H, W]
+
+        def one():
+            d = {"encoder_hidden_states": torch.randn(n, 5, 32, generator=g)}
+            if family == "ltx":
+                d["encoder_attention_mask"] = torch.ones(n, 5)
+            return d
+
+        return torch.randn(*shape, generator=g), one(), one()
+
+    def make(shared):
+        return VideoDenoiser(model, VideoBlur("spatiotemporal", 2.0, 1.0), [layer], shared_prefix=shared)
+
+    lists = ("transformer_blocks", "blocks")
+    _transformer_shared_vs_plain(make, model, inputs_of, lists, 1)
