@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from seg_rt.blur import blur_matrix
 from seg_rt.denoiser import SEGUNet
 
 from .base import Denoiser, ShapeSpec
@@ -23,11 +24,14 @@ class TorchDenoiser(Denoiser):
     (or ``with``) restores the model. Rows with ``seg_mask`` False run the unmodified attention.
     ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
     ``compile=True`` runs the SEG-patched model through ``torch.compile``; ``configure`` with other
-    layers installs new processors and compiles the new model again (never silently eager).
-    ``shared_prefix`` (opt-in): the perturbed rows share the cond rows' computation up to the
-    first SEG layer (``seg_rt.denoiser.SharedPrefix``); bit-identical to the plain batch in
-    tests/test_shared_prefix.py, but served batches of several no-CFG requests differed from their
-    solo runs in the soak test, so it stays off by default until that is understood.
+    layers installs new processors and compiles the new model again (never silently eager). The
+    compiled model reads its blur matrices as tensors (``SEGAttention.runtime_matrices``, refilled in
+    place when σ changes), never σ itself, so neither a new step nor a new σ recompiles it; a new
+    latent size learns its token grids from one eager forward, then compiles once.
+    ``shared_prefix`` (default on): the perturbed rows share the cond rows' computation up to the
+    first SEG layer (``seg_rt.prefix``, ``seg_rt.denoiser.SharedPrefix``); the result equals the plain
+    batch bit for bit on the CPU path, batch and solo alike (tests/test_shared_prefix.py), and every
+    golden output is unchanged. ``False`` runs every row through the whole UNet.
     """
 
     shapes = ShapeSpec()
@@ -41,7 +45,7 @@ class TorchDenoiser(Denoiser):
         controlnet: nn.Module | None = None,
         compile: bool = False,
         perturbation: str = "blur",
-        shared_prefix: bool = False,
+        shared_prefix: bool = True,
     ) -> None:
         self.shared_prefix = shared_prefix
         self.compile = compile
@@ -55,6 +59,7 @@ class TorchDenoiser(Denoiser):
         )
         self.layers = tuple(layers)
         self._call = self._compiled()
+        self._grid_shape: tuple | None = None  # latent size whose grids runtime_matrices covers
 
     def _compiled(self):
         return torch.compile(self.model) if self.compile else self.model
@@ -78,11 +83,37 @@ class TorchDenoiser(Denoiser):
             if self.compile:
                 logger.info("SEG layers changed to %s: compiling the denoiser again", ",".join(layers))
             self._call = self._compiled()
+            self._grid_shape = None
         self.model.seg.sigma = float(sigma)
+        if self.compile and self.model.seg.runtime_matrices is not None:
+            self._fill_matrices()
+
+    def _fill_matrices(self) -> None:
+        """Write the current σ's blur matrices into the compiled graph's matrix tensors, in place."""
+        for n, m in self.model.seg.runtime_matrices.items():
+            m.copy_(blur_matrix(n, self.model.seg.sigma))
+
+    def _runtime_sigma(self, inputs: Mapping[str, Tensor]) -> None:
+        """Before a compiled call: blur matrices for every axis length of this input's SEG grids."""
+        sample = inputs["sample"]
+        shape = (tuple(sample.shape[2:]), sample.dtype, sample.device)  # the latent size, not the rows
+        if shape == self._grid_shape:
+            return
+        seg = self.model.seg
+        seg.runtime_matrices = None
+        self.model(inputs)  # eager: the SEG layers record their token grids for this size
+        lengths = sorted({n for grid in self.model.grids() for n in grid})
+        seg.runtime_matrices = {
+            n: torch.empty(n, n, dtype=sample.dtype, device=sample.device) for n in lengths
+        }
+        self._fill_matrices()
+        self._grid_shape = shape
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self._check_open()
+        if self.compile:
+            self._runtime_sigma(inputs)
         return self._call(inputs)
 
     def close(self) -> None:

@@ -3,11 +3,12 @@
 This is the computation every engine runs: ``seg_rt.engines.TorchDenoiser`` calls it eagerly and
 ``seg_rt.export`` traces it into ONNX. Inputs follow docs/design.md ("The contracts") / the TensorRT-demo names.
 
-Shared prefix (``shared_prefix=True``): the perturbed rows of a batched SEG step repeat the cond rows'
-inputs, so every layer before the first perturbed layer computes the same numbers for both. With the
-default ``mid`` layers that is the whole down path and its skip connections. The eager path then runs
-the UNet on the unperturbed rows only and forks the perturbed rows off the cond rows at the top-level
-block that holds the first SEG layer (``SharedPrefix``): ~1/3 less down-path compute per SEG step.
+Shared prefix (``shared_prefix=True``, ``TorchDenoiser``'s default): the perturbed rows of a batched
+SEG step repeat the cond rows' inputs, so every layer before the first perturbed layer computes the
+same numbers for both. With the default ``mid`` layers that is the whole down path and its skip
+connections. The eager path then runs the UNet on the unperturbed rows only and forks the perturbed
+rows off the cond rows at the top-level block that holds the first SEG layer (``SharedPrefix``, built
+on ``seg_rt.prefix``): ~1/3 less down-path compute per SEG step.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import SEGAttention, tracing
+from .prefix import Fork, RowFork, first_block, fork_of
 
 BASE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 SDXL_INPUTS = ("text_embeds", "time_ids")
@@ -81,48 +83,28 @@ def _top_blocks(unet: nn.Module) -> list[str]:
 
 
 class SharedPrefix:
-    """Fork the perturbed rows off their source rows at the block holding the first SEG layer.
-
-    diffusers' ``UNet2DConditionModel.forward`` is reused whole, not reimplemented: forking inside it
-    by a copy of its 200-line body would drift from diffusers. Instead the UNet is called with the
-    unperturbed rows only (``p`` rows), and a forward pre-hook on the fork block and on every later
-    top-level block appends to each ``p``-row input tensor (hidden states on entry to the fork
-    block; the time embedding, text embeddings and the skip residuals each later block consumes)
-    a copy of the source rows. What we reimplement is only that row copy; the per-row numbers of
-    the copied rows are the ones the batched forward would have computed for the perturbed rows
-    (same inputs, same unperturbed layers).
-    """
+    """Fork the perturbed rows off their source rows at the top-level block holding the first SEG layer
+    (``seg_rt.prefix``): the UNet is called with the prefix rows only, and a forward pre-hook on the
+    fork block and on every later top-level block appends the source rows to each prefix-row input
+    (hidden states on entry to the fork block; the time embedding, text embeddings and the skip
+    residuals each later block consumes). diffusers' ``UNet2DConditionModel.forward`` is reused whole."""
 
     def __init__(self, unet: nn.Module, layer_names: Sequence[str]) -> None:
         blocks = _top_blocks(unet)
-        first = min(
-            (i for i, b in enumerate(blocks) for n in layer_names if n.startswith(b + ".")), default=None
-        )
+        first = first_block(blocks, layer_names)
         self.fork_block = None if first is None else blocks[first]
-        self.after = [] if first is None else blocks[first:]  # blocks that see the forked rows
-        self.state: tuple[int, slice] | None = None  # (prefix rows p, source rows) during a forward
-        modules = dict(unet.named_modules())
-        self._hooks = [
-            modules[b].register_forward_pre_hook(self._expand, with_kwargs=True) for b in self.after
-        ]
+        self.hooks = RowFork(unet, grow=[] if first is None else blocks[first:])
 
-    def _grow(self, v):
-        p, source = self.state
-        if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == p:
-            return torch.cat([v, v[source]])  # [p + k, ...]: the perturbed rows start as copies
-        if isinstance(v, tuple) and any(isinstance(x, Tensor) for x in v):
-            return tuple(self._grow(x) for x in v)  # skip residuals (up blocks)
-        return v
+    @property
+    def fork(self) -> Fork | None:
+        return self.hooks.fork
 
-    def _expand(self, module: nn.Module, args: tuple, kwargs: dict):
-        if self.state is None:
-            return None
-        return tuple(self._grow(a) for a in args), {k: self._grow(v) for k, v in kwargs.items()}
+    @fork.setter
+    def fork(self, value: Fork | None) -> None:
+        self.hooks.fork = value
 
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self.hooks.remove()
 
 
 class SEGUNet(nn.Module):
@@ -158,17 +140,13 @@ class SEGUNet(nn.Module):
         """Token grids of the SEG layers seen in the last forward (distinct, sorted)."""
         return sorted({p.grid for p in self.seg.processors.values() if p.grid is not None})
 
-    def _fork(self, inputs: Mapping[str, Tensor]) -> tuple[int, slice] | None:
-        """(prefix rows, source rows) when this call can share the perturbed rows' prefix: eager, the
-        perturbed rows trail the batch and repeat earlier rows (host layout from the sampler)."""
-        rows, source = getattr(inputs, "seg_rows", None), getattr(inputs, "seg_source", None)
-        if self.prefix is None or self.prefix.fork_block is None or rows is None or source is None:
-            return None
-        if tracing(inputs["sample"]) or rows.stop != inputs["sample"].shape[0] or source.stop > rows.start:
+    def _fork(self, inputs: Mapping[str, Tensor]) -> Fork | None:
+        """The shared-prefix layout of this call (``seg_rt.prefix.fork_of``), or None: plain batch."""
+        if self.prefix is None or self.prefix.fork_block is None:
             return None
         if self.controlnet is not None and self.prefix.fork_block.startswith("down_blocks."):
             return None  # ControlNet's down residuals are added after the down path: no fork inside it
-        return rows.start, source
+        return fork_of(inputs)
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         missing = [n for n in self.input_names if n not in inputs and n != "seg_mask"]
@@ -177,7 +155,7 @@ class SEGUNet(nn.Module):
         fork = self._fork(inputs)
         mask, rows = inputs.get("seg_mask"), getattr(inputs, "seg_rows", None)
         if fork is not None:  # the UNet runs on the prefix rows; SharedPrefix appends the rest
-            inputs = {k: v[: fork[0]] for k, v in inputs.items() if k != "seg_mask"}
+            inputs = {k: fork.cut(v) for k, v in inputs.items() if k != "seg_mask"}
         sample = inputs["sample"]
         added = None
         if "text_embeds" in self.input_names:
@@ -200,10 +178,10 @@ class SEGUNet(nn.Module):
                 "mid_block_additional_residual": mid * scale,
             }
             if fork is not None and self.prefix.fork_block == "mid_block":  # added after the mid block
-                extra["mid_block_additional_residual"] = torch.cat([mid * scale, (mid * scale)[fork[1]]])
+                extra["mid_block_additional_residual"] = fork.grow(mid * scale)
         self.seg.set_mask(mask, rows)
         if fork is not None:
-            self.prefix.state = fork
+            self.prefix.fork = fork
         try:
             out = self.unet(
                 sample,
@@ -218,7 +196,7 @@ class SEGUNet(nn.Module):
         finally:
             self.seg.set_mask(None)
             if self.prefix is not None:
-                self.prefix.state = None
+                self.prefix.fork = None
 
     def remove(self) -> None:
         """Restore the UNet's own attention processors and linear layers."""

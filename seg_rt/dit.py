@@ -273,7 +273,7 @@ class SEGDiT(nn.Module):
         self._image_ids: dict[tuple, Tensor] = {}  # Flux: (h, w, device, dtype) -> img_ids
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"))
+        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
         try:
             out = self._forward(inputs)
             self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result

@@ -26,6 +26,8 @@ from seg_rt.engines.tensorrt import TensorRTDenoiser
 from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.families import family_of
 
+from .tolerance import assert_close
+
 ENGINE_CLASSES = [TorchDenoiser, OnnxRuntimeDenoiser, TensorRTDenoiser]
 
 
@@ -238,6 +240,50 @@ def test_torch_compile_is_recompiled_when_layers_change(sd15, monkeypatch):
         assert den._call.model is den.model
     with TorchDenoiser(sd15.unet, sigma=2.0, layers=["up"]) as eager:
         assert torch.equal(out, eager(inputs))
+
+
+STEPS_AND_SIGMAS = [(700.0, 2.0), (500.0, 3.0), (500.0, math.inf), (100.0, 2.0)]
+
+
+def test_torch_compile_does_not_recompile_across_steps_or_sigma(sd15, monkeypatch):
+    """The compiled denoiser reads its blur matrices as tensors (refilled in place for a new σ): new
+    timesteps, latents and σ values (inf included) run the first graph, and each σ still takes
+    effect (equal to the eager denoiser at that σ). Dynamo's guards decide recompiles whatever the
+    backend, so the test compiles with the fast ``eager`` backend (inductor's C++ build is minutes)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from seg_rt.sampler import build_batch
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    g = torch.Generator().manual_seed(0)
+    c = sd15.unet.config.cross_attention_dim
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    cond = {"encoder_hidden_states": torch.randn(1, 7, c, generator=g)}
+    uncond = {"encoder_hidden_states": torch.randn(1, 7, c, generator=g)}
+
+    def batch(t, scale=1.0):
+        return build_batch(["uncond", "cond", "seg"], x * scale, torch.tensor(t), cond, uncond)
+
+    torch.compiler.reset()
+    counters.clear()
+    outs = {}
+    with TorchDenoiser(sd15.unet, sigma=2.0, compile=True) as den:
+        den(batch(900.0))
+        graphs = counters["stats"]["unique_graphs"]
+        monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        for t, sigma in STEPS_AND_SIGMAS:
+            den.configure(sigma)
+            outs[t, sigma] = den(batch(t, 0.5))
+        assert counters["stats"]["unique_graphs"] == graphs
+    torch.compiler.reset()
+    with TorchDenoiser(sd15.unet, sigma=2.0) as eager:
+        for t, sigma in STEPS_AND_SIGMAS:
+            eager.configure(sigma)
+            want = eager(batch(t, 0.5))
+            assert_close(outs[t, sigma], want, rel=1e-5, what=f"compiled vs eager at t={t:g}, σ={sigma}")
+    assert (outs[500.0, 3.0] - outs[500.0, math.inf]).abs().max() > 1e-4  # σ reached the compiled graph
 
 
 def test_generate_closes_the_engine_it_loads_and_keeps_the_callers(sd15, monkeypatch):

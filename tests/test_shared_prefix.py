@@ -82,6 +82,10 @@ def test_shared_prefix_without_cfg_and_plain_dicts(sd15):
     # a plain dict carries no host layout: the full batch runs (same numbers)
     full, seen, _ = _forward(sd15, ("mid",), True, dict(batch))
     assert torch.equal(full, plain) and seen[0] == 4
+    # one image without CFG: a 1-row prefix on the CPU runs the plain batch (seg_rt.prefix)
+    one = build_batch(["cond", "seg"], x[:1], torch.tensor(10.0), {k: v[:1] for k, v in cond.items()}, None)
+    _, seen, _ = _forward(sd15, ("mid",), True, one)
+    assert seen[0] == 2
 
 
 def test_shared_prefix_controlnet():
@@ -108,6 +112,73 @@ def test_generate_shared_engine_equals_unshared(sdxl):
     with TorchDenoiser(sdxl.unet, sigma=2.0, shared_prefix=True) as den:
         shared = seg_rt.generate(sdxl, "a cube", engine=den, **kw)
     assert torch.equal(shared, plain)
+
+
+def _params(prompt, seed, cfg, negative=None):
+    from seg_rt.params import GenerationParams
+
+    return GenerationParams(
+        prompt=prompt, negative_prompt=negative, seed=seed, cfg=cfg, steps=2, height=64, width=64
+    )
+
+
+@pytest.mark.parametrize(
+    "requests",
+    [
+        # the soak test's served batch: concurrent no-CFG requests (cfg 1, a negative prompt) in one run
+        [("", 6, 1.0, "blur")] * 3,
+        [("a cat", 1, 1.0, None), ("a dog", 2, 1.0, None), ("", 3, 1.0, "blur")],
+        [("a cat", 1, 5.0, None), ("a dog", 2, 5.0, "blur")],
+    ],
+    ids=["no-cfg-same", "no-cfg-mixed", "cfg"],
+)
+def test_shared_prefix_batch_equals_solo(sdxl, requests):
+    """Regression: with shared prefix, a batch of requests equals each request run alone, bit for bit.
+    A no-CFG request alone has one prefix row ([cond, seg]), and PyTorch's CPU Conv2d computes a
+    1-row batch with another kernel than a larger one (~1e-7 apart): such a step runs the plain batch
+    (``seg_rt.prefix.MIN_CPU_PREFIX_ROWS``), so every conv sees >= 2 rows on both sides."""
+    from seg_rt.pipeline import run_params
+
+    params = [_params(*r) for r in requests]
+
+    def run(ps, shared):
+        with TorchDenoiser(sdxl.unet, sigma=2.0, shared_prefix=shared) as den:
+            return run_params(sdxl, ps, engine=den, output_type="latent")
+
+    batch = run(params, True)
+    solo = torch.cat([run([p], True) for p in params])
+    assert torch.equal(batch, solo)
+    assert torch.equal(batch, run(params, False))  # and the plain batch (the golden outputs' path)
+
+
+def test_fork_layout_rules():
+    from seg_rt.prefix import MIN_CPU_PREFIX_ROWS, fork_of
+
+    x, cond, uncond = _branches_sd(2)
+    t = torch.tensor(1.0)
+    fork = fork_of(build_batch(["uncond", "cond", "seg"], x, t, cond, uncond))
+    assert (fork.prefix, fork.source, fork.rows) == (4, slice(2, 4), 6)
+    assert fork_of(build_batch(["cond", "seg"], x, t, cond, None)).prefix == 2
+    one = build_batch(["cond", "seg"], x[:1], t, {k: v[:1] for k, v in cond.items()}, None)
+    assert MIN_CPU_PREFIX_ROWS == 2 and fork_of(one) is None  # 1 prefix row on the CPU: plain batch
+    assert fork_of(build_batch(["seg_uncond", "cond"], x, t, cond, uncond)) is None  # no source rows
+    assert fork_of(build_batch(["uncond", "cond"], x, t, cond, uncond)) is None
+    assert fork_of(dict(build_batch(["uncond", "cond", "seg"], x, t, cond, uncond))) is None
+    # the fork's row ops: grow appends the source rows, cut keeps the prefix
+    v = torch.arange(4.0)
+    assert fork.grow(v).tolist() == [0, 1, 2, 3, 2, 3] and fork.cut(torch.arange(6.0)).tolist() == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+def _branches_sd(n):
+    g = torch.Generator().manual_seed(0)
+    cond = {"encoder_hidden_states": torch.randn(n, 7, 8, generator=g)}
+    uncond = {"encoder_hidden_states": torch.randn(n, 7, 8, generator=g)}
+    return torch.randn(n, 4, 8, 8, generator=g), cond, uncond
 
 
 class SyncCounter:
@@ -145,3 +216,110 @@ def test_seg_step_has_no_host_sync(family, request, monkeypatch):
         monkeypatch.undo()
     assert synced == []
     assert "tolist" in counter.calls[len(synced) :]
+
+
+def _count_rows(model, block_lists):
+    """Batch rows entering each transformer block (in forward order), recorded by pre-hooks."""
+    seen: list[int] = []
+
+    def record(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[0])
+
+    hooks = [
+        b.register_forward_pre_hook(record, with_kwargs=True)
+        for attr in block_lists
+        for b in getattr(model, attr, [])
+    ]
+    return seen, hooks
+
+
+def _transformer_shared_vs_plain(make, model, inputs_of, block_lists, fork_index):
+    """``make(shared)`` → a denoiser; its shared-prefix result equals its plain one (≤ 1e-5 of the
+    values' scale) on CFG+SEG and no-CFG batches, and the blocks before the fork block ran the
+    prefix rows only."""
+    for branches, n in ((["uncond", "cond", "seg"], 1), (["cond", "seg"], 2)):
+        x, cond, uncond = inputs_of(n)
+        batch = build_batch(branches, x, torch.tensor(500.0), cond, uncond)
+        outs, rows = {}, {}
+        for shared in (False, True):
+            den = make(shared)
+            seen, hooks = _count_rows(model, block_lists)
+            try:
+                outs[shared] = den(batch)
+            finally:
+                for h in hooks:
+                    h.remove()
+                den.close()
+            rows[shared] = seen
+        total, prefix = batch["sample"].shape[0], batch.seg_rows.start
+        assert rows[False] == [total] * len(rows[False])
+        assert rows[True] == [prefix] * fork_index + [total] * (len(rows[True]) - fork_index)
+        assert_close(outs[True], outs[False], rel=1e-5, what=f"shared-prefix vs batched SEG {branches}")
+        # not asserted bit for bit: token-major GEMMs and CPU SDPA round ~1e-7 differently per batch size
+        seg = slice(batch.seg_rows.start, total)
+        assert (outs[True][seg] - outs[True][batch.seg_source]).abs().max() > 1e-4
+
+
+DIT_FORKS = [("sd3", ("mid",), 2), ("flux", ("mid",), 1), ("flux", ("single.0",), 2)]
+
+
+@pytest.mark.parametrize(("family", "layers", "fork_index"), DIT_FORKS)
+def test_dit_shared_prefix_equals_batched(family, layers, fork_index):
+    from seg_rt.engines.dit_denoiser import DiTDenoiser
+    from seg_rt.tiny import tiny_dit
+
+    model = tiny_dit(family)
+    config = model.config
+
+    def inputs_of(n):
+        g = torch.Generator().manual_seed(n)
+        if family == "sd3":
+            x = torch.randn(n, config.in_channels, 8, 12, generator=g)
+        else:
+            x = torch.randn(n, config.in_channels // 4, 8, 12, generator=g)
+
+        def one():
+            d = {
+                "encoder_hidden_states": torch.randn(n, 7, config.joint_attention_dim, generator=g),
+                "pooled_projections": torch.randn(n, config.pooled_projection_dim, generator=g),
+            }
+            if family == "flux":
+                d["guidance"] = torch.full((n,), 3.5)
+            return d
+
+        return x, one(), one()
+
+    make = lambda shared: DiTDenoiser(model, sigma=2.0, layers=layers, shared_prefix=shared)  # noqa: E731
+    lists = ("transformer_blocks", "single_transformer_blocks")
+    _transformer_shared_vs_plain(make, model, inputs_of, lists, fork_index)
+
+
+VIDEO_FORKS = [("wan", "blocks.1"), ("cogvideox", "transformer_blocks.1"), ("ltx", "transformer_blocks.1")]
+
+
+@pytest.mark.parametrize(("family", "layer"), VIDEO_FORKS)
+def test_video_shared_prefix_equals_batched(family, layer):
+    from seg_rt.tiny import tiny_video_denoiser
+    from seg_rt.video.attention import VideoBlur
+    from seg_rt.video.sampling import VideoDenoiser
+
+    model = tiny_video_denoiser(family)
+
+    def inputs_of(n):
+        g = torch.Generator().manual_seed(n)
+        shape = (n, 3, 4, 4, 6) if family == "cogvideox" else (n, 4, 3, 4, 6)  # Cog: [B, F, C, H, W]
+
+        def one():
+            d = {"encoder_hidden_states": torch.randn(n, 5, 32, generator=g)}
+            if family == "ltx":
+                d["encoder_attention_mask"] = torch.ones(n, 5)
+            return d
+
+        return torch.randn(*shape, generator=g), one(), one()
+
+    def make(shared):
+        return VideoDenoiser(model, VideoBlur("spatiotemporal", 2.0, 1.0), [layer], shared_prefix=shared)
+
+    lists = ("transformer_blocks", "blocks")
+    _transformer_shared_vs_plain(make, model, inputs_of, lists, 1)

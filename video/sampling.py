@@ -19,6 +19,7 @@ from seg_rt.config import SEGConfig
 from seg_rt.denoiser import RowwiseLinear, swap_linears
 from seg_rt.params import BranchParallel, GenerationParams, VideoParams
 from seg_rt.pipeline import branch_group, check_size, load_pipeline, make_scheduler, seed_generators
+from seg_rt.prefix import TransformerFork
 from seg_rt.sampler import sample
 
 from .attention import VideoBlur, VideoSEG, family_of_model
@@ -37,6 +38,9 @@ class VideoDenoiser:
     """A video model with ``VideoSEG`` installed, called with the sampler's named inputs.
 
     Raises ``SEGNotApplied`` after a forward with perturbed rows in which no query was perturbed.
+    ``shared_prefix`` (opt-in, as ``DiTDenoiser``'s): the transformer blocks before the first SEG
+    layer run on the unperturbed rows only and the perturbed rows fork off the cond rows there
+    (``seg_rt.prefix.TransformerFork``; AnimateDiff's motion UNet never forks).
     """
 
     def __init__(
@@ -45,25 +49,31 @@ class VideoDenoiser:
         blur: VideoBlur,
         layers: Sequence[str] | None = None,
         extra: dict | None = None,
+        shared_prefix: bool = False,
     ) -> None:
         self.model = model
         self.extra = extra or {}  # model inputs shared by every row (CogVideoX's RoPE tables)
         self.family = family_of_model(model)
         self.seg = VideoSEG(model, blur, layers).install()
+        self.prefix = TransformerFork(model, self.seg.layer_names) if shared_prefix else None
         swap_linears([model], RowwiseLinear)  # per-sample results independent of the batch
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
         try:
-            if self.family == "ltx":
-                out = self._forward_ltx(inputs)
-            else:
-                out = self._forward(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+            out = (
+                self.prefix.run(inputs, self._dispatch) if self.prefix is not None else self._dispatch(inputs)
+            )
             self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
             return out
         finally:
             self.seg.set_mask(None)
+
+    def _dispatch(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        if self.family == "ltx":
+            return self._forward_ltx(inputs)
+        return self._forward(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
 
     def _forward(self, x: Tensor, t: Tensor, text: Tensor) -> Tensor:
         if self.family == "animatediff":  # x: [B, C, F, h, w]; text per frame: [B·F, L, C]
@@ -102,6 +112,8 @@ class VideoDenoiser:
 
     def close(self) -> None:
         self.seg.remove()
+        if self.prefix is not None:
+            self.prefix.remove()
         swap_linears([self.model], nn.Linear)
 
 
