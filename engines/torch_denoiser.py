@@ -49,41 +49,31 @@ class TorchDenoiser(Denoiser):
     ) -> None:
         self.shared_prefix = shared_prefix
         self.compile = compile
+        self._install(unet, controlnet, sigma, layers, perturbation)
+
+    def _install(self, unet, controlnet, sigma: float, layers: Sequence[str], perturbation: str) -> None:
+        """SEG on ``layers`` of ``unet`` (and ``controlnet``), compiled again when ``compile``."""
         self.model = SEGUNet(
             unet,
             sigma=sigma,
             layers=layers,
             controlnet=controlnet,
             perturbation=perturbation,
-            shared_prefix=shared_prefix,
+            shared_prefix=self.shared_prefix,
         )
         self.layers = tuple(layers)
-        self._call = self._compiled()
+        self._call = torch.compile(self.model) if self.compile else self.model
         self._grid_shape: tuple | None = None  # latent size whose grids runtime_matrices covers
-
-    def _compiled(self):
-        return torch.compile(self.model) if self.compile else self.model
 
     def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
         """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on."""
         self._check_open()
         if layers is not None and tuple(layers) != self.layers:
-            unet, controlnet = self.model.unet, self.model.controlnet
-            perturbation = self.model.seg.perturbation
-            self.model.remove()
-            self.model = SEGUNet(
-                unet,
-                sigma=sigma,
-                layers=layers,
-                controlnet=controlnet,
-                perturbation=perturbation,
-                shared_prefix=self.shared_prefix,
-            )
-            self.layers = tuple(layers)
+            old, perturbation = self.model, self.model.seg.perturbation
+            old.remove()
             if self.compile:
                 logger.info("SEG layers changed to %s: compiling the denoiser again", ",".join(layers))
-            self._call = self._compiled()
-            self._grid_shape = None
+            self._install(old.unet, old.controlnet, sigma, layers, perturbation)
         self.model.seg.sigma = float(sigma)
         if self.compile and self.model.seg.runtime_matrices is not None:
             self._fill_matrices()
