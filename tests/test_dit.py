@@ -97,26 +97,22 @@ def all_layers(m) -> list[str]:
     return list(dit_attention.adapter_of(m).layers(m))
 
 
-def test_all_false_mask_equals_unpatched_model(model):
+def test_all_false_mask_equals_unpatched_and_unperturbed_rows_identical(model):
+    """Installed on every layer: an all-false mask equals the unpatched model; with row 1 perturbed,
+    row 0 equals it and row 1 changes (every layer perturbed it)."""
     family, m = model
     kw = model_inputs(family, m)
     plain = run(m, kw)
-    with SEGAttention(m, 1.0, all_layers(m), adapter=dit_attention.adapter_of(m)) as seg:
+    layers = all_layers(m)
+    with SEGAttention(m, 1.0, layers, adapter=dit_attention.adapter_of(m)) as seg:
         seg.set_mask(torch.tensor([False, False]))
-        patched = run(m, kw)
+        unperturbed = run(m, kw)
         assert seg.perturbed == 0
-    assert_close(patched, plain, rel=1e-6)
-
-
-def test_unperturbed_rows_identical_and_perturbed_row_changes(model):
-    family, m = model
-    kw = model_inputs(family, m)
-    plain = run(m, kw)
-    with SEGAttention(m, 1.0, all_layers(m), adapter=dit_attention.adapter_of(m)) as seg:
         seg.set_mask(torch.tensor([False, True]))
         patched = run(m, kw)
         seg.check()
-        assert seg.perturbed == len(all_layers(m))
+        assert seg.perturbed == len(layers)
+    assert_close(unperturbed, plain, rel=1e-6)
     assert_close(patched[0], plain[0], rel=1e-6)
     assert max_rel_error(patched[1], plain[1]) > 1e-4
 
@@ -327,26 +323,8 @@ def test_qwenimage_rows_with_other_prompts_equal_their_runs_alone(pipe):
 def test_cli_generate_48x80(family, tmp_path):
     folder = save_tiny_dit_pipeline(family, tmp_path / family)
     out = tmp_path / "img.png"
-    code = main(
-        [
-            "generate",
-            "--model",
-            str(folder),
-            "--prompt",
-            "a cat",
-            "--height",
-            "48",
-            "--width",
-            "80",
-            "--steps",
-            "2",
-            "--seg-layers",
-            "mid",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
-    )
+    args = ["generate", "--model", str(folder), "--prompt", "a cat", "--height", "48", "--width", "80"]
+    code = main([*args, "--steps", "2", "--seg-layers", "mid", "--out", str(out), "--no-progress"])
     assert code == 0
     from PIL import Image
 
@@ -491,27 +469,9 @@ def test_cli_video_ltx(tmp_path):
 
     folder = save_tiny_video_pipeline("ltx", tmp_path / "ltx")
     out = tmp_path / "v.mp4"
+    args = ["video", "--model", str(folder), "--prompt", "a cat", "--frames", "9", "--height", "48"]
     code = main(
-        [
-            "video",
-            "--model",
-            str(folder),
-            "--prompt",
-            "a cat",
-            "--frames",
-            "9",
-            "--height",
-            "48",
-            "--width",
-            "80",
-            "--steps",
-            "2",
-            "--seg-sigma",
-            "2",
-            "--out",
-            str(out),
-            "--no-progress",
-        ]
+        [*args, "--width", "80", "--steps", "2", "--seg-sigma", "2", "--out", str(out), "--no-progress"]
     )
     assert code == 0 and out.stat().st_size > 0
 
