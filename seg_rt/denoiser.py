@@ -35,12 +35,14 @@ class RowwiseLinear(nn.Linear):
     result ~1e-7 off the same row in a batch of 3, which grows to changed PNG bytes. Row by row
     (M = 1 always) makes every sample's result independent of the batch it is in, so batched
     serving and fused job batches equal solo runs bit for bit. These layers are a negligible
-    share of the compute; 3D (token) inputs keep one GEMM.
+    share of the compute; 3D (token) inputs keep one GEMM. CPU tensors only: on CUDA other kernels
+    differ by batch size anyway (TF32 convolutions, ~1e-3; docs/design.md §6), so the split would
+    buy nothing there and cost a kernel launch per row.
     """
 
     def forward(self, input: Tensor) -> Tensor:
         x = input
-        if x.ndim == 2 and x.shape[0] > 1 and not tracing(x):
+        if x.ndim == 2 and x.shape[0] > 1 and x.device.type == "cpu" and not tracing(x):
             return torch.cat([F.linear(x[i : i + 1], self.weight, self.bias) for i in range(x.shape[0])])
         return F.linear(x, self.weight, self.bias)
 
@@ -48,10 +50,11 @@ class RowwiseLinear(nn.Linear):
 class RowwiseConv3d(nn.Conv3d):
     """``nn.Conv3d`` run one sample at a time in eager mode: CPU Conv3d picks another algorithm
     for another batch size (seen in Wan's patch embedding), so batched rows drifted ~1e-7 from
-    solo runs. Video DiTs use it only to patchify, a small share of their compute."""
+    solo runs. Video DiTs use it only to patchify, a small share of their compute. CPU tensors only,
+    as ``RowwiseLinear``."""
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.shape[0] > 1 and not tracing(input):
+        if input.shape[0] > 1 and input.device.type == "cpu" and not tracing(input):
             return torch.cat(
                 [super(RowwiseConv3d, self).forward(input[i : i + 1]) for i in range(input.shape[0])]
             )
