@@ -37,7 +37,10 @@ def test_cpu_dry_run_writes_json(tmp_path, capsys):
     out = tmp_path / "gpu.json"
     assert bench_gpu.main(["--device", "cpu", "--tiny", "--pairs", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result == json.loads(capsys.readouterr().out)
+    *sections, last = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert last == result  # the whole result last, after one line per section as it finished
+    assert [s["section"] for s in sections] == ["setup", "ratios_mid", "ratios_up", "engines"]
+    assert sections[1]["data"] == result["ratios"][0] and sections[3]["data"]["eager_step_ms_batch1"] > 0
     assert [r["layers"] for r in result["ratios"]] == [["mid"], ["up"]]
     assert all(r["cfg_seg_shared_over_cfg"] > 0 and r["cfg_seg_over_cfg"] > 0 for r in result["ratios"])
     engines = result["engines"]
