@@ -22,6 +22,7 @@ DEFAULT_COMPARE_SIGMAS = "1,2,5,10,inf"
 # every sampling flag's default is the request type's (seg_rt.params): one default per field
 _REQUEST = GenerationParams()
 _VIDEO = VideoParams()
+_DEMO_FRAMES = 8  # seg_rt.demo.video_data.FRAMES, the demo video model's clip length (no torch import here)
 
 
 class UsageError(Exception):
@@ -193,9 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan)"
     )
-    v.add_argument("--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan folder or hub id")
+    v.add_argument(
+        "--model",
+        default=None,
+        help="diffusers AnimateDiff / CogVideoX / Wan / LTX folder or hub id (default: the bundled 32x32 "
+        "demo video model, offline)",
+    )
     _add_request_args(v)
-    v.add_argument("--frames", type=int, default=_VIDEO.frames)
+    v.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help=f"output frames (default {_VIDEO.frames}; {_DEMO_FRAMES} for the demo video model, its clip length)",
+    )
     v.add_argument("--seg-mode", default=_VIDEO.mode, help="spatial, temporal or spatiotemporal")
     v.add_argument(
         "--seg-sigma-time",
@@ -454,6 +465,22 @@ def _demo_model() -> str:
     return str(path)
 
 
+def _demo_video_model() -> str:
+    from seg_rt.demo.video_model import is_demo_video_folder, video_weights_dir
+
+    path = video_weights_dir()
+    if not is_demo_video_folder(path):
+        raise FileNotFoundError(
+            f"the bundled demo video model is missing from {path}; reinstall seg-rt or pass --model"
+        )
+    print(
+        "seg-rt: no --model: using the bundled 32x32 demo video model (procedural shapes in motion, "
+        "see README); for real video pass --model with an AnimateDiff / CogVideoX / Wan / LTX folder",
+        file=sys.stderr,
+    )
+    return str(path)
+
+
 def compare_columns(request: GenerationParams, sigmas: list[float]) -> list[tuple[str, GenerationParams]]:
     """vanilla (no guidance), CFG only, then SEG (with the given CFG) at each σ; one seed."""
     cfg = request.cfg
@@ -478,6 +505,9 @@ def cmd_video(args) -> int:
         out = out.with_suffix(".gif")
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
+    model = args.model or _demo_video_model()
+    if args.frames is None:
+        args.frames = _DEMO_FRAMES if args.model is None else _VIDEO.frames
     request = video_request_from_args(args)  # validated before the model loads
     runs = [("", request)]
     if args.compare:
@@ -490,9 +520,9 @@ def cmd_video(args) -> int:
             except ValueError as exc:  # e.g. temporal with sigma time 0
                 raise ValueError(f"--compare, mode {mode}: {exc}") from None
     parallel = parallel_from_args(args)
-    _check_local_size(args.model, request)
+    _check_local_size(model, request)
     t0 = time.perf_counter()
-    pipe = args.model if parallel is not None else load_pipeline(args.model, args.device)
+    pipe = model if parallel is not None else load_pipeline(model, args.device)
     videos = [
         generate_video(pipe, params=r, progress=not args.no_progress, parallel=parallel)[0] for _, r in runs
     ]
