@@ -321,12 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--model",
         default=None,
-        help="video-quality: AnimateDiff folder (default: tiny random model); quality: demo-model folder",
+        help="video-quality: demo video model folder (default: the bundled one) or any AnimateDiff folder "
+        "(the proxy-metric harness); quality: demo-model folder",
     )
     b.add_argument("--plot", default=None, help="plot PNG path (default: WHAT.png)")
     q = b.add_argument_group("quality (demo model: vanilla, CFG, PAG-style, SEG σ sweep)")
-    q.add_argument("--samples", type=int, default=160, help="samples per method (same prompts and seeds)")
-    q.add_argument("--steps", type=int, default=12)
+    q.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples per method, same prompts and seeds (default 160; video-quality: 12 clips)",
+    )
+    q.add_argument("--steps", type=int, default=None, help="sampling steps (default 12; video-quality: 8)")
     q.add_argument("--cfg", type=float, default=3.0, help="scale of the CFG row")
     q.add_argument("--seg-scale", type=float, default=3.0, help="scale of the SEG rows (no CFG)")
     q.add_argument("--pag-scale", type=float, default=3.0, help="scale of the PAG-style row (no CFG)")
@@ -463,6 +469,12 @@ def _demo_model() -> str:
         file=sys.stderr,
     )
     return str(path)
+
+
+def _is_demo_video(model: str) -> bool:
+    from seg_rt.demo.video_model import is_demo_video_folder
+
+    return Path(model).is_dir() and is_demo_video_folder(model)
 
 
 def _demo_video_model() -> str:
@@ -648,6 +660,19 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if args.what == "video-quality" and (args.model is None or _is_demo_video(args.model)):
+        from seg_rt.demo import video_bench
+
+        rows = video_bench.run_video_quality(
+            args.model, samples=args.samples or 12, steps=args.steps or 8, cfg=args.cfg, scale=args.seg_scale,
+            classifier=args.classifier, device=args.device,
+        )  # fmt: skip
+        video_bench.plot(rows, args.plot or "video-quality.png")
+        for row in rows:
+            print(json.dumps(row) if args.json else row)
+        if not args.json:
+            print(video_bench.table(rows))
+        return 0
     if args.what == "video-quality":
         from seg_rt.video.harness import run_harness
 
@@ -660,7 +685,7 @@ def cmd_bench(args) -> int:
 
         sigmas = [parse_sigma(s) for s in args.sigmas.split(",") if s.strip()]
         rows = quality.run_quality(
-            args.model, samples=args.samples, steps=args.steps, cfg=args.cfg, seg_scale=args.seg_scale,
+            args.model, samples=args.samples or 160, steps=args.steps or 12, cfg=args.cfg, seg_scale=args.seg_scale,
             pag_scale=args.pag_scale, sigmas=sigmas, layers=parse_layers(args.seg_layers), batch=args.batch,
             unconditional=args.unconditional, classifier=args.classifier, device=args.device, cheap=args.cheap,
         )  # fmt: skip

@@ -251,6 +251,11 @@ def main(
     p.add_argument("--overwrite", action="store_true", help="replace an --out written by this trainer")
     p.add_argument("--work-dir", type=Path, default=Path(work_dir), help="checkpoint folder")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--stop-now",
+        action="store_true",
+        help="train no further: export the checkpoint's EMA weights (steps_done records its step)",
+    )
     for f in dataclasses.fields(config_cls):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
@@ -270,7 +275,10 @@ def main(
     if trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.ckpt, trainer.step)
     start, losses = time.time(), []
-    while trainer.step < cfg.steps:
+    if args.stop_now and trainer.step == 0:
+        print(f"error: --stop-now needs a checkpoint in {trainer.ckpt}", file=sys.stderr)
+        return 2
+    while trainer.step < cfg.steps and not args.stop_now:
         losses.append(trainer.train_step())
         if trainer.step % 50 == 0:
             rate = (time.time() - start) / len(losses)

@@ -34,6 +34,7 @@ class VideoTrainConfig(TrainConfig):
     p_partial: float = 0.25
     ema_max_decay: float = 0.999
     checkpoint_every: int = 100
+    frames: int = video_data.FRAMES  # per clip
     precision: str = "fp32"  # bf16 autocast is no faster for this model on CPU
     train: str = "motion"  # "motion": motion modules, cross-attention and text encoder; "all": every weight
 
@@ -59,7 +60,7 @@ def caption_for(item: video_data.ClipItem, rng: random.Random, cfg: TrainConfig)
 
 def training_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     seeds = [TRAIN_SEED_BASE + (cfg.seed * cfg.steps + step) * cfg.batch + i for i in range(cfg.batch)]
-    x, items = video_data.batch(seeds)
+    x, items = video_data.batch(seeds, frames=cfg.frames)
     rng = random.Random(f"video:{cfg.seed}:{step}")
     return x, [caption_for(item, rng, cfg) for item in items]
 
