@@ -330,9 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=int,
         default=None,
-        help="samples per method, same prompts and seeds (default 160; video-quality: 12 clips)",
+        help="samples per method, same prompts and seeds (default 160; video-quality: 8 clips)",
     )
-    q.add_argument("--steps", type=int, default=None, help="sampling steps (default 12; video-quality: 8)")
+    q.add_argument("--steps", type=int, default=None, help="sampling steps (default 12; video-quality: 4)")
     q.add_argument("--cfg", type=float, default=3.0, help="scale of the CFG row")
     q.add_argument("--seg-scale", type=float, default=3.0, help="scale of the SEG rows (no CFG)")
     q.add_argument("--pag-scale", type=float, default=3.0, help="scale of the PAG-style row (no CFG)")
@@ -664,7 +664,7 @@ def cmd_bench(args) -> int:
         from seg_rt.demo import video_bench
 
         rows = video_bench.run_video_quality(
-            args.model, samples=args.samples or 12, steps=args.steps or 8, cfg=args.cfg, scale=args.seg_scale,
+            args.model, samples=args.samples or 8, steps=args.steps or 4, cfg=args.cfg, scale=args.seg_scale,
             classifier=args.classifier, device=args.device,
         )  # fmt: skip
         video_bench.plot(rows, args.plot or "video-quality.png")
