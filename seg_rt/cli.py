@@ -22,6 +22,7 @@ DEFAULT_COMPARE_SIGMAS = "1,2,5,10,inf"
 # every sampling flag's default is the request type's (seg_rt.params): one default per field
 _REQUEST = GenerationParams()
 _VIDEO = VideoParams()
+_DEMO_FRAMES = 8  # seg_rt.demo.video_data.FRAMES, the demo video model's clip length (no torch import here)
 
 
 class UsageError(Exception):
@@ -204,10 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
         "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan, LTX-Video)"
     )
     v.add_argument(
-        "--model", required=True, help="diffusers AnimateDiff / CogVideoX / Wan / LTX-Video folder or hub id"
+        "--model",
+        default=None,
+        help="diffusers AnimateDiff / CogVideoX / Wan / LTX-Video folder or hub id (default: the bundled 32x32 "
+        "demo video model, offline)",
     )
     _add_request_args(v)
-    v.add_argument("--frames", type=int, default=_VIDEO.frames)
+    v.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help=f"output frames (default {_VIDEO.frames}; {_DEMO_FRAMES} for the demo video model, its clip length)",
+    )
     v.add_argument("--seg-mode", default=_VIDEO.mode, help="spatial, temporal or spatiotemporal")
     v.add_argument(
         "--seg-sigma-time",
@@ -322,12 +331,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--model",
         default=None,
-        help="video-quality: AnimateDiff folder (default: tiny random model); quality: demo-model folder",
+        help="video-quality: demo video model folder (default: the bundled one) or any AnimateDiff folder "
+        "(the proxy-metric harness); quality: demo-model folder",
     )
     b.add_argument("--plot", default=None, help="plot PNG path (default: WHAT.png)")
     q = b.add_argument_group("quality (demo model: vanilla, CFG, PAG-style, SEG σ sweep)")
-    q.add_argument("--samples", type=int, default=160, help="samples per method (same prompts and seeds)")
-    q.add_argument("--steps", type=int, default=12)
+    q.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="samples per method, same prompts and seeds (default 160; video-quality: 8 clips)",
+    )
+    q.add_argument("--steps", type=int, default=None, help="sampling steps (default 12; video-quality: 4)")
     q.add_argument("--cfg", type=float, default=3.0, help="scale of the CFG row")
     q.add_argument("--seg-scale", type=float, default=3.0, help="scale of the SEG rows (no CFG)")
     q.add_argument("--pag-scale", type=float, default=3.0, help="scale of the PAG-style row (no CFG)")
@@ -466,6 +481,28 @@ def _demo_model() -> str:
     return str(path)
 
 
+def _is_demo_video(model: str) -> bool:
+    from seg_rt.demo.video_model import is_demo_video_folder
+
+    return Path(model).is_dir() and is_demo_video_folder(model)
+
+
+def _demo_video_model() -> str:
+    from seg_rt.demo.video_model import is_demo_video_folder, video_weights_dir
+
+    path = video_weights_dir()
+    if not is_demo_video_folder(path):
+        raise FileNotFoundError(
+            f"the bundled demo video model is missing from {path}; reinstall seg-rt or pass --model"
+        )
+    print(
+        "seg-rt: no --model: using the bundled 32x32 demo video model (procedural shapes in motion, "
+        "see README); for real video pass --model with an AnimateDiff / CogVideoX / Wan / LTX folder",
+        file=sys.stderr,
+    )
+    return str(path)
+
+
 def compare_columns(request: GenerationParams, sigmas: list[float]) -> list[tuple[str, GenerationParams]]:
     """vanilla (no guidance), CFG only, then SEG (with the given CFG) at each σ; one seed."""
     cfg = request.cfg
@@ -490,6 +527,9 @@ def cmd_video(args) -> int:
         out = out.with_suffix(".gif")
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
+    model = args.model or _demo_video_model()
+    if args.frames is None:
+        args.frames = _DEMO_FRAMES if args.model is None else _VIDEO.frames
     request = video_request_from_args(args)  # validated before the model loads
     runs = [("", request)]
     if args.compare:
@@ -502,9 +542,9 @@ def cmd_video(args) -> int:
             except ValueError as exc:  # e.g. temporal with sigma time 0
                 raise ValueError(f"--compare, mode {mode}: {exc}") from None
     parallel = parallel_from_args(args)
-    _check_local_size(args.model, request)
+    _check_local_size(model, request)
     t0 = time.perf_counter()
-    pipe = args.model if parallel is not None else load_pipeline(args.model, args.device)
+    pipe = model if parallel is not None else load_pipeline(model, args.device)
     videos = [
         generate_video(pipe, params=r, progress=not args.no_progress, parallel=parallel)[0] for _, r in runs
     ]
@@ -630,6 +670,19 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if args.what == "video-quality" and (args.model is None or _is_demo_video(args.model)):
+        from seg_rt.demo import video_bench
+
+        rows = video_bench.run_video_quality(
+            args.model, samples=args.samples or 8, steps=args.steps or 4, cfg=args.cfg, scale=args.seg_scale,
+            classifier=args.classifier, device=args.device,
+        )  # fmt: skip
+        video_bench.plot(rows, args.plot or "video-quality.png")
+        for row in rows:
+            print(json.dumps(row) if args.json else row)
+        if not args.json:
+            print(video_bench.table(rows))
+        return 0
     if args.what == "video-quality":
         from seg_rt.video.harness import run_harness
 
@@ -642,7 +695,7 @@ def cmd_bench(args) -> int:
 
         sigmas = [parse_sigma(s) for s in args.sigmas.split(",") if s.strip()]
         rows = quality.run_quality(
-            args.model, samples=args.samples, steps=args.steps, cfg=args.cfg, seg_scale=args.seg_scale,
+            args.model, samples=args.samples or 160, steps=args.steps or 12, cfg=args.cfg, seg_scale=args.seg_scale,
             pag_scale=args.pag_scale, sigmas=sigmas, layers=parse_layers(args.seg_layers), batch=args.batch,
             unconditional=args.unconditional, classifier=args.classifier, device=args.device, cheap=args.cheap,
         )  # fmt: skip

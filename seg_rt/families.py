@@ -48,13 +48,13 @@ def family_of(pipe) -> str:
 
 
 def pipeline_class(folder: str | Path | None):
-    """The class that loads a model folder: the demo's own class for a demo folder (diffusers cannot
-    look it up by name), else diffusers' ``DiffusionPipeline`` (which reads ``model_index.json``)."""
+    """The class that loads a model folder: the demo's own class for a demo (image or video) folder
+    (diffusers cannot look it up by name), else diffusers' ``DiffusionPipeline`` (which reads
+    ``model_index.json``)."""
     from diffusers import DiffusionPipeline
 
     if folder is not None:
-        from seg_rt.demo.model import SEGDemoPipeline, is_demo_folder
+        from seg_rt.demo.model import demo_pipeline_class
 
-        if is_demo_folder(folder):
-            return SEGDemoPipeline
+        return demo_pipeline_class(folder) or DiffusionPipeline
     return DiffusionPipeline

@@ -87,12 +87,12 @@ def check_model_index(index_path: Path) -> None:
     diffusers loads custom code from a model folder when the pipeline ``_class_name`` is a
     ``[module, class]`` pair or unknown, or when a component's library is a module file in the
     folder; seg-rt allows only classes it can look up in the installed libraries (and, like
-    diffusers, ``diffusers.pipelines.<name>`` modules), plus its own ``SEGDemoPipeline``."""
+    diffusers, ``diffusers.pipelines.<name>`` modules), plus its own demo pipelines (``DEMO_PIPELINES``)."""
     import json
 
     import diffusers
 
-    from seg_rt.demo.model import SEGDemoPipeline
+    from seg_rt.demo.model import DEMO_PIPELINES
 
     if not index_path.is_file():
         return  # not a pipeline folder: from_pretrained reports it
@@ -103,7 +103,7 @@ def check_model_index(index_path: Path) -> None:
     if not isinstance(index, dict):
         raise ModelLoadError(f"{index_path}: must be a JSON object")
     name = index.get("_class_name")
-    if name != SEGDemoPipeline.__name__ and not (
+    if name not in DEMO_PIPELINES and not (
         isinstance(name, str) and isinstance(getattr(diffusers, name, None), type)
     ):
         raise ModelLoadError(
@@ -342,10 +342,10 @@ def folder_scale_factor(folder: str | Path) -> int | None:
     diffusers folder."""
     import json
 
-    from seg_rt.demo.model import is_demo_folder
+    from seg_rt.demo.model import demo_pipeline_class
 
     folder = Path(folder)
-    if is_demo_folder(folder):
+    if demo_pipeline_class(folder) is not None:
         return 1
     vae = folder / "vae" / "config.json"
     if not vae.is_file():

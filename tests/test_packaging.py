@@ -41,11 +41,13 @@ def test_plain_install_imports_every_subpackage(tmp_path):
         [sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert str(target) in out.stdout
-    # the demo model and the benchmark classifier ship as package data
+    # the demo models (image, video) and the benchmark classifier ship as package data
     demo = target / "seg_rt" / "demo"
     for rel in ("weights/model_index.json", "weights/unet/diffusion_pytorch_model.safetensors",
                 "weights/text_encoder/model.safetensors", "weights/tokenizer/tokenizer.json",
-                "weights/train_config.json", "classifier/model.safetensors", "classifier/config.json"):  # fmt: skip
+                "weights/train_config.json", "classifier/model.safetensors", "classifier/config.json",
+                "video_weights/model_index.json", "video_weights/unet/diffusion_pytorch_model.safetensors",
+                "video_weights/text_encoder/model.safetensors", "video_weights/train_config.json"):  # fmt: skip
         assert (demo / rel).is_file(), rel
     assert (target / "seg_rt" / "cluster" / "playground.html").is_file()  # the server's page at /
 

@@ -340,10 +340,29 @@ class VideoSEG(SEGPatch):
     """Install video SEG on a video transformer / motion UNet; ``set_mask`` per forward; reversible.
 
     ``layers``: module names or dotted prefixes (default: every self-attention layer the mode uses).
+    ``perturbation="identity"``: instead of the blur, the perturbed samples' attention in those layers
+    gets an identity map (output = V): PAG's perturbation, the attention-skip of STG (Hyung et al.
+    2024, STG-A), on the same layers the mode selects (σ unused). AnimateDiff only (its processor is
+    the UNet one, which has the output hook).
     """
 
-    def __init__(self, model: nn.Module, blur: VideoBlur, layers: Sequence[str] | None = None) -> None:
-        adapter = ADAPTERS[family_of_model(model)]
+    PERTURBATIONS = ("blur", "identity")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blur: VideoBlur,
+        layers: Sequence[str] | None = None,
+        perturbation: str = "blur",
+    ) -> None:
+        if perturbation not in self.PERTURBATIONS:
+            raise ValueError(
+                f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
+            )
+        family = family_of_model(model)
+        if perturbation == "identity" and family != "animatediff":
+            raise ValueError(f"perturbation 'identity' is implemented for animatediff only, not {family}")
+        adapter = ADAPTERS[family]
         found = adapter.layers(model)
         if layers:
             chosen = {n: k for n, k in found.items() if any(n == s or n.startswith(s + ".") for s in layers)}
@@ -362,6 +381,7 @@ class VideoSEG(SEGPatch):
             )
         super().__init__(model, adapter, found)
         self.blur = blur
+        self.perturbation = perturbation
         self.rows: list[int] = []  # perturbed samples of the next forward (host-side)
         self._mats: dict[tuple, Tensor] = {}  # blur matrices by (n, sigma, device, dtype)
 
@@ -382,19 +402,32 @@ class VideoSEG(SEGPatch):
         The attention batch is sample-major: sample i owns rows ``[i·r, (i+1)·r)`` (r = frames for
         AnimateDiff's spatial layers, H·W for its motion modules, 1 for DiTs).
         """
-        if self.mask is None:
+        if self.mask is None or self.perturbation != "blur":
             return q
         if self.grid is None:
             raise RuntimeError(f"{proc.name}: token grid unknown (the model's input hook did not run)")
-        b, n = self.mask.shape[0], q.shape[0]
+        text = text if self.adapter.text_tokens else 0
+        out = blur_rows(q, self._attention_rows(proc, q.shape[0]), token_dim, text, self._layer_mats(proc, q))
+        self.count()
+        return out
+
+    def perturb_output(self, proc, out: Tensor, value: Tensor) -> Tensor:
+        """``perturbation="identity"``: the perturbed samples' rows of the attention output become V."""
+        if self.mask is None or self.perturbation != "identity":
+            return out
+        rows = self._attention_rows(proc, out.shape[0])
+        out = out.clone()
+        out[rows] = value[rows]
+        self.count()
+        return out
+
+    def _attention_rows(self, proc, n: int) -> list[int]:
+        """The attention-batch rows of the perturbed samples (``n`` rows, sample-major)."""
+        b = self.mask.shape[0]
         if n % b:
             raise ValueError(f"{proc.name}: {n} attention rows are not a multiple of the {b}-row seg mask")
         r = n // b
-        rows = [i for s in self.rows for i in range(s * r, (s + 1) * r)]
-        text = text if self.adapter.text_tokens else 0
-        out = blur_rows(q, rows, token_dim, text, self._layer_mats(proc, q))
-        self.count()
-        return out
+        return [i for s in self.rows for i in range(s * r, (s + 1) * r)]
 
     def _layer_mats(self, proc, probe: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
         """``(M_t or None, M_h, M_w)`` for the layer's kind and grid."""

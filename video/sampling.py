@@ -50,11 +50,12 @@ class VideoDenoiser:
         layers: Sequence[str] | None = None,
         extra: dict | None = None,
         shared_prefix: bool = False,
+        perturbation: str = "blur",
     ) -> None:
         self.model = model
         self.extra = extra or {}  # model inputs shared by every row (CogVideoX's RoPE tables)
         self.family = family_of_model(model)
-        self.seg = VideoSEG(model, blur, layers).install()
+        self.seg = VideoSEG(model, blur, layers, perturbation).install()
         self.prefix = TransformerFork(model, self.seg.layer_names) if shared_prefix else None
         swap_linears([model], RowwiseLinear)  # per-sample results independent of the batch
 
@@ -164,6 +165,7 @@ def generate_video(
     params: GenerationParams | None = None,
     parallel: BranchParallel | int | None = None,
     wrap_denoiser: Callable | None = None,
+    perturbation: str = "blur",
 ):
     """Videos with SEG on video attention. ``model``: a folder, hub id or loaded diffusers pipeline
     (AnimateDiff, CogVideoX or Wan). AnimateDiff samples with Euler by default (as the paper);
@@ -178,7 +180,9 @@ def generate_video(
 
     ``parallel``: branch-parallel SEG over ranks that each load ``model`` (a folder or hub id), as in
     ``seg_rt.run_params``. ``wrap_denoiser``: applied to the video denoiser before sampling (a rank
-    passes ``seg_rt.engines.parallel.BranchParallelDenoiser``).
+    passes ``seg_rt.engines.parallel.BranchParallelDenoiser``). ``perturbation="identity"``: the
+    perturbed row skips the selected layers' attention (output = V, STG-style) instead of blurring
+    (``VideoSEG``; AnimateDiff only; the benchmark's baseline).
     """
     if params is None:
         video = VideoParams(frames=frames, mode=seg_mode, sigma_time=seg_sigma_time, layers=seg_layers)
@@ -217,6 +221,8 @@ def generate_video(
         raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
     parallel = BranchParallel.of(parallel)
     if parallel is not None:
+        if perturbation != "blur":
+            raise ValueError(f"branch parallel runs the blur only, not perturbation {perturbation!r}")
         if device is not None or (scheduler is not None and not isinstance(scheduler, str)):
             raise ValueError(
                 "branch parallel takes no device or scheduler object: the ranks use BranchParallel.device "
@@ -232,7 +238,8 @@ def generate_video(
         if family == "ltx"
         else getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor
     )
-    height, width = check_size(height or 8 * f, width or 8 * f, f)
+    size = getattr(pipe, "default_size", None) or 8 * f  # the pixel-space demo model: its 32x32
+    height, width = check_size(height or size, width or size, f)
     device = pipe._execution_device
     do_cfg = cfg > 1
 
@@ -293,7 +300,7 @@ def generate_video(
         extra["image_rotary_emb"] = pipe._prepare_rotary_positional_embeddings(
             height, width, latent_frames, device
         )
-    denoiser = VideoDenoiser(net, blur, seg_layers, extra)
+    denoiser = VideoDenoiser(net, blur, seg_layers, extra, perturbation=perturbation)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     try:

@@ -78,8 +78,10 @@ def _font(px: int):
     return ImageFont.load_default(size=px)
 
 
-def _background(rng: random.Random, texture: str, fg: tuple[int, int, int]) -> Image.Image:
-    n = SIZE * _SS
+def _background(
+    rng: random.Random, texture: str, fg: tuple[int, int, int], n: int = SIZE * _SS
+) -> Image.Image:
+    """A ``n x n`` supersampled background (``n`` larger than the picture: room to scroll)."""
     base = tuple(rng.randint(15, 80) for _ in range(3))
     other = tuple(min(255, c + rng.randint(35, 70)) for c in base)
     img = Image.new("RGB", (n, n), base)
@@ -113,20 +115,18 @@ def _polygon(cx: float, cy: float, r: float, k: int, rot: float, inner: float | 
     return pts
 
 
-def render(seed: int, item: Item | None = None) -> tuple[np.ndarray, Item]:
-    """One ``SIZE x SIZE`` RGB uint8 image and its labels, a function of ``seed`` only; ``item``
-    overrides the labels the seed would pick (another picture of the same caption)."""
-    item = item or item_for(seed)
-    rng = random.Random(seed)
-    shape, color, texture = SHAPES[item.shape], list(COLORS.values())[item.color], TEXTURES[item.texture]
-    jitter = tuple(int(np.clip(c + rng.randint(-25, 25), 0, 255)) for c in color)
-    img = _background(rng, texture, jitter)
-    draw = ImageDraw.Draw(img)
-    n = SIZE * _SS
-    r = rng.uniform(0.27, 0.36) * n
-    cx = n / 2 + rng.uniform(-0.1, 0.1) * n
-    cy = n / 2 + rng.uniform(-0.1, 0.1) * n
-    rot = rng.uniform(-0.3, 0.3)
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    rot: float,
+    fill: tuple[int, int, int],
+) -> None:
+    """Draw one shape (a ``SHAPES`` name) of radius ``r`` at ``(cx, cy)``, turned by ``rot`` (polygons;
+    glyphs are drawn upright), in supersampled pixels."""
+    jitter = fill
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=jitter)
     elif shape == "ring":
@@ -153,6 +153,23 @@ def render(seed: int, item: Item | None = None) -> tuple[np.ndarray, Item]:
     else:  # glyph
         font = _font(int(r * 2.3))
         draw.text((cx, cy), shape, font=font, fill=jitter, anchor="mm", stroke_width=_SS, stroke_fill=jitter)
+
+
+def render(seed: int, item: Item | None = None) -> tuple[np.ndarray, Item]:
+    """One ``SIZE x SIZE`` RGB uint8 image and its labels, a function of ``seed`` only; ``item``
+    overrides the labels the seed would pick (another picture of the same caption)."""
+    item = item or item_for(seed)
+    rng = random.Random(seed)
+    shape, color, texture = SHAPES[item.shape], list(COLORS.values())[item.color], TEXTURES[item.texture]
+    jitter = tuple(int(np.clip(c + rng.randint(-25, 25), 0, 255)) for c in color)
+    img = _background(rng, texture, jitter)
+    draw = ImageDraw.Draw(img)
+    n = SIZE * _SS
+    r = rng.uniform(0.27, 0.36) * n
+    cx = n / 2 + rng.uniform(-0.1, 0.1) * n
+    cy = n / 2 + rng.uniform(-0.1, 0.1) * n
+    rot = rng.uniform(-0.3, 0.3)
+    draw_shape(draw, shape, cx, cy, r, rot, jitter)
     out = img.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
     return np.asarray(out, dtype=np.uint8), item
 

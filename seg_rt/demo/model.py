@@ -62,13 +62,33 @@ def weights_dir() -> Path:
     return Path(str(resources.files("seg_rt.demo") / "weights"))
 
 
-def is_demo_folder(path: str | Path) -> bool:
+def _index_class(path: str | Path) -> str | None:
     index = Path(path) / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     import json
 
-    return json.loads(index.read_text()).get("_class_name") == SEGDemoPipeline.__name__
+    return json.loads(index.read_text()).get("_class_name")
+
+
+def is_demo_folder(path: str | Path) -> bool:
+    """A folder of the demo image model (``SEGDemoPipeline``)."""
+    return _index_class(path) == SEGDemoPipeline.__name__
+
+
+DEMO_PIPELINES = ("SEGDemoPipeline", "SEGDemoVideoPipeline")  # seg-rt's own classes a folder may name
+
+
+def demo_pipeline_class(path: str | Path | None):
+    """The demo class (image or video) a folder names, or None for any other folder."""
+    name = _index_class(path) if path is not None else None
+    if name == SEGDemoPipeline.__name__:
+        return SEGDemoPipeline
+    if name == "SEGDemoVideoPipeline":
+        from .video_model import SEGDemoVideoPipeline
+
+        return SEGDemoVideoPipeline
+    return None
 
 
 def caption_words() -> list[str]:
@@ -78,9 +98,10 @@ def caption_words() -> list[str]:
     return sorted(words)
 
 
-def tokenizer():
-    """A CLIP tokenizer whose vocabulary has one token per caption word, plus every single byte
-    (so any prompt still tokenizes). Built in code: transformers 5 takes ``vocab=`` / ``merges=``."""
+def tokenizer(words: list[str] | None = None):
+    """A CLIP tokenizer whose vocabulary has one token per caption word (``words``, default the image
+    captions' ``caption_words()``), plus every single byte (so any prompt still tokenizes). Built in
+    code: transformers 5 takes ``vocab=`` / ``merges=``."""
     from transformers import CLIPTokenizer
 
     chars = byte_unicode()
@@ -88,7 +109,7 @@ def tokenizer():
     # BPE "training" on the caption words (why not tokenizers' trainer: CLIP's byte alphabet and
     # </w> suffix make a hand-off awkward, and the word list is tiny): merge the most frequent
     # adjacent pair until every word is one symbol, so the merge ranks are consistent by construction
-    words = [(*w[:-1], w[-1] + "</w>") for w in caption_words()]
+    words = [(*w[:-1], w[-1] + "</w>") for w in (caption_words() if words is None else words)]
     merges: list[tuple[str, str]] = []
     while any(len(w) > 1 for w in words):
         counts: dict[tuple[str, str], int] = {}

@@ -115,18 +115,35 @@ def _is_checkpoint(folder: Path) -> bool:
 
 
 class Trainer:
+    """Trains ``build``'s pipeline on ``batch``'s data; subclasses (``video_train``) change both."""
+
+    what = "demo model"  # for messages
+
     def __init__(self, cfg: TrainConfig, work_dir: Path) -> None:
         from diffusers import DDPMScheduler
         from diffusers.training_utils import EMAModel
 
         self.cfg, self.work_dir = cfg, work_dir
-        self.pipe = build(cfg.seed)
+        self.pipe = self.build()
         self.unet, self.text = self.pipe.unet.train(), self.pipe.text_encoder.train()
-        self.params = [p for m in (self.unet, self.text) for p in m.parameters()]
+        self.params = self.trainable()
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.ema = EMAModel(self.params, decay=cfg.ema_max_decay, use_ema_warmup=True, power=2 / 3)
         self.noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.step = 0
+
+    def build(self):
+        return build(self.cfg.seed)
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters trained (and checkpointed, in this order): every UNet and text weight."""
+        return [p for m in (self.unet, self.text) for p in m.parameters()]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str]]:
+        return training_batch(step, self.cfg)
+
+    def denoise(self, noisy: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.unet(noisy, t, emb).sample
 
     # -- checkpoints: safetensors for tensors, JSON for the rest (nothing is unpickled) --------
     @property
@@ -181,7 +198,7 @@ class Trainer:
         from diffusers.training_utils import compute_snr
 
         cfg, k = self.cfg, self.step
-        x, captions = training_batch(k, cfg)
+        x, captions = self.batch(k)
         gen = torch.Generator().manual_seed(cfg.seed * 10_000_019 + k)
         t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (len(x),), generator=gen)
         noise = torch.randn(x.shape, generator=gen)
@@ -190,7 +207,7 @@ class Trainer:
             group["lr"] = lr_at(k, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             emb = self.text(self.pipe.tokenize(captions))[0]
-            pred = self.unet(noisy, t, emb).sample
+            pred = self.denoise(noisy, t, emb)
         snr = compute_snr(self.noise_sched, t)
         if self.noise_sched.config.prediction_type == "v_prediction":
             target, weight = (
@@ -199,7 +216,8 @@ class Trainer:
             )
         else:
             target, weight = noise, torch.clamp(snr, max=cfg.snr_gamma) / snr
-        loss = (F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+        loss = (per_sample * weight).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -213,38 +231,54 @@ class Trainer:
         ``out`` is replaced only with ``overwrite`` and only if this trainer wrote it."""
         self.ema.copy_to(self.params)
         self.unet.eval(), self.text.eval()
-        with staged_dir(out, is_trained_folder, overwrite=overwrite, what="demo model") as tmp:
+        with staged_dir(out, is_trained_folder, overwrite=overwrite, what=self.what) as tmp:
             self.pipe.save_pretrained(tmp, safe_serialization=True)
             info = {"config": dataclasses.asdict(self.cfg), "command": command, "steps_done": self.step}
             (tmp / "train_config.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m seg_rt.demo.train", description=__doc__.split("\n\n")[0])
+def main(
+    argv: list[str] | None = None,
+    *,
+    config_cls=TrainConfig,
+    trainer_cls=Trainer,
+    prog: str = "python -m seg_rt.demo.train",
+    doc: str = __doc__,
+    work_dir: str = ".demo-train",
+) -> int:
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="pipeline folder to write (EMA weights)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out written by this trainer")
-    p.add_argument("--work-dir", type=Path, default=Path(".demo-train"), help="checkpoint folder")
+    p.add_argument("--work-dir", type=Path, default=Path(work_dir), help="checkpoint folder")
     p.add_argument("--threads", type=int, default=2)
-    for f in dataclasses.fields(TrainConfig):
+    p.add_argument(
+        "--stop-now",
+        action="store_true",
+        help="train no further: export the checkpoint's EMA weights (steps_done records its step)",
+    )
+    for f in dataclasses.fields(config_cls):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        cfg = config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        check_out_dir(args.out, is_trained_folder, overwrite=args.overwrite, what="demo model")
+        check_out_dir(args.out, is_trained_folder, overwrite=args.overwrite, what=trainer_cls.what)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    trainer = Trainer(cfg, args.work_dir)
+    trainer = trainer_cls(cfg, args.work_dir)
     if trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.ckpt, trainer.step)
     start, losses = time.time(), []
-    while trainer.step < cfg.steps:
+    if args.stop_now and trainer.step == 0:
+        print(f"error: --stop-now needs a checkpoint in {trainer.ckpt}", file=sys.stderr)
+        return 2
+    while trainer.step < cfg.steps and not args.stop_now:
         losses.append(trainer.train_step())
         if trainer.step % 50 == 0:
             rate = (time.time() - start) / len(losses)
@@ -257,9 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
             trainer.save_checkpoint()
-    command = "python -m seg_rt.demo.train " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
-    )
+    command = prog + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     trainer.export(args.out, command, overwrite=args.overwrite)
     logger.info("wrote %s (%d steps)", args.out, trainer.step)
     return 0
