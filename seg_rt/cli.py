@@ -170,8 +170,11 @@ def _shared_fields(args) -> dict:
 
 def video_request_from_args(args) -> GenerationParams:
     """``seg-rt video``'s flags as one request; ``--seg-layers`` are video layers (``VideoParams.layers``)."""
+    frames = args.frames
+    if frames is None:  # the demo video model's clip length, else the request type's default
+        frames = _DEMO_FRAMES if args.model is None else _VIDEO.frames
     video = VideoParams(
-        frames=args.frames,
+        frames=frames,
         fps=args.fps,
         mode=args.seg_mode,
         sigma_time=args.seg_sigma_time,
@@ -528,8 +531,6 @@ def cmd_video(args) -> int:
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
     model = args.model or _demo_video_model()
-    if args.frames is None:
-        args.frames = _DEMO_FRAMES if args.model is None else _VIDEO.frames
     request = video_request_from_args(args)  # validated before the model loads
     runs = [("", request)]
     if args.compare:

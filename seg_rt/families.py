@@ -54,7 +54,7 @@ def pipeline_class(folder: str | Path | None):
     from diffusers import DiffusionPipeline
 
     if folder is not None:
-        from seg_rt.demo.model import demo_pipeline_class
+        from seg_rt.demo.folders import demo_pipeline_class
 
         return demo_pipeline_class(folder) or DiffusionPipeline
     return DiffusionPipeline

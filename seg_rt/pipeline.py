@@ -92,7 +92,7 @@ def check_model_index(index_path: Path) -> None:
 
     import diffusers
 
-    from seg_rt.demo.model import DEMO_PIPELINES
+    from seg_rt.demo.folders import DEMO_PIPELINES
 
     if not index_path.is_file():
         return  # not a pipeline folder: from_pretrained reports it
@@ -342,7 +342,7 @@ def folder_scale_factor(folder: str | Path) -> int | None:
     diffusers folder."""
     import json
 
-    from seg_rt.demo.model import demo_pipeline_class
+    from seg_rt.demo.folders import demo_pipeline_class
 
     folder = Path(folder)
     if demo_pipeline_class(folder) is not None:

@@ -62,7 +62,7 @@ def weights_dir() -> Path:
     return Path(str(resources.files("seg_rt.demo") / "weights"))
 
 
-def _index_class(path: str | Path) -> str | None:
+def index_class(path: str | Path) -> str | None:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return None
@@ -73,22 +73,7 @@ def _index_class(path: str | Path) -> str | None:
 
 def is_demo_folder(path: str | Path) -> bool:
     """A folder of the demo image model (``SEGDemoPipeline``)."""
-    return _index_class(path) == SEGDemoPipeline.__name__
-
-
-DEMO_PIPELINES = ("SEGDemoPipeline", "SEGDemoVideoPipeline")  # seg-rt's own classes a folder may name
-
-
-def demo_pipeline_class(path: str | Path | None):
-    """The demo class (image or video) a folder names, or None for any other folder."""
-    name = _index_class(path) if path is not None else None
-    if name == SEGDemoPipeline.__name__:
-        return SEGDemoPipeline
-    if name == "SEGDemoVideoPipeline":
-        from .video_model import SEGDemoVideoPipeline
-
-        return SEGDemoVideoPipeline
-    return None
+    return index_class(path) == SEGDemoPipeline.__name__
 
 
 def caption_words() -> list[str]:

@@ -20,7 +20,7 @@ from diffusers import AnimateDiffPipeline, DiffusionPipeline, MotionAdapter, UNe
 from diffusers.video_processor import VideoProcessor
 
 from . import data, video_data
-from .model import SEGDemoPipeline, demo_pipeline_class, tokenizer, weights_dir
+from .model import SEGDemoPipeline, index_class, tokenizer, weights_dir
 from .model import caption_words as image_words
 
 MOTION_CONFIG = {
@@ -40,7 +40,7 @@ def video_weights_dir() -> Path:
 
 
 def is_demo_video_folder(path: str | Path) -> bool:
-    return demo_pipeline_class(path) is SEGDemoVideoPipeline
+    return index_class(path) == SEGDemoVideoPipeline.__name__
 
 
 def video_tokenizer():
