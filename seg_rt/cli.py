@@ -468,20 +468,23 @@ def _compare_sigmas(text: str) -> list[float]:
     return sigmas
 
 
+def _bundled(path: Path, found: bool, what: str, note: str) -> str:
+    """``path`` of a model bundled with seg-rt, with the one stderr line saying it is used; a clear
+    error when the install lacks it."""
+    if not found:
+        raise FileNotFoundError(
+            f"the bundled {what} is missing from {path}; reinstall seg-rt or pass --model"
+        )
+    print(f"seg-rt: no --model: using the bundled 32x32 {what} ({note}", file=sys.stderr)
+    return str(path)
+
+
 def _demo_model() -> str:
     from seg_rt.demo.model import is_demo_folder, weights_dir
 
     path = weights_dir()
-    if not is_demo_folder(path):
-        raise FileNotFoundError(
-            f"the bundled demo model is missing from {path}; reinstall seg-rt or pass --model"
-        )
-    print(
-        "seg-rt: no --model: using the bundled 32x32 demo model (procedural shapes, see README); "
-        "for SDXL pass --model stabilityai/stable-diffusion-xl-base-1.0 or a local SDXL folder",
-        file=sys.stderr,
-    )
-    return str(path)
+    note = "procedural shapes, see README); for SDXL pass --model stabilityai/stable-diffusion-xl-base-1.0 "
+    return _bundled(path, is_demo_folder(path), "demo model", note + "or a local SDXL folder")
 
 
 def _is_demo_video(model: str) -> bool:
@@ -494,16 +497,10 @@ def _demo_video_model() -> str:
     from seg_rt.demo.video_model import is_demo_video_folder, video_weights_dir
 
     path = video_weights_dir()
-    if not is_demo_video_folder(path):
-        raise FileNotFoundError(
-            f"the bundled demo video model is missing from {path}; reinstall seg-rt or pass --model"
-        )
-    print(
-        "seg-rt: no --model: using the bundled 32x32 demo video model (procedural shapes in motion, "
-        "see README); for real video pass --model with an AnimateDiff / CogVideoX / Wan / LTX folder",
-        file=sys.stderr,
+    note = "procedural shapes in motion, see README); for real video pass --model with an AnimateDiff / "
+    return _bundled(
+        path, is_demo_video_folder(path), "demo video model", note + "CogVideoX / Wan / LTX folder"
     )
-    return str(path)
 
 
 def compare_columns(request: GenerationParams, sigmas: list[float]) -> list[tuple[str, GenerationParams]]:
