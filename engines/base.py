@@ -91,6 +91,44 @@ class Denoiser(ABC):
         self.close()
 
 
+class PatchedDenoiser(Denoiser):
+    """A PyTorch denoiser over a diffusers model with SEG processors installed for its lifetime;
+    any shape. ``configure`` with other layers removes the processors and installs new ones;
+    ``close()`` (or ``with``) restores the model.
+
+    Subclasses implement ``_install`` (SEG on ``layers`` of their model: sets ``self.model``, whose
+    ``seg`` holds σ) and ``_remove``; ``self.layers`` is kept here.
+    """
+
+    shapes = ShapeSpec()
+    layers: tuple[str, ...] = ()
+
+    @abstractmethod
+    def _install(self, sigma: float, layers: tuple[str, ...]) -> None:
+        """Install SEG with ``sigma`` on ``layers`` of the model."""
+
+    @abstractmethod
+    def _remove(self) -> None:
+        """Remove the installed SEG processors (and hooks) from the model."""
+
+    def _patch(self, sigma: float, layers: Sequence[str]) -> None:
+        self.layers = tuple(layers)
+        self._install(float(sigma), self.layers)
+
+    def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
+        """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on."""
+        self._check_open()
+        if layers is not None and tuple(layers) != self.layers:
+            self._remove()
+            self._patch(sigma, layers)
+        self.model.seg.sigma = float(sigma)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._remove()
+        self.closed = True
+
+
 def check_artifact_config(info: ArtifactInfo, sigma: float, layers: Sequence[str] | None) -> None:
     """An exported artifact serves the SEG layers it was exported for, and its baked σ only."""
     if layers is not None and tuple(layers) not in (info.layers, info.layer_names):

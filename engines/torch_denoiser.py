@@ -12,16 +12,15 @@ from torch import Tensor, nn
 from seg_rt.blur import blur_matrix
 from seg_rt.denoiser import SEGUNet
 
-from .base import Denoiser, ShapeSpec
+from .base import PatchedDenoiser
 
 logger = logging.getLogger(__name__)
 
 
-class TorchDenoiser(Denoiser):
+class TorchDenoiser(PatchedDenoiser):
     """Calls ``unet`` (and ``controlnet`` when given) with SEG installed on the chosen layers.
 
-    Accepts any shape. The SEG processors stay installed for the denoiser's lifetime; ``close()``
-    (or ``with``) restores the model. Rows with ``seg_mask`` False run the unmodified attention.
+    Rows with ``seg_mask`` False run the unmodified attention.
     ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
     ``compile=True`` runs the SEG-patched model through ``torch.compile``; ``configure`` with other
     layers installs new processors and compiles the new model again (never silently eager). The
@@ -34,8 +33,6 @@ class TorchDenoiser(Denoiser):
     golden output is unchanged. ``False`` runs every row through the whole UNet.
     """
 
-    shapes = ShapeSpec()
-
     def __init__(
         self,
         unet: nn.Module,
@@ -47,34 +44,33 @@ class TorchDenoiser(Denoiser):
         perturbation: str = "blur",
         shared_prefix: bool = True,
     ) -> None:
-        self.shared_prefix = shared_prefix
-        self.compile = compile
-        self._install(unet, controlnet, sigma, layers, perturbation)
+        self.unet, self.controlnet, self.perturbation = unet, controlnet, perturbation
+        self.shared_prefix, self.compile = shared_prefix, compile
+        self._patch(sigma, layers)
 
-    def _install(self, unet, controlnet, sigma: float, layers: Sequence[str], perturbation: str) -> None:
-        """SEG on ``layers`` of ``unet`` (and ``controlnet``), compiled again when ``compile``."""
+    def _install(self, sigma: float, layers: tuple[str, ...]) -> None:
+        """SEG on ``layers`` of the UNet (and ControlNet), compiled again when ``compile``."""
         self.model = SEGUNet(
-            unet,
+            self.unet,
             sigma=sigma,
             layers=layers,
-            controlnet=controlnet,
-            perturbation=perturbation,
+            controlnet=self.controlnet,
+            perturbation=self.perturbation,
             shared_prefix=self.shared_prefix,
         )
-        self.layers = tuple(layers)
         self._call = torch.compile(self.model) if self.compile else self.model
         self._grid_shape: tuple | None = None  # latent size whose grids runtime_matrices covers
 
+    def _remove(self) -> None:
+        self.model.remove()
+        self._call = None
+
     def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
-        """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on."""
-        self._check_open()
-        if layers is not None and tuple(layers) != self.layers:
-            old, perturbation = self.model, self.model.seg.perturbation
-            old.remove()
-            if self.compile:
-                logger.info("SEG layers changed to %s: compiling the denoiser again", ",".join(layers))
-            self._install(old.unet, old.controlnet, sigma, layers, perturbation)
-        self.model.seg.sigma = float(sigma)
+        """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on; a compiled
+        denoiser compiles again for new layers, and takes a new σ in its blur-matrix tensors."""
+        if self.compile and layers is not None and tuple(layers) != self.layers:
+            logger.info("SEG layers changed to %s: compiling the denoiser again", ",".join(layers))
+        super().configure(sigma, layers)
         if self.compile and self.model.seg.runtime_matrices is not None:
             self._fill_matrices()
 
@@ -105,9 +101,3 @@ class TorchDenoiser(Denoiser):
         if self.compile:
             self._runtime_sigma(inputs)
         return self._call(inputs)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.model.remove()
-            self._call = None
-        self.closed = True

@@ -202,7 +202,11 @@ class SEGProcessor:
     """What every SEG processor shares: built as ``cls(patch, name, kind, original)`` by
     ``SEGPatch.install``; holds its layer's name and kind and the token grid it last saw, and keeps the
     replaced processor's attention backend and parallel config (the processors of diffusers' newer
-    models call ``dispatch_attention_fn`` with them), which ``attend`` passes on."""
+    models call ``dispatch_attention_fn`` with them), which ``attend`` passes on.
+
+    A subclass's ``__call__`` takes the parameters of the diffusers processor it copies, by the same
+    names and unannotated: diffusers passes extra keyword arguments only where a processor's
+    signature names them, so the names are the interface (their types are diffusers')."""
 
     def __init__(self, patch: SEGPatch, name: str, kind: str, original: object = None) -> None:
         if not hasattr(F, "scaled_dot_product_attention"):
@@ -268,14 +272,7 @@ class SEGAttnProcessor(SEGProcessor):
     """
 
     def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        temb: Tensor | None = None,
-        *args,
-        **kwargs,
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
     ) -> Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:

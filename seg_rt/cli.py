@@ -41,12 +41,18 @@ def _sigma(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_IMAGE_MODEL_HELP = "local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)"
+
+
+def _add_ray_args(p: argparse.ArgumentParser) -> None:
+    """Where the Ray commands (run, serve) find or start Ray (``cluster.driver.start_ray``)."""
+    p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    p.add_argument("--ray-temp-dir", default=None, help="parent of the private temp dir of a local Ray")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that samples images (docs/design.md, "Contracts")."""
-    p.add_argument(
-        "--model", help="local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)"
-    )
-    _add_request_args(p)
+    _add_request_args(p, _IMAGE_MODEL_HELP)
     p.add_argument(
         "--seg-layers",
         default=",".join(_REQUEST.seg.layers),
@@ -76,7 +82,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=_REQUEST.distilled_guidance,
         help="guidance value a guidance-distilled model embeds (Flux.1-dev; not CFG)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument(
         "--sequential",
         action="store_true",
@@ -120,8 +125,12 @@ def parallel_from_args(args) -> BranchParallel | None:
     return spec
 
 
-def _add_request_args(p: argparse.ArgumentParser) -> None:
-    """The request flags images and videos share; defaults from ``GenerationParams``."""
+def _add_request_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The flags images and videos share: the model, the request (defaults from ``GenerationParams``),
+    the device and progress bars."""
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--prompt", default=_REQUEST.prompt, help="text prompt ('' for unconditional SEG)")
     p.add_argument("--negative-prompt", default=_REQUEST.negative_prompt)
     p.add_argument(
@@ -199,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare-sigmas", default=DEFAULT_COMPARE_SIGMAS)
     g.add_argument("--out", default="seg.png", help="output PNG (several images: NAME-i.png)")
     g.add_argument("--json", action="store_true", help="print a JSON summary")
-    g.add_argument("--no-progress", action="store_true")
     g.add_argument("--engine", default="torch", help="torch (default), torch-compile, onnx:DIR, trt:DIR")
     _add_parallel_args(g)
     g.set_defaults(func=cmd_generate)
@@ -207,13 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan, LTX-Video)"
     )
-    v.add_argument(
-        "--model",
-        default=None,
-        help="diffusers AnimateDiff / CogVideoX / Wan / LTX-Video folder or hub id (default: the bundled 32x32 "
+    _add_request_args(
+        v,
+        "diffusers AnimateDiff / CogVideoX / Wan / LTX-Video folder or hub id (default: the bundled 32x32 "
         "demo video model, offline)",
     )
-    _add_request_args(v)
     v.add_argument(
         "--frames",
         type=int,
@@ -229,11 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--seg-layers", default=None, help="comma list of module names / prefixes (default: all)")
     v.add_argument("--fps", type=int, default=_VIDEO.fps)
-    v.add_argument("--device", default=None)
     v.add_argument("--gif", action="store_true", help="write an animated GIF instead of mp4")
     v.add_argument("--compare", action="store_true", help="one side-by-side video: no SEG | each SEG mode")
     v.add_argument("--out", default="seg.mp4")
-    v.add_argument("--no-progress", action="store_true")
     _add_parallel_args(v)
     v.set_defaults(func=cmd_video)
 
@@ -275,9 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a batch job (YAML) over Ray workers; resumable")
     r.add_argument("job", help="job YAML file")
-    r.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    _add_ray_args(r)
     r.add_argument("--workers", type=int, default=None, help="override the job's worker count")
-    r.add_argument("--ray-temp-dir", default=None, help="parent of the private temp dir of a local Ray")
     r.add_argument(
         "--start-timeout",
         type=float,
@@ -295,16 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     sb.set_defaults(func=cmd_submit)
 
     sv = sub.add_parser("serve", help="HTTP server (Ray Serve + FastAPI) for SEG generation")
-    sv.add_argument(
-        "--model",
-        default=None,
-        help="local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)",
-    )
+    sv.add_argument("--model", default=None, help=_IMAGE_MODEL_HELP)
     sv.add_argument("--engine", default=None, help="torch (default), onnx:DIR, trt:DIR")
     sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
     sv.add_argument("--config", default=None, help="YAML server config (replicas, batching, limits)")
-    sv.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    _add_ray_args(sv)
     sv.add_argument(
         "--api-key",
         action="append",
@@ -316,7 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body-bytes", type=int, default=None, help="larger request bodies: HTTP 413 (1000000)"
     )
     sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
-    sv.add_argument("--ray-temp-dir", default=None, help="temp dir of the local Ray this starts")
     sv.add_argument(
         "--branch-parallel",
         type=int,

@@ -77,13 +77,7 @@ class SEGJointAttnProcessor(SEGProcessor):
     (after ``norm_q``) perturbed; the context stream's query is left alone."""
 
     def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        *args,
-        **kwargs,
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs
     ) -> Tensor | tuple[Tensor, Tensor]:
         residual = hidden_states
         batch_size = hidden_states.shape[0]
@@ -160,12 +154,7 @@ class SEGFluxAttnProcessor(SEGProcessor):
     """
 
     def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: Tensor | None = None,
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
     ) -> Tensor | tuple[Tensor, Tensor]:
         query, key, value, encoder_query, encoder_key, encoder_value = _flux_qkv(
             attn, hidden_states, encoder_hidden_states
@@ -211,12 +200,12 @@ class SEGQwenDoubleStreamAttnProcessor(SEGProcessor):
 
     def __call__(
         self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor = None,
-        encoder_hidden_states_mask: Tensor = None,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: Tensor | None = None,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        encoder_hidden_states_mask=None,
+        attention_mask=None,
+        image_rotary_emb=None,
     ) -> tuple[Tensor, Tensor]:
         if encoder_hidden_states is None:
             raise ValueError("SEGQwenDoubleStreamAttnProcessor requires encoder_hidden_states (text stream)")
@@ -346,6 +335,19 @@ def _selector(layers: Callable[[nn.Module], dict[str, str]], default_kind: str):
     return select
 
 
+def _dit_adapter(
+    name: str,
+    processor: type,
+    layers: Callable[[nn.Module], dict[str, str]],
+    grid: Callable[[nn.Module, tuple, dict], Grid],
+) -> Adapter:
+    """An image DiT family: joint attention with the text tokens in front, layers picked by block
+    kind (``DEFAULT_KIND[name]`` for ``mid`` and bare indices)."""
+    return Adapter(
+        name, processor, layers, grid=grid, text_tokens=True, select=_selector(layers, DEFAULT_KIND[name])
+    )
+
+
 def sd3_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     hidden = args[0] if args else kwargs["hidden_states"]  # [B, C, h, w] latents
     p = model.config.patch_size
@@ -369,22 +371,8 @@ def flux_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     return grid
 
 
-SD3 = Adapter(
-    "sd3",
-    SEGJointAttnProcessor,
-    sd3_layers,
-    grid=sd3_grid,
-    text_tokens=True,
-    select=_selector(sd3_layers, DEFAULT_KIND["sd3"]),
-)
-FLUX = Adapter(
-    "flux",
-    SEGFluxAttnProcessor,
-    flux_layers,
-    grid=flux_grid,
-    text_tokens=True,
-    select=_selector(flux_layers, DEFAULT_KIND["flux"]),
-)
+SD3 = _dit_adapter("sd3", SEGJointAttnProcessor, sd3_layers, sd3_grid)
+FLUX = _dit_adapter("flux", SEGFluxAttnProcessor, flux_layers, flux_grid)
 
 
 def qwenimage_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
@@ -399,14 +387,7 @@ def qwenimage_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     return 1, int(h), int(w)
 
 
-QWENIMAGE = Adapter(
-    "qwenimage",
-    SEGQwenDoubleStreamAttnProcessor,
-    qwenimage_layers,
-    grid=qwenimage_grid,
-    text_tokens=True,
-    select=_selector(qwenimage_layers, DEFAULT_KIND["qwenimage"]),
-)
+QWENIMAGE = _dit_adapter("qwenimage", SEGQwenDoubleStreamAttnProcessor, qwenimage_layers, qwenimage_grid)
 ADAPTERS = {"sd3": SD3, "flux": FLUX, "qwenimage": QWENIMAGE}
 MODEL_FAMILIES = {
     "SD3Transformer2DModel": "sd3",

@@ -102,12 +102,7 @@ class SEGCogVideoXAttnProcessor(SEGProcessor):
     perturbed on the video tokens; the text tokens in front are left alone."""
 
     def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: Tensor | None = None,
+        self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None
     ) -> Tensor:
         text_seq_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # [B, L + T, C]
@@ -163,12 +158,7 @@ class SEGWanAttnProcessor(SEGProcessor):
     """
 
     def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        rotary_emb: tuple[Tensor, Tensor] | None = None,
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None
     ) -> Tensor:
         encoder_hidden_states_img = None
         if attn.add_k_proj is not None:
@@ -213,12 +203,7 @@ class SEGLTXAttnProcessor(SEGProcessor):
     RoPE, head split) perturbed. Keeps the replaced processor's attention backend / parallel config."""
 
     def __call__(
-        self,
-        attn: nn.Module,
-        hidden_states: Tensor,
-        encoder_hidden_states: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        image_rotary_emb: Tensor | None = None,
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
     ) -> Tensor:
         batch_size, sequence_length, _ = (
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
