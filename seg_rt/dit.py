@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .attention import SEGAttention, tracing
 from .denoiser import RowwiseLinear, swap_linears
 from .dit_attention import MODEL_FAMILIES, adapter_of
+from .params import GenerationParams
 
 logger = logging.getLogger(__name__)
 
@@ -72,20 +73,14 @@ def takes_distilled_guidance(pipe) -> bool:
     return pipeline_family(pipe) == "flux" and bool(pipe.transformer.config.guidance_embeds)
 
 
-def encode(
-    pipe,
-    family: str,
-    prompt: str,
-    negative_prompt: str | None,
-    n: int,
-    cfg: float,
-    distilled_guidance: float,
-) -> dict:
-    """Per-row inputs ``{"cond": {...}, "uncond": {...} or None}`` from the pipeline's ``encode_prompt``.
+def encode(pipe, family: str, request: GenerationParams, n: int) -> dict:
+    """Per-row inputs ``{"cond": {...}, "uncond": {...} or None}`` for n rows of ``request``'s prompt
+    and negative prompt, from the pipeline's ``encode_prompt``.
 
-    ``cfg`` is true CFG (SD3's usual CFG; Flux's and Qwen-Image's with the negative prompt, off at 1);
-    ``distilled_guidance`` is the value Flux.1-dev embeds (``GenerationParams.distilled_guidance``)."""
-    device, do_cfg = pipe._execution_device, cfg > 1.0
+    ``request.cfg`` is true CFG (SD3's usual CFG; Flux's and Qwen-Image's with the negative prompt,
+    off at 1); ``request.distilled_guidance`` is the value Flux.1-dev embeds."""
+    prompt, negative_prompt = request.prompt, request.negative_prompt
+    device, do_cfg = pipe._execution_device, request.cfg > 1.0
     if family == "qwenimage":
         cond = _qwen_embeds(pipe, prompt, n)
         uncond = _qwen_embeds(pipe, negative_prompt or "", n) if do_cfg else None
@@ -112,7 +107,7 @@ def encode(
         )
         uncond = {"encoder_hidden_states": ne, "pooled_projections": npooled}
     if takes_distilled_guidance(pipe):
-        guidance = torch.full((n,), float(distilled_guidance), device=device, dtype=torch.float32)
+        guidance = torch.full((n,), float(request.distilled_guidance), device=device, dtype=torch.float32)
         cond["guidance"] = guidance
         if uncond is not None:
             uncond["guidance"] = guidance

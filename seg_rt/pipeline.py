@@ -172,23 +172,22 @@ class Prepared:
 def encode(
     pipe,
     family: str,
-    prompt: str,
-    negative_prompt: str | None,
+    request: GenerationParams,
     n: int,
-    cfg: float,
+    *,
     height: int,
     width: int,
     control_image=None,
     controlnet_scale: float = 1.0,
-    distilled_guidance: float = GenerationParams.distilled_guidance,
 ) -> Prepared:
-    """Encode prompts (and SDXL micro-conditioning, ControlNet image, Flux-dev's distilled guidance)
-    with diffusers for n rows."""
+    """Encode n rows of ``request``'s prompt and negative prompt (and SDXL micro-conditioning at
+    ``height`` x ``width``, the ControlNet image, Flux-dev's distilled guidance) with diffusers."""
     from . import dit
 
     if family in dit.FAMILIES:
-        return Prepared(**dit.encode(pipe, family, prompt, negative_prompt, n, cfg, distilled_guidance))
-    device, do_cfg = pipe._execution_device, cfg > 1.0
+        return Prepared(**dit.encode(pipe, family, request, n))
+    prompt, negative_prompt = request.prompt, request.negative_prompt
+    device, do_cfg = pipe._execution_device, request.cfg > 1.0
     if family in ("sd15", "demo"):  # the demo pipeline's encode_prompt has SD1.5's signature
         pe, ne = pipe.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
         return Prepared({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None)
@@ -518,15 +517,11 @@ def run_params(
     family = family_of(pipe)
     height, width = _check_size(pipe, height, width)
     check_model_guidance(pipe, first.distilled_guidance)
-    extra = {
-        "control_image": control_image,
-        "controlnet_scale": controlnet_scale,
-        "distilled_guidance": first.distilled_guidance,
-    }
     parts = [
-        encode(pipe, family, p, neg, count, cfg, height, width, **extra)
-        for (p, neg), count in _runs([(q.prompt, q.negative_prompt) for q in params])
-    ]
+        encode(pipe, family, params[start], count, height=height, width=width, control_image=control_image,
+               controlnet_scale=controlnet_scale)
+        for start, count in _runs([(q.prompt, q.negative_prompt) for q in params])
+    ]  # fmt: skip
     cond = {k: torch.cat([q.cond[k] for q in parts]) for k in parts[0].cond}
     uncond = (
         {k: torch.cat([q.uncond[k] for q in parts]) for k in parts[0].uncond} if parts[0].uncond else None
@@ -619,15 +614,15 @@ def _open_engine(engine, pipe) -> AbstractContextManager:
     return load_engine(engine or "torch", pipe, pipe._execution_device)
 
 
-def _runs(keys: list) -> list[tuple]:
-    """Consecutive equal keys as (key, count): each distinct prompt is encoded once per run."""
-    out: list[list] = []
-    for key in keys:
-        if out and out[-1][0] == key:
+def _runs(keys: list) -> list[tuple[int, int]]:
+    """Consecutive equal keys as (first index, count): each distinct prompt is encoded once per run."""
+    out: list[list[int]] = []
+    for i, key in enumerate(keys):
+        if out and keys[out[-1][0]] == key:
             out[-1][1] += 1
         else:
-            out.append([key, 1])
-    return [tuple(r) for r in out]
+            out.append([i, 1])
+    return [(start, count) for start, count in out]
 
 
 def _integer(value):

@@ -217,7 +217,11 @@ def run_quality(
         "threads": torch.get_num_threads(), "device": str(pipe._execution_device),
     }  # fmt: skip
     rows, vanilla = [], None
-    for m in methods(cfg, seg_scale, pag_scale, sigmas, cheap):
+    # empty prompts: the CFG rows' cond and uncond rows are the same, so CFG equals vanilla; left out
+    chosen = [
+        m for m in methods(cfg, seg_scale, pag_scale, sigmas, cheap) if not (unconditional and m.cfg > 1)
+    ]
+    for m in chosen:
         t0 = time.perf_counter()
         engine = TorchDenoiser(pipe.unet, sigma=m.sigma, layers=layers, perturbation=m.perturbation)
         chunks = []

@@ -1,27 +1,13 @@
 """`seg-rt generate` end to end on a saved tiny SDXL, in a subprocess like a user runs it."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
 from seg_rt.cli import main
 from seg_rt.images import read_params
-
-
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "seg_rt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
+from tests.cli_run import run_cli
 
 
 def test_generate_non_square_with_params_chunk(sdxl_dir, tmp_path):

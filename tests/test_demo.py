@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
+import math
 
 import numpy as np
 import pytest
@@ -15,8 +14,7 @@ from PIL import Image
 from seg_rt.demo import data
 from seg_rt.demo.model import caption_words, is_demo_folder, tokenizer, weights_dir
 from seg_rt.pipeline import family_of, generate, generate_batch, load_pipeline
-
-CLI = [sys.executable, "-m", "seg_rt.cli"]
+from tests.cli_run import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +130,8 @@ def test_training_resumes_exactly(tmp_path):
 
 def test_generate_without_model_uses_the_demo_model(tmp_path):
     out = tmp_path / "grid.png"
-    r = subprocess.run(
-        [*CLI, "generate", "--prompt", "green star on dots", "--num-images", "4", "--grid", "--steps", "6",
-         "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    r = run_cli("generate", "--prompt", "green star on dots", "--num-images", 4, "--grid", "--steps", 6,
+                "--out", out, "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     notice = [line for line in r.stderr.splitlines() if "demo model" in line]
     assert len(notice) == 1 and "--model" in notice[0] and "SDXL" in notice[0]
@@ -147,11 +142,8 @@ def test_generate_without_model_uses_the_demo_model(tmp_path):
 
 def test_quality_bench_cli_smoke(tmp_path):
     plot = tmp_path / "q.png"
-    r = subprocess.run(
-        [*CLI, "bench", "quality", "--samples", "8", "--steps", "2", "--batch", "8", "--sigmas", "1,inf",
-         "--json", "--plot", str(plot)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    r = run_cli("bench", "quality", "--samples", 8, "--steps", 2, "--batch", 8, "--sigmas", "1,inf", "--json",
+                "--plot", plot)  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert [row["method"] for row in rows] == [
@@ -167,7 +159,15 @@ def test_quality_bench_cli_smoke(tmp_path):
     assert rows[0]["dist_to_vanilla"] == 0.0 and rows[3]["dist_to_vanilla"] > 0
     assert plot.stat().st_size > 1000
     assert "| method | fid |" in r.stderr
-    bad = subprocess.run(
-        [*CLI, "bench", "quality", "--samples", "2"], capture_output=True, text=True, timeout=120
-    )
+    bad = run_cli("bench", "quality", "--samples", 2, timeout=120)
     assert bad.returncode == 2 and "samples >= 8" in bad.stderr
+
+
+def test_quality_bench_unconditional_samples_empty_prompts_without_the_cfg_row():
+    from seg_rt.quality import run_quality
+
+    rows = run_quality(samples=8, steps=1, batch=8, sigmas=(math.inf,), progress=False, unconditional=True)
+    assert [r["method"] for r in rows] == ["vanilla", "PAG 3", "SEG σ=inf", "real (held-out)"]
+    assert {r["prompts"] for r in rows} == {"empty"}
+    assert rows[0]["accuracy"] is None  # no caption to check a sample against
+    assert rows[0]["fid"] > 0 and rows[2]["dist_to_vanilla"] > 0

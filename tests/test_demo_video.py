@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import av
 import numpy as np
@@ -22,9 +20,8 @@ from seg_rt.demo.video_model import (
 )
 from seg_rt.pipeline import load_pipeline
 from seg_rt.video.sampling import generate_video
+from tests.cli_run import run_cli
 from tests.tolerance import assert_close
-
-CLI = [sys.executable, "-m", "seg_rt.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +149,8 @@ def test_video_training_resumes_exactly(tmp_path):
 
 def test_video_without_model_uses_the_demo_video_model(tmp_path):
     out = tmp_path / "clip.mp4"
-    r = subprocess.run(
-        [*CLI, "video", "--prompt", "green star moving up on dots", "--steps", "2", "--seg-mode", "spatial",
-         "--out", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    r = run_cli("video", "--prompt", "green star moving up on dots", "--steps", 2, "--seg-mode", "spatial",
+                "--out", out, "--no-progress")  # fmt: skip
     assert r.returncode == 0, r.stderr
     notice = [line for line in r.stderr.splitlines() if "demo video model" in line]
     assert len(notice) == 1 and "--model" in notice[0]

@@ -8,6 +8,7 @@ from diffusers import EulerDiscreteScheduler
 
 import seg_rt
 from seg_rt.engines import Denoiser, TorchDenoiser
+from seg_rt.params import GenerationParams
 from seg_rt.pipeline import encode, initial_latents, seed_generators
 from seg_rt.sampler import sample
 
@@ -102,7 +103,7 @@ class Recorder(Denoiser):
 
 
 def test_seg_branch_not_computed_outside_window(sdxl):
-    prepared = encode(sdxl, "sdxl", "a", None, 2, 5.0, 64, 64)
+    prepared = encode(sdxl, "sdxl", GenerationParams(prompt="a", cfg=5.0), 2, height=64, width=64)
     sched = EulerDiscreteScheduler.from_config(sdxl.scheduler.config)
     sched.set_timesteps(5)
     latents = initial_latents(sdxl, sched, seed_generators([0, 1]), 64, 64, torch.float32)

@@ -1,8 +1,6 @@
 """Video sampling, mp4 / GIF output, the `seg-rt video` CLI and the quality harness metrics."""
 
 import json
-import subprocess
-import sys
 
 import av
 import numpy as np
@@ -13,6 +11,7 @@ from seg_rt.tiny import save_tiny_video_pipeline, tiny_video_pipeline
 from seg_rt.video.io import write_gif, write_mp4
 from seg_rt.video.metrics import flicker, video_metrics, warping_error
 from seg_rt.video.sampling import generate_video
+from tests.cli_run import run_cli
 
 KW = {"frames": 5, "height": 48, "width": 80, "steps": 3, "seg_sigma": 2.0, "seg_sigma_time": 1.0}
 # CogVideoX and Wan compress time 4x: 9 frames = 3 latent frames (odd), 48x80 (non-square)
@@ -89,9 +88,8 @@ def test_mp4_reads_back_with_frames_size_and_fps(tmp_path):
 
 def test_cli_video_mp4_gif_and_compare(vdir, tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "seg_rt.cli", "video", "--model", str(vdir), "--frames", "5",
-                               "--height", "48", "--width", "80", "--steps", "2", "--no-progress", *args],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return run_cli("video", "--model", vdir, "--frames", 5, "--height", 48, "--width", 80, "--steps", 2,
+                       "--no-progress", *args)  # fmt: skip
 
     r = cli(
         "--prompt",
@@ -121,9 +119,8 @@ def test_cli_video_mp4_gif_and_compare(vdir, tmp_path):
 
 def test_cli_video_on_a_dit_folder(tmp_path):
     model = save_tiny_video_pipeline("wan", tmp_path / "wan")
-    r = subprocess.run([sys.executable, "-m", "seg_rt.cli", "video", "--model", str(model), "--frames", "9",
-                        "--height", "48", "--width", "80", "--steps", "2", "--no-progress", "--out",
-                        str(tmp_path / "w.mp4")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = run_cli("video", "--model", model, "--frames", 9, "--height", 48, "--width", 80, "--steps", 2,
+                "--no-progress", "--out", tmp_path / "w.mp4")  # fmt: skip
     assert r.returncode == 0, r.stderr
     with av.open(str(tmp_path / "w.mp4")) as c:
         assert len(list(c.decode(video=0))) == 9

@@ -22,6 +22,7 @@ import random
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class TrainConfig:
     min_lr_frac: float = 0.1  # cosine decay to this fraction of lr
     weight_decay: float = 0.01
     snr_gamma: float = 5.0  # Min-SNR-γ loss weighting (Hang et al. 2023)
+    # "min-snr": Min-SNR-γ (little weight on high-noise steps: for v-prediction it falls as SNR there);
+    # "flat": every timestep weight 1 in the prediction's own space (v-MSE for v-prediction)
+    weighting: str = "min-snr"
     p_uncond: float = 0.1  # empty caption (so CFG has an unconditional model)
     p_partial: float = 0.2  # a caption naming only some attributes
     ema_max_decay: float = 0.9995
@@ -58,30 +62,34 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
+        if self.weighting not in ("min-snr", "flat"):
+            raise ValueError(f"weighting must be min-snr or flat, got {self.weighting!r}")
         for name in ("steps", "batch", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-def caption_for(item: data.Item, rng: random.Random, cfg: TrainConfig) -> str:
+def caption_for(caption: str, partial: Sequence[str], rng: random.Random, cfg: TrainConfig) -> str:
+    """The full ``caption``, or (``p_partial``) one of the ``partial`` ones naming only some
+    attributes, or (``p_uncond``) none: the training captions of both demo models."""
     r = rng.random()
     if r < cfg.p_uncond:
         return ""
     if r < cfg.p_uncond + cfg.p_partial:
-        color, shape, texture = (
-            list(data.COLORS)[item.color],
-            data.shape_word(data.SHAPES[item.shape]),
-            data.TEXTURES[item.texture],
-        )
-        return rng.choice((shape, f"{color} {shape}", f"{shape} on {texture}"))
-    return item.caption
+        return rng.choice(partial)
+    return caption
+
+
+def partial_captions(item: data.Item) -> tuple[str, str, str]:
+    color, shape = list(data.COLORS)[item.color], data.shape_word(data.SHAPES[item.shape])
+    return shape, f"{color} {shape}", f"{shape} on {data.TEXTURES[item.texture]}"
 
 
 def training_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     seeds = [TRAIN_SEED_BASE + (cfg.seed * cfg.steps + step) * cfg.batch + i for i in range(cfg.batch)]
     x, items = data.batch(seeds)
     rng = random.Random(f"{cfg.seed}:{step}")
-    return x, [caption_for(item, rng, cfg) for item in items]
+    return x, [caption_for(item.caption, partial_captions(item), rng, cfg) for item in items]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -216,6 +224,8 @@ class Trainer:
             )
         else:
             target, weight = noise, torch.clamp(snr, max=cfg.snr_gamma) / snr
+        if cfg.weighting == "flat":
+            weight = torch.ones_like(weight)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))
         loss = (per_sample * weight).mean()
         self.opt.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import data, video_data
-from .train import TrainConfig, Trainer
+from .train import TrainConfig, Trainer, caption_for
 from .train import main as train_main
 from .video_model import build
 
@@ -37,6 +37,8 @@ class VideoTrainConfig(TrainConfig):
     frames: int = video_data.FRAMES  # per clip
     precision: str = "fp32"  # bf16 autocast is no faster for this model on CPU
     train: str = "motion"  # "motion": motion modules, cross-attention and text encoder; "all": every weight
+    # motion is decided at high noise, where Min-SNR weighting of a v-prediction loss puts ~no weight
+    weighting: str = "flat"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -44,25 +46,17 @@ class VideoTrainConfig(TrainConfig):
             raise ValueError(f"train must be motion or all, got {self.train!r}")
 
 
-def caption_for(item: video_data.ClipItem, rng: random.Random, cfg: TrainConfig) -> str:
-    """The full caption, or (``p_partial``) one naming only some attributes, or (``p_uncond``) none."""
-    r = rng.random()
-    if r < cfg.p_uncond:
-        return ""
-    if r < cfg.p_uncond + cfg.p_partial:
-        color, shape = list(data.COLORS)[item.color], data.shape_word(data.SHAPES[item.shape])
-        motion = video_data.motion_phrase(video_data.MOTIONS[item.motion])
-        return rng.choice(
-            (f"{shape} {motion}", f"{color} {shape} {motion}", f"{color} {shape} on {item.background}")
-        )
-    return item.caption
+def partial_captions(item: video_data.ClipItem) -> tuple[str, str, str]:
+    color, shape = list(data.COLORS)[item.color], data.shape_word(data.SHAPES[item.shape])
+    motion = video_data.motion_phrase(video_data.MOTIONS[item.motion])
+    return f"{shape} {motion}", f"{color} {shape} {motion}", f"{color} {shape} on {item.background}"
 
 
 def training_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:
     seeds = [TRAIN_SEED_BASE + (cfg.seed * cfg.steps + step) * cfg.batch + i for i in range(cfg.batch)]
     x, items = video_data.batch(seeds, frames=cfg.frames)
     rng = random.Random(f"video:{cfg.seed}:{step}")
-    return x, [caption_for(item, rng, cfg) for item in items]
+    return x, [caption_for(item.caption, partial_captions(item), rng, cfg) for item in items]
 
 
 class VideoTrainer(Trainer):
