@@ -341,9 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=int,
         default=None,
-        help="samples per method, same prompts and seeds (default 160; video-quality: 8 clips)",
+        help="samples per method, same prompts and seeds (default 160; video-quality: 24 clips)",
     )
-    q.add_argument("--steps", type=int, default=None, help="sampling steps (default 12; video-quality: 4)")
+    q.add_argument("--steps", type=int, default=None, help="sampling steps (default 12; video-quality: 8)")
     q.add_argument("--cfg", type=float, default=3.0, help="scale of the CFG row")
     q.add_argument("--seg-scale", type=float, default=3.0, help="scale of the SEG rows (no CFG)")
     q.add_argument("--pag-scale", type=float, default=3.0, help="scale of the PAG-style row (no CFG)")
@@ -669,10 +669,15 @@ def cmd_bench(args) -> int:
     if args.what == "video-quality" and (args.model is None or _is_demo_video(args.model)):
         from seg_rt.demo import video_bench
 
+        given = {k: v for k, v in (("samples", args.samples), ("steps", args.steps)) if v is not None}
         rows = video_bench.run_video_quality(
-            args.model, samples=args.samples or 8, steps=args.steps or 4, cfg=args.cfg, scale=args.seg_scale,
-            classifier=args.classifier, device=args.device,
-        )  # fmt: skip
+            args.model,
+            **given,
+            cfg=args.cfg,
+            scale=args.seg_scale,
+            classifier=args.classifier,
+            device=args.device,
+        )
         video_bench.plot(rows, args.plot or "video-quality.png")
         for row in rows:
             print(json.dumps(row) if args.json else row)

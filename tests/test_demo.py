@@ -171,3 +171,15 @@ def test_quality_bench_unconditional_samples_empty_prompts_without_the_cfg_row()
     assert {r["prompts"] for r in rows} == {"empty"}
     assert rows[0]["accuracy"] is None  # no caption to check a sample against
     assert rows[0]["fid"] > 0 and rows[2]["dist_to_vanilla"] > 0
+
+
+def test_training_loss_weighting(tmp_path):
+    from seg_rt.demo import train
+
+    cfg = train.TrainConfig(steps=1, batch=4, warmup=1)
+    min_snr = train.Trainer(cfg, tmp_path / "a").train_step()
+    flat = train.Trainer(dataclasses.replace(cfg, weighting="flat"), tmp_path / "b").train_step()
+    # the same first batch, timesteps and noise: Min-SNR-γ weights every v-loss by min(snr, γ)/(snr+1) < 1
+    assert flat > min_snr > 0
+    with pytest.raises(ValueError, match="weighting must be min-snr or flat, got 'snr'"):
+        train.TrainConfig(weighting="snr")

@@ -163,3 +163,22 @@ def test_cli_demo_frames_constant_matches_the_data():
     from seg_rt import cli
 
     assert cli._DEMO_FRAMES == video_data.FRAMES
+
+
+def test_video_quality_bench_rows_plot_and_table(vdemo, tmp_path):
+    from seg_rt.demo import video_bench
+
+    names = ["vanilla", "SEG temporal σt=1", "STG temporal (skip)"]
+    rows = video_bench.run_video_quality(vdemo, samples=2, steps=1, method_names=names, progress=False)
+    assert [r["method"] for r in rows] == [*names, "real held-out clips"]
+    assert rows[1]["mode"] == "temporal" and rows[1]["sigma_time"] == 1.0 and rows[1]["sigma"] is None
+    assert rows[2]["perturbation"] == "identity" and rows[0]["mode"] is None
+    for row in rows:
+        assert set(video_bench.METRICS) <= row.keys()
+    assert rows[-1]["motion_accuracy"] == 1.0 and rows[-1]["lost"] == 0.0  # the estimator on real clips
+    # same captions and seeds: the unguided clips differ from the guided ones only by guidance
+    assert rows[0]["warping_error"] != rows[1]["warping_error"]
+    assert video_bench.plot(rows, tmp_path / "vq.png").stat().st_size > 1000
+    assert video_bench.table(rows).count("\n") == len(rows) + 2
+    with pytest.raises(ValueError, match="unknown method 'SEG sideways'"):
+        video_bench.run_video_quality(vdemo, samples=2, steps=1, method_names=["SEG sideways"])

@@ -104,8 +104,8 @@ def score(clf, clips: list[np.ndarray], items: list[video_data.ClipItem], real_f
 def run_video_quality(
     model=None,
     *,
-    samples: int = 8,
-    steps: int = 4,
+    samples: int = 24,
+    steps: int = 8,
     cfg: float = 3.0,
     scale: float = 3.0,
     method_names: Sequence[str] | None = None,
