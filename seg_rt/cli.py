@@ -666,10 +666,11 @@ def cmd_serve(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    # --samples / --steps as given; otherwise the quality benches' own defaults (one place each)
+    given = {k: v for k, v in (("samples", args.samples), ("steps", args.steps)) if v is not None}
     if args.what == "video-quality" and (args.model is None or _is_demo_video(args.model)):
         from seg_rt.demo import video_bench
 
-        given = {k: v for k, v in (("samples", args.samples), ("steps", args.steps)) if v is not None}
         rows = video_bench.run_video_quality(
             args.model,
             **given,
@@ -696,7 +697,7 @@ def cmd_bench(args) -> int:
 
         sigmas = [parse_sigma(s) for s in args.sigmas.split(",") if s.strip()]
         rows = quality.run_quality(
-            args.model, samples=args.samples or 160, steps=args.steps or 12, cfg=args.cfg, seg_scale=args.seg_scale,
+            args.model, **given, cfg=args.cfg, seg_scale=args.seg_scale,
             pag_scale=args.pag_scale, sigmas=sigmas, layers=parse_layers(args.seg_layers), batch=args.batch,
             unconditional=args.unconditional, classifier=args.classifier, device=args.device, cheap=args.cheap,
         )  # fmt: skip
