@@ -50,8 +50,14 @@ class Item:
     texture: int  # index into TEXTURES
 
     @property
+    def words(self) -> tuple[str, str, str]:
+        """The caption's colour, shape and background words."""
+        return list(COLORS)[self.color], shape_word(SHAPES[self.shape]), TEXTURES[self.texture]
+
+    @property
     def caption(self) -> str:
-        return f"{list(COLORS)[self.color]} {shape_word(SHAPES[self.shape])} on {TEXTURES[self.texture]}"
+        color, shape, texture = self.words
+        return f"{color} {shape} on {texture}"
 
     @property
     def labels(self) -> tuple[int, int, int]:
@@ -126,19 +132,18 @@ def draw_shape(
 ) -> None:
     """Draw one shape (a ``SHAPES`` name) of radius ``r`` at ``(cx, cy)``, turned by ``rot`` (polygons;
     glyphs are drawn upright), in supersampled pixels."""
-    jitter = fill
     if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=jitter)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "ring":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=jitter, width=int(r * 0.35))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fill, width=int(r * 0.35))
     elif shape == "square":
-        draw.polygon(_polygon(cx, cy, r * 1.1, 4, math.pi / 4 + rot), fill=jitter)
+        draw.polygon(_polygon(cx, cy, r * 1.1, 4, math.pi / 4 + rot), fill=fill)
     elif shape == "diamond":
-        draw.polygon(_polygon(cx, cy, r * 1.15, 4, rot * 0.3), fill=jitter)
+        draw.polygon(_polygon(cx, cy, r * 1.15, 4, rot * 0.3), fill=fill)
     elif shape == "triangle":
-        draw.polygon(_polygon(cx, cy + r * 0.15, r * 1.15, 3, rot), fill=jitter)
+        draw.polygon(_polygon(cx, cy + r * 0.15, r * 1.15, 3, rot), fill=fill)
     elif shape == "star":
-        draw.polygon(_polygon(cx, cy, r * 1.15, 5, rot, inner=0.45), fill=jitter)
+        draw.polygon(_polygon(cx, cy, r * 1.15, 5, rot, inner=0.45), fill=fill)
     elif shape == "cross":
         w = r * 0.36
         for a in (rot, rot + math.pi / 2):
@@ -148,11 +153,11 @@ def draw_shape(
             draw.polygon(
                 [(ends[0][0] + px, ends[0][1] + py), (ends[1][0] + px, ends[1][1] + py),
                  (ends[1][0] - px, ends[1][1] - py), (ends[0][0] - px, ends[0][1] - py)],
-                fill=jitter,
+                fill=fill,
             )  # fmt: skip
     else:  # glyph
         font = _font(int(r * 2.3))
-        draw.text((cx, cy), shape, font=font, fill=jitter, anchor="mm", stroke_width=_SS, stroke_fill=jitter)
+        draw.text((cx, cy), shape, font=font, fill=fill, anchor="mm", stroke_width=_SS, stroke_fill=fill)
 
 
 def render(seed: int, item: Item | None = None) -> tuple[np.ndarray, Item]:

@@ -8,10 +8,10 @@ from pathlib import Path
 from .model import SEGDemoPipeline, index_class
 from .video_model import SEGDemoVideoPipeline
 
-DEMO_PIPELINES = (SEGDemoPipeline.__name__, SEGDemoVideoPipeline.__name__)  # classes a folder may name
+_CLASSES = {cls.__name__: cls for cls in (SEGDemoPipeline, SEGDemoVideoPipeline)}
+DEMO_PIPELINES = tuple(_CLASSES)  # the class names a folder may name
 
 
 def demo_pipeline_class(path: str | Path | None):
     """The demo class (image or video) a folder names, or None for any other folder."""
-    name = index_class(path) if path is not None else None
-    return {cls.__name__: cls for cls in (SEGDemoPipeline, SEGDemoVideoPipeline)}.get(name)
+    return _CLASSES.get(index_class(path)) if path is not None else None

@@ -81,8 +81,8 @@ def caption_for(caption: str, partial: Sequence[str], rng: random.Random, cfg: T
 
 
 def partial_captions(item: data.Item) -> tuple[str, str, str]:
-    color, shape = list(data.COLORS)[item.color], data.shape_word(data.SHAPES[item.shape])
-    return shape, f"{color} {shape}", f"{shape} on {data.TEXTURES[item.texture]}"
+    color, shape, texture = item.words
+    return shape, f"{color} {shape}", f"{shape} on {texture}"
 
 
 def training_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]]:

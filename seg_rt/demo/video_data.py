@@ -58,7 +58,7 @@ class ClipItem:
 
     @property
     def caption(self) -> str:
-        color, shape = list(data.COLORS)[self.color], data.shape_word(data.SHAPES[self.shape])
+        color, shape, _ = self.image_item.words
         return f"{color} {shape} {motion_phrase(MOTIONS[self.motion])} on {self.background}"
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import data, video_data
+from . import video_data
 from .train import TrainConfig, Trainer, caption_for
 from .train import main as train_main
 from .video_model import build
@@ -47,7 +47,7 @@ class VideoTrainConfig(TrainConfig):
 
 
 def partial_captions(item: video_data.ClipItem) -> tuple[str, str, str]:
-    color, shape = list(data.COLORS)[item.color], data.shape_word(data.SHAPES[item.shape])
+    color, shape, _ = item.image_item.words
     motion = video_data.motion_phrase(video_data.MOTIONS[item.motion])
     return f"{shape} {motion}", f"{color} {shape} {motion}", f"{color} {shape} on {item.background}"
 
