@@ -183,3 +183,17 @@ def test_training_loss_weighting(tmp_path):
     assert flat > min_snr > 0
     with pytest.raises(ValueError, match="weighting must be min-snr or flat, got 'snr'"):
         train.TrainConfig(weighting="snr")
+
+
+def test_trainer_cli_rejects_a_missing_or_foreign_checkpoint_before_building(tmp_path, capsys, monkeypatch):
+    from seg_rt.demo import train
+
+    monkeypatch.setattr(train.Trainer, "__init__", lambda *a: pytest.fail("model built before the check"))
+    args = ["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "w")]
+    assert train.main([*args, "--stop-now"]) == 2
+    assert "--stop-now needs a checkpoint in" in capsys.readouterr().err
+    (tmp_path / "w" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "w" / "checkpoint" / "state.json").write_text(json.dumps({"config": {"steps": 1}}))
+    assert train.main(args) == 2
+    assert "made with another config" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -122,6 +122,25 @@ def _is_checkpoint(folder: Path) -> bool:
     return meta is not None and {"step", "ema_step", "config"} <= set(meta)
 
 
+def checkpoint_dir(work_dir: Path) -> Path:
+    return work_dir / "checkpoint"
+
+
+def checkpoint_meta(work_dir: Path, cfg: TrainConfig) -> dict | None:
+    """The metadata of the checkpoint in ``work_dir`` (None when there is none); a ``ValueError`` when
+    it was made with another config (read before any model is built)."""
+    ckpt = checkpoint_dir(work_dir)
+    if not (ckpt / "state.json").is_file():
+        return None
+    meta = json.loads((ckpt / "state.json").read_text())
+    if meta["config"] != dataclasses.asdict(cfg):
+        raise ValueError(
+            f"checkpoint in {ckpt} was made with another config ({meta['config']}); "
+            "use the same options or another --work-dir"
+        )
+    return meta
+
+
 class Trainer:
     """Trains ``build``'s pipeline on ``batch``'s data; subclasses (``video_train``) change both."""
 
@@ -156,7 +175,7 @@ class Trainer:
     # -- checkpoints: safetensors for tensors, JSON for the rest (nothing is unpickled) --------
     @property
     def ckpt(self) -> Path:
-        return self.work_dir / "checkpoint"
+        return checkpoint_dir(self.work_dir)
 
     def save_checkpoint(self) -> None:
         opt_state = self.opt.state_dict()
@@ -175,14 +194,9 @@ class Trainer:
             (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
     def load_checkpoint(self) -> bool:
-        if not (self.ckpt / "state.json").is_file():
+        meta = checkpoint_meta(self.work_dir, self.cfg)
+        if meta is None:
             return False
-        meta = json.loads((self.ckpt / "state.json").read_text())
-        if meta["config"] != dataclasses.asdict(self.cfg):
-            raise ValueError(
-                f"checkpoint in {self.ckpt} was made with another config ({meta['config']}); "
-                "use the same options or another --work-dir"
-            )
         tensors = load_file(self.ckpt / "state.safetensors")
         with torch.no_grad():
             for i, p in enumerate(self.params):
@@ -277,6 +291,8 @@ def main(
         return 2
     try:
         check_out_dir(args.out, is_trained_folder, overwrite=args.overwrite, what=trainer_cls.what)
+        if checkpoint_meta(args.work_dir, cfg) is None and args.stop_now:
+            raise ValueError(f"--stop-now needs a checkpoint in {checkpoint_dir(args.work_dir)}")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -285,9 +301,6 @@ def main(
     if trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.ckpt, trainer.step)
     start, losses = time.time(), []
-    if args.stop_now and trainer.step == 0:
-        print(f"error: --stop-now needs a checkpoint in {trainer.ckpt}", file=sys.stderr)
-        return 2
     while trainer.step < cfg.steps and not args.stop_now:
         losses.append(trainer.train_step())
         if trainer.step % 50 == 0:
