@@ -525,7 +525,6 @@ def cmd_video(args) -> int:
         out = out.with_suffix(".gif")
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
-    model = args.model or _demo_video_model()
     request = video_request_from_args(args)  # validated before the model loads
     runs = [("", request)]
     if args.compare:
@@ -538,6 +537,7 @@ def cmd_video(args) -> int:
             except ValueError as exc:  # e.g. temporal with sigma time 0
                 raise ValueError(f"--compare, mode {mode}: {exc}") from None
     parallel = parallel_from_args(args)
+    model = args.model or _demo_video_model()  # after the checks: bad input gets its one line only
     _check_local_size(model, request)
     t0 = time.perf_counter()
     pipe = model if parallel is not None else load_pipeline(model, args.device)
