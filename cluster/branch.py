@@ -58,19 +58,13 @@ class BranchRank:
 
     def images(self, params, output_type: str = "pil", **options):
         """``seg_rt.pipeline.run_params`` with this rank's rows."""
-        from seg_rt import dit
         from seg_rt.engines import load_engine
         from seg_rt.pipeline import run_params
 
         options["progress"] = options.get("progress", False) and self.rank == 0
         if self._engine is None:  # loaded once, reused by every run
             pipe = self.pipe
-            inner = (
-                dit.load_engine(self.engine_spec, pipe)
-                if dit.pipeline_family(pipe) is not None
-                else load_engine(self.engine_spec, pipe, pipe._execution_device)
-            )
-            self._engine = BranchParallelDenoiser(inner)
+            self._engine = BranchParallelDenoiser(load_engine(self.engine_spec, pipe, pipe._execution_device))
         out = run_params(
             self.pipe, params, engine=self._engine, output_type=output_type if self.rank == 0 else "latent",
             **options,

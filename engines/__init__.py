@@ -13,8 +13,9 @@ __all__ = ["ENGINE_KINDS", "Denoiser", "FixedShapeDenoiser", "ShapeSpec", "Torch
 def load_engine(spec: str, pipe=None, device=None) -> Denoiser:
     """``torch`` / ``torch-compile`` (needs ``pipe``), ``onnx:DIR`` or ``trt:DIR``.
 
-    ``torch`` is the family's eager denoiser: ``TorchDenoiser`` over a UNet, ``DiTDenoiser`` over an
-    image DiT's transformer (``seg_rt.dit``); exported engines take inputs by name for every family.
+    ``torch`` is the model family's eager denoiser (``Family.denoiser``: ``TorchDenoiser`` over a
+    UNet, ``DiTDenoiser`` over an image DiT's transformer); exported engines take inputs by name for
+    every family.
 
     The caller owns the result: close it (``with load_engine(...) as engine:``) when done.
     """
@@ -25,19 +26,9 @@ def load_engine(spec: str, pipe=None, device=None) -> Denoiser:
     if kind in ("torch", "torch-compile"):
         if pipe is None:
             raise ValueError(f"engine {spec!r} needs a loaded model")
-        from seg_rt.dit import pipeline_family
+        from seg_rt.families import family_of
 
-        if pipeline_family(pipe) is not None:
-            if kind == "torch-compile":
-                raise ValueError(
-                    f"engine 'torch-compile' is not available for {type(pipe).__name__}; use torch, onnx:DIR or trt:DIR"
-                )
-            from .dit_denoiser import DiTDenoiser
-
-            return DiTDenoiser(pipe.transformer)
-        return TorchDenoiser(
-            pipe.unet, controlnet=getattr(pipe, "controlnet", None), compile=kind == "torch-compile"
-        )
+        return family_of(pipe).denoiser(pipe, compile=kind == "torch-compile")
     if kind == "onnx":
         from .onnxruntime import OnnxRuntimeDenoiser
 

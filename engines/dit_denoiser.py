@@ -1,4 +1,4 @@
-"""Eager PyTorch denoiser over a SEG-patched image DiT (SD3 / SD3.5, Flux.1; ``seg_rt.dit``)."""
+"""Eager PyTorch denoiser over a SEG-patched image DiT (SD3 / SD3.5, Flux.1, Qwen-Image; ``seg_rt.families.dit``)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from seg_rt.dit import SEGDiT
+from seg_rt.families.dit import SEGDiT
 from seg_rt.prefix import TransformerFork
 
 from .base import PatchedDenoiser
 
 
 class DiTDenoiser(PatchedDenoiser):
-    """Calls an SD3 / Flux transformer with SEG installed on the chosen layers; any shape.
+    """Calls an image-DiT transformer with SEG installed on the chosen layers; any shape. ``family``
+    (``seg_rt.families.dit.ImageDiTFamily``) says how the transformer is called.
 
     ``shared_prefix`` (opt-in): the transformer blocks before the first SEG layer run on the
     unperturbed rows only and the perturbed rows fork off the cond rows there
@@ -27,16 +28,17 @@ class DiTDenoiser(PatchedDenoiser):
     def __init__(
         self,
         transformer: nn.Module,
+        family,
         *,
         sigma: float = math.inf,
         layers: Sequence[str] = ("mid",),
         shared_prefix: bool = False,
     ) -> None:
-        self.transformer, self.shared_prefix = transformer, shared_prefix
+        self.transformer, self.family, self.shared_prefix = transformer, family, shared_prefix
         self._patch(sigma, layers)
 
     def _install(self, sigma: float, layers: tuple[str, ...]) -> None:
-        self.model = SEGDiT(self.transformer, sigma=sigma, layers=layers)
+        self.model = SEGDiT(self.transformer, self.family, sigma=sigma, layers=layers)
         self.prefix = (
             TransformerFork(self.transformer, self.model.seg.layer_names) if self.shared_prefix else None
         )

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from seg_rt import dit
 from seg_rt.artifacts import RUNTIME_SIGMA, ArtifactInfo, is_export_folder, staged_dir
 from seg_rt.blur import blur_matrix
 from seg_rt.denoiser import SEGUNet
 from seg_rt.errors import ExportValidationError
+from seg_rt.families import REGISTRY, family_of
 from seg_rt.optional import require
-from seg_rt.pipeline import check_size, family_of
+from seg_rt.pipeline import check_size
 
 logger = logging.getLogger(__name__)
 
@@ -62,38 +62,6 @@ class _Graph(nn.Module):
             self.model.seg.runtime_matrices = None
 
 
-def example_inputs(
-    pipe, model: SEGUNet, rows: int, batch: int, height: int, width: int, dtype: torch.dtype, seed: int = 0
-) -> dict[str, Tensor]:
-    """Deterministic random inputs of the export shapes; the last ``batch`` rows are perturbed."""
-    g = torch.Generator().manual_seed(seed)
-    f = pipe.vae_scale_factor
-    unet = pipe.unet
-    seq = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77)
-    seq = seq if isinstance(seq, int) and 0 < seq <= 4096 else 77
-    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
-    inputs = {
-        "sample": rnd(rows, unet.config.in_channels, height // f, width // f),
-        "timestep": torch.full((rows,), 500.0),
-        "encoder_hidden_states": rnd(rows, seq, unet.config.cross_attention_dim),
-    }
-    if "text_embeds" in model.input_names:
-        time_dim = unet.config.addition_time_embed_dim
-        # float32 even in fp16 graphs: diffusers concatenates text_embeds with its always-float32
-        # sinusoidal time projection, which eager torch type-promotes but the exported Concat cannot
-        inputs["text_embeds"] = torch.randn(
-            rows, unet.config.projection_class_embeddings_input_dim - 6 * time_dim, generator=g
-        )
-        inputs["time_ids"] = torch.tensor([[height, width, 0, 0, height, width]] * rows, dtype=torch.float32)
-    if "controlnet_cond" in model.input_names:
-        inputs["controlnet_cond"] = torch.rand(rows, 3, height, width, generator=g).to(dtype)
-        inputs["conditioning_scale"] = torch.ones(rows, dtype=dtype)
-    mask = torch.zeros(rows, dtype=torch.bool)
-    mask[rows - batch :] = True
-    inputs["seg_mask"] = mask
-    return inputs
-
-
 def export_onnx(
     pipe,
     out_dir: str | Path,
@@ -122,30 +90,23 @@ def export_onnx(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     f = pipe.vae_scale_factor
-    is_dit = dit.pipeline_family(pipe) is not None
-    check_size(height, width, dit.size_factor(pipe) if is_dit else f)
+    family = family_of(pipe, "image")
+    check_size(height, width, family.size_factor(pipe))
     if sigma is not None and (math.isnan(sigma) or sigma <= 0):
         raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
-    family = family_of(pipe)
-    if is_dit and family not in dit.EXPORTABLE:
-        raise ValueError(f"ONNX export supports the image DiTs {', '.join(dit.EXPORTABLE)}, got {family}")
+    if not family.exportable:
+        exportable = [f.name for f in REGISTRY.families("image") if f.exportable]
+        raise ValueError(f"ONNX export supports the families {', '.join(exportable)}, got {family.name}")
     dtype = torch.float16 if fp16 else torch.float32
     branches = ("uncond", "cond", "seg") if cfg else ("cond", "seg")
     rows = batch * len(branches)
     seg_sigma = math.inf if sigma is None else sigma
-    if is_dit:  # image DiT (SD3): the same SEG denoiser interface, inputs by name
-        net = pipe.transformer
-        model = dit.SEGDiT(net, sigma=seg_sigma, layers=layers)
-    else:
-        net = pipe.unet
-        model = SEGUNet(net, sigma=seg_sigma, layers=layers, controlnet=getattr(pipe, "controlnet", None))
+    net = family.net(pipe)
+    model = family.export_model(pipe, sigma=seg_sigma, layers=layers)  # the same SEG denoiser interface
     original_dtype = net.dtype
     try:
         model.to(dtype)
-        if is_dit:
-            inputs = dit.export_inputs(pipe, rows, batch, height, width, dtype)
-        else:
-            inputs = example_inputs(pipe, model, rows, batch, height, width, dtype)
+        inputs = family.export_inputs(pipe, model, rows, batch, height, width, dtype)
         with torch.no_grad():
             model(inputs)  # records each SEG layer's token grid at these shapes
         blur_lengths = sorted({n for grid in model.grids() for n in grid}) if sigma is None else []
@@ -154,7 +115,7 @@ def export_onnx(
         names = list(inputs)
         info = ArtifactInfo(
             kind="onnx",
-            family=family,
+            family=family.name,
             model=model_name or str(getattr(pipe, "name_or_path", "") or ""),
             height=height,
             width=width,

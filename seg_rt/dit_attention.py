@@ -13,7 +13,7 @@ the image tokens only (docs/design.md, "Which query, where"):
   stream's query after ``norm_q`` and its RoPE, before ``[text, image]`` are joined. Chosen over Sana
   because Sana's self-attention is linear (ReLU-kernel) attention: it has no softmax logits whose
   blur the query blur equals, so "exact SEG" is not defined there; Qwen-Image's is softmax attention.
-  Sampled end to end like the others (``seg_rt.dit``).
+  Sampled end to end like the others (``seg_rt.families``).
 
 The token grid comes from the model input: SD3 ``hidden_states [B, C, h, w]`` with patch size p
 gives (h/p, w/p); Flux's packed tokens carry their positions in ``img_ids [H·W, 3]`` (row, column).
@@ -35,18 +35,13 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from torch import Tensor, nn
 
-from .attention import Adapter, Grid, SEGPatch, SEGProcessor, model_family, norm_qk, split_heads
+from .attention import Adapter, Grid, SEGPatch, SEGProcessor, norm_qk, split_heads
 from .layers import resolve
 
 # block kind -> (container of blocks, attention module inside a block)
 SD3_KINDS = {"joint": ("transformer_blocks", "attn"), "dual": ("transformer_blocks", "attn2")}
 FLUX_KINDS = {"double": ("transformer_blocks", "attn"), "single": ("single_transformer_blocks", "attn")}
 QWEN_KINDS = {"joint": ("transformer_blocks", "attn")}
-DEFAULT_KIND = {
-    "sd3": "joint",
-    "flux": "double",
-    "qwenimage": "joint",
-}  # "mid" = the middle block of this kind
 
 
 def perturb_image_tokens(patch: SEGPatch, proc, q: Tensor, token_dim: int) -> Tensor:
@@ -340,12 +335,11 @@ def _dit_adapter(
     processor: type,
     layers: Callable[[nn.Module], dict[str, str]],
     grid: Callable[[nn.Module, tuple, dict], Grid],
+    default_kind: str,
 ) -> Adapter:
-    """An image DiT family: joint attention with the text tokens in front, layers picked by block
-    kind (``DEFAULT_KIND[name]`` for ``mid`` and bare indices)."""
-    return Adapter(
-        name, processor, layers, grid=grid, text_tokens=True, select=_selector(layers, DEFAULT_KIND[name])
-    )
+    """An image DiT: joint attention with the text tokens in front, layers picked by block kind
+    (``default_kind`` for ``mid`` and bare indices: ``mid`` = the middle block of that kind)."""
+    return Adapter(name, processor, layers, grid=grid, text_tokens=True, select=_selector(layers, default_kind))
 
 
 def sd3_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
@@ -359,7 +353,7 @@ def flux_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
 
     The values are read on the host, and the grid is kept on the ids tensor (``_seg_grid``, with the
     tensor's version) for the next call: an exporter's trace cannot read tensor values, so it reuses
-    the grid an eager call found for the same tensor (``seg_rt.dit.SEGDiT`` makes one per shape)."""
+    the grid an eager call found for the same tensor (``seg_rt.families.dit.SEGDiT`` makes one per shape)."""
     ids = kwargs["img_ids"]
     memo = getattr(ids, "_seg_grid", None)
     if memo is not None and memo[0] == ids._version:
@@ -371,8 +365,8 @@ def flux_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     return grid
 
 
-SD3 = _dit_adapter("sd3", SEGJointAttnProcessor, sd3_layers, sd3_grid)
-FLUX = _dit_adapter("flux", SEGFluxAttnProcessor, flux_layers, flux_grid)
+SD3 = _dit_adapter("sd3", SEGJointAttnProcessor, sd3_layers, sd3_grid, "joint")
+FLUX = _dit_adapter("flux", SEGFluxAttnProcessor, flux_layers, flux_grid, "double")
 
 
 def qwenimage_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
@@ -387,14 +381,6 @@ def qwenimage_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     return 1, int(h), int(w)
 
 
-QWENIMAGE = _dit_adapter("qwenimage", SEGQwenDoubleStreamAttnProcessor, qwenimage_layers, qwenimage_grid)
-ADAPTERS = {"sd3": SD3, "flux": FLUX, "qwenimage": QWENIMAGE}
-MODEL_FAMILIES = {
-    "SD3Transformer2DModel": "sd3",
-    "FluxTransformer2DModel": "flux",
-    "QwenImageTransformer2DModel": "qwenimage",
-}
-
-
-def adapter_of(model: nn.Module) -> Adapter:
-    return ADAPTERS[model_family(model, MODEL_FAMILIES, "image-DiT")]
+QWENIMAGE = _dit_adapter(
+    "qwenimage", SEGQwenDoubleStreamAttnProcessor, qwenimage_layers, qwenimage_grid, "joint"
+)

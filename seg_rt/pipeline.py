@@ -8,26 +8,21 @@ SEG-patched denoiser and the sampling loop (``seg_rt.sampler``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import Tensor
 
 from .config import SEGConfig
 from .errors import ModelLoadError, first_line
-from .families import family_of, pipeline_class
+from .families import REGISTRY, family_of
 from .params import (
-    DEFAULT_SCHEDULER,
-    SCHEDULERS,
     BranchParallel,
     GenerationParams,
-    check_scheduler,
     parse_engine_spec,
 )
 from .sampler import StepCallback, sample
@@ -59,7 +54,7 @@ def load_pipeline(
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
     if is_local:
         check_model_index(path / "model_index.json")  # before any code from the folder can run
-    cls = pipeline_class(path if is_local else None)
+    cls = _pipeline_class(path if is_local else None)
     try:
         if not is_local:
             from huggingface_hub import hf_hub_download
@@ -144,135 +139,26 @@ def _library_class(library: object, name: object) -> type | None:
     return obj if isinstance(obj, type) else None
 
 
+def _pipeline_class(folder: Path | None):
+    """The class that loads a model folder: the demo's own class for a demo (image or video) folder
+    (diffusers cannot look it up by name), else diffusers' ``DiffusionPipeline`` (which reads
+    ``model_index.json``)."""
+    from diffusers import DiffusionPipeline
+
+    from seg_rt.demo.folders import demo_pipeline_class
+
+    return (demo_pipeline_class(folder) if folder is not None else None) or DiffusionPipeline
+
+
 def _has_dtype_kwarg() -> bool:
     from diffusers.utils import deprecation_utils
 
     return hasattr(deprecation_utils, "_resolve_dtype")
 
 
-def make_scheduler(pipe, scheduler: str | Any | None):
-    """``None`` → Euler (the paper's sampler) from the model's scheduler config; a name; or an instance."""
-    import diffusers
-
-    if scheduler is None:
-        scheduler = DEFAULT_SCHEDULER
-    if isinstance(scheduler, str):
-        return getattr(diffusers, SCHEDULERS[check_scheduler(scheduler)]).from_config(pipe.scheduler.config)
-    return scheduler
-
-
-@dataclass
-class Prepared:
-    """Per-row model inputs for the conditional and unconditional branches."""
-
-    cond: dict[str, Tensor]
-    uncond: dict[str, Tensor] | None
-
-
-def encode(
-    pipe,
-    family: str,
-    request: GenerationParams,
-    n: int,
-    *,
-    height: int,
-    width: int,
-    control_image=None,
-    controlnet_scale: float = 1.0,
-) -> Prepared:
-    """Encode n rows of ``request``'s prompt and negative prompt (and SDXL micro-conditioning at
-    ``height`` x ``width``, the ControlNet image, Flux-dev's distilled guidance) with diffusers."""
-    from . import dit
-
-    if family in dit.FAMILIES:
-        return Prepared(**dit.encode(pipe, family, request, n))
-    prompt, negative_prompt = request.prompt, request.negative_prompt
-    device, do_cfg = pipe._execution_device, request.cfg > 1.0
-    if family in ("sd15", "demo"):  # the demo pipeline's encode_prompt has SD1.5's signature
-        pe, ne = pipe.encode_prompt(prompt, device, n, do_cfg, negative_prompt)
-        return Prepared({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None)
-
-    pe, ne, pooled, npooled = pipe.encode_prompt(
-        prompt=prompt, device=device, num_images_per_prompt=n, do_classifier_free_guidance=do_cfg,
-        negative_prompt=negative_prompt,
-    )  # fmt: skip
-    proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
-    time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), pe.dtype, proj)
-    time_ids = time_ids.to(device).repeat(n, 1)
-    cond = {"encoder_hidden_states": pe, "text_embeds": pooled, "time_ids": time_ids}
-    uncond = {"encoder_hidden_states": ne, "text_embeds": npooled, "time_ids": time_ids} if do_cfg else None
-    if family == "sdxl-controlnet":
-        if control_image is None:
-            raise ValueError("an SDXL ControlNet model needs a control image (--control-image)")
-        image = pipe.prepare_image(
-            control_image,
-            width,
-            height,
-            n,
-            1,
-            device,
-            pipe.controlnet.dtype,
-            do_classifier_free_guidance=False,
-        )
-        extra = {
-            "controlnet_cond": image,
-            "conditioning_scale": torch.full((n,), float(controlnet_scale), device=device),
-        }
-        cond.update(extra)
-        if uncond is not None:
-            uncond.update(extra)
-    return Prepared(cond, uncond)
-
-
 def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per row, as a diffusers caller passes ``torch.Generator("cpu").manual_seed(s)``."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def initial_latents(
-    pipe, scheduler, generators: Sequence[torch.Generator], height: int, width: int, dtype: torch.dtype
-) -> Tensor:
-    """diffusers' initial noise: row i drawn from ``generators[i]`` (``randn_tensor``), scaled by the
-    scheduler's ``init_noise_sigma``; call after ``scheduler.set_timesteps`` as diffusers does."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from . import dit
-
-    if dit.pipeline_family(pipe) is not None:
-        return dit.initial_latents(pipe, generators, height, width, dtype)
-    f = pipe.vae_scale_factor
-    shape = (len(generators), pipe.unet.config.in_channels, height // f, width // f)
-    noise = randn_tensor(shape, generator=list(generators), device=pipe._execution_device, dtype=dtype)
-    return noise * scheduler.init_noise_sigma
-
-
-def decode(pipe, latents: Tensor, output_type: str):
-    """Latents → images with the pipeline's VAE and image processor (SDXL fp16 upcast included)."""
-    from . import dit
-
-    if dit.pipeline_family(pipe) is not None:
-        return dit.decode(pipe, latents, output_type)
-    if output_type == "latent":
-        return latents
-    vae = getattr(pipe, "vae", None)
-    if vae is None:  # pixel-space model (the demo): the samples are the images, in [-1, 1]
-        return pipe.image_processor.postprocess(latents.float(), output_type=output_type)
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)
-    latents = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        c = latents.shape[1]
-        mean = torch.tensor(mean).view(1, c, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, c, 1, 1).to(latents)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    with torch.no_grad():
-        # one image at a time (diffusers' VAE slicing): less memory, and each image's pixels do
-        # not depend on the batch it was sampled in
-        image = torch.cat([vae.decode(latent[None], return_dict=False)[0] for latent in latents])
-    return pipe.image_processor.postprocess(image, output_type=output_type)
 
 
 def check_size(height: int | None, width: int | None, factor: int) -> tuple[int | None, int | None]:
@@ -284,99 +170,47 @@ def check_size(height: int | None, width: int | None, factor: int) -> tuple[int 
     return height, width
 
 
-def _check_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    side = default_side(pipe)
-    return check_size(height or side, width or side, size_factor(pipe))
+def model_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
+    """The request's size, or the model's default side, checked against the model's size factor."""
+    family = family_of(pipe)
+    side = family.default_side(pipe)
+    return check_size(height or side, width or side, family.size_factor(pipe))
 
 
 def size_factor(pipe) -> int:
-    """Pixel sizes of a loaded pipeline are multiples of this: its VAE factor (the spatial one for
-    video), times the patch / 2x2 packing for image DiTs (``seg_rt.dit.size_factor``)."""
-    from . import dit
-
-    if dit.pipeline_family(pipe) is not None:
-        return dit.size_factor(pipe)
-    for video in ("vae_scale_factor_spatial", "vae_spatial_compression_ratio"):  # LTX-Video's name
-        if getattr(pipe, video, None):
-            return int(getattr(pipe, video))
-    return int(pipe.vae_scale_factor)
+    """Pixel sizes of a loaded pipeline are multiples of this (its family's rule: the VAE factor,
+    times the patch or 2x2 packing for image DiTs)."""
+    return family_of(pipe).size_factor(pipe)
 
 
 def default_side(pipe) -> int:
-    """The image side in pixels that a loaded image pipeline samples when none is given."""
-    from . import dit
-
-    if dit.pipeline_family(pipe) is not None:
-        return dit.default_size(pipe)
-    return int(pipe.unet.config.sample_size) * pipe.vae_scale_factor
-
-
-def denoiser_model(pipe):
-    """The network SEG patches: an image DiT's ``transformer``, else the ``unet``."""
-    from . import dit
-
-    return pipe.transformer if dit.pipeline_family(pipe) is not None else pipe.unet
+    """The side in pixels that a loaded pipeline samples when none is given."""
+    return family_of(pipe).default_side(pipe)
 
 
 def select_seg_layers(pipe, selectors: Sequence[str]) -> list[str]:
-    """The layers ``selectors`` pick in ``pipe``'s denoiser, by its family's adapter (DiT block
-    selectors such as ``joint.1``, or UNet parts); ``ValueError`` listing what exists otherwise."""
-    from . import dit
+    """The layers ``selectors`` pick in ``pipe``'s denoiser, by its family (DiT block selectors such
+    as ``joint.1``, or UNet parts); ``ValueError`` listing what exists otherwise."""
+    return family_of(pipe).select_layers(pipe, selectors)
 
-    if dit.pipeline_family(pipe) is None:
-        from .layers import select_layers
 
-        return select_layers(pipe.unet, selectors)
-    from .dit_attention import adapter_of
-
-    return adapter_of(pipe.transformer).select(pipe.transformer, selectors)
+def check_model_guidance(pipe, value: float) -> None:
+    """A distilled guidance other than the default needs a model that embeds it (Flux.1-dev): never ignored."""
+    family_of(pipe).check_request(pipe, GenerationParams(distilled_guidance=value))
 
 
 def folder_scale_factor(folder: str | Path) -> int | None:
     """The pixel-size factor of a local diffusers folder, read from its config files without loading
-    weights (what ``size_factor(pipe)`` will be once loaded): 1 for the pixel-space demo model, Wan's
-    ``scale_factor_spatial``, LTX-Video's ``spatial_compression_ratio``, Qwen-Image's ``2 ** len(temperal_downsample)``, else ``2 **
-    (len(block_out_channels) - 1)`` of the VAE as diffusers computes it; times the patch size (SD3)
-    or the 2x2 packing (Flux, Qwen-Image) for image DiTs. ``None`` when the folder is not a
-    diffusers folder."""
-    import json
-
-    from seg_rt.demo.folders import demo_pipeline_class
-
+    weights (what ``size_factor(pipe)`` will be once loaded); ``None`` when the folder is not a
+    diffusers folder of a supported family."""
     folder = Path(folder)
-    if demo_pipeline_class(folder) is not None:
-        return 1
-    vae = folder / "vae" / "config.json"
-    if not vae.is_file():
+    family = REGISTRY.for_folder(folder)
+    if family is None:
         return None
     try:
-        config = json.loads(vae.read_text())
-        if "scale_factor_spatial" in config:
-            return int(config["scale_factor_spatial"])
-        if "spatio_temporal_scaling" in config:  # LTX-Video's VAE, as it computes its ratio
-            scaling = config["spatio_temporal_scaling"]
-            return int(config.get("spatial_compression_ratio") or config["patch_size"] * 2 ** sum(scaling))
-        if "temperal_downsample" in config:
-            factor = 2 ** len(config["temperal_downsample"])
-        else:
-            factor = 2 ** (len(config["block_out_channels"]) - 1)
-        return factor * _dit_patch(folder)
-    except (ValueError, KeyError, TypeError):
+        return int(family.folder_factor(folder))
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _dit_patch(folder: Path) -> int:
-    """Pixels of latent per token side for an image-DiT folder (its pipeline class in
-    ``model_index.json``): SD3's ``patch_size``, 2 for Flux's and Qwen-Image's packing; else 1."""
-    import json
-
-    index = folder / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    if name in ("FluxPipeline", "QwenImagePipeline"):
-        return 2
-    if name == "StableDiffusion3Pipeline":
-        return int(json.loads((folder / "transformer" / "config.json").read_text())["patch_size"])
-    return 1
 
 
 def generate(
@@ -512,46 +346,50 @@ def run_params(
             control_image=control_image, controlnet_scale=controlnet_scale, progress=progress,
         )  # fmt: skip
     first = params[0]
-    seg, steps, cfg, height, width = first.seg, first.steps, first.cfg, first.height, first.width
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
-    family = family_of(pipe)
-    height, width = _check_size(pipe, height, width)
-    check_model_guidance(pipe, first.distilled_guidance)
+    family = family_of(pipe, "image")
+    height, width = model_size(pipe, first.height, first.width)
+    family.check_request(pipe, first)
     parts = [
-        encode(pipe, family, params[start], count, height=height, width=width, control_image=control_image,
-               controlnet_scale=controlnet_scale)
+        family.encode(
+            pipe,
+            params[start],
+            count,
+            height=height,
+            width=width,
+            control_image=control_image,
+            controlnet_scale=controlnet_scale,
+        )
         for start, count in _runs([(q.prompt, q.negative_prompt) for q in params])
-    ]  # fmt: skip
+    ]
     cond = {k: torch.cat([q.cond[k] for q in parts]) for k in parts[0].cond}
     uncond = (
         {k: torch.cat([q.uncond[k] for q in parts]) for k in parts[0].uncond} if parts[0].uncond else None
     )
-    dtype = cond["encoder_hidden_states"].dtype
     # the scheduler's noise (ancestral samplers) continues each row's stream, as in diffusers
     generators = seed_generators([q.seed for q in params])
-    sched = _family_scheduler(
-        pipe, family, scheduler if scheduler is not None else first.scheduler, steps, height, width
+    sched = family.schedule(
+        pipe, scheduler if scheduler is not None else first.scheduler, first.steps, height=height, width=width
     )
-    sched.set_timesteps(steps, device=pipe._execution_device)
-    latents = initial_latents(pipe, sched, generators, height, width, dtype)
+    dtype = cond["encoder_hidden_states"].dtype
+    latents = family.initial_latents(pipe, sched, generators, height=height, width=width, dtype=dtype)
     with _open_engine(engine, pipe) as engine:
-        engine.configure(seg.sigma, seg.layers)
+        engine.configure(first.seg.sigma, first.seg.layers)
         latents = sample(
             engine,
             sched,
             latents,
             cond,
             uncond,
-            steps=steps,
-            cfg=cfg,
-            seg=seg,
+            cfg=first.cfg,
+            seg=first.seg,
             guidance_rescale=first.guidance_rescale,
             sequential=first.sequential,
             generators=generators,
             progress=progress,
             callback=callback,
         )
-    return decode(pipe, latents, output_type)
+    return family.decode(pipe, latents, output_type)
 
 
 def _run_parallel(parallel, model, params, engine, output_type, scheduler, device, callback, **options):
@@ -575,31 +413,6 @@ def branch_group(parallel: BranchParallel, model, engine: str | None = None):
     return open_group(parallel, model, engine)
 
 
-def check_model_guidance(pipe, value: float) -> None:
-    """A value other than the default needs a model that embeds it (Flux.1-dev): never ignored."""
-    from . import dit
-
-    if value != GenerationParams.distilled_guidance and not dit.takes_distilled_guidance(pipe):
-        raise ValueError(
-            f"distilled guidance applies only to guidance-distilled models (Flux.1-dev); "
-            f"{type(pipe).__name__} has no guidance input, got {value:g}"
-        )
-
-
-def _family_scheduler(pipe, family: str, scheduler, steps: int, height: int, width: int):
-    """The scheduler of a run. Image DiTs sample with their own flow-matching Euler scheduler, which
-    is what ``euler`` (the default) means for them; other schedulers are refused."""
-    from . import dit
-
-    if family not in dit.FAMILIES:
-        return make_scheduler(pipe, scheduler)
-    if scheduler not in (None, "euler"):
-        raise ValueError(
-            f"{family} samples with its own flow-matching Euler scheduler ('euler'); got scheduler {scheduler!r}"
-        )
-    return dit.make_scheduler(pipe, steps, height, width)
-
-
 def _open_engine(engine, pipe) -> AbstractContextManager:
     """A denoiser given by the caller stays open (the caller closes it); one loaded here from a spec
     (``None``: torch) is closed after the run."""
@@ -616,13 +429,12 @@ def _open_engine(engine, pipe) -> AbstractContextManager:
 
 def _runs(keys: list) -> list[tuple[int, int]]:
     """Consecutive equal keys as (first index, count): each distinct prompt is encoded once per run."""
-    out: list[list[int]] = []
-    for i, key in enumerate(keys):
-        if out and keys[out[-1][0]] == key:
-            out[-1][1] += 1
-        else:
-            out.append([i, 1])
-    return [(start, count) for start, count in out]
+    runs, start = [], 0
+    for _, group in itertools.groupby(keys):
+        count = len(list(group))
+        runs.append((start, count))
+        start += count
+    return runs
 
 
 def _integer(value):

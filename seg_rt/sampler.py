@@ -113,7 +113,6 @@ def sample(
     cond: Conditioning,
     uncond: Conditioning | None = None,
     *,
-    steps: int,
     cfg: float,
     seg: SEGConfig,
     guidance_rescale: float = 0.0,
@@ -122,7 +121,9 @@ def sample(
     progress: bool = True,
     callback: StepCallback | None = None,
 ) -> Tensor:
-    """Run SEG(+CFG) sampling from initial ``latents`` (already scaled by ``init_noise_sigma``).
+    """Run SEG(+CFG) sampling from initial ``latents`` (already scaled by ``init_noise_sigma``) over
+    ``scheduler.timesteps``: the caller (the model family) has called ``set_timesteps`` once, with
+    the pipeline's schedule options; the loop only calls ``scale_model_input`` and ``step``.
 
     ``cond`` / ``uncond`` hold the per-row model inputs of the conditional / unconditional branch
     (``encoder_hidden_states``, and for SDXL ``text_embeds``, ``time_ids``; for ControlNet
@@ -132,7 +133,6 @@ def sample(
     if cfg > 1.0 and uncond is None:
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
     seg.check_cfg(cfg)
-    scheduler.set_timesteps(steps, device=latents.device)
     timesteps = scheduler.timesteps
     num = len(timesteps)
     extra = _step_kwargs(scheduler, generators)

@@ -43,7 +43,7 @@ def test_render_is_a_function_of_the_seed():
 
 def test_bundled_model_is_a_demo_pipeline(demo):
     assert is_demo_folder(weights_dir())
-    assert family_of(demo) == "demo"
+    assert family_of(demo).name == "demo"
     sizes = sum(f.stat().st_size for f in weights_dir().rglob("*.safetensors"))
     assert sizes <= 25 * 2**20
     info = json.loads((weights_dir() / "train_config.json").read_text())
@@ -125,7 +125,7 @@ def test_training_resumes_exactly(tmp_path):
         other.load_checkpoint()
     resumed.export(tmp_path / "model", "python -m seg_rt.demo.train --steps 4")
     pipe = load_pipeline(tmp_path / "model", "cpu")
-    assert family_of(pipe) == "demo"
+    assert family_of(pipe).name == "demo"
 
 
 def test_generate_without_model_uses_the_demo_model(tmp_path):

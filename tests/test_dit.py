@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from diffusers.models.transformers import transformer_flux, transformer_qwenimage
 
 from seg_rt import attention as seg_attention
-from seg_rt import dit, dit_attention
 from seg_rt.attention import SEGAttention
 from seg_rt.cli import main
 from seg_rt.errors import SEGNotApplied
+from seg_rt.families import REGISTRY
+from seg_rt.families.dit import pack
+from seg_rt.families.flux import image_ids
 from seg_rt.params import GenerationParams
 from seg_rt.pipeline import generate
 from seg_rt.tiny import save_tiny_dit_pipeline, tiny_dit, tiny_dit_pipeline
@@ -78,7 +80,7 @@ def model_inputs(family: str, model) -> dict:
         "pooled_projections": torch.randn(2, model.config.pooled_projection_dim),
         "timestep": torch.tensor([0.5, 0.5]),
         "guidance": torch.tensor([3.5, 3.5]),
-        "img_ids": dit.image_ids(h, w, "cpu", torch.float32),
+        "img_ids": image_ids(h, w, "cpu", torch.float32),
         "txt_ids": torch.zeros(TEXT, 3),
     }
 
@@ -94,7 +96,7 @@ def run(model, kw) -> torch.Tensor:
 
 
 def all_layers(m) -> list[str]:
-    return list(dit_attention.adapter_of(m).layers(m))
+    return list(REGISTRY.for_model(m).adapter().layers(m))
 
 
 def test_all_false_mask_equals_unpatched_and_unperturbed_rows_identical(model):
@@ -104,7 +106,7 @@ def test_all_false_mask_equals_unpatched_and_unperturbed_rows_identical(model):
     kw = model_inputs(family, m)
     plain = run(m, kw)
     layers = all_layers(m)
-    with SEGAttention(m, 1.0, layers, adapter=dit_attention.adapter_of(m)) as seg:
+    with SEGAttention(m, 1.0, layers, adapter=REGISTRY.for_model(m).adapter()) as seg:
         seg.set_mask(torch.tensor([False, False]))
         unperturbed = run(m, kw)
         assert seg.perturbed == 0
@@ -163,7 +165,7 @@ def test_query_entering_attention_is_the_einsum_blur(model, case, sigma, monkeyp
     run(m, kw)
     monkeypatch.undo()
     patched: list[torch.Tensor] = []
-    with SEGAttention(m, sigma, [layer], adapter=dit_attention.adapter_of(m)) as seg:
+    with SEGAttention(m, sigma, [layer], adapter=REGISTRY.for_model(m).adapter()) as seg:
         _spy(family, monkeypatch, patched)
         seg.set_mask(torch.tensor([False, True]))
         run(m, kw)
@@ -187,8 +189,8 @@ def test_query_entering_attention_is_the_einsum_blur(model, case, sigma, monkeyp
 
 def test_layer_selectors(model):
     family, m = model
-    adapter = dit_attention.adapter_of(m)
-    kind = dit_attention.DEFAULT_KIND[family]
+    adapter = REGISTRY.for_model(m).adapter()
+    kind = {"sd3": "joint", "flux": "double", "qwenimage": "joint"}[family]  # "mid": middle block of it
     blocks = [n for n, k in adapter.layers(m).items() if k == kind]
     assert adapter.select(m, ["mid"]) == [blocks[len(blocks) // 2]]
     assert adapter.select(m, [f"{kind}.0-1"]) == blocks[:2]
@@ -200,7 +202,7 @@ def test_layer_selectors(model):
 def test_replaced_processors_raise_seg_not_applied():
     m = tiny_dit("sd3")
     kw = model_inputs("sd3", m)
-    with SEGAttention(m, 1.0, ["mid"], adapter=dit_attention.SD3) as seg:
+    with SEGAttention(m, 1.0, ["mid"], adapter=REGISTRY.for_model(m).adapter()) as seg:
         m.set_attn_processor(diffusers.models.attention_processor.JointAttnProcessor2_0())
         seg.set_mask(torch.tensor([False, True]))
         run(m, kw)
@@ -255,7 +257,7 @@ def test_without_seg_equals_the_diffusers_pipeline(pipe, cfg):
         theirs = p("a red fox", negative_prompt="blurry", guidance_scale=cfg, **kw).images
     elif family == "qwenimage":  # diffusers keeps the prompt's own length; seg-rt pads it, masked
         theirs = p("a red fox", true_cfg_scale=cfg, **kw).images
-        ours = dit.pack(ours)
+        ours = pack(ours)
     else:
         theirs = p(
             "a red fox",
@@ -264,7 +266,7 @@ def test_without_seg_equals_the_diffusers_pipeline(pipe, cfg):
             guidance_scale=GenerationParams.distilled_guidance,
             **kw,
         ).images
-        ours = dit.pack(ours)
+        ours = pack(ours)
     assert_close(ours, theirs, rel=1e-5)
 
 
@@ -279,7 +281,7 @@ def test_distilled_guidance_is_flux_dev_s_guidance_input(pipe):
     ours = gen(p, cfg=1.0, seg_scale=0.0, distilled_guidance=1.5, output_type="latent")
     kw = {"num_inference_steps": 3, "height": 48, "width": 80, "output_type": "latent"}
     theirs = p("a red fox", guidance_scale=1.5, generator=torch.Generator("cpu").manual_seed(3), **kw).images
-    assert_close(dit.pack(ours), theirs, rel=1e-5)
+    assert_close(pack(ours), theirs, rel=1e-5)
     assert not torch.equal(ours, gen(p, cfg=1.0, seg_scale=0.0, output_type="latent"))
 
 
@@ -453,7 +455,8 @@ def test_ltx_video_seg_changes_video_deterministic_and_batch_rows(ltx_pipe):
 def test_ltx_without_seg_equals_the_diffusers_pipeline(ltx_pipe):
     """seg scale 0: LTXPipeline's latents for the same seed (noise, sigmas + mu schedule, T5 mask,
     RoPE scale, CFG). 64x96: LTXPipeline insists on multiples of 32 (its real VAE's factor)."""
-    from seg_rt.video.sampling import generate_video, ltx_pack
+    from seg_rt.video.families.ltx import ltx_pack
+    from seg_rt.video.sampling import generate_video
 
     same = {"negative_prompt": "dull", "height": 64, "width": 96, "output_type": "latent"}
     ours = generate_video(ltx_pipe, "a cat", frames=9, steps=2, cfg=3.0, seg_scale=0.0, **same)
@@ -541,5 +544,5 @@ def test_flux_onnx_distilled_guidance_is_a_runtime_input(export_pipe, dit_export
 def test_qwenimage_export_is_refused_with_one_line(tmp_path):
     from seg_rt.export import export_onnx
 
-    with pytest.raises(ValueError, match="ONNX export supports the image DiTs sd3, flux, got qwenimage"):
+    with pytest.raises(ValueError, match=r"ONNX export supports the families .*sd3, flux, got qwenimage"):
         export_onnx(tiny_dit_pipeline("qwenimage"), tmp_path / "x", height=48, width=80)

@@ -312,11 +312,11 @@ def test_family_is_decided_by_class_not_by_name(sd15):
 
     from seg_rt.tiny import tiny_pipeline
 
-    assert family_of(sd15) == "sd15"
-    assert family_of(tiny_pipeline("sdxl")) == "sdxl"
-    assert family_of(tiny_pipeline("sdxl-controlnet")) == "sdxl-controlnet"
+    assert family_of(sd15).name == "sd15"
+    assert family_of(tiny_pipeline("sdxl")).name == "sdxl"
+    assert family_of(tiny_pipeline("sdxl-controlnet")).name == "sdxl-controlnet"
     sub = type("MyPipeline", (StableDiffusionPipeline,), {})
-    assert family_of(sub.__new__(sub)) == "sd15"  # a subclass belongs to its base's family
+    assert family_of(sub.__new__(sub)).name == "sd15"  # a subclass belongs to its base's family
     impostor = type("StableDiffusionXLPipeline", (), {})  # the right name, the wrong class
     with pytest.raises(ValueError, match="unsupported pipeline StableDiffusionXLPipeline"):
         family_of(impostor())

@@ -16,7 +16,7 @@ from seg_rt.denoiser import SEGUNet
 from seg_rt.engines.onnxruntime import OnnxRuntimeDenoiser
 from seg_rt.export import export_onnx
 from seg_rt.export.checks import blur_is_matmul, op_counts, tensorrt_unsupported
-from seg_rt.export.onnx import example_inputs
+from seg_rt.families import family_of
 
 from .tolerance import assert_close
 
@@ -43,7 +43,7 @@ def exports(sdxl, tmp_path_factory):
 def engine_inputs(sdxl, rows=3, batch=1):
     model = SEGUNet(sdxl.unet, sigma=1.0)
     try:
-        return example_inputs(sdxl, model, rows, batch, H, W, torch.float32, seed=1)
+        return family_of(sdxl).export_inputs(sdxl, model, rows, batch, H, W, torch.float32, seed=1)
     finally:
         model.remove()
 

@@ -1,14 +1,14 @@
 """Branch-parallel SEG on CPU through the public entry points: the rows of each step split over 2 or
 3 gloo processes equal the one-device run (scale-relative 1e-5) and are deterministic (a rerun is
-bit-equal), for SD1.5, SDXL and a video family (AnimateDiff)."""
+bit-equal), for SD1.5, SDXL, the image DiTs (SD3, Flux) and a video family (AnimateDiff)."""
 
 import pytest
 import torch
 
 from seg_rt import BranchParallel, generate
 from seg_rt.engines.parallel import check_backend, row_split
-from seg_rt.pipeline import load_pipeline
-from seg_rt.tiny import save_tiny_pipeline, save_tiny_video_pipeline
+from seg_rt.pipeline import load_pipeline, run_params
+from seg_rt.tiny import save_tiny_dit_pipeline, save_tiny_pipeline, save_tiny_video_pipeline
 
 from .ray_helpers import local_nodes
 from .tolerance import max_rel_error
@@ -137,6 +137,41 @@ def test_cli_branch_parallel_writes_the_image_of_the_one_device_run(tmp_path, ca
     assert np.abs(one - split).max() <= 1  # latents within 1e-5: at most one 8-bit rounding step apart
     assert main([*flags, "--out", str(tmp_path / "x.png"), "--branch-parallel", "2", "--device", "cpu"]) == 2
     assert "--device does not apply with --branch-parallel" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_branch_parallel_image_dit_equals_the_one_device_run(family, tmp_path):
+    """The ranks load the DiT's own denoiser through the family (this was an AttributeError on
+    every rank: the ranks called a loader that no longer existed)."""
+    from seg_rt import GenerationParams, SEGConfig
+    from seg_rt.cluster.branch import ProcessBranchGroup
+
+    model = str(save_tiny_dit_pipeline(family, tmp_path / family))
+    request = GenerationParams(prompt="a red cube", steps=2, cfg=3.0, height=48, width=80, seed=4,
+                               seg=SEGConfig(scale=3.0, sigma=2.0))  # fmt: skip
+    one = _one_thread(run_params, load_pipeline(model, "cpu"), [request], output_type="latent")
+    with ProcessBranchGroup(BranchParallel(ranks=2), model, threads=1) as group:
+        split = group.run("images", [request], "latent")
+    assert split.shape == one.shape and one.shape[0] == 1
+    assert max_rel_error(split, one) <= 1e-5
+
+
+@pytest.mark.slow
+def test_cli_branch_parallel_on_sd3_writes_the_image_of_the_one_device_run(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from seg_rt.cli import main
+
+    model = str(save_tiny_dit_pipeline("sd3", tmp_path / "sd3"))
+    flags = ["generate", "--model", model, "--steps", "2", "--height", "48", "--width", "80", "--seed", "3",
+             "--seg-sigma", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "one.png")]) == 0
+    assert main([*flags, "--out", str(tmp_path / "split.png"), "--branch-parallel", "2"]) == 0
+    one, split = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "split"))
+    assert one.shape == (48, 80, 3)
+    assert np.abs(one - split).max() <= 1  # latents within 1e-5: at most one 8-bit rounding step apart
 
 
 @pytest.mark.slow

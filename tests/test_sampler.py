@@ -9,7 +9,7 @@ from diffusers import EulerDiscreteScheduler
 import seg_rt
 from seg_rt.engines import Denoiser, TorchDenoiser
 from seg_rt.params import GenerationParams
-from seg_rt.pipeline import encode, initial_latents, seed_generators
+from seg_rt.pipeline import family_of, seed_generators
 from seg_rt.sampler import sample
 
 from .reference_seg import reference_sdxl_latents
@@ -46,7 +46,8 @@ def test_without_seg_equals_diffusers_pipeline(family, request):
 def test_initial_noise_equals_diffusers_generator(sdxl):
     sched = EulerDiscreteScheduler.from_config(sdxl.scheduler.config)
     sched.set_timesteps(10)
-    lat = initial_latents(sdxl, sched, seed_generators([5, 6]), 64, 96, torch.float32)
+    gens = seed_generators([5, 6])
+    lat = family_of(sdxl).initial_latents(sdxl, sched, gens, height=64, width=96, dtype=torch.float32)
     for i, s in enumerate([5, 6]):
         expected = torch.randn((1, 4, 8, 12), generator=torch.Generator("cpu").manual_seed(s))
         assert torch.equal(lat[i : i + 1], expected * sched.init_noise_sigma)
@@ -103,14 +104,17 @@ class Recorder(Denoiser):
 
 
 def test_seg_branch_not_computed_outside_window(sdxl):
-    prepared = encode(sdxl, "sdxl", GenerationParams(prompt="a", cfg=5.0), 2, height=64, width=64)
+    family = family_of(sdxl)
+    prepared = family.encode(sdxl, GenerationParams(prompt="a", cfg=5.0), 2, height=64, width=64)
     sched = EulerDiscreteScheduler.from_config(sdxl.scheduler.config)
     sched.set_timesteps(5)
-    latents = initial_latents(sdxl, sched, seed_generators([0, 1]), 64, 64, torch.float32)
+    latents = family.initial_latents(
+        sdxl, sched, seed_generators([0, 1]), height=64, width=64, dtype=torch.float32
+    )
     with TorchDenoiser(sdxl.unet, sigma=2.0) as den:
         rec = Recorder(den)
-        sample(rec, sched, latents, prepared.cond, prepared.uncond, steps=5, cfg=5.0,
-               seg=seg_rt.SEGConfig(start=0.2, end=0.6), progress=False)  # fmt: skip
+        window = seg_rt.SEGConfig(start=0.2, end=0.6)
+        sample(rec, sched, latents, prepared.cond, prepared.uncond, cfg=5.0, seg=window, progress=False)
     assert rec.calls == [(4, 0), (6, 2), (6, 2), (4, 0), (4, 0)]
 
 

@@ -12,6 +12,7 @@ import torch
 import seg_rt
 from seg_rt.denoiser import SEGUNet
 from seg_rt.engines import TorchDenoiser
+from seg_rt.families import REGISTRY
 from seg_rt.sampler import build_batch
 
 from .tolerance import assert_close
@@ -290,7 +291,9 @@ def test_dit_shared_prefix_equals_batched(family, layers, fork_index):
 
         return x, one(), one()
 
-    make = lambda shared: DiTDenoiser(model, sigma=2.0, layers=layers, shared_prefix=shared)  # noqa: E731
+    def make(shared):
+        return DiTDenoiser(model, REGISTRY.for_model(model), sigma=2.0, layers=layers, shared_prefix=shared)
+
     lists = ("transformer_blocks", "single_transformer_blocks")
     _transformer_shared_vs_plain(make, model, inputs_of, lists, fork_index)
 

@@ -37,7 +37,6 @@ from seg_rt.attention import (
     SEGPatch,
     SEGProcessor,
     attention_mask_heads,
-    model_family,
     norm_qk,
     split_heads,
     unet_owner,
@@ -299,26 +298,12 @@ def animatediff_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     return f, h, w
 
 
-ADAPTERS = {
-    "animatediff": Adapter(
-        "animatediff", SEGAttnProcessor, animatediff_layers, owner=animatediff_owner, grid=animatediff_grid
-    ),
-    "cogvideox": Adapter(
-        "cogvideox", SEGCogVideoXAttnProcessor, cogvideox_layers, grid=cogvideox_grid, text_tokens=True
-    ),
-    "wan": Adapter("wan", SEGWanAttnProcessor, wan_layers, grid=wan_grid),
-    "ltx": Adapter("ltx", SEGLTXAttnProcessor, ltx_layers, grid=ltx_grid),
-}
-MODEL_FAMILIES = {
-    "UNetMotionModel": "animatediff",
-    "CogVideoXTransformer3DModel": "cogvideox",
-    "WanTransformer3DModel": "wan",
-    "LTXVideoTransformer3DModel": "ltx",
-}
-
-
-def family_of_model(model: nn.Module) -> str:
-    return model_family(model, MODEL_FAMILIES, "video")
+ANIMATEDIFF = Adapter(
+    "animatediff", SEGAttnProcessor, animatediff_layers, owner=animatediff_owner, grid=animatediff_grid
+)
+COGVIDEOX = Adapter("cogvideox", SEGCogVideoXAttnProcessor, cogvideox_layers, grid=cogvideox_grid, text_tokens=True)
+WAN = Adapter("wan", SEGWanAttnProcessor, wan_layers, grid=wan_grid)
+LTX = Adapter("ltx", SEGLTXAttnProcessor, ltx_layers, grid=ltx_grid)
 
 
 class VideoSEG(SEGPatch):
@@ -344,10 +329,12 @@ class VideoSEG(SEGPatch):
             raise ValueError(
                 f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
             )
-        family = family_of_model(model)
-        if perturbation == "identity" and family != "animatediff":
-            raise ValueError(f"perturbation 'identity' is implemented for animatediff only, not {family}")
-        adapter = ADAPTERS[family]
+        from .families import video_family_of_model  # the families import this module's adapters
+
+        family = video_family_of_model(model)
+        if perturbation == "identity" and not family.identity_perturbation:
+            raise ValueError(f"perturbation 'identity' is not implemented for {family.name}")
+        adapter = family.adapter()
         found = adapter.layers(model)
         if layers:
             chosen = {n: k for n, k in found.items() if any(n == s or n.startswith(s + ".") for s in layers)}

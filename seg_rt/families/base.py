@@ -1,0 +1,177 @@
+"""The model-family contract (docs/design.md §4): one object per family that knows everything that
+differs between families, so that the sampler, the engines and the export ask it instead of testing
+names.
+
+A family is resolved once per pipeline, by class (``isinstance`` against ``pipeline_classes()``),
+from the one registry (``seg_rt.families.registry``). ``seg_rt.pipeline.run_params`` and
+``seg_rt.video.sampling.generate_video`` are the same short recipe over it:
+check the request, encode the prompts, make the schedule (``set_timesteps`` called here, once),
+draw the initial latents, load the torch denoiser, sample, decode.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from seg_rt.params import GenerationParams
+
+
+@dataclass
+class Prepared:
+    """Per-row model inputs of the conditional and unconditional branches (``uncond`` None without CFG)."""
+
+    cond: dict[str, Tensor]
+    uncond: dict[str, Tensor] | None
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+class Family:
+    """What differs per model family. Subclasses set ``name`` and implement the methods; one instance
+    per family lives in the registry. ``kind`` is ``"image"`` (``seg_rt.run_params``) or ``"video"``
+    (``seg_rt.video.sampling.generate_video``)."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "image"
+    exportable: ClassVar[bool] = False  # has an ONNX export (``export_model`` / ``export_inputs``)
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} family {self.name}>"
+
+    # --- identity -------------------------------------------------------------------------------
+    def pipeline_classes(self) -> tuple[type, ...]:
+        """The diffusers (or demo) pipeline classes of this family; subclasses belong to it too.
+        Imported when asked, so resolving one family never imports another's libraries."""
+        raise NotImplementedError
+
+    def model_classes(self) -> tuple[type, ...]:
+        """The denoiser network classes (UNet / transformer) SEG patches in this family."""
+        return ()
+
+    # --- model facts ----------------------------------------------------------------------------
+    def net(self, pipe) -> nn.Module:
+        """The network SEG patches (``pipe.unet`` or ``pipe.transformer``)."""
+        raise NotImplementedError
+
+    def size_factor(self, pipe) -> int:
+        """Pixel sizes of a loaded pipeline are multiples of this."""
+        raise NotImplementedError
+
+    def default_side(self, pipe) -> int:
+        """The side in pixels sampled when the request gives none."""
+        raise NotImplementedError
+
+    def folder_factor(self, folder: Path) -> int:
+        """``size_factor`` read from a diffusers folder's config files, before any weight loads."""
+        raise NotImplementedError
+
+    def select_layers(self, pipe, selectors: Sequence[str]) -> list[str]:
+        """The SEG layers ``selectors`` pick; ``ValueError`` listing what exists otherwise."""
+        raise NotImplementedError
+
+    # --- a request ------------------------------------------------------------------------------
+    def check_request(self, pipe, request: GenerationParams) -> None:
+        """Model-side rules only a loaded model can check (never silently ignored)."""
+        if request.distilled_guidance != GenerationParams.distilled_guidance:
+            raise ValueError(
+                f"distilled guidance applies only to guidance-distilled models (Flux.1-dev); "
+                f"{type(pipe).__name__} has no guidance input, got {request.distilled_guidance:g}"
+            )
+
+    def encode(self, pipe, request: GenerationParams, n: int, **options: Any) -> Prepared:
+        """n rows of ``request``'s prompt and negative prompt (``uncond`` only with CFG)."""
+        raise NotImplementedError
+
+    def schedule(self, pipe, scheduler, steps: int, **shape: int):
+        """A fresh scheduler for this run with ``set_timesteps`` already called (the sampler only
+        calls ``scale_model_input`` and ``step``). ``scheduler``: a name, None or an instance."""
+        raise NotImplementedError
+
+    def initial_latents(self, pipe, scheduler, generators: Sequence[torch.Generator], **shape: int) -> Tensor:
+        """diffusers' initial noise, row i from ``generators[i]``."""
+        raise NotImplementedError
+
+    def denoiser(self, pipe, *, compile: bool = False):
+        """The eager (or compiled) PyTorch SEG denoiser (``seg_rt.engines``) over ``net(pipe)``."""
+        raise NotImplementedError
+
+    def decode(self, pipe, latents: Tensor, output_type: str):
+        """Latents → outputs with the pipeline's VAE and post-processor; ``"latent"`` returns them."""
+        raise NotImplementedError
+
+    # --- export ---------------------------------------------------------------------------------
+    def export_model(self, pipe, *, sigma: float, layers: Sequence[str]) -> nn.Module:
+        """The SEG-patched module an ONNX export traces (``forward(inputs) -> prediction``)."""
+        raise ValueError(f"ONNX export is not available for {self.name}")
+
+    def export_inputs(
+        self, pipe, model: nn.Module, rows: int, batch: int, height: int, width: int, dtype
+    ) -> dict:
+        """Deterministic random denoiser inputs at the export shapes; the last ``batch`` rows perturbed."""
+        raise ValueError(f"ONNX export is not available for {self.name}")
+
+
+def perturbed_mask(rows: int, batch: int) -> Tensor:
+    """``seg_mask`` of an export: the last ``batch`` of ``rows`` perturbed."""
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[rows - batch :] = True
+    return mask
+
+
+def named_scheduler(pipe, scheduler):
+    """``None`` → Euler (the paper's sampler) from the model's scheduler config; a name
+    (``seg_rt.params.SCHEDULERS``); or a diffusers scheduler instance, used as it is."""
+    import diffusers
+
+    from seg_rt.params import DEFAULT_SCHEDULER, SCHEDULERS, check_scheduler
+
+    if scheduler is None:
+        scheduler = DEFAULT_SCHEDULER
+    if isinstance(scheduler, str):
+        return getattr(diffusers, SCHEDULERS[check_scheduler(scheduler)]).from_config(pipe.scheduler.config)
+    return scheduler
+
+
+def own_flow_scheduler(family: str, pipe, scheduler):
+    """A fresh copy of the pipeline's own (flow-matching Euler) scheduler: what ``euler``, the
+    default, means for the families that sample with it; other schedulers are refused."""
+    if scheduler not in (None, "euler"):
+        raise ValueError(
+            f"{family} samples with its own flow-matching Euler scheduler ('euler'); got scheduler {scheduler!r}"
+        )
+    return type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
+def flow_shift(config, sequence_length: int) -> float:
+    """The resolution-dependent shift ``mu`` of Flux-style flow matching (diffusers' ``calculate_shift``
+    with the scheduler config's bounds)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        sequence_length,
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
+def vae_factor(vae_config: dict) -> int:
+    """diffusers' ``vae_scale_factor``: ``2 ** (len(block_out_channels) - 1)``."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def decode_per_image(vae, latents: Tensor) -> Tensor:
+    """VAE-decode one image at a time (diffusers' VAE slicing): less memory, and each image's pixels
+    do not depend on the batch it was sampled in."""
+    with torch.no_grad():
+        return torch.cat([vae.decode(latent[None], return_dict=False)[0] for latent in latents])
