@@ -18,14 +18,11 @@ import logging
 import os
 from multiprocessing.connection import wait
 
-import torch
 import torch.distributed as dist
 
 from seg_rt.engines.parallel import BranchParallelDenoiser, check_backend, free_address, init_group
 from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.params import BranchParallel
-
-from .storage import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +44,22 @@ class BranchRank:
         device: str = "cpu",
         threads: int | None = None,
     ) -> None:
-        from seg_rt.pipeline import load_pipeline
+        from seg_rt.models import open_model
 
-        if threads is not None:
-            torch.set_num_threads(threads)  # CPU results depend on the thread count: fixed per rank
         init_group(rank, world, address, "nccl" if device.startswith("cuda") else "gloo")
-        self.rank, self.engine_spec = rank, engine
-        self.pipe = load_pipeline(resolve_model(model), device)  # a URL: fetched once per node
-        self._engine: BranchParallelDenoiser | None = None
+        self.rank = rank
+        # CPU results depend on the thread count: fixed per rank; a URL: fetched once per node
+        self.model = open_model(model, engine, device, threads)
+        self.pipe = self.model.pipe
+        self._engine = (
+            BranchParallelDenoiser(self.model.engine) if self.model.engine is not None else None
+        )  # loaded once, reused by every image run
 
     def images(self, params, output_type: str = "pil", **options):
         """``seg_rt.pipeline.run_params`` with this rank's rows."""
-        from seg_rt.engines import load_engine
         from seg_rt.pipeline import run_params
 
         options["progress"] = options.get("progress", False) and self.rank == 0
-        if self._engine is None:  # loaded once, reused by every run
-            pipe = self.pipe
-            self._engine = BranchParallelDenoiser(load_engine(self.engine_spec, pipe, pipe._execution_device))
         out = run_params(
             self.pipe, params, engine=self._engine, output_type=output_type if self.rank == 0 else "latent",
             **options,

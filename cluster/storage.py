@@ -33,18 +33,13 @@ from pathlib import Path
 from typing import Protocol
 
 from seg_rt.images import write_atomic
+from seg_rt.models import is_url
 from seg_rt.optional import require
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"  # local folders: one append-only file
 MANIFEST_PREFIX = "manifest"  # object stores: one object per row
-
-
-def is_url(output: str) -> bool:
-    """``scheme://...`` with a scheme other than ``file`` (a local path otherwise)."""
-    scheme, sep, _ = output.partition("://")
-    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
 
 
 def parse_rows(texts: list[str], where: str) -> list[dict]:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .config import SEGConfig
 from .errors import ModelLoadError, first_line
 from .families import REGISTRY, family_of
+from .fields import request_from_fields
 from .params import (
     BranchParallel,
     GenerationParams,
@@ -226,8 +226,9 @@ def generate(
 
     ``model`` is a folder, a hub id or a loaded diffusers pipeline. Image i uses seed ``seed + i``
     (or ``seed[i]`` when a list is given) and equals that seed run alone, bit for bit.
-    ``settings`` are ``generate_batch``'s keywords, defined there once: ``steps``, ``cfg``,
-    ``seg_scale``, ``seg_sigma``, ``seg_layers``, ``height``, ``width``, ``scheduler``, ``engine``
+    ``settings`` are ``generate_batch``'s keywords, defined there once: the request fields by wire
+    name (``steps``, ``cfg``, ``seg_scale``, ``seg_sigma``, ``seg_layers``, ``height``, ``width``,
+    ``scheduler``, ...; ``num_inference_steps`` / ``guidance_scale`` as diffusers spells them), ``engine``
     (a denoiser of ``seg_rt.engines`` or a spec: ``"torch"``, ``"torch-compile"``, ``"onnx:DIR"``,
     ``"trt:DIR"``, used instead of the pipeline's torch UNet; text encoders and VAE still come from
     ``model``), ``output_type`` (``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``, like diffusers), the
@@ -248,55 +249,45 @@ def generate(
     return generate_batch(model, [prompt] * len(seeds), seeds, negative_prompts=negatives, **settings)
 
 
+RUN_OPTIONS = ("control_image", "controlnet_scale", "device", "progress", "callback", "parallel")
+"""``generate`` / ``generate_batch`` keywords that are not request fields: they go to ``run_params``."""
+
+
 def generate_batch(
     model,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
     negative_prompts: Sequence[str | None] | None = None,
-    steps: int = GenerationParams.steps,
-    cfg: float = GenerationParams.cfg,
-    seg_scale: float = SEGConfig.scale,
-    seg_sigma: float = SEGConfig.sigma,
-    seg_layers: Sequence[str] = SEGConfig.layers,
-    height: int | None = GenerationParams.height,
-    width: int | None = GenerationParams.width,
     scheduler=None,
     engine=None,
     output_type: str = "pil",
-    seg_start: float = SEGConfig.start,
-    seg_end: float = SEGConfig.end,
-    seg_every: int = SEGConfig.every,
-    seg_placement: str = SEGConfig.placement,
-    guidance_rescale: float = GenerationParams.guidance_rescale,
-    sequential: bool = GenerationParams.sequential,
-    distilled_guidance: float = GenerationParams.distilled_guidance,
-    **run_options,
+    **settings,
 ):
     """One sampling run for images with their own prompt, negative prompt and seed, sharing every
     other setting (one denoiser call per step for all of them). Image i equals
     ``generate(model, prompts[i], negative_prompt=negative_prompts[i], seed=seeds[i], ...)``.
-    ``scheduler``: a name (``seg_rt.params.SCHEDULERS``; ``None`` = Euler) or a diffusers scheduler.
-    ``run_options`` go to ``run_params`` as they are: ``control_image``, ``controlnet_scale``,
-    ``device``, ``progress``, ``callback`` and ``parallel`` (branch-parallel SEG: ``BranchParallel``,
-    or a number of local CPU processes; each step's rows split over that many ranks)."""
+
+    ``settings``: the request fields by their wire names (``seg_rt.fields.FIELDS``: ``steps``,
+    ``cfg``, ``seg_scale``, ``seg_sigma``, ``seg_layers``, ``seg_start`` / ``seg_end``, ``seg_every``,
+    ``seg_placement``, ``guidance_rescale``, ``height``, ``width``, ``sequential``,
+    ``distilled_guidance``; diffusers' ``num_inference_steps`` and ``guidance_scale`` are accepted
+    for ``steps`` and ``cfg``), defaults ``GenerationParams``'; and the run options ``RUN_OPTIONS``,
+    passed to ``run_params`` as they are: ``control_image``, ``controlnet_scale``, ``device``,
+    ``progress``, ``callback`` and ``parallel`` (branch-parallel SEG: ``BranchParallel``, or a
+    number of local CPU processes). ``scheduler``: a name (``seg_rt.params.SCHEDULERS``; ``None`` =
+    Euler) or a diffusers scheduler instance."""
     n = len(prompts)
     negative_prompts = list(negative_prompts) if negative_prompts is not None else [None] * n
     if n < 1 or len(seeds) != n or len(negative_prompts) != n:
         raise ValueError(f"need one seed and negative prompt per prompt, got {n} prompts, {len(seeds)} seeds")
-    name = scheduler if isinstance(scheduler, str) else GenerationParams.scheduler
-    seg = SEGConfig(seg_scale, seg_sigma, seg_layers, seg_start, seg_end, seg_every, seg_placement)
-    base = GenerationParams(
-        steps=steps,
-        cfg=cfg,
-        seg=seg,
-        guidance_rescale=guidance_rescale,
-        height=height,
-        width=width,
-        scheduler=name,
-        sequential=sequential,
-        distilled_guidance=distilled_guidance,
-    )
+    options = {k: settings.pop(k) for k in RUN_OPTIONS if k in settings}
+    for per_row in ("prompt", "negative_prompt", "seed"):
+        if per_row in settings:
+            raise ValueError(f"{per_row} is per image here: give {per_row}s (one per image)")
+    if isinstance(scheduler, str):
+        settings["scheduler"] = scheduler
+    base = request_from_fields(settings, "image", what="generate")
     params = [
         base.replace(prompt=p, negative_prompt=neg, seed=_integer(s))
         for p, neg, s in zip(prompts, negative_prompts, seeds, strict=True)
@@ -307,7 +298,7 @@ def generate_batch(
         engine=engine,
         output_type=output_type,
         scheduler=None if isinstance(scheduler, str) else scheduler,
-        **run_options,
+        **options,
     )
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from seg_rt.config import SEGConfig
 from seg_rt.denoiser import RowwiseLinear, swap_linears
-from seg_rt.params import BranchParallel, GenerationParams, VideoParams
+from seg_rt.fields import request_from_fields
+from seg_rt.params import BranchParallel, GenerationParams
 from seg_rt.pipeline import branch_group, check_size, load_pipeline, seed_generators
 from seg_rt.prefix import TransformerFork
 from seg_rt.sampler import sample
@@ -81,18 +81,6 @@ def generate_video(
     prompt: str = GenerationParams.prompt,
     *,
     negative_prompt: str | None = GenerationParams.negative_prompt,
-    frames: int = VideoParams.frames,
-    height: int | None = GenerationParams.height,
-    width: int | None = GenerationParams.width,
-    steps: int = GenerationParams.steps,
-    cfg: float = GenerationParams.cfg,
-    seg_scale: float = SEGConfig.scale,
-    seg_mode: str = VideoParams.mode,
-    seg_sigma: float = SEGConfig.sigma,
-    seg_sigma_time: float = VideoParams.sigma_time,
-    seg_layers: Sequence[str] | None = VideoParams.layers,
-    seg_start: float = SEGConfig.start,
-    seg_end: float = SEGConfig.end,
     seed: int = GenerationParams.seed,
     num_videos: int = 1,
     scheduler=None,
@@ -103,14 +91,19 @@ def generate_video(
     parallel: BranchParallel | int | None = None,
     wrap_denoiser: Callable | None = None,
     perturbation: str = "blur",
+    **fields,
 ):
     """Videos with SEG on video attention. ``model``: a folder, hub id or loaded diffusers pipeline
-    (AnimateDiff, CogVideoX or Wan). AnimateDiff samples with Euler by default (as the paper);
-    the DiTs with a fresh copy of their own scheduler unless one is given.
+    (AnimateDiff, CogVideoX, Wan or LTX-Video). AnimateDiff samples with Euler by default (as the
+    paper); the DiTs with a fresh copy of their own scheduler unless one is given.
 
     The request is ``params`` (a ``GenerationParams`` with ``video``: what the CLI and job workers
-    pass) or, without it, the keyword arguments (defaults: ``GenerationParams`` / ``VideoParams``;
-    ``seg_layers`` are ``VideoParams.layers``, ``None`` = every video self-attention layer).
+    pass) or, without it, the keyword arguments: the video request fields by wire name
+    (``seg_rt.fields``: ``frames``, ``height``, ``width``, ``steps``, ``cfg``, ``seg_scale``,
+    ``seg_mode``, ``seg_sigma``, ``seg_sigma_time``, ``seg_layers`` (video layers, ``None`` = every
+    video self-attention layer), ``seg_start`` / ``seg_end``, the cheap modes, ``guidance_rescale``,
+    ``sequential``; defaults ``GenerationParams`` / ``VideoParams``). Every field is honoured; one the
+    model cannot honour (distilled guidance) is refused.
     Returns ``[B, F, H, W, 3]`` floats in [0, 1] (``"np"``), lists of PIL frames (``"pil"``) or the
     final latents (``"latent"``). Video i uses seed ``seed + i``. ``frames`` counts output frames;
     CogVideoX and Wan compress time 4x in their VAE, so they decode ``4k + 1`` frames.
@@ -122,21 +115,14 @@ def generate_video(
     (``VideoSEG``; AnimateDiff only; the benchmark's baseline).
     """
     if params is None:
-        video = VideoParams(frames=frames, mode=seg_mode, sigma_time=seg_sigma_time, layers=seg_layers)
-        params = GenerationParams(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            steps=steps,
-            cfg=cfg,
-            seg=SEGConfig(scale=seg_scale, sigma=seg_sigma, start=seg_start, end=seg_end),
-            height=height,
-            width=width,
-            scheduler=scheduler if isinstance(scheduler, str) else GenerationParams.scheduler,
-            video=video,
-        )
+        if isinstance(scheduler, str):
+            fields["scheduler"] = scheduler
+        fields.update(prompt=prompt, negative_prompt=negative_prompt, seed=seed)
+        params = request_from_fields(fields, "video", what="generate_video")
     elif params.video is None:
         raise ValueError("generate_video needs a video request: GenerationParams(video=VideoParams(...))")
+    elif fields:
+        raise ValueError(f"generate_video takes params or request fields, not both; got {', '.join(fields)}")
     else:
         scheduler = params.scheduler
     v = params.video
@@ -147,11 +133,6 @@ def generate_video(
         raise ValueError(f"output_type must be one of {', '.join(VIDEO_OUTPUT_TYPES)}, got {output_type!r}")
     if isinstance(num_videos, bool) or not isinstance(num_videos, int) or num_videos < 1:
         raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
-    if params.seg.layers != SEGConfig.layers:
-        raise ValueError(
-            f"video seg layers are VideoParams.layers (seg_layers), not seg.layers; got seg.layers "
-            f"{', '.join(params.seg.layers)}"
-        )
     parallel = BranchParallel.of(parallel)
     if parallel is not None:
         if perturbation != "blur":

@@ -1,0 +1,83 @@
+"""Opening a model for sampling: one ``open_model`` for the CLI, job workers, the serving core and
+branch-parallel ranks (resolve a model URL, fix the thread count, load the pipeline, choose and load
+the engine; close both together)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .families import Family, family_of
+from .params import parse_engine_spec
+
+
+@dataclass
+class OpenModel:
+    """A loaded pipeline, its family and its denoiser (``None`` for video models: a video run builds
+    its denoiser per request). Close it (or use it as a context manager) to close the engine."""
+
+    pipe: Any
+    family: Family
+    engine: Any
+    source: str  # the model as given (a folder, hub id or URL)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def __enter__(self) -> OpenModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def is_url(model: str) -> bool:
+    """``scheme://...`` with a scheme other than ``file`` (a local path otherwise)."""
+    scheme, sep, _ = model.partition("://")
+    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
+
+
+def resolve_model(model: str) -> str:
+    """``model`` as ``load_pipeline`` takes it: an object-storage URL (``s3://...``) fetched into the
+    local model cache once per machine, anything else as it is."""
+    if not is_url(model):
+        return model
+    # object storage (the [storage] extra) is fetched by seg_rt.cluster.storage: a lazy import
+    # listed in tests/test_boundaries.py
+    from seg_rt.cluster.storage import resolve_model as fetch
+
+    return fetch(model)
+
+
+def open_model(
+    model: str | Path | Any,
+    engine: str = "torch",
+    device: str | torch.device | None = None,
+    threads: int | None = None,
+) -> OpenModel:
+    """Open ``model`` (a folder, hub id, model URL or loaded pipeline) with ``engine`` (a spec:
+    ``torch``, ``torch-compile``, ``onnx:DIR``, ``trt:DIR``) on ``device`` (default: CUDA when
+    present). ``threads``: torch's CPU thread count, set before loading (CPU results depend on it,
+    so whoever needs reproducible numbers fixes it). A bad engine spec fails before anything loads."""
+    from .pipeline import load_pipeline
+
+    kind, _ = parse_engine_spec(engine)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    pipe = load_pipeline(resolve_model(str(model)), device) if isinstance(model, (str, Path)) else model
+    family = family_of(pipe)
+    if family.kind == "video":
+        if kind != "torch":
+            raise ValueError(
+                f"engine {engine!r} is not available for video models ({family.name}); use torch"
+            )
+        return OpenModel(pipe, family, None, source)
+    from seg_rt.engines import load_engine
+
+    return OpenModel(pipe, family, load_engine(engine, pipe, pipe._execution_device), source)
