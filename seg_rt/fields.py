@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import SEGConfig, parse_layers, parse_sigma, sigma_label
+from .config import SEGConfig, parse_layers, parse_sigma, sigma_label, sigma_to_json
 from .params import SCHEDULERS, VIDEO_MODES, GenerationParams, VideoParams
 
 KINDS = ("image", "video")
@@ -33,6 +33,9 @@ class RequestField:
     kinds:   the requests it applies to (``image``, ``video``).
     aliases: other spellings accepted by the Python API and HTTP (``num_inference_steps``).
     choices: the allowed values, when a fixed set.
+    recorded: ``"always"`` in the flat record, or ``"when set"`` (fields added after the first
+             release: records of runs that leave them at their default stay byte-identical).
+    Video-only fields are recorded in the record's ``video`` object (``VideoParams.to_record``).
     """
 
     key: str
@@ -42,6 +45,7 @@ class RequestField:
     kinds: tuple[str, ...] = KINDS
     aliases: tuple[str, ...] = ()
     choices: tuple[str, ...] | None = None
+    recorded: str = "always"  # or "when set": in records only when it differs from its default
 
     @property
     def default(self) -> Any:
@@ -60,6 +64,14 @@ class RequestField:
             return parse_sigma(value)
         if self.type == "layers" and value is not None and not isinstance(value, tuple):
             return parse_layers(value) if isinstance(value, str | list) else value
+        return value
+
+    def dump(self, value: Any) -> Any:
+        """The value as the JSON record writes it (σ ``inf`` as ``"inf"``, layers as a list)."""
+        if self.type == "sigma":
+            return sigma_to_json(value)
+        if self.type == "layers":
+            return None if value is None else list(value)
         return value
 
     def default_text(self) -> str:
@@ -100,11 +112,19 @@ FIELDS: tuple[RequestField, ...] = (
     ),
     _f("seg_start", "seg.start", float, "SEG window start, fraction of the schedule"),
     _f("seg_end", "seg.end", float, "SEG window end, fraction of the schedule"),
+    _f("guidance_rescale", "guidance_rescale", float, "CFG rescale φ in [0, 1]"),
+    _f("height", "height", "optional_int", "height in pixels (none: the model's default)"),
+    _f("width", "width", "optional_int", "width in pixels (none: the model's default)"),
+    _f("seed", "seed", int, "seed; image i of a batch uses seed + i"),
+    _f("scheduler", "scheduler", str, "sampler", choices=tuple(SCHEDULERS)),
+    _f("sequential", "sequential", bool, "one denoiser call per branch (less memory, same images)"),
+    # fields added after the first release enter records only when set: old records stay byte-identical
     _f(
         "seg_every",
         "seg.every",
         int,
         "cheap mode: run the SEG branch every k-th step, reuse its delta between",
+        recorded="when set",
     ),
     _f(
         "seg_placement",
@@ -112,19 +132,15 @@ FIELDS: tuple[RequestField, ...] = (
         str,
         "cheap mode: 'uncond' blurs inside the CFG row (no extra row)",
         choices=SEGConfig.PLACEMENTS,
+        recorded="when set",
     ),
-    _f("guidance_rescale", "guidance_rescale", float, "CFG rescale φ in [0, 1]"),
-    _f("height", "height", "optional_int", "height in pixels (none: the model's default)"),
-    _f("width", "width", "optional_int", "width in pixels (none: the model's default)"),
-    _f("seed", "seed", int, "seed; image i of a batch uses seed + i"),
-    _f("scheduler", "scheduler", str, "sampler", choices=tuple(SCHEDULERS)),
-    _f("sequential", "sequential", bool, "one denoiser call per branch (less memory, same images)"),
     _f(
         "distilled_guidance",
         "distilled_guidance",
         float,
         "the guidance value Flux.1-dev embeds",
         kinds=("image",),
+        recorded="when set",
     ),
     _f("frames", "video.frames", int, "output frames", kinds=("video",)),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=("video",)),
@@ -200,13 +216,35 @@ def request_from_fields(values: Mapping[str, Any], kind: str = "image", *, what:
 
 def values_of(params, kind: str) -> dict[str, Any]:
     """The flat wire values of a request (inverse of ``request_from_fields``; σ stays a float)."""
-    out = {}
-    for f in fields_for(kind):
-        obj = params
-        for part in f.path:
-            obj = getattr(obj, part)
-        out[f.key] = obj
-    return out
+    return {f.key: _value(params, f) for f in fields_for(kind)}
+
+
+def _value(params, f: RequestField) -> Any:
+    obj = params
+    for part in f.path:
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_record(params) -> dict[str, Any]:
+    """The flat JSON record of a request (``GenerationParams.to_record``): the image fields in table
+    order (``"when set"`` ones only when they differ from their default), then the ``video`` object."""
+    record = {}
+    for f in fields_for("image"):
+        value = _value(params, f)
+        if f.recorded == "always" or value != f.default:
+            record[f.key] = f.dump(value)
+    if params.video is not None:
+        record["video"] = params.video.to_record()
+    return record
+
+
+def from_record(record: Mapping[str, Any]):
+    """Inverse of ``to_record``; keys that are no request field (``model``, ``generator``) are ignored."""
+    keys = {f.key for f in fields_for("image")}
+    request = request_from_fields({k: v for k, v in record.items() if k in keys}, "image", what="record")
+    video = record.get("video")
+    return request if video is None else request.replace(video=VideoParams.from_record(video))
 
 
 # ---- edges ------------------------------------------------------------------------------------

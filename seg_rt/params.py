@@ -265,54 +265,19 @@ class GenerationParams:
         return self.replace(seg=dataclasses.replace(self.seg, **changes))
 
     def to_record(self) -> dict:
-        """The JSON record written into PNG text chunks and manifests (σ = inf as ``"inf"``).
+        """The JSON record written into PNG text chunks and manifests (σ = inf as ``"inf"``): flat
+        keys, the request field table's wire names (``seg_rt.fields.to_record``), as seg-rt PNGs
+        have carried them since the first release."""
+        from .fields import to_record  # the table builds on this module
 
-        Flat ``seg_*`` keys: the record seg-rt PNGs have carried since the first release."""
-        record = {
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
-            "steps": self.steps,
-            "cfg": self.cfg,
-            "seg_scale": self.seg.scale,
-            "seg_sigma": sigma_to_json(self.seg.sigma),
-            "seg_layers": list(self.seg.layers),
-            "seg_start": self.seg.start,
-            "seg_end": self.seg.end,
-            "guidance_rescale": self.guidance_rescale,
-            "height": self.height,
-            "width": self.width,
-            "seed": self.seed,
-            "scheduler": self.scheduler,
-            "sequential": self.sequential,
-        }
-        # cheap SEG modes only when set: records of default runs stay byte-identical
-        record.update({f"seg_{k}": v for k, v in self.seg.cheap_fields().items()})
-        if self.distilled_guidance != GenerationParams.distilled_guidance:  # likewise: only when set
-            record["distilled_guidance"] = self.distilled_guidance
-        if self.video is not None:
-            record["video"] = self.video.to_record()
-        return record
+        return to_record(self)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> GenerationParams:
         """Inverse of ``to_record``; unknown keys (``model``, ``generator``, ...) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"seg", "video"}
-        data = {k: record[k] for k in names if k in record}
-        seg = {
-            "scale": record.get("seg_scale", SEGConfig.scale),
-            "sigma": parse_sigma(record.get("seg_sigma", SEGConfig.sigma)),
-            "layers": record.get("seg_layers", SEGConfig().layers),
-            "start": record.get("seg_start", SEGConfig.start),
-            "end": record.get("seg_end", SEGConfig.end),
-            "every": record.get("seg_every", SEGConfig.every),
-            "placement": record.get("seg_placement", SEGConfig.placement),
-        }
-        video = record.get("video")
-        return cls(
-            **data,
-            seg=SEGConfig(**seg),
-            video=VideoParams.from_record(video) if video is not None else None,
-        )
+        from .fields import from_record
+
+        return from_record(record)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one sampling run: everything but prompt,
