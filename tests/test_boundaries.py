@@ -216,20 +216,20 @@ def test_the_checker_finds_what_it_forbids(tmp_path, monkeypatch):
     level, and a video module importing an engine's private name, are all reported."""
     core = tmp_path / "bad_core.py"
     core.write_text(
-        "import onnxruntime\nfrom seg_rt.cluster.spec import JobSpec\n\ndef f():\n    import ray\n"
+        "import onnxruntime\nfrom seg_rt.cluster.jobs.spec import JobSpec\n\ndef f():\n    import ray\n"
     )
     video = tmp_path / "bad_video.py"
-    video.write_text("from seg_rt.engines.base import _fmt\nfrom seg_rt.cluster import spec\n")
+    video.write_text("from seg_rt.engines.base import _fmt\nfrom seg_rt.cluster.jobs import spec\n")
     monkeypatch.setitem(FILES, "seg_rt.bad_core", core)
     monkeypatch.setitem(FILES, "seg_rt.video.bad_video", video)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert violations("seg_rt.bad_core") == [
         "bad_core.py:1: imports optional dependency onnxruntime at module level",
-        "bad_core.py:2: core imports cluster (seg_rt.cluster.spec)",
+        "bad_core.py:2: core imports cluster (seg_rt.cluster.jobs.spec)",
     ]
     assert violations("seg_rt.video.bad_video") == [
         "bad_video.py:1: video imports private _fmt from engines (seg_rt.engines.base)",
-        "bad_video.py:2: video imports cluster (seg_rt.cluster.spec)",
+        "bad_video.py:2: video imports cluster (seg_rt.cluster.jobs.spec)",
     ]
 
 

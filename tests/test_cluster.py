@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seg_rt.cluster.driver import completed, read_manifest, refresh_ray_auth, run_job
-from seg_rt.cluster.spec import expand_items, item_seed, load_job, parse_job
+from seg_rt.cluster.jobs.driver import completed, read_manifest, refresh_ray_auth, run_job
+from seg_rt.cluster.jobs.spec import expand_items, item_seed, load_job, parse_job
 from seg_rt.demo.model import weights_dir
 from seg_rt.params import GenerationParams, VideoParams
 
@@ -205,7 +205,7 @@ def test_same_bytes_for_any_worker_count_and_micro_batch(local_ray, sdxl_dir, tm
 def test_killed_worker_is_replaced_and_every_item_lands_once(local_ray, sdxl_dir, tmp_path, monkeypatch):
     import ray.cloudpickle
 
-    from seg_rt.cluster import driver
+    from seg_rt.cluster.jobs import driver
 
     # the driver's actors run the test-only worker that kills its process once (shipped by value:
     # Ray's workers need not import the tests package)

@@ -17,8 +17,8 @@ import torch
 from seg_rt.images import params_text, png_bytes
 from seg_rt.pipeline import check_model_guidance, check_size, load_pipeline, run_params, size_factor
 
+from ..storage import resolve_model
 from .spec import Item, JobSpec
-from .storage import resolve_model
 
 logger = logging.getLogger(__name__)
 
