@@ -16,6 +16,7 @@ import yaml
 
 from seg_rt.cluster.jobs.driver import completed, read_manifest, refresh_ray_auth, run_job
 from seg_rt.cluster.jobs.spec import expand_items, item_seed, load_job, parse_job
+from seg_rt.cluster.jobs.worker import SEGWorker
 from seg_rt.demo.model import weights_dir
 from seg_rt.params import GenerationParams, VideoParams
 
@@ -154,6 +155,20 @@ def test_prompt_files_and_jsonl_overrides(tmp_path):
     (tmp_path / "edge.jsonl").write_text('{"prompt": "x", "seed": 18446744073709551615}\n')
     with pytest.raises(ValueError, match=r"prompt 0 \('x'\), sample 1: seed must be an integer"):
         expand_items(parse_job(job(tmp_path, "o", prompts=None, prompts_file="edge.jsonl")), tmp_path)
+
+
+def test_fused_batches_are_runs_of_equal_batch_keys_in_item_order(tmp_path):
+    """``batch_mode: fused`` puts consecutive items with equal ``batch_key()`` into one sampling run;
+    an equal key after a different one starts a new run (items stay in order)."""
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a", "cfg": 2}\n{"prompt": "b", "cfg": 2}\n{"prompt": "c", "cfg": 3}\n{"prompt": "d", "cfg": 2}\n'
+    )
+    items = expand_items(parse_job(job(tmp_path, "o", prompts=None, prompts_file="p.jsonl")), tmp_path)
+    assert [(i.prompt, i.params.cfg) for i in items][::2] == [("a", 2.0), ("b", 2.0), ("c", 3.0), ("d", 2.0)]
+    fused = [[i.id for i in g] for g in SEGWorker._groups(items, fused=True)]
+    ids = [i.id for i in items]  # two samples per prompt
+    assert fused == [ids[0:4], ids[4:6], ids[6:8]]
+    assert [[i.id for i in g] for g in SEGWorker._groups(items, fused=False)] == [[i] for i in ids]
 
 
 # ---- local Ray -------------------------------------------------------------------------------
