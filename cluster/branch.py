@@ -228,7 +228,7 @@ class RayBranchGroup:
         from ray.util.placement_group import placement_group as new_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from .driver import start_ray
+        from .jobs.driver import start_ray
 
         ray = start_ray(spec.address)
         gpus = 1 if spec.device == "cuda" else 0

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .driver import LOOPBACK_NODE_IP, _private_ray_env, private_temp_dir
+from .jobs.driver import LOOPBACK_NODE_IP, _private_ray_env, private_temp_dir
 
 BIN = Path(sys.executable).parent
 # the GCS declares a silent node dead after 3 missed 1 s health checks (Ray's default: ~30 s)

@@ -205,8 +205,8 @@ def bench_cluster(items: int = 24, steps: int = 8, batch_size: int = 2) -> list[
     overhead: worker-seconds not spent inside ``run()`` as a fraction of the time that was."""
     import tempfile
 
-    from seg_rt.cluster.driver import run_job, start_ray
-    from seg_rt.cluster.spec import parse_job
+    from seg_rt.cluster.jobs.driver import run_job, start_ray
+    from seg_rt.cluster.jobs.spec import parse_job
 
     from .tiny import save_tiny_pipeline
 
@@ -253,9 +253,9 @@ def bench_multinode(items: int = 12, steps: int = 4) -> dict:
     import tempfile
     import threading
 
-    from seg_rt.cluster.driver import completed, run_job
+    from seg_rt.cluster.jobs.driver import completed, run_job
+    from seg_rt.cluster.jobs.spec import parse_job
     from seg_rt.cluster.localcluster import start_local_cluster
-    from seg_rt.cluster.spec import parse_job
 
     from .optional import require
     from .tiny import save_tiny_pipeline
@@ -361,8 +361,8 @@ def bench_serve(
 
     from ray import serve
 
-    from seg_rt.cluster.driver import start_ray
-    from seg_rt.cluster.serve import build_app
+    from seg_rt.cluster.jobs.driver import start_ray
+    from seg_rt.cluster.serving.deployment import build_app
 
     from .pipeline import generate, load_pipeline
     from .tiny import save_tiny_pipeline

@@ -597,8 +597,8 @@ def cmd_export_trt(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from seg_rt.cluster.driver import START_TIMEOUT_S, run_job
-    from seg_rt.cluster.spec import load_job
+    from seg_rt.cluster.jobs.driver import START_TIMEOUT_S, run_job
+    from seg_rt.cluster.jobs.spec import load_job
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
@@ -625,7 +625,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from seg_rt.cluster.submit import submit
+    from seg_rt.cluster.jobs.submit import submit
 
     job_id, status = submit(args.job, args.address, follow=args.follow)
     print(job_id if status is None else f"{job_id} {status}")
@@ -633,7 +633,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from seg_rt.cluster.serving import API_KEY_ENV, load_config
+    from seg_rt.cluster.serving.config import API_KEY_ENV, load_config
     from seg_rt.demo.model import weights_dir
 
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
@@ -651,7 +651,7 @@ def cmd_serve(args) -> int:
         branch_parallel=args.branch_parallel,
         branch_parallel_device=args.parallel_device,
     )  # the whole config is valid before Ray starts
-    from seg_rt.cluster.serve import serve_forever
+    from seg_rt.cluster.serving.deployment import serve_forever
 
     if cfg.model == demo:
         _demo_model()  # the note on what the demo model is (and that it is there)

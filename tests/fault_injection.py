@@ -8,7 +8,7 @@ driver starts does not crash again. Marker and N come from the actor's environme
 
 import os
 
-from seg_rt.cluster.worker import SEGWorker
+from seg_rt.cluster.jobs.worker import SEGWorker
 
 FAULT_FILE_ENV = "SEG_RT_TEST_FAULT_FILE"
 FAULT_AFTER_ENV = "SEG_RT_TEST_FAULT_AFTER"

@@ -37,7 +37,7 @@ def local_nodes(monkeypatch, nodes: int = 2):
     re-read, so the next tests get theirs back."""
     import ray
 
-    from seg_rt.cluster.driver import refresh_ray_auth
+    from seg_rt.cluster.jobs.driver import refresh_ray_auth
     from seg_rt.cluster.localcluster import FAST_NODE_DEATH, start_local_cluster
 
     for key, value in {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "segrt-test-" + os.urandom(8).hex(),

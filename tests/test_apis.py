@@ -1,7 +1,7 @@
 """The APIs image clients speak, tested with their real client libraries against a running server:
 the OpenAI Images API (``openai``), the AUTOMATIC1111 API (``webuiapi``), their auth, the playground
 page, ``/metrics`` and ``seg-rt serve`` without ``--model``. The server is the app of
-``seg_rt.cluster.serving.build_app`` under uvicorn on loopback (no Ray: ``tests/test_serve.py`` has
+``seg_rt.cluster.serving.http.build_app`` under uvicorn on loopback (no Ray: ``tests/test_serve.py`` has
 the Ray Serve end-to-end test) serving the bundled demo model."""
 
 import base64
@@ -18,8 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import seg_rt
 from seg_rt.cli import main
-from seg_rt.cluster.a1111_api import SAMPLERS, scheduler_for
-from seg_rt.cluster.serving import RequestFailed, ServeConfig, ServingCore, build_app
+from seg_rt.cluster.serving.a1111_api import SAMPLERS, scheduler_for
+from seg_rt.cluster.serving.config import ServeConfig
+from seg_rt.cluster.serving.core import ServingCore
+from seg_rt.cluster.serving.http import build_app
+from seg_rt.cluster.serving.request import RequestFailed
 from seg_rt.demo.model import weights_dir
 from seg_rt.params import SCHEDULERS, GenerationParams
 from seg_rt.pipeline import load_pipeline
@@ -291,7 +294,9 @@ def test_metrics_count_routes_statuses_images_batches_and_queue(pipe):
 
 def test_serve_without_model_serves_the_demo_model(monkeypatch, tmp_path):
     seen = {}
-    monkeypatch.setattr("seg_rt.cluster.serve.serve_forever", lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(
+        "seg_rt.cluster.serving.deployment.serve_forever", lambda cfg, **kw: seen.update(cfg=cfg)
+    )
     monkeypatch.delenv("SEG_RT_API_KEY", raising=False)
     assert main(["serve"]) == 0
     assert seen["cfg"].model == str(weights_dir()) and seen["cfg"].public_model == "seg-rt-demo"

@@ -13,7 +13,10 @@ The parts are the folders mapped into ``seg_rt`` by pyproject's ``[tool.setuptoo
   module level: it is imported where used, through ``seg_rt.optional.require``.
 - No part imports another part's ``_private`` names or modules.
 - The core's own modules import each other without cycles (the demo model never imports the
-  sampling code that loads it).
+  sampling code that loads it); so do the cluster's: the HTTP API mappings (``openai_api``,
+  ``a1111_api``) import the request module only, never the serving core or the app.
+- ``seg_rt.cluster`` and its sub-packages import with none of the ``[cluster]`` extra installed
+  (their ``__init__`` files import nothing).
 
 Violations in files owned by other work in flight are listed in ``KNOWN`` and marked ``xfail``
 (strict: once fixed, the test fails until the entry is removed).
@@ -22,6 +25,7 @@ Violations in files owned by other work in flight are listed in ``KNOWN`` and ma
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,15 +169,19 @@ def test_imports_respect_part_boundaries(module):
     assert violations(module) == []
 
 
-def _core_graph() -> dict[str, set[str]]:
-    """Core module → core modules it imports at any depth of its code (lazy imports included)."""
+def _part_graph(part: str) -> dict[str, set[str]]:
+    """Module of ``part`` → modules of ``part`` it imports at any depth of its code (lazy imports included)."""
     graph: dict[str, set[str]] = {}
     for module in FILES:
-        if part_of(module) != "core":
+        if part_of(module) != part:
             continue
         targets = {i.target for i in imports_of(module)}
-        graph[module] = {t for t in targets if t in FILES and part_of(t) == "core" and t != module}
+        graph[module] = {t for t in targets if t in FILES and part_of(t) == part and t != module}
     return graph
+
+
+def _core_graph() -> dict[str, set[str]]:
+    return _part_graph("core")
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -216,20 +224,20 @@ def test_the_checker_finds_what_it_forbids(tmp_path, monkeypatch):
     level, and a video module importing an engine's private name, are all reported."""
     core = tmp_path / "bad_core.py"
     core.write_text(
-        "import onnxruntime\nfrom seg_rt.cluster.spec import JobSpec\n\ndef f():\n    import ray\n"
+        "import onnxruntime\nfrom seg_rt.cluster.jobs.spec import JobSpec\n\ndef f():\n    import ray\n"
     )
     video = tmp_path / "bad_video.py"
-    video.write_text("from seg_rt.engines.base import _fmt\nfrom seg_rt.cluster import spec\n")
+    video.write_text("from seg_rt.engines.base import _fmt\nfrom seg_rt.cluster.jobs import spec\n")
     monkeypatch.setitem(FILES, "seg_rt.bad_core", core)
     monkeypatch.setitem(FILES, "seg_rt.video.bad_video", video)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert violations("seg_rt.bad_core") == [
         "bad_core.py:1: imports optional dependency onnxruntime at module level",
-        "bad_core.py:2: core imports cluster (seg_rt.cluster.spec)",
+        "bad_core.py:2: core imports cluster (seg_rt.cluster.jobs.spec)",
     ]
     assert violations("seg_rt.video.bad_video") == [
         "bad_video.py:1: video imports private _fmt from engines (seg_rt.engines.base)",
-        "bad_video.py:2: video imports cluster (seg_rt.cluster.spec)",
+        "bad_video.py:2: video imports cluster (seg_rt.cluster.jobs.spec)",
     ]
 
 
@@ -237,3 +245,51 @@ def test_cycle_finder_reports_the_old_demo_pipeline_cycle():
     graph = {"seg_rt.pipeline": {"seg_rt.demo.model"}, "seg_rt.demo.model": {"seg_rt.pipeline"}}
     assert _cycle(graph) == ["seg_rt.demo.model", "seg_rt.pipeline", "seg_rt.demo.model"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_cluster_modules_import_each_other_without_cycles():
+    assert _cycle(_part_graph("cluster")) is None
+
+
+API_MODULES = ("seg_rt.cluster.serving.openai_api", "seg_rt.cluster.serving.a1111_api")
+
+
+@pytest.mark.parametrize("module", API_MODULES)
+def test_api_mappings_import_only_the_request_module(module):
+    """An API module maps its fields onto the request: it builds on ``serving.request`` only, so the
+    app (which imports the API modules) and the core never sit in a cycle with it."""
+    cluster = {i.target for i in imports_of(module) if part_of(i.target) == "cluster"}
+    assert cluster == {"seg_rt.cluster.serving.request"}
+
+
+BLOCKED_EXTRA = ("pydantic", "fastapi", "starlette", "ray", "prometheus_client", "yaml", "uvicorn")
+REFUSE_EXTRA = f"""
+import sys
+BLOCKED = set({BLOCKED_EXTRA!r})
+
+class Refuse:  # as if the [cluster] extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Refuse())
+"""
+
+
+def test_cluster_packages_import_without_the_cluster_extra():
+    """``import seg_rt.cluster`` (and ``.jobs``, ``.serving``) on a core-only install: nothing from
+    the ``[cluster]`` extra loads; the job spec, which needs pydantic, is refused by the same finder
+    (so the finder does block)."""
+    code = REFUSE_EXTRA + (
+        "import seg_rt.cluster, seg_rt.cluster.jobs, seg_rt.cluster.serving\n"
+        "loaded = sorted({m.partition('.')[0] for m in sys.modules} & BLOCKED)\n"
+        "assert not loaded, loaded\n"
+        "try:\n"
+        "    import seg_rt.cluster.jobs.spec\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print('refused', exc.name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["refused", "pydantic"]

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seg_rt.cluster.driver import completed, read_manifest, refresh_ray_auth, run_job
-from seg_rt.cluster.spec import expand_items, item_seed, load_job, parse_job
+from seg_rt.cluster.jobs.driver import completed, read_manifest, refresh_ray_auth, run_job
+from seg_rt.cluster.jobs.spec import expand_items, item_seed, load_job, parse_job
+from seg_rt.cluster.jobs.worker import SEGWorker
 from seg_rt.demo.model import weights_dir
 from seg_rt.params import GenerationParams, VideoParams
 
@@ -156,6 +157,20 @@ def test_prompt_files_and_jsonl_overrides(tmp_path):
         expand_items(parse_job(job(tmp_path, "o", prompts=None, prompts_file="edge.jsonl")), tmp_path)
 
 
+def test_fused_batches_are_runs_of_equal_batch_keys_in_item_order(tmp_path):
+    """``batch_mode: fused`` puts consecutive items with equal ``batch_key()`` into one sampling run;
+    an equal key after a different one starts a new run (items stay in order)."""
+    (tmp_path / "p.jsonl").write_text(
+        '{"prompt": "a", "cfg": 2}\n{"prompt": "b", "cfg": 2}\n{"prompt": "c", "cfg": 3}\n{"prompt": "d", "cfg": 2}\n'
+    )
+    items = expand_items(parse_job(job(tmp_path, "o", prompts=None, prompts_file="p.jsonl")), tmp_path)
+    assert [(i.prompt, i.params.cfg) for i in items][::2] == [("a", 2.0), ("b", 2.0), ("c", 3.0), ("d", 2.0)]
+    fused = [[i.id for i in g] for g in SEGWorker._groups(items, fused=True)]
+    ids = [i.id for i in items]  # two samples per prompt
+    assert fused == [ids[0:4], ids[4:6], ids[6:8]]
+    assert [[i.id for i in g] for g in SEGWorker._groups(items, fused=False)] == [[i] for i in ids]
+
+
 # ---- local Ray -------------------------------------------------------------------------------
 
 
@@ -205,7 +220,7 @@ def test_same_bytes_for_any_worker_count_and_micro_batch(local_ray, sdxl_dir, tm
 def test_killed_worker_is_replaced_and_every_item_lands_once(local_ray, sdxl_dir, tmp_path, monkeypatch):
     import ray.cloudpickle
 
-    from seg_rt.cluster import driver
+    from seg_rt.cluster.jobs import driver
 
     # the driver's actors run the test-only worker that kills its process once (shipped by value:
     # Ray's workers need not import the tests package)

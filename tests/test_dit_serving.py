@@ -8,9 +8,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from seg_rt.cluster.serving import ServeConfig, ServingCore, build_app
-from seg_rt.cluster.spec import JobSpec, expand_items
-from seg_rt.cluster.worker import SEGWorker
+from seg_rt.cluster.jobs.spec import JobSpec, expand_items
+from seg_rt.cluster.jobs.worker import SEGWorker
+from seg_rt.cluster.serving.config import ServeConfig
+from seg_rt.cluster.serving.core import ServingCore
+from seg_rt.cluster.serving.http import build_app
 from seg_rt.images import params_text, png_bytes
 from seg_rt.params import GenerationParams
 from seg_rt.pipeline import folder_scale_factor, generate
@@ -36,7 +38,7 @@ def test_distilled_guidance_over_http(core):
     """The HTTP field reaches Flux-dev's guidance input; a model without one answers 422, one line."""
     body = {"prompt": "a", "seed": 1, "steps": 2, "height": 48, "width": 80, "distilled_guidance": 2.0}
     r = TestClient(build_app(core)).post("/v1/generate", json=body)
-    if core.cfg.model != "tiny-flux":
+    if core.config.model != "tiny-flux":
         assert r.status_code == 422
         assert r.json()["detail"].startswith("distilled guidance applies only to guidance-distilled models")
         return
@@ -49,7 +51,7 @@ def test_distilled_guidance_over_http(core):
 def test_serving_checks_follow_the_family(core):
     """16-pixel multiples (8x VAE x 2x2 patches / packing), the family's default size, DiT block
     selectors: one 422 line each, before sampling."""
-    family = core.cfg.model.removeprefix("tiny-")
+    family = core.config.model.removeprefix("tiny-")
     assert core.factor == 16
     assert core.default_side == (64 if family == "sd3" else 1024)  # SD3: sample_size x 8; else 1024
     c = TestClient(build_app(core))
@@ -134,7 +136,7 @@ def test_a1111_distilled_cfg_scale_is_the_distilled_guidance(core):
 
     body = {"prompt": "a", "seed": 1, "steps": 2, "height": 48, "width": 80, "distilled_cfg_scale": 2.0}
     r = TestClient(build_app(core)).post("/sdapi/v1/txt2img", json=body)
-    if core.cfg.model != "tiny-flux":
+    if core.config.model != "tiny-flux":
         assert r.status_code == 422 and "distilled guidance applies only to guidance-distilled" in r.text
         return
     assert r.status_code == 200, r.text

@@ -223,7 +223,7 @@ def _submit_refused(tmp_path, monkeypatch, job: Path, match: str) -> None:
     """``submit`` raises before any Ray client is built and leaves nothing in the temp dir."""
     from ray import job_submission
 
-    from seg_rt.cluster import submit as sub
+    from seg_rt.cluster.jobs import submit as sub
 
     staging_root = tmp_path / "tmp"
     staging_root.mkdir()
@@ -261,7 +261,7 @@ def test_submit_refuses_relative_output(tmp_path, monkeypatch):
 
 
 def test_submit_entrypoint_quotes_the_job_name():
-    from seg_rt.cluster.submit import entrypoint
+    from seg_rt.cluster.jobs.submit import entrypoint
 
     name = "my job; touch pwned.yaml"
     argv = shlex.split(entrypoint(name))
@@ -271,7 +271,7 @@ def test_submit_entrypoint_quotes_the_job_name():
 def test_submit_does_not_store_the_token(tmp_path, monkeypatch):
     from ray import job_submission
 
-    from seg_rt.cluster import submit as sub
+    from seg_rt.cluster.jobs import submit as sub
 
     sent = {}
 
@@ -304,7 +304,7 @@ def ray_auth_config_restored():
     monkeypatch restores the environment, make Ray re-read them again, or a later ray.init in this
     process speaks token auth with a token that no longer exists."""
     yield
-    from seg_rt.cluster.driver import refresh_ray_auth
+    from seg_rt.cluster.jobs.driver import refresh_ray_auth
 
     refresh_ray_auth()
 
@@ -312,7 +312,7 @@ def ray_auth_config_restored():
 def test_local_ray_uses_token_auth_and_private_temp_dir(ray_auth_config_restored, tmp_path, monkeypatch):
     import ray
 
-    from seg_rt.cluster import driver
+    from seg_rt.cluster.jobs import driver
 
     seen = {}
 
@@ -342,7 +342,7 @@ def _ok_row(output: Path, item: str, data: bytes = b"png") -> dict:
 
 
 def test_torn_manifest_line_does_not_swallow_the_next_row(tmp_path):
-    from seg_rt.cluster.driver import MANIFEST, Manifest, completed
+    from seg_rt.cluster.jobs.driver import MANIFEST, Manifest, completed
 
     a, b = _ok_row(tmp_path, "a"), _ok_row(tmp_path, "b")
     (tmp_path / MANIFEST).write_text(json.dumps(a) + "\n" + json.dumps(b)[:20])  # killed mid-write
@@ -353,7 +353,7 @@ def test_torn_manifest_line_does_not_swallow_the_next_row(tmp_path):
 
 
 def test_garbage_manifest_lines_are_skipped_with_one_warning(tmp_path, caplog):
-    from seg_rt.cluster.driver import MANIFEST, completed
+    from seg_rt.cluster.jobs.driver import MANIFEST, completed
 
     a = _ok_row(tmp_path, "a")
     lines = ["[1, 2]", "42", "not json", '"str"', "null", json.dumps(a), '{"no": "item"}']
@@ -365,7 +365,7 @@ def test_garbage_manifest_lines_are_skipped_with_one_warning(tmp_path, caplog):
 
 
 def test_ok_row_with_missing_or_changed_file_is_redone(tmp_path):
-    from seg_rt.cluster.driver import Manifest, completed
+    from seg_rt.cluster.jobs.driver import Manifest, completed
 
     rows = [_ok_row(tmp_path, k) for k in ("kept", "missing", "changed", "same_size", "old_row")]
     (tmp_path / "images" / "missing.png").unlink()
@@ -381,7 +381,7 @@ def test_ok_row_with_missing_or_changed_file_is_redone(tmp_path):
 
 
 def test_symlinked_manifest_refused(tmp_path):
-    from seg_rt.cluster.driver import MANIFEST, Manifest, read_manifest
+    from seg_rt.cluster.jobs.driver import MANIFEST, Manifest, read_manifest
 
     target = tmp_path / "elsewhere.txt"
     target.write_text("precious\n")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from seg_rt.cluster.driver import completed, read_manifest, run_job
-from seg_rt.cluster.spec import expand_items, parse_job
+from seg_rt.cluster.jobs.driver import completed, read_manifest, run_job
+from seg_rt.cluster.jobs.spec import expand_items, parse_job
 
 from .ray_helpers import local_nodes
 
@@ -24,7 +24,7 @@ def _reference_bytes(spec, base: Path) -> dict[str, bytes]:
     """The same items computed by one in-process worker (no Ray): the single-node result."""
     import torch
 
-    from seg_rt.cluster.worker import SEGWorker
+    from seg_rt.cluster.jobs.worker import SEGWorker
 
     threads = torch.get_num_threads()
     try:

@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["seg_rt", "seg_rt.demo", "seg_rt.export", "seg_rt.engines", "seg_rt.video", "seg_rt.cluster"]
+SUBPACKAGES = [
+    "seg_rt",
+    "seg_rt.demo",
+    "seg_rt.families",
+    "seg_rt.export",
+    "seg_rt.engines",
+    "seg_rt.video",
+    "seg_rt.video.families",
+    "seg_rt.cluster",
+    "seg_rt.cluster.jobs",
+    "seg_rt.cluster.serving",
+]
 
 
 def test_editable_install_imports_every_subpackage():
@@ -49,7 +60,7 @@ def test_plain_install_imports_every_subpackage(tmp_path):
                 "video_weights/model_index.json", "video_weights/unet/diffusion_pytorch_model.safetensors",
                 "video_weights/text_encoder/model.safetensors", "video_weights/train_config.json"):  # fmt: skip
         assert (demo / rel).is_file(), rel
-    assert (target / "seg_rt" / "cluster" / "playground.html").is_file()  # the server's page at /
+    assert (target / "seg_rt" / "cluster" / "serving" / "playground.html").is_file()  # the server's page at /
 
 
 def test_core_imports_no_heavy_optional_dependency():

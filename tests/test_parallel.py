@@ -203,7 +203,9 @@ def test_serving_latency_mode_answers_with_the_one_device_image(tmp_path):
     checks requests; the image equals the one-device core's (within one 8-bit step)."""
     import numpy as np
 
-    from seg_rt.cluster.serving import ServeConfig, ServingCore, make_request
+    from seg_rt.cluster.serving.config import ServeConfig
+    from seg_rt.cluster.serving.core import ServingCore
+    from seg_rt.cluster.serving.request import make_request
 
     model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
     req = make_request(prompt="a red cube", steps=2, height=64, width=64, seed=9, seg_sigma=2.0)
@@ -221,7 +223,7 @@ def test_serving_latency_mode_answers_with_the_one_device_image(tmp_path):
 
 
 def test_serve_latency_mode_puts_the_ranks_in_the_replica_placement_group():
-    from seg_rt.cluster.serve import build_app
+    from seg_rt.cluster.serving.deployment import build_app
     from seg_rt.demo.model import weights_dir
 
     app = build_app({"model": str(weights_dir()), "branch_parallel": 3, "num_cpus_per_replica": 2})

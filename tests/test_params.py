@@ -78,7 +78,7 @@ def _defaults(fn) -> dict:
 
 
 def test_one_set_of_defaults_for_cli_api_job_and_video():
-    from seg_rt.cluster.spec import parse_job
+    from seg_rt.cluster.jobs.spec import parse_job
 
     d = GenerationParams()
     parser = build_parser()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from seg_rt.cluster.serving import ServeConfig, ServingCore, build_app
+from seg_rt.cluster.serving.config import ServeConfig
+from seg_rt.cluster.serving.core import ServingCore
+from seg_rt.cluster.serving.http import build_app
 from seg_rt.demo.model import weights_dir
 from seg_rt.pipeline import load_pipeline
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import seg_rt
 from seg_rt.cli import main
-from seg_rt.cluster.driver import refresh_ray_auth
+from seg_rt.cluster.jobs.driver import refresh_ray_auth
 
 from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
 
@@ -58,7 +58,7 @@ def server(sdxl_dir, tmp_path_factory):
     import ray
     from ray import serve
 
-    from seg_rt.cluster.serve import build_app
+    from seg_rt.cluster.serving.deployment import build_app
     from seg_rt.export import export_onnx
     from seg_rt.pipeline import load_pipeline
 

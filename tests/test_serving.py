@@ -12,17 +12,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from seg_rt.cli import main
-from seg_rt.cluster.serving import (
-    Failure,
-    GenerateRequest,
-    ServeConfig,
-    ServingCore,
-    build_app,
-    group_rows,
-    key_matches,
-    load_config,
-    run_group,
-)
+from seg_rt.cluster.serving.config import ServeConfig, load_config
+from seg_rt.cluster.serving.core import Failure, ServingCore, group_rows, run_group
+from seg_rt.cluster.serving.http import build_app, key_matches
+from seg_rt.cluster.serving.request import GenerateRequest
 from seg_rt.config import SEGConfig
 from seg_rt.engines import ShapeSpec
 from seg_rt.images import png_bytes
@@ -44,7 +37,7 @@ def core(pipe):
 
 
 def client(core_: ServingCore, **cfg) -> TestClient:
-    c = ServingCore(core_.cfg.model_copy(update=cfg), core_.pipe, core_.engine)
+    c = ServingCore(core_.config.model_copy(update=cfg), core_.pipe, core_.engine)
     return TestClient(build_app(c))
 
 
@@ -95,7 +88,9 @@ def test_serve_cli_refuses_bad_config_before_ray(tmp_path, capsys, monkeypatch):
 
 def test_api_keys_from_flag_and_env_allow_a_public_host(monkeypatch):
     seen = {}
-    monkeypatch.setattr("seg_rt.cluster.serve.serve_forever", lambda cfg, **kw: seen.update(cfg=cfg))
+    monkeypatch.setattr(
+        "seg_rt.cluster.serving.deployment.serve_forever", lambda cfg, **kw: seen.update(cfg=cfg)
+    )
     monkeypatch.setenv("SEG_RT_API_KEY", "k2, k3")
     assert main(["serve", "--model", "m", "--host", "0.0.0.0", "--api-key", "k1"]) == 0
     assert seen["cfg"].api_keys == ["k1", "k2", "k3"] and "k1" not in repr(seen["cfg"])
@@ -264,7 +259,7 @@ def test_unexpected_error_is_500_for_that_request_only(core):
             raise RuntimeError("/secret/path exploded")
         return [p.prompt for p in rows]
 
-    c = ServingCore(core.cfg, core.pipe, run=run)
+    c = ServingCore(core.config, core.pipe, run=run)
     ok, boom = GenerationParams(prompt="ok"), GenerationParams(prompt="boom")
     out = c.run_batch([[ok], [boom], [ok]])
     assert out[0] == ["ok"] and out[2] == ["ok"]

@@ -15,8 +15,8 @@ import pytest
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from seg_rt.cluster.driver import completed, read_manifest, run_job
-from seg_rt.cluster.spec import parse_job
+from seg_rt.cluster.jobs.driver import completed, read_manifest, run_job
+from seg_rt.cluster.jobs.spec import parse_job
 from seg_rt.cluster.storage import MANIFEST_PREFIX, FsspecStore, LocalStore, open_store
 
 from .manifest_rows import ok_row
@@ -138,7 +138,7 @@ def local_ray():
     left it stale)."""
     import ray
 
-    from seg_rt.cluster.driver import refresh_ray_auth
+    from seg_rt.cluster.jobs.driver import refresh_ray_auth
 
     mp = pytest.MonkeyPatch()
     mp.setenv("RAY_AUTH_MODE", "token")
@@ -260,8 +260,8 @@ def test_model_url_with_credentials_is_refused_in_one_line():
 def test_video_job_from_a_model_url_to_s3_equals_the_local_run(s3, local_ray, tmp_path):
     """Workers fetch the model from S3 (once per node, cached), the driver PUTs the mp4s and the
     manifest rows to S3; the videos are the bytes an in-process worker makes from the local folder."""
-    from seg_rt.cluster.spec import expand_items
-    from seg_rt.cluster.worker import SEGWorker
+    from seg_rt.cluster.jobs.spec import expand_items
+    from seg_rt.cluster.jobs.worker import SEGWorker
     from seg_rt.tiny import save_tiny_video_pipeline
 
     folder = save_tiny_video_pipeline("animatediff", tmp_path / "vid")

@@ -113,7 +113,7 @@ def check_output_url(output: str, what: str = "output") -> str:
     ``what`` names the field in the messages (``output``, ``model``)."""
     from urllib.parse import urlsplit
 
-    from .storage import is_url
+    from seg_rt.models import is_url
 
     if not is_url(output):
         return output

@@ -11,14 +11,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from itertools import groupby
 
 import torch
 
 from seg_rt.images import params_text, png_bytes
 from seg_rt.pipeline import check_model_guidance, check_size, load_pipeline, run_params, size_factor
 
+from ..storage import resolve_model
 from .spec import Item, JobSpec
-from .storage import resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,7 @@ class SEGWorker:
         """fused: runs of items with equal ``params.batch_key()`` go through one sampling run."""
         if not fused:
             return [[i] for i in items]
-        groups: list[list[Item]] = []
-        for item in items:
-            if groups and item.params.batch_key() == groups[-1][0].params.batch_key():
-                groups[-1].append(item)
-            else:
-                groups.append([item])
-        return groups
+        return [list(run) for _, run in groupby(items, key=lambda i: i.params.batch_key())]
 
     def _outputs(self, group: list[Item]) -> tuple[str, list[bytes]]:
         """One sampling run → ("mp4", [video bytes]) or ("png", [image bytes]) for the group's items."""

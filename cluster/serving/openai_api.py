@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from .serving import ErrorShape, GenerateRequest, Producer, RequestFailed, ServingCore, make_request
+from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
 
 PREFIXES = ("/v1/images/", "/v1/models")
 # seg-rt fields a client may add (``extra_body``); OpenAI's own names cover size and count
@@ -104,10 +104,10 @@ def to_generate_request(req: ImagesRequest, served_model: str) -> GenerateReques
     return make_request(**fields)
 
 
-def router(core: ServingCore, produce: Producer) -> APIRouter:
-    """The OpenAI routes over the server's one producer (limits, batching, records)."""
+def router(produce: Producer, name: str) -> APIRouter:
+    """The OpenAI routes over the server's one producer (limits, batching, records); ``name`` is the
+    served model as clients see it."""
     api = APIRouter(tags=["OpenAI Images API"])
-    name = core.cfg.public_model
 
     def model_object() -> dict:
         return {"id": name, "object": "model", "created": 0, "owned_by": "seg-rt"}

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from seg_rt.params import MAX_SEED
 
-from .serving import ErrorShape, GenerateRequest, Producer, RequestFailed, ServingCore, make_request
+from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
 
 PREFIXES = ("/sdapi/",)
 # web UI sampler name → seg-rt scheduler; aliases as the web UI lists them
@@ -257,17 +257,17 @@ def sampler_name(scheduler: str) -> str:
     return next(name for name, s in SAMPLERS.items() if s == scheduler)
 
 
-def router(core: ServingCore, produce: Producer) -> APIRouter:
-    """The web UI routes over the server's one producer (limits, batching, records)."""
+def router(produce: Producer, name: str, default_scheduler: str) -> APIRouter:
+    """The web UI routes over the server's one producer (limits, batching, records); ``name`` is the
+    served model as clients see it, ``default_scheduler`` the server's scheduler."""
     api = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111 API"])
-    name = core.cfg.public_model
 
     def options_now() -> dict:
         return {"sd_model_checkpoint": name, "sd_checkpoint_hash": None, "samples_format": "png"}
 
     @api.post("/txt2img")
     async def txt2img(req: Txt2ImgRequest) -> dict:
-        gen = to_generate_request(req, name, core.cfg.scheduler)
+        gen = to_generate_request(req, name, default_scheduler)
         rows, pngs = await produce(gen)
         first, sampler = rows[0], sampler_name(rows[0].scheduler)
         info = {

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from seg_rt.errors import EnvironmentUnavailable, first_line
+from seg_rt.models import is_url
 from seg_rt.optional import require
 
 from .spec import load_job
-from .storage import is_url
 
 AUTH_ENV = ("RAY_AUTH_MODE",)  # never the token: the job record keeps its runtime env
 

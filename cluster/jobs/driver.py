@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 from seg_rt.errors import EnvironmentUnavailable, ModelLoadError, first_line
 from seg_rt.optional import require
 
-from .spec import Item, JobSpec, expand_items
-from .storage import (
+from ..storage import (
     MANIFEST,
     FsspecStore,
     LocalStore,
@@ -40,6 +39,7 @@ from .storage import (
     Store,
     open_store,
 )
+from .spec import Item, JobSpec, expand_items
 from .worker import SEGWorker
 
 logger = logging.getLogger(__name__)

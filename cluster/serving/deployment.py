@@ -1,10 +1,10 @@
-"""HTTP serving of SEG generation: a thin Ray Serve deployment around ``seg_rt.cluster.serving``.
+"""HTTP serving of SEG generation: a thin Ray Serve deployment around the serving core and app.
 
 ``POST /v1/generate`` (PNG, or JSON with base64 images and their parameters), ``GET /v1/health``,
 ``GET /v1/info``; the OpenAI Images API (``/v1/images/generations``, ``/v1/models``), the
 AUTOMATIC1111 API (``/sdapi/v1/...``), the playground at ``/`` and ``/metrics``; OpenAPI at ``/docs``
 and ``/openapi.json``. The replica loads the model once;
-``@serve.batch`` collects concurrent requests and the Ray-free core (``serving.py``) groups them
+``@serve.batch`` collects concurrent requests and the Ray-free core (``core.py``) groups them
 into sampling runs, enforces limits, isolates failures and writes records. Each replica builds its
 own FastAPI app (``__serve_build_asgi_app__``), so deployments in one process share no app state.
 
@@ -14,7 +14,7 @@ cuda``), so Serve reserves and releases them with the replica; each run's steps 
 ranks (``seg_rt.cluster.branch``).
 
 Run it with ``seg-rt serve [--model M]`` (no model: the bundled demo model) or
-``serve run seg_rt.cluster.serve:build_app model=M``.
+``serve run seg_rt.cluster.serving.deployment:build_app model=M``.
 """
 
 import asyncio
@@ -24,8 +24,9 @@ from typing import Any
 
 from seg_rt.optional import require
 
-from .serving import Failure, ServeConfig, ServingCore
-from .serving import build_app as build_http_app
+from .config import ServeConfig
+from .core import Failure, ServingCore
+from .http import build_app as build_http_app
 
 serve = require("ray.serve", "serving")
 
@@ -37,18 +38,18 @@ logger = logging.getLogger(__name__)
 class SEGService:
     """One replica: the model loaded once; batched sampling runs through the serving core."""
 
-    def __init__(self, config: dict) -> None:
-        cfg = ServeConfig.model_validate(config)
-        if cfg.branch_parallel > 1:  # latency mode: the ranks use bundles 1.. of this replica's group
+    def __init__(self, data: dict) -> None:
+        config = ServeConfig.model_validate(data)
+        if config.branch_parallel > 1:  # latency mode: the ranks use bundles 1.. of this replica's group
             from ray.util import get_current_placement_group
 
             self.core = ServingCore.load(
-                cfg, "ray", placement_group=get_current_placement_group(), first_bundle=1
+                config, "ray", placement_group=get_current_placement_group(), first_bundle=1
             )
         else:
-            self.core = ServingCore.load(cfg)
-        self.generate_batched.set_max_batch_size(self.core.cfg.max_batch_size)
-        self.generate_batched.set_batch_wait_timeout_s(self.core.cfg.batch_wait_timeout_s)
+            self.core = ServingCore.load(config)
+        self.generate_batched.set_max_batch_size(self.core.config.max_batch_size)
+        self.generate_batched.set_batch_wait_timeout_s(self.core.config.batch_wait_timeout_s)
 
     def __del__(self) -> None:  # Ray Serve calls it when the replica shuts down: close the engine
         core = getattr(self, "core", None)
@@ -67,50 +68,50 @@ class SEGService:
 
 
 def build_app(args: dict):
-    """Application builder for ``serve run seg_rt.cluster.serve:build_app model=...`` and ``seg-rt serve``."""
-    cfg = ServeConfig.model_validate(args)
-    gpus = cfg.num_gpus_per_replica
+    """Application builder for ``serve run seg_rt.cluster.serving.deployment:build_app model=...`` and ``seg-rt serve``."""
+    config = ServeConfig.model_validate(args)
+    gpus = config.num_gpus_per_replica
     if gpus is None:
         import torch
 
         gpus = 1.0 if torch.cuda.is_available() else 0.0
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_gpus": gpus, "num_cpus": cfg.num_cpus_per_replica},
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-        "max_queued_requests": cfg.max_queued_requests,
+        "ray_actor_options": {"num_gpus": gpus, "num_cpus": config.num_cpus_per_replica},
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
     }
-    parallel = cfg.parallel("ray")
+    parallel = config.parallel("ray")
     if parallel is not None:  # latency mode: one placement group per replica, the ranks after it
-        from .branch import rank_bundle
+        from ..branch import rank_bundle
 
         options["ray_actor_options"]["num_gpus"] = 0  # the ranks hold the GPUs
-        options["placement_group_bundles"] = [{"CPU": cfg.num_cpus_per_replica}] + [
+        options["placement_group_bundles"] = [{"CPU": config.num_cpus_per_replica}] + [
             rank_bundle(parallel)
         ] * parallel.ranks
         options["placement_group_strategy"] = parallel.strategy
-    if cfg.num_replicas is not None:
-        options["num_replicas"] = cfg.num_replicas
+    if config.num_replicas is not None:
+        options["num_replicas"] = config.num_replicas
     else:
         options["autoscaling_config"] = {
-            "min_replicas": cfg.min_replicas,
-            "max_replicas": max(cfg.max_replicas, cfg.min_replicas),
-            "target_ongoing_requests": cfg.target_ongoing_requests,
+            "min_replicas": config.min_replicas,
+            "max_replicas": max(config.max_replicas, config.min_replicas),
+            "target_ongoing_requests": config.target_ongoing_requests,
         }
-    return SEGService.options(**options).bind(cfg.model_dump(mode="json"))
+    return SEGService.options(**options).bind(config.model_dump(mode="json"))
 
 
 def serve_forever(
-    cfg: ServeConfig, *, address: str | None = None, ray_temp_dir: str | None = None, blocking: bool = True
+    config: ServeConfig, *, address: str | None = None, ray_temp_dir: str | None = None, blocking: bool = True
 ):
-    """Start (or join) Ray, start Serve's HTTP proxy on ``cfg.host:cfg.port`` and deploy the app."""
-    from .driver import start_ray
+    """Start (or join) Ray, start Serve's HTTP proxy on ``config.host:config.port`` and deploy the app."""
+    from ..jobs.driver import start_ray
 
     start_ray(address, temp_dir=ray_temp_dir)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(http_options={"host": config.host, "port": config.port})
     handle = serve.run(
-        build_app(cfg.model_dump(mode="json")), name="seg-rt", route_prefix="/", blocking=False
+        build_app(config.model_dump(mode="json")), name="seg-rt", route_prefix="/", blocking=False
     )
-    logger.info("seg-rt serving %s on http://%s:%d", cfg.public_model, cfg.host, cfg.port)
+    logger.info("seg-rt serving %s on http://%s:%d", config.public_model, config.host, config.port)
     if blocking:
         while True:
             time.sleep(3600)

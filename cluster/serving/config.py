@@ -1,0 +1,166 @@
+"""The server's settings and per-request limits (``seg-rt serve --config FILE``; CLI flags override).
+
+``load_config`` validates the whole config before Ray starts: any bad setting is one ``ValueError`` line.
+"""
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from seg_rt.params import DEFAULT_SCHEDULER, BranchParallel, parse_engine_spec
+
+from ..jobs.spec import Scheduler
+from .request import first_error
+
+API_KEY_ENV = "SEG_RT_API_KEY"
+DEMO_MODEL_NAME = "seg-rt-demo"  # what clients see of the bundled demo model
+
+
+class Limits(BaseModel):
+    """Per-request limits (HTTP 422 beyond them). Side limits derive from the model unless set."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_steps: int = Field(50, ge=1)
+    max_pixels: int = Field(1024 * 1024, ge=64)
+    max_images: int = Field(4, ge=1)
+    max_prompt_chars: int = Field(2000, ge=1)
+    max_seg_scale: float = Field(20.0, ge=0, allow_inf_nan=False)
+    max_cfg: float = Field(30.0, ge=1, allow_inf_nan=False)
+    min_sigma: float = Field(0.1, gt=0, allow_inf_nan=False)
+    max_side: int | None = Field(
+        None, ge=1, description="pixels per side; default 4x the model's default side"
+    )
+    max_aspect: float = Field(4.0, ge=1, allow_inf_nan=False, description="longer side / shorter side")
+
+
+def check_engine_spec(spec: str) -> str:
+    """``torch``, ``torch-compile``, ``onnx:DIR`` or ``trt:DIR`` with DIR an existing folder."""
+    _, path = parse_engine_spec(spec)
+    if path and not Path(path).is_dir():
+        raise ValueError(f"engine folder {path!r} does not exist")
+    return spec
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+def model_name(model: str) -> str:
+    """What clients see of the model: a local folder's basename or the hub id, never a server path;
+    the bundled demo model is ``seg-rt-demo``."""
+    from seg_rt.demo.model import is_demo_folder
+
+    path = Path(model)
+    if not path.is_dir():
+        return model
+    return DEMO_MODEL_NAME if is_demo_folder(path) else path.resolve().name
+
+
+class ServeConfig(BaseModel):
+    """Server settings (``--config FILE`` YAML; CLI flags override), validated whole before Ray starts."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    model_name: str | None = Field(None, description="name shown to clients; default: folder name or hub id")
+    engine: Annotated[str, AfterValidator(check_engine_spec)] = "torch"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[str] = Field(
+        default_factory=list, repr=False, description="Bearer keys; required off loopback"
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies: HTTP 413")
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count; None: autoscaling")
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    num_gpus_per_replica: float | None = Field(None, ge=0, description="default: 1 when a GPU is visible")
+    num_cpus_per_replica: float = Field(1.0, gt=0)
+    max_batch_size: int = Field(4, ge=1, description="images per sampling run")
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_ongoing_requests: int = Field(8, ge=1)
+    max_queued_requests: int = Field(16, ge=0, description="beyond this, HTTP 503")
+    default_height: int | None = Field(None, ge=1)
+    default_width: int | None = Field(None, ge=1)
+    scheduler: Scheduler = DEFAULT_SCHEDULER
+    limits: Limits = Limits()
+    branch_parallel: int = Field(
+        1, ge=1, description="latency mode: each step's rows split over N ranks (branch-parallel SEG)"
+    )
+    branch_parallel_device: str = Field("cpu", description="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+
+    @field_validator("branch_parallel_device")
+    @classmethod
+    def _parallel_device(cls, v: str) -> str:
+        BranchParallel(device=v)  # the one check of the value
+        return v
+
+    def parallel(self, launcher: str) -> BranchParallel | None:
+        """The latency mode's ``BranchParallel`` (``None``: one device per run)."""
+        if self.branch_parallel == 1:
+            return None
+        return BranchParallel(
+            ranks=self.branch_parallel, launcher=launcher, device=self.branch_parallel_device
+        )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, keys: list[str]) -> list[str]:
+        if any(not k.strip() for k in keys):
+            raise ValueError("API keys must not be empty")
+        return [k.strip() for k in keys]
+
+    @model_validator(mode="after")
+    def _exposed_needs_key(self) -> "ServeConfig":
+        if not self.api_keys and not is_loopback(self.host):
+            raise ValueError(
+                f"host {self.host!r} is reachable from other machines: give an API key "
+                f"(--api-key or {API_KEY_ENV}) or bind 127.0.0.1"
+            )
+        return self
+
+    @property
+    def public_model(self) -> str:
+        return self.model_name or model_name(self.model)
+
+
+def load_config(path: str | Path | None, defaults: dict | None = None, **overrides: Any) -> ServeConfig:
+    """Read ``path`` (YAML) over ``defaults`` and apply ``overrides``; any problem is one ``ValueError`` line."""
+    data: dict = {}
+    if path:
+        from seg_rt.optional import require
+
+        yaml = require("yaml", "server config files")
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"server config {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or type(exc).__name__
+            raise ValueError(f"server config {str(p)!r} is not valid YAML{where}: {problem}") from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"server config {str(p)!r} must be a mapping of settings, got {type(data).__name__}"
+            )
+    data = {**(defaults or {}), **data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return ServeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"server config: {first_error(exc)}") from None

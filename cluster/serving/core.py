@@ -1,0 +1,252 @@
+"""The serving core, Ray-free and HTTP-free: one replica's model, limits, grouping and failure isolation.
+
+``ServingCore.check`` applies the server's limits and the model's size rules (per side, aspect,
+multiple of the model's scale factor) to one ``GenerateRequest``; ``ServingCore.run_batch`` groups
+the requests of one batch by ``GenerationParams.batch_key()``, chunks each group to the engine's
+batch and runs each chunk as one sampling run. A chunk that fails is re-run one request at a time,
+so a bad request fails alone with its own message and its neighbours get the images they get
+served alone (batch-invariant sampling, per-row seeds). Tested in-process (``tests/test_serving.py``),
+the way ``cluster/jobs/worker.py`` holds the jobs side.
+"""
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from seg_rt.errors import first_line
+from seg_rt.images import params_text, png_bytes
+from seg_rt.params import GenerationParams
+
+from .config import ServeConfig
+from .metrics import Metrics
+from .request import GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+
+def run_group(pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
+    """One sampling run for rows sharing a ``batch_key()``: their images (PIL), in order."""
+    from seg_rt.pipeline import run_params
+
+    return run_params(pipe, params_list, engine=engine)
+
+
+def run_on_group(group, pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
+    """``run_group`` for latency mode: the branch-parallel ranks sample; rank 0's images come back."""
+    return group.run("images", list(params_list), "pil")
+
+
+def group_rows(requests: Sequence[Sequence[GenerationParams]], capacity: int) -> list[list[tuple[int, int]]]:
+    """Sampling runs for one batch: rows ``(request, image)`` grouped by ``batch_key()`` (first-seen
+    order), each group cut into chunks of at most ``capacity`` rows."""
+    groups: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
+    for k, rows in enumerate(requests):
+        for i, p in enumerate(rows):
+            groups[p.batch_key()].append((k, i))
+    return [rows[s : s + capacity] for rows in groups.values() for s in range(0, len(rows), capacity)]
+
+
+@dataclass
+class Failure:
+    """Why one request got no images: HTTP ``status`` and a one-line message."""
+
+    status: int
+    message: str
+
+
+def _failure(exc: Exception) -> Failure:
+    if isinstance(exc, ValueError):  # bad input only the model or engine can see (SegRtError included)
+        return Failure(422, first_line(exc))
+    logger.error("sampling failed", exc_info=exc)
+    return Failure(500, f"sampling failed ({type(exc).__name__})")
+
+
+class ServingCore:
+    """One replica's state: the loaded model and engine, the limits, stats; no Ray, no HTTP."""
+
+    def __init__(self, config: ServeConfig, pipe, engine=None, run: Callable = run_group, group=None) -> None:
+        self.config = config
+        self.pipe = pipe
+        self.engine = engine
+        self.group = group  # latency mode: the branch-parallel ranks that sample (closed with the core)
+        self._run = run if group is None else partial(run_on_group, group)
+        from seg_rt.pipeline import default_side, size_factor
+
+        self.factor = size_factor(pipe)  # pixel sizes are multiples of it (the family's rule)
+        self.latent_factor = int(pipe.vae_scale_factor)  # pixels per latent (engine shapes)
+        self.default_side = default_side(pipe)
+        self.max_side = config.limits.max_side or 4 * self.default_side
+        # a fixed-shape engine (seg_rt.engines.Denoiser) accepts one shape and at most its batch per run
+        self.shapes = engine.shapes if engine is not None and engine.shapes.batch is not None else None
+        per_run = engine.images_per_run if engine is not None else None
+        self.run_capacity = per_run if per_run is not None else config.max_batch_size
+        self.stats = {"requests": 0, "images": 0, "sampling_runs": 0, "failed": 0}
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+        # one sampling run at a time: a run installs SEG processors on the shared pipeline
+        self._sampling = threading.Lock()
+
+    @classmethod
+    def load(cls, config: ServeConfig, launcher: str = "processes", **group_options) -> "ServingCore":
+        """Load the model (and engine) once, as a replica does. Latency mode (``branch_parallel`` > 1):
+        the ranks (``launcher``: processes or ray; ``group_options`` for ``open_group``) load and run
+        the model; the replica keeps a CPU copy only to check requests (sizes, SEG layers)."""
+        import torch
+
+        from seg_rt.pipeline import load_pipeline
+
+        # CPU results depend on the thread count: fix it from the replica's resources
+        torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))
+        parallel = config.parallel(launcher)
+        from ..storage import resolve_model
+
+        if parallel is not None:
+            from ..branch import open_group
+
+            group = open_group(parallel, config.model, config.engine, **group_options)
+            return cls(config, load_pipeline(resolve_model(config.model), "cpu"), group=group)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = load_pipeline(resolve_model(config.model), device)  # a URL: fetched once per node
+        engine = None
+        if config.engine != "torch":
+            from seg_rt.engines import load_engine
+
+            engine = load_engine(config.engine, pipe, device)
+        return cls(config, pipe, engine)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        if self.group is not None:
+            self.group.close()
+
+    # ---- per request, before batching -------------------------------------------------------
+
+    def check(self, req: GenerateRequest) -> list[GenerationParams]:
+        """Limits and the model's size rules; one ``GenerationParams`` per image (seed + i).
+        Raises ``ValueError`` with the line the client gets (422)."""
+        config, lim = self.config, self.config.limits
+        p = req.params(
+            config.default_height or self.default_side,
+            config.default_width or self.default_side,
+            config.scheduler,
+        )
+        h, w = p.height, p.width
+        most_images = min(lim.max_images, config.max_batch_size)
+        checks = [
+            (p.steps <= lim.max_steps, f"steps must be <= {lim.max_steps}, got {p.steps}"),
+            (len(p.prompt) <= lim.max_prompt_chars,
+             f"prompt must be <= {lim.max_prompt_chars} characters, got {len(p.prompt)}"),
+            (len(p.negative_prompt or "") <= lim.max_prompt_chars,
+             f"negative_prompt must be <= {lim.max_prompt_chars} characters, got {len(p.negative_prompt or '')}"),
+            (p.seg.scale <= lim.max_seg_scale, f"seg_scale must be in [0, {lim.max_seg_scale:g}], got {p.seg.scale:g}"),
+            (p.cfg <= lim.max_cfg, f"cfg must be in [1, {lim.max_cfg:g}], got {p.cfg:g}"),
+            (p.seg.sigma >= lim.min_sigma, f"seg_sigma must be >= {lim.min_sigma:g} or inf, got {p.seg.sigma:g}"),
+            (req.num_images <= most_images, f"num_images must be <= {most_images}, got {req.num_images}"),
+            (req.response == "json" or req.num_images == 1,
+             "response 'png' carries one image; use response 'json' for num_images > 1"),
+            (h <= self.max_side and w <= self.max_side,
+             f"height and width must be <= {self.max_side} pixels each, got {h}x{w}"),
+            (max(h, w) <= lim.max_aspect * min(h, w),
+             f"aspect ratio must be at most {lim.max_aspect:g}:1, got {h}x{w}"),
+            (h * w <= lim.max_pixels, f"height x width must be <= {lim.max_pixels} pixels, got {h}x{w}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.check_model(p)
+        return [p.replace(seed=p.seed + i) for i in range(req.num_images)]
+
+    def check_model(self, p: GenerationParams) -> None:
+        """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers,
+        whether it takes a distilled guidance value."""
+        from seg_rt.pipeline import check_model_guidance, check_size, select_seg_layers
+
+        check_size(p.height, p.width, self.factor)
+        check_model_guidance(self.pipe, p.distilled_guidance)
+        if self.shapes is not None:
+            f = self.latent_factor
+            self.shapes.check(self.shapes.batch, p.height // f, p.width // f)
+        if p.seg.enabled:
+            select_seg_layers(self.pipe, p.seg.layers)
+
+    # ---- one batch of checked requests -------------------------------------------------------
+
+    def run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
+        """Images per request (or its ``Failure``): one sampling run per ``group_rows`` chunk; a
+        chunk that fails is re-run one request at a time, so only the bad request fails."""
+        with self._sampling:
+            return self._run_batch(requests)
+
+    def _run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
+        results: list[list | Failure] = [[None] * len(rows) for rows in requests]
+        self.metrics.batch_requests.observe(len(requests))
+        for chunk in group_rows(requests, self.run_capacity):
+            try:
+                self._fill(results, requests, chunk)
+            except Exception as exc:  # isolate: each request of the chunk alone
+                members = sorted({k for k, _ in chunk})
+                if len(members) == 1:
+                    results[members[0]] = _failure(exc)
+                    continue
+                for k in members:
+                    if isinstance(results[k], Failure):
+                        continue
+                    try:
+                        self._fill(results, requests, [(kk, i) for kk, i in chunk if kk == k])
+                    except Exception as solo_exc:
+                        results[k] = _failure(solo_exc)
+        with self._lock:
+            self.stats["requests"] += len(requests)
+            self.stats["failed"] += sum(isinstance(r, Failure) for r in results)
+        return results
+
+    def _fill(self, results: list, requests: Sequence[Sequence[GenerationParams]], chunk) -> None:
+        t0 = time.perf_counter()
+        images = self._run(self.pipe, [requests[k][i] for k, i in chunk], self.engine)
+        self.metrics.sampling_seconds.observe(time.perf_counter() - t0)
+        self.metrics.batch_images.observe(len(chunk))
+        self.metrics.images.inc(len(chunk))
+        with self._lock:
+            self.stats["sampling_runs"] += 1
+            self.stats["images"] += len(chunk)
+        for (k, i), img in zip(chunk, images, strict=True):
+            if not isinstance(results[k], Failure):
+                results[k][i] = img
+
+    # ---- records and answers -----------------------------------------------------------------
+
+    def png(self, image, params: GenerationParams) -> bytes:
+        """The PNG with the same parameter record ``seg-rt generate`` writes (model by name)."""
+        return png_bytes(image, params_text(self.config.public_model, params.to_record()))
+
+    def info(self) -> dict:
+        shapes: Any = f"any multiple of {self.factor}"
+        if self.shapes is not None:
+            shapes = {
+                "images_per_run": self.run_capacity,
+                "height": self.shapes.height * self.factor,
+                "width": self.shapes.width * self.factor,
+            }
+        with self._lock:
+            stats = dict(self.stats)
+        return {
+            "model": self.config.public_model,
+            "engine": self.config.engine.partition(":")[0],  # the kind, not the server's folder
+            "accepted_shapes": shapes,
+            "default_size": [
+                self.config.default_height or self.default_side,
+                self.config.default_width or self.default_side,
+            ],
+            "max_side": self.max_side,
+            "limits": self.config.limits.model_dump(),
+            "max_batch_size": self.config.max_batch_size,
+            "branch_parallel": self.config.branch_parallel,
+            "defaults": GenerationParams(scheduler=self.config.scheduler).to_record(),  # request defaults
+            "stats": stats,
+        }

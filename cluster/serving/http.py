@@ -1,0 +1,253 @@
+"""The HTTP side of one replica: error shapes, API keys and the body limit (ASGI middleware), the FastAPI app.
+
+``build_app`` serves ``/v1/generate``, ``/v1/health``, ``/v1/info``, the OpenAI Images API
+(``openai_api``), the AUTOMATIC1111 API (``a1111_api``), the playground at ``/`` (``playground.html``)
+and Prometheus metrics at ``/metrics`` (``metrics``); every route generates through one ``producer``
+over the core's limits, batching and records. Errors come in the shape of the API that owns the path.
+
+No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations as classes.
+"""
+
+import asyncio
+import base64
+import binascii
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from seg_rt.params import GenerationParams
+
+from . import a1111_api, openai_api
+from .core import Failure, ServingCore
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import MetricsMiddleware
+from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, validation_lines
+
+# answered without an API key: health (load balancers, Serve's own probes) and the playground page
+# (static HTML; the page asks for the key and sends it with each request)
+OPEN_PATHS = ("/v1/health", "/")
+PLAYGROUND = Path(__file__).with_name("playground.html")
+
+
+class GenerateResponse(BaseModel):
+    images: list[str]  # base64 PNG
+    seeds: list[int]
+    parameters: dict
+    seconds: float
+
+
+def _detail_body(status: int, message: str, param: str | None) -> tuple[int, dict]:
+    return status, {"detail": message}
+
+
+NATIVE_ERRORS = ErrorShape((), _detail_body)  # /v1/generate, /v1/info, ... and unknown paths
+AUTH_HINTS = {
+    "Bearer": "missing or wrong API key (Authorization: Bearer KEY)",
+    "Basic": "missing or wrong API key (HTTP Basic auth with the key as password, or Authorization: Bearer KEY)",
+}
+
+
+def shape_for(shapes: Sequence[ErrorShape], path: str) -> ErrorShape:
+    return next((s for s in shapes if path.startswith(s.prefixes)), NATIVE_ERRORS)
+
+
+def error_response(
+    shapes: Sequence[ErrorShape], path: str, status: int, message: str, param: str | None = None
+) -> JSONResponse:
+    """The error answer in the shape of the API that owns ``path``."""
+    shape = shape_for(shapes, path)
+    code, body = shape.body(status, message, param)
+    headers = {"www-authenticate": shape.challenge} if status == 401 else None
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def _credentials(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The key a client sent: ``Authorization: Bearer KEY`` (OpenAI clients, ours) or HTTP Basic
+    with the key as password and any user name (AUTOMATIC1111 clients, e.g. webuiapi's ``set_auth``)."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                return token.strip()
+            if scheme.lower() == b"basic":
+                try:
+                    user_pass = base64.b64decode(token.strip(), validate=True)
+                except (binascii.Error, ValueError):
+                    return None
+                _user, colon, password = user_pass.partition(b":")
+                return password if colon else None
+            return None
+    return None
+
+
+def key_matches(token: bytes | None, keys: Sequence[str]) -> bool:
+    """Constant-time comparison against every key (no early exit on the first match)."""
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(token or b"", key.encode())
+    return ok and bool(token)
+
+
+def _path(scope) -> str:
+    path = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path
+
+
+class RequestGuard:
+    """ASGI middleware: API keys and the body-size limit, before any route reads or parses the body.
+
+    Starlette offers neither: its request-size handling is left to the server, and Ray Serve's
+    proxy passes bodies through. ``Content-Length`` over the limit is refused at once; a body sent
+    without one (chunked) is counted as it streams and refused when it passes the limit. Refusals
+    come in the error shape of the API that owns the path."""
+
+    def __init__(
+        self, app, *, api_keys: Sequence[str], max_body_bytes: int, shapes: Sequence[ErrorShape] = ()
+    ) -> None:
+        self.app = app
+        self.api_keys = list(api_keys)
+        self.max_body_bytes = max_body_bytes
+        self.shapes = list(shapes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = _path(scope)
+        headers = scope.get("headers", [])
+        if self.api_keys and path not in OPEN_PATHS and not key_matches(_credentials(headers), self.api_keys):
+            hint = AUTH_HINTS[shape_for(self.shapes, path).challenge]
+            return await self._reply(send, path, 401, hint)
+        limit = self.max_body_bytes
+        length = next((v for k, v in headers if k.lower() == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await self._reply(
+                send, path, 413, f"request body must be <= {limit} bytes, got {length.decode()}"
+            )
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"request body must be <= {limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _reply(self, send, path: str, status: int, detail: str) -> None:
+        response = error_response(self.shapes, path, status, detail)
+        await response({"type": "http"}, None, send)
+
+
+Batcher = Callable[[list[GenerationParams]], Awaitable[list | Failure]]
+
+
+def producer(core: ServingCore, batcher: Batcher) -> Producer:
+    """``GenerateRequest`` → (its per-image params, its PNGs) through the core's limits, the batcher
+    and the records; every route of every API generates through this one function."""
+
+    async def produce(req: GenerateRequest) -> tuple[list[GenerationParams], list[bytes]]:
+        try:
+            rows = core.check(req)
+        except ValueError as exc:
+            raise RequestFailed(422, str(exc)) from None
+        core.metrics.queue_depth.inc()
+        try:
+            result = await batcher(rows)
+        finally:
+            core.metrics.queue_depth.dec()
+        if isinstance(result, Failure):
+            raise RequestFailed(result.status, result.message)
+        return rows, [core.png(img, p) for img, p in zip(result, rows, strict=True)]
+
+    return produce
+
+
+def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
+    """The FastAPI app of one deployment: ``/v1/generate``, ``/v1/health``, ``/v1/info``, the OpenAI
+    Images routes, the AUTOMATIC1111 routes, the playground at ``/`` and ``/metrics``.
+
+    ``batcher`` takes one checked request's rows and returns its images or ``Failure`` (Ray Serve's
+    ``@serve.batch`` method in a replica); default: run it alone in a thread (tests, no Ray; the
+    core runs one batch at a time either way)."""
+
+    async def alone(rows: list[GenerationParams]) -> list | Failure:
+        return (await asyncio.to_thread(core.run_batch, [rows]))[0]
+
+    produce = producer(core, batcher or alone)
+    shapes = [openai_api.ERRORS, a1111_api.ERRORS]
+    app = FastAPI(title="seg-rt", description="Smoothed Energy Guidance (SEG) image generation", version="1")
+    app.add_middleware(
+        RequestGuard, api_keys=core.config.api_keys, max_body_bytes=core.config.max_body_bytes, shapes=shapes
+    )
+    routes: set[str] = set()  # filled below, once every route exists
+    app.add_middleware(MetricsMiddleware, metrics=core.metrics, routes=routes)  # outermost: sees 401/413
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        loc = [p for p in errors[0].get("loc", ()) if p != "body"] if errors else []
+        message = "\n".join(validation_lines(errors))
+        return error_response(shapes, _path(request.scope), 422, message, str(loc[0]) if loc else None)
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(request: Request, exc: RequestFailed) -> JSONResponse:
+        return error_response(shapes, _path(request.scope), exc.status, exc.message, exc.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(shapes, _path(request.scope), exc.status_code, str(exc.detail))
+
+    @app.get("/v1/health")
+    def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    def info() -> dict:
+        return core.info()
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(core.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> HTMLResponse:
+        return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
+
+    @app.post("/v1/generate", response_model=None)
+    async def generate(req: GenerateRequest) -> Response | GenerateResponse:
+        t0 = time.perf_counter()
+        rows, pngs = await produce(req)
+        seeds = [p.seed for p in rows]
+        if req.response == "png":
+            headers = {"X-Seed": str(seeds[0]), "X-Server-Seconds": f"{time.perf_counter() - t0:.4f}"}
+            return Response(content=pngs[0], media_type="image/png", headers=headers)
+        return GenerateResponse(
+            images=[base64.b64encode(p).decode() for p in pngs],
+            seeds=seeds,
+            parameters=rows[0].to_record() | {"num_images": req.num_images},
+            seconds=round(time.perf_counter() - t0, 4),
+        )
+
+    config = core.config
+    apis = (
+        openai_api.router(produce, config.public_model),
+        a1111_api.router(produce, config.public_model, config.scheduler),
+    )
+    for api in apis:
+        routes.update(r.path for r in api.routes)
+        app.include_router(api)
+    routes.update(r.path for r in app.routes if hasattr(r, "path"))
+    return app
