@@ -10,6 +10,7 @@ import pytest
 from seg_rt.cli import build_parser, request_from_args, video_request_from_args
 from seg_rt.config import SEGConfig, check_sigma, sigma_label, sigma_to_json
 from seg_rt.errors import first_line
+from seg_rt.fields import request_from_fields
 from seg_rt.images import params_text
 from seg_rt.params import GenerationParams, VideoParams, parse_engine_spec
 from seg_rt.pipeline import generate, generate_batch, run_params
@@ -90,26 +91,14 @@ def test_one_set_of_defaults_for_cli_api_job_and_video():
     assert job.base_params() == d and job.seed == d.seed
     video_job = parse_job({"model": "org/name", "prompts": ["a"], "output": "o", "video": {}})
     assert video_job.base_params() == d.replace(video=VideoParams())
-    expected = {"prompt": d.prompt, "negative_prompt": d.negative_prompt, "steps": d.steps, "cfg": d.cfg,
-                "seg_scale": d.seg.scale, "seg_sigma": d.seg.sigma, "seg_layers": d.seg.layers,
-                "height": d.height, "width": d.width, "seed": d.seed}  # fmt: skip
-    for fn in (generate, generate_batch, generate_video):
-        defaults = _defaults(fn)
-        if fn is generate_video:  # its seg_layers are VideoParams.layers (checked below)
-            defaults.pop("seg_layers")
-        shared = [k for k in expected if k in defaults]
-        # generate defines prompt, negative prompt and seed; its other settings are generate_batch's
-        assert len(shared) >= (3 if fn is generate else 7)
-        assert {k: defaults[k] for k in shared} == {k: expected[k] for k in shared}
-    assert inspect.signature(generate).parameters["settings"].kind is inspect.Parameter.VAR_KEYWORD
-    batch = _defaults(generate_batch)
-    assert (batch["seg_start"], batch["seg_end"], batch["guidance_rescale"], batch["sequential"]) == (
-        d.seg.start, d.seg.end, d.guidance_rescale, d.sequential)  # fmt: skip
-    assert batch["distilled_guidance"] == d.distilled_guidance == 3.5  # FluxPipeline's guidance_scale
-    video = _defaults(generate_video)
+    # the Python API takes the request fields by the table's names: no defaults of its own
+    for fn, name in ((generate, "settings"), (generate_batch, "settings"), (generate_video, "fields")):
+        assert inspect.signature(fn).parameters[name].kind is inspect.Parameter.VAR_KEYWORD
+    assert _defaults(generate)["seed"] == d.seed and _defaults(generate_video)["seed"] == d.seed
+    assert request_from_fields({}) == d
+    assert request_from_fields({}, "video") == d.replace(video=VideoParams())
+    assert d.distilled_guidance == 3.5  # FluxPipeline's guidance_scale
     v = VideoParams()
-    assert (video["frames"], video["seg_mode"], video["seg_sigma_time"], video["seg_layers"]) == (
-        v.frames, v.mode, v.sigma_time, v.layers)  # fmt: skip
     assert (v.mode, v.sigma_time, v.frames, v.fps) == ("spatiotemporal", 1.0, 16, 8)
 
 

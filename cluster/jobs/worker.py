@@ -16,9 +16,9 @@ from itertools import groupby
 import torch
 
 from seg_rt.images import params_text, png_bytes
-from seg_rt.pipeline import check_model_guidance, check_size, load_pipeline, run_params, size_factor
+from seg_rt.models import open_model
+from seg_rt.pipeline import check_model_guidance, check_size, run_params, size_factor
 
-from ..storage import resolve_model
 from .spec import Item, JobSpec
 
 logger = logging.getLogger(__name__)
@@ -32,28 +32,24 @@ class SEGWorker:
         self.worker_id = worker_id
         # Thread count from the worker's resources only (never from the worker count), so every
         # worker computes bit-identical results for the same item.
-        torch.set_num_threads(max(1, int(self.spec.resources_per_worker.num_cpus)))
+        threads = max(1, int(self.spec.resources_per_worker.num_cpus))
         device = (
             "cuda" if self.spec.resources_per_worker.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         )
         t0 = time.perf_counter()
-        self.pipe = load_pipeline(resolve_model(self.spec.model), device)  # a URL: fetched once per node
+        # a URL: fetched once per node; the engine loaded once and used by every batch
+        self.model = open_model(self.spec.model, self.spec.engine, device, threads)
+        self.pipe, self.engine = self.model.pipe, self.model.engine
         # a hub model's scale factor is known only now (a local folder's was checked with the spec);
         # so is whether it takes a distilled guidance value
         check_size(self.spec.height, self.spec.width, size_factor(self.pipe))
         check_model_guidance(self.pipe, self.spec.distilled_guidance)
-        self.engine = None
-        if self.spec.engine != "torch":
-            from seg_rt.engines import load_engine
-
-            self.engine = load_engine(self.spec.engine, self.pipe, device)
         self.load_seconds = time.perf_counter() - t0
         self.batches = 0
 
     def close(self) -> None:
         """Close the engine loaded for this worker (its process ending frees it too)."""
-        if self.engine is not None:
-            self.engine.close()
+        self.model.close()
 
     def ready(self) -> dict:
         return {

@@ -98,26 +98,19 @@ class ServingCore:
         the model; the replica keeps a CPU copy only to check requests (sizes, SEG layers)."""
         import torch
 
-        from seg_rt.pipeline import load_pipeline
+        from seg_rt.models import open_model
 
         # CPU results depend on the thread count: fix it from the replica's resources
-        torch.set_num_threads(max(1, int(config.num_cpus_per_replica)))
+        threads = max(1, int(config.num_cpus_per_replica))
         parallel = config.parallel(launcher)
-        from ..storage import resolve_model
-
         if parallel is not None:
             from ..branch import open_group
 
             group = open_group(parallel, config.model, config.engine, **group_options)
-            return cls(config, load_pipeline(resolve_model(config.model), "cpu"), group=group)
+            return cls(config, open_model(config.model, "torch", "cpu", threads).pipe, group=group)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        pipe = load_pipeline(resolve_model(config.model), device)  # a URL: fetched once per node
-        engine = None
-        if config.engine != "torch":
-            from seg_rt.engines import load_engine
-
-            engine = load_engine(config.engine, pipe, device)
-        return cls(config, pipe, engine)
+        opened = open_model(config.model, config.engine, device, threads)  # a URL: fetched once per node
+        return cls(config, opened.pipe, opened.engine)
 
     def close(self) -> None:
         if self.engine is not None:
