@@ -21,12 +21,14 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 
 from seg_rt.config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
 from seg_rt.errors import first_line
+from seg_rt.fields import RequestField, fields_for, replace_fields
 from seg_rt.optional import require
 from seg_rt.params import (
     GenerationParams,
@@ -68,20 +70,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SegSpec(_Strict):
-    scale: float = _REQUEST.seg.scale
-    sigma: Sigma = _REQUEST.seg.sigma
-    layers: Layers = _REQUEST.seg.layers
-    start: float = _REQUEST.seg.start
-    end: float = _REQUEST.seg.end
+def wire_type(f: RequestField, *, optional: bool = False) -> Any:
+    """The pydantic type of a request field (``seg_rt.fields``) in a job file or HTTP body."""
+    special = {"seed": Seed, "scheduler": Scheduler}
+    types = {"sigma": Sigma, "layers": Layers, "optional_str": str | None, "optional_int": int | None}
+    t = special.get(f.key) or types.get(f.type, f.type)
+    return t | None if optional else t
 
+
+_SEG_FIELDS = tuple(f for f in fields_for("image") if f.path[0] == "seg")
+
+
+class _SegBase(_Strict):
     @model_validator(mode="after")
-    def _check(self) -> SegSpec:
+    def _check(self) -> _SegBase:
         self.config()  # SEGConfig's own validation, one source of truth
         return self
 
     def config(self) -> SEGConfig:
-        return SEGConfig(self.scale, self.sigma, self.layers, self.start, self.end)
+        return SEGConfig(**{f.path[1]: getattr(self, f.path[1]) for f in _SEG_FIELDS})
+
+
+# the job file's ``seg:`` block: SEGConfig's fields by their own names (scale, sigma, layers, start,
+# end, every, placement), from the request field table
+SegSpec = create_model(
+    "SegSpec", __base__=_SegBase, **{f.path[1]: (wire_type(f), f.default) for f in _SEG_FIELDS}
+)
 
 
 class Resources(_Strict):
@@ -145,17 +159,30 @@ def _cfg(v: Any) -> Any:
     return v if v is None else check_cfg(v)
 
 
-class Overrides(_Strict):
-    """Per-item settings a JSONL prompts file may override."""
+class _OverridesBase(_Strict):
+    """Per-item settings a JSONL prompts file may override: ``prompt`` and any image request field
+    by its record key (``seg_every``, ``guidance_rescale``, ...; the request field table), or the
+    SEG settings as a ``seg`` block like the job file's."""
 
     prompt: str
-    negative_prompt: str | None = None
-    seed: Seed | None = None
-    cfg: float | None = None
-    steps: int | None = Field(None, ge=1)
     seg: SegSpec | None = None
 
-    _check_cfg = field_validator("cfg")(_cfg)
+    @model_validator(mode="after")
+    def _one_seg_spelling(self) -> _OverridesBase:
+        flat = [f.key for f in _SEG_FIELDS if getattr(self, f.key) is not None]
+        if self.seg is not None and flat:
+            raise ValueError(f"give the SEG settings as a seg block or as {', '.join(flat)}, not both")
+        return self
+
+    def fields(self) -> dict[str, Any]:
+        """The request fields this line sets (record keys; ``None`` = the job's)."""
+        return {f.key: getattr(self, f.key) for f in _ITEM_FIELDS if getattr(self, f.key) is not None}
+
+
+_ITEM_FIELDS = tuple(f for f in fields_for("image") if f.key != "prompt")
+Overrides = create_model(
+    "Overrides", __base__=_OverridesBase, **{f.key: (wire_type(f, optional=True), None) for f in _ITEM_FIELDS}
+)
 
 
 class JobSpec(_Strict):
@@ -163,6 +190,8 @@ class JobSpec(_Strict):
     engine: Annotated[str, AfterValidator(_engine_syntax)] = "torch"
     seg: SegSpec = SegSpec()
     cfg: float = _REQUEST.cfg
+    guidance_rescale: float = _REQUEST.guidance_rescale
+    sequential: bool = _REQUEST.sequential
     distilled_guidance: float = _REQUEST.distilled_guidance
     steps: int = Field(_REQUEST.steps, ge=1)
     height: int | None = Field(_REQUEST.height, gt=0)
@@ -208,6 +237,8 @@ class JobSpec(_Strict):
             negative_prompt=self.negative_prompt,
             steps=self.steps,
             cfg=self.cfg,
+            guidance_rescale=self.guidance_rescale,
+            sequential=self.sequential,
             distilled_guidance=self.distilled_guidance,
             seg=self.seg.config(),
             height=self.height,
@@ -343,15 +374,12 @@ def read_prompts(spec: JobSpec, base: Path) -> list[Overrides]:
 def item_params(spec: JobSpec, o: Overrides, prompt_index: int, sample_index: int) -> GenerationParams:
     """The request of item (p, s): the job's request, then the prompt line's overrides."""
     base = spec.base_params()
-    seed = o.seed + sample_index if o.seed is not None else item_seed(spec.seed, prompt_index, sample_index)
-    return base.replace(
-        prompt=o.prompt,
-        negative_prompt=o.negative_prompt if o.negative_prompt is not None else base.negative_prompt,
-        seed=seed,
-        cfg=o.cfg if o.cfg is not None else base.cfg,
-        steps=o.steps if o.steps is not None else base.steps,
-        seg=o.seg.config() if o.seg is not None else base.seg,
-    )
+    fields = o.fields()
+    seed = fields.pop("seed", None)
+    seed = seed + sample_index if seed is not None else item_seed(spec.seed, prompt_index, sample_index)
+    kind = "video" if base.video is not None else "image"
+    request = replace_fields(base, kind, {**fields, "prompt": o.prompt, "seed": seed})
+    return request if o.seg is None else request.replace(seg=o.seg.config())
 
 
 def expand_items(spec: JobSpec, base: Path) -> list[Item]:

@@ -29,6 +29,8 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
+from seg_rt.config import sigma_label
+from seg_rt.fields import fields_for
 from seg_rt.params import MAX_SEED
 
 from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
@@ -53,7 +55,20 @@ ALIASES = {
 }
 SCHEDULE_TYPES = ("automatic", "Automatic")  # the sampler's own schedule (seg-rt has no other)
 SEG_SCRIPT_NAMES = ("seg", "smoothed energy guidance")  # alwayson_scripts key, any case
-SEG_FIELDS = ("seg_scale", "seg_sigma", "seg_layers", "seg_start", "seg_end", "guidance_rescale")
+# the request fields the web UI's body has its own names for (``Txt2ImgRequest``); every other field
+# of the request field table is a seg-rt extra the body may carry under its record key
+NATIVE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "cfg",
+    "width",
+    "height",
+    "scheduler",
+    "distilled_guidance",
+)
+SEG_FIELDS = tuple(f.key for f in fields_for("image") if f.key not in NATIVE_FIELDS)
 RANDOM_SEED = -1
 
 
@@ -245,7 +260,7 @@ def infotext(p, model: str, sampler: str) -> str:
     lines = [p.prompt]
     if p.negative_prompt:
         lines.append(f"Negative prompt: {p.negative_prompt}")
-    sigma = "inf" if p.seg.sigma == float("inf") else f"{p.seg.sigma:g}"
+    sigma = sigma_label(p.seg.sigma)
     lines.append(
         f"Steps: {p.steps}, Sampler: {sampler}, CFG scale: {p.cfg:g}, Seed: {p.seed}, "
         f"Size: {p.width}x{p.height}, Model: {model}, SEG scale: {p.seg.scale:g}, SEG sigma: {sigma}"

@@ -22,12 +22,18 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from seg_rt.fields import fields_for
+
 from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
 
 PREFIXES = ("/v1/images/", "/v1/models")
 # seg-rt fields a client may add (``extra_body``); OpenAI's own names cover size and count
+# (and the spellings OpenAI-clone clients bring: ``num_inference_steps``, ``guidance_scale``)
 EXTRA_FIELDS = tuple(
-    sorted(set(GenerateRequest.model_fields) - {"height", "width", "num_images", "response"})
+    sorted(
+        (set(GenerateRequest.model_fields) - {"height", "width", "num_images", "response"})
+        | {alias for f in fields_for("image") for alias in f.aliases}
+    )
 )
 OUR_NAMES = {"num_images": "n", "height": "size", "width": "size"}  # our field → the client's
 SIZE = re.compile(r"^(\d+)x(\d+)$")

@@ -13,12 +13,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from seg_rt.config import SEGConfig, parse_sigma
+from seg_rt.fields import RequestField, canonical, field_named, fields_for, request_from_fields, values_of
 from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams
 
-from ..jobs.spec import Scheduler, Seed
+from ..jobs.spec import Seed
 
 
 def first_error(exc: ValidationError) -> str:
@@ -42,78 +42,74 @@ def validation_lines(errors: Sequence[dict]) -> list[str]:
     return lines
 
 
-def _params_rule(name: str, value: Any) -> Any:
-    """``value`` checked by ``GenerationParams``' own rule for field ``name`` (one rule, one place)."""
-    return getattr(GenerationParams(**{name: value}), name)
+# Where the body's defaults differ from the request type's: the server fills these from its config.
+SERVER_DEFAULTS = {"scheduler": None, "height": None, "width": None}
+_TABLE = fields_for("image")
+_EXTRA = {"num_images": (int, Field(1, ge=1)), "response": (Literal["png", "json"], "png")}
 
 
-def _seg_rule(name: str, value: Any) -> Any:
-    return getattr(SEGConfig(**{name: value}), name)
+def _annotation(f: RequestField) -> Any:
+    """The pydantic type of a table field on the wire."""
+    if f.key == "seed":
+        return Seed
+    if f.key in SERVER_DEFAULTS:
+        base = {"optional_int": int, str: str}[f.type]
+        return base | None
+    return {
+        "optional_str": str | None,
+        "optional_int": int | None,
+        "sigma": float | str,
+        "layers": list[str] | str,
+    }.get(f.type, f.type)
 
 
-class GenerateRequest(BaseModel):
-    """The ``POST /v1/generate`` body; defaults are ``GenerationParams``' (the server's size and
-    scheduler where left out)."""
+_Fields = create_model(
+    "_GenerateFields",
+    __config__=ConfigDict(extra="forbid"),
+    **{f.key: (_annotation(f), SERVER_DEFAULTS.get(f.key, f.dump(f.default))) for f in _TABLE},
+    **_EXTRA,
+)
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = ""
-    negative_prompt: str | None = None
-    seed: Seed = GenerationParams.seed
-    steps: int = GenerationParams.steps
-    cfg: float = GenerationParams.cfg
-    seg_scale: float = SEGConfig.scale
-    seg_sigma: float | str = SEGConfig.sigma
-    seg_layers: list[str] = list(SEGConfig().layers)
-    seg_start: float = SEGConfig.start
-    seg_end: float = SEGConfig.end
-    guidance_rescale: float = GenerationParams.guidance_rescale
-    distilled_guidance: float = GenerationParams.distilled_guidance
-    height: int | None = None
-    width: int | None = None
-    scheduler: Scheduler | None = None
-    num_images: int = Field(1, ge=1)
-    response: Literal["png", "json"] = "png"
 
-    @field_validator("steps", "cfg", "guidance_rescale", "distilled_guidance", "height", "width")
+class GenerateRequest(_Fields):
+    """The ``POST /v1/generate`` body: every image field of the request field table
+    (``seg_rt.fields``: the record's keys, ``seg_every``, ``seg_placement``, ``sequential`` and
+    ``guidance_rescale`` included; ``num_inference_steps`` / ``guidance_scale`` accepted as
+    aliases), plus ``num_images`` and ``response``. Defaults are ``GenerationParams``' (the
+    server's size and scheduler where left out); each field is checked by the request type's own
+    rule, so a bad value gets the line the CLI and job specs give."""
+
+    @model_validator(mode="before")
     @classmethod
-    def _params_fields(cls, v: Any, info) -> Any:
-        return _params_rule(info.field_name, v)
+    def _aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        table = {name for f in _TABLE for name in (f.key, *f.aliases)}
+        ours = {k: v for k, v in data.items() if k in table}
+        return {**{k: v for k, v in data.items() if k not in table}, **canonical(ours, "image")}
 
-    @field_validator("seg_scale", "seg_start", "seg_end", "seg_layers")
+    @field_validator(*(f.key for f in _TABLE))
     @classmethod
-    def _seg_fields(cls, v: Any, info) -> Any:
-        name = info.field_name.removeprefix("seg_")
-        value = _seg_rule(name, v)
-        return list(value) if name == "layers" else value
-
-    @field_validator("seg_sigma")
-    @classmethod
-    def _sigma(cls, v: Any) -> float:
-        return _seg_rule("sigma", parse_sigma(v))
+    def _field(cls, v: Any, info) -> Any:
+        if v is None and info.field_name in SERVER_DEFAULTS:
+            return v
+        f = field_named(info.field_name, "image")
+        value = values_of(request_from_fields({f.key: v}), "image")[f.key]  # the type's own rule
+        return list(value) if f.type == "layers" else value
 
     @model_validator(mode="after")
     def _whole(self) -> "GenerateRequest":
-        self.params()  # cross-field rules (the SEG window)
+        self.params()  # cross-field rules (the SEG window, cheap modes with CFG)
         return self
 
     def params(
         self, height: int | None = None, width: int | None = None, scheduler: str = DEFAULT_SCHEDULER
     ) -> GenerationParams:
         """The request as the one request type; ``height`` / ``width`` / ``scheduler`` fill what it leaves out."""
-        seg = SEGConfig(self.seg_scale, self.seg_sigma, tuple(self.seg_layers), self.seg_start, self.seg_end)
-        return GenerationParams(
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            seed=self.seed,
-            steps=self.steps,
-            cfg=self.cfg,
-            seg=seg,
-            guidance_rescale=self.guidance_rescale,
-            distilled_guidance=self.distilled_guidance,
-            height=self.height or height,
-            width=self.width or width,
-            scheduler=self.scheduler or scheduler,
-        )
+        values = {f.key: getattr(self, f.key) for f in _TABLE}
+        fill = {"height": height, "width": width, "scheduler": scheduler}
+        values.update({k: values[k] or fill[k] for k in fill})
+        return request_from_fields(values)
 
 
 class RequestFailed(Exception):
