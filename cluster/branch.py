@@ -1,186 +1,23 @@
-"""The ranks of branch-parallel SEG (``seg_rt.engines.parallel``): each rank is a process that joins
-a ``torch.distributed`` group, loads the model once and runs whole sampling runs with only its
-denoiser call split, so each step exchanges only the predictions.
-
-``ProcessBranchGroup``: the ranks as local processes (one per rank; rank r on ``cuda:r``).
-``RayBranchGroup``: the ranks as Ray actors in a placement group of one bundle per rank
-(``BranchParallel.strategy``; GPU bundles and NCCL for device ``cuda``). Both answer
-``run(method, ...)`` (``BranchRank.images`` / ``video``) with rank 0's result; an error on any rank
-ends the group and is raised to the caller. ``seg_rt.generate(..., parallel=...)``,
-``generate_video``, the CLI (``--branch-parallel``) and serving's latency mode open them with
-``open_group``.
+"""Branch-parallel SEG over Ray: the ranks (``seg_rt.engines.branch.BranchRank``) as Ray actors in a
+placement group of one bundle per rank (``BranchParallel.strategy``; GPU bundles and NCCL for device
+``cuda``). ``open_group`` opens the group a ``BranchParallel`` asks for (local processes or Ray);
+``seg_rt.generate(..., parallel=...)``, ``generate_video``, the CLI (``--branch-parallel``) and
+serving's latency mode use it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from multiprocessing.connection import wait
 
-import torch.distributed as dist
-
-from seg_rt.engines.parallel import BranchParallelDenoiser, check_backend, free_address, init_group
+from seg_rt.engines.branch import BranchRank, ProcessBranchGroup, check_group_args
+from seg_rt.engines.parallel import free_address
 from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.params import BranchParallel
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0  # a placement group not placed by then: a clear error, not a hang
-
-
-class BranchRank:
-    """One rank of a branch-parallel group: joins the group, loads ``model`` once on ``device``, then
-    runs whole sampling runs with only the denoiser call split. Every rank runs the same run; rank 0
-    decodes and returns the output, the others return ``None``."""
-
-    def __init__(
-        self,
-        rank: int,
-        world: int,
-        address: str,
-        model: str,
-        engine: str = "torch",
-        device: str = "cpu",
-        threads: int | None = None,
-    ) -> None:
-        from seg_rt.models import open_model
-
-        init_group(rank, world, address, "nccl" if device.startswith("cuda") else "gloo")
-        self.rank = rank
-        # CPU results depend on the thread count: fixed per rank; a URL: fetched once per node
-        self.model = open_model(model, engine, device, threads)
-        self.pipe = self.model.pipe
-        self._engine = (
-            BranchParallelDenoiser(self.model.engine) if self.model.engine is not None else None
-        )  # loaded once, reused by every image run
-
-    def images(self, params, output_type: str = "pil", **options):
-        """``seg_rt.pipeline.run_params`` with this rank's rows."""
-        from seg_rt.pipeline import run_params
-
-        options["progress"] = options.get("progress", False) and self.rank == 0
-        out = run_params(
-            self.pipe, params, engine=self._engine, output_type=output_type if self.rank == 0 else "latent",
-            **options,
-        )  # fmt: skip
-        return out if self.rank == 0 else None
-
-    def video(self, params, output_type: str = "np", **options):
-        """``seg_rt.video.sampling.generate_video`` with this rank's rows."""
-        from seg_rt.video.sampling import generate_video
-
-        options["progress"] = options.get("progress", False) and self.rank == 0
-        out = generate_video(
-            self.pipe, params=params, output_type=output_type if self.rank == 0 else "latent",
-            wrap_denoiser=BranchParallelDenoiser, **options,
-        )  # fmt: skip
-        return out if self.rank == 0 else None
-
-    def comm_seconds(self) -> list[float]:
-        """Exchange seconds of every image denoiser call so far, one per step (with waiting)."""
-        return list(self._engine.comm_seconds) if self._engine is not None else []
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class ProcessBranchGroup:
-    """The ranks of ``spec`` as local processes (spawned, one per rank, rank r on ``cuda:r`` for
-    device ``cuda``), kept alive between runs. ``run(method, ...)`` calls ``BranchRank.method`` on
-    every rank and returns rank 0's result; an error on any rank ends the group and is raised here."""
-
-    def __init__(
-        self, spec: BranchParallel, model: str, engine: str = "torch", threads: int | None = None
-    ) -> None:
-        import multiprocessing as mp
-
-        check_backend(spec.backend, spec.ranks)
-        if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // spec.ranks)
-        ctx = mp.get_context("spawn")
-        address = free_address()
-        self._conns, self._procs = [], []
-        for r in range(spec.ranks):
-            ours, theirs = ctx.Pipe()
-            device = f"cuda:{r}" if spec.device == "cuda" else "cpu"
-            proc = ctx.Process(
-                target=_rank_main, args=(theirs, r, spec.ranks, address, model, engine, device, threads),
-                name=f"seg-rt-rank{r}", daemon=True,
-            )  # fmt: skip
-            proc.start()
-            theirs.close()
-            self._conns.append(ours)
-            self._procs.append(proc)
-        self._gather()  # every rank has joined and loaded the model (or the first error is raised)
-
-    def run(self, method: str, *args, **kwargs):
-        for conn in self._conns:
-            conn.send((method, args, kwargs))
-        return self._gather()[0]
-
-    def _gather(self) -> list:
-        results: dict[int, object] = {}
-        pending = dict(enumerate(self._conns))
-        while pending:
-            for conn in wait(list(pending.values())):
-                r = next(k for k, c in pending.items() if c is conn)
-                del pending[r]
-                try:
-                    ok, value = conn.recv()
-                except EOFError:
-                    ok, value = (
-                        False,
-                        RuntimeError(f"branch-parallel rank {r} exited (code {self._procs[r].exitcode})"),
-                    )
-                if not ok:  # the other ranks may wait in a collective for this one: end them all
-                    self.close()
-                    raise value
-                results[r] = value
-        return [results[r] for r in range(len(self._conns))]
-
-    def close(self) -> None:
-        for conn in self._conns:
-            with contextlib.suppress(OSError):  # a rank that already exited
-                conn.send(None)
-        for proc in self._procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
-        for conn in self._conns:
-            conn.close()
-        self._conns, self._procs = [], []
-
-    def __enter__(self) -> ProcessBranchGroup:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _rank_main(conn, rank: int, world: int, address: str, model: str, engine: str, device: str, threads):
-    """A rank process: build ``BranchRank``, then answer ``(method, args, kwargs)`` until ``None``."""
-    worker = None
-    try:
-        worker = BranchRank(rank, world, address, model, engine, device, threads)
-        conn.send((True, None))
-        while (msg := conn.recv()) is not None:
-            method, args, kwargs = msg
-            conn.send((True, getattr(worker, method)(*args, **kwargs)))
-    except EOFError:
-        pass
-    except Exception as exc:
-        try:
-            conn.send((False, exc))
-        except Exception:  # an exception that does not pickle: its line
-            conn.send((False, RuntimeError(f"branch-parallel rank {rank}: {type(exc).__name__}: {exc}")))
-    finally:
-        if worker is not None:
-            worker.close()
 
 
 class RayRank:
@@ -318,16 +155,7 @@ def open_group(
 ):
     """The group ``spec`` asks for, loading ``model`` (a folder or hub id) on every rank.
     ``ray_options``: ``RayBranchGroup``'s placement group options (launcher ``ray``)."""
-    if not isinstance(model, (str, os.PathLike)):
-        raise ValueError(
-            "branch parallel loads the model in every rank: give the model as a folder or hub id, "
-            f"not a loaded {type(model).__name__}"
-        )
-    if engine is not None and not isinstance(engine, str):
-        raise ValueError(
-            "branch parallel loads the engine in every rank: give it as a spec (torch, onnx:DIR, trt:DIR), "
-            f"not a loaded {type(engine).__name__}"
-        )
+    check_group_args(model, engine)
     if spec.launcher == "ray":
         return RayBranchGroup(spec, str(model), engine or "torch", threads, **ray_options)
     if ray_options:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from seg_rt.families.dit import SEGDiT
+from seg_rt.families.segdit import SEGDiT
 from seg_rt.prefix import TransformerFork
 
 from .base import PatchedDenoiser

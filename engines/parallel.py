@@ -17,7 +17,7 @@ the perturbed *rows'* query blurred).
 
 Backends: gloo on CPU, NCCL on GPUs (``init_process_group``; ``check_backend`` says in one line
 what NCCL lacks). The ranks themselves (local processes or Ray actors in a placement group) are
-``seg_rt.cluster.branch``.
+``seg_rt.engines.branch`` (local processes) and ``seg_rt.cluster.branch`` (Ray actors).
 
 Shared prefix (``TorchDenoiser(shared_prefix=True)``) is not used across ranks: each rank gets a plain
 block of rows, so the rank holding the perturbed rows computes their prefix itself. docs/design.md

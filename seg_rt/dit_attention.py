@@ -339,7 +339,9 @@ def _dit_adapter(
 ) -> Adapter:
     """An image DiT: joint attention with the text tokens in front, layers picked by block kind
     (``default_kind`` for ``mid`` and bare indices: ``mid`` = the middle block of that kind)."""
-    return Adapter(name, processor, layers, grid=grid, text_tokens=True, select=_selector(layers, default_kind))
+    return Adapter(
+        name, processor, layers, grid=grid, text_tokens=True, select=_selector(layers, default_kind)
+    )
 
 
 def sd3_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:

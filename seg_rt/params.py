@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+from .config import SEGConfig, parse_layers, parse_sigma, sigma_label, sigma_to_json
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -266,18 +266,14 @@ class GenerationParams:
 
     def to_record(self) -> dict:
         """The JSON record written into PNG text chunks and manifests (σ = inf as ``"inf"``): flat
-        keys, the request field table's wire names (``seg_rt.fields.to_record``), as seg-rt PNGs
+        keys, the request field table's wire names (``seg_rt.params.to_record``), as seg-rt PNGs
         have carried them since the first release."""
-        from .fields import to_record  # the table builds on this module
-
-        return to_record(self)
+        return record_of(self)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> GenerationParams:
         """Inverse of ``to_record``; unknown keys (``model``, ``generator``, ...) are ignored."""
-        from .fields import from_record
-
-        return from_record(record)
+        return request_of_record(record)
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one sampling run: everything but prompt,
@@ -294,3 +290,205 @@ class GenerationParams:
             self.video,
             self.distilled_guidance,
         )
+
+
+# ---- the request field table (docs/design.md §3) ----------------------------------------------
+# Every field a user sets, once: its wire name (= its record key), value type, where it lives in
+# the request, help text and the spellings users bring from diffusers / OpenAI clones. Every edge
+# is derived from it: the CLI's request flags, the Python API's keywords (``request_from_fields``),
+# the HTTP body and job items, the records (``to_record`` / ``from_record``). Defaults are not
+# written here: each comes from its dataclass field (``RequestField.default``).
+
+KINDS = ("image", "video")
+IMAGE, VIDEO, WHEN_SET = ("image",), ("video",), "when set"
+
+
+@dataclass(frozen=True)
+class RequestField:
+    """One request field.
+
+    key:     wire name = record key (flat: ``seg_scale``; video fields as ``VideoParams`` names them
+             inside the record's ``video`` object, flat ``seg_mode`` / ``seg_sigma_time`` / ``frames``
+             on the wire).
+    path:    where the value lives: ``("steps",)``, ``("seg", "scale")``, ``("video", "frames")``.
+    type:    ``str``, ``int``, ``float``, ``bool``, ``"sigma"`` (a number or ``inf``), ``"layers"``
+             (comma-separated or a list), ``"optional_str"``, ``"optional_int"``.
+    kinds:   the requests it applies to (``image``, ``video``).
+    aliases: other spellings accepted by the Python API and HTTP (``num_inference_steps``).
+    choices: the allowed values, when a fixed set.
+    recorded: ``"always"`` in the flat record, or ``"when set"`` (fields added after the first
+             release: records of runs that leave them at their default stay byte-identical).
+    Video-only fields are recorded in the record's ``video`` object (``VideoParams.to_record``).
+    """
+
+    key: str
+    path: tuple[str, ...]
+    type: Any
+    help: str
+    kinds: tuple[str, ...] = KINDS
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    recorded: str = "always"  # or "when set": in records only when it differs from its default
+
+    @property
+    def default(self) -> Any:
+        """The default, read from the request dataclasses (written there once)."""
+        owner: Any = {"seg": SEGConfig(), "video": VideoParams()}.get(self.path[0], GenerationParams())
+        return getattr(owner, self.path[-1])
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    def parse(self, value: Any) -> Any:
+        """A wire / flag value as the request type takes it (σ ``"inf"``, layer lists); validation
+        is the request type's own."""
+        if self.type == "sigma" and isinstance(value, str):
+            return parse_sigma(value)
+        if self.type == "layers" and value is not None and not isinstance(value, tuple):
+            return parse_layers(value) if isinstance(value, str | list) else value
+        return value
+
+    def dump(self, value: Any) -> Any:
+        """The value as the JSON record writes it (σ ``inf`` as ``"inf"``, layers as a list)."""
+        if self.type == "sigma":
+            return sigma_to_json(value)
+        if self.type == "layers":
+            return None if value is None else list(value)
+        return value
+
+    def default_text(self) -> str:
+        value = self.default
+        if self.type == "sigma":
+            return sigma_label(value)
+        if self.type == "layers":
+            return "all" if value is None else ",".join(value)
+        if value == "":
+            return "''"
+        return "none" if value is None else str(value)
+
+
+def _f(key, path, type_, help_, **kw) -> RequestField:
+    return RequestField(key, tuple(path.split(".")), type_, help_, **kw)
+
+
+# fmt: off
+FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as the table it is
+    _f("prompt", "prompt", str, "text prompt ('' for unconditional SEG)"),
+    _f("negative_prompt", "negative_prompt", "optional_str", "negative prompt (the CFG branch's text)"),
+    _f("steps", "steps", int, "sampling steps", aliases=("num_inference_steps",)),
+    _f("cfg", "cfg", float, "CFG scale (1 = no CFG)", aliases=("guidance_scale",)),
+    _f("seg_scale", "seg.scale", float, "SEG guidance scale s (0 = off)"),
+    _f("seg_sigma", "seg.sigma", "sigma", "blur σ in tokens, or 'inf'"),
+    _f("seg_layers", "seg.layers", "layers", "SEG layers: mid, down, up, down.N, up.N, names", kinds=IMAGE),
+    _f("seg_layers", "video.layers", "layers", "video self-attention layers (names or prefixes)", kinds=VIDEO),
+    _f("seg_start", "seg.start", float, "SEG window start, fraction of the schedule"),
+    _f("seg_end", "seg.end", float, "SEG window end, fraction of the schedule"),
+    _f("guidance_rescale", "guidance_rescale", float, "CFG rescale φ in [0, 1]"),
+    _f("height", "height", "optional_int", "height in pixels (none: the model's default)"),
+    _f("width", "width", "optional_int", "width in pixels (none: the model's default)"),
+    _f("seed", "seed", int, "seed; image i of a batch uses seed + i"),
+    _f("scheduler", "scheduler", str, "sampler", choices=tuple(SCHEDULERS)),
+    _f("sequential", "sequential", bool, "one denoiser call per branch (less memory, same images)"),
+    # added after the first release: in records only when set, so old records stay byte-identical
+    _f("seg_every", "seg.every", int, "cheap mode: SEG branch every k-th step", recorded=WHEN_SET),
+    _f("seg_placement", "seg.placement", str, "cheap mode: blur inside the CFG row",
+       choices=SEGConfig.PLACEMENTS, recorded=WHEN_SET),
+    _f("distilled_guidance", "distilled_guidance", float, "the guidance Flux.1-dev embeds", kinds=IMAGE,
+       recorded=WHEN_SET),
+    _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
+    _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
+    _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),
+    _f("seg_sigma_time", "video.sigma_time", "sigma", "blur σ along time (0: frames independent)", kinds=VIDEO),
+)
+# fmt: on
+
+
+def fields_for(kind: str) -> tuple[RequestField, ...]:
+    if kind not in KINDS:
+        raise ValueError(f"request kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return tuple(f for f in FIELDS if kind in f.kinds)
+
+
+def field_named(key: str, kind: str) -> RequestField:
+    for f in fields_for(kind):
+        if f.key == key:
+            return f
+    raise KeyError(key)
+
+
+def canonical(values: Mapping[str, Any], kind: str, *, what: str = "request") -> dict[str, Any]:
+    """``values`` by wire name: aliases replaced by their field's key (both spellings with different
+    values is an error); a key the ``kind`` of request has no field for is an error naming them."""
+    table = fields_for(kind)
+    by_name = {name: f for f in table for name in (f.key, *f.aliases)}
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for name, value in values.items():
+        f = by_name.get(name)
+        if f is None:
+            other = [
+                k for k in KINDS if k != kind and any(name in (g.key, *g.aliases) for g in fields_for(k))
+            ]
+            if other:
+                raise ValueError(f"{what} field {name!r} applies to {other[0]} requests only, not {kind}")
+            known = ", ".join(f.key for f in table)
+            raise ValueError(f"unknown {what} field {name!r}; the fields are: {known}")
+        if f.key in out and out[f.key] != value:
+            raise ValueError(
+                f"{what} gives {spelled[f.key]}={out[f.key]!r} and {name}={value!r}: the same field spelled "
+                "twice with different values"
+            )
+        out[f.key], spelled[f.key] = value, name
+    return out
+
+
+def request_from_fields(values: Mapping[str, Any], kind: str = "image", *, what: str = "request"):
+    """A ``GenerationParams`` from flat wire fields (aliases accepted; the rest at their defaults).
+    ``kind="video"`` gives a video request (``GenerationParams.video`` set)."""
+    nested: dict[str, dict[str, Any]] = {"": {}, "seg": {}, "video": {}}
+    for key, value in canonical(values, kind, what=what).items():
+        f = field_named(key, kind)
+        where = f.path[0] if len(f.path) > 1 else ""
+        nested[where][f.path[-1]] = f.parse(value)
+    seg = SEGConfig(**nested["seg"])
+    video = VideoParams(**nested["video"]) if kind == "video" else None
+    return GenerationParams(**nested[""], seg=seg, video=video)
+
+
+def values_of(params, kind: str) -> dict[str, Any]:
+    """The flat wire values of a request (inverse of ``request_from_fields``; σ stays a float)."""
+    return {f.key: _value(params, f) for f in fields_for(kind)}
+
+
+def _value(params, f: RequestField) -> Any:
+    obj = params
+    for part in f.path:
+        obj = getattr(obj, part)
+    return obj
+
+
+def record_of(params) -> dict[str, Any]:
+    """The flat JSON record of a request (``GenerationParams.to_record``): the image fields in table
+    order (``"when set"`` ones only when they differ from their default), then the ``video`` object."""
+    record = {}
+    for f in fields_for("image"):
+        value = _value(params, f)
+        if f.recorded == "always" or value != f.default:
+            record[f.key] = f.dump(value)
+    if params.video is not None:
+        record["video"] = params.video.to_record()
+    return record
+
+
+def request_of_record(record: Mapping[str, Any]):
+    """Inverse of ``to_record``; keys that are no request field (``model``, ``generator``) are ignored."""
+    keys = {f.key for f in fields_for("image")}
+    request = request_from_fields({k: v for k, v in record.items() if k in keys}, "image", what="record")
+    video = record.get("video")
+    return request if video is None else request.replace(video=VideoParams.from_record(video))
+
+
+def replace_fields(params: GenerationParams, kind: str, values: Mapping[str, Any]) -> GenerationParams:
+    """``params`` with some wire fields changed (aliases accepted), validated again."""
+    return request_from_fields({**values_of(params, kind), **canonical(values, kind)}, kind)

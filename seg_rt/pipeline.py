@@ -19,11 +19,11 @@ import torch
 
 from .errors import ModelLoadError, first_line
 from .families import REGISTRY, family_of
-from .fields import request_from_fields
 from .params import (
     BranchParallel,
     GenerationParams,
     parse_engine_spec,
+    request_from_fields,
 )
 from .sampler import StepCallback, sample
 
@@ -268,7 +268,7 @@ def generate_batch(
     other setting (one denoiser call per step for all of them). Image i equals
     ``generate(model, prompts[i], negative_prompt=negative_prompts[i], seed=seeds[i], ...)``.
 
-    ``settings``: the request fields by their wire names (``seg_rt.fields.FIELDS``: ``steps``,
+    ``settings``: the request fields by their wire names (``seg_rt.params.FIELDS``: ``steps``,
     ``cfg``, ``seg_scale``, ``seg_sigma``, ``seg_layers``, ``seg_start`` / ``seg_end``, ``seg_every``,
     ``seg_placement``, ``guidance_rescale``, ``height``, ``width``, ``sequential``,
     ``distilled_guidance``; diffusers' ``num_inference_steps`` and ``guidance_scale`` are accepted
@@ -323,7 +323,7 @@ def run_params(
     (Python API only: records name the scheduler by ``params``).
 
     ``parallel`` (``BranchParallel``; an int n: n local CPU processes): branch-parallel SEG. The run
-    goes to a group of ranks (``seg_rt.cluster.branch``) that each load ``model`` (a folder or hub id)
+    goes to a group of ranks (``branch_group``) that each load ``model`` (a folder or hub id)
     and ``engine`` (a spec) and split every step's rows; the result equals the one-device run within
     scale-relative 1e-5. ``device`` is then ``parallel.device``; ``callback`` is not available."""
     params = list(params)
@@ -397,11 +397,17 @@ def _run_parallel(parallel, model, params, engine, output_type, scheduler, devic
 
 
 def branch_group(parallel: BranchParallel, model, engine: str | None = None):
-    """The ranks of branch-parallel SEG (``seg_rt.cluster.branch.open_group``: local processes or
-    Ray actors), each loading ``model`` (a folder, hub id or model URL) and ``engine`` (a spec)."""
-    from seg_rt.cluster.branch import open_group  # the ranks are processes or Ray actors
+    """The ranks of branch-parallel SEG, each opening ``model`` (a folder, hub id or model URL) and
+    ``engine`` (a spec): local processes (``seg_rt.engines.branch``, no extra needed) or Ray actors
+    (``seg_rt.cluster.branch``, the ``[cluster]`` extra)."""
+    if parallel.launcher == "ray":
+        from seg_rt.cluster.branch import open_group  # Ray actors: the cluster part's
 
-    return open_group(parallel, model, engine)
+        return open_group(parallel, model, engine)
+    from seg_rt.engines.branch import ProcessBranchGroup, check_group_args
+
+    check_group_args(model, engine)
+    return ProcessBranchGroup(parallel, str(model), engine or "torch")
 
 
 def _open_engine(engine, pipe) -> AbstractContextManager:

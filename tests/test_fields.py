@@ -1,4 +1,4 @@
-"""The request field table (``seg_rt.fields``): it covers every field of the request types, the Python
+"""The request field table (``seg_rt.params``): it covers every field of the request types, the Python
 API takes its wire names and the diffusers spellings, and a field a path cannot honour is refused."""
 
 from __future__ import annotations
@@ -10,8 +10,15 @@ import torch
 
 import seg_rt
 from seg_rt.config import SEGConfig
-from seg_rt.fields import FIELDS, canonical, fields_for, request_from_fields, values_of
-from seg_rt.params import GenerationParams, VideoParams
+from seg_rt.params import (
+    FIELDS,
+    GenerationParams,
+    VideoParams,
+    canonical,
+    fields_for,
+    request_from_fields,
+    values_of,
+)
 
 
 def test_every_request_field_is_in_the_table_once_per_kind():

@@ -42,7 +42,7 @@ def _one_thread(fn, *args, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "ranks", "images"), [("sd15", 2, 1), ("sd15", 3, 1), ("sdxl", 3, 2)])
 def test_branch_parallel_generate_equals_the_one_device_run(family, ranks, images, tmp_path):
-    from seg_rt.cluster.branch import ProcessBranchGroup
+    from seg_rt.engines.branch import ProcessBranchGroup
 
     model = str(save_tiny_pipeline(family, tmp_path / family))
     one = _one_thread(generate, load_pipeline(model, "cpu"), num_images=images, **RUN)
@@ -145,7 +145,7 @@ def test_branch_parallel_image_dit_equals_the_one_device_run(family, tmp_path):
     """The ranks load the DiT's own denoiser through the family (this was an AttributeError on
     every rank: the ranks called a loader that no longer existed)."""
     from seg_rt import GenerationParams, SEGConfig
-    from seg_rt.cluster.branch import ProcessBranchGroup
+    from seg_rt.engines.branch import ProcessBranchGroup
 
     model = str(save_tiny_dit_pipeline(family, tmp_path / family))
     request = GenerationParams(prompt="a red cube", steps=2, cfg=3.0, height=48, width=80, seed=4,

@@ -10,9 +10,8 @@ import pytest
 from seg_rt.cli import build_parser, request_from_args, video_request_from_args
 from seg_rt.config import SEGConfig, check_sigma, sigma_label, sigma_to_json
 from seg_rt.errors import first_line
-from seg_rt.fields import request_from_fields
 from seg_rt.images import params_text
-from seg_rt.params import GenerationParams, VideoParams, parse_engine_spec
+from seg_rt.params import GenerationParams, VideoParams, parse_engine_spec, request_from_fields
 from seg_rt.pipeline import generate, generate_batch, run_params
 from seg_rt.video.sampling import generate_video
 

@@ -196,11 +196,12 @@ def test_configured_limits_and_pixel_cap(pipe):
 
 
 def test_side_limits_follow_the_model_scale_factor():
-    """A pixel-space model (factor 1, 32 px default, like the demo model): sides of any integer,
-    at most 4 x 32."""
-    pixel_model = SimpleNamespace(
-        vae_scale_factor=1, unet=SimpleNamespace(config=SimpleNamespace(sample_size=32))
-    )
+    """A pixel-space model (the demo model's architecture: factor 1, 32 px default): sides of any
+    integer, at most 4 x 32."""
+    from seg_rt.demo.model import build
+
+    pixel_model = build(seed=0)
+    assert pixel_model.unet.config.sample_size == 32
     c = ServingCore(ServeConfig(model="demo"), pixel_model)
     assert c.check(GenerateRequest(height=33, width=40, seg_scale=0))[0].height == 33
     assert c.check(GenerateRequest(seg_scale=0))[0].width == 32  # the model's default size

@@ -301,7 +301,9 @@ def animatediff_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
 ANIMATEDIFF = Adapter(
     "animatediff", SEGAttnProcessor, animatediff_layers, owner=animatediff_owner, grid=animatediff_grid
 )
-COGVIDEOX = Adapter("cogvideox", SEGCogVideoXAttnProcessor, cogvideox_layers, grid=cogvideox_grid, text_tokens=True)
+COGVIDEOX = Adapter(
+    "cogvideox", SEGCogVideoXAttnProcessor, cogvideox_layers, grid=cogvideox_grid, text_tokens=True
+)
 WAN = Adapter("wan", SEGWanAttnProcessor, wan_layers, grid=wan_grid)
 LTX = Adapter("ltx", SEGLTXAttnProcessor, ltx_layers, grid=ltx_grid)
 

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from seg_rt.denoiser import RowwiseLinear, swap_linears
-from seg_rt.fields import request_from_fields
-from seg_rt.params import BranchParallel, GenerationParams
+from seg_rt.params import BranchParallel, GenerationParams, request_from_fields
 from seg_rt.pipeline import branch_group, check_size, load_pipeline, seed_generators
 from seg_rt.prefix import TransformerFork
 from seg_rt.sampler import sample
@@ -99,7 +98,7 @@ def generate_video(
 
     The request is ``params`` (a ``GenerationParams`` with ``video``: what the CLI and job workers
     pass) or, without it, the keyword arguments: the video request fields by wire name
-    (``seg_rt.fields``: ``frames``, ``height``, ``width``, ``steps``, ``cfg``, ``seg_scale``,
+    (``seg_rt.params``: ``frames``, ``height``, ``width``, ``steps``, ``cfg``, ``seg_scale``,
     ``seg_mode``, ``seg_sigma``, ``seg_sigma_time``, ``seg_layers`` (video layers, ``None`` = every
     video self-attention layer), ``seg_start`` / ``seg_end``, the cheap modes, ``guidance_rescale``,
     ``sequential``; defaults ``GenerationParams`` / ``VideoParams``). Every field is honoured; one the

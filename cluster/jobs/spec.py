@@ -28,15 +28,17 @@ from pydantic import (
 
 from seg_rt.config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
 from seg_rt.errors import first_line
-from seg_rt.fields import RequestField, fields_for, replace_fields
 from seg_rt.optional import require
 from seg_rt.params import (
     GenerationParams,
+    RequestField,
     VideoParams,
     check_cfg,
     check_scheduler,
     check_seed,
+    fields_for,
     parse_engine_spec,
+    replace_fields,
 )
 
 # A job's defaults are the request type's: the same request gives the same output from the CLI,
@@ -71,7 +73,7 @@ class _Strict(BaseModel):
 
 
 def wire_type(f: RequestField, *, optional: bool = False) -> Any:
-    """The pydantic type of a request field (``seg_rt.fields``) in a job file or HTTP body."""
+    """The pydantic type of a request field (``seg_rt.params``) in a job file or HTTP body."""
     special = {"seed": Seed, "scheduler": Scheduler}
     types = {"sigma": Sigma, "layers": Layers, "optional_str": str | None, "optional_int": int | None}
     t = special.get(f.key) or types.get(f.type, f.type)

@@ -30,8 +30,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from seg_rt.config import sigma_label
-from seg_rt.fields import fields_for
-from seg_rt.params import MAX_SEED
+from seg_rt.params import MAX_SEED, fields_for
 
 from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
 

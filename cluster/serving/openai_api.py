@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from seg_rt.fields import fields_for
+from seg_rt.params import fields_for
 
 from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
 

@@ -15,8 +15,16 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from seg_rt.fields import RequestField, canonical, field_named, fields_for, request_from_fields, values_of
-from seg_rt.params import DEFAULT_SCHEDULER, GenerationParams
+from seg_rt.params import (
+    DEFAULT_SCHEDULER,
+    GenerationParams,
+    RequestField,
+    canonical,
+    field_named,
+    fields_for,
+    request_from_fields,
+    values_of,
+)
 
 from ..jobs.spec import Seed
 
@@ -73,7 +81,7 @@ _Fields = create_model(
 
 class GenerateRequest(_Fields):
     """The ``POST /v1/generate`` body: every image field of the request field table
-    (``seg_rt.fields``: the record's keys, ``seg_every``, ``seg_placement``, ``sequential`` and
+    (``seg_rt.params``: the record's keys, ``seg_every``, ``seg_placement``, ``sequential`` and
     ``guidance_rescale`` included; ``num_inference_steps`` / ``guidance_scale`` accepted as
     aliases), plus ``num_images`` and ``response``. Defaults are ``GenerationParams``' (the
     server's size and scheduler where left out); each field is checked by the request type's own

@@ -1,5 +1,5 @@
 """What the image DiT families (SD3 / SD3.5, Flux.1, Qwen-Image) share: flow matching, the
-SEG-patched transformer (``SEGDiT``), 2x2 packing, per-image decoding.
+SEG-patched transformer (``seg_rt.families.segdit.SEGDiT``), 2x2 packing, per-image decoding.
 
 Each step reproduces the family's diffusers pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``,
 ``QwenImagePipeline``) so that seed s gives diffusers' noise for ``torch.Generator("cpu").manual_seed(s)``
@@ -21,9 +21,6 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-
-from seg_rt.attention import Adapter, SEGAttention, tracing
-from seg_rt.denoiser import RowwiseLinear, swap_linears
 
 from .base import (
     Family,
@@ -50,84 +47,14 @@ def unpack(tokens: Tensor, h: int, w: int) -> Tensor:
     return x.reshape(b, c4 // 4, h, w)
 
 
-class RowwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d`` run one sample at a time in eager mode: CPU Conv2d picks another algorithm for
-    another batch size, so SD3's patch embedding gave batched rows results ~1e-7 off solo runs (as
-    ``seg_rt.denoiser.RowwiseConv3d`` for Wan). Only the DiT's patchify conv uses it."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        if input.shape[0] > 1 and not tracing(input):
-            return torch.cat(
-                [super(RowwiseConv2d, self).forward(input[i : i + 1]) for i in range(input.shape[0])]
-            )
-        return super().forward(input)
-
-
-def _patch_convs(transformer: nn.Module) -> list[nn.Module]:
-    """The patchify convs of a DiT (SD3's ``pos_embed.proj``; Flux patchifies by packing)."""
-    proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
-    return [proj] if isinstance(proj, nn.Conv2d) else []
-
-
-def batch_invariance(transformer: nn.Module, on: bool) -> None:
-    """Per-sample linears and patchify conv (on) or the plain layers back (off)."""
-    swap_linears([transformer], RowwiseLinear if on else nn.Linear)
-    for conv in _patch_convs(transformer):
-        conv.__class__ = RowwiseConv2d if on else nn.Conv2d
-
-
-class SEGDiT(nn.Module):
-    """An image-DiT transformer with SEG installed; ``forward(inputs)`` → the velocity prediction.
-
-    Inputs: ``sample`` (unpacked latents ``[B, C, h, w]``), ``timestep`` (the scheduler's, 0-1000),
-    ``encoder_hidden_states``, the family's extra inputs (``pooled_projections``, Flux-dev's
-    ``guidance``, Qwen-Image's ``encoder_hidden_states_mask``), and ``seg_mask``. How the transformer
-    is called is the family's (``ImageDiTFamily.forward``).
-    """
-
-    controlnet = None  # the export code asks every SEG denoiser for its ControlNet
-
-    def __init__(
-        self,
-        transformer: nn.Module,
-        family: ImageDiTFamily,
-        *,
-        sigma: float,
-        layers: Sequence[str] = ("mid",),
-        perturbation="blur",
-    ) -> None:
-        super().__init__()
-        self.transformer, self.family = transformer, family
-        self.seg = SEGAttention(transformer, sigma, layers, perturbation, adapter=family.adapter())
-        self.seg.install()
-        batch_invariance(transformer, True)  # per-sample results independent of the batch
-        self.cache: dict[tuple, Tensor] = {}  # per-shape constant inputs (Flux's img_ids)
-
-    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
-        try:
-            out = self.family.forward(self.transformer, inputs, self.cache)
-            self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
-            return out
-        finally:
-            self.seg.set_mask(None)
-
-    def grids(self) -> list[tuple[int, int]]:
-        """The token grid of the last forward (for runtime-σ exports' blur-matrix inputs)."""
-        return [] if self.seg.grid is None else [self.seg.grid[1:]]
-
-    def remove(self) -> None:
-        self.seg.remove()
-        batch_invariance(self.transformer, False)
-
-
 class ImageDiTFamily(Family):
     """An image DiT: transformer over latent tokens, flow-matching Euler, VAE ``scaling_factor`` /
     ``shift_factor``. Subclasses: ``SD3Family``, ``FluxFamily``, ``QwenImageFamily``."""
 
     packed: ClassVar[bool] = False  # 2x2-packed latent tokens (Flux, Qwen-Image) instead of a patchify conv
 
-    def adapter(self) -> Adapter:
+    def adapter(self):
+        """The family's SEG adapter (``seg_rt.dit_attention``)."""
         raise NotImplementedError
 
     def net(self, pipe):
@@ -212,6 +139,8 @@ class ImageDiTFamily(Family):
     export_text_tokens: ClassVar[int] = 0  # the T5 length of an export (the pipeline's max_sequence_length)
 
     def export_model(self, pipe, *, sigma: float, layers: Sequence[str]):
+        from .segdit import SEGDiT
+
         return SEGDiT(pipe.transformer, self, sigma=sigma, layers=layers)
 
     def export_inputs(

@@ -111,3 +111,10 @@ class VideoFamily(Family):
         with torch.no_grad():  # one video at a time: pixels independent of the batch
             video = torch.cat([self.decode_video(pipe, latent[None]) for latent in latents])
         return pipe.video_processor.postprocess_video(video=video, output_type=output_type)
+
+    def generate(self, pipe, params: GenerationParams, output_type: str, **options):
+        """Sample ``params`` (``seg_rt.video.sampling.generate_video``): what a branch-parallel rank
+        runs for a video model."""
+        from seg_rt.video.sampling import generate_video
+
+        return generate_video(pipe, params=params, output_type=output_type, **options)

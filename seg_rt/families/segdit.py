@@ -1,0 +1,86 @@
+"""The SEG-patched image-DiT transformer (``SEGDiT``) and its batch-invariant patchify conv.
+
+Apart from ``seg_rt.families.dit`` so that resolving a family imports no diffusers model code: this
+module imports the attention processors (diffusers) and is loaded when a DiT denoiser is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from seg_rt.attention import SEGAttention, tracing
+from seg_rt.denoiser import RowwiseLinear, swap_linears
+
+
+class RowwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` run one sample at a time in eager mode: CPU Conv2d picks another algorithm for
+    another batch size, so SD3's patch embedding gave batched rows results ~1e-7 off solo runs (as
+    ``seg_rt.denoiser.RowwiseConv3d`` for Wan). Only the DiT's patchify conv uses it."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.shape[0] > 1 and not tracing(input):
+            return torch.cat(
+                [super(RowwiseConv2d, self).forward(input[i : i + 1]) for i in range(input.shape[0])]
+            )
+        return super().forward(input)
+
+
+def _patch_convs(transformer: nn.Module) -> list[nn.Module]:
+    """The patchify convs of a DiT (SD3's ``pos_embed.proj``; Flux patchifies by packing)."""
+    proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
+    return [proj] if isinstance(proj, nn.Conv2d) else []
+
+
+def batch_invariance(transformer: nn.Module, on: bool) -> None:
+    """Per-sample linears and patchify conv (on) or the plain layers back (off)."""
+    swap_linears([transformer], RowwiseLinear if on else nn.Linear)
+    for conv in _patch_convs(transformer):
+        conv.__class__ = RowwiseConv2d if on else nn.Conv2d
+
+
+class SEGDiT(nn.Module):
+    """An image-DiT transformer with SEG installed; ``forward(inputs)`` → the velocity prediction.
+
+    Inputs: ``sample`` (unpacked latents ``[B, C, h, w]``), ``timestep`` (the scheduler's, 0-1000),
+    ``encoder_hidden_states``, the family's extra inputs (``pooled_projections``, Flux-dev's
+    ``guidance``, Qwen-Image's ``encoder_hidden_states_mask``), and ``seg_mask``. How the transformer
+    is called is the family's (``ImageDiTFamily.forward``).
+    """
+
+    controlnet = None  # the export code asks every SEG denoiser for its ControlNet
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        family,
+        *,
+        sigma: float,
+        layers: Sequence[str] = ("mid",),
+        perturbation="blur",
+    ) -> None:
+        super().__init__()
+        self.transformer, self.family = transformer, family
+        self.seg = SEGAttention(transformer, sigma, layers, perturbation, adapter=family.adapter())
+        self.seg.install()
+        batch_invariance(transformer, True)  # per-sample results independent of the batch
+        self.cache: dict[tuple, Tensor] = {}  # per-shape constant inputs (Flux's img_ids)
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
+        try:
+            out = self.family.forward(self.transformer, inputs, self.cache)
+            self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
+            return out
+        finally:
+            self.seg.set_mask(None)
+
+    def grids(self) -> list[tuple[int, int]]:
+        """The token grid of the last forward (for runtime-σ exports' blur-matrix inputs)."""
+        return [] if self.seg.grid is None else [self.seg.grid[1:]]
+
+    def remove(self) -> None:
+        self.seg.remove()
+        batch_invariance(self.transformer, False)
