@@ -492,3 +492,9 @@ def request_of_record(record: Mapping[str, Any]):
 def replace_fields(params: GenerationParams, kind: str, values: Mapping[str, Any]) -> GenerationParams:
     """``params`` with some wire fields changed (aliases accepted), validated again."""
     return request_from_fields({**values_of(params, kind), **canonical(values, kind)}, kind)
+
+
+def check_field(key: str, value: Any, kind: str = "image") -> Any:
+    """``value`` of wire field ``key`` checked by the request type's own rule, alone (for validators
+    that name the field); returns it as the request holds it."""
+    return values_of(request_from_fields({key: value}, kind), kind)[key]

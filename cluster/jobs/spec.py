@@ -34,6 +34,7 @@ from seg_rt.params import (
     RequestField,
     VideoParams,
     check_cfg,
+    check_field,
     check_scheduler,
     check_seed,
     fields_for,
@@ -168,6 +169,13 @@ class _OverridesBase(_Strict):
 
     prompt: str
     seg: SegSpec | None = None
+
+    @field_validator("*", check_fields=False)
+    @classmethod
+    def _field(cls, v: Any, info) -> Any:
+        if v is None or info.field_name in ("prompt", "seg"):
+            return v
+        return check_field(info.field_name, v)  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
     def _one_seg_spelling(self) -> _OverridesBase:

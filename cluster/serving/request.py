@@ -20,10 +20,10 @@ from seg_rt.params import (
     GenerationParams,
     RequestField,
     canonical,
+    check_field,
     field_named,
     fields_for,
     request_from_fields,
-    values_of,
 )
 
 from ..jobs.spec import Seed
@@ -101,9 +101,8 @@ class GenerateRequest(_Fields):
     def _field(cls, v: Any, info) -> Any:
         if v is None and info.field_name in SERVER_DEFAULTS:
             return v
-        f = field_named(info.field_name, "image")
-        value = values_of(request_from_fields({f.key: v}), "image")[f.key]  # the type's own rule
-        return list(value) if f.type == "layers" else value
+        value = check_field(info.field_name, v)  # the request type's own rule
+        return list(value) if field_named(info.field_name, "image").type == "layers" else value
 
     @model_validator(mode="after")
     def _whole(self) -> "GenerateRequest":
