@@ -386,11 +386,15 @@ class SEGAttention(SEGPatch):
         chosen = adapter.select(model, layers) if adapter.select is not None else select_layers(model, layers)
         super().__init__(model, adapter, {name: kinds[name] for name in chosen})
         self.perturbation = perturbation
-        self.sigma = float(sigma)
+        self.sigma = check_sigma(sigma)
         self.rows: slice | None = None  # eager only: the perturbed rows when they are contiguous
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         # axis length -> blur matrix [n, n]: a graph's runtime inputs in place of σ (runtime_blur)
         self._runtime_matrices: dict[int, Tensor] | None = None
+
+    def set_sigma(self, sigma: float) -> None:
+        """Blur with ``sigma`` from the next forward on (``config.check_sigma``'s rule)."""
+        self.sigma = check_sigma(sigma)
 
     @property
     def runtime_matrices(self) -> dict[int, Tensor] | None:

@@ -213,3 +213,15 @@ def test_sigma_rule_is_the_config_one_everywhere(sd15, tmp_path, sigma, shown):
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="seg sigma must be a number, got '2'"):
         SEGAttention(sd15.unet, "2", ["mid"])
+
+
+def test_configure_refuses_a_bad_sigma_before_changing_anything(sd15):
+    from seg_rt.engines import TorchDenoiser
+
+    with TorchDenoiser(sd15.unet, sigma=2.0, layers=("mid",)) as den:
+        seg = den.model.seg
+        with pytest.raises(ValueError, match="seg sigma must be > 0 or inf, got -3"):
+            den.configure(-3.0, ["up.0"])
+        assert den.model.seg is seg and seg.installed and seg.sigma == 2.0 and den.layers == ("mid",)
+        den.configure(math.inf)
+        assert seg.sigma == math.inf
