@@ -141,9 +141,8 @@ class SEGPatch:
         return bool(self._saved)
 
     def install(self) -> SEGPatch:
-        """Put a SEG processor on every layer, saving the processor it replaces. A layer that already
-        runs a SEG processor (another live patch) raises ``SEGAlreadyInstalled`` before any layer is
-        touched: two patches never stack, so removing them in any order restores the originals."""
+        """SEG processors on every layer, saving the ones they replace; a layer already running one
+        (another live patch) is ``SEGAlreadyInstalled`` before any is touched: patches never stack."""
         if self.installed:
             return self
         modules = dict(self.model.named_modules())
@@ -416,8 +415,7 @@ class SEGAttention(SEGPatch):
         self._runtime_matrices = dict(matrices)
 
     def clear_runtime_blur(self) -> None:
-        """Blur with σ's matrices again."""
-        self._runtime_matrices = None
+        self._runtime_matrices = None  # blur with σ's own matrices again
 
     @contextmanager
     def runtime_blur(self, matrices: Mapping[int, Tensor] | None) -> Iterator[SEGAttention]:
