@@ -27,6 +27,7 @@ from torch import Tensor
 
 from seg_rt.artifacts import ArtifactInfo, read_info
 from seg_rt.blur import blur_matrix, is_infinite
+from seg_rt.config import check_sigma
 
 BLUR_INPUT_PREFIX = "seg_blur_"  # runtime-σ exports take one blur matrix per axis length
 
@@ -116,12 +117,14 @@ class PatchedDenoiser(Denoiser):
         self._install(float(sigma), self.layers)
 
     def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
-        """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on."""
+        """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on; a bad σ is
+        refused before anything changes."""
         self._check_open()
+        check_sigma(sigma)
         if layers is not None and tuple(layers) != self.layers:
             self._remove()
             self._patch(sigma, layers)
-        self.model.seg.sigma = float(sigma)
+        self.model.seg.set_sigma(sigma)
 
     def close(self) -> None:
         if not self.closed:

@@ -24,7 +24,7 @@ class TorchDenoiser(PatchedDenoiser):
     ``perturbation="identity"`` perturbs the rows PAG's way instead (the quality benchmark's baseline).
     ``compile=True`` runs the SEG-patched model through ``torch.compile``; ``configure`` with other
     layers installs new processors and compiles the new model again (never silently eager). The
-    compiled model reads its blur matrices as tensors (``SEGAttention.runtime_matrices``, refilled in
+    compiled model reads its blur matrices as tensors (``SEGAttention.set_runtime_blur``, refilled in
     place when σ changes), never σ itself, so neither a new step nor a new σ recompiles it; a new
     latent size learns its token grids from one eager forward, then compiles once.
     ``shared_prefix`` (default on): the perturbed rows share the cond rows' computation up to the
@@ -86,12 +86,12 @@ class TorchDenoiser(PatchedDenoiser):
         if shape == self._grid_shape:
             return
         seg = self.model.seg
-        seg.runtime_matrices = None
+        seg.clear_runtime_blur()
         self.model(inputs)  # eager: the SEG layers record their token grids for this size
         lengths = sorted({n for grid in self.model.grids() for n in grid})
-        seg.runtime_matrices = {
-            n: torch.empty(n, n, dtype=sample.dtype, device=sample.device) for n in lengths
-        }
+        seg.set_runtime_blur(
+            {n: torch.empty(n, n, dtype=sample.dtype, device=sample.device) for n in lengths}
+        )
         self._fill_matrices()
         self._grid_shape = shape
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from seg_rt.artifacts import RUNTIME_SIGMA, ArtifactInfo, is_export_folder, staged_dir
 from seg_rt.blur import blur_matrix
+from seg_rt.config import check_sigma
 from seg_rt.denoiser import SEGUNet
 from seg_rt.errors import ExportValidationError
 from seg_rt.families import REGISTRY, family_of
@@ -54,12 +55,9 @@ class _Graph(nn.Module):
 
     def forward(self, *args: Tensor) -> Tensor:
         inputs = dict(zip(self.names, args, strict=True))
-        if self.blur_lengths:
-            self.model.seg.runtime_matrices = {n: inputs[f"seg_blur_{n}"] for n in self.blur_lengths}
-        try:
+        matrices = {n: inputs[f"seg_blur_{n}"] for n in self.blur_lengths} or None
+        with self.model.seg.runtime_blur(matrices):
             return self.model(inputs)
-        finally:
-            self.model.seg.runtime_matrices = None
 
 
 def export_onnx(
@@ -92,8 +90,8 @@ def export_onnx(
     f = pipe.vae_scale_factor
     family = family_of(pipe, "image")
     check_size(height, width, family.size_factor(pipe))
-    if sigma is not None and (math.isnan(sigma) or sigma <= 0):
-        raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+    if sigma is not None:
+        check_sigma(sigma)
     if not family.exportable:
         exportable = [f.name for f in REGISTRY.families("image") if f.exportable]
         raise ValueError(f"ONNX export supports the families {', '.join(exportable)}, got {family.name}")
@@ -185,14 +183,9 @@ def validate_onnx(folder: Path, model: SEGUNet, inputs: dict[str, Tensor], info:
     import numpy as np
 
     ort = require("onnxruntime", "validating the export")
-    with torch.no_grad():
-        model.seg.runtime_matrices = (
-            {n: inputs[f"seg_blur_{n}"] for n in info.blur_lengths} if info.blur_lengths else None
-        )
-        try:
-            ref = model({k: v for k, v in inputs.items() if not k.startswith("seg_blur_")}).float()
-        finally:
-            model.seg.runtime_matrices = None
+    matrices = {n: inputs[f"seg_blur_{n}"] for n in info.blur_lengths} or None
+    with torch.no_grad(), model.seg.runtime_blur(matrices):
+        ref = model({k: v for k, v in inputs.items() if not k.startswith("seg_blur_")}).float()
     fp16 = info.dtype == "float16"
     providers = (
         ["CUDAExecutionProvider"]

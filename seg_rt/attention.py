@@ -24,8 +24,8 @@ diffusers function is replaced, no thread-local switch is read (docs/design.md, 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +34,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import Tensor, nn
 
 from .blur import blur_matrix, separable_blur
-from .errors import SEGNotApplied
+from .config import check_sigma
+from .errors import SEGAlreadyInstalled, SEGNotApplied
 from .layers import select_layers, self_attention_layers
 
 logger = logging.getLogger(__name__)
@@ -140,9 +141,17 @@ class SEGPatch:
         return bool(self._saved)
 
     def install(self) -> SEGPatch:
+        """SEG processors on every layer, saving the ones they replace; a layer already running one
+        (another live patch) is ``SEGAlreadyInstalled`` before any is touched: patches never stack."""
         if self.installed:
             return self
         modules = dict(self.model.named_modules())
+        for name in self.kinds:
+            if isinstance(modules[name].processor, SEGProcessor):
+                raise SEGAlreadyInstalled(
+                    f"SEG is already installed on layer {name} by another live SEG patch; "
+                    "remove (close) that patch or denoiser first"
+                )
         owners: dict[str, list] = {}
         for name, kind in self.kinds.items():
             attn = modules[name]
@@ -367,8 +376,7 @@ class SEGAttention(SEGPatch):
         perturbation: str = "blur",
         adapter: Adapter = UNET,
     ) -> None:
-        if math.isnan(sigma) or sigma <= 0:
-            raise ValueError(f"seg sigma must be > 0 or inf, got {sigma:g}")
+        check_sigma(sigma)
         if perturbation not in self.PERTURBATIONS:
             raise ValueError(
                 f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
@@ -377,17 +385,54 @@ class SEGAttention(SEGPatch):
         chosen = adapter.select(model, layers) if adapter.select is not None else select_layers(model, layers)
         super().__init__(model, adapter, {name: kinds[name] for name in chosen})
         self.perturbation = perturbation
-        self.sigma = float(sigma)
+        self.sigma = check_sigma(sigma)
         self.rows: slice | None = None  # eager only: the perturbed rows when they are contiguous
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
-        # axis length -> blur matrix, set by an exported graph whose σ is a runtime input
-        self.runtime_matrices: dict[int, Tensor] | None = None
+        # axis length -> blur matrix [n, n]: a graph's runtime inputs in place of σ (runtime_blur)
+        self._runtime_matrices: dict[int, Tensor] | None = None
+
+    def set_sigma(self, sigma: float) -> None:
+        """Blur with ``sigma`` from the next forward on (``config.check_sigma``'s rule)."""
+        self.sigma = check_sigma(sigma)
+
+    @property
+    def runtime_matrices(self) -> dict[int, Tensor] | None:
+        """The blur matrices in use instead of σ (axis length -> ``[n, n]``), or None: built from σ."""
+        return self._runtime_matrices
+
+    def set_runtime_blur(self, matrices: Mapping[int, Tensor] | None) -> None:
+        """Blur with ``matrices`` (axis length ``n`` -> ``[n, n]``) instead of σ's from the next forward
+        on, until ``clear_runtime_blur``; for holders that keep them (a compiled denoiser refills them
+        in place). Scoped use: ``runtime_blur``."""
+        if matrices is None:
+            self._runtime_matrices = None
+            return
+        for n, m in matrices.items():
+            if tuple(m.shape) != (n, n):
+                raise ValueError(
+                    f"runtime blur matrix for axis length {n} must be {n}x{n}, got {list(m.shape)}"
+                )
+        self._runtime_matrices = dict(matrices)
+
+    def clear_runtime_blur(self) -> None:
+        self._runtime_matrices = None  # blur with σ's own matrices again
+
+    @contextmanager
+    def runtime_blur(self, matrices: Mapping[int, Tensor] | None) -> Iterator[SEGAttention]:
+        """``with seg.runtime_blur({n: M_n}):`` the forwards inside blur with these matrices (an export's
+        ``seg_blur_<n>`` inputs; None: σ's); the matrices in use before are restored on exit, always."""
+        previous = self._runtime_matrices
+        self.set_runtime_blur(matrices)
+        try:
+            yield self
+        finally:
+            self._runtime_matrices = previous
 
     def matrices(self, grid: tuple[int, int], probe: Tensor) -> tuple[Tensor, Tensor]:
         """``(M_h, M_w)`` for ``grid`` in ``probe``'s dtype and device: the runtime inputs of a graph
         exported with dynamic σ, else built from σ (cached, except while tracing)."""
-        if self.runtime_matrices is not None:
-            return tuple(self.runtime_matrices[n].to(probe.dtype) for n in grid)
+        if self._runtime_matrices is not None:
+            return tuple(self._runtime_matrices[n].to(probe.dtype) for n in grid)
         key = (grid, self.sigma, probe.dtype, probe.device)
         if key in self._cache:
             return self._cache[key]

@@ -13,7 +13,10 @@ on ``seg_rt.prefix``): ~1/3 less down-path compute per SEG step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -61,18 +64,103 @@ class RowwiseConv3d(nn.Conv3d):
         return super().forward(input)
 
 
-_BATCH_INVARIANT = {nn.Linear: RowwiseLinear, nn.Conv3d: RowwiseConv3d}
+class RowwiseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` run one sample at a time in eager mode: CPU Conv2d picks another algorithm for
+    another batch size, so SD3's patch embedding gave batched rows results ~1e-7 off solo runs (as
+    ``RowwiseConv3d`` for Wan). Only the DiT's patchify conv uses it. Unlike ``RowwiseConv3d`` it
+    splits on every device (as it always has: outputs stay as they were)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.shape[0] > 1 and not tracing(input):
+            return torch.cat(
+                [super(RowwiseConv2d, self).forward(input[i : i + 1]) for i in range(input.shape[0])]
+            )
+        return super().forward(input)
+
+
+ROWWISE: Mapping[type, type] = MappingProxyType({nn.Linear: RowwiseLinear, nn.Conv3d: RowwiseConv3d})
+"""The default batch-invariance swaps: plain class -> its per-sample variant (exact type match)."""
+
+# module -> [its class before the first swap, number of live holders]; weak: a model that is
+# dropped leaves no entry, and nothing is stored on the (diffusers) modules themselves
+_SWAPPED: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
+_SWAP_LOCK = threading.Lock()
+
+
+class BatchInvariant:
+    """Per-sample (batch-invariant) layers in ``roots``, reference-counted per module.
+
+    Every module under ``roots`` whose exact type is a key of ``swaps`` becomes its per-sample
+    variant on the first ``acquire`` (of any holder) and gets its exact original class back on the
+    last ``release``, so two users of one model (two denoisers over one pipeline, one closing while
+    the other runs) never undo each other's swap. A module another holder already swapped is
+    counted, not swapped again. Use as a context manager, or ``acquire()`` / ``release()`` as a pair
+    (objects with ``close()``); each holder acquires at most once, and releasing twice is allowed.
+    """
+
+    def __init__(self, roots: Iterable[nn.Module | None], swaps: Mapping[type, type] = ROWWISE) -> None:
+        self.roots = [r for r in roots if r is not None]
+        self.swaps = dict(swaps)
+        self._held: list[nn.Module] = []
+        self.acquired = False
+
+    def acquire(self) -> BatchInvariant:
+        if self.acquired:
+            raise RuntimeError("this BatchInvariant is already acquired; build another holder")
+        with _SWAP_LOCK:
+            seen: set[int] = set()
+            for root in self.roots:
+                for m in root.modules():
+                    if id(m) in seen:
+                        continue
+                    seen.add(id(m))
+                    entry = _SWAPPED.get(m)
+                    if entry is not None:
+                        entry[1] += 1
+                    elif type(m) in self.swaps:
+                        _SWAPPED[m] = [type(m), 1]
+                        m.__class__ = self.swaps[type(m)]
+                    else:
+                        continue
+                    self._held.append(m)
+            self.acquired = True
+        return self
+
+    def release(self) -> None:
+        with _SWAP_LOCK:
+            for m in self._held:
+                entry = _SWAPPED[m]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    m.__class__ = entry[0]
+                    del _SWAPPED[m]
+            self._held.clear()
+            self.acquired = False
+
+    def __enter__(self) -> BatchInvariant:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def batch_invariant(*roots: nn.Module | None, swaps: Mapping[type, type] = ROWWISE) -> BatchInvariant:
+    """``BatchInvariant(roots, swaps)``, not yet acquired: ``with batch_invariant(unet, controlnet):``
+    or ``holder = batch_invariant(model).acquire()`` ... ``holder.release()``. ``None`` roots are
+    skipped. SD3's patchify conv: ``batch_invariant(proj, swaps={nn.Conv2d: RowwiseConv2d})``."""
+    return BatchInvariant(roots, swaps)
 
 
 def swap_linears(modules: Sequence[nn.Module | None], cls: type) -> None:
-    """Batch invariance on (``cls=RowwiseLinear``) or off (``cls=nn.Linear``): every ``nn.Linear`` and
-    ``nn.Conv3d`` under ``modules`` becomes its per-sample variant, or back."""
+    """Unreferenced swap, kept only until ``seg_rt.dit`` and ``video.sampling`` use ``batch_invariant``
+    (#22): batch invariance on (``cls=RowwiseLinear``) or off (``cls=nn.Linear``) for every ``nn.Linear``
+    and ``nn.Conv3d`` under ``modules``."""
     on = cls is RowwiseLinear
     for root in modules:
         if root is None:
             continue
         for m in root.modules():
-            for plain, rowwise in _BATCH_INVARIANT.items():
+            for plain, rowwise in ROWWISE.items():
                 if type(m) in (plain, rowwise):
                     m.__class__ = rowwise if on else plain
 
@@ -128,7 +216,7 @@ class SEGUNet(nn.Module):
         self.controlnet = controlnet
         self.seg = SEGAttention(unet, sigma, layers, perturbation).install()
         self.prefix = SharedPrefix(unet, self.seg.layer_names) if shared_prefix else None
-        swap_linears([unet, controlnet], RowwiseLinear)
+        self.invariant = batch_invariant(unet, controlnet).acquire()  # per-sample results, any batch
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -206,4 +294,4 @@ class SEGUNet(nn.Module):
         self.seg.remove()
         if self.prefix is not None:
             self.prefix.remove()
-        swap_linears([self.unet, self.controlnet], nn.Linear)
+        self.invariant.release()

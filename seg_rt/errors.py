@@ -17,6 +17,11 @@ class ExportValidationError(SegRtError, RuntimeError):
     """An exported model disagrees with torch beyond the tolerance."""
 
 
+class SEGAlreadyInstalled(SegRtError, ValueError):
+    """SEG processors asked onto a layer that already runs one: another live SEG patch owns the
+    model's attention there (docs/design.md, "Who owns a patch"). Remove that patch first."""
+
+
 class SEGNotApplied(SegRtError, RuntimeError):
     """SEG was active in a forward (perturbed rows present) but no query was perturbed: the SEG
     processors were not reached (replaced, bypassed, or their layers never ran). Raised instead of

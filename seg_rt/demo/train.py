@@ -93,6 +93,14 @@ def training_batch(step: int, cfg: TrainConfig) -> tuple[torch.Tensor, list[str]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of 0-based ``step``: linear warm-up to ``lr`` over ``warmup`` steps, then cosine
+    decay to ``min_lr_frac * lr`` at ``steps``.
+
+    After warm-up this is transformers' ``get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=
+    min_lr_frac)`` bit for bit; its warm-up is ``step / warmup`` (0 at step 0: a first step that
+    learns nothing), ours ``(step + 1) / warmup``, and the shipped demo models were trained with
+    ours, so it stays a pure function of the step (which also needs no scheduler state in the
+    checkpoint). Both facts are tested (tests/test_demo_schedule.py)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
