@@ -118,12 +118,18 @@ class PatchedDenoiser(Denoiser):
 
     def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
         """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on; a bad σ is
-        refused before anything changes."""
+        refused before anything changes, and layers that cannot be installed leave the current ones
+        installed (a long-lived denoiser survives one bad request)."""
         self._check_open()
         check_sigma(sigma)
         if layers is not None and tuple(layers) != self.layers:
+            old_sigma, old_layers = self.model.seg.sigma, self.layers
             self._remove()
-            self._patch(sigma, layers)
+            try:
+                self._patch(sigma, layers)
+            except Exception:
+                self._patch(old_sigma, old_layers)
+                raise
         self.model.seg.set_sigma(sigma)
 
     def close(self) -> None:

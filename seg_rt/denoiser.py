@@ -151,20 +151,6 @@ def batch_invariant(*roots: nn.Module | None, swaps: Mapping[type, type] = ROWWI
     return BatchInvariant(roots, swaps)
 
 
-def swap_linears(modules: Sequence[nn.Module | None], cls: type) -> None:
-    """Unreferenced swap, kept only until ``seg_rt.dit`` and ``video.sampling`` use ``batch_invariant``
-    (#22): batch invariance on (``cls=RowwiseLinear``) or off (``cls=nn.Linear``) for every ``nn.Linear``
-    and ``nn.Conv3d`` under ``modules``."""
-    on = cls is RowwiseLinear
-    for root in modules:
-        if root is None:
-            continue
-        for m in root.modules():
-            for plain, rowwise in ROWWISE.items():
-                if type(m) in (plain, rowwise):
-                    m.__class__ = rowwise if on else plain
-
-
 def _top_blocks(unet: nn.Module) -> list[str]:
     """The UNet's top-level blocks in forward order (``UNet2DConditionModel.forward``)."""
     names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]

@@ -8,8 +8,6 @@ from types import ModuleType
 EXTRAS = {
     "onnx": "onnx",
     "onnxruntime": "onnx",
-    "onnx_graphsurgeon": "onnx",
-    "polygraphy": "onnx",
     "tensorrt": "gpu",
     "ray": "cluster",
     "yaml": "cluster",

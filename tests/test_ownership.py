@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 import seg_rt
-from seg_rt.attention import SEGAttention
+from seg_rt.attention import SEGAttention, SEGProcessor
 from seg_rt.blur import blur_matrix
 from seg_rt.denoiser import RowwiseConv2d, RowwiseLinear, SEGUNet, batch_invariant
 from seg_rt.errors import SEGAlreadyInstalled
@@ -225,3 +225,18 @@ def test_configure_refuses_a_bad_sigma_before_changing_anything(sd15):
         assert den.model.seg is seg and seg.installed and seg.sigma == 2.0 and den.layers == ("mid",)
         den.configure(math.inf)
         assert seg.sigma == math.inf
+
+
+def test_configure_with_layers_that_do_not_exist_keeps_the_current_ones(sd15):
+    """A long-lived denoiser (a job worker's, a serving replica's) survives one bad request: the
+    same outputs afterwards as a denoiser that never saw it."""
+    from seg_rt.engines import TorchDenoiser
+
+    kw = {"steps": 2, "height": 64, "width": 64, "seed": 1, "output_type": "latent", "seg_sigma": 2.0}
+    with TorchDenoiser(sd15.unet, sigma=2.0, layers=("mid",)) as den:
+        with pytest.raises(ValueError, match="matches no self-attention layer"):
+            den.configure(2.0, ["nowhere"])
+        assert den.layers == ("mid",) and den.model.seg.installed
+        after = seg_rt.generate(sd15, "a", engine=den, **kw)
+    assert torch.equal(after, seg_rt.generate(sd15, "a", **kw))
+    assert not any(isinstance(p, SEGProcessor) for p in _processors(sd15.unet).values())  # restored

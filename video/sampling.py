@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from seg_rt.denoiser import RowwiseLinear, swap_linears
+from seg_rt.denoiser import batch_invariant
 from seg_rt.params import BranchParallel, GenerationParams, request_from_fields
 from seg_rt.pipeline import branch_group, check_size, load_pipeline, seed_generators
 from seg_rt.prefix import TransformerFork
@@ -51,7 +51,7 @@ class VideoDenoiser:
         self.family = video_family_of_model(model)  # how the network is called
         self.seg = VideoSEG(model, blur, layers, perturbation).install()
         self.prefix = TransformerFork(model, self.seg.layer_names) if shared_prefix else None
-        swap_linears([model], RowwiseLinear)  # per-sample results independent of the batch
+        self.invariant = batch_invariant(model).acquire()  # per-sample results independent of the batch
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -72,7 +72,7 @@ class VideoDenoiser:
         self.seg.remove()
         if self.prefix is not None:
             self.prefix.remove()
-        swap_linears([self.model], nn.Linear)
+        self.invariant.release()
 
 
 def generate_video(

@@ -1,4 +1,4 @@
-"""The SEG-patched image-DiT transformer (``SEGDiT``) and its batch-invariant patchify conv.
+"""The SEG-patched image-DiT transformer (``SEGDiT``), batch-invariant (``seg_rt.denoiser.batch_invariant``).
 
 Apart from ``seg_rt.families.dit`` so that resolving a family imports no diffusers model code: this
 module imports the attention processors (diffusers) and is loaded when a DiT denoiser is built.
@@ -8,37 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from seg_rt.attention import SEGAttention, tracing
-from seg_rt.denoiser import RowwiseLinear, swap_linears
-
-
-class RowwiseConv2d(nn.Conv2d):
-    """``nn.Conv2d`` run one sample at a time in eager mode: CPU Conv2d picks another algorithm for
-    another batch size, so SD3's patch embedding gave batched rows results ~1e-7 off solo runs (as
-    ``seg_rt.denoiser.RowwiseConv3d`` for Wan). Only the DiT's patchify conv uses it."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        if input.shape[0] > 1 and not tracing(input):
-            return torch.cat(
-                [super(RowwiseConv2d, self).forward(input[i : i + 1]) for i in range(input.shape[0])]
-            )
-        return super().forward(input)
+from seg_rt.attention import SEGAttention
+from seg_rt.denoiser import RowwiseConv2d, batch_invariant
 
 
 def _patch_convs(transformer: nn.Module) -> list[nn.Module]:
     """The patchify convs of a DiT (SD3's ``pos_embed.proj``; Flux patchifies by packing)."""
     proj = getattr(getattr(transformer, "pos_embed", None), "proj", None)
     return [proj] if isinstance(proj, nn.Conv2d) else []
-
-
-def batch_invariance(transformer: nn.Module, on: bool) -> None:
-    """Per-sample linears and patchify conv (on) or the plain layers back (off)."""
-    swap_linears([transformer], RowwiseLinear if on else nn.Linear)
-    for conv in _patch_convs(transformer):
-        conv.__class__ = RowwiseConv2d if on else nn.Conv2d
 
 
 class SEGDiT(nn.Module):
@@ -65,7 +44,11 @@ class SEGDiT(nn.Module):
         self.transformer, self.family = transformer, family
         self.seg = SEGAttention(transformer, sigma, layers, perturbation, adapter=family.adapter())
         self.seg.install()
-        batch_invariance(transformer, True)  # per-sample results independent of the batch
+        # per-sample results independent of the batch: linears and the patchify conv, held until remove()
+        self.invariant = [
+            batch_invariant(transformer).acquire(),
+            batch_invariant(*_patch_convs(transformer), swaps={nn.Conv2d: RowwiseConv2d}).acquire(),
+        ]
         self.cache: dict[tuple, Tensor] = {}  # per-shape constant inputs (Flux's img_ids)
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -83,4 +66,5 @@ class SEGDiT(nn.Module):
 
     def remove(self) -> None:
         self.seg.remove()
-        batch_invariance(self.transformer, False)
+        for holder in self.invariant:
+            holder.release()
