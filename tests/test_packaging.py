@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ["seg_rt", "seg_rt.demo", "seg_rt.export", "seg_rt.engines", "seg_rt.video", "seg_rt.cluster"]
+SUBPACKAGES = [
+    "seg_rt",
+    "seg_rt.bench",
+    "seg_rt.cli",
+    "seg_rt.demo",
+    "seg_rt.export",
+    "seg_rt.engines",
+    "seg_rt.video",
+    "seg_rt.cluster",
+]
 
 
 def test_editable_install_imports_every_subpackage():
