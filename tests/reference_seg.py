@@ -2,56 +2,15 @@
 
 Written from the paper / reference pipeline description (docs/design.md §1): a k×k depthwise conv2d blur
 with reflect padding applied to the last batch chunk of the query in [B, heads, N, d] layout, and a
-plain denoising loop with the reference guidance formula. Nothing from seg_rt is used here.
+plain denoising loop with the reference guidance formula. The blur and the reference processor are
+``seg_rt.bench.reference`` (the blur bench's cost baseline is the same code): that module imports
+nothing from seg_rt, which ``tests/test_boundaries.py`` checks, so this oracle shares no code with
+what it tests. Nothing else from seg_rt is used here.
 """
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-
-def gaussian_blur_2d(img, kernel_size, sigma):
-    ks = [min(kernel_size, n - (n % 2 - 1)) for n in img.shape[-2:]]
-
-    def taps(k):
-        x = torch.linspace(-(k - 1) * 0.5, (k - 1) * 0.5, steps=k)
-        pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-        return (pdf / pdf.sum()).to(img)
-
-    kernel = torch.mm(taps(ks[0])[:, None], taps(ks[1])[None, :]).expand(img.shape[-3], 1, *ks)
-    img = F.pad(img, [ks[1] // 2, ks[1] // 2, ks[0] // 2, ks[0] // 2], mode="reflect")
-    return F.conv2d(img, kernel, groups=img.shape[-3])
-
-
-class ReferenceSEGProcessor:
-    """Blurs the query of the last `1/chunks` of the batch; grid = (h, w) given, or isqrt(N)."""
-
-    def __init__(self, sigma, chunks, grid=None):
-        self.sigma, self.chunks, self.grid = sigma, chunks, grid
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        b, n, _ = hidden_states.shape
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        d = key.shape[-1] // attn.heads
-        query = query.view(b, -1, attn.heads, d).transpose(1, 2)
-        key = key.view(b, -1, attn.heads, d).transpose(1, 2)
-        value = value.view(b, -1, attn.heads, d).transpose(1, 2)
-        h, w = self.grid or (math.isqrt(n), math.isqrt(n))
-        parts = list(query.chunk(self.chunks))
-        ptb = parts[-1].permute(0, 1, 3, 2).reshape(b // self.chunks, attn.heads * d, h, w)
-        if self.sigma > 9999:
-            ptb = ptb.mean(dim=(-2, -1), keepdim=True).expand_as(ptb)
-        else:
-            c6 = math.ceil(6 * self.sigma)
-            ptb = gaussian_blur_2d(ptb, c6 + 1 - c6 % 2, self.sigma)
-        parts[-1] = ptb.reshape(b // self.chunks, attn.heads, d, n).permute(0, 1, 3, 2)
-        query = torch.cat(parts)
-        out = F.scaled_dot_product_attention(query, key, value)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * d)
-        return attn.to_out[1](attn.to_out[0](out))
+from seg_rt.bench.reference import ReferenceSEGProcessor
 
 
 @torch.no_grad()

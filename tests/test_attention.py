@@ -5,9 +5,9 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from seg_rt.attention import SEGAttention
+from seg_rt.bench.reference import ReferenceSEGProcessor
 from seg_rt.layers import select_layers, self_attention_layers
 
-from .reference_seg import ReferenceSEGProcessor
 from .tolerance import assert_close
 
 
@@ -136,7 +136,7 @@ def test_blur_is_applied_after_norm_q():
         k = attn.norm_k(attn.to_k(x).view(1, -1, 2, 8).transpose(1, 2))
         v = attn.to_v(x).view(1, -1, 2, 8).transpose(1, 2)
         qmap = q.permute(0, 1, 3, 2).reshape(1, 16, h, w)
-        from .reference_seg import gaussian_blur_2d
+        from seg_rt.bench.reference import gaussian_blur_2d
 
         q = gaussian_blur_2d(qmap, 7, 1.0).reshape(1, 2, 8, h * w).permute(0, 1, 3, 2)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(1, -1, 16)

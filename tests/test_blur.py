@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from seg_rt.bench.reference import gaussian_blur_2d
+from seg_rt.bench.reference import kernel_size as reference_kernel_size
 from seg_rt.blur import QueryBlur, blur_matrix, kernel_size
 
 from .tolerance import assert_close
@@ -13,20 +14,8 @@ from .tolerance import assert_close
 
 def direct_blur_2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """Reference SEG-SDXL math, generalised per axis: outer-product k×k kernel, reflect pad,
-    depthwise conv2d. img: [B, C, H, W]."""
-    c6 = math.ceil(6 * sigma)
-    k = c6 + 1 - c6 % 2
-    ks = [min(k, n - (n % 2 - 1)) for n in img.shape[-2:]]  # the reference's cap, per axis
-
-    def taps(kk):
-        x = torch.linspace(-(kk - 1) * 0.5, (kk - 1) * 0.5, steps=kk, dtype=torch.float64)
-        pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-        return pdf / pdf.sum()
-
-    kernel = torch.mm(taps(ks[0])[:, None], taps(ks[1])[None, :]).to(img.dtype)
-    kernel = kernel.expand(img.shape[-3], 1, *kernel.shape)
-    pad = [ks[1] // 2, ks[1] // 2, ks[0] // 2, ks[0] // 2]
-    return F.conv2d(F.pad(img, pad, mode="reflect"), kernel, groups=img.shape[-3])
+    depthwise conv2d (``seg_rt.bench.reference``, which imports nothing from seg_rt). img: [B, C, H, W]."""
+    return gaussian_blur_2d(img, reference_kernel_size(sigma), sigma)
 
 
 def tokens_to_map(q, h, w):  # [B, H*W, C] -> [B, C, H, W]

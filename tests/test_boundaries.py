@@ -3,15 +3,16 @@
 The parts are the folders mapped into ``seg_rt`` by pyproject's ``[tool.setuptools.package-dir]``
 (docs/design.md, "Layout"):
 
-- ``core`` (``seg_rt/``: blur, attention, guidance, sampler, pipeline, families, demo, CLI) imports
-  no other part at module level; the CLI and benchmarks import them inside the function that
-  needs them.
+- ``core`` (``seg_rt/``: blur, attention, guidance, sampler, pipeline, families, demo, the CLI
+  ``seg_rt.cli``, the benchmarks ``seg_rt.bench``) imports no other part at module level; the CLI
+  and benchmarks import them inside the function that needs them.
 - ``engines`` and ``export`` use the core only (and not each other, nor video / cluster).
 - ``video`` uses the core, engines and export; ``cluster`` may use every part.
 - Outside ``cluster`` (Ray / FastAPI / pydantic are what it is made of), no optional heavy
   dependency (``seg_rt.optional.EXTRAS``: onnxruntime, tensorrt, ray, cv2, ...) is imported at
   module level: it is imported where used, through ``seg_rt.optional.require``.
 - No part imports another part's ``_private`` names or modules.
+- The reference blur (``seg_rt.bench.reference``, the tests' oracle) imports nothing from seg_rt.
 - The core's own modules import each other without cycles (the demo model never imports the
   sampling code that loads it); so do the cluster's: the HTTP API mappings (``openai_api``,
   ``a1111_api``) import the request module only, never the serving core or the app.
@@ -217,6 +218,13 @@ def test_core_modules_import_each_other_without_cycles():
 def test_demo_model_does_not_import_the_sampling_code():
     targets = {i.target for i in imports_of("seg_rt.demo.model")}
     assert not targets & {"seg_rt.pipeline", "seg_rt.sampler", "seg_rt", "seg_rt.families"}
+
+
+def test_reference_blur_imports_nothing_from_seg_rt():
+    """``tests/reference_seg.py`` and ``tests/test_blur.py`` take their oracle from here: it must share
+    no code with what they test (no seg_rt import at any depth of the module, lazy ones included)."""
+    imported = {i.target for i in imports_of("seg_rt.bench.reference")}
+    assert imported and {t.split(".")[0] for t in imported} <= {"math", "torch"}, imported
 
 
 def test_the_checker_finds_what_it_forbids(tmp_path, monkeypatch):

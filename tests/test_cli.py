@@ -144,3 +144,64 @@ def test_records_equal_for_cli_and_api_requests(sdxl_dir, tmp_path):
     assert record["seg_sigma"] == "inf" and record["model"] == str(sdxl_dir)
     expected = GenerationParams(seed=2**64 - 1, steps=1, height=64, width=64)
     assert GenerationParams.from_record(record) == expected
+
+
+def _help_lines(capsys, monkeypatch, *command: str) -> dict[str, str]:
+    """``seg-rt COMMAND --help``, one entry per flag: its whole help line (no wrapping)."""
+    monkeypatch.setenv("COLUMNS", "500")
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    assert done.value.code == 0
+    lines: dict[str, str] = {}
+    flag = None
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            lines[flag] = line
+        elif flag and line.startswith("      "):  # a long flag's help starts on the next line
+            lines[flag] += " " + line.strip()
+        else:
+            flag = None
+    return lines
+
+
+def test_help_shows_every_request_default(capsys, monkeypatch):
+    """Each request flag's help shows the request type's own default (GenerationParams / SEGConfig /
+    VideoParams), formatted here independently of the CLI."""
+    import math
+
+    from seg_rt.params import GenerationParams, VideoParams
+
+    d, v = GenerationParams(), VideoParams()
+    assert (d.prompt, d.negative_prompt, d.height, d.width, d.sequential, v.layers) == (
+        "",
+        None,
+        None,
+        None,
+        False,
+        None,
+    )
+    assert math.isinf(d.seg.sigma)
+
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else repr(x)
+
+    shared = {
+        "--prompt": "''", "--negative-prompt": "none", "--seg-scale": num(d.seg.scale), "--seg-sigma": "inf",
+        "--cfg": num(d.cfg), "--steps": str(d.steps), "--height": "the model's default size",
+        "--width": "the model's default size", "--seed": str(d.seed), "--scheduler": d.scheduler,
+    }  # fmt: skip
+    image = {
+        **shared, "--seg-layers": ",".join(d.seg.layers), "--seg-start": num(d.seg.start), "--seg-end": num(d.seg.end),
+        "--seg-every": str(d.seg.every), "--seg-placement": d.seg.placement,
+        "--guidance-rescale": num(d.guidance_rescale), "--distilled-guidance": num(d.distilled_guidance),
+        "--sequential": "off",
+    }  # fmt: skip
+    video = {
+        **shared, "--frames": str(v.frames), "--seg-mode": v.mode, "--seg-sigma-time": num(v.sigma_time),
+        "--seg-layers": "all video self-attention", "--fps": str(v.fps),
+    }  # fmt: skip
+    for command, expected in (("generate", image), ("video", video)):
+        lines = _help_lines(capsys, monkeypatch, command)
+        for flag, value in expected.items():
+            assert f"(default: {value}" in lines[flag], (command, flag, lines[flag])

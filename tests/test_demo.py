@@ -69,8 +69,8 @@ def test_bundled_model_samples_deterministically(demo):
 def test_bundled_model_follows_its_prompts(demo):
     """The shipped model is trained: the shipped classifier reads most samples as the prompted shape
     (chance is 1/12) and the real renders almost perfectly."""
+    from seg_rt.bench.quality import describe_set, to_classifier_input
     from seg_rt.demo.classifier import load_classifier
-    from seg_rt.quality import describe_set, to_classifier_input
 
     items = [
         data.Item(shape, (shape * 5) % len(data.COLORS), shape % len(data.TEXTURES))
@@ -164,7 +164,7 @@ def test_quality_bench_cli_smoke(tmp_path):
 
 
 def test_quality_bench_unconditional_samples_empty_prompts_without_the_cfg_row():
-    from seg_rt.quality import run_quality
+    from seg_rt.bench.quality import run_quality
 
     rows = run_quality(samples=8, steps=1, batch=8, sigmas=(math.inf,), progress=False, unconditional=True)
     assert [r["method"] for r in rows] == ["vanilla", "PAG 3", "SEG σ=inf", "real (held-out)"]

@@ -160,13 +160,13 @@ def test_video_without_model_uses_the_demo_video_model(tmp_path):
 
 
 def test_cli_demo_frames_constant_matches_the_data():
-    from seg_rt import cli
+    from seg_rt.cli.video import DEMO_FRAMES
 
-    assert cli._DEMO_FRAMES == video_data.FRAMES
+    assert DEMO_FRAMES == video_data.FRAMES
 
 
 def test_video_quality_bench_rows_plot_and_table(vdemo, tmp_path):
-    from seg_rt.demo import video_bench
+    from seg_rt.video import bench as video_bench
 
     names = ["vanilla", "SEG temporal σt=1", "STG temporal (skip)"]
     rows = video_bench.run_video_quality(vdemo, samples=2, steps=1, method_names=names, progress=False)

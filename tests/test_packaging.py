@@ -10,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SUBPACKAGES = [
     "seg_rt",
+    "seg_rt.bench",
+    "seg_rt.cli",
     "seg_rt.demo",
     "seg_rt.families",
     "seg_rt.export",

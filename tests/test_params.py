@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from seg_rt.cli import build_parser, request_from_args, video_request_from_args
+from seg_rt.cli import build_parser
+from seg_rt.cli.generate import request_from_args
+from seg_rt.cli.video import video_request_from_args
 from seg_rt.config import SEGConfig, check_sigma, sigma_label, sigma_to_json
 from seg_rt.errors import first_line
 from seg_rt.images import params_text

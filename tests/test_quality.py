@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from seg_rt import quality
+from seg_rt.bench import metrics, quality
 from seg_rt.config import SEGConfig
 
 
@@ -19,15 +19,15 @@ def _gaussian(n: int, d: int, seed: int, scale=1.0, shift=0.0) -> torch.Tensor:
 
 def test_fid_of_a_set_with_itself_is_zero():
     a = _gaussian(500, 16, 0)
-    assert abs(quality.fid(a, a)) < 1e-8
+    assert abs(metrics.fid(a, a)) < 1e-8
 
 
 def test_fid_of_a_shifted_set_is_the_squared_shift():
     # same covariance, mean moved by delta: FID = |delta|^2 exactly
     a = _gaussian(400, 8, 1)
     delta = torch.linspace(-1, 1, 8, dtype=torch.float64)
-    assert quality.fid(a, a + delta) == pytest.approx(float(delta.pow(2).sum()), rel=1e-9)
-    assert quality.fid(a, a + delta) > 0.5
+    assert metrics.fid(a, a + delta) == pytest.approx(float(delta.pow(2).sum()), rel=1e-9)
+    assert metrics.fid(a, a + delta) > 0.5
 
 
 def test_fid_matches_the_closed_form_for_diagonal_covariances():
@@ -36,7 +36,7 @@ def test_fid_matches_the_closed_form_for_diagonal_covariances():
     mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
     v1, v2 = rng.uniform(0.2, 3, 5), rng.uniform(0.2, 3, 5)
     expect = float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum())
-    got = quality.frechet_distance(
+    got = metrics.frechet_distance(
         torch.tensor(mu1), torch.diag(torch.tensor(v1)), torch.tensor(mu2), torch.diag(torch.tensor(v2))
     )
     assert got == pytest.approx(expect, rel=1e-9)
@@ -53,28 +53,28 @@ def test_fid_matches_scipy_free_reference_for_full_covariances():
     s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
     tr_sqrt = np.sqrt(np.clip(np.linalg.eigvals(s1 @ s2).real, 0, None)).sum()
     expect = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
-    assert quality.fid(a, b) == pytest.approx(float(expect), rel=1e-7)
+    assert metrics.fid(a, b) == pytest.approx(float(expect), rel=1e-7)
 
 
 def test_fid_rejects_mismatched_sets():
     with pytest.raises(ValueError, match="fid needs"):
-        quality.fid(torch.zeros(5, 3), torch.zeros(5, 4))
+        metrics.fid(torch.zeros(5, 3), torch.zeros(5, 4))
 
 
 def test_mean_pairwise_distance_by_hand():
     x = torch.tensor([[0.0], [1.0], [3.0]])
     # distances 1, 3, 2 → mean 2
-    assert quality.mean_pairwise_distance(x) == pytest.approx(2.0)
+    assert metrics.mean_pairwise_distance(x) == pytest.approx(2.0)
 
 
 def test_precision_recall_known_cases():
     a = _gaussian(200, 4, 5)
-    assert quality.precision_recall(a, a.clone()) == (1.0, 1.0)
+    assert metrics.precision_recall(a, a.clone()) == (1.0, 1.0)
     far = a + 100.0
-    assert quality.precision_recall(a, far) == (0.0, 0.0)
+    assert metrics.precision_recall(a, far) == (0.0, 0.0)
     # fakes collapsed onto one real point: all inside the real manifold, covering almost none of it
     collapsed = a[:1].repeat(50, 1) + 1e-6 * _gaussian(50, 4, 6)
-    p, r = quality.precision_recall(a, collapsed)
+    p, r = metrics.precision_recall(a, collapsed)
     assert p == 1.0 and r < 0.1
 
 

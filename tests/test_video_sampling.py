@@ -141,7 +141,7 @@ def test_metrics_on_known_inputs():
 
 
 def test_harness_rows_and_plot(vpipe, tmp_path):
-    from seg_rt.video.harness import run_harness
+    from seg_rt.video.bench import run_harness
 
     rows = run_harness(vpipe, prompts=["a"], sigmas=[2.0, float("inf")], frames=3, height=32, width=32, steps=2,
                        plot=tmp_path / "q.png")  # fmt: skip

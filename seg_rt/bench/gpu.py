@@ -1,4 +1,4 @@
-"""GPU step check: ``python -m seg_rt.bench_gpu [--out gpu-step.json]`` on one CUDA GPU.
+"""``seg-rt bench gpu``: the GPU step check, on one CUDA GPU.
 
 Needs only torch (CUDA build) and diffusers: no TensorRT, no network, random weights. Under
 8 minutes on one H100-class GPU. Measures, for an SDXL-shaped UNet (SDXL's full config, random
@@ -18,56 +18,49 @@ Each section is printed as one JSON line as soon as it is done (``{"section": ..
 short still reports what it measured; the last line is the whole result.
 
 ``--device cpu --tiny`` is a dry run of the same code on a tiny UNet (fp32, no compile, no graphs):
-what the tests run. Prints one JSON object; ``--out`` also writes it (atomically).
+what the tests run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .bench import STEP_MODES, bench_step_case, move_inputs, sdxl_shaped_unet, step_inputs
-from .sampler import build_batch
+from seg_rt.errors import EnvironmentUnavailable
+from seg_rt.sampler import build_batch
+
+from .models import move_inputs, sdxl_shaped_unet, step_inputs
+from .step import STEP_MODES, bench_step_case
 
 STEPS = 25  # images/s are for this many steps of CFG+SEG
+DEVICE = "cuda"  # the defaults of ``run`` (and so of the CLI's flags)
+LATENT = 128  # latent height = width: 1024 px images
+PAIRS = 10  # alternating timing pairs per ratio
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m seg_rt.bench_gpu", description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu with --tiny (dry run)")
-    p.add_argument("--tiny", action="store_true", help="a tiny SDXL-shaped UNet, fp32, 8x8 latents")
-    p.add_argument("--latent", type=int, default=128, help="latent height = width (default 128: 1024 px)")
-    p.add_argument("--pairs", type=int, default=10, help="alternating timing pairs per ratio")
-    p.add_argument(
-        "--skip-compile", action="store_true", help="leave out torch.compile (its warm-up is minutes)"
-    )
-    p.add_argument("--out", default=None, help="also write the JSON here")
-    args = p.parse_args(argv)
-    if args.latent < 8 or args.latent % 8:
-        p.error(f"--latent must be a multiple of 8 and >= 8, got {args.latent}")
-    if args.pairs < 2:
-        p.error(f"--pairs must be >= 2, got {args.pairs}")
-    return args
+def check_options(latent: int, pairs: int) -> None:
+    """The latent side and pair count ``run`` accepts; one line naming the bad value."""
+    if latent < 8 or latent % 8:
+        raise ValueError(f"--latent must be a multiple of 8 and >= 8, got {latent}")
+    if pairs < 2:
+        raise ValueError(f"--pairs must be >= 2, got {pairs}")
 
 
 def check_device(device: str, tiny: bool) -> torch.device:
     """The device to run on; a clear one-line error when it cannot be used."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "needs a CUDA GPU (torch.cuda.is_available() is False); for a CPU dry run use --device cpu --tiny"
+        raise EnvironmentUnavailable(
+            "seg-rt bench gpu needs a CUDA GPU (torch.cuda.is_available() is False); for a CPU dry run use --device cpu --tiny"
         )
     if dev.type != "cuda" and not tiny:
-        raise RuntimeError(f"--device {device} is only for the dry run: add --tiny")
+        raise EnvironmentUnavailable(f"--device {device} is only for the dry run: add --tiny")
     return dev
 
 
@@ -236,37 +229,45 @@ def emit(section: str, data: object) -> None:
     print(json.dumps({"section": section, "data": data}), flush=True)
 
 
-def run(args: argparse.Namespace) -> dict:
-    device = check_device(args.device, args.tiny)
-    dtype = torch.float32 if args.tiny else torch.float16
-    latent = 8 if args.tiny else args.latent
+def run(
+    device: str | torch.device = DEVICE,
+    tiny: bool = False,
+    latent: int = LATENT,
+    pairs: int = PAIRS,
+    skip_compile: bool = False,
+) -> dict:
+    """Every section (``emit`` prints each as it finishes); the whole result. ``tiny``: the CPU dry run."""
+    check_options(latent, pairs)
+    device = check_device(device, tiny)  # str -> torch.device
+    dtype = torch.float32 if tiny else torch.float16
+    latent = 8 if tiny else latent
     t0 = time.perf_counter()
-    unet = sdxl_unet(args.tiny, device, dtype)
+    unet = sdxl_unet(tiny, device, dtype)
     result: dict = {
         "bench": "gpu-step",
-        "model": "tiny SDXL-shaped UNet (dry run)" if args.tiny else "SDXL UNet config, random weights",
+        "model": "tiny SDXL-shaped UNet (dry run)" if tiny else "SDXL UNet config, random weights",
         "dtype": str(dtype).removeprefix("torch."),
         "latent": f"{latent}x{latent}",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
     emit("setup", result)
-    if not args.tiny:
+    if not tiny:
         result["checks"] = gpu_checks(unet, min(latent, 64), device)
         emit("checks", result["checks"])
     ratios = []
     for layers in ("mid", "up"):
-        modes = ("cfg_seg", "cfg_seg_shared") if args.tiny else STEP_MODES  # the dry run: a few calls
-        row = bench_step_case(unet, "SDXL", [layers], latent, args.pairs, device, dtype, modes)
+        modes = ("cfg_seg", "cfg_seg_shared") if tiny else STEP_MODES  # the dry run: a few calls
+        row = bench_step_case(unet, "SDXL", [layers], latent, pairs, device, dtype, modes)
         ratios.append(
             {k: v for k, v in row.items() if k.endswith(("_over_cfg", "_over_cfg_iqr", "ms", "layers"))}
         )
         emit(f"ratios_{layers}", ratios[-1])
     result["ratios"] = ratios
-    reps = 1 if args.tiny else max(3, args.pairs)
+    reps = 1 if tiny else max(3, pairs)
     result["engines"] = engine_rows(unet, latent, device, dtype, reps=reps, compile=False)
     emit("engines", result["engines"])
-    if args.skip_compile or args.tiny:
+    if skip_compile or tiny:
         result["engines"]["compile"] = "skipped"
     else:  # last: its warm-up is minutes
         compiled = engine_rows(unet, latent, device, dtype, reps=reps, compile=True)
@@ -274,23 +275,3 @@ def run(args: argparse.Namespace) -> dict:
         result["engines"] |= {k: v for k, v in compiled.items() if not k.startswith("eager")}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        result = run(args)
-    except RuntimeError as exc:
-        print(f"seg_rt.bench_gpu: {exc}", file=sys.stderr)
-        return 2
-    text = json.dumps(result)
-    print(text)
-    if args.out:
-        from .images import write_atomic
-
-        write_atomic(Path(args.out), (text + "\n").encode())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,5 @@
-"""Sample-quality metrics and ``seg-rt bench quality`` on the demo model.
-
-Metrics work on feature vectors (rows of a ``[n, d]`` tensor) from the demo classifier
-(``seg_rt.demo.classifier``), the way FID uses Inception features:
-
-- ``fid``: Fréchet distance between Gaussians fitted to two feature sets (Heusel et al. 2017).
-- ``precision_recall``: k-NN manifold precision / recall (Kynkäänniemi et al. 2019).
-- ``mean_pairwise_distance``: a diversity measure (mean L2 distance between distinct samples).
-
-Written here rather than taken from torchmetrics / clean-fid: those bind FID to Inception-v3
-weights (a download) and to ImageNet-sized inputs; the formulas are a few lines in float64.
-"""
+"""``seg-rt bench quality`` on the demo model: vanilla, CFG, PAG-style and SEG at a σ sweep (and
+the cheap SEG modes), scored by ``seg_rt.bench.metrics`` on the demo classifier's features."""
 
 from __future__ import annotations
 
@@ -20,63 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import sigma_label, sigma_to_json
+from seg_rt.config import sigma_label, sigma_to_json
 
-
-def _stats(feats: Tensor) -> tuple[Tensor, Tensor]:
-    x = feats.double()
-    mu = x.mean(0)
-    xc = x - mu
-    return mu, xc.T @ xc / max(1, x.shape[0] - 1)
-
-
-def _sqrt_psd(m: Tensor) -> Tensor:
-    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
-    return (vecs * vals.clamp(min=0).sqrt()) @ vecs.T
-
-
-def frechet_distance(mu1: Tensor, s1: Tensor, mu2: Tensor, s2: Tensor) -> float:
-    """``|mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1^½ S2 S1^½)^½)``; the last trace via the symmetric
-    form, whose eigenvalues are those of ``S1 S2``, so no non-symmetric matrix square root is needed."""
-    r1 = _sqrt_psd(s1.double())
-    inner = _sqrt_psd(r1 @ s2.double() @ r1)
-    d = (mu1.double() - mu2.double()).pow(2).sum() + torch.trace(s1.double()) + torch.trace(s2.double())
-    return float(d - 2 * torch.trace(inner))
-
-
-def fid(a: Tensor, b: Tensor) -> float:
-    """FID between feature sets ``a`` and ``b`` (``[n, d]`` each)."""
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
-        raise ValueError(
-            f"fid needs two [n>=2, d] feature sets of equal d, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
-    return frechet_distance(*_stats(a), *_stats(b))
-
-
-def mean_pairwise_distance(feats: Tensor) -> float:
-    n = feats.shape[0]
-    if n < 2:
-        raise ValueError(f"need at least 2 samples, got {n}")
-    d = torch.cdist(feats.double(), feats.double())
-    return float(d.sum() / (n * (n - 1)))
-
-
-def _radii(feats: Tensor, k: int) -> Tensor:
-    d = torch.cdist(feats, feats)
-    return d.kthvalue(k + 1, dim=1).values  # +1: each point's distance to itself is 0
-
-
-def precision_recall(real: Tensor, fake: Tensor, k: int = 3) -> tuple[float, float]:
-    """Precision: share of ``fake`` inside the real k-NN manifold; recall: share of ``real`` inside
-    the fake one (fidelity and coverage)."""
-    real, fake = real.double(), fake.double()
-    if min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set")
-    r_real, r_fake = _radii(real, k), _radii(fake, k)
-    d = torch.cdist(fake, real)  # [n_fake, n_real]
-    precision = (d <= r_real[None]).any(1).double().mean()
-    recall = (r_fake[None] >= d.T).any(1).double().mean()
-    return float(precision), float(recall)
+from .figure import figure
+from .metrics import fid, mean_pairwise_distance, precision_recall
 
 
 @dataclass(frozen=True)
@@ -123,10 +60,6 @@ def methods(
         out.append(Method(f"SEG σ={sigma_label(s)}", scale=seg_scale, sigma=s))
     return out + (cheap_methods(cfg, seg_scale) if cheap else [])
 
-
-# ---------------------------------------------------------------------------------------------
-# seg-rt bench quality
-# ---------------------------------------------------------------------------------------------
 
 BENCH_SEED_BASE = 40_000_000  # prompt i names the item of data seed BENCH_SEED_BASE + i
 HELDOUT_SEED_BASE = 50_000_000  # a second real set (same captions): the metrics' floor for this count
@@ -269,38 +202,24 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path) -> None:
     """One bar chart per metric, methods on the x axis; the held-out real set as a dashed line."""
-    import tempfile
-    from pathlib import Path
-
-    from seg_rt.images import write_atomic
-    from seg_rt.optional import require
-
-    matplotlib = require("matplotlib", "the quality plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     gen = [r for r in rows if r["method"] != "real (held-out)"]
     real = next((r for r in rows if r["method"] == "real (held-out)"), None)
     cols = [c for c in COLUMNS if any(r.get(c) is not None for r in gen)]
-    fig, axes = plt.subplots(2, (len(cols) + 1) // 2, figsize=(4 * ((len(cols) + 1) // 2), 7))
-    for ax, col in zip(axes.flat, cols, strict=False):
-        ax.bar(
-            range(len(gen)),
-            [r[col] or 0.0 for r in gen],
-            color=["#888", "#c66", "#69c"] + ["#4a4"] * (len(gen) - 3),
+    half = (len(cols) + 1) // 2
+    with figure(path, "the quality plot", 2, half, figsize=(4 * half, 7)) as (fig, axes):
+        for ax, col in zip(axes.flat, cols, strict=False):
+            ax.bar(
+                range(len(gen)),
+                [r[col] or 0.0 for r in gen],
+                color=["#888", "#c66", "#69c"] + ["#4a4"] * (len(gen) - 3),
+            )
+            if real is not None and real.get(col) is not None:
+                ax.axhline(real[col], linestyle="--", color="black", linewidth=1, label="real (held-out)")
+            ax.set_xticks(range(len(gen)), [r["method"] for r in gen], rotation=60, ha="right", fontsize=8)
+            ax.set_title(col.replace("_", " "))
+        for ax in list(axes.flat)[len(cols) :]:
+            ax.axis("off")
+        first = gen[0]
+        fig.suptitle(
+            f"seg-rt bench quality: {first['samples']} samples, {first['steps']} steps, prompts: {first['prompts']}"
         )
-        if real is not None and real.get(col) is not None:
-            ax.axhline(real[col], linestyle="--", color="black", linewidth=1, label="real (held-out)")
-        ax.set_xticks(range(len(gen)), [r["method"] for r in gen], rotation=60, ha="right", fontsize=8)
-        ax.set_title(col.replace("_", " "))
-    for ax in list(axes.flat)[len(cols) :]:
-        ax.axis("off")
-    first = gen[0]
-    fig.suptitle(
-        f"seg-rt bench quality: {first['samples']} samples, {first['steps']} steps, prompts: {first['prompts']}"
-    )
-    fig.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name, dpi=100)
-        plt.close(fig)
-        write_atomic(Path(path), Path(tmp.name).read_bytes())

@@ -1,4 +1,6 @@
-"""``seg-rt bench video-quality`` on the demo video model: video SEG modes against STG-style skipping.
+"""``seg-rt bench video-quality``: video SEG modes measured.
+
+On the demo video model (``run_video_quality``): video SEG modes against STG-style skipping.
 
 Every method samples the same captions from the same seeds (one clip per caption, seed i for
 caption i); the captions cycle through the motions. Each row scores the clips:
@@ -11,12 +13,16 @@ caption i); the captions cycle through the motions. Each row scores the clips:
   ``lost`` (clips where the named colour vanishes in some frame);
 - ``diversity``: mean pairwise distance of the clips' mean frame features.
 The last row scores held-out real clips of the same captions: what a perfect generator would get.
+
+On any other AnimateDiff folder (``run_harness``, the proxy harness): one video per (prompt, mode, σ)
+from the same seed plus a no-SEG baseline, scored by temporal consistency (flow warping error,
+flicker) and per-frame proxies (sharpness, colorfulness). On the tiny random models the numbers
+only prove the harness runs; with real AnimateDiff weights they answer the question.
 """
 
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from seg_rt.config import sigma_to_json
+from seg_rt.bench.figure import figure
+from seg_rt.bench.metrics import fid, mean_pairwise_distance
+from seg_rt.config import parse_sigma, sigma_to_json
+from seg_rt.demo import motion, video_data
 
-from . import motion, video_data
+from .attention import MODES
+from .metrics import flicker, video_metrics, warping_error
+from .sampling import generate_video
 
 BENCH_SEED_BASE = 60_000_000  # real clips of the benchmark's captions
 HELDOUT_SEED_BASE = 70_000_000  # other clips of the same captions: the floor
@@ -81,9 +92,6 @@ def _frames01(clips: list[np.ndarray]) -> torch.Tensor:
 
 @torch.no_grad()
 def score(clf, clips: list[np.ndarray], items: list[video_data.ClipItem], real_feats: torch.Tensor) -> dict:
-    from seg_rt.quality import fid, mean_pairwise_distance
-    from seg_rt.video.metrics import flicker, warping_error
-
     frames = len(clips[0])
     feats = clf.features(_frames01(clips))
     logits = {name: head(feats).argmax(-1) for name, head in clf.heads.items()}
@@ -117,11 +125,10 @@ def run_video_quality(
     from tqdm.auto import tqdm
 
     from seg_rt.demo.classifier import load_classifier
+    from seg_rt.demo.video_model import video_weights_dir
     from seg_rt.pipeline import load_pipeline
-    from seg_rt.video.io import to_uint8
-    from seg_rt.video.sampling import generate_video
 
-    from .video_model import video_weights_dir
+    from .io import to_uint8
 
     if samples < 2 or steps < 1:
         raise ValueError(f"need samples >= 2 and steps >= 1; got {samples}, {steps}")
@@ -174,37 +181,25 @@ METRICS = ("warping_error", "flicker", "frame_fid", "prompt_accuracy", "motion_a
 
 def plot(rows: list[dict], path: str | Path) -> Path:
     """One horizontal bar chart per metric, a bar per method (the real clips' row hatched)."""
-    from seg_rt.images import write_atomic
-    from seg_rt.optional import require
-
-    matplotlib = require("matplotlib", "the video-quality plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [r["method"] for r in rows]
-    fig, axes = plt.subplots(
-        1, len(METRICS), figsize=(3.1 * len(METRICS), 0.32 * len(rows) + 1.4), sharey=True
-    )
-    for ax, metric in zip(axes, METRICS, strict=True):
-        values = [r[metric] for r in rows]
-        bars = ax.barh(
-            range(len(rows)),
-            values,
-            color=["C0" if "SEG" in n else "C1" if "STG" in n else "C7" for n in names],
-        )
-        bars[-1].set_hatch("//")
-        ax.set_title(
-            metric.replace("_", " ") + (" ↑" if "accuracy" in metric or metric == "diversity" else " ↓"),
-            fontsize=9,
-        )
-        ax.tick_params(labelsize=7)
-    axes[0].set_yticks(range(len(rows)), names)
-    axes[0].invert_yaxis()
-    fig.tight_layout()
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name, dpi=100)
-        plt.close(fig)
-        return write_atomic(path, Path(tmp.name).read_bytes())
+    size = (3.1 * len(METRICS), 0.32 * len(rows) + 1.4)
+    with figure(path, "the video-quality plot", 1, len(METRICS), figsize=size, sharey=True) as (_, axes):
+        for ax, metric in zip(axes, METRICS, strict=True):
+            values = [r[metric] for r in rows]
+            bars = ax.barh(
+                range(len(rows)),
+                values,
+                color=["C0" if "SEG" in n else "C1" if "STG" in n else "C7" for n in names],
+            )
+            bars[-1].set_hatch("//")
+            ax.set_title(
+                metric.replace("_", " ") + (" ↑" if "accuracy" in metric or metric == "diversity" else " ↓"),
+                fontsize=9,
+            )
+            ax.tick_params(labelsize=7)
+        axes[0].set_yticks(range(len(rows)), names)
+        axes[0].invert_yaxis()
+    return Path(path)
 
 
 def table(rows: list[dict]) -> str:
@@ -214,3 +209,72 @@ def table(rows: list[dict]) -> str:
         f"| {r['method']} | " + " | ".join(f"{r[m]:g}" for m in METRICS) + f" | {r.get('seconds', '')} |\n"
         for r in rows
     )
+
+
+# the proxy harness: any AnimateDiff folder
+
+DEFAULT_PROMPTS = ("a red ball rolling on grass", "waves on a beach at sunset")
+DEFAULT_SIGMAS = (1.0, 2.0, 5.0, math.inf)
+
+
+def run_harness(
+    model=None,
+    prompts: Sequence[str] = DEFAULT_PROMPTS,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    *,
+    sigma_time: float = 1.0,
+    frames: int = 8,
+    height: int = 64,
+    width: int = 64,
+    steps: int = 8,
+    cfg: float = 5.0,
+    seed: int = 0,
+    plot: str | Path | None = None,
+) -> list[dict]:
+    """Rows ``{prompt, mode, sigma, sigma_time, metrics...}``; mode ``none`` is the no-SEG baseline.
+
+    ``sigma`` is the swept σ: spatial for ``spatial`` / ``spatiotemporal`` (σ_time fixed at
+    ``sigma_time``), temporal for ``temporal``."""
+    if model is None:
+        from seg_rt.tiny import tiny_video_pipeline
+
+        model, name = tiny_video_pipeline("animatediff"), "tiny AnimateDiff (random weights)"
+    else:
+        name = str(model)
+    common = {"frames": frames, "height": height, "width": width, "steps": steps, "cfg": cfg, "seed": seed}
+    rows = []
+    for prompt in prompts:
+        base = generate_video(model, prompt, seg_scale=0.0, **common)[0]
+        rows.append({"model": name, "prompt": prompt, "mode": "none", "sigma": None, **video_metrics(base)})
+        for mode in MODES:
+            for sigma in sigmas:
+                # the swept σ is the one the mode uses: σ_time for temporal, σ_space otherwise
+                space, time_ = (math.inf, sigma) if mode == "temporal" else (sigma, sigma_time)
+                video = generate_video(
+                    model, prompt, seg_mode=mode, seg_sigma=space, seg_sigma_time=time_, **common
+                )[0]
+                rows.append({"model": name, "prompt": prompt, "mode": mode, "sigma": sigma_to_json(sigma),
+                             "sigma_time": sigma_to_json(time_) if mode != "spatial" else 0.0, **video_metrics(video)})  # fmt: skip
+    if plot:
+        plot_harness(rows, plot)
+    return rows
+
+
+def plot_harness(rows: list[dict], path: str | Path) -> Path:
+    """Warping error and flicker against σ, one line per mode, dashed no-SEG baseline; averaged over prompts."""
+    sigmas = sorted({r["sigma"] for r in rows if r["mode"] != "none"}, key=parse_sigma)
+    with figure(path, "the video-quality plot", 1, 2, figsize=(9, 3.5)) as (_, axes):
+        for ax, metric in zip(axes, ("warping_error", "flicker"), strict=True):
+            base = np.mean([r[metric] for r in rows if r["mode"] == "none"])
+            ax.axhline(base, linestyle="--", color="gray", label="no SEG")
+            for mode in MODES:
+                ys = [
+                    np.mean([r[metric] for r in rows if r["mode"] == mode and r["sigma"] == s])
+                    for s in sigmas
+                ]
+                ax.plot(range(len(sigmas)), ys, marker="o", label=mode)
+            ax.set_xticks(range(len(sigmas)), [str(s) for s in sigmas])
+            ax.set_xlabel("SEG sigma")
+            ax.set_title(metric.replace("_", " "))
+        axes[0].legend(fontsize=8)
+    return Path(path)

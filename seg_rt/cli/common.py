@@ -1,0 +1,241 @@
+"""What the ``seg-rt`` sub-commands share: the parser class, the request flags (every default and its
+``--help`` text from ``seg_rt.params``), branch-parallel and Ray flags, loading the model and its
+engine, the bundled models' notes, and turning errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from seg_rt.config import parse_sigma
+from seg_rt.errors import SegRtError
+from seg_rt.params import SCHEDULERS, BranchParallel, GenerationParams, parse_engine_spec
+
+logger = logging.getLogger("seg_rt")
+
+REQUEST = GenerationParams()  # every request flag's default is the request type's: one default per field
+IMAGE_MODEL_HELP = "local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def sigma_arg(value: str) -> float:
+    """``--seg-sigma`` and friends: a number or ``inf``."""
+    try:
+        return parse_sigma(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def shown(value: Any) -> str:
+    """A default as ``--help`` shows it: ``5`` for 5.0, ``inf``, ``mid,up`` for a tuple, ``''`` for
+    the empty string, ``off`` / ``on`` for a flag."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    if value == "":
+        return "''"
+    return str(value)
+
+
+def with_default(text: str, value: Any, none: str | None = None) -> str:
+    """``text (default: VALUE)``; ``none`` says what a default of ``None`` means."""
+    if value is None and none is None:
+        raise ValueError(f"the default of {text!r} is None: say what that means")
+    return f"{text} (default: {none if value is None else shown(value)})"
+
+
+def add_request_args(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The flags images and videos share: the model, the request (defaults from ``GenerationParams``),
+    the device and progress bars."""
+    r = REQUEST
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--prompt", default=r.prompt, help=with_default("text prompt ('' for unconditional SEG)", r.prompt)
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=r.negative_prompt,
+        help=with_default("negative prompt (CFG's uncond row)", r.negative_prompt, "none"),
+    )
+    p.add_argument(
+        "--seg-scale",
+        type=float,
+        default=r.seg.scale,
+        help=with_default("SEG guidance scale s (0 = off)", r.seg.scale),
+    )
+    p.add_argument(
+        "--seg-sigma",
+        type=sigma_arg,
+        default=r.seg.sigma,
+        help=with_default("blur σ in tokens, or 'inf'", r.seg.sigma),
+    )
+    p.add_argument("--cfg", type=float, default=r.cfg, help=with_default("CFG scale (1 = no CFG)", r.cfg))
+    p.add_argument("--steps", type=int, default=r.steps, help=with_default("sampling steps", r.steps))
+    p.add_argument(
+        "--height",
+        type=int,
+        default=r.height,
+        help=with_default("pixels", r.height, "the model's default size"),
+    )
+    p.add_argument(
+        "--width", type=int, default=r.width, help=with_default("pixels", r.width, "the model's default size")
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=r.seed,
+        help=with_default("seed of the initial noise (image i: seed + i)", r.seed),
+    )
+    p.add_argument("--scheduler", default=r.scheduler, help=with_default(", ".join(SCHEDULERS), r.scheduler))
+
+
+def shared_fields(args) -> dict:
+    """The ``GenerationParams`` fields that ``generate`` and ``video`` take from like-named flags."""
+    names = ("prompt", "negative_prompt", "seed", "steps", "cfg", "height", "width", "scheduler")
+    return {name: getattr(args, name) for name in names}
+
+
+def add_ray_args(p: argparse.ArgumentParser) -> None:
+    """Where the Ray commands (run, serve) find or start Ray (``cluster.jobs.driver.start_ray``)."""
+    p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    p.add_argument("--ray-temp-dir", default=None, help="parent of the private temp dir of a local Ray")
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Branch-parallel SEG flags (``seg_rt.params.BranchParallel``; its defaults)."""
+    b = p.add_argument_group("branch-parallel SEG (one image's latency over several processes / GPUs)")
+    b.add_argument(
+        "--branch-parallel", type=int, default=1, metavar="N", help="split each step's rows over N ranks"
+    )
+    b.add_argument("--parallel-launcher", default=BranchParallel.launcher, help="processes (default) or ray")
+    b.add_argument(
+        "--parallel-device", default=BranchParallel.device, help="cpu (gloo, default) or cuda (NCCL)"
+    )
+    b.add_argument("--placement", default=BranchParallel.strategy, help="Ray placement strategy (PACK)")
+    b.add_argument("--ray-address", default=None, help="Ray address (default: start a local Ray)")
+
+
+def parallel_from_args(args) -> BranchParallel | None:
+    """The ``BranchParallel`` of ``--branch-parallel N`` (N > 1), validated before any model loads."""
+    if args.branch_parallel < 1:
+        raise ValueError(f"--branch-parallel must be >= 1, got {args.branch_parallel}")
+    spec = BranchParallel(
+        ranks=args.branch_parallel,
+        launcher=args.parallel_launcher,
+        device=args.parallel_device,
+        strategy=args.placement,
+        address=args.ray_address,
+    )
+    if spec.ranks == 1:
+        return None
+    if args.device is not None:
+        raise ValueError("--device does not apply with --branch-parallel: give --parallel-device cpu or cuda")
+    return spec
+
+
+def load_model(
+    model: str,
+    device: str | None,
+    resources: contextlib.ExitStack,
+    *,
+    engine: str = "torch",
+    threads: int | None = None,
+    parallel: BranchParallel | None = None,
+) -> tuple[Any, Any]:
+    """(pipeline, engine) a command samples with: ``threads`` CPU threads set first, the pipeline
+    loaded on ``device``, and an ``engine`` other than ``torch`` loaded on the pipeline's device and
+    closed with ``resources`` (the engine is ``None`` for plain torch). With ``parallel`` nothing is
+    loaded here: every rank loads the model and engine itself, so ``(model, engine)`` come back as given."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    if parallel is not None:
+        return model, engine
+    from seg_rt.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, device)
+    kind, _ = parse_engine_spec(engine)
+    if kind == "torch":
+        return pipe, None
+    from seg_rt.engines import load_engine
+
+    return pipe, resources.enter_context(load_engine(engine, pipe, pipe._execution_device))
+
+
+def check_local_size(model: str, request: GenerationParams) -> None:
+    """A local model folder's scale factor is in its config files: check the size before loading it."""
+    from seg_rt.pipeline import check_size, folder_scale_factor
+
+    factor = folder_scale_factor(model) if Path(model).is_dir() else None
+    if factor is not None:
+        check_size(request.height, request.width, factor)
+
+
+def bundled(path: Path, found: bool, what: str, note: str) -> str:
+    """``path`` of a model bundled with seg-rt, with the one stderr line saying it is used; a clear
+    error when the install lacks it."""
+    if not found:
+        raise FileNotFoundError(
+            f"the bundled {what} is missing from {path}; reinstall seg-rt or pass --model"
+        )
+    print(f"seg-rt: no --model: using the bundled 32x32 {what} ({note}", file=sys.stderr)
+    return str(path)
+
+
+def demo_model() -> str:
+    from seg_rt.demo.model import is_demo_folder, weights_dir
+
+    path = weights_dir()
+    note = "procedural shapes, see README); for SDXL pass --model stabilityai/stable-diffusion-xl-base-1.0 "
+    return bundled(path, is_demo_folder(path), "demo model", note + "or a local SDXL folder")
+
+
+def quiet_libraries() -> None:
+    """Keep stderr for our progress bar and errors: no library loading bars or deprecation chatter."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command (``args.func``). Bad input (usage, ``ValueError``,
+    ``OSError``, ``ImportError``, seg-rt's own errors) ends in one line on stderr and exit code 2."""
+    try:
+        args = parser.parse_args(argv)
+        quiet_libraries()
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+        )
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except (ValueError, OSError, ImportError, SegRtError) as exc:
+        print(f"seg-rt: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,106 @@
+"""``seg-rt export onnx`` (SEG-patched denoiser → fixed-shape ONNX) and ``seg-rt export trt``
+(ONNX → TensorRT engine)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+from seg_rt.config import SEGConfig, check_sigma, parse_layers
+
+from .common import Parser, load_model, sigma_arg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("export", help="export the SEG denoiser: ONNX, then TensorRT")
+    esub = e.add_subparsers(dest="format", required=True, parser_class=Parser)
+    eo = esub.add_parser(
+        "onnx", help="SEG-patched denoiser -> fixed-shape ONNX (validated with ONNX Runtime)"
+    )
+    eo.add_argument("--model", required=True, help="local diffusers folder or hub id")
+    eo.add_argument("--height", type=int, required=True)
+    eo.add_argument("--width", type=int, required=True)
+    eo.add_argument("--batch", type=int, default=1, help="images per branch")
+    eo.add_argument(
+        "--no-cfg", action="store_true", help="row layout [cond, seg] instead of [uncond, cond, seg]"
+    )
+    sigma = eo.add_mutually_exclusive_group()
+    sigma.add_argument(
+        "--seg-sigma", type=sigma_arg, default=SEGConfig.sigma, help="σ baked into the graph (default inf)"
+    )
+    sigma.add_argument(
+        "--dynamic-sigma", action="store_true", help="σ as a runtime input (one model, every σ)"
+    )
+    eo.add_argument("--seg-layers", default="mid")
+    eo.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU use)")
+    eo.add_argument("--opset", type=int, default=18)
+    eo.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
+    eo.add_argument("--out", required=True, help="output folder (new or empty)")
+    eo.add_argument("--overwrite", action="store_true", help="replace an existing seg-rt export in --out")
+    eo.add_argument("--json", action="store_true")
+    eo.set_defaults(func=cmd_export_onnx)
+
+    et = esub.add_parser("trt", help="ONNX export -> TensorRT engine (needs TensorRT and a GPU)")
+    et.add_argument("--onnx", required=True, help="folder written by seg-rt export onnx")
+    et.add_argument("--out", required=True, help="output folder (new or empty)")
+    et.add_argument("--overwrite", action="store_true", help="replace an existing seg-rt export in --out")
+    et.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    et.add_argument("--timing-cache", default=None, help="timing cache file (read and updated)")
+    et.add_argument("--check-only", action="store_true", help="only check TensorRT operator support")
+    et.set_defaults(func=cmd_export_trt)
+
+
+def cmd_export_onnx(args) -> int:
+    from seg_rt.artifacts import check_out_dir, is_export_folder
+    from seg_rt.export import export_onnx
+
+    layers = parse_layers(args.seg_layers)
+    sigma = None if args.dynamic_sigma else check_sigma(args.seg_sigma)
+    check_out_dir(args.out, is_export_folder, overwrite=args.overwrite)  # before the model loads
+    with contextlib.ExitStack() as resources:
+        pipe, _ = load_model(args.model, "cpu" if not args.fp16 else None, resources)
+        result = export_onnx(
+            pipe,
+            args.out,
+            height=args.height,
+            width=args.width,
+            batch=args.batch,
+            cfg=not args.no_cfg,
+            sigma=sigma,
+            layers=layers,
+            fp16=args.fp16,
+            opset=args.opset,
+            validate=not args.no_validate,
+            model_name=str(args.model),
+            overwrite=args.overwrite,
+        )
+    summary = {
+        "out": str(result.folder),
+        "seconds": round(result.seconds, 2),
+        "validation": result.validation,
+    }
+    print(
+        json.dumps(summary)
+        if args.json
+        else f"{result.folder} ({result.seconds:.1f} s) validation: {result.validation}"
+    )
+    return 0
+
+
+def cmd_export_trt(args) -> int:
+    from seg_rt.export.tensorrt import build_engine, check_onnx_for_tensorrt
+
+    if args.check_only:
+        check_onnx_for_tensorrt(args.onnx)
+        print(f"{args.onnx}: every operator is supported by TensorRT")
+        return 0
+    engine = build_engine(
+        args.onnx,
+        args.out,
+        precision=args.precision,
+        timing_cache=args.timing_cache,
+        overwrite=args.overwrite,
+    )
+    print(engine)
+    return 0

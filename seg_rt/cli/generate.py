@@ -1,0 +1,211 @@
+"""``seg-rt generate``: text-to-image with SEG (one image, several, a grid, or a comparison sheet)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+
+from seg_rt.config import SEGConfig, check_sigma, parse_layers, parse_sigma, sigma_label, sigma_to_json
+from seg_rt.params import GenerationParams, parse_engine_spec
+
+from .common import (
+    IMAGE_MODEL_HELP,
+    REQUEST,
+    add_parallel_args,
+    add_request_args,
+    check_local_size,
+    demo_model,
+    load_model,
+    parallel_from_args,
+    shared_fields,
+    with_default,
+)
+
+DEFAULT_COMPARE_SIGMAS = "1,2,5,10,inf"
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags of every command that samples images (docs/design.md, "Contracts"); defaults from
+    ``GenerationParams`` / ``SEGConfig``."""
+    r = REQUEST
+    add_request_args(p, IMAGE_MODEL_HELP)
+    p.add_argument(
+        "--seg-layers",
+        default=",".join(r.seg.layers),
+        help=with_default("comma list: mid, down, up, mid.0, module names", r.seg.layers),
+    )
+    p.add_argument(
+        "--seg-start",
+        type=float,
+        default=r.seg.start,
+        help=with_default("SEG window start, fraction of steps", r.seg.start),
+    )
+    p.add_argument(
+        "--seg-end",
+        type=float,
+        default=r.seg.end,
+        help=with_default("SEG window end, fraction of steps", r.seg.end),
+    )
+    p.add_argument(
+        "--seg-every",
+        type=int,
+        default=r.seg.every,
+        help=with_default(
+            "cheap SEG: run the SEG branch every k-th step, reuse its delta in between", r.seg.every
+        ),
+    )
+    p.add_argument(
+        "--seg-placement",
+        default=r.seg.placement,
+        help=with_default(
+            "batched (an extra perturbed row) or uncond (cheap: blur inside the uncond row)", r.seg.placement
+        ),
+    )
+    p.add_argument(
+        "--guidance-rescale",
+        type=float,
+        default=r.guidance_rescale,
+        help=with_default("CFG rescale φ, 0 to 1", r.guidance_rescale),
+    )
+    p.add_argument(
+        "--distilled-guidance",
+        type=float,
+        default=r.distilled_guidance,
+        help=with_default(
+            "guidance value a guidance-distilled model embeds (Flux.1-dev; not CFG)", r.distilled_guidance
+        ),
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        default=r.sequential,
+        help=with_default("run CFG/SEG branches one at a time", r.sequential),
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (results depend on it; match a server / job worker) (default: torch's)",
+    )
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="text-to-image with SEG")
+    add_model_args(g)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--control-image", default=None, help="control image for SDXL ControlNet models")
+    g.add_argument("--controlnet-scale", type=float, default=1.0)
+    g.add_argument("--compare", action="store_true", help="one labelled grid: vanilla, CFG, SEG σ sweep")
+    g.add_argument("--grid", action="store_true", help="with --num-images: one labelled grid PNG")
+    g.add_argument("--compare-sigmas", default=DEFAULT_COMPARE_SIGMAS)
+    g.add_argument("--out", default="seg.png", help="output PNG (several images: NAME-i.png)")
+    g.add_argument("--json", action="store_true", help="print a JSON summary")
+    g.add_argument("--engine", default="torch", help="torch (default), torch-compile, onnx:DIR, trt:DIR")
+    add_parallel_args(g)
+    g.set_defaults(func=cmd_generate)
+
+
+def request_from_args(args) -> GenerationParams:
+    """``seg-rt generate``'s flags as one request (validated by ``GenerationParams``)."""
+    seg = SEGConfig(
+        args.seg_scale,
+        args.seg_sigma,
+        parse_layers(args.seg_layers),
+        args.seg_start,
+        args.seg_end,
+        args.seg_every,
+        args.seg_placement,
+    )
+    return GenerationParams(
+        **shared_fields(args),
+        seg=seg,
+        guidance_rescale=args.guidance_rescale,
+        sequential=args.sequential,
+        distilled_guidance=args.distilled_guidance,
+    )
+
+
+def compare_columns(request: GenerationParams, sigmas: list[float]) -> list[tuple[str, GenerationParams]]:
+    """vanilla (no guidance), CFG only, then SEG (with the given CFG) at each σ; one seed."""
+    cfg = request.cfg
+    cols = [
+        ("vanilla", request.replace(cfg=1.0).with_seg(scale=0.0)),
+        (f"CFG {cfg:g}", request.with_seg(scale=0.0)),
+    ]
+    for s in sigmas:
+        label = f"SEG sigma={sigma_label(s)}"
+        cols.append((label + (f"\n+CFG {cfg:g}" if cfg > 1 else ""), request.with_seg(sigma=s)))
+    return cols
+
+
+def compare_sigmas(text: str) -> list[float]:
+    sigmas = [check_sigma(parse_sigma(s)) for s in text.split(",") if s.strip()]
+    if not sigmas:
+        raise ValueError(f"--compare-sigmas must list at least one σ, got {text!r}")
+    return sigmas
+
+
+def cmd_generate(args) -> int:
+    with contextlib.ExitStack() as resources:  # closes the engine loaded for the run
+        return _generate(args, resources)
+
+
+def _generate(args, resources: contextlib.ExitStack) -> int:
+    from seg_rt.images import check_png_path, grid, load_image, params_text, save_png
+    from seg_rt.pipeline import run_params
+
+    # every input is checked before the model loads
+    request = request_from_args(args)
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    out = check_png_path(args.out)
+    parse_engine_spec(args.engine)
+    parallel = parallel_from_args(args)
+    columns = compare_columns(request, compare_sigmas(args.compare_sigmas)) if args.compare else None
+    requests = [request.replace(seed=request.seed + i) for i in range(args.num_images)]
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    model = args.model or demo_model()
+    check_local_size(model, request)
+    control = load_image(args.control_image) if args.control_image else None
+    t0 = time.perf_counter()
+    pipe, engine = load_model(
+        model, args.device, resources, engine=args.engine, threads=args.threads, parallel=parallel
+    )
+    common = {
+        "parallel": parallel,
+        "engine": engine,
+        "control_image": control,
+        "controlnet_scale": args.controlnet_scale,
+        "progress": not args.no_progress,
+    }
+    if columns is not None:
+        images = [run_params(pipe, [column], **common)[0] for _, column in columns]
+        sheet = grid(images, [label for label, _ in columns])
+        sigmas = [sigma_to_json(column.seg.sigma) for _, column in columns[2:]]
+        save_png(sheet, out, params_text(model, {**request.to_record(), "compare_sigmas": sigmas}))
+        paths = [out]
+    elif args.grid:
+        images = run_params(pipe, requests, **common)
+        labels = [f"seed {r.seed}" for r in requests]
+        sheet = grid(images, labels, columns=min(len(images), 4))
+        save_png(sheet, out, params_text(model, {**request.to_record(), "num_images": args.num_images}))
+        paths = [out]
+    else:
+        images = run_params(pipe, requests, **common)
+        paths = (
+            [out]
+            if len(images) == 1
+            else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+        )
+        for img, path, r in zip(images, paths, requests, strict=True):
+            save_png(img, path, params_text(model, r.to_record()))
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"outputs": [str(p) for p in paths], "seconds": round(seconds, 3)}))
+    else:
+        for p in paths:
+            print(p)
+    return 0

@@ -1,0 +1,70 @@
+"""``seg-rt serve``: the HTTP server (Ray Serve + FastAPI) for SEG generation."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .common import IMAGE_MODEL_HELP, add_ray_args, demo_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="HTTP server (Ray Serve + FastAPI) for SEG generation")
+    sv.add_argument("--model", default=None, help=IMAGE_MODEL_HELP)
+    sv.add_argument("--engine", default=None, help="torch (default), onnx:DIR, trt:DIR")
+    sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    sv.add_argument("--config", default=None, help="YAML server config (replicas, batching, limits)")
+    add_ray_args(sv)
+    sv.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (repeatable; also env SEG_RT_API_KEY, comma-separated); "
+        "needed to bind a non-loopback --host",
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=None, help="larger request bodies: HTTP 413 (1000000)"
+    )
+    sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
+    sv.add_argument(
+        "--branch-parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="latency mode: each run's steps split over N ranks per replica (branch-parallel SEG)",
+    )
+    sv.add_argument("--parallel-device", default=None, help="latency mode ranks: cpu (gloo) or cuda (NCCL)")
+    sv.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from seg_rt.cluster.serving.config import API_KEY_ENV, load_config
+    from seg_rt.demo.model import weights_dir
+
+    keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    demo = str(weights_dir())
+    cfg = load_config(
+        args.config,
+        defaults={"model": demo},  # no --model and none in the config: the demo model, as in generate
+        model=args.model,
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        api_keys=keys or None,
+        max_body_bytes=args.max_body_bytes,
+        model_name=args.model_name,
+        branch_parallel=args.branch_parallel,
+        branch_parallel_device=args.parallel_device,
+    )  # the whole config is valid before Ray starts
+    from seg_rt.cluster.serving.deployment import serve_forever
+
+    if cfg.model == demo:
+        demo_model()  # the note on what the demo model is (and that it is there)
+    print(
+        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (playground at /, OpenAPI at /docs)",
+        file=sys.stderr,
+    )
+    serve_forever(cfg, address=args.address, ray_temp_dir=args.ray_temp_dir)
+    return 0

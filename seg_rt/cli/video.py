@@ -1,0 +1,128 @@
+"""``seg-rt video``: text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan, LTX-Video)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from seg_rt.config import SEGConfig, parse_layers
+from seg_rt.params import GenerationParams, VideoParams
+
+from .common import (
+    add_parallel_args,
+    add_request_args,
+    bundled,
+    check_local_size,
+    load_model,
+    parallel_from_args,
+    shared_fields,
+    sigma_arg,
+    with_default,
+)
+
+VIDEO = VideoParams()  # every video flag's default is the request type's
+DEMO_FRAMES = 8  # seg_rt.demo.video_data.FRAMES, the demo video model's clip length (no torch import here)
+MODEL_HELP = (
+    "diffusers AnimateDiff / CogVideoX / Wan / LTX-Video folder or hub id (default: the bundled 32x32 "
+    "demo video model, offline)"
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    v = sub.add_parser(
+        "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan, LTX-Video)"
+    )
+    add_request_args(v, MODEL_HELP)
+    v.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help=f"output frames (default: {VIDEO.frames}; {DEMO_FRAMES} for the demo video model, its clip length)",
+    )
+    v.add_argument(
+        "--seg-mode", default=VIDEO.mode, help=with_default("spatial, temporal or spatiotemporal", VIDEO.mode)
+    )
+    v.add_argument(
+        "--seg-sigma-time",
+        type=sigma_arg,
+        default=VIDEO.sigma_time,
+        help=with_default("temporal blur σ (0: frames independent)", VIDEO.sigma_time),
+    )
+    v.add_argument(
+        "--seg-layers",
+        default=None,
+        help=with_default("comma list of module names / prefixes", VIDEO.layers, "all video self-attention"),
+    )
+    v.add_argument("--fps", type=int, default=VIDEO.fps, help=with_default("frames per second", VIDEO.fps))
+    v.add_argument("--gif", action="store_true", help="write an animated GIF instead of mp4")
+    v.add_argument("--compare", action="store_true", help="one side-by-side video: no SEG | each SEG mode")
+    v.add_argument("--out", default="seg.mp4")
+    add_parallel_args(v)
+    v.set_defaults(func=cmd_video)
+
+
+def video_request_from_args(args) -> GenerationParams:
+    """``seg-rt video``'s flags as one request; ``--seg-layers`` are video layers (``VideoParams.layers``)."""
+    frames = args.frames
+    if frames is None:  # the demo video model's clip length, else the request type's default
+        frames = DEMO_FRAMES if args.model is None else VIDEO.frames
+    video = VideoParams(
+        frames=frames,
+        fps=args.fps,
+        mode=args.seg_mode,
+        sigma_time=args.seg_sigma_time,
+        layers=parse_layers(args.seg_layers) if args.seg_layers else None,
+    )
+    seg = SEGConfig(scale=args.seg_scale, sigma=args.seg_sigma)
+    return GenerationParams(**shared_fields(args), seg=seg, video=video)
+
+
+def demo_video_model() -> str:
+    from seg_rt.demo.video_model import is_demo_video_folder, video_weights_dir
+
+    path = video_weights_dir()
+    note = "procedural shapes in motion, see README); for real video pass --model with an AnimateDiff / "
+    return bundled(
+        path, is_demo_video_folder(path), "demo video model", note + "CogVideoX / Wan / LTX folder"
+    )
+
+
+def cmd_video(args) -> int:
+    from seg_rt.video.attention import MODES
+    from seg_rt.video.io import side_by_side, write_video
+    from seg_rt.video.sampling import generate_video
+
+    out = Path(args.out)
+    if args.gif:
+        out = out.with_suffix(".gif")
+    if out.suffix.lower() not in (".mp4", ".gif"):
+        raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
+    request = video_request_from_args(args)  # validated before the model loads
+    runs = [("", request)]
+    if args.compare:
+        runs = [(f"no SEG\nCFG {args.cfg:g}", request.with_seg(scale=0.0))]
+        for mode in MODES:
+            try:
+                runs.append(
+                    (f"SEG {mode}", request.replace(video=dataclasses.replace(request.video, mode=mode)))
+                )
+            except ValueError as exc:  # e.g. temporal with sigma time 0
+                raise ValueError(f"--compare, mode {mode}: {exc}") from None
+    parallel = parallel_from_args(args)
+    model = args.model or demo_video_model()  # after the checks: bad input gets its one line only
+    check_local_size(model, request)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as resources:
+        pipe, _ = load_model(model, args.device, resources, parallel=parallel)
+        videos = [
+            generate_video(pipe, params=r, progress=not args.no_progress, parallel=parallel)[0]
+            for _, r in runs
+        ]
+    frames = side_by_side(videos, [label for label, _ in runs]) if args.compare else videos[0]
+    write_video(frames, out, fps=request.video.fps)
+    print(json.dumps({"out": str(out), "frames": len(frames), "seconds": round(time.perf_counter() - t0, 2)}))
+    return 0
