@@ -56,22 +56,24 @@ def resolve_model(model: str) -> str:
 
 def open_model(
     model: str | Path | Any,
-    engine: str = "torch",
+    engine: str | None = "torch",
     device: str | torch.device | None = None,
     threads: int | None = None,
 ) -> OpenModel:
     """Open ``model`` (a folder, hub id, model URL or loaded pipeline) with ``engine`` (a spec:
-    ``torch``, ``torch-compile``, ``onnx:DIR``, ``trt:DIR``) on ``device`` (default: CUDA when
-    present). ``threads``: torch's CPU thread count, set before loading (CPU results depend on it,
+    ``torch``, ``torch-compile``, ``onnx:DIR``, ``trt:DIR``; ``None``: no engine, e.g. for an
+    export that patches the model itself) on ``device`` (default: CUDA when present). ``threads``: torch's CPU thread count, set before loading (CPU results depend on it,
     so whoever needs reproducible numbers fixes it). A bad engine spec fails before anything loads."""
     from .pipeline import load_pipeline
 
-    kind, _ = parse_engine_spec(engine)
+    kind = parse_engine_spec(engine)[0] if engine is not None else None
     if threads is not None:
         torch.set_num_threads(int(threads))
     source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     pipe = load_pipeline(resolve_model(str(model)), device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe)
+    if engine is None:
+        return OpenModel(pipe, family, None, source)
     if family.kind == "video":
         if kind != "torch":
             raise ValueError(

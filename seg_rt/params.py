@@ -385,9 +385,9 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
     _f("seg_start", "seg.start", float, "SEG window start, fraction of the schedule"),
     _f("seg_end", "seg.end", float, "SEG window end, fraction of the schedule"),
     _f("guidance_rescale", "guidance_rescale", float, "CFG rescale φ in [0, 1]"),
-    _f("height", "height", "optional_int", "height in pixels (none: the model's default)"),
-    _f("width", "width", "optional_int", "width in pixels (none: the model's default)"),
-    _f("seed", "seed", int, "seed; image i of a batch uses seed + i"),
+    _f("height", "height", "optional_int", "height in pixels"),
+    _f("width", "width", "optional_int", "width in pixels"),
+    _f("seed", "seed", int, "seed; sample i of a batch uses seed + i"),
     _f("scheduler", "scheduler", str, "sampler", choices=tuple(SCHEDULERS)),
     _f("sequential", "sequential", bool, "one denoiser call per branch (less memory, same images)"),
     # added after the first release: in records only when set, so old records stay byte-identical

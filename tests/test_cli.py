@@ -200,6 +200,9 @@ def test_help_shows_every_request_default(capsys, monkeypatch):
     video = {
         **shared, "--frames": str(v.frames), "--seg-mode": v.mode, "--seg-sigma-time": num(v.sigma_time),
         "--seg-layers": "all video self-attention", "--fps": str(v.fps),
+        # every field the video path honours has its flag (derived from the request field table)
+        "--seg-start": num(d.seg.start), "--seg-end": num(d.seg.end), "--seg-every": str(d.seg.every),
+        "--seg-placement": d.seg.placement, "--guidance-rescale": num(d.guidance_rescale), "--sequential": "off",
     }  # fmt: skip
     for command, expected in (("generate", image), ("video", video)):
         lines = _help_lines(capsys, monkeypatch, command)

@@ -9,13 +9,13 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from seg_rt.config import parse_sigma
 from seg_rt.errors import SegRtError
-from seg_rt.params import SCHEDULERS, BranchParallel, GenerationParams, parse_engine_spec
+from seg_rt.params import BranchParallel, GenerationParams, fields_for
 
 logger = logging.getLogger("seg_rt")
 
@@ -61,57 +61,49 @@ def with_default(text: str, value: Any, none: str | None = None) -> str:
     return f"{text} (default: {none if value is None else shown(value)})"
 
 
-def add_request_args(p: argparse.ArgumentParser, model_help: str) -> None:
-    """The flags images and videos share: the model, the request (defaults from ``GenerationParams``),
-    the device and progress bars."""
-    r = REQUEST
+# what a default of None means, per request field (the help text says it instead of "None")
+NONE_MEANS = {
+    "negative_prompt": "none",
+    "height": "the model's default size",
+    "width": "the model's default size",
+}
+ARG_TYPES = {int: int, float: float, "optional_int": int, "sigma": sigma_arg}
+
+
+def add_request_args(
+    p: argparse.ArgumentParser, model_help: str, kind: str, *, own: Mapping[str, dict] | None = None
+) -> None:
+    """The model, device and progress flags, then one flag per request field of ``kind`` (the request
+    field table, ``seg_rt.params.FIELDS``: ``--seg-scale`` for ``seg_scale``), each help showing the
+    request type's default. ``own``: a field's flag spelled by the command (its ``default`` and
+    ``help``), e.g. video's ``--frames``, whose default depends on the model."""
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--prompt", default=r.prompt, help=with_default("text prompt ('' for unconditional SEG)", r.prompt)
-    )
-    p.add_argument(
-        "--negative-prompt",
-        default=r.negative_prompt,
-        help=with_default("negative prompt (CFG's uncond row)", r.negative_prompt, "none"),
-    )
-    p.add_argument(
-        "--seg-scale",
-        type=float,
-        default=r.seg.scale,
-        help=with_default("SEG guidance scale s (0 = off)", r.seg.scale),
-    )
-    p.add_argument(
-        "--seg-sigma",
-        type=sigma_arg,
-        default=r.seg.sigma,
-        help=with_default("blur σ in tokens, or 'inf'", r.seg.sigma),
-    )
-    p.add_argument("--cfg", type=float, default=r.cfg, help=with_default("CFG scale (1 = no CFG)", r.cfg))
-    p.add_argument("--steps", type=int, default=r.steps, help=with_default("sampling steps", r.steps))
-    p.add_argument(
-        "--height",
-        type=int,
-        default=r.height,
-        help=with_default("pixels", r.height, "the model's default size"),
-    )
-    p.add_argument(
-        "--width", type=int, default=r.width, help=with_default("pixels", r.width, "the model's default size")
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=r.seed,
-        help=with_default("seed of the initial noise (image i: seed + i)", r.seed),
-    )
-    p.add_argument("--scheduler", default=r.scheduler, help=with_default(", ".join(SCHEDULERS), r.scheduler))
+    for f in fields_for(kind):
+        if own and f.key in own:
+            p.add_argument(f.flag, type=ARG_TYPES.get(f.type), **own[f.key])
+            continue
+        default = f.default
+        none = NONE_MEANS.get(f.key) or (
+            "all video self-attention" if f.path == ("video", "layers") else None
+        )
+        choices = f" ({', '.join(f.choices)})" if f.choices else ""
+        if f.type is bool:
+            p.add_argument(f.flag, action="store_true", default=default, help=with_default(f.help, default))
+            continue
+        shown_default = ",".join(default) if f.type == "layers" and default is not None else default
+        p.add_argument(
+            f.flag,
+            type=ARG_TYPES.get(f.type),
+            default=shown_default,
+            help=with_default(f.help + choices, default, none),
+        )
 
 
-def shared_fields(args) -> dict:
-    """The ``GenerationParams`` fields that ``generate`` and ``video`` take from like-named flags."""
-    names = ("prompt", "negative_prompt", "seed", "steps", "cfg", "height", "width", "scheduler")
-    return {name: getattr(args, name) for name in names}
+def request_fields(args, kind: str) -> dict:
+    """The request fields of a namespace made by ``add_request_args`` (by wire name)."""
+    return {f.key: getattr(args, f.key) for f in fields_for(kind)}
 
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
@@ -157,29 +149,24 @@ def load_model(
     device: str | None,
     resources: contextlib.ExitStack,
     *,
-    engine: str = "torch",
+    engine: str | None = None,
     threads: int | None = None,
     parallel: BranchParallel | None = None,
 ) -> tuple[Any, Any]:
-    """(pipeline, engine) a command samples with: ``threads`` CPU threads set first, the pipeline
-    loaded on ``device``, and an ``engine`` other than ``torch`` loaded on the pipeline's device and
-    closed with ``resources`` (the engine is ``None`` for plain torch). With ``parallel`` nothing is
-    loaded here: every rank loads the model and engine itself, so ``(model, engine)`` come back as given."""
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    """(pipeline, engine) a command samples with, opened by ``seg_rt.models.open_model`` (``threads``
+    CPU threads set first; the engine, when one is asked for, closed with ``resources``). With
+    ``parallel`` nothing is loaded here: every rank opens the model and engine itself, so
+    ``(model, engine)`` come back as given."""
     if parallel is not None:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         return model, engine
-    from seg_rt.pipeline import load_pipeline
+    from seg_rt.models import open_model
 
-    pipe = load_pipeline(model, device)
-    kind, _ = parse_engine_spec(engine)
-    if kind == "torch":
-        return pipe, None
-    from seg_rt.engines import load_engine
-
-    return pipe, resources.enter_context(load_engine(engine, pipe, pipe._execution_device))
+    opened = resources.enter_context(open_model(model, engine, device, threads))
+    return opened.pipe, opened.engine
 
 
 def check_local_size(model: str, request: GenerationParams) -> None:

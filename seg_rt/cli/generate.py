@@ -7,82 +7,27 @@ import contextlib
 import json
 import time
 
-from seg_rt.config import SEGConfig, check_sigma, parse_layers, parse_sigma, sigma_label, sigma_to_json
-from seg_rt.params import GenerationParams, parse_engine_spec
+from seg_rt.config import check_sigma, parse_sigma, sigma_label, sigma_to_json
+from seg_rt.params import GenerationParams, parse_engine_spec, request_from_fields
 
 from .common import (
     IMAGE_MODEL_HELP,
-    REQUEST,
     add_parallel_args,
     add_request_args,
     check_local_size,
     demo_model,
     load_model,
     parallel_from_args,
-    shared_fields,
-    with_default,
+    request_fields,
 )
 
 DEFAULT_COMPARE_SIGMAS = "1,2,5,10,inf"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags of every command that samples images (docs/design.md, "Contracts"); defaults from
-    ``GenerationParams`` / ``SEGConfig``."""
-    r = REQUEST
-    add_request_args(p, IMAGE_MODEL_HELP)
-    p.add_argument(
-        "--seg-layers",
-        default=",".join(r.seg.layers),
-        help=with_default("comma list: mid, down, up, mid.0, module names", r.seg.layers),
-    )
-    p.add_argument(
-        "--seg-start",
-        type=float,
-        default=r.seg.start,
-        help=with_default("SEG window start, fraction of steps", r.seg.start),
-    )
-    p.add_argument(
-        "--seg-end",
-        type=float,
-        default=r.seg.end,
-        help=with_default("SEG window end, fraction of steps", r.seg.end),
-    )
-    p.add_argument(
-        "--seg-every",
-        type=int,
-        default=r.seg.every,
-        help=with_default(
-            "cheap SEG: run the SEG branch every k-th step, reuse its delta in between", r.seg.every
-        ),
-    )
-    p.add_argument(
-        "--seg-placement",
-        default=r.seg.placement,
-        help=with_default(
-            "batched (an extra perturbed row) or uncond (cheap: blur inside the uncond row)", r.seg.placement
-        ),
-    )
-    p.add_argument(
-        "--guidance-rescale",
-        type=float,
-        default=r.guidance_rescale,
-        help=with_default("CFG rescale φ, 0 to 1", r.guidance_rescale),
-    )
-    p.add_argument(
-        "--distilled-guidance",
-        type=float,
-        default=r.distilled_guidance,
-        help=with_default(
-            "guidance value a guidance-distilled model embeds (Flux.1-dev; not CFG)", r.distilled_guidance
-        ),
-    )
-    p.add_argument(
-        "--sequential",
-        action="store_true",
-        default=r.sequential,
-        help=with_default("run CFG/SEG branches one at a time", r.sequential),
-    )
+    """Flags of every command that samples images (docs/design.md, "Contracts"): the request field
+    table's image fields, defaults from ``GenerationParams`` / ``SEGConfig``."""
+    add_request_args(p, IMAGE_MODEL_HELP, "image")
     p.add_argument(
         "--threads",
         type=int,
@@ -109,22 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def request_from_args(args) -> GenerationParams:
     """``seg-rt generate``'s flags as one request (validated by ``GenerationParams``)."""
-    seg = SEGConfig(
-        args.seg_scale,
-        args.seg_sigma,
-        parse_layers(args.seg_layers),
-        args.seg_start,
-        args.seg_end,
-        args.seg_every,
-        args.seg_placement,
-    )
-    return GenerationParams(
-        **shared_fields(args),
-        seg=seg,
-        guidance_rescale=args.guidance_rescale,
-        sequential=args.sequential,
-        distilled_guidance=args.distilled_guidance,
-    )
+    return request_from_fields(request_fields(args, "image"))
 
 
 def compare_columns(request: GenerationParams, sigmas: list[float]) -> list[tuple[str, GenerationParams]]:

@@ -9,8 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from seg_rt.config import SEGConfig, parse_layers
-from seg_rt.params import GenerationParams, VideoParams
+from seg_rt.params import GenerationParams, VideoParams, request_from_fields
 
 from .common import (
     add_parallel_args,
@@ -19,9 +18,7 @@ from .common import (
     check_local_size,
     load_model,
     parallel_from_args,
-    shared_fields,
-    sigma_arg,
-    with_default,
+    request_fields,
 )
 
 VIDEO = VideoParams()  # every video flag's default is the request type's
@@ -36,28 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser(
         "video", help="text-to-video with SEG on video attention (AnimateDiff, CogVideoX, Wan, LTX-Video)"
     )
-    add_request_args(v, MODEL_HELP)
-    v.add_argument(
-        "--frames",
-        type=int,
-        default=None,
-        help=f"output frames (default: {VIDEO.frames}; {DEMO_FRAMES} for the demo video model, its clip length)",
-    )
-    v.add_argument(
-        "--seg-mode", default=VIDEO.mode, help=with_default("spatial, temporal or spatiotemporal", VIDEO.mode)
-    )
-    v.add_argument(
-        "--seg-sigma-time",
-        type=sigma_arg,
-        default=VIDEO.sigma_time,
-        help=with_default("temporal blur σ (0: frames independent)", VIDEO.sigma_time),
-    )
-    v.add_argument(
-        "--seg-layers",
-        default=None,
-        help=with_default("comma list of module names / prefixes", VIDEO.layers, "all video self-attention"),
-    )
-    v.add_argument("--fps", type=int, default=VIDEO.fps, help=with_default("frames per second", VIDEO.fps))
+    frames = {
+        "default": None,
+        "help": f"output frames (default: {VIDEO.frames}; {DEMO_FRAMES} for the demo video model, its clip length)",
+    }
+    add_request_args(v, MODEL_HELP, "video", own={"frames": frames})
     v.add_argument("--gif", action="store_true", help="write an animated GIF instead of mp4")
     v.add_argument("--compare", action="store_true", help="one side-by-side video: no SEG | each SEG mode")
     v.add_argument("--out", default="seg.mp4")
@@ -67,18 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def video_request_from_args(args) -> GenerationParams:
     """``seg-rt video``'s flags as one request; ``--seg-layers`` are video layers (``VideoParams.layers``)."""
-    frames = args.frames
-    if frames is None:  # the demo video model's clip length, else the request type's default
-        frames = DEMO_FRAMES if args.model is None else VIDEO.frames
-    video = VideoParams(
-        frames=frames,
-        fps=args.fps,
-        mode=args.seg_mode,
-        sigma_time=args.seg_sigma_time,
-        layers=parse_layers(args.seg_layers) if args.seg_layers else None,
-    )
-    seg = SEGConfig(scale=args.seg_scale, sigma=args.seg_sigma)
-    return GenerationParams(**shared_fields(args), seg=seg, video=video)
+    fields = request_fields(args, "video")
+    if fields["frames"] is None:  # the demo video model's clip length, else the request type's default
+        fields["frames"] = DEMO_FRAMES if args.model is None else VIDEO.frames
+    return request_from_fields(fields, "video")
 
 
 def demo_video_model() -> str:
