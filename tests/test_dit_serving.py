@@ -83,6 +83,7 @@ def test_job_items_equal_generate(family, tmp_path):
     try:
         worker = SEGWorker(spec.model_dump(mode="json"), "w0")
         rows = worker.run(items)
+        worker.close()  # its engine holds SEG on the pipeline: the reference below installs its own
         for item, row in zip(items, rows, strict=True):
             assert "error" not in row, row
             p = item.params
