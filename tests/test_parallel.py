@@ -121,19 +121,29 @@ def test_cli_nccl_without_gpus_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("none is visible here (use device 'cpu' for gloo)")
 
 
-@pytest.mark.slow
-def test_cli_branch_parallel_writes_the_image_of_the_one_device_run(tmp_path, capsys):
+def _cli_one_and_split(model: str, height: int, width: int, ranks: int, tmp_path):
+    """``seg-rt generate`` on one device and with ``--branch-parallel ranks``: (flags, both images)."""
     import numpy as np
     from PIL import Image
 
     from seg_rt.cli import main
 
-    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
-    flags = ["generate", "--model", model, "--steps", "2", "--height", "64", "--width", "64", "--seed", "3",
-             "--seg-sigma", "2", "--no-progress", "--threads", "1"]  # fmt: skip
+    flags = ["generate", "--model", model, "--steps", "2", "--height", str(height), "--width", str(width),
+             "--seed", "3", "--seg-sigma", "2", "--no-progress", "--threads", "1"]  # fmt: skip
     assert main([*flags, "--out", str(tmp_path / "one.png")]) == 0
-    assert main([*flags, "--out", str(tmp_path / "split.png"), "--branch-parallel", "3"]) == 0
+    assert main([*flags, "--out", str(tmp_path / "split.png"), "--branch-parallel", str(ranks)]) == 0
     one, split = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "split"))
+    return flags, one, split
+
+
+@pytest.mark.slow
+def test_cli_branch_parallel_writes_the_image_of_the_one_device_run(tmp_path, capsys):
+    import numpy as np
+
+    from seg_rt.cli import main
+
+    model = str(save_tiny_pipeline("sd15", tmp_path / "sd15"))
+    flags, one, split = _cli_one_and_split(model, 64, 64, 3, tmp_path)
     assert np.abs(one - split).max() <= 1  # latents within 1e-5: at most one 8-bit rounding step apart
     assert main([*flags, "--out", str(tmp_path / "x.png"), "--branch-parallel", "2", "--device", "cpu"]) == 2
     assert "--device does not apply with --branch-parallel" in capsys.readouterr().err
@@ -160,16 +170,9 @@ def test_branch_parallel_image_dit_equals_the_one_device_run(family, tmp_path):
 @pytest.mark.slow
 def test_cli_branch_parallel_on_sd3_writes_the_image_of_the_one_device_run(tmp_path):
     import numpy as np
-    from PIL import Image
-
-    from seg_rt.cli import main
 
     model = str(save_tiny_dit_pipeline("sd3", tmp_path / "sd3"))
-    flags = ["generate", "--model", model, "--steps", "2", "--height", "48", "--width", "80", "--seed", "3",
-             "--seg-sigma", "2", "--no-progress", "--threads", "1"]  # fmt: skip
-    assert main([*flags, "--out", str(tmp_path / "one.png")]) == 0
-    assert main([*flags, "--out", str(tmp_path / "split.png"), "--branch-parallel", "2"]) == 0
-    one, split = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=int) for n in ("one", "split"))
+    _, one, split = _cli_one_and_split(model, 48, 80, 2, tmp_path)
     assert one.shape == (48, 80, 3)
     assert np.abs(one - split).max() <= 1  # latents within 1e-5: at most one 8-bit rounding step apart
 

@@ -35,6 +35,17 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@dataclass(frozen=True)
+class Classes:
+    """Who a family is: its diffusers pipeline class, the network class SEG patches (for finding a
+    family by its network; None for the image UNets, which share one adapter) and its SEG adapter as
+    ``module:name``."""
+
+    pipeline: str
+    model: str | None = None
+    adapter: str = "seg_rt.attention:UNET"
+
+
 class Family:
     """What differs per model family. Subclasses set ``name`` and implement the methods; one instance
     per family lives in the registry. ``kind`` is ``"image"`` (``seg_rt.run_params``) or ``"video"``
@@ -48,14 +59,27 @@ class Family:
         return f"<{self.kind} family {self.name}>"
 
     # --- identity -------------------------------------------------------------------------------
+    classes: ClassVar[Classes | None] = None  # or override the three methods below
+
     def pipeline_classes(self) -> tuple[type, ...]:
-        """The diffusers (or demo) pipeline classes of this family; subclasses belong to it too.
-        Imported when asked, so resolving one family never imports another's libraries."""
-        raise NotImplementedError
+        """The pipeline classes of this family (looked up in diffusers when asked, so resolving one
+        family imports no other's code); subclasses belong to the family too."""
+        if self.classes is None:
+            raise NotImplementedError(f"family {self.name} names no pipeline class")
+        return _diffusers_classes((self.classes.pipeline,))
 
     def model_classes(self) -> tuple[type, ...]:
         """The denoiser network classes (UNet / transformer) SEG patches in this family."""
-        return ()
+        model = self.classes.model if self.classes is not None else None
+        return _diffusers_classes((model,) if model else ())
+
+    def adapter(self):
+        """The family's SEG adapter (``seg_rt.attention.Adapter``)."""
+        import importlib
+
+        spec = self.classes.adapter if self.classes is not None else Classes("").adapter
+        module, _, name = spec.partition(":")
+        return getattr(importlib.import_module(module), name)
 
     # --- model facts ----------------------------------------------------------------------------
     def net(self, pipe) -> nn.Module:
@@ -118,6 +142,14 @@ class Family:
     ) -> dict:
         """Deterministic random denoiser inputs at the export shapes; the last ``batch`` rows perturbed."""
         raise ValueError(f"ONNX export is not available for {self.name}")
+
+
+def _diffusers_classes(names: tuple[str, ...]) -> tuple[type, ...]:
+    if not names:
+        return ()
+    import diffusers
+
+    return tuple(getattr(diffusers, name) for name in names)
 
 
 def perturbed_mask(rows: int, batch: int) -> Tensor:

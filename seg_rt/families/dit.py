@@ -53,10 +53,6 @@ class ImageDiTFamily(Family):
 
     packed: ClassVar[bool] = False  # 2x2-packed latent tokens (Flux, Qwen-Image) instead of a patchify conv
 
-    def adapter(self):
-        """The family's SEG adapter (``seg_rt.dit_attention``)."""
-        raise NotImplementedError
-
     def net(self, pipe):
         return pipe.transformer
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from seg_rt.params import GenerationParams
 
-from .base import Prepared, flow_shift
+from .base import Classes, Prepared, flow_shift
 from .dit import ImageDiTFamily, pack, unpack
 
 
@@ -39,24 +39,10 @@ def packed_schedule_options(family: str, sched, steps: int, sequence_length: int
 
 class FluxFamily(ImageDiTFamily):
     name = "flux"
+    classes = Classes("FluxPipeline", "FluxTransformer2DModel", "seg_rt.dit_attention:FLUX")
     packed = True
     exportable = True
     export_text_tokens = 512  # FluxPipeline.encode_prompt's max_sequence_length default (T5 only)
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import FluxPipeline
-
-        return (FluxPipeline,)
-
-    def model_classes(self) -> tuple[type, ...]:
-        from diffusers import FluxTransformer2DModel
-
-        return (FluxTransformer2DModel,)
-
-    def adapter(self):
-        from seg_rt.dit_attention import FLUX
-
-        return FLUX
 
     def takes_distilled_guidance(self, pipe) -> bool:
         """Flux.1-dev embeds a distilled guidance value; schnell does not."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from seg_rt.params import GenerationParams
 
-from .base import Prepared, read_json
+from .base import Classes, Prepared, read_json
 from .dit import ImageDiTFamily, pack, unpack
 from .flux import packed_schedule_options
 
@@ -29,22 +29,8 @@ QWEN_TEXT_TOKENS = 512
 
 class QwenImageFamily(ImageDiTFamily):
     name = "qwenimage"
+    classes = Classes("QwenImagePipeline", "QwenImageTransformer2DModel", "seg_rt.dit_attention:QWENIMAGE")
     packed = True
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import QwenImagePipeline
-
-        return (QwenImagePipeline,)
-
-    def model_classes(self) -> tuple[type, ...]:
-        from diffusers import QwenImageTransformer2DModel
-
-        return (QwenImageTransformer2DModel,)
-
-    def adapter(self):
-        from seg_rt.dit_attention import QWENIMAGE
-
-        return QWENIMAGE
 
     def folder_factor(self, folder: Path) -> int:
         return 2 ** len(read_json(folder / "vae" / "config.json")["temperal_downsample"]) * 2

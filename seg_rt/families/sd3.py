@@ -10,29 +10,15 @@ from torch import Tensor, nn
 
 from seg_rt.params import GenerationParams
 
-from .base import Prepared, read_json
+from .base import Classes, Prepared, read_json
 from .dit import ImageDiTFamily
 
 
 class SD3Family(ImageDiTFamily):
     name = "sd3"
+    classes = Classes("StableDiffusion3Pipeline", "SD3Transformer2DModel", "seg_rt.dit_attention:SD3")
     exportable = True
     export_text_tokens = 256  # StableDiffusion3Pipeline.encode_prompt's max_sequence_length default
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import StableDiffusion3Pipeline
-
-        return (StableDiffusion3Pipeline,)
-
-    def model_classes(self) -> tuple[type, ...]:
-        from diffusers import SD3Transformer2DModel
-
-        return (SD3Transformer2DModel,)
-
-    def adapter(self):
-        from seg_rt.dit_attention import SD3
-
-        return SD3
 
     def default_side(self, pipe) -> int:
         return pipe.transformer.config.sample_size * pipe.vae_scale_factor

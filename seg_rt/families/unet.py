@@ -16,7 +16,24 @@ from torch import Tensor
 
 from seg_rt.params import GenerationParams
 
-from .base import Family, Prepared, decode_per_image, named_scheduler, perturbed_mask, read_json, vae_factor
+from .base import (
+    Classes,
+    Family,
+    Prepared,
+    decode_per_image,
+    named_scheduler,
+    perturbed_mask,
+    read_json,
+    vae_factor,
+)
+
+
+def sd15_prompts(pipe, request: GenerationParams, n: int) -> Prepared:
+    """n rows of the request's prompts through ``encode_prompt(prompt, device, n, do_cfg, negative)``
+    (SD1.5's signature: SD1.5, the demo model, AnimateDiff)."""
+    do_cfg = request.cfg > 1.0
+    pe, ne = pipe.encode_prompt(request.prompt, pipe._execution_device, n, do_cfg, request.negative_prompt)
+    return Prepared({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None)
 
 
 class UNetFamily(Family):
@@ -24,12 +41,8 @@ class UNetFamily(Family):
     below override ``encode``."""
 
     name = "sd15"
+    classes = Classes("StableDiffusionPipeline")
     exportable = True
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import StableDiffusionPipeline
-
-        return (StableDiffusionPipeline,)
 
     def net(self, pipe):
         return pipe.unet
@@ -49,11 +62,7 @@ class UNetFamily(Family):
         return select_layers(pipe.unet, selectors)
 
     def encode(self, pipe, request: GenerationParams, n: int, **options) -> Prepared:
-        do_cfg = request.cfg > 1.0
-        pe, ne = pipe.encode_prompt(
-            request.prompt, pipe._execution_device, n, do_cfg, request.negative_prompt
-        )
-        return Prepared({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None)
+        return sd15_prompts(pipe, request, n)
 
     def schedule(self, pipe, scheduler, steps: int, **shape: int):
         sched = named_scheduler(pipe, scheduler)
@@ -157,11 +166,7 @@ class SDXLFamily(UNetFamily):
     """SDXL: two text encoders, pooled embeddings and micro-conditioning time ids."""
 
     name = "sdxl"
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import StableDiffusionXLPipeline
-
-        return (StableDiffusionXLPipeline,)
+    classes = Classes("StableDiffusionXLPipeline")
 
     def encode(
         self, pipe, request: GenerationParams, n: int, *, height: int, width: int, **options
@@ -189,11 +194,7 @@ class SDXLControlNetFamily(SDXLFamily):
     """SDXL with a ControlNet: SDXL's conditioning plus the control image (both branches)."""
 
     name = "sdxl-controlnet"
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import StableDiffusionXLControlNetPipeline
-
-        return (StableDiffusionXLControlNetPipeline,)
+    classes = Classes("StableDiffusionXLControlNetPipeline")
 
     def encode(
         self,

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from seg_rt.families.base import Prepared, named_scheduler
+from seg_rt.families.base import Classes, Prepared, named_scheduler
+from seg_rt.families.unet import sd15_prompts
 from seg_rt.params import GenerationParams
 
 from .base import VideoFamily
@@ -15,22 +16,8 @@ from .base import VideoFamily
 
 class AnimateDiffFamily(VideoFamily):
     name = "animatediff"
+    classes = Classes("AnimateDiffPipeline", "UNetMotionModel", "seg_rt.video.attention:ANIMATEDIFF")
     identity_perturbation = True
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import AnimateDiffPipeline
-
-        return (AnimateDiffPipeline,)
-
-    def model_classes(self) -> tuple[type, ...]:
-        from diffusers import UNetMotionModel
-
-        return (UNetMotionModel,)
-
-    def adapter(self):
-        from seg_rt.video.attention import ANIMATEDIFF
-
-        return ANIMATEDIFF
 
     def net(self, pipe) -> nn.Module:
         return pipe.unet
@@ -39,11 +26,7 @@ class AnimateDiffFamily(VideoFamily):
         return frames
 
     def encode(self, pipe, request: GenerationParams, n: int, **options) -> Prepared:
-        do_cfg = request.cfg > 1
-        pe, ne = pipe.encode_prompt(
-            request.prompt, pipe._execution_device, n, do_cfg, request.negative_prompt
-        )
-        return Prepared({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None)
+        return sd15_prompts(pipe, request, n)  # an SD1.5 text encoder
 
     def schedule(self, pipe, scheduler, steps: int, **shape: int):
         """Euler by default, as the paper samples."""

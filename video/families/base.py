@@ -39,9 +39,6 @@ class VideoFamily(Family):
         seg = VideoSEG(self.net(pipe), VideoBlur("spatiotemporal", 1.0, 1.0), selectors or None)
         return seg.layer_names
 
-    def adapter(self):
-        raise NotImplementedError
-
     def latent_frames(self, pipe, frames: int) -> int:
         """Latent frames for ``frames`` output frames (VAEs that compress time 4x decode 4k + 1)."""
         return (frames - 1) // pipe.vae_scale_factor_temporal + 1

@@ -7,27 +7,15 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
+from seg_rt.families.base import Classes
+
 from .base import VideoFamily
 
 
 class CogVideoXFamily(VideoFamily):
     name = "cogvideox"
+    classes = Classes("CogVideoXPipeline", "CogVideoXTransformer3DModel", "seg_rt.video.attention:COGVIDEOX")
     frames_first = True
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import CogVideoXPipeline
-
-        return (CogVideoXPipeline,)
-
-    def model_classes(self) -> tuple[type, ...]:
-        from diffusers import CogVideoXTransformer3DModel
-
-        return (CogVideoXTransformer3DModel,)
-
-    def adapter(self):
-        from seg_rt.video.attention import COGVIDEOX
-
-        return COGVIDEOX
 
     def shared_inputs(self, pipe, *, frames: int, height: int, width: int) -> dict:
         if not self.net(pipe).config.use_rotary_positional_embeddings:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seg_rt.families.base import Prepared, flow_shift, own_flow_scheduler, read_json
+from seg_rt.families.base import Classes, Prepared, flow_shift, own_flow_scheduler, read_json
 from seg_rt.params import GenerationParams
 
 from .base import VideoFamily
@@ -36,21 +36,7 @@ def ltx_unpack(tokens: Tensor, f: int, h: int, w: int, p: int, p_t: int) -> Tens
 
 class LTXFamily(VideoFamily):
     name = "ltx"
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import LTXPipeline
-
-        return (LTXPipeline,)
-
-    def model_classes(self) -> tuple[type, ...]:
-        from diffusers import LTXVideoTransformer3DModel
-
-        return (LTXVideoTransformer3DModel,)
-
-    def adapter(self):
-        from seg_rt.video.attention import LTX
-
-        return LTX
+    classes = Classes("LTXPipeline", "LTXVideoTransformer3DModel", "seg_rt.video.attention:LTX")
 
     def size_factor(self, pipe) -> int:
         return int(pipe.vae_spatial_compression_ratio)

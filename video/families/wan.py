@@ -8,28 +8,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from seg_rt.families.base import read_json
+from seg_rt.families.base import Classes, read_json
 
 from .base import VideoFamily
 
 
 class WanFamily(VideoFamily):
     name = "wan"
-
-    def pipeline_classes(self) -> tuple[type, ...]:
-        from diffusers import WanPipeline
-
-        return (WanPipeline,)
-
-    def model_classes(self) -> tuple[type, ...]:
-        from diffusers import WanTransformer3DModel
-
-        return (WanTransformer3DModel,)
-
-    def adapter(self):
-        from seg_rt.video.attention import WAN
-
-        return WAN
+    classes = Classes("WanPipeline", "WanTransformer3DModel", "seg_rt.video.attention:WAN")
 
     def folder_factor(self, folder: Path) -> int:
         return int(read_json(folder / "vae" / "config.json")["scale_factor_spatial"])
