@@ -443,7 +443,7 @@ class SEGAttention(SEGPatch):
 
     def set_mask(self, mask: Tensor | None, rows: slice | None = None) -> None:
         """Select the perturbed rows. ``rows``: the perturbed rows as host data when the caller knows
-        them (the sampler's ``DenoiserBatch.seg_rows``): no device read, so no host sync per forward.
+        them (the sampler's ``RowLayout.seg_rows``): no device read, so no host sync per forward.
         Otherwise eager calls read the mask back once (skip the blur when no row is perturbed, blur a
         contiguous run of rows in place); traced calls keep it as data."""
         self.mask, self.rows, self.perturbed = mask, None, 0

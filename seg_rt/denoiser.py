@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .attention import SEGAttention, tracing
 from .prefix import Fork, RowFork, first_block, fork_of
+from .sampler import row_layout
 
 BASE_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 SDXL_INPUTS = ("text_embeds", "time_ids")
@@ -230,7 +231,7 @@ class SEGUNet(nn.Module):
         if missing:
             raise ValueError(f"denoiser inputs missing {', '.join(missing)}")
         fork = self._fork(inputs)
-        mask, rows = inputs.get("seg_mask"), getattr(inputs, "seg_rows", None)
+        mask, rows = inputs.get("seg_mask"), row_layout(inputs).seg_rows
         if fork is not None:  # the UNet runs on the prefix rows; SharedPrefix appends the rest
             inputs = {k: fork.cut(v) for k, v in inputs.items() if k != "seg_mask"}
         sample = inputs["sample"]

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import tracing
+from .sampler import row_layout
 
 MIN_CPU_PREFIX_ROWS = 2
 """PyTorch's CPU ``Conv2d`` runs a batch of one small input through its native kernel and a larger
@@ -77,9 +78,10 @@ class Fork:
 
 def fork_of(inputs: Mapping[str, Tensor]) -> Fork | None:
     """The ``Fork`` of a batch when its prefix can be shared, else None: an eager call whose host layout
-    (the sampler's ``DenoiserBatch.seg_rows`` / ``seg_source``) puts the perturbed rows last and their
+    (the sampler's ``RowLayout``) puts the perturbed rows last and their
     source rows before them, with at least ``MIN_CPU_PREFIX_ROWS`` prefix rows on the CPU."""
-    rows, source = getattr(inputs, "seg_rows", None), getattr(inputs, "seg_source", None)
+    layout = row_layout(inputs)
+    rows, source = layout.seg_rows, layout.seg_source
     sample = inputs["sample"]
     if rows is None or source is None or tracing(sample):
         return None

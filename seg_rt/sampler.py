@@ -5,7 +5,7 @@ perturbed rows are marked by ``seg_mask`` (docs/design.md, "Batching"), calls th
 once per branch with ``sequential=True`` to save memory), and combines the predictions with
 ``seg_guidance``. Outside the SEG window the perturbed rows are simply not in the batch.
 
-The batch is a ``DenoiserBatch``: the named tensors plus the row layout as host data (which rows
+The batch is a ``DenoiserBatch``: the named tensors plus their ``RowLayout``, host data (which rows
 are perturbed, which rows' inputs they copy), so a denoiser never reads ``seg_mask`` back from the
 device (no host sync per forward) and can share the perturbed rows' unperturbed prefix.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -65,9 +66,9 @@ def branches_at(step: int, num_steps: int, cfg: float, seg: SEGConfig) -> list[s
     return names
 
 
-class DenoiserBatch(dict):
-    """The denoiser's named input tensors (a plain ``dict[str, Tensor]`` to every engine) plus the
-    row layout as host data, known when the batch is built:
+@dataclass(frozen=True)
+class RowLayout:
+    """A batch's row layout as host data, known when the batch is built:
 
     - ``seg_rows``: the perturbed rows (contiguous), or None when no row is perturbed;
     - ``seg_source``: rows of the batch whose inputs the perturbed rows repeat (the cond branch for
@@ -78,26 +79,46 @@ class DenoiserBatch(dict):
     seg_source: slice | None = None
 
 
+NO_LAYOUT = RowLayout()
+
+
+class DenoiserBatch(dict):
+    """The denoiser's named input tensors (a plain ``dict[str, Tensor]`` to every engine) with their
+    ``RowLayout``. A dict subclass so that engines that only need the tensors take it as they are."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], layout: RowLayout = NO_LAYOUT) -> None:
+        super().__init__(tensors)
+        self.layout = layout
+
+
+def row_layout(inputs: Mapping[str, Tensor]) -> RowLayout:
+    """The host row layout of a denoiser's inputs; a plain mapping has none (a denoiser then reads
+    ``seg_mask`` itself)."""
+    return inputs.layout if isinstance(inputs, DenoiserBatch) else NO_LAYOUT
+
+
 def build_batch(
     branches: Sequence[str], x: Tensor, t: Tensor, cond: Conditioning, uncond: Conditioning | None
 ) -> DenoiserBatch:
     """Concatenate the branches' inputs along the batch; ``seg_mask`` marks the perturbed rows."""
     n = x.shape[0]
     per_branch = [uncond if BRANCHES[b][0] == "uncond" else cond for b in branches]
-    inputs = DenoiserBatch({k: torch.cat([c[k] for c in per_branch]) for k in cond})
-    inputs["sample"] = torch.cat([x] * len(branches))
-    inputs["timestep"] = t.reshape(1).to(x.device).expand(n * len(branches))
-    inputs["seg_mask"] = torch.cat(
+    tensors = {k: torch.cat([c[k] for c in per_branch]) for k in cond}
+    tensors["sample"] = torch.cat([x] * len(branches))
+    tensors["timestep"] = t.reshape(1).to(x.device).expand(n * len(branches))
+    tensors["seg_mask"] = torch.cat(
         [torch.full((n,), BRANCHES[b][1], dtype=torch.bool, device=x.device) for b in branches]
     )
+    layout = NO_LAYOUT
     perturbed = [i for i, b in enumerate(branches) if BRANCHES[b][1]]
     if perturbed:  # one perturbed branch at most (branches_at)
         i = perturbed[0]
-        inputs.seg_rows = slice(i * n, (i + 1) * n)
+        source = None
         if branches[i] == "seg" and "cond" in branches:
             j = branches.index("cond")
-            inputs.seg_source = slice(j * n, (j + 1) * n)
-    return inputs
+            source = slice(j * n, (j + 1) * n)
+        layout = RowLayout(slice(i * n, (i + 1) * n), source)
+    return DenoiserBatch(tensors, layout)
 
 
 def _step_kwargs(scheduler, generators: Sequence[torch.Generator] | None) -> dict:

@@ -40,9 +40,9 @@ def test_uncond_placement_batch_marks_the_uncond_rows():
     b = build_batch(["seg_uncond", "cond"], x, torch.tensor(1.0), cond, uncond)
     assert b["seg_mask"].tolist() == [True, True, False, False]
     assert torch.equal(b["encoder_hidden_states"][:2], uncond["encoder_hidden_states"])
-    assert b.seg_rows == slice(0, 2) and b.seg_source is None
+    assert b.layout.seg_rows == slice(0, 2) and b.layout.seg_source is None
     b = build_batch(["uncond", "cond", "seg"], x, torch.tensor(1.0), cond, uncond)
-    assert b.seg_rows == slice(4, 6) and b.seg_source == slice(2, 4)
+    assert b.layout.seg_rows == slice(4, 6) and b.layout.seg_source == slice(2, 4)
 
 
 @pytest.mark.parametrize(

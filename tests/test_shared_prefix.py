@@ -253,13 +253,13 @@ def _transformer_shared_vs_plain(make, model, inputs_of, block_lists, fork_index
                     h.remove()
                 den.close()
             rows[shared] = seen
-        total, prefix = batch["sample"].shape[0], batch.seg_rows.start
+        total, prefix = batch["sample"].shape[0], batch.layout.seg_rows.start
         assert rows[False] == [total] * len(rows[False])
         assert rows[True] == [prefix] * fork_index + [total] * (len(rows[True]) - fork_index)
         assert_close(outs[True], outs[False], rel=1e-5, what=f"shared-prefix vs batched SEG {branches}")
         # not asserted bit for bit: token-major GEMMs and CPU SDPA round ~1e-7 differently per batch size
-        seg = slice(batch.seg_rows.start, total)
-        assert (outs[True][seg] - outs[True][batch.seg_source]).abs().max() > 1e-4
+        seg = slice(batch.layout.seg_rows.start, total)
+        assert (outs[True][seg] - outs[True][batch.layout.seg_source]).abs().max() > 1e-4
 
 
 DIT_FORKS = [("sd3", ("mid",), 2), ("flux", ("mid",), 1), ("flux", ("single.0",), 2)]

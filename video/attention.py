@@ -361,7 +361,7 @@ class VideoSEG(SEGPatch):
 
     def set_mask(self, mask: Tensor | None, rows: slice | None = None) -> None:
         """Select the perturbed samples (``Tensor[B]`` of bool, or None). ``rows``: the perturbed samples
-        as host data (the sampler's ``DenoiserBatch.seg_rows``, no device read); else the mask is read
+        as host data (the sampler's ``RowLayout.seg_rows``, no device read); else the mask is read
         on the host once per forward."""
         self.perturbed = 0
         if mask is not None and rows is not None:

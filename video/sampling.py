@@ -20,7 +20,7 @@ from seg_rt.denoiser import batch_invariant
 from seg_rt.params import BranchParallel, GenerationParams, request_from_fields
 from seg_rt.pipeline import branch_group, check_size, load_pipeline, seed_generators
 from seg_rt.prefix import TransformerFork
-from seg_rt.sampler import sample
+from seg_rt.sampler import row_layout, sample
 
 from .attention import VideoBlur, VideoSEG
 from .families import video_family_of, video_family_of_model
@@ -55,7 +55,7 @@ class VideoDenoiser:
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
+        self.seg.set_mask(inputs.get("seg_mask"), row_layout(inputs).seg_rows)  # host layout: no sync
         try:
             out = (
                 self.prefix.run(inputs, self._dispatch) if self.prefix is not None else self._dispatch(inputs)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from seg_rt.attention import SEGAttention
 from seg_rt.denoiser import RowwiseConv2d, batch_invariant
+from seg_rt.sampler import row_layout
 
 
 def _patch_convs(transformer: nn.Module) -> list[nn.Module]:
@@ -52,7 +53,7 @@ class SEGDiT(nn.Module):
         self.cache: dict[tuple, Tensor] = {}  # per-shape constant inputs (Flux's img_ids)
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        self.seg.set_mask(inputs.get("seg_mask"), getattr(inputs, "seg_rows", None))  # host layout: no sync
+        self.seg.set_mask(inputs.get("seg_mask"), row_layout(inputs).seg_rows)  # host layout: no sync
         try:
             out = self.family.forward(self.transformer, inputs, self.cache)
             self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
