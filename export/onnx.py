@@ -67,7 +67,7 @@ def export_onnx(
     height: int,
     width: int,
     batch: int = 1,
-    cfg: bool = True,
+    with_cfg: bool = True,
     sigma: float | None = math.inf,
     layers: Sequence[str] = ("mid",),
     fp16: bool = False,
@@ -78,7 +78,7 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``pipe``'s SEG-patched denoiser for ``batch`` images per branch at ``height`` x ``width``.
 
-    ``cfg`` selects the row layout ``[uncond, cond, seg]`` (else ``[cond, seg]``); ``sigma=None``
+    ``with_cfg`` selects the row layout ``[uncond, cond, seg]`` (else ``[cond, seg]``); ``sigma=None``
     makes σ a runtime input. The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
     and ``seg_rt.json``; it is written to a temp folder and renamed, so nothing half-written stays.
     """
@@ -96,7 +96,7 @@ def export_onnx(
         exportable = [f.name for f in REGISTRY.families("image") if f.exportable]
         raise ValueError(f"ONNX export supports the families {', '.join(exportable)}, got {family.name}")
     dtype = torch.float16 if fp16 else torch.float32
-    branches = ("uncond", "cond", "seg") if cfg else ("cond", "seg")
+    branches = ("uncond", "cond", "seg") if with_cfg else ("cond", "seg")
     rows = batch * len(branches)
     seg_sigma = math.inf if sigma is None else sigma
     net = family.net(pipe)

@@ -122,7 +122,9 @@ def test_export_then_eager_in_one_process(exports, sdxl):
 def test_other_families_export_and_validate(family, tmp_path):
     from seg_rt.tiny import tiny_pipeline
 
-    result = export_onnx(tiny_pipeline(family), tmp_path / family, height=64, width=64, sigma=None, cfg=False)
+    result = export_onnx(
+        tiny_pipeline(family), tmp_path / family, height=64, width=64, sigma=None, with_cfg=False
+    )
     assert result.validation["max_abs_error"] < 1e-4
     assert result.info.rows == 2 and result.info.branches == ("cond", "seg")
     if family == "sdxl-controlnet":

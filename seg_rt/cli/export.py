@@ -66,7 +66,7 @@ def cmd_export_onnx(args) -> int:
             height=args.height,
             width=args.width,
             batch=args.batch,
-            cfg=not args.no_cfg,
+            with_cfg=not args.no_cfg,
             sigma=sigma,
             layers=layers,
             fp16=args.fp16,
