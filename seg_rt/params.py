@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import SEGConfig, parse_layers, parse_sigma, sigma_label, sigma_to_json
+from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -356,16 +356,6 @@ class RequestField:
         if self.type == "layers":
             return None if value is None else list(value)
         return value
-
-    def default_text(self) -> str:
-        value = self.default
-        if self.type == "sigma":
-            return sigma_label(value)
-        if self.type == "layers":
-            return "all" if value is None else ",".join(value)
-        if value == "":
-            return "''"
-        return "none" if value is None else str(value)
 
 
 def _f(key, path, type_, help_, **kw) -> RequestField:
