@@ -240,3 +240,18 @@ def test_configure_with_layers_that_do_not_exist_keeps_the_current_ones(sd15):
         after = seg_rt.generate(sd15, "a", engine=den, **kw)
     assert torch.equal(after, seg_rt.generate(sd15, "a", **kw))
     assert not any(isinstance(p, SEGProcessor) for p in _processors(sd15.unet).values())  # restored
+
+
+def test_decode_restores_a_float16_vae_after_its_upcast():
+    """SDXL's VAE upcasts from float16 to decode (its config's force_upcast, as diffusers does) and
+    is float16 again afterwards: decoding never changes a shared pipeline's dtypes."""
+    from seg_rt.families import family_of
+    from seg_rt.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sdxl")
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = family_of(pipe).decode(pipe, latents, "np")
+    assert images.shape == (1, 64, 64, 3)
+    assert pipe.vae.dtype == torch.float16 and all(p.dtype == torch.float16 for p in pipe.vae.parameters())
