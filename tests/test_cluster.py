@@ -61,7 +61,12 @@ def outputs(folder: Path) -> dict[str, bytes]:
             {"video": {"mode": "temporal", "sigma_time": 0}},
             "job: video: seg mode 'temporal' with seg sigma time 0",
         ),
-        ({"video": {"mode": "sideways"}}, "job: video.mode: Input should be 'spatial', 'temporal' or"),
+        (
+            {"video": {"mode": "sideways"}},
+            "job: video.mode: seg mode must be one of spatial, temporal, spatiotemporal, got 'sideways'",
+        ),
+        ({"guidance_rescale": 2}, "job: guidance_rescale: guidance rescale must be in [0, 1], got 2"),
+        ({"steps": 0}, "job: steps: steps must be an integer >= 1, got 0"),
         ({"video": {}, "seg": {"layers": ["up"]}}, "job: seg layers 'up' select image UNet blocks"),
         ({"colour": "red"}, "job: colour: Extra inputs are not permitted"),
         ({"prompts_file": "p.txt"}, "give exactly one of prompts (a list) or prompts_file"),

@@ -33,13 +33,13 @@ from seg_rt.params import (
     GenerationParams,
     RequestField,
     VideoParams,
-    check_cfg,
     check_field,
     check_scheduler,
     check_seed,
     fields_for,
     parse_engine_spec,
     replace_fields,
+    request_from_fields,
 )
 
 # A job's defaults are the request type's: the same request gives the same output from the CLI,
@@ -53,10 +53,6 @@ def _engine_syntax(spec: str) -> str:
     return spec
 
 
-def _optional(rule):
-    return lambda v: v if v is None else rule(v)
-
-
 # Field types that call the one rule of their value (seg_rt.params / seg_rt.config), for every
 # pydantic model of the cluster (job spec, server config, HTTP request).
 Sigma = Annotated[
@@ -65,6 +61,9 @@ Sigma = Annotated[
     PlainSerializer(sigma_to_json),
 ]
 Layers = Annotated[tuple[str, ...], BeforeValidator(parse_layers)]
+OptionalLayers = Annotated[
+    tuple[str, ...] | None, BeforeValidator(lambda v: v if v is None else parse_layers(v))
+]
 Scheduler = Annotated[str, AfterValidator(check_scheduler)]
 Seed = Annotated[int, AfterValidator(check_seed)]
 
@@ -75,6 +74,8 @@ class _Strict(BaseModel):
 
 def wire_type(f: RequestField, *, optional: bool = False) -> Any:
     """The pydantic type of a request field (``seg_rt.params``) in a job file or HTTP body."""
+    if f.type == "layers" and (optional or f.default is None):
+        return OptionalLayers
     special = {"seed": Seed, "scheduler": Scheduler}
     types = {"sigma": Sigma, "layers": Layers, "optional_str": str | None, "optional_int": int | None}
     t = special.get(f.key) or types.get(f.type, f.type)
@@ -106,22 +107,30 @@ class Resources(_Strict):
     num_cpus: float = Field(1.0, gt=0)
 
 
-class VideoSpec(_Strict):
-    """``VideoParams`` as a job file writes it (same defaults, same rules)."""
+_VIDEO_FIELDS = tuple(f for f in fields_for("video") if f.path[0] == "video")
 
-    frames: int = _VIDEO.frames
-    fps: int = _VIDEO.fps
-    mode: Literal["spatial", "temporal", "spatiotemporal"] = _VIDEO.mode
-    sigma_time: Sigma = _VIDEO.sigma_time
-    layers: Annotated[tuple[str, ...] | None, BeforeValidator(_optional(parse_layers))] = _VIDEO.layers
+
+class _VideoBase(_Strict):
+    @field_validator(*(f.path[1] for f in _VIDEO_FIELDS), check_fields=False)
+    @classmethod
+    def _field(cls, v: Any, info) -> Any:
+        key = next(f.key for f in _VIDEO_FIELDS if f.path[1] == info.field_name)
+        return check_field(key, v, "video")  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
-    def _check(self) -> VideoSpec:
+    def _check(self) -> _VideoBase:
         self.params()
         return self
 
     def params(self) -> VideoParams:
-        return VideoParams(self.frames, self.fps, self.mode, self.sigma_time, self.layers)
+        return VideoParams(**{f.path[1]: getattr(self, f.path[1]) for f in _VIDEO_FIELDS})
+
+
+# the job file's ``video:`` block: VideoParams' fields by their own names (frames, fps, mode,
+# sigma_time, layers), from the request field table; same defaults, same rules
+VideoSpec = create_model(
+    "VideoSpec", __base__=_VideoBase, **{f.path[1]: (wire_type(f), f.default) for f in _VIDEO_FIELDS}
+)
 
 
 def check_output_url(output: str, what: str = "output") -> str:
@@ -158,10 +167,6 @@ def _model_url(model: str) -> str:
     return check_output_url(model, "model")
 
 
-def _cfg(v: Any) -> Any:
-    return v if v is None else check_cfg(v)
-
-
 class _OverridesBase(_Strict):
     """Per-item settings a JSONL prompts file may override: ``prompt`` and any image request field
     by its record key (``seg_every``, ``guidance_rescale``, ...; the request field table), or the
@@ -195,19 +200,15 @@ Overrides = create_model(
 )
 
 
-class JobSpec(_Strict):
+# the request fields a job sets for all its items (prompt and seed are per item: the job's seed
+# seeds the items' seeds), by their record keys, from the request field table
+_JOB_FIELDS = tuple(f for f in fields_for("image") if len(f.path) == 1 and f.key not in ("prompt", "seed"))
+
+
+class _JobBase(_Strict):
     model: Annotated[str, AfterValidator(_model_url)]  # a URL: fetched once per node (fetch_model)
     engine: Annotated[str, AfterValidator(_engine_syntax)] = "torch"
     seg: SegSpec = SegSpec()
-    cfg: float = _REQUEST.cfg
-    guidance_rescale: float = _REQUEST.guidance_rescale
-    sequential: bool = _REQUEST.sequential
-    distilled_guidance: float = _REQUEST.distilled_guidance
-    steps: int = Field(_REQUEST.steps, ge=1)
-    height: int | None = Field(_REQUEST.height, gt=0)
-    width: int | None = Field(_REQUEST.width, gt=0)
-    scheduler: Scheduler = _REQUEST.scheduler
-    negative_prompt: str | None = _REQUEST.negative_prompt
     prompts: tuple[str, ...] | None = None
     prompts_file: str | None = None
     samples_per_prompt: int = Field(1, ge=1)
@@ -221,10 +222,13 @@ class JobSpec(_Strict):
     contact_sheet: bool = False
     video: VideoSpec | None = None
 
-    _check_cfg = field_validator("cfg")(_cfg)
+    @field_validator(*(f.key for f in _JOB_FIELDS), check_fields=False)
+    @classmethod
+    def _request_field(cls, v: Any, info) -> Any:
+        return check_field(info.field_name, v)  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
-    def _one_prompt_source(self) -> JobSpec:
+    def _one_prompt_source(self) -> _JobBase:
         if (self.prompts is None) == (self.prompts_file is None):
             raise ValueError("give exactly one of prompts (a list) or prompts_file")
         if self.prompts is not None and not self.prompts:
@@ -232,7 +236,7 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _request(self) -> JobSpec:
+    def _request(self) -> _JobBase:
         self.base_params()  # the request type's own rules (video: seg layers, temporal σ_time)
         factor = local_scale_factor(self.model)
         if factor is not None:
@@ -242,20 +246,14 @@ class JobSpec(_Strict):
         return self
 
     def base_params(self) -> GenerationParams:
-        """The job's request before per-item prompt, negative prompt, seed and overrides."""
-        return GenerationParams(
-            negative_prompt=self.negative_prompt,
-            steps=self.steps,
-            cfg=self.cfg,
-            guidance_rescale=self.guidance_rescale,
-            sequential=self.sequential,
-            distilled_guidance=self.distilled_guidance,
-            seg=self.seg.config(),
-            height=self.height,
-            width=self.width,
-            scheduler=self.scheduler,
-            video=self.video.params() if self.video is not None else None,
-        )
+        """The job's request before per-item prompt, seed and overrides."""
+        request = request_from_fields({f.key: getattr(self, f.key) for f in _JOB_FIELDS})
+        return request.replace(seg=self.seg.config(), video=self.video.params() if self.video else None)
+
+
+JobSpec = create_model(
+    "JobSpec", __base__=_JobBase, **{f.key: (wire_type(f), f.default) for f in _JOB_FIELDS}
+)
 
 
 def local_scale_factor(model: str) -> int | None:
