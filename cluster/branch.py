@@ -1,8 +1,9 @@
 """Branch-parallel SEG over Ray: the ranks (``seg_rt.engines.branch.BranchRank``) as Ray actors in a
 placement group of one bundle per rank (``BranchParallel.strategy``; GPU bundles and NCCL for device
-``cuda``). ``open_group`` opens the group a ``BranchParallel`` asks for (local processes or Ray);
-``seg_rt.generate(..., parallel=...)``, ``generate_video``, the CLI (``--branch-parallel``) and
-serving's latency mode use it.
+``cuda``). ``open_group`` opens the group a ``BranchParallel`` asks for (local processes,
+``seg_rt.engines.branch``, or Ray) for serving's latency mode and for ``seg_rt.pipeline.branch_group``
+(``seg_rt.generate(..., parallel=...)``, ``generate_video``, the CLI's ``--branch-parallel``) when
+the launcher is Ray.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def rank_bundle(spec: BranchParallel) -> dict:
 class RayBranchGroup:
     """The ranks of ``spec`` as Ray actors in one placement group (one bundle per rank: 1 CPU, plus
     1 GPU for device ``cuda``). Connects to ``spec.address`` or the running Ray, else starts a
-    private local one (``seg_rt.cluster.driver.start_ray``)."""
+    private local one (``seg_rt.cluster.jobs.driver.start_ray``)."""
 
     def __init__(
         self, spec: BranchParallel, model: str, engine: str = "torch", threads: int | None = None,

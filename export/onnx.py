@@ -27,7 +27,7 @@ from seg_rt.denoiser import SEGUNet
 from seg_rt.errors import ExportValidationError
 from seg_rt.families import REGISTRY, family_of
 from seg_rt.optional import require
-from seg_rt.pipeline import check_size
+from seg_rt.params import check_size
 
 logger = logging.getLogger(__name__)
 

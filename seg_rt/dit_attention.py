@@ -355,7 +355,7 @@ def flux_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
 
     The values are read on the host, and the grid is kept on the ids tensor (``_seg_grid``, with the
     tensor's version) for the next call: an exporter's trace cannot read tensor values, so it reuses
-    the grid an eager call found for the same tensor (``seg_rt.families.dit.SEGDiT`` makes one per shape)."""
+    the grid an eager call found for the same tensor (``seg_rt.families.segdit.SEGDiT`` makes one per shape)."""
     ids = kwargs["img_ids"]
     memo = getattr(ids, "_seg_grid", None)
     if memo is not None and memo[0] == ids._version:

@@ -17,12 +17,14 @@ from .params import parse_engine_spec
 @dataclass
 class OpenModel:
     """A loaded pipeline, its family and its denoiser (``None`` for video models: a video run builds
-    its denoiser per request). Close it (or use it as a context manager) to close the engine."""
+    its denoiser per request). Close it (or use it as a context manager) to close the engine. While
+    it is open its torch engine owns SEG on the pipeline: sample that pipeline through this engine
+    (``run_params(pipe, ..., engine=opened.engine)``); another SEG install on it is refused
+    (``SEGAlreadyInstalled``)."""
 
     pipe: Any
     family: Family
     engine: Any
-    source: str  # the model as given (a folder, hub id or URL)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -67,19 +69,20 @@ def open_model(
     from .pipeline import load_pipeline
 
     kind = parse_engine_spec(engine)[0] if engine is not None else None
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if threads is not None:
         torch.set_num_threads(int(threads))
-    source = str(model) if isinstance(model, (str, Path)) else type(model).__name__
     pipe = load_pipeline(resolve_model(str(model)), device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe)
     if engine is None:
-        return OpenModel(pipe, family, None, source)
+        return OpenModel(pipe, family, None)
     if family.kind == "video":
         if kind != "torch":
             raise ValueError(
                 f"engine {engine!r} is not available for video models ({family.name}); use torch"
             )
-        return OpenModel(pipe, family, None, source)
+        return OpenModel(pipe, family, None)
     from seg_rt.engines import load_engine
 
-    return OpenModel(pipe, family, load_engine(engine, pipe, pipe._execution_device), source)
+    return OpenModel(pipe, family, load_engine(engine, pipe, pipe._execution_device))

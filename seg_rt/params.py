@@ -206,7 +206,7 @@ class GenerationParams:
     """Everything that determines one generated image (or video, with ``video``).
 
     ``height`` / ``width`` ``None`` mean the model's default size; sizes are checked against the
-    model's own scale factor where the model is known (``seg_rt.pipeline.check_size``).
+    model's own scale factor where the model is known (``check_size``, ``Family.size``).
     ``distilled_guidance``: the guidance value a guidance-distilled model (Flux.1-dev) embeds, as
     ``FluxPipeline``'s ``guidance_scale`` (default 3.5); a model without that input refuses any other
     value (``seg_rt.pipeline.run_params``). Not CFG: ``cfg`` is true CFG with the negative prompt.
@@ -290,6 +290,15 @@ class GenerationParams:
             self.video,
             self.distilled_guidance,
         )
+
+
+def check_size(height: int | None, width: int | None, factor: int) -> tuple[int | None, int | None]:
+    """Pixel sizes must be positive multiples of the model's downsampling ``factor`` (its VAE's; 1 for a
+    pixel-space model such as the demo). ``None`` (the model's default size) is not checked."""
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (v <= 0 or v % factor):
+            raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
+    return height, width
 
 
 # ---- the request field table (docs/design.md §3) ----------------------------------------------

@@ -1,4 +1,4 @@
-"""Model families and ``seg_rt.generate`` (docs/design.md §5).
+"""Loading a pipeline and ``seg_rt.generate``: the one sampling recipe over a model family (docs/design.md §4a, §5).
 
 Everything around the loop is diffusers': pipeline loading, prompt encoding, SDXL micro-conditioning,
 ControlNet image preparation, initial latents (so seed s gives diffusers' noise for
@@ -159,22 +159,6 @@ def _has_dtype_kwarg() -> bool:
 def seed_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per row, as a diffusers caller passes ``torch.Generator("cpu").manual_seed(s)``."""
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-
-
-def check_size(height: int | None, width: int | None, factor: int) -> tuple[int | None, int | None]:
-    """Pixel sizes must be positive multiples of the model's downsampling ``factor`` (its VAE's; 1 for a
-    pixel-space model such as the demo). ``None`` (the model's default size) is not checked."""
-    for name, v in (("height", height), ("width", width)):
-        if v is not None and (v <= 0 or v % factor):
-            raise ValueError(f"{name} must be a positive multiple of {factor}, got {v}")
-    return height, width
-
-
-def model_size(pipe, height: int | None, width: int | None) -> tuple[int, int]:
-    """The request's size, or the model's default side, checked against the model's size factor."""
-    family = family_of(pipe)
-    side = family.default_side(pipe)
-    return check_size(height or side, width or side, family.size_factor(pipe))
 
 
 def size_factor(pipe) -> int:
@@ -339,7 +323,7 @@ def run_params(
     first = params[0]
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe, "image")
-    height, width = model_size(pipe, first.height, first.width)
+    height, width = family.size(pipe, first.height, first.width)
     family.check_request(pipe, first)
     parts = [
         family.encode(

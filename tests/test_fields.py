@@ -113,3 +113,35 @@ def test_generate_video_honours_every_field_or_refuses_it():
     flux_guidance = GenerationParams(distilled_guidance=2.0, video=VideoParams(frames=2))
     with pytest.raises(ValueError, match="distilled guidance applies only to guidance-distilled models"):
         generate_video(pipe, params=flux_guidance, output_type="latent")
+
+
+def test_generate_video_with_params_refuses_the_keywords_params_replaces():
+    from seg_rt.video.sampling import generate_video
+
+    request = request_from_fields({"frames": 2}, "video")
+    with pytest.raises(ValueError, match="takes the prompt, seed and scheduler from params"):
+        generate_video(object(), "a cat", params=request)
+
+
+def test_open_model_refuses_a_bad_thread_count_before_loading():
+    from seg_rt.models import open_model
+
+    with pytest.raises(ValueError, match="threads must be an integer >= 1, got 0"):
+        open_model("/nowhere/model", threads=0)
+
+
+def test_the_demo_video_folder_has_its_pixel_size_factor_before_loading():
+    from seg_rt.demo.video_model import video_weights_dir
+    from seg_rt.pipeline import folder_scale_factor
+
+    assert folder_scale_factor(video_weights_dir()) == 1  # pixel space: any size is checked as valid
+
+
+def test_a1111_seg_script_takes_every_seg_rt_extra_by_its_name():
+    from seg_rt.cluster.serving.a1111_api import _seg_script
+
+    got = _seg_script(
+        {"seg": {"args": [{"scale": 2, "seg_every": 2, "sequential": True, "guidance_rescale": 0.5}]}}
+    )
+    assert got == {"seg_scale": 2, "seg_every": 2, "sequential": True, "guidance_rescale": 0.5}
+    assert _seg_script({"seg": {"args": [1.5, "inf"]}}) == {"seg_scale": 1.5, "seg_sigma": "inf"}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from seg_rt.denoiser import batch_invariant
 from seg_rt.params import BranchParallel, GenerationParams, request_from_fields
-from seg_rt.pipeline import branch_group, check_size, load_pipeline, seed_generators
+from seg_rt.pipeline import branch_group, load_pipeline, seed_generators
 from seg_rt.prefix import TransformerFork
 from seg_rt.sampler import row_layout, sample
 
@@ -122,6 +122,13 @@ def generate_video(
         raise ValueError("generate_video needs a video request: GenerationParams(video=VideoParams(...))")
     elif fields:
         raise ValueError(f"generate_video takes params or request fields, not both; got {', '.join(fields)}")
+    elif (prompt, negative_prompt, seed, scheduler) != (
+        GenerationParams.prompt,
+        GenerationParams.negative_prompt,
+        GenerationParams.seed,
+        None,
+    ):
+        raise ValueError("generate_video takes the prompt, seed and scheduler from params when it is given")
     else:
         scheduler = params.scheduler
     v = params.video
@@ -145,8 +152,7 @@ def generate_video(
             return group.run("video", params, output_type, num_videos=num_videos)
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = video_family_of(pipe)
-    side = family.default_side(pipe)
-    height, width = check_size(params.height or side, params.width or side, family.size_factor(pipe))
+    height, width = family.size(pipe, params.height, params.width)
     family.check_request(pipe, params)
     prepared = family.encode(pipe, params, num_videos)
     frames = family.latent_frames(pipe, v.frames)

@@ -240,7 +240,7 @@ class _JobBase(_Strict):
         self.base_params()  # the request type's own rules (video: seg layers, temporal σ_time)
         factor = local_scale_factor(self.model)
         if factor is not None:
-            from seg_rt.pipeline import check_size
+            from seg_rt.params import check_size
 
             check_size(self.height, self.width, factor)
         return self

@@ -17,7 +17,8 @@ import torch
 
 from seg_rt.images import params_text, png_bytes
 from seg_rt.models import open_model
-from seg_rt.pipeline import check_model_guidance, check_size, run_params, size_factor
+from seg_rt.params import check_size
+from seg_rt.pipeline import run_params
 
 from .spec import Item, JobSpec
 
@@ -40,10 +41,15 @@ class SEGWorker:
         # a URL: fetched once per node; the engine loaded once and used by every batch
         self.model = open_model(self.spec.model, self.spec.engine, device, threads)
         self.pipe, self.engine = self.model.pipe, self.model.engine
-        # a hub model's scale factor is known only now (a local folder's was checked with the spec);
-        # so is whether it takes a distilled guidance value
-        check_size(self.spec.height, self.spec.width, size_factor(self.pipe))
-        check_model_guidance(self.pipe, self.spec.distilled_guidance)
+        try:
+            # a hub model's scale factor is known only now (a local folder's was checked with the
+            # spec); so is whether it takes a distilled guidance value
+            family = self.model.family
+            check_size(self.spec.height, self.spec.width, family.size_factor(self.pipe))
+            family.check_request(self.pipe, self.spec.base_params())
+        except BaseException:
+            self.model.close()
+            raise
         self.load_seconds = time.perf_counter() - t0
         self.batches = 0
 

@@ -68,6 +68,7 @@ NATIVE_FIELDS = (
     "distilled_guidance",
 )
 SEG_FIELDS = tuple(f.key for f in fields_for("image") if f.key not in NATIVE_FIELDS)
+SCRIPT_ARGS = ("seg_scale", "seg_sigma", "seg_layers", "seg_start", "seg_end")  # the script's positional args
 RANDOM_SEED = -1
 
 
@@ -194,12 +195,13 @@ def _seg_script(scripts: dict[str, Any]) -> dict[str, Any]:
                 422, f"alwayson_scripts.{name}.args must be a list, got {args!r}", "alwayson_scripts"
             )
         if len(args) == 1 and isinstance(args[0], dict):
+            # SEG's own settings may drop their seg_ prefix (scale, sigma, ...)
             seg = {
-                k if k.startswith("seg_") or k == "guidance_rescale" else f"seg_{k}": v
+                k if k in SEG_FIELDS or f"seg_{k}" not in SEG_FIELDS else f"seg_{k}": v
                 for k, v in args[0].items()
             }
         else:
-            seg = dict(zip(SEG_FIELDS[:5], args, strict=False))
+            seg = dict(zip(SCRIPT_ARGS, args, strict=False))
     unknown = sorted(set(seg) - set(SEG_FIELDS))
     if unknown:
         raise RequestFailed(

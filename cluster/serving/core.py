@@ -107,10 +107,18 @@ class ServingCore:
             from ..branch import open_group
 
             group = open_group(parallel, config.model, config.engine, **group_options)
-            return cls(config, open_model(config.model, "torch", "cpu", threads).pipe, group=group)
+            try:  # a CPU copy without an engine: it only checks requests
+                return cls(config, open_model(config.model, None, "cpu", threads).pipe, group=group)
+            except BaseException:
+                group.close()
+                raise
         device = "cuda" if torch.cuda.is_available() else "cpu"
         opened = open_model(config.model, config.engine, device, threads)  # a URL: fetched once per node
-        return cls(config, opened.pipe, opened.engine)
+        try:
+            return cls(config, opened.pipe, opened.engine)
+        except BaseException:
+            opened.close()
+            raise
 
     def close(self) -> None:
         if self.engine is not None:
@@ -158,7 +166,8 @@ class ServingCore:
     def check_model(self, p: GenerationParams) -> None:
         """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers,
         whether it takes a distilled guidance value."""
-        from seg_rt.pipeline import check_model_guidance, check_size, select_seg_layers
+        from seg_rt.params import check_size
+        from seg_rt.pipeline import check_model_guidance, select_seg_layers
 
         check_size(p.height, p.width, self.factor)
         check_model_guidance(self.pipe, p.distilled_guidance)

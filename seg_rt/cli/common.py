@@ -171,7 +171,8 @@ def load_model(
 
 def check_local_size(model: str, request: GenerationParams) -> None:
     """A local model folder's scale factor is in its config files: check the size before loading it."""
-    from seg_rt.pipeline import check_size, folder_scale_factor
+    from seg_rt.params import check_size
+    from seg_rt.pipeline import folder_scale_factor
 
     factor = folder_scale_factor(model) if Path(model).is_dir() else None
     if factor is not None:

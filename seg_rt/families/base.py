@@ -94,6 +94,13 @@ class Family:
         """The side in pixels sampled when the request gives none."""
         raise NotImplementedError
 
+    def size(self, pipe, height: int | None, width: int | None) -> tuple[int, int]:
+        """A request's size (``None``: the default side), checked against ``size_factor``."""
+        from seg_rt.params import check_size
+
+        side = self.default_side(pipe)
+        return check_size(height or side, width or side, self.size_factor(pipe))
+
     def folder_factor(self, folder: Path) -> int:
         """``size_factor`` read from a diffusers folder's config files, before any weight loads."""
         raise NotImplementedError

@@ -4,6 +4,7 @@ spatial ``attn1`` per frame and temporal attention along frames. The bundled dem
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from torch import Tensor, nn
 
@@ -21,6 +22,13 @@ class AnimateDiffFamily(VideoFamily):
 
     def net(self, pipe) -> nn.Module:
         return pipe.unet
+
+    def folder_factor(self, folder: Path) -> int:
+        from seg_rt.demo.folders import demo_pipeline_class
+
+        if demo_pipeline_class(folder) is not None:  # the pixel-space demo video model: no VAE
+            return 1
+        return super().folder_factor(folder)
 
     def latent_frames(self, pipe, frames: int) -> int:
         return frames
