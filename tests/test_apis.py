@@ -208,7 +208,7 @@ def test_webuiapi_wrong_key_raises(url):
         ),
         ({"batch_size": 3, "n_iter": 2}, "num_images must be <= 4, got 6"),
         ({"alwayson_scripts": {"seg": {"args": {"scale": 2}}}}, "alwayson_scripts.seg.args must be a list"),
-        ({"alwayson_scripts": {"seg": {"args": [{"size": 2}]}}}, "seg script argument 'seg_size' is unknown"),
+        ({"alwayson_scripts": {"seg": {"args": [{"size": 2}]}}}, "seg script argument 'size' is unknown"),
         ({"alwayson_scripts": {"seg": {"args": [1.0, -2]}}}, "seg sigma must be > 0 or inf, got -2"),
         ({"cfg_scale": 0.5}, "cfg must be a finite number >= 1"),
     ],
