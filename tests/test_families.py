@@ -120,3 +120,16 @@ def test_every_built_in_family_is_found_by_class():
         REGISTRY.names("image")
     )
     assert set(REGISTRY.names("video")) == {"animatediff", "cogvideox", "wan", "ltx"}
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "not json", '{"_class_name": 3}'])
+def test_a_folder_whose_model_index_is_not_an_object_has_no_family(tmp_path, text):
+    """Read before loading (job specs check sizes this way): no family, no traceback; loading the
+    folder then gives the one-line model-index error."""
+    from seg_rt.errors import ModelLoadError
+    from seg_rt.pipeline import folder_scale_factor, load_pipeline
+
+    (tmp_path / "model_index.json").write_text(text)
+    assert REGISTRY.for_folder(tmp_path) is None and folder_scale_factor(tmp_path) is None
+    with pytest.raises(ModelLoadError, match=r"model_index\.json"):
+        load_pipeline(tmp_path, "cpu")

@@ -63,12 +63,19 @@ def weights_dir() -> Path:
 
 
 def index_class(path: str | Path) -> str | None:
+    """The pipeline class name a folder's ``model_index.json`` names; None when there is none (no
+    file, not JSON, not an object: ``seg_rt.pipeline.check_model_index`` says so when it loads)."""
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return None
     import json
 
-    return json.loads(index.read_text()).get("_class_name")
+    try:
+        data = json.loads(index.read_text())
+    except ValueError:
+        return None
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def is_demo_folder(path: str | Path) -> bool:

@@ -90,19 +90,13 @@ class Registry:
         """The family of a local diffusers folder by the pipeline class its ``model_index.json`` names
         (looked up in diffusers, never imported from the folder), or None."""
         from seg_rt.demo.folders import demo_pipeline_class
+        from seg_rt.demo.model import index_class
 
         cls = demo_pipeline_class(folder)
-        if cls is None:
-            import json
-
+        if cls is None and (name := index_class(folder)) is not None:
             import diffusers
 
-            index = folder / "model_index.json"
-            try:
-                name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-            except ValueError:
-                return None
-            cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+            cls = getattr(diffusers, name, None)
         return self.for_class(cls) if isinstance(cls, type) else None
 
 
