@@ -14,7 +14,7 @@ import logging
 from seg_rt.engines.branch import BranchRank, ProcessBranchGroup, check_group_args
 from seg_rt.engines.parallel import free_address
 from seg_rt.errors import EnvironmentUnavailable
-from seg_rt.params import BranchParallel
+from seg_rt.execution import BranchParallel
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from seg_rt.params import ENGINE_KINDS, parse_engine_spec
+from seg_rt.execution import ENGINE_KINDS, parse_engine_spec
 
 from .base import Denoiser, FixedShapeDenoiser, ShapeSpec
 from .torch_denoiser import TorchDenoiser

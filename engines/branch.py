@@ -17,7 +17,7 @@ from multiprocessing.connection import wait
 
 import torch.distributed as dist
 
-from seg_rt.params import BranchParallel
+from seg_rt.execution import BranchParallel
 
 from .parallel import BranchParallelDenoiser, check_backend, free_address, init_group
 

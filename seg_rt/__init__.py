@@ -7,8 +7,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .blur import QueryBlur, blur_matrix
 from .config import SEGConfig
+from .execution import BranchParallel
 from .guidance import seg_guidance
-from .params import BranchParallel, GenerationParams, VideoParams
+from .params import GenerationParams, VideoParams
 from .pipeline import generate, generate_batch, run_params
 
 try:

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from .execution import parse_engine_spec
 from .families import Family, family_of
-from .params import parse_engine_spec
 
 
 @dataclass

@@ -18,13 +18,9 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError, first_line
+from .execution import BranchParallel, parse_engine_spec
 from .families import REGISTRY, family_of
-from .params import (
-    BranchParallel,
-    GenerationParams,
-    parse_engine_spec,
-    request_from_fields,
-)
+from .params import GenerationParams, request_from_fields
 from .sampler import StepCallback, sample
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from seg_rt.cli.generate import request_from_args
 from seg_rt.cli.video import video_request_from_args
 from seg_rt.config import SEGConfig, check_sigma, sigma_label, sigma_to_json
 from seg_rt.errors import first_line
+from seg_rt.execution import parse_engine_spec
 from seg_rt.images import params_text
-from seg_rt.params import GenerationParams, VideoParams, parse_engine_spec, request_from_fields
+from seg_rt.params import GenerationParams, VideoParams, request_from_fields
 from seg_rt.pipeline import generate, generate_batch, run_params
 from seg_rt.video.sampling import generate_video
 

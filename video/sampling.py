@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from seg_rt.denoiser import batch_invariant
-from seg_rt.params import BranchParallel, GenerationParams, request_from_fields
+from seg_rt.execution import BranchParallel
+from seg_rt.params import GenerationParams, request_from_fields
 from seg_rt.pipeline import branch_group, load_pipeline, seed_generators
 from seg_rt.prefix import TransformerFork
 from seg_rt.sampler import row_layout, sample

@@ -28,6 +28,7 @@ from pydantic import (
 
 from seg_rt.config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
 from seg_rt.errors import first_line
+from seg_rt.execution import parse_engine_spec
 from seg_rt.optional import require
 from seg_rt.params import (
     GenerationParams,
@@ -37,7 +38,6 @@ from seg_rt.params import (
     check_scheduler,
     check_seed,
     fields_for,
-    parse_engine_spec,
     replace_fields,
     request_from_fields,
 )

@@ -17,7 +17,8 @@ from pydantic import (
     model_validator,
 )
 
-from seg_rt.params import DEFAULT_SCHEDULER, BranchParallel, parse_engine_spec
+from seg_rt.execution import BranchParallel, parse_engine_spec
+from seg_rt.params import DEFAULT_SCHEDULER
 
 from ..jobs.spec import Scheduler
 from .request import first_error

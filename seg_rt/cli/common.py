@@ -15,7 +15,8 @@ from typing import Any
 
 from seg_rt.config import parse_sigma
 from seg_rt.errors import SegRtError
-from seg_rt.params import BranchParallel, GenerationParams, fields_for
+from seg_rt.execution import BranchParallel
+from seg_rt.params import GenerationParams, fields_for
 
 logger = logging.getLogger("seg_rt")
 
@@ -113,7 +114,7 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
-    """Branch-parallel SEG flags (``seg_rt.params.BranchParallel``; its defaults)."""
+    """Branch-parallel SEG flags (``seg_rt.execution.BranchParallel``; its defaults)."""
     b = p.add_argument_group("branch-parallel SEG (one image's latency over several processes / GPUs)")
     b.add_argument(
         "--branch-parallel", type=int, default=1, metavar="N", help="split each step's rows over N ranks"

@@ -8,7 +8,8 @@ import json
 import time
 
 from seg_rt.config import check_sigma, parse_sigma, sigma_label, sigma_to_json
-from seg_rt.params import GenerationParams, parse_engine_spec, request_from_fields
+from seg_rt.execution import parse_engine_spec
+from seg_rt.params import GenerationParams, request_from_fields
 
 from .common import (
     IMAGE_MODEL_HELP,
