@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+from .tasks import InputImage, load_image
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -251,7 +252,9 @@ class RequestField:
              on the wire).
     path:    where the value lives: ``("steps",)``, ``("seg", "scale")``, ``("video", "frames")``.
     type:    ``str``, ``int``, ``float``, ``bool``, ``"sigma"`` (a number or ``inf``), ``"layers"``
-             (comma-separated or a list), ``"optional_str"``, ``"optional_int"``.
+             (comma-separated or a list), ``"optional_str"``, ``"optional_int"``, ``"image"`` /
+             ``"mask"`` (an ``InputImage``, RGB / L, from anything ``seg_rt.tasks.load_image`` takes;
+             recorded as its sha256, mode and size).
     kinds:   the requests it applies to (``image``, ``video``).
     aliases: other spellings accepted by the Python API and HTTP (``num_inference_steps``).
     choices: the allowed values, when a fixed set.
@@ -286,6 +289,12 @@ class RequestField:
             return parse_sigma(value)
         if self.type == "layers" and value is not None and not isinstance(value, tuple):
             return parse_layers(value) if isinstance(value, str | list) else value
+        if self.type in ("image", "mask") and value is not None and not isinstance(value, InputImage):
+            if isinstance(value, Mapping) and "sha256" in value:
+                raise ValueError(
+                    f"{self.key} in a record names an image by its sha256 only: give the image itself"
+                )
+            return load_image(value, self.key.replace("_", " "), mode="L" if self.type == "mask" else "RGB")
         return value
 
     def dump(self, value: Any) -> Any:
@@ -294,6 +303,8 @@ class RequestField:
             return sigma_to_json(value)
         if self.type == "layers":
             return None if value is None else list(value)
+        if self.type in ("image", "mask"):
+            return None if value is None else value.record()
         return value
 
 
