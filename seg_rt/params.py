@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+from .lora import LoRA, loras_of
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -155,6 +156,7 @@ class GenerationParams:
     sequential: bool = False
     video: VideoParams | None = None
     distilled_guidance: float = 3.5
+    loras: tuple[LoRA, ...] = ()  # seg_rt.lora: file name, sha256 and weight of each
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -177,6 +179,8 @@ class GenerationParams:
         check_scheduler(self.scheduler)
         object.__setattr__(self, "distilled_guidance", check_distilled_guidance(self.distilled_guidance))
         object.__setattr__(self, "sequential", bool(self.sequential))
+        if not (isinstance(self.loras, tuple) and all(isinstance(x, LoRA) for x in self.loras)):
+            object.__setattr__(self, "loras", loras_of(self.loras))
         self.seg.check_cfg(self.cfg)
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
@@ -219,6 +223,7 @@ class GenerationParams:
             self.sequential,
             self.video,
             self.distilled_guidance,
+            self.loras,
         )
 
 
@@ -251,7 +256,7 @@ class RequestField:
              on the wire).
     path:    where the value lives: ``("steps",)``, ``("seg", "scale")``, ``("video", "frames")``.
     type:    ``str``, ``int``, ``float``, ``bool``, ``"sigma"`` (a number or ``inf``), ``"layers"``
-             (comma-separated or a list), ``"optional_str"``, ``"optional_int"``.
+             (comma-separated or a list), ``"loras"`` (``seg_rt.lora``), ``"optional_str"``, ``"optional_int"``.
     kinds:   the requests it applies to (``image``, ``video``).
     aliases: other spellings accepted by the Python API and HTTP (``num_inference_steps``).
     choices: the allowed values, when a fixed set.
@@ -286,6 +291,8 @@ class RequestField:
             return parse_sigma(value)
         if self.type == "layers" and value is not None and not isinstance(value, tuple):
             return parse_layers(value) if isinstance(value, str | list) else value
+        if self.type == "loras":
+            return loras_of(value)
         return value
 
     def dump(self, value: Any) -> Any:
@@ -294,6 +301,8 @@ class RequestField:
             return sigma_to_json(value)
         if self.type == "layers":
             return None if value is None else list(value)
+        if self.type == "loras":
+            return [lora.to_record() for lora in value]
         return value
 
 
@@ -325,6 +334,7 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
        choices=SEGConfig.PLACEMENTS, recorded=WHEN_SET),
     _f("distilled_guidance", "distilled_guidance", float, "the guidance Flux.1-dev embeds", kinds=IMAGE,
        recorded=WHEN_SET),
+    _f("loras", "loras", "loras", "LoRA files PATH[:WEIGHT] (safetensors)", kinds=IMAGE, recorded=WHEN_SET),
     _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora
 from .errors import ModelLoadError, first_line
 from .execution import BranchParallel, parse_engine_spec
 from .families import REGISTRY, family_of
@@ -321,6 +322,8 @@ def run_params(
     family = family_of(pipe, "image")
     height, width = family.size(pipe, first.height, first.width)
     family.check_request(pipe, first)
+    lora.check_engine(_eager_torch(engine), first.loras, engine)
+    lora.activate(pipe, first.loras)  # exactly this request's LoRAs (none: every loaded one off)
     parts = [
         family.encode(
             pipe,
@@ -402,6 +405,16 @@ def _open_engine(engine, pipe) -> AbstractContextManager:
             f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
         )
     return load_engine(engine or "torch", pipe, pipe._execution_device)
+
+
+def _eager_torch(engine) -> bool:
+    """``engine`` (a spec, a denoiser or ``None`` for torch) runs the pipeline's own torch modules
+    eagerly, so weights changed in place (LoRAs) take effect."""
+    if engine is None or isinstance(engine, str):
+        return engine is None or engine == "torch"
+    from seg_rt.engines.base import PatchedDenoiser
+
+    return isinstance(engine, PatchedDenoiser) and not getattr(engine, "compile", False)
 
 
 def _runs(keys: list) -> list[tuple[int, int]]:

@@ -103,6 +103,32 @@ class ServeConfig(BaseModel):
         1, ge=1, description="latency mode: each step's rows split over N ranks (branch-parallel SEG)"
     )
     branch_parallel_device: str = Field("cpu", description="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+    loras: dict[str, str] = Field(
+        default_factory=dict, description="LoRA files preloaded by name (NAME: PATH); requests pick by name"
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: dict[str, str]) -> dict[str, str]:
+        from seg_rt.lora import preload
+
+        preload(v)  # names and files checked (safetensors, readable) before Ray starts
+        return v
+
+    @model_validator(mode="after")
+    def _loras_engine(self) -> "ServeConfig":
+        from seg_rt.lora import check_engine
+
+        if self.loras and self.branch_parallel > 1:
+            raise ValueError("loras: not available with branch_parallel > 1 (the ranks load no LoRAs)")
+        check_engine(self.engine == "torch", self.loras.values(), self.engine)
+        return self
+
+    def preloaded_loras(self) -> dict:
+        """The named LoRA set as ``seg_rt.lora.LoRA`` objects (file name, sha256; read here)."""
+        from seg_rt.lora import preload
+
+        return preload(self.loras)
 
     @field_validator("branch_parallel_device")
     @classmethod

@@ -93,6 +93,10 @@ def add_request_args(
         if f.type is bool:
             p.add_argument(f.flag, action="store_true", default=default, help=with_default(f.help, default))
             continue
+        if f.type == "loras":  # repeatable --lora PATH[:WEIGHT] (seg_rt.lora)
+            p.add_argument("--lora", dest=f.key, action="append", default=[], metavar="PATH[:WEIGHT]",
+                           help=f"{f.help}; repeat for several (default: none)")  # fmt: skip
+            continue
         shown_default = ",".join(default) if f.type == "layers" and default is not None else default
         p.add_argument(
             f.flag,

@@ -36,12 +36,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="latency mode: each run's steps split over N ranks per replica (branch-parallel SEG)",
     )
     sv.add_argument("--parallel-device", default=None, help="latency mode ranks: cpu (gloo) or cuda (NCCL)")
+    sv.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help='preload a LoRA (safetensors) that requests pick by NAME (loras: ["NAME:WEIGHT"]); repeatable',
+    )
     sv.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     from seg_rt.cluster.serving.config import API_KEY_ENV, load_config
     from seg_rt.demo.model import weights_dir
+    from seg_rt.lora import parse_named
 
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
     demo = str(weights_dir())
@@ -57,6 +65,7 @@ def cmd_serve(args) -> int:
         model_name=args.model_name,
         branch_parallel=args.branch_parallel,
         branch_parallel_device=args.parallel_device,
+        loras=parse_named(args.lora) if args.lora else None,
     )  # the whole config is valid before Ray starts
     from seg_rt.cluster.serving.deployment import serve_forever
 
