@@ -5,6 +5,7 @@ LoRAs are refused in one line naming the field before sampling."""
 import hashlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
@@ -156,3 +157,93 @@ def test_server_names_pick_among_the_preloaded_set(lora_files):
 def test_lora_refused_by_an_engine_that_would_ignore_it(lora_files):
     with pytest.raises(ValueError, match="loras need the eager torch engine"):
         seg_rt.generate(tiny_pipeline("sd15"), "x", engine="torch-compile", loras=[str(lora_files[0])], **KW)
+
+
+def test_server_preloads_a_named_set_and_requests_pick_by_name(lora_files):
+    from seg_rt.cluster.serving.config import ServeConfig
+    from seg_rt.cluster.serving.core import ServingCore, group_rows
+    from seg_rt.cluster.serving.request import make_request
+    from seg_rt.models import open_model
+
+    style, other = lora_files
+    config = ServeConfig(model="tiny-sd15", loras={"style": str(style), "other": str(other)})
+    loras = config.preloaded_loras()
+    opened = open_model(tiny_pipeline("sd15"), "torch", "cpu", loras=tuple(loras.values()))
+    core = ServingCore(config, opened.pipe, opened.engine, loras=loras)
+    try:
+        assert core.info()["loras"]["style"]["file"] == "style.safetensors"
+        assert str(style.parent) not in json.dumps(core.info())
+        body = {
+            "prompt": "a cat",
+            "steps": 2,
+            "cfg": 4.0,
+            "height": 32,
+            "width": 32,
+            "seg_scale": 0.0,
+            "seed": 7,
+        }
+        a = core.check(make_request(**body, loras=["style:0.7"]))[0]
+        b = core.check(make_request(**body))[0]
+        c = core.check(make_request(**body, loras=[{"name": "other", "weight": 0.7}]))[0]
+        assert a.loras == (loras["style"].with_weight(0.7),) and b.loras == ()
+        assert len(group_rows([[a], [b], [c]], 4)) == 3  # different LoRA sets never share a run
+        served = core.run_batch([[a], [b]])
+        ours = seg_rt.generate(
+            tiny_pipeline("sd15"),
+            "a cat",
+            seg_scale=0.0,
+            loras=[f"{style}:0.7"],
+            **{**KW, "output_type": "pil"},
+        )[0]
+        lora_img, plain_img = (np.asarray(x[0], dtype=np.int16) for x in served)
+        assert np.abs(lora_img - np.asarray(ours, dtype=np.int16)).max() <= 1  # same run, other adapter idle
+        assert np.abs(lora_img - plain_img).max() > 8  # the request without LoRA samples without it
+        with pytest.raises(ValueError, match=r"^loras: 'nope' is not one of this server's LoRAs"):
+            core.check(make_request(**body, loras=["nope"]))
+    finally:
+        opened.close()
+
+
+def test_server_config_refuses_bad_lora_files_in_one_line(tmp_path):
+    from seg_rt.cluster.serving.config import load_config
+
+    (tmp_path / "x.ckpt").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match=r"^server config: .*loras: .*x.ckpt' is not a safetensors file"):
+        load_config(None, model="m", loras={"x": str(tmp_path / "x.ckpt")})
+    with pytest.raises(ValueError, match="loras need the eager torch engine"):
+        load_config(
+            None,
+            model="m",
+            engine="torch-compile",
+            loras={"x": str(write_lora(tmp_path / "l.safetensors", 3))},
+        )
+
+
+def test_cli_bad_lora_is_exit_2_before_the_model_loads(tmp_path):
+    from .cli_run import run_cli
+
+    (tmp_path / "x.ckpt").write_bytes(b"pickle")
+    r = run_cli("generate", "--model", str(tmp_path / "no-model"), "--lora", str(tmp_path / "x.ckpt"),
+                "--out", str(tmp_path / "o.png"))  # fmt: skip
+    assert r.returncode == 2 and "x.ckpt' is not a safetensors file" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o.png").exists()
+
+
+def test_job_loras_resolve_relative_to_the_job_folder(tmp_path, lora_files):
+    from seg_rt.cluster.jobs.spec import expand_items, parse_job
+
+    style, _ = lora_files
+    (tmp_path / "style.safetensors").write_bytes(style.read_bytes())
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "b", "loras": ["style.safetensors:0.2"]}) + "\n")
+    spec = parse_job({"model": "m", "prompts": ["a"], "output": "out", "loras": ["style.safetensors:0.5"]},
+                     base=tmp_path)  # fmt: skip
+    (item,) = expand_items(spec, tmp_path)
+    assert item.params.loras[0].weight == 0.5 and item.params.loras[0].path == str(
+        tmp_path / "style.safetensors"
+    )
+    jsonl = parse_job({"model": "m", "prompts_file": "p.jsonl", "output": "out"}, base=tmp_path)
+    assert expand_items(jsonl, tmp_path)[0].params.loras[0].weight == 0.2
+    with pytest.raises(ValueError, match=r"loras: .*'.*missing.safetensors' does not exist"):
+        parse_job(
+            {"model": "m", "prompts": ["a"], "output": "o", "loras": ["missing.safetensors"]}, base=tmp_path
+        )
