@@ -65,13 +65,15 @@ def open_model(
     device: str | torch.device | None = None,
     threads: int | None = None,
     loras: Sequence[LoRA] = (),
+    model_config: str | Path | None = None,
 ) -> OpenModel:
     """Open ``model`` (a folder, hub id, model URL or loaded pipeline) with ``engine`` (a spec:
-        ``torch``, ``torch-compile``, ``onnx:DIR``, ``trt:DIR``; ``None``: no engine, e.g. for an
-        export that patches the model itself) on ``device`` (default: CUDA when present). ``threads``: torch's CPU thread count, set before loading (CPU results depend on it,
-        so whoever needs reproducible numbers fixes it). ``loras``: LoRA files loaded into the pipeline
-    as adapters (``seg_rt.lora``; a server's preloaded set), each request then picks its own. A bad engine
-    spec fails before anything loads."""
+            ``torch``, ``torch-compile``, ``onnx:DIR``, ``trt:DIR``; ``None``: no engine, e.g. for an
+            export that patches the model itself) on ``device`` (default: CUDA when present). ``threads``: torch's CPU thread count, set before loading (CPU results depend on it,
+            so whoever needs reproducible numbers fixes it). ``loras``: LoRA files loaded into the pipeline
+        as adapters (``seg_rt.lora``; a server's preloaded set), each request then picks its own. A bad engine
+        spec fails before anything loads. ``model_config``: for a single-file checkpoint, the diffusers folder
+    whose component configs it takes (``seg_rt.singlefile``)."""
     from .pipeline import load_pipeline
 
     kind = parse_engine_spec(engine)[0] if engine is not None else None
@@ -80,7 +82,10 @@ def open_model(
     if threads is not None:
         torch.set_num_threads(int(threads))
     lora.check_engine(kind == "torch", loras, engine)
-    pipe = load_pipeline(resolve_model(str(model)), device) if isinstance(model, (str, Path)) else model
+    if isinstance(model, str | Path):
+        pipe = load_pipeline(resolve_model(str(model)), device, model_config=model_config)
+    else:
+        pipe = model
     family = family_of(pipe)
     lora.load(pipe, loras)
     if engine is None:
