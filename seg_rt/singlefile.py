@@ -93,9 +93,46 @@ def detect_family(keys: Iterable[str], what: str = "checkpoint") -> str:
     )
 
 
+SHIPPED_PIPELINES = ("sd15", "sdxl")  # whose single files carry every weight the pipeline needs
+
+
 def shipped_config(family: str) -> Path:
-    """The component configs shipped for ``family`` (no weights)."""
+    """The component configs shipped for ``family`` (no weights): SD1.5 (v1-5), SDXL base 1.0,
+    SD3.5 Large, Flux.1-dev, as diffusers' folders of those models write them."""
     return Path(__file__).parent / "single_file_configs" / family
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """CLIP's BPE tokenizer (49408 tokens, as SD1.5 / SDXL / SD3 / Flux use it) from the merges shipped
+    in ``single_file_configs/clip_merges.txt.gz`` (CLIP's own BPE file's first 48894 merges); the
+    vocabulary follows from them as CLIP builds it: the 256 byte symbols, the same with ``</w>``, one
+    token per merge, then the start and end tokens."""
+    import gzip
+
+    from transformers import CLIPTokenizer
+
+    from .tokenizers import byte_unicode
+
+    text = gzip.decompress((shipped_config("clip_merges.txt.gz")).read_bytes()).decode("utf-8")
+    merges = [tuple(line.split()) for line in text.split("\n") if line]
+    chars = byte_unicode()
+    tokens = [*chars, *(c + "</w>" for c in chars), *("".join(m) for m in merges)]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # transformers 5 ignores vocab_file/merges_file: pass the vocabulary itself (docs/design.md §8)
+    return CLIPTokenizer(
+        vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token,
+        bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )  # fmt: skip
+
+
+def shipped_parts(family: str) -> dict:
+    """The components ``from_single_file`` takes as objects with the shipped configs: the tokenizers
+    (SDXL's second pads with ``!``, as its release does) and SD1.5's absent safety checker."""
+    if family == "sd15":
+        return {"tokenizer": clip_tokenizer(), "safety_checker": None, "feature_extractor": None,
+                "requires_safety_checker": False}  # fmt: skip
+    return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad_token="!")}
 
 
 def _config_family(folder: Path) -> str:
@@ -130,16 +167,21 @@ def load(model: str | Path, dtype, dtype_kw: str, config: str | Path | None = No
             raise ModelLoadError(
                 f"model file {path.name!r} is a {family} checkpoint but model config {str(config)!r} is for {given}"
             )
+        parts: dict = {}
     else:
         folder = shipped_config(family)
-        if not (folder / "model_index.json").is_file():
+        if family not in SHIPPED_PIPELINES:
             raise ModelLoadError(
-                f"no component configs are shipped for {family} single-file checkpoints; give --model-config DIR "
-                "(a diffusers folder of the base model)"
+                f"model file {path.name!r} is a {family} checkpoint: its T5 text encoder and tokenizer are not in "
+                "single files and not shipped with seg-rt; give --model-config DIR (the base model's diffusers "
+                "folder, whose missing components load from it)"
             )
+        parts = shipped_parts(family)
     cls = getattr(diffusers, PIPELINES[family])
     try:
-        pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True, **{dtype_kw: dtype})
+        pipe = cls.from_single_file(
+            str(path), config=str(folder), local_files_only=True, **parts, **{dtype_kw: dtype}
+        )
     except Exception as exc:  # a missing component, a shape that differs from the configs, ...
         raise ModelLoadError(
             f"cannot load {family} checkpoint {path.name!r} with the configs in {folder.name!r}: {first_line(exc)}"

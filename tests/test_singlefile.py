@@ -144,3 +144,63 @@ def test_family_from_the_keys_of_each_layout(family, tmp_path):
     path = tmp_path / f"{family}.safetensors"  # the file: one element per tensor, keys as released
     save_file({k: torch.zeros(1) for k in layout}, str(path))
     assert detect_family(checkpoint_keys(path)) == family
+
+
+# parameter counts of the released models (their model cards / diffusers folders)
+RELEASED = {
+    ("sd15", "unet"): 859_520_964, ("sd15", "vae"): 83_653_863, ("sd15", "text_encoder"): 123_060_480,
+    ("sdxl", "unet"): 2_567_463_684, ("sdxl", "vae"): 83_653_863, ("sdxl", "text_encoder"): 123_060_480,
+    ("sdxl", "text_encoder_2"): 694_659_840, ("sd3", "text_encoder_2"): 694_659_840,
+    ("flux", "transformer"): 11_901_408_320, ("flux", "vae"): 83_819_683, ("flux", "text_encoder"): 123_060_480,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("family", "part"), list(RELEASED))
+def test_shipped_configs_build_the_released_architectures(family, part):
+    import diffusers
+    import transformers
+    from accelerate import init_empty_weights
+
+    from seg_rt.singlefile import shipped_config
+
+    cfg = json.loads((shipped_config(family) / part / "config.json").read_text())
+    with init_empty_weights():  # no memory: shapes only
+        if "_class_name" in cfg:
+            model = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+        else:
+            cls = getattr(transformers, cfg["architectures"][0])
+            model = cls(cls.config_class(**{k: v for k, v in cfg.items() if k != "architectures"}))
+    assert sum(p.numel() for p in model.parameters()) == RELEASED[(family, part)]
+
+
+def test_shipped_configs_are_configs_only():
+    from seg_rt.singlefile import shipped_config
+
+    files = [p for p in shipped_config("sd15").parent.rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".json", ".gz") for p in files)
+    assert sum(p.stat().st_size for p in files) < 512 * 1024
+
+
+def test_shipped_clip_tokenizer_is_clips():
+    from seg_rt.singlefile import clip_tokenizer
+
+    tok = clip_tokenizer()
+    assert len(tok) == 49408
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's ids
+    assert clip_tokenizer("!").pad_token_id == 0  # SDXL's second tokenizer pads with "!"
+
+
+def test_shipped_configs_are_used_offline_and_a_mismatch_says_give_model_config(checkpoints, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, file = checkpoints["sd15"]  # tiny weights: not the released SD1.5 architecture
+    with pytest.raises(ModelLoadError, match=r"with the configs in 'sd15': .*give --model-config DIR") as err:
+        seg_rt.pipeline.load_pipeline(str(file), "cpu")
+    assert "\n" not in str(err.value)
+
+
+def test_flux_and_sd3_files_without_a_config_folder_are_refused(tmp_path):
+    for family in ("flux", "sd3"):
+        path = tmp_path / f"{family}.safetensors"
+        save_file({k: torch.zeros(1) for k in LAYOUTS[family]}, str(path))
+        with pytest.raises(ModelLoadError, match=r"T5 text encoder and tokenizer .* give --model-config DIR"):
+            seg_rt.pipeline.load_pipeline(str(path), "cpu")
