@@ -204,3 +204,11 @@ def test_flux_and_sd3_files_without_a_config_folder_are_refused(tmp_path):
         save_file({k: torch.zeros(1) for k in LAYOUTS[family]}, str(path))
         with pytest.raises(ModelLoadError, match=r"T5 text encoder and tokenizer .* give --model-config DIR"):
             seg_rt.pipeline.load_pipeline(str(path), "cpu")
+
+
+def test_server_names_a_single_file_model_by_its_file_name(checkpoints):
+    from seg_rt.cluster.serving.config import ServeConfig
+
+    folder, file = checkpoints["sd15"]
+    config = ServeConfig(model=str(file), single_file_config=str(folder))
+    assert config.public_model == "sd15.safetensors"

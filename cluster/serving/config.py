@@ -67,6 +67,8 @@ def model_name(model: str) -> str:
     from seg_rt.demo.model import is_demo_folder
 
     path = Path(model)
+    if path.is_file():  # a single-file checkpoint: its file name
+        return path.name
     if not path.is_dir():
         return model
     return DEMO_MODEL_NAME if is_demo_folder(path) else path.resolve().name
@@ -78,6 +80,9 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     model_name: str | None = Field(None, description="name shown to clients; default: folder name or hub id")
+    single_file_config: str | None = Field(
+        None, description="single-file model: the diffusers folder whose component configs it takes"
+    )
     engine: Annotated[str, AfterValidator(check_engine_spec)] = "torch"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -119,6 +124,10 @@ class ServeConfig(BaseModel):
     def _loras_engine(self) -> "ServeConfig":
         from seg_rt.lora import check_engine
 
+        if self.single_file_config is not None and self.branch_parallel > 1:
+            raise ValueError(
+                "single_file_config: not available with branch_parallel > 1 (the ranks open the model)"
+            )
         if self.loras and self.branch_parallel > 1:
             raise ValueError("loras: not available with branch_parallel > 1 (the ranks load no LoRAs)")
         check_engine(self.engine == "torch", self.loras.values(), self.engine)

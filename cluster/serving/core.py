@@ -119,7 +119,14 @@ class ServingCore:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         loras = config.preloaded_loras()
         # a URL: fetched once per node; the named LoRAs loaded as adapters, each request picks its own
-        opened = open_model(config.model, config.engine, device, threads, loras=tuple(loras.values()))
+        opened = open_model(
+            config.model,
+            config.engine,
+            device,
+            threads,
+            loras=tuple(loras.values()),
+            model_config=config.single_file_config,
+        )
         try:
             return cls(config, opened.pipe, opened.engine, loras=loras)
         except BaseException:

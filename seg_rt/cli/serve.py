@@ -27,6 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument(
         "--max-body-bytes", type=int, default=None, help="larger request bodies: HTTP 413 (1000000)"
     )
+    sv.add_argument(
+        "--model-config",
+        default=None,
+        metavar="DIR",
+        help="single-file --model: the folder of its component configs",
+    )
     sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
     sv.add_argument(
         "--branch-parallel",
@@ -63,6 +69,7 @@ def cmd_serve(args) -> int:
         api_keys=keys or None,
         max_body_bytes=args.max_body_bytes,
         model_name=args.model_name,
+        single_file_config=args.model_config,
         branch_parallel=args.branch_parallel,
         branch_parallel_device=args.parallel_device,
         loras=parse_named(args.lora) if args.lora else None,
