@@ -52,7 +52,7 @@ def load_pipeline(
     # diffusers renamed torch_dtype to dtype (0.36); pass whichever this version takes
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
     if singlefile.is_checkpoint_file(model):
-        pipe = singlefile.load(model, dtype, dtype_kw, model_config)
+        pipe = singlefile.load(model, dtype, dtype_kw, model_config, check_model_index)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
     if model_config is not None:

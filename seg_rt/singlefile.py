@@ -13,7 +13,7 @@ tokenizers suffice for the components the file carries; diffusers' ``config=``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import ModelLoadError, first_line
@@ -135,14 +135,12 @@ def shipped_parts(family: str) -> dict:
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(pad_token="!")}
 
 
-def _config_family(folder: Path) -> str:
+def _config_family(folder: Path, check_index: Callable[[Path], None]) -> str:
     """The family a config folder is for, by the pipeline class its ``model_index.json`` names."""
-    from .pipeline import check_model_index
-
     index = folder / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"model config {str(folder)!r} is not a diffusers folder (no model_index.json)")
-    check_model_index(index)  # no custom code from the folder
+    check_index(index)  # no custom code from the folder
     name = json.loads(index.read_text()).get("_class_name")
     for family, cls in PIPELINES.items():
         if name == cls:
@@ -152,9 +150,16 @@ def _config_family(folder: Path) -> str:
     )
 
 
-def load(model: str | Path, dtype, dtype_kw: str, config: str | Path | None = None):
+def load(
+    model: str | Path,
+    dtype,
+    dtype_kw: str,
+    config: str | Path | None,
+    check_index: Callable[[Path], None],
+):
     """The pipeline of a single-file checkpoint (``from_single_file``, offline), with the component
-    configs of ``config`` (a local diffusers folder) or those shipped for the detected family."""
+    configs of ``config`` (a local diffusers folder, its ``model_index.json`` checked by
+    ``check_index``: ``seg_rt.pipeline.check_model_index``) or those shipped for the detected family."""
     import diffusers
 
     path = check_file(model)
@@ -163,7 +168,7 @@ def load(model: str | Path, dtype, dtype_kw: str, config: str | Path | None = No
         folder = Path(config).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(f"model config {str(config)!r} is not a folder")
-        if (given := _config_family(folder)) != family:
+        if (given := _config_family(folder, check_index)) != family:
             raise ModelLoadError(
                 f"model file {path.name!r} is a {family} checkpoint but model config {str(config)!r} is for {given}"
             )
