@@ -4,14 +4,17 @@ the engine; close both together)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import lora
 from .execution import parse_engine_spec
 from .families import Family, family_of
+from .lora import LoRA
 
 
 @dataclass
@@ -61,11 +64,16 @@ def open_model(
     engine: str | None = "torch",
     device: str | torch.device | None = None,
     threads: int | None = None,
+    loras: Sequence[LoRA] = (),
+    model_config: str | Path | None = None,
 ) -> OpenModel:
     """Open ``model`` (a folder, hub id, model URL or loaded pipeline) with ``engine`` (a spec:
-    ``torch``, ``torch-compile``, ``onnx:DIR``, ``trt:DIR``; ``None``: no engine, e.g. for an
-    export that patches the model itself) on ``device`` (default: CUDA when present). ``threads``: torch's CPU thread count, set before loading (CPU results depend on it,
-    so whoever needs reproducible numbers fixes it). A bad engine spec fails before anything loads."""
+            ``torch``, ``torch-compile``, ``onnx:DIR``, ``trt:DIR``; ``None``: no engine, e.g. for an
+            export that patches the model itself) on ``device`` (default: CUDA when present). ``threads``: torch's CPU thread count, set before loading (CPU results depend on it,
+            so whoever needs reproducible numbers fixes it). ``loras``: LoRA files loaded into the pipeline
+        as adapters (``seg_rt.lora``; a server's preloaded set), each request then picks its own. A bad engine
+        spec fails before anything loads. ``model_config``: for a single-file checkpoint, the diffusers folder
+    whose component configs it takes (``seg_rt.singlefile``)."""
     from .pipeline import load_pipeline
 
     kind = parse_engine_spec(engine)[0] if engine is not None else None
@@ -73,8 +81,13 @@ def open_model(
         raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
     if threads is not None:
         torch.set_num_threads(int(threads))
-    pipe = load_pipeline(resolve_model(str(model)), device) if isinstance(model, (str, Path)) else model
+    lora.check_engine(kind == "torch", loras, engine)
+    if isinstance(model, str | Path):
+        pipe = load_pipeline(resolve_model(str(model)), device, model_config=model_config)
+    else:
+        pipe = model
     family = family_of(pipe)
+    lora.load(pipe, loras)
     if engine is None:
         return OpenModel(pipe, family, None)
     if family.kind == "video":

@@ -18,6 +18,7 @@ EXTRAS = {
     "matplotlib": "plot",
     "fsspec": "storage",
     "s3fs": "storage",
+    "peft": "lora",
 }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+from .lora import LoRA, loras_of
 from .tasks import InputImage, load_image
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
@@ -156,6 +157,7 @@ class GenerationParams:
     sequential: bool = False
     video: VideoParams | None = None
     distilled_guidance: float = 3.5
+    loras: tuple[LoRA, ...] = ()  # seg_rt.lora: file name, sha256 and weight of each
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -178,6 +180,8 @@ class GenerationParams:
         check_scheduler(self.scheduler)
         object.__setattr__(self, "distilled_guidance", check_distilled_guidance(self.distilled_guidance))
         object.__setattr__(self, "sequential", bool(self.sequential))
+        if not (isinstance(self.loras, tuple) and all(isinstance(x, LoRA) for x in self.loras)):
+            object.__setattr__(self, "loras", loras_of(self.loras))
         self.seg.check_cfg(self.cfg)
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
@@ -220,6 +224,7 @@ class GenerationParams:
             self.sequential,
             self.video,
             self.distilled_guidance,
+            self.loras,
         )
 
 
@@ -252,9 +257,9 @@ class RequestField:
              on the wire).
     path:    where the value lives: ``("steps",)``, ``("seg", "scale")``, ``("video", "frames")``.
     type:    ``str``, ``int``, ``float``, ``bool``, ``"sigma"`` (a number or ``inf``), ``"layers"``
-             (comma-separated or a list), ``"optional_str"``, ``"optional_int"``, ``"image"`` /
-             ``"mask"`` (an ``InputImage``, RGB / L, from anything ``seg_rt.tasks.load_image`` takes;
-             recorded as its sha256, mode and size).
+             (comma-separated or a list), ``"loras"`` (``seg_rt.lora``), ``"optional_str"``,
+             ``"optional_int"``, ``"image"`` / ``"mask"`` (an ``InputImage``, RGB / L, from anything
+             ``seg_rt.tasks.load_image`` takes; recorded as its sha256, mode and size).
     kinds:   the requests it applies to (``image``, ``video``).
     aliases: other spellings accepted by the Python API and HTTP (``num_inference_steps``).
     choices: the allowed values, when a fixed set.
@@ -295,6 +300,8 @@ class RequestField:
                     f"{self.key} in a record names an image by its sha256 only: give the image itself"
                 )
             return load_image(value, self.key.replace("_", " "), mode="L" if self.type == "mask" else "RGB")
+        if self.type == "loras":
+            return loras_of(value)
         return value
 
     def dump(self, value: Any) -> Any:
@@ -305,6 +312,8 @@ class RequestField:
             return None if value is None else list(value)
         if self.type in ("image", "mask"):
             return None if value is None else value.record()
+        if self.type == "loras":
+            return [lora.to_record() for lora in value]
         return value
 
 
@@ -336,6 +345,7 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
        choices=SEGConfig.PLACEMENTS, recorded=WHEN_SET),
     _f("distilled_guidance", "distilled_guidance", float, "the guidance Flux.1-dev embeds", kinds=IMAGE,
        recorded=WHEN_SET),
+    _f("loras", "loras", "loras", "LoRA files PATH[:WEIGHT] (safetensors)", kinds=IMAGE, recorded=WHEN_SET),
     _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import lora, singlefile
 from .errors import ModelLoadError, first_line
 from .execution import BranchParallel, parse_engine_spec
 from .families import REGISTRY, family_of
@@ -33,9 +34,14 @@ def default_device() -> torch.device:
 
 
 def load_pipeline(
-    model: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    model: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    model_config: str | Path | None = None,
 ):
-    """Load a diffusers pipeline from a local folder or hub id (safetensors only, no custom code).
+    """Load a diffusers pipeline from a local folder, hub id or single-file checkpoint (safetensors
+    only, no custom code). A ``.safetensors`` file loads offline through ``seg_rt.singlefile``
+    (``model_config``: the diffusers folder whose component configs it takes instead of the shipped ones).
 
     ``model_index.json`` is read first and every class it names must be a diffusers /
     transformers class or seg-rt's demo pipeline (:func:`check_model_index`): diffusers would
@@ -43,11 +49,21 @@ def load_pipeline(
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     path = Path(model)
-    is_local = path.is_dir()
-    if not is_local and (path.exists() or str(model).startswith((".", "/", "~"))):
-        raise ModelLoadError(f"model folder {str(model)!r} does not exist or is not a diffusers folder")
     # diffusers renamed torch_dtype to dtype (0.36); pass whichever this version takes
     dtype_kw = "dtype" if _has_dtype_kwarg() else "torch_dtype"
+    if singlefile.is_checkpoint_file(model):
+        pipe = singlefile.load(model, dtype, dtype_kw, model_config, check_model_index)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+    if model_config is not None:
+        raise ModelLoadError(
+            f"a model config folder applies to single-file checkpoints only, not {str(model)!r}"
+        )
+    is_local = path.is_dir()
+    if not is_local and (path.exists() or str(model).startswith((".", "/", "~"))):
+        raise ModelLoadError(
+            f"model {str(model)!r} does not exist or is not a diffusers folder or a .safetensors checkpoint"
+        )
     if is_local:
         check_model_index(path / "model_index.json")  # before any code from the folder can run
     cls = _pipeline_class(path if is_local else None)
@@ -321,6 +337,8 @@ def run_params(
     family = family_of(pipe, "image")
     height, width = family.size(pipe, first.height, first.width)
     family.check_request(pipe, first)
+    lora.check_engine(_eager_torch(engine), first.loras, engine)
+    lora.activate(pipe, first.loras)  # exactly this request's LoRAs (none: every loaded one off)
     parts = [
         family.encode(
             pipe,
@@ -402,6 +420,16 @@ def _open_engine(engine, pipe) -> AbstractContextManager:
             f"engine must be a seg_rt.engines.Denoiser or an engine spec string, got {type(engine).__name__}"
         )
     return load_engine(engine or "torch", pipe, pipe._execution_device)
+
+
+def _eager_torch(engine) -> bool:
+    """``engine`` (a spec, a denoiser or ``None`` for torch) runs the pipeline's own torch modules
+    eagerly, so weights changed in place (LoRAs) take effect."""
+    if engine is None or isinstance(engine, str):
+        return engine is None or engine == "torch"
+    from seg_rt.engines.base import PatchedDenoiser
+
+    return isinstance(engine, PatchedDenoiser) and not getattr(engine, "compile", False)
 
 
 def _runs(keys: list) -> list[tuple[int, int]]:

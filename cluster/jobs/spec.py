@@ -77,7 +77,13 @@ def wire_type(f: RequestField, *, optional: bool = False) -> Any:
     if f.type == "layers" and (optional or f.default is None):
         return OptionalLayers
     special = {"seed": Seed, "scheduler": Scheduler}
-    types = {"sigma": Sigma, "layers": Layers, "optional_str": str | None, "optional_int": int | None}
+    types = {
+        "sigma": Sigma,
+        "layers": Layers,
+        "optional_str": str | None,
+        "optional_int": int | None,
+        "loras": Any,  # PATH[:WEIGHT] strings or {path, weight}: seg_rt.lora's rules, by check_field
+    }
     t = special.get(f.key) or types.get(f.type, f.type)
     return t | None if optional else t
 
@@ -307,7 +313,7 @@ def resolve_paths(data: dict, base: Path) -> dict:
 
     A model that is neither an existing folder under ``base`` nor written as a path (``./m``, ``../m``)
     stays as given: a hub id such as ``org/name``."""
-    data = dict(data)
+    data = resolve_lora_paths(data, base)
     model = data.get("model")
     if isinstance(model, str) and model and not Path(model).expanduser().is_absolute():
         local = base / model
@@ -323,6 +329,31 @@ def resolve_paths(data: dict, base: Path) -> dict:
             return data  # reported by the validator, with the field name
         if folder is not None and not Path(folder).expanduser().is_absolute():
             data["engine"] = f"{kind}:{(base / folder).resolve()}"
+    return data
+
+
+def resolve_lora_paths(data: dict, base: Path) -> dict:
+    """``loras:`` files given relative (``PATH[:WEIGHT]`` or ``{path, weight}``) → under ``base``."""
+    from seg_rt.lora import split_spec
+
+    data = dict(data)
+    loras = data.get("loras")
+    if not isinstance(loras, list | tuple | str | dict):
+        return data
+
+    def under(path: str) -> str:
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else base / p)
+
+    out = []
+    for v in [loras] if isinstance(loras, str | dict) else loras:
+        if isinstance(v, str) and v.strip():
+            path, weight = split_spec(v)
+            v = f"{under(path)}:{weight!r}"
+        elif isinstance(v, dict) and isinstance(v.get("path"), str):
+            v = {**v, "path": under(v["path"])}
+        out.append(v)
+    data["loras"] = out
     return data
 
 
@@ -367,7 +398,10 @@ def read_prompts(spec: JobSpec, base: Path) -> list[Overrides]:
             continue
         if path.suffix == ".jsonl":
             try:
-                out.append(Overrides.model_validate(json.loads(line)))
+                row = json.loads(line)
+                out.append(
+                    Overrides.model_validate(resolve_lora_paths(row, base) if isinstance(row, dict) else row)
+                )
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not valid JSON: {exc.msg}") from None
             except ValidationError as exc:

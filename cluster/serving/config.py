@@ -67,6 +67,8 @@ def model_name(model: str) -> str:
     from seg_rt.demo.model import is_demo_folder
 
     path = Path(model)
+    if path.is_file():  # a single-file checkpoint: its file name
+        return path.name
     if not path.is_dir():
         return model
     return DEMO_MODEL_NAME if is_demo_folder(path) else path.resolve().name
@@ -78,6 +80,9 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     model_name: str | None = Field(None, description="name shown to clients; default: folder name or hub id")
+    single_file_config: str | None = Field(
+        None, description="single-file model: the diffusers folder whose component configs it takes"
+    )
     engine: Annotated[str, AfterValidator(check_engine_spec)] = "torch"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -103,6 +108,36 @@ class ServeConfig(BaseModel):
         1, ge=1, description="latency mode: each step's rows split over N ranks (branch-parallel SEG)"
     )
     branch_parallel_device: str = Field("cpu", description="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+    loras: dict[str, str] = Field(
+        default_factory=dict, description="LoRA files preloaded by name (NAME: PATH); requests pick by name"
+    )
+
+    @field_validator("loras")
+    @classmethod
+    def _loras(cls, v: dict[str, str]) -> dict[str, str]:
+        from seg_rt.lora import preload
+
+        preload(v)  # names and files checked (safetensors, readable) before Ray starts
+        return v
+
+    @model_validator(mode="after")
+    def _loras_engine(self) -> "ServeConfig":
+        from seg_rt.lora import check_engine
+
+        if self.single_file_config is not None and self.branch_parallel > 1:
+            raise ValueError(
+                "single_file_config: not available with branch_parallel > 1 (the ranks open the model)"
+            )
+        if self.loras and self.branch_parallel > 1:
+            raise ValueError("loras: not available with branch_parallel > 1 (the ranks load no LoRAs)")
+        check_engine(self.engine == "torch", self.loras.values(), self.engine)
+        return self
+
+    def preloaded_loras(self) -> dict:
+        """The named LoRA set as ``seg_rt.lora.LoRA`` objects (file name, sha256; read here)."""
+        from seg_rt.lora import preload
+
+        return preload(self.loras)
 
     @field_validator("branch_parallel_device")
     @classmethod

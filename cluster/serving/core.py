@@ -69,7 +69,9 @@ def _failure(exc: Exception) -> Failure:
 class ServingCore:
     """One replica's state: the loaded model and engine, the limits, stats; no Ray, no HTTP."""
 
-    def __init__(self, config: ServeConfig, pipe, engine=None, run: Callable = run_group, group=None) -> None:
+    def __init__(
+        self, config: ServeConfig, pipe, engine=None, run: Callable = run_group, group=None, loras=None
+    ) -> None:
         self.config = config
         self.pipe = pipe
         self.engine = engine
@@ -85,6 +87,8 @@ class ServingCore:
         self.shapes = engine.shapes if engine is not None and engine.shapes.batch is not None else None
         per_run = engine.images_per_run if engine is not None else None
         self.run_capacity = per_run if per_run is not None else config.max_batch_size
+        # the preloaded LoRAs by name (seg_rt.lora.LoRA, loaded into pipe): what requests pick from
+        self.loras: dict = dict(loras or {})
         self.stats = {"requests": 0, "images": 0, "sampling_runs": 0, "failed": 0}
         self.metrics = Metrics()
         self._lock = threading.Lock()
@@ -113,9 +117,18 @@ class ServingCore:
                 group.close()
                 raise
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        opened = open_model(config.model, config.engine, device, threads)  # a URL: fetched once per node
+        loras = config.preloaded_loras()
+        # a URL: fetched once per node; the named LoRAs loaded as adapters, each request picks its own
+        opened = open_model(
+            config.model,
+            config.engine,
+            device,
+            threads,
+            loras=tuple(loras.values()),
+            model_config=config.single_file_config,
+        )
         try:
-            return cls(config, opened.pipe, opened.engine)
+            return cls(config, opened.pipe, opened.engine, loras=loras)
         except BaseException:
             opened.close()
             raise
@@ -136,6 +149,7 @@ class ServingCore:
             config.default_height or self.default_side,
             config.default_width or self.default_side,
             config.scheduler,
+            loras=self.loras,
         )
         h, w = p.height, p.width
         most_images = min(lim.max_images, config.max_batch_size)
@@ -249,6 +263,7 @@ class ServingCore:
             "limits": self.config.limits.model_dump(),
             "max_batch_size": self.config.max_batch_size,
             "branch_parallel": self.config.branch_parallel,
+            "loras": {name: {"file": x.file, "sha256": x.sha256} for name, x in self.loras.items()},
             "defaults": GenerationParams(scheduler=self.config.scheduler).to_record(),  # request defaults
             "stats": stats,
         }

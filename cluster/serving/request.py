@@ -9,12 +9,13 @@ request into images). They import this module only, never the core or the app.
 No ``from __future__ import annotations`` here: FastAPI reads the annotations as classes.
 """
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from seg_rt.lora import named_specs, resolve_named
 from seg_rt.params import (
     DEFAULT_SCHEDULER,
     GenerationParams,
@@ -68,13 +69,17 @@ def _annotation(f: RequestField) -> Any:
         "optional_int": int | None,
         "sigma": float | str,
         "layers": list[str] | str,
+        "loras": list[str | dict[str, Any]],  # NAME[:WEIGHT] or {name, weight}: the server's set
     }.get(f.type, f.type)
 
 
 _Fields = create_model(
     "_GenerateFields",
     __config__=ConfigDict(extra="forbid"),
-    **{f.key: (_annotation(f), SERVER_DEFAULTS.get(f.key, f.dump(f.default))) for f in _TABLE},
+    **{
+        f.key: (_annotation(f), SERVER_DEFAULTS.get(f.key, [] if f.type == "loras" else f.dump(f.default)))
+        for f in _TABLE
+    },
     **_EXTRA,
 )
 
@@ -101,6 +106,8 @@ class GenerateRequest(_Fields):
     def _field(cls, v: Any, info) -> Any:
         if v is None and info.field_name in SERVER_DEFAULTS:
             return v
+        if info.field_name == "loras":  # names of the server's preloaded set: looked up by the core
+            return [{"name": n, "weight": w} for n, w in named_specs(v)]
         value = check_field(info.field_name, v)  # the request type's own rule
         return list(value) if field_named(info.field_name, "image").type == "layers" else value
 
@@ -110,10 +117,19 @@ class GenerateRequest(_Fields):
         return self
 
     def params(
-        self, height: int | None = None, width: int | None = None, scheduler: str = DEFAULT_SCHEDULER
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str = DEFAULT_SCHEDULER,
+        loras: Mapping[str, Any] | None = None,
     ) -> GenerationParams:
-        """The request as the one request type; ``height`` / ``width`` / ``scheduler`` fill what it leaves out."""
+        """The request as the one request type; ``height`` / ``width`` / ``scheduler`` fill what it leaves out.
+        ``loras``: the server's preloaded LoRAs by name, which the request's ``loras`` pick from
+        (``None``: the names are not looked up, for the syntax checks)."""
         values = {f.key: getattr(self, f.key) for f in _TABLE}
+        picked = [(x["name"], x["weight"]) for x in values.pop("loras")]
+        if loras is not None:
+            values["loras"] = resolve_named(picked, loras)
         fill = {"height": height, "width": width, "scheduler": scheduler}
         values.update({k: values[k] or fill[k] for k in fill})
         return request_from_fields(values)

@@ -21,7 +21,10 @@ from seg_rt.params import GenerationParams, fields_for
 logger = logging.getLogger("seg_rt")
 
 REQUEST = GenerationParams()  # every request flag's default is the request type's: one default per field
-IMAGE_MODEL_HELP = "local diffusers folder or hub id (default: the bundled 32x32 demo model, offline)"
+IMAGE_MODEL_HELP = (
+    "local diffusers folder, hub id or single-file .safetensors checkpoint "
+    "(default: the bundled 32x32 demo model, offline)"
+)
 
 
 class UsageError(Exception):
@@ -79,6 +82,14 @@ def add_request_args(
     request type's default. ``own``: a field's flag spelled by the command (its ``default`` and
     ``help``), e.g. video's ``--frames``, whose default depends on the model."""
     p.add_argument("--model", default=None, help=model_help)
+    if kind == "image":  # single-file checkpoints are image models (seg_rt.singlefile)
+        p.add_argument(
+            "--model-config",
+            default=None,
+            metavar="DIR",
+            help="for a single-file --model FILE.safetensors: the diffusers folder whose component configs it "
+            "takes (default: the configs seg-rt ships for the family its keys show)",
+        )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true")
     for f in fields_for(kind):
@@ -92,6 +103,10 @@ def add_request_args(
         choices = f" ({', '.join(f.choices)})" if f.choices else ""
         if f.type is bool:
             p.add_argument(f.flag, action="store_true", default=default, help=with_default(f.help, default))
+            continue
+        if f.type == "loras":  # repeatable --lora PATH[:WEIGHT] (seg_rt.lora)
+            p.add_argument("--lora", dest=f.key, action="append", default=[], metavar="PATH[:WEIGHT]",
+                           help=f"{f.help}; repeat for several (default: none)")  # fmt: skip
             continue
         shown_default = ",".join(default) if f.type == "layers" and default is not None else default
         p.add_argument(
@@ -153,11 +168,14 @@ def load_model(
     engine: str | None = None,
     threads: int | None = None,
     parallel: BranchParallel | None = None,
+    model_config: str | None = None,
 ) -> tuple[Any, Any]:
     """(pipeline, engine) a command samples with, opened by ``seg_rt.models.open_model`` (``threads``
     CPU threads set first; the engine, when one is asked for, closed with ``resources``). With
     ``parallel`` nothing is loaded here: every rank opens the model and engine itself, so
     ``(model, engine)`` come back as given."""
+    if parallel is not None and model_config is not None:
+        raise ValueError("--model-config does not apply with --branch-parallel")
     if parallel is not None:
         if threads is not None:
             import torch
@@ -166,7 +184,7 @@ def load_model(
         return model, engine
     from seg_rt.models import open_model
 
-    opened = resources.enter_context(open_model(model, engine, device, threads))
+    opened = resources.enter_context(open_model(model, engine, device, threads, model_config=model_config))
     return opened.pipe, opened.engine
 
 

@@ -103,8 +103,9 @@ def _generate(args, resources: contextlib.ExitStack) -> int:
     control = load_image(args.control_image) if args.control_image else None
     t0 = time.perf_counter()
     pipe, engine = load_model(
-        model, args.device, resources, engine=args.engine, threads=args.threads, parallel=parallel
-    )
+        model, args.device, resources, engine=args.engine, threads=args.threads, parallel=parallel,
+        model_config=args.model_config,
+    )  # fmt: skip
     common = {
         "parallel": parallel,
         "engine": engine,

@@ -27,6 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument(
         "--max-body-bytes", type=int, default=None, help="larger request bodies: HTTP 413 (1000000)"
     )
+    sv.add_argument(
+        "--model-config",
+        default=None,
+        metavar="DIR",
+        help="single-file --model: the folder of its component configs",
+    )
     sv.add_argument("--model-name", default=None, help="model name shown to clients (default: folder name)")
     sv.add_argument(
         "--branch-parallel",
@@ -36,12 +42,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="latency mode: each run's steps split over N ranks per replica (branch-parallel SEG)",
     )
     sv.add_argument("--parallel-device", default=None, help="latency mode ranks: cpu (gloo) or cuda (NCCL)")
+    sv.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help='preload a LoRA (safetensors) that requests pick by NAME (loras: ["NAME:WEIGHT"]); repeatable',
+    )
     sv.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args) -> int:
     from seg_rt.cluster.serving.config import API_KEY_ENV, load_config
     from seg_rt.demo.model import weights_dir
+    from seg_rt.lora import parse_named
 
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
     demo = str(weights_dir())
@@ -55,8 +69,10 @@ def cmd_serve(args) -> int:
         api_keys=keys or None,
         max_body_bytes=args.max_body_bytes,
         model_name=args.model_name,
+        single_file_config=args.model_config,
         branch_parallel=args.branch_parallel,
         branch_parallel_device=args.parallel_device,
+        loras=parse_named(args.lora) if args.lora else None,
     )  # the whole config is valid before Ray starts
     from seg_rt.cluster.serving.deployment import serve_forever
 
