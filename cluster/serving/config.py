@@ -44,6 +44,26 @@ class Limits(BaseModel):
     max_aspect: float = Field(4.0, ge=1, allow_inf_nan=False, description="longer side / shorter side")
 
 
+class JobSettings(BaseModel):
+    """The job API (``/v1/jobs``): queue length, how long finished results are kept, previews."""
+
+    model_config = ConfigDict(extra="forbid")
+    queue_length: int = Field(64, ge=1, description="queued jobs; beyond this, HTTP 429 with Retry-After")
+    retention_s: float = Field(86400.0, gt=0, allow_inf_nan=False, description="finished jobs kept this long")
+    max_bytes: int = Field(
+        1 << 30, ge=1, description="finished jobs' files kept up to this (oldest go first)"
+    )
+    preview_every: int = Field(5, ge=0, description="a preview every N steps (0: none)")
+
+
+def state_dir_default() -> Path:
+    """Where a server keeps its jobs when the config names no ``state_dir``."""
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "seg-rt" / "serve"
+
+
 def check_engine_spec(spec: str) -> str:
     """``torch``, ``torch-compile``, ``onnx:DIR`` or ``trt:DIR`` with DIR an existing folder."""
     _, path = parse_engine_spec(spec)
@@ -99,6 +119,10 @@ class ServeConfig(BaseModel):
     default_width: int | None = Field(None, ge=1)
     scheduler: Scheduler = DEFAULT_SCHEDULER
     limits: Limits = Limits()
+    state_dir: str | None = Field(
+        None, description="jobs and their results; default ~/.local/state/seg-rt/serve"
+    )
+    jobs: JobSettings = JobSettings()
     branch_parallel: int = Field(
         1, ge=1, description="latency mode: each step's rows split over N ranks (branch-parallel SEG)"
     )

@@ -24,8 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.params import GenerationParams
 
-from . import a1111_api, openai_api
+from . import a1111_api, jobs_api, openai_api
 from .core import Failure, ServingCore
+from .jobs import jobs_for, owner_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsMiddleware
 from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, validation_lines
@@ -245,6 +246,11 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
     apis = (
         openai_api.router(produce, config.public_model),
         a1111_api.router(produce, config.public_model, config.scheduler),
+    )
+    jobs = jobs_for(core)
+    keyed = bool(config.api_keys)
+    apis += (
+        jobs_api.router(core, jobs, lambda r: owner_of(_credentials(r.scope["headers"]) if keyed else None)),
     )
     for api in apis:
         routes.update(r.path for r in api.routes)
