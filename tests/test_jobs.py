@@ -2,12 +2,16 @@
 cancellation (queued: never runs; running: stops at the next step, its batch neighbours' bytes
 unchanged), the bounded queue, ownership by API key, results on disk across a restart."""
 
+import base64
 import io
+import json
 import os
+import threading
 import time
 from contextlib import contextmanager
 
 import pytest
+import requests
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -15,6 +19,8 @@ from PIL import Image
 from seg_rt.cluster.serving.config import ServeConfig
 from seg_rt.cluster.serving.core import ServingCore
 from seg_rt.cluster.serving.http import build_app
+
+from .live_server import live_server
 
 K1, K2 = "key-one", "key-two"
 BODY = {"prompt": "a cat", "seed": 5, "steps": 4, "height": 64, "width": 64}
@@ -209,3 +215,66 @@ def test_retention_removes_old_results_only(sdxl, tmp_path):
     core.jobs.prune()
     assert not folder.exists() and mine.is_dir()
     assert c.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+# ---- progress: events, the web UI's progress and interrupt --------------------------------------
+
+
+def test_events_stream_progress_previews_then_done(sdxl, tmp_path):
+    core, c = make(sdxl, tmp_path, jobs={"preview_every": 2})
+    with sampling_held(core):
+        job_id = c.post("/v1/jobs", json=BODY).json()["id"]
+    events = []
+    with c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line.removeprefix("data: "))))
+    names = [n for n, _ in events]
+    assert names[-1] == "done" and events[-1][1]["status"] == "succeeded"
+    steps = [d["step"] for n, d in events if n == "progress"]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    previews = [d for n, d in events if n == "preview"]
+    assert previews and all(p["step"] in (1, 2, 4) for p in previews)
+    Image.open(io.BytesIO(base64.b64decode(previews[0]["image"]))).verify()
+    assert names.index("preview") < names.index("done")
+
+
+def test_webuiapi_progress_during_a_blocking_txt2img_and_interrupt(sdxl, tmp_path):
+    webuiapi = pytest.importorskip("webuiapi")
+    core, _ = make(sdxl, tmp_path, jobs={"preview_every": 1})
+    app = build_app(core)
+    seen = []
+    with live_server(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port))
+
+        def at_step(job):
+            if job.done_steps == 2 and not seen:
+                seen.append(api.get_progress())
+
+        def watch_live():  # the blocking request's watch appears once it is tracked
+            until(lambda: core.jobs.live)
+            next(iter(core.jobs.live.values())).listeners.append(at_step)
+
+        watcher = threading.Thread(target=watch_live)
+        watcher.start()
+        result = api.txt2img(prompt="a cat", seed=5, steps=4, width=64, height=64, cfg_scale=5)
+        watcher.join()
+        assert len(result.images) == 1
+        (progress,) = seen
+        assert 0 < progress["progress"] < 1 and progress["state"]["sampling_step"] == 2
+        assert progress["state"]["sampling_steps"] == 4 and progress["eta_relative"] >= 0
+        Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).verify()
+        idle = api.get_progress()
+        assert idle["progress"] == 0 and idle["current_image"] is None and idle["state"]["job_count"] == 0
+
+        # interrupt: the running job stops at its next step
+        job_id = requests.post(f"{url}/v1/jobs", json=BODY | {"steps": 6}).json()["id"]
+        job = core.jobs.jobs[job_id]
+        job.listeners.append(lambda j: j.done_steps == 2 and api.interrupt())
+        assert core.jobs.wait(job, 120)
+        assert job.status == "cancelled" and job.done_steps == 2

@@ -22,6 +22,7 @@ from seg_rt.params import DEFAULT_SCHEDULER
 
 from ..jobs.spec import Scheduler
 from .request import first_error
+from .webhooks import WebhookSettings
 
 API_KEY_ENV = "SEG_RT_API_KEY"
 DEMO_MODEL_NAME = "seg-rt-demo"  # what clients see of the bundled demo model
@@ -123,6 +124,7 @@ class ServeConfig(BaseModel):
         None, description="jobs and their results; default ~/.local/state/seg-rt/serve"
     )
     jobs: JobSettings = JobSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     branch_parallel: int = Field(
         1, ge=1, description="latency mode: each step's rows split over N ranks (branch-parallel SEG)"
     )

@@ -211,6 +211,10 @@ class ServingCore:
         ``watches`` (one per request): progress, and cancellation at the next step (``CANCELLED``;
         the other rows of its run go on unchanged). Latency mode samples in the ranks: there a
         cancelled request is only dropped between runs."""
+        if watches is None:  # watches carried on the rows (``jobs.WatchedRows``: blocking requests)
+            found = [getattr(rows, "watch", None) for rows in requests]
+            if any(w is not None for w in found):
+                watches = [w if w is not None else Watch() for w in found]
         with self._sampling:
             return self._run_batch(requests, watches)
 

@@ -40,6 +40,7 @@ from seg_rt.images import write_atomic
 from seg_rt.params import GenerationParams
 
 from .core import CANCELLED, Failure, ServingCore, Watch
+from .webhooks import SECRET_ENV, Sender
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class Job(Watch):
 
     def step(self, done: int, total: int) -> None:
         self.done_steps, self.total_steps = done, total
+        if self.status == "queued":  # a blocking request (``JobManager.track``): it runs now
+            self.status, self.started = "running", self.started or time.time()
         for listen in list(self.listeners):
             listen(self)
 
@@ -227,8 +230,10 @@ class JobManager:
         self.metrics = JobMetrics(core.metrics.registry)
         self.instance = uuid.uuid4().hex
         self.jobs: dict[str, Job] = {}
+        self.live: dict[str, Job] = {}  # blocking requests being served (``track``)
         self.queue: deque[Job] = deque()
         self.on_finish: list[Callable[[Job], None]] = []  # webhooks and other listeners
+        self.sender = None  # webhooks.Sender when the config allows webhook hosts
         self._cond = threading.Condition()
         self._lock_fd: int | None = None
         self._closed = False
@@ -340,6 +345,31 @@ class JobManager:
             self._cond.notify_all()
         return job
 
+    def track(self, rows: list[GenerationParams]) -> "WatchedRows":
+        """A blocking request's rows, watched (progress, previews, ``/sdapi/v1/interrupt``) while
+        they sample: ``ServingCore.run_batch`` finds the watch on them. Not queued, not stored;
+        ``untrack`` it when it is answered."""
+        job = Job(id=new_job_id(), owner="", kind="blocking", body={}, rows=rows)
+        job.previewer, job.preview_every = self.preview, self.preview_every
+        with self._cond:
+            self.live[job.id] = job
+        return WatchedRows(rows, job)
+
+    def untrack(self, rows: "WatchedRows") -> None:
+        with self._cond:
+            self.live.pop(rows.watch.id, None)
+
+    def current(self) -> Job | None:
+        """The job (or blocking request) sampling now that started first; None when idle."""
+        with self._cond:
+            running = [j for j in (*self.jobs.values(), *self.live.values()) if j.status == "running"]
+        return min(running, key=lambda j: j.started or 0.0, default=None)
+
+    def waiting(self) -> int:
+        """Jobs queued plus blocking requests not yet sampling."""
+        with self._cond:
+            return len(self.queue) + sum(j.status == "queued" for j in self.live.values())
+
     def retry_after(self) -> int:
         pace = sum(self._pace) / len(self._pace) if self._pace else 1.0
         return max(1, round(pace))
@@ -373,7 +403,8 @@ class JobManager:
         """A queued job leaves the queue and never runs; a running one stops at its next step."""
         job = self.get(job_id, owner)
         with self._cond:
-            if job.status == "queued":
+            ended = job.status == "queued"
+            if ended:
                 self.queue.remove(job)
                 self.metrics.queued.set(len(self.queue))
                 self.metrics.cancellations.labels(state="queued").inc()
@@ -381,6 +412,8 @@ class JobManager:
             elif job.status == "running" and not job.cancelled:
                 job.cancelled = True
                 self.metrics.cancellations.labels(state="running").inc()
+        if ended:
+            self._announce(job)
         return job
 
     def result(self, job: Job) -> list[bytes]:
@@ -410,6 +443,8 @@ class JobManager:
             self._cond.notify_all()
         if self._worker.is_alive():
             self._worker.join(timeout=60)
+        if self.sender is not None:
+            self.sender.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -455,6 +490,7 @@ class JobManager:
                     with self._cond:
                         job.error, job.error_status = f"storing the result failed ({type(exc).__name__})", 500
                         self._finish(job, "failed")
+                    self._announce(job)
             self.metrics.running.set(0)
             try:
                 self.prune()
@@ -465,12 +501,12 @@ class JobManager:
         if result == CANCELLED or (job.cancelled and not isinstance(result, Failure)):
             with self._cond:
                 self._finish(job, "cancelled")
-            return
+            return self._announce(job)
         if isinstance(result, Failure):
             with self._cond:
                 job.error, job.error_status = result.message, result.status
                 self._finish(job, "failed")
-            return
+            return self._announce(job)
         seconds = time.time() - (job.started or job.created)
         outputs = []
         for i, (image, p) in enumerate(zip(result, job.rows, strict=True)):
@@ -493,20 +529,33 @@ class JobManager:
             job.outputs = outputs
             self._finish(job, "succeeded")
         self._pace.append(seconds)
+        self._announce(job)
 
     def _finish(self, job: Job, status: str) -> None:
-        """Called with ``_cond`` held: the final status, saved, waiters and listeners told."""
+        """Called with ``_cond`` held: the final status, saved, waiters told (then ``_announce``)."""
         job.status, job.finished = status, time.time()
         if status == "succeeded":
             job.done_steps = job.total_steps
         self._save(job)
         self.metrics.seconds.labels(status=status).observe(job.finished - job.created)
         self._cond.notify_all()
+
+    def _announce(self, job: Job) -> None:
+        """Listeners (webhooks, event streams) told of the end, without the lock held."""
         for listen in list(self.on_finish) + list(job.listeners):
             try:
                 listen(job)
             except Exception as exc:
                 logger.warning("job listener failed: %s", exc)
+
+
+class WatchedRows(list):
+    """A request's per-image params carrying its ``Watch`` (``watch``) through any batcher (Ray
+    Serve's ``@serve.batch`` passes the objects as they are) to ``ServingCore.run_batch``."""
+
+    def __init__(self, rows, watch: Watch) -> None:
+        super().__init__(rows)
+        self.watch = watch
 
 
 def new_job_id() -> str:
@@ -537,5 +586,14 @@ def jobs_for(core: ServingCore) -> JobManager:
             preview=previewer(core.pipe),
             preview_every=s.preview_every,
         )
+        hooks = core.config.webhooks
+        if hooks.allow_hosts:
+            manager.sender = Sender(hooks, hooks.secret or os.environ.get(SECRET_ENV), manager.metrics)
+
+            def notify(job: Job) -> None:
+                if job.extra.get("webhook_url"):
+                    manager.sender.send(job.extra["webhook_url"], job.view())
+
+            manager.on_finish.append(notify)
         core.jobs = manager
     return manager

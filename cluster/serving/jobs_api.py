@@ -18,6 +18,14 @@ from fastapi.responses import JSONResponse, Response
 from .core import ServingCore
 from .jobs import Job, JobManager, JobNotFound, QueueFull
 from .request import GenerateRequest, RequestFailed
+from .webhooks import check_url
+
+
+class JobRequest(GenerateRequest):
+    """A job's body: every ``POST /v1/generate`` field, and ``webhook_url`` (called when the job
+    ends; its host must be on the server's ``webhooks.allow_hosts``)."""
+
+    webhook_url: str | None = None
 
 
 def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str]) -> APIRouter:
@@ -30,13 +38,20 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
             raise RequestFailed(404, f"no job {job_id!r}", "id") from None
 
     @api.post("/v1/jobs", status_code=202, response_model=None)
-    def submit(req: GenerateRequest, request: Request) -> JSONResponse:
+    def submit(req: JobRequest, request: Request) -> JSONResponse:
+        extra = {}
+        if req.webhook_url is not None:
+            try:
+                extra["webhook_url"] = check_url(req.webhook_url, core.config.webhooks.allow_hosts)
+            except ValueError as exc:
+                raise RequestFailed(422, str(exc), "webhook_url") from None
         try:
             rows = core.check(req)
         except ValueError as exc:
             raise RequestFailed(422, str(exc)) from None
         try:
-            job = jobs.submit(rows, owner(request), req.response, req.model_dump(mode="json"))
+            body = req.model_dump(mode="json", exclude={"webhook_url"})
+            job = jobs.submit(rows, owner(request), req.response, body, **extra)
         except QueueFull as exc:
             return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
         return JSONResponse(jobs.view(job), 202, headers={"Location": f"/v1/jobs/{job.id}"})
