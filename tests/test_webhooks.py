@@ -20,6 +20,7 @@ from seg_rt.cluster.serving.webhooks import check_url
 
 SECRET = "hush-hush"
 BODY = {"prompt": "a cat", "seed": 5, "steps": 2, "height": 64, "width": 64}
+WAIT = 900.0  # seconds: a bound for a stuck worker, not a speed check
 
 
 class Receiver(BaseHTTPRequestHandler):
@@ -59,8 +60,8 @@ def test_webhook_signed_retried_and_only_to_allowed_hosts(sdxl, tmp_path, receiv
         assert c.post("/v1/jobs", json=BODY | {"webhook_url": "file:///etc/passwd"}).status_code == 422
         with torch.inference_mode():
             job_id = c.post("/v1/jobs", json=BODY | {"webhook_url": receiver}).json()["id"]
-            assert core.jobs.wait(core.jobs.jobs[job_id], 120)
-        deadline = time.monotonic() + 60
+            assert core.jobs.wait(core.jobs.jobs[job_id], WAIT)
+        deadline = time.monotonic() + WAIT
         while len(Receiver.got) < 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         assert len(Receiver.got) == 2  # the 500, then the retry; nothing for the refused hosts
@@ -82,3 +83,19 @@ def test_no_webhooks_without_an_allow_list():
         check_url("http://127.0.0.1/hook", [])
     with pytest.raises(ValueError, match="must not carry a user name"):
         check_url("http://u:p@127.0.0.1/hook", ["127.0.0.1"])
+
+
+def test_serving_line_waits_until_the_server_answers(sdxl, tmp_path):
+    from seg_rt.cluster.serving.deployment import wait_answering
+
+    from .live_server import live_server
+    from .ray_helpers import free_port
+
+    closed = ServeConfig(model="m", port=free_port())
+    assert not wait_answering(closed, timeout_s=0.5)  # nothing answers there: no "serving on" yet
+    core = ServingCore(ServeConfig(model="tiny", state_dir=str(tmp_path)), sdxl)
+    try:
+        with live_server(build_app(core)) as url:
+            assert wait_answering(ServeConfig(model="m", port=int(url.rsplit(":", 1)[1])), timeout_s=30)
+    finally:
+        core.close()

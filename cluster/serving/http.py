@@ -14,6 +14,7 @@ import binascii
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.params import GenerationParams
 
-from . import a1111_api, jobs_api, openai_api, progress_api
+from . import a1111_api, jobs_api, openai_api, openai_stream, progress_api
 from .core import Failure, ServingCore
 from .jobs import jobs_for, owner_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -248,7 +249,7 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
 
     config = core.config
     apis = (
-        openai_api.router(produce, config.public_model),
+        openai_api.router(produce, config.public_model, partial(openai_stream.streamed, core, jobs)),
         a1111_api.router(produce, config.public_model, config.scheduler),
     )
     keyed = bool(config.api_keys)

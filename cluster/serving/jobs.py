@@ -70,6 +70,10 @@ class JobNotFound(KeyError):
     pass
 
 
+class JobElsewhere(Exception):
+    """A queued or running job of another replica (same state folder): only that one can cancel it."""
+
+
 @dataclass
 class Job(Watch):
     """One job: its request, its per-image params, where it stands. A ``Watch`` for the core."""
@@ -402,6 +406,8 @@ class JobManager:
     def cancel(self, job_id: str, owner: str) -> Job:
         """A queued job leaves the queue and never runs; a running one stops at its next step."""
         job = self.get(job_id, owner)
+        if job.id not in self.jobs and job.status in ("queued", "running"):
+            raise JobElsewhere(f"job {job_id} is {job.status} on another replica; cancel it there")
         with self._cond:
             ended = job.status == "queued"
             if ended:

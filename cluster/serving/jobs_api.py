@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .core import ServingCore
-from .jobs import Job, JobManager, JobNotFound, QueueFull
+from .jobs import Job, JobElsewhere, JobManager, JobNotFound, QueueFull
 from .request import GenerateRequest, RequestFailed
 from .webhooks import check_url
 
@@ -70,6 +70,8 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
             return jobs.view(jobs.cancel(job_id, owner(request)))
         except JobNotFound:
             raise RequestFailed(404, f"no job {job_id!r}", "id") from None
+        except JobElsewhere as exc:
+            raise RequestFailed(409, str(exc)) from None
 
     @api.get("/v1/jobs/{job_id}/result", response_model=None)
     def result(job_id: str, request: Request) -> Response | dict:

@@ -53,7 +53,13 @@ def router(jobs: JobManager, owner: Callable[[Request], str]) -> APIRouter:
             "sampling_steps": job.total_steps if job else 0,
         }
         if job is None:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": state,
+                "current_image": None,
+                "textinfo": None,
+            }
         fraction = job.done_steps / job.total_steps if job.total_steps else 0.0
         image = job.preview_png if not skip_current_image else None
         return {
