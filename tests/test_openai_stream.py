@@ -29,9 +29,7 @@ def test_images_generate_stream_partial_images(sdxl, tmp_path):
                 )
             )
             plain = client.images.generate(prompt="a cat", size="64x64", extra_body=EXTRA)
-            with pytest.raises(
-                openai.BadRequestError, match="partial_images must be an integer 0-3"
-            ):
+            with pytest.raises(openai.BadRequestError, match="partial_images must be an integer 0-3"):
                 list(client.images.generate(prompt="a cat", stream=True, partial_images=5, extra_body=EXTRA))
     finally:
         core.close()
