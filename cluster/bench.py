@@ -219,7 +219,8 @@ def describe(row: dict) -> str:
     if row["bench"] == "serve":
         return (
             f"1 client: {row['rps_1_client']} req/s p50 {row['p50_ms_1_client']} ms; 8 clients: "
-            f"{row['rps_8_clients']} req/s p95 {row['p95_ms_8_clients']} ms; overhead {100 * row['server_overhead_1_client']:.1f}%"
+            f"{row['rps_8_clients']} req/s p95 {row['p95_ms_8_clients']} ms; overhead {100 * row['server_overhead_1_client']:.1f}%; "
+            f"job API over /v1/generate {100 * row['async_overhead_1_client']:.1f}%"
         )
     if row["bench"] == "cluster":
         return (

@@ -9,6 +9,7 @@ served alone (batch-invariant sampling, per-row seeds). Tested in-process (``tes
 the way ``cluster/jobs/worker.py`` holds the jobs side.
 """
 
+import inspect
 import logging
 import threading
 import time
@@ -97,6 +98,9 @@ class ServingCore:
         self.engine = engine
         self.group = group  # latency mode: the branch-parallel ranks that sample (closed with the core)
         self._run = run if group is None else partial(run_on_group, group)
+        # runs that take the sampler's step callback report progress and drop cancelled rows per
+        # step; others (latency mode's ranks, a caller's own run) only between runs
+        self._stepwise = "callback" in inspect.signature(self._run).parameters
         from seg_rt.pipeline import default_side, size_factor
 
         self.factor = size_factor(pipe)  # pixel sizes are multiples of it (the family's rule)
@@ -259,7 +263,7 @@ class ServingCore:
         rows = [requests[k][i] for k, i in chunk]
         if watches is None:
             images = self._run(self.pipe, rows, self.engine)
-        elif self.group is not None:  # latency mode: the steps run in the ranks
+        elif not self._stepwise:  # latency mode: the steps run in the ranks
             images = self._run(self.pipe, rows, self.engine)
             cancelled = {k for k, _ in chunk if watches[k].cancelled}
             for k in cancelled:
