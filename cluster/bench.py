@@ -124,7 +124,7 @@ def bench_serve(
         ray = start_ray(None, num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="segrt-bench-", dir="/tmp"))
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app({"model": model, "num_replicas": 1, "max_batch_size": 8, "batch_wait_timeout_s": batch_wait_s,
+            serve.run(build_app({"model": model, "state_dir": f"{tmp}/state", "num_replicas": 1, "max_batch_size": 8, "batch_wait_timeout_s": batch_wait_s,
                                  "max_queued_requests": 64, "max_ongoing_requests": 16}), name="bench")  # fmt: skip
             url = f"http://127.0.0.1:{port}/v1/generate"
 
@@ -154,6 +154,13 @@ def bench_serve(
                 overhead = alternating_ratio(direct, lambda: call(next(seq)), pairs=requests // 2, calls=1)
             finally:
                 torch.set_num_threads(threads_before)
+            base = f"http://127.0.0.1:{port}"  # the job API: submit, wait on its events, fetch the PNG
+            async_overhead = alternating_ratio(
+                lambda: call(next(seq)),
+                lambda: job_call(base, next(seq), steps, size),
+                pairs=requests // 2,
+                calls=1,
+            )
             rows = []
             for clients in (1, 8):
                 lat: list[float] = []
@@ -184,7 +191,27 @@ def bench_serve(
         "direct_generate_p50_ms": overhead["baseline_ms_median"],
         "server_overhead_1_client": round(overhead["ratio_median"] - 1, 4),
         "server_overhead_iqr": [round(overhead["ratio_p25"] - 1, 4), round(overhead["ratio_p75"] - 1, 4)],
+        "async_overhead_1_client": round(async_overhead["ratio_median"] - 1, 4),  # job API over /v1/generate
+        "async_overhead_iqr": [round(async_overhead["ratio_p25"] - 1, 4), round(async_overhead["ratio_p75"] - 1, 4)],
     }]  # fmt: skip
+
+
+def job_call(base: str, k: int, steps: int, size: int) -> float:
+    """One request through the job API: ``POST /v1/jobs``, its event stream to ``done``, the result."""
+    body = json.dumps({"prompt": f"prompt {k}", "seed": k, "steps": steps, "height": size, "width": size})
+    t0 = time.perf_counter()
+    req = urllib.request.Request(
+        f"{base}/v1/jobs", data=body.encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=300) as r:
+        job_id = json.loads(r.read())["id"]
+    with urllib.request.urlopen(f"{base}/v1/jobs/{job_id}/events", timeout=300) as r:
+        for line in r:
+            if line.startswith(b"event: done"):
+                break
+    with urllib.request.urlopen(f"{base}/v1/jobs/{job_id}/result", timeout=300) as r:
+        r.read()
+    return time.perf_counter() - t0
 
 
 def describe(row: dict) -> str:
@@ -192,7 +219,8 @@ def describe(row: dict) -> str:
     if row["bench"] == "serve":
         return (
             f"1 client: {row['rps_1_client']} req/s p50 {row['p50_ms_1_client']} ms; 8 clients: "
-            f"{row['rps_8_clients']} req/s p95 {row['p95_ms_8_clients']} ms; overhead {100 * row['server_overhead_1_client']:.1f}%"
+            f"{row['rps_8_clients']} req/s p95 {row['p95_ms_8_clients']} ms; overhead {100 * row['server_overhead_1_client']:.1f}%; "
+            f"job API over /v1/generate {100 * row['async_overhead_1_client']:.1f}%"
         )
     if row["bench"] == "cluster":
         return (

@@ -326,7 +326,7 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
     _f("prompt", "prompt", str, "text prompt ('' for unconditional SEG)"),
     _f("negative_prompt", "negative_prompt", "optional_str", "negative prompt (the CFG branch's text)"),
     _f("steps", "steps", int, "sampling steps", aliases=("num_inference_steps",)),
-    _f("cfg", "cfg", float, "CFG scale (1 = no CFG)", aliases=("guidance_scale",)),
+    _f("cfg", "cfg", float, "CFG scale (1 = no CFG)", aliases=("guidance_scale", "true_cfg_scale")),
     _f("seg_scale", "seg.scale", float, "SEG guidance scale s (0 = off)"),
     _f("seg_sigma", "seg.sigma", "sigma", "blur σ in tokens, or 'inf'"),
     _f("seg_layers", "seg.layers", "layers", "SEG layers: mid, down, up, down.N, up.N, names", kinds=IMAGE),

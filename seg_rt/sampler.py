@@ -30,7 +30,10 @@ from .guidance import seg_guidance
 logger = logging.getLogger(__name__)
 
 Conditioning = Mapping[str, Tensor]  # per-row model inputs for one branch, batch n
-StepCallback = Callable[[int, Tensor, Tensor], None]  # (step, timestep, latents)
+# (step, timestep, latents) -> None, or the rows (indices into this step's latents) to drop from
+# the run: a cancelled request frees its rows, the others go on as if sampled alone (rows are
+# independent: per-row seeds and generators, batch-invariant denoisers)
+StepCallback = Callable[[int, Tensor, Tensor], "Sequence[int] | None"]
 
 
 SEG_ACTIONS = ("off", "run", "reuse")
@@ -186,5 +189,50 @@ def sample(
         )
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
         if callback is not None:
-            callback(i, t, latents)
+            drop = callback(i, t, latents)
+            if drop:
+                keep = [r for r in range(n) if r not in set(drop)]
+                if not keep:  # every row dropped: nothing left to sample
+                    return latents[:0]
+                latents, delta = _rows(latents, keep, n), _rows(delta, keep, n)
+                cond, uncond = _rows(cond, keep, n), _rows(uncond, keep, n)
+                generators = [generators[r] for r in keep] if generators else generators
+                extra = _step_kwargs(scheduler, generators)
+                _drop_scheduler_rows(scheduler, keep, n, latents.shape[1:])
+                n = len(keep)
     return latents
+
+
+def _rows(value, keep: list[int], n: int):
+    """``value`` (a tensor, a mapping of tensors or None) with only the ``keep`` rows of its first
+    dimension where that dimension is the run's ``n`` rows (anything else is shared by all rows)."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _rows(v, keep, n) for k, v in value.items()}
+    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n:
+        return value[keep]
+    return value
+
+
+def _drop_scheduler_rows(scheduler, keep: list[int], n: int, row_shape) -> None:
+    """Multistep schedulers keep per-row history (DPM-Solver's ``model_outputs``, ``last_sample``...):
+    keep the same rows of every tensor shaped like the latents (``n`` rows of ``row_shape``)."""
+
+    def cut(v):
+        if (
+            isinstance(v, Tensor)
+            and v.ndim == 1 + len(row_shape)
+            and v.shape[0] == n
+            and v.shape[1:] == row_shape
+        ):
+            return v[keep]
+        if isinstance(v, list):
+            return [cut(x) for x in v]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    for name, value in list(vars(scheduler).items()):
+        if isinstance(value, (Tensor, list, tuple)):
+            setattr(scheduler, name, cut(value))

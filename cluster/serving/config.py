@@ -22,6 +22,7 @@ from seg_rt.params import DEFAULT_SCHEDULER
 
 from ..jobs.spec import Scheduler
 from .request import first_error
+from .webhooks import WebhookSettings
 
 API_KEY_ENV = "SEG_RT_API_KEY"
 DEMO_MODEL_NAME = "seg-rt-demo"  # what clients see of the bundled demo model
@@ -42,6 +43,26 @@ class Limits(BaseModel):
         None, ge=1, description="pixels per side; default 4x the model's default side"
     )
     max_aspect: float = Field(4.0, ge=1, allow_inf_nan=False, description="longer side / shorter side")
+
+
+class JobSettings(BaseModel):
+    """The job API (``/v1/jobs``): queue length, how long finished results are kept, previews."""
+
+    model_config = ConfigDict(extra="forbid")
+    queue_length: int = Field(64, ge=1, description="queued jobs; beyond this, HTTP 429 with Retry-After")
+    retention_s: float = Field(86400.0, gt=0, allow_inf_nan=False, description="finished jobs kept this long")
+    max_bytes: int = Field(
+        1 << 30, ge=1, description="finished jobs' files kept up to this (oldest go first)"
+    )
+    preview_every: int = Field(5, ge=0, description="a preview every N steps (0: none)")
+
+
+def state_dir_default() -> Path:
+    """Where a server keeps its jobs when the config names no ``state_dir``."""
+    import os
+
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "seg-rt" / "serve"
 
 
 def check_engine_spec(spec: str) -> str:
@@ -104,6 +125,11 @@ class ServeConfig(BaseModel):
     default_width: int | None = Field(None, ge=1)
     scheduler: Scheduler = DEFAULT_SCHEDULER
     limits: Limits = Limits()
+    state_dir: str | None = Field(
+        None, description="jobs and their results; default ~/.local/state/seg-rt/serve"
+    )
+    jobs: JobSettings = JobSettings()
+    webhooks: WebhookSettings = WebhookSettings()
     branch_parallel: int = Field(
         1, ge=1, description="latency mode: each step's rows split over N ranks (branch-parallel SEG)"
     )

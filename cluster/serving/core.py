@@ -9,6 +9,7 @@ served alone (batch-invariant sampling, per-row seeds). Tested in-process (``tes
 the way ``cluster/jobs/worker.py`` holds the jobs side.
 """
 
+import inspect
 import logging
 import threading
 import time
@@ -29,11 +30,12 @@ from .request import GenerateRequest
 logger = logging.getLogger(__name__)
 
 
-def run_group(pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
-    """One sampling run for rows sharing a ``batch_key()``: their images (PIL), in order."""
+def run_group(pipe, params_list: Sequence[GenerationParams], engine=None, callback=None) -> list:
+    """One sampling run for rows sharing a ``batch_key()``: their images (PIL), in order.
+    ``callback``: the sampler's step callback (it may drop rows: then only the rows left come back)."""
     from seg_rt.pipeline import run_params
 
-    return run_params(pipe, params_list, engine=engine)
+    return run_params(pipe, params_list, engine=engine, callback=callback)
 
 
 def run_on_group(group, pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
@@ -51,6 +53,24 @@ def group_rows(requests: Sequence[Sequence[GenerationParams]], capacity: int) ->
     return [rows[s : s + capacity] for rows in groups.values() for s in range(0, len(rows), capacity)]
 
 
+class Watch:
+    """What a caller of ``run_batch`` sees of one request while it samples: ``step(done, total)``
+    after each step, and ``cancelled`` (set from another thread), read after each step: its rows
+    then leave the run and the request gets ``CANCELLED``. The base class watches nothing."""
+
+    cancelled = False
+
+    def step(self, done: int, total: int) -> None:
+        pass
+
+    def preview(self, latents, rows: Sequence[int]) -> None:
+        """The request's rows of the latents after a step (a view; copy what you keep)."""
+
+
+class _AllCancelled(Exception):
+    pass
+
+
 @dataclass
 class Failure:
     """Why one request got no images: HTTP ``status`` and a one-line message."""
@@ -66,6 +86,9 @@ def _failure(exc: Exception) -> Failure:
     return Failure(500, f"sampling failed ({type(exc).__name__})")
 
 
+CANCELLED = Failure(499, "cancelled")  # 499: nginx's "client closed request"
+
+
 class ServingCore:
     """One replica's state: the loaded model and engine, the limits, stats; no Ray, no HTTP."""
 
@@ -77,6 +100,9 @@ class ServingCore:
         self.engine = engine
         self.group = group  # latency mode: the branch-parallel ranks that sample (closed with the core)
         self._run = run if group is None else partial(run_on_group, group)
+        # runs that take the sampler's step callback report progress and drop cancelled rows per
+        # step; others (latency mode's ranks, a caller's own run) only between runs
+        self._stepwise = "callback" in inspect.signature(self._run).parameters
         from seg_rt.pipeline import default_side, size_factor
 
         self.factor = size_factor(pipe)  # pixel sizes are multiples of it (the family's rule)
@@ -134,6 +160,8 @@ class ServingCore:
             raise
 
     def close(self) -> None:
+        if getattr(self, "jobs", None) is not None:  # the job API's manager (jobs.jobs_for)
+            self.jobs.close()
         if self.engine is not None:
             self.engine.close()
         if self.group is not None:
@@ -193,18 +221,36 @@ class ServingCore:
 
     # ---- one batch of checked requests -------------------------------------------------------
 
-    def run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
+    def run_batch(
+        self, requests: Sequence[Sequence[GenerationParams]], watches: Sequence[Watch] | None = None
+    ) -> list[list | Failure]:
         """Images per request (or its ``Failure``): one sampling run per ``group_rows`` chunk; a
-        chunk that fails is re-run one request at a time, so only the bad request fails."""
+        chunk that fails is re-run one request at a time, so only the bad request fails.
+        ``watches`` (one per request): progress, and cancellation at the next step (``CANCELLED``;
+        the other rows of its run go on unchanged). Latency mode samples in the ranks: there a
+        cancelled request is only dropped between runs."""
+        if watches is None:  # watches carried on the rows (``jobs.WatchedRows``: blocking requests)
+            found = [getattr(rows, "watch", None) for rows in requests]
+            if any(w is not None for w in found):
+                watches = [w if w is not None else Watch() for w in found]
         with self._sampling:
-            return self._run_batch(requests)
+            return self._run_batch(requests, watches)
 
-    def _run_batch(self, requests: Sequence[Sequence[GenerationParams]]) -> list[list | Failure]:
+    def _run_batch(self, requests, watches) -> list[list | Failure]:
         results: list[list | Failure] = [[None] * len(rows) for rows in requests]
         self.metrics.batch_requests.observe(len(requests))
         for chunk in group_rows(requests, self.run_capacity):
+            if watches is not None:
+                for k in {k for k, _ in chunk if watches[k].cancelled}:
+                    results[k] = CANCELLED
+                chunk = [(k, i) for k, i in chunk if not isinstance(results[k], Failure)]
+                if not chunk:
+                    continue
             try:
-                self._fill(results, requests, chunk)
+                self._fill(results, requests, chunk, watches)
+            except _AllCancelled:
+                for k, _ in chunk:
+                    results[k] = CANCELLED
             except Exception as exc:  # isolate: each request of the chunk alone
                 members = sorted({k for k, _ in chunk})
                 if len(members) == 1:
@@ -214,17 +260,52 @@ class ServingCore:
                     if isinstance(results[k], Failure):
                         continue
                     try:
-                        self._fill(results, requests, [(kk, i) for kk, i in chunk if kk == k])
+                        self._fill(results, requests, [(kk, i) for kk, i in chunk if kk == k], watches)
+                    except _AllCancelled:
+                        results[k] = CANCELLED
                     except Exception as solo_exc:
                         results[k] = _failure(solo_exc)
         with self._lock:
             self.stats["requests"] += len(requests)
-            self.stats["failed"] += sum(isinstance(r, Failure) for r in results)
+            self.stats["failed"] += sum(isinstance(r, Failure) and r != CANCELLED for r in results)
         return results
 
-    def _fill(self, results: list, requests: Sequence[Sequence[GenerationParams]], chunk) -> None:
+    def _fill(
+        self, results: list, requests: Sequence[Sequence[GenerationParams]], chunk, watches=None
+    ) -> None:
         t0 = time.perf_counter()
-        images = self._run(self.pipe, [requests[k][i] for k, i in chunk], self.engine)
+        rows = [requests[k][i] for k, i in chunk]
+        if watches is None:
+            images = self._run(self.pipe, rows, self.engine)
+        elif not self._stepwise:  # latency mode: the steps run in the ranks
+            images = self._run(self.pipe, rows, self.engine)
+            cancelled = {k for k, _ in chunk if watches[k].cancelled}
+            for k in cancelled:
+                results[k] = CANCELLED
+            kept = [n for n, (k, _) in enumerate(chunk) if k not in cancelled]
+            chunk, images = [chunk[n] for n in kept], [images[n] for n in kept]
+        else:
+            alive = list(chunk)  # the rows still in the run, in its row order
+            total = rows[0].steps
+
+            def step(i, t, latents):
+                members = sorted({k for k, _ in alive})
+                for k in members:
+                    watches[k].step(i + 1, total)
+                    watches[k].preview(latents, [r for r, (kk, _) in enumerate(alive) if kk == k])
+                gone = {k for k in members if watches[k].cancelled}
+                if not gone:
+                    return None
+                if len(gone) == len(members):
+                    raise _AllCancelled
+                for k in gone:
+                    results[k] = CANCELLED
+                drop = [r for r, (k, _) in enumerate(alive) if k in gone]
+                alive[:] = [row for row in alive if row[0] not in gone]
+                return drop
+
+            images = self._run(self.pipe, rows, self.engine, callback=step)
+            chunk = alive
         self.metrics.sampling_seconds.observe(time.perf_counter() - t0)
         self.metrics.batch_images.observe(len(chunk))
         self.metrics.images.inc(len(chunk))

@@ -100,10 +100,34 @@ def build_app(args: dict):
     return SEGService.options(**options).bind(config.model_dump(mode="json"))
 
 
+def wait_answering(config: ServeConfig, timeout_s: float = 600.0) -> bool:
+    """Until ``GET /v1/health`` answers 200 on the server's port (loopback when bound to all)."""
+    import urllib.request
+
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    url = f"http://{host}:{config.port}/v1/health"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
 def serve_forever(
-    config: ServeConfig, *, address: str | None = None, ray_temp_dir: str | None = None, blocking: bool = True
+    config: ServeConfig,
+    *,
+    address: str | None = None,
+    ray_temp_dir: str | None = None,
+    blocking: bool = True,
+    ready=None,
 ):
-    """Start (or join) Ray, start Serve's HTTP proxy on ``config.host:config.port`` and deploy the app."""
+    """Start (or join) Ray, start Serve's HTTP proxy on ``config.host:config.port`` and deploy the
+    app; ``ready()`` is called once the server answers."""
     from ..jobs.driver import start_ray
 
     start_ray(address, temp_dir=ray_temp_dir)
@@ -111,7 +135,11 @@ def serve_forever(
     handle = serve.run(
         build_app(config.model_dump(mode="json")), name="seg-rt", route_prefix="/", blocking=False
     )
+    if not wait_answering(config):
+        logger.warning("seg-rt: the server did not answer /v1/health on port %d yet", config.port)
     logger.info("seg-rt serving %s on http://%s:%d", config.public_model, config.host, config.port)
+    if ready is not None:
+        ready()
     if blocking:
         while True:
             time.sleep(3600)

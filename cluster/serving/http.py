@@ -14,6 +14,7 @@ import binascii
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
@@ -24,8 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.params import GenerationParams
 
-from . import a1111_api, openai_api
+from . import a1111_api, jobs_api, openai_api, openai_stream, progress_api
 from .core import Failure, ServingCore
+from .jobs import jobs_for, owner_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsMiddleware
 from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, validation_lines
@@ -154,7 +156,7 @@ class RequestGuard:
 Batcher = Callable[[list[GenerationParams]], Awaitable[list | Failure]]
 
 
-def producer(core: ServingCore, batcher: Batcher) -> Producer:
+def producer(core: ServingCore, batcher: Batcher, jobs=None) -> Producer:
     """``GenerateRequest`` → (its per-image params, its PNGs) through the core's limits, the batcher
     and the records; every route of every API generates through this one function."""
 
@@ -164,10 +166,13 @@ def producer(core: ServingCore, batcher: Batcher) -> Producer:
         except ValueError as exc:
             raise RequestFailed(422, str(exc)) from None
         core.metrics.queue_depth.inc()
+        watched = jobs.track(rows) if jobs is not None else rows  # progress, /sdapi/v1/interrupt
         try:
-            result = await batcher(rows)
+            result = await batcher(watched)
         finally:
             core.metrics.queue_depth.dec()
+            if jobs is not None:
+                jobs.untrack(watched)
         if isinstance(result, Failure):
             raise RequestFailed(result.status, result.message)
         return rows, [core.png(img, p) for img, p in zip(result, rows, strict=True)]
@@ -186,7 +191,8 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
     async def alone(rows: list[GenerationParams]) -> list | Failure:
         return (await asyncio.to_thread(core.run_batch, [rows]))[0]
 
-    produce = producer(core, batcher or alone)
+    jobs = jobs_for(core)
+    produce = producer(core, batcher or alone, jobs)
     shapes = [openai_api.ERRORS, a1111_api.ERRORS]
     app = FastAPI(title="seg-rt", description="Smoothed Energy Guidance (SEG) image generation", version="1")
     app.add_middleware(
@@ -243,8 +249,14 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
 
     config = core.config
     apis = (
-        openai_api.router(produce, config.public_model),
+        openai_api.router(produce, config.public_model, partial(openai_stream.streamed, core, jobs)),
         a1111_api.router(produce, config.public_model, config.scheduler),
+    )
+    keyed = bool(config.api_keys)
+    apis = (  # progress first: its /sdapi/v1/progress answers for the web UI's static one
+        progress_api.router(jobs, lambda r: owner_of(_credentials(r.scope["headers"]) if keyed else None)),
+        *apis,
+        jobs_api.router(core, jobs, lambda r: owner_of(_credentials(r.scope["headers"]) if keyed else None)),
     )
     for api in apis:
         routes.update(r.path for r in api.routes)

@@ -19,7 +19,7 @@ import re
 import time
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from seg_rt.params import fields_for
@@ -110,7 +110,7 @@ def to_generate_request(req: ImagesRequest, served_model: str) -> GenerateReques
     return make_request(**fields)
 
 
-def router(produce: Producer, name: str) -> APIRouter:
+def router(produce: Producer, name: str, stream=None) -> APIRouter:
     """The OpenAI routes over the server's one producer (limits, batching, records); ``name`` is the
     served model as clients see it."""
     api = APIRouter(tags=["OpenAI Images API"])
@@ -131,7 +131,13 @@ def router(produce: Producer, name: str) -> APIRouter:
         return model_object()
 
     @api.post("/v1/images/generations")
-    async def generations(req: ImagesRequest) -> dict:
+    async def generations(req: ImagesRequest, request: Request) -> Any:
+        extras = req.model_extra if req.model_extra is not None else {}
+        wants_stream, partial = extras.pop("stream", False), extras.pop("partial_images", 0)
+        if wants_stream not in (False, None):
+            if stream is None or wants_stream is not True:
+                raise RequestFailed(422, f"stream must be true or false, got {wants_stream!r}", "stream")
+            return stream(to_generate_request(req, name), partial, request)  # openai_stream.streamed
         rows, pngs = await produce(to_generate_request(req, name))
         return {
             "created": int(time.time()),

@@ -49,6 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="NAME=PATH",
         help='preload a LoRA (safetensors) that requests pick by NAME (loras: ["NAME:WEIGHT"]); repeatable',
     )
+    sv.add_argument(
+        "--state-dir",
+        default=None,
+        help="folder for jobs and their results (default: ~/.local/state/seg-rt/serve)",
+    )
     sv.set_defaults(func=cmd_serve)
 
 
@@ -73,14 +78,18 @@ def cmd_serve(args) -> int:
         branch_parallel=args.branch_parallel,
         branch_parallel_device=args.parallel_device,
         loras=parse_named(args.lora) if args.lora else None,
+        state_dir=args.state_dir,
     )  # the whole config is valid before Ray starts
     from seg_rt.cluster.serving.deployment import serve_forever
 
     if cfg.model == demo:
         demo_model()  # the note on what the demo model is (and that it is there)
-    print(
-        f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (playground at /, OpenAPI at /docs)",
-        file=sys.stderr,
-    )
-    serve_forever(cfg, address=args.address, ray_temp_dir=args.ray_temp_dir)
+
+    def ready() -> None:  # once the server answers, not when it starts loading
+        print(
+            f"seg-rt: serving {cfg.public_model} on http://{cfg.host}:{cfg.port} (playground at /, OpenAPI at /docs)",
+            file=sys.stderr,
+        )
+
+    serve_forever(cfg, address=args.address, ray_temp_dir=args.ray_temp_dir, ready=ready)
     return 0

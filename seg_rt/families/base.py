@@ -139,6 +139,22 @@ class Family:
         """Latents → outputs with the pipeline's VAE and post-processor; ``"latent"`` returns them."""
         raise NotImplementedError
 
+    # --- previews -------------------------------------------------------------------------------
+    # A cheap look at latents while sampling (A1111's "Approx cheap", ComfyUI's latent previews):
+    # one linear map per latent channel to RGB, no VAE decode. None: the family has no preview.
+    preview_rgb: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
+    preview_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+
+    def preview(self, pipe, latents: Tensor) -> Tensor | None:
+        """Latents ``(n, C, h, w)`` → ``(n, 3, h, w)`` RGB in [0, 1] by ``preview_rgb``; None when
+        the family has no projection for latents of this shape."""
+        m = self.preview_rgb
+        if m is None or latents.ndim != 4 or latents.shape[1] != len(m):
+            return None
+        rgb = torch.einsum("nchw,cr->nrhw", latents.float(), torch.tensor(m, dtype=torch.float32))
+        rgb = rgb + torch.tensor(self.preview_bias, dtype=torch.float32).view(1, 3, 1, 1)
+        return ((rgb + 1) / 2).clamp(0, 1)
+
     # --- export ---------------------------------------------------------------------------------
     def export_model(self, pipe, *, sigma: float, layers: Sequence[str]) -> nn.Module:
         """The SEG-patched module an ONNX export traces (``forward(inputs) -> prediction``)."""
