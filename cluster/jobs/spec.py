@@ -72,10 +72,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+IMAGE_TYPES = ("image", "mask")  # request fields whose job value is a file reference, not pixels
+
+
 def wire_type(f: RequestField, *, optional: bool = False) -> Any:
     """The pydantic type of a request field (``seg_rt.params``) in a job file or HTTP body."""
     if f.type == "layers" and (optional or f.default is None):
         return OptionalLayers
+    if f.type in IMAGE_TYPES:  # a reference (loaded per item, seg_rt.cluster.jobs.spec.job_image)
+        return str | None
     special = {"seed": Seed, "scheduler": Scheduler}
     types = {"sigma": Sigma, "layers": Layers, "optional_str": str | None, "optional_int": int | None}
     t = special.get(f.key) or types.get(f.type, f.type)
@@ -180,6 +185,8 @@ class _OverridesBase(_Strict):
     def _field(cls, v: Any, info) -> Any:
         if v is None or info.field_name in ("prompt", "seg"):
             return v
+        if info.field_name in _TASK_KEYS:
+            return check_task_field(info.field_name, v)
         return check_field(info.field_name, v)  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
@@ -195,6 +202,86 @@ class _OverridesBase(_Strict):
 
 
 _ITEM_FIELDS = tuple(f for f in fields_for("image") if f.key != "prompt")
+_IMAGE_KEYS = tuple(f.key for f in fields_for("image") if f.type in IMAGE_TYPES)
+# the task fields: set per item (with the item's images), each checked alone here
+_TASK_KEYS = (*_IMAGE_KEYS, "strength", "mask_blur")
+
+
+def check_task_field(key: str, value: Any) -> Any:
+    """A task field's own rule (their combination is checked per item, naming its prompt)."""
+    from seg_rt.tasks import check_mask_blur, check_strength
+
+    if value is None:
+        return value
+    if key in _IMAGE_KEYS:
+        return check_image_ref(value, key)
+    return check_strength(value) if key == "strength" else check_mask_blur(value)
+
+
+def check_image_ref(value: Any, key: str) -> str:
+    """An init image / mask reference of a job: a path (relative: inside the job's folder, as
+    ``prompts_file``) or an object-store URL without credentials. Loaded per item (``job_image``)."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key} must be a path or an object-store URL, got {value!r}")
+    from seg_rt.models import is_url
+
+    if is_url(value):
+        return check_output_url(value, key)
+    rel = Path(value)
+    if not rel.is_absolute() and ".." in rel.parts:
+        raise ValueError(f"{key} {value!r} leaves the job's folder; give a path inside it (no '..')")
+    return value
+
+
+def job_file(value: str, key: str, base: Path) -> Path:
+    """A relative file reference of a job resolved in its folder: it must stay inside (no symbolic
+    link out), as ``prompts_file`` on submit."""
+    rel = Path(value)
+    if rel.is_absolute():
+        return rel
+    path = (base / rel).resolve()
+    if ".." in rel.parts or not path.is_relative_to(Path(base).resolve()):
+        raise ValueError(
+            f"{key} {value!r} leaves the job's folder; give a path inside it (no '..', no link out)"
+        )
+    return path
+
+
+def image_files(spec, base: Path) -> list[str]:
+    """The relative init image / mask files a job names (job-level and per prompt line), each checked
+    to stay inside the job's folder: what ``seg-rt submit`` copies with the job file."""
+    from seg_rt.models import is_url
+
+    refs = [getattr(spec, key) for key in _IMAGE_KEYS]
+    if spec.prompts_file is not None:
+        refs += [getattr(o, key) for o in read_prompts(spec, base) for key in _IMAGE_KEYS]
+    out = []
+    for key, ref in zip(_IMAGE_KEYS * (len(refs) // len(_IMAGE_KEYS)), refs, strict=True):
+        if ref is not None and not is_url(ref) and not Path(ref).is_absolute() and ref not in out:
+            job_file(ref, key, base)
+            out.append(ref)
+    return out
+
+
+def job_image(value: str, key: str, base: Path):
+    """A job's ``init_image`` / ``mask`` reference as the request's ``InputImage``: a file in the job's
+    folder (or absolute), or an object-store URL read through fsspec (the job's credentials chain)."""
+    from seg_rt.models import is_url
+    from seg_rt.tasks import load_image
+
+    mode = "L" if key == "mask" else "RGB"
+    what = key.replace("_", " ")
+    if is_url(value):
+        fsspec = require("fsspec", "object-store inputs")
+        try:
+            with fsspec.open(value, "rb") as f:
+                data = f.read()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{what} {value!r} cannot be read: {first_line(exc)}") from None
+        return load_image(data, what, mode=mode)
+    return load_image(job_file(value, key, base), what, mode=mode)
+
+
 Overrides = create_model(
     "Overrides", __base__=_OverridesBase, **{f.key: (wire_type(f, optional=True), None) for f in _ITEM_FIELDS}
 )
@@ -225,6 +312,8 @@ class _JobBase(_Strict):
     @field_validator(*(f.key for f in _JOB_FIELDS), check_fields=False)
     @classmethod
     def _request_field(cls, v: Any, info) -> Any:
+        if info.field_name in _TASK_KEYS:
+            return check_task_field(info.field_name, v)
         return check_field(info.field_name, v)  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
@@ -247,7 +336,10 @@ class _JobBase(_Strict):
 
     def base_params(self) -> GenerationParams:
         """The job's request before per-item prompt, seed and overrides."""
-        request = request_from_fields({f.key: getattr(self, f.key) for f in _JOB_FIELDS})
+        # the init image and mask are loaded per item (job_image), where the job's folder is known
+        request = request_from_fields(
+            {f.key: getattr(self, f.key) for f in _JOB_FIELDS if f.key not in _TASK_KEYS}
+        )
         return request.replace(seg=self.seg.config(), video=self.video.params() if self.video else None)
 
 
@@ -379,10 +471,18 @@ def read_prompts(spec: JobSpec, base: Path) -> list[Overrides]:
     return out
 
 
-def item_params(spec: JobSpec, o: Overrides, prompt_index: int, sample_index: int) -> GenerationParams:
-    """The request of item (p, s): the job's request, then the prompt line's overrides."""
+def item_params(
+    spec: JobSpec, o: Overrides, prompt_index: int, sample_index: int, folder: Path | None = None
+) -> GenerationParams:
+    """The request of item (p, s): the job's request, then the prompt line's overrides; the init
+    image and mask (the line's, else the job's) loaded from ``folder``, the job's folder."""
     base = spec.base_params()
     fields = o.fields()
+    for key in _TASK_KEYS:  # the line's, else the job's; images loaded from the job's folder
+        value = fields.pop(key, None)
+        value = getattr(spec, key) if value is None else value
+        if value is not None and value != getattr(_REQUEST, key):
+            fields[key] = job_image(value, key, folder or Path.cwd()) if key in _IMAGE_KEYS else value
     seed = fields.pop("seed", None)
     seed = seed + sample_index if seed is not None else item_seed(spec.seed, prompt_index, sample_index)
     kind = "video" if base.video is not None else "image"
@@ -397,7 +497,7 @@ def expand_items(spec: JobSpec, base: Path) -> list[Item]:
     for p, o in enumerate(read_prompts(spec, base)):
         for s in range(spec.samples_per_prompt):
             try:
-                items.append(Item(p, s, item_params(spec, o, p, s)))
+                items.append(Item(p, s, item_params(spec, o, p, s, base)))
             except ValueError as exc:
                 raise ValueError(f"prompt {p} ({o.prompt[:40]!r}), sample {s}: {exc}") from None
     return items
