@@ -109,6 +109,7 @@ def load_image(
 
 # ---- the task fields of an image request (GenerationParams.init_image / mask / strength / mask_blur)
 TASKS = ("txt2img", "img2img", "inpaint")
+TASK_FIELDS = ("init_image", "mask", "strength", "mask_blur")  # the request fields (wire names) of a task
 
 
 def task_of(request) -> str:

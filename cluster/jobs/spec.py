@@ -41,6 +41,7 @@ from seg_rt.params import (
     replace_fields,
     request_from_fields,
 )
+from seg_rt.tasks import TASK_FIELDS
 
 # A job's defaults are the request type's: the same request gives the same output from the CLI,
 # the API and a job (docs/design.md, "One request, one type").
@@ -204,7 +205,7 @@ class _OverridesBase(_Strict):
 _ITEM_FIELDS = tuple(f for f in fields_for("image") if f.key != "prompt")
 _IMAGE_KEYS = tuple(f.key for f in fields_for("image") if f.type in IMAGE_TYPES)
 # the task fields: set per item (with the item's images), each checked alone here
-_TASK_KEYS = (*_IMAGE_KEYS, "strength", "mask_blur")
+_TASK_KEYS = TASK_FIELDS
 
 
 def check_task_field(key: str, value: Any) -> Any:
