@@ -291,3 +291,43 @@ def test_sd15_controlnet_equals_diffusers():
     white = gen(pipe, control_image=Image.new("RGB", (W, H), "white"), **kw)
     assert (black - white).abs().max() > 1e-4  # the control image steers it (as tests/test_sampler.py)
     assert (gen(pipe, control_image=control, **kw) - ours).abs().max() > 1e-3  # SEG on changes it
+
+
+def test_sd15_inpaint_any_model_equals_diffusers(sd15):
+    from diffusers import StableDiffusionInpaintPipeline
+
+    pipe = euler(sd15)
+    ours = gen(pipe, image=picture(), mask=square_mask(), strength=0.75, seg_scale=0.0)
+    _, theirs = diffusers_call(
+        StableDiffusionInpaintPipeline, pipe, image=picture().pil(), mask_image=square_mask().pil(),
+        strength=0.75, height=H, width=W,
+    )  # fmt: skip
+    assert_close(ours, theirs, rel=1e-5, what="SD1.5 inpaint vs diffusers")
+
+
+def test_sd3_inpaint_equals_diffusers(dits):
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    pipe = dits["sd3"]
+    image, mask = picture(h=48, w=80), square_mask(48, 80)
+    ours = dit_gen(pipe, image=image, mask=mask, strength=0.8, seg_scale=0.0)
+    _, theirs = diffusers_call(
+        StableDiffusion3InpaintPipeline, pipe, image=image.pil(), mask_image=mask.pil(), strength=0.8,
+        height=48, width=80,
+    )  # fmt: skip
+    assert_close(ours, theirs, rel=1e-5, what="SD3 inpaint vs diffusers")
+
+
+def test_sd15_controlnet_img2img_equals_diffusers():
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline
+
+    pipe = euler(tiny_pipeline("sd15-controlnet"))
+    control = picture(4).pil()
+    ours = gen(
+        pipe, image=picture(), strength=0.6, seg_scale=0.0, control_image=control, controlnet_scale=0.8
+    )
+    _, theirs = diffusers_call(
+        StableDiffusionControlNetImg2ImgPipeline, pipe, image=picture().pil(), control_image=control,
+        strength=0.6, controlnet_conditioning_scale=0.8, height=H, width=W,
+    )  # fmt: skip
+    assert_close(ours, theirs, rel=1e-5, what="SD1.5 ControlNet img2img vs diffusers")
