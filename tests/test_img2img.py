@@ -83,7 +83,7 @@ def test_img2img_equals_diffusers(family, request):
     assert (ours - gen(pipe, image=picture(1), strength=0.6, seg_scale=0.0)).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(("strength", "blur"), [(0.75, 0), (1.0, 3)])
+@pytest.mark.parametrize(("strength", "blur"), [(0.75, 3)])
 def test_sdxl_inpaint_any_model_equals_diffusers(sdxl, strength, blur):
     """A 4-channel SDXL: the known region blended back each step, as StableDiffusionXLInpaintPipeline
     does; mask blur is diffusers' ``mask_processor.blur`` before the pipeline."""
@@ -113,8 +113,9 @@ def test_sdxl_inpainting_checkpoint_equals_diffusers(sdxl_inpaint, strength):
         strength=strength, height=H, width=W,
     )  # fmt: skip
     assert_close(ours, theirs, rel=1e-5, what="SDXL inpainting checkpoint vs diffusers")
-    seg = gen(pipe, image=picture(), mask=square_mask(), strength=strength, seg_scale=3.0)
-    assert (seg - ours).abs().max() > 1e-3  # SEG on changes it
+    if strength == 1.0:
+        seg = gen(pipe, image=picture(), mask=square_mask(), strength=strength, seg_scale=3.0)
+        assert (seg - ours).abs().max() > 1e-3  # SEG on changes it
 
 
 def test_inpainting_checkpoint_refuses_txt2img(sdxl_inpaint):
