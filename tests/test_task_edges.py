@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from seg_rt.cli import main
-from seg_rt.cluster.jobs.spec import Item, expand_items, image_files, parse_job
+from seg_rt.cluster.jobs.inputs import image_files
+from seg_rt.cluster.jobs.spec import Item, expand_items, parse_job
 from seg_rt.cluster.jobs.worker import SEGWorker
 from seg_rt.tiny import save_tiny_pipeline
 

@@ -25,7 +25,8 @@ from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.models import is_url
 from seg_rt.optional import require
 
-from .spec import image_files, load_job
+from .inputs import image_files
+from .spec import load_job
 
 AUTH_ENV = ("RAY_AUTH_MODE",)  # never the token: the job record keeps its runtime env
 
