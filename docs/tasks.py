@@ -24,7 +24,7 @@ OUT = Path(__file__).with_name("tasks.png")
 
 def main() -> None:
     model = load_pipeline(demo_model(), "cpu")
-    common = {"cfg": 3.0, "seg_scale": 1.0, "steps": 25}
+    common = {"cfg": 3.0, "seg_scale": 1.0, "steps": 12}
     init = seg_rt.generate(model, "yellow star on checks", seed=4, **common)[0]
     mask = np.zeros((32, 32), np.uint8)
     mask[:, 16:] = 255  # repaint the right half
