@@ -261,8 +261,13 @@ class SEGUNet(nn.Module):
         if fork is not None:
             self.prefix.fork = fork
         try:
+            # a dedicated inpainting UNet: [latents, mask, masked-image latents] along channels, after
+            # the scheduler's input scaling (diffusers' inpaint pipelines); the ControlNet sees the latents
+            unet_sample = (
+                sample if "inpaint_cond" not in inputs else torch.cat([sample, inputs["inpaint_cond"]], 1)
+            )
             out = self.unet(
-                sample,
+                unet_sample,
                 inputs["timestep"],
                 encoder_hidden_states=inputs["encoder_hidden_states"],
                 added_cond_kwargs=added,

@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
 from .lora import LoRA, loras_of
-from .tasks import InputImage, load_image
+from .tasks import InputImage, check_task, load_image, task_key, task_of
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -158,6 +158,11 @@ class GenerationParams:
     video: VideoParams | None = None
     distilled_guidance: float = 3.5
     loras: tuple[LoRA, ...] = ()  # seg_rt.lora: file name, sha256 and weight of each
+    # tasks (seg_rt.tasks): img2img with an init image, inpainting with a mask as well
+    init_image: InputImage | None = None
+    mask: InputImage | None = None
+    strength: float = 1.0
+    mask_blur: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -183,6 +188,7 @@ class GenerationParams:
         if not (isinstance(self.loras, tuple) and all(isinstance(x, LoRA) for x in self.loras)):
             object.__setattr__(self, "loras", loras_of(self.loras))
         self.seg.check_cfg(self.cfg)
+        check_task(self)
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
         if self.video is not None and self.seg.layers != SEGConfig().layers:
@@ -210,9 +216,15 @@ class GenerationParams:
         """Inverse of ``to_record``; unknown keys (``model``, ``generator``, ...) are ignored."""
         return request_of_record(record)
 
+    @property
+    def task(self) -> str:
+        """``txt2img``, ``img2img`` (an init image) or ``inpaint`` (an init image and a mask)."""
+        return task_of(self)
+
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one sampling run: everything but prompt,
-        negative prompt and seed (those are per row)."""
+        negative prompt, seed and the init image / mask pixels (those are per row; rows share their
+        size, the task, strength and mask blur)."""
         return (
             self.steps,
             self.cfg,
@@ -225,6 +237,7 @@ class GenerationParams:
             self.video,
             self.distilled_guidance,
             self.loras,
+            *task_key(self),
         )
 
 
@@ -346,6 +359,14 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
     _f("distilled_guidance", "distilled_guidance", float, "the guidance Flux.1-dev embeds", kinds=IMAGE,
        recorded=WHEN_SET),
     _f("loras", "loras", "loras", "LoRA files PATH[:WEIGHT] (safetensors)", kinds=IMAGE, recorded=WHEN_SET),
+    _f("init_image", "init_image", "image", "init image (img2img / inpainting; the size defaults to its size)",
+       kinds=IMAGE, aliases=("image",), recorded=WHEN_SET),
+    _f("mask", "mask", "mask", "inpainting mask, white = repaint (same size as the init image)", kinds=IMAGE,
+       aliases=("mask_image",), recorded=WHEN_SET),
+    _f("strength", "strength", float, "fraction of the schedule re-run from the init image, in (0, 1]",
+       kinds=IMAGE, recorded=WHEN_SET),
+    _f("mask_blur", "mask_blur", int, "Gaussian blur radius of the mask in pixels (diffusers' blur_factor)",
+       kinds=IMAGE, recorded=WHEN_SET),
     _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),

@@ -335,10 +335,10 @@ def run_params(
     first = params[0]
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe, "image")
-    height, width = family.size(pipe, first.height, first.width)
     family.check_request(pipe, first)
     lora.check_engine(_eager_torch(engine), first.loras, engine)
     lora.activate(pipe, first.loras)  # exactly this request's LoRAs (none: every loaded one off)
+    height, width = _size(family, pipe, first)
     parts = [
         family.encode(
             pipe,
@@ -361,13 +361,18 @@ def run_params(
         pipe, scheduler if scheduler is not None else first.scheduler, first.steps, height=height, width=width
     )
     dtype = cond["encoder_hidden_states"].dtype
-    latents = family.initial_latents(pipe, sched, generators, height=height, width=width, dtype=dtype)
+    # txt2img: the initial noise; img2img / inpainting: the init image's latents, a truncated
+    # schedule, the mask inputs or the known-region blend (seg_rt.families.tasks)
+    start = family.start(pipe, sched, generators, params, height=height, width=width, dtype=dtype)
+    for inputs in (cond, uncond):
+        if inputs is not None:
+            inputs.update(start.inputs)
     with _open_engine(engine, pipe) as engine:
         engine.configure(first.seg.sigma, first.seg.layers)
         latents = sample(
             engine,
             sched,
-            latents,
+            start.latents,
             cond,
             uncond,
             cfg=first.cfg,
@@ -377,8 +382,23 @@ def run_params(
             generators=generators,
             progress=progress,
             callback=callback,
+            timesteps=start.timesteps,
+            blend=start.blend,
         )
     return family.decode(pipe, latents, output_type)
+
+
+def _size(family, pipe, request: GenerationParams) -> tuple[int, int]:
+    """The run's pixel size: the request's, else the init image's, else the model's default."""
+    init = request.init_image
+    if init is None or (request.height and request.width):
+        return family.size(pipe, request.height, request.width)
+    try:
+        return family.size(pipe, request.height or init.height, request.width or init.width)
+    except ValueError as exc:
+        raise ValueError(
+            f"init image is {init.width}x{init.height}: {exc} (give --height / --width to resize it)"
+        ) from None
 
 
 def _run_parallel(parallel, model, params, engine, output_type, scheduler, device, callback, **options):

@@ -144,6 +144,8 @@ def sample(
     generators: Sequence[torch.Generator] | None = None,
     progress: bool = True,
     callback: StepCallback | None = None,
+    timesteps: Tensor | None = None,
+    blend: Callable[[int, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Run SEG(+CFG) sampling from initial ``latents`` (already scaled by ``init_noise_sigma``) over
     ``scheduler.timesteps``: the caller (the model family) has called ``set_timesteps`` once, with
@@ -153,11 +155,14 @@ def sample(
     (``encoder_hidden_states``, and for SDXL ``text_embeds``, ``time_ids``; for ControlNet
     ``controlnet_cond``, ``conditioning_scale``); the perturbed branch reuses ``cond``.
     ``generators`` (one per row) feed stochastic schedulers, so row i depends only on its own seed.
+    Tasks (``seg_rt.families.tasks``): ``timesteps`` the steps to run when not all of
+    ``scheduler.timesteps`` (img2img's truncated schedule; the scheduler's begin index is set);
+    ``blend(i, latents)`` after each ``scheduler.step`` (inpainting's known-region blend).
     """
     if cfg > 1.0 and uncond is None:
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
     seg.check_cfg(cfg)
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
     num = len(timesteps)
     extra = _step_kwargs(scheduler, generators)
     n = latents.shape[0]
@@ -188,6 +193,8 @@ def sample(
             rescale=guidance_rescale,
         )
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
+        if blend is not None:
+            latents = blend(i, latents)
         if callback is not None:
             drop = callback(i, t, latents)
             if drop:

@@ -105,3 +105,74 @@ def load_image(
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{what} could not be decoded ({type(e).__name__})") from None
     return InputImage(mode, image.size, image.tobytes())
+
+
+# ---- the task fields of an image request (GenerationParams.init_image / mask / strength / mask_blur)
+TASKS = ("txt2img", "img2img", "inpaint")
+TASK_FIELDS = ("init_image", "mask", "strength", "mask_blur")  # the request fields (wire names) of a task
+
+
+def task_of(request) -> str:
+    """The task a request asks for: ``inpaint`` (init image and mask), ``img2img`` (init image), or
+    ``txt2img``."""
+    if request.init_image is None:
+        return "txt2img"
+    return "inpaint" if request.mask is not None else "img2img"
+
+
+def task_key(request) -> tuple:
+    """What rows of one sampling run share about their task: the task, the input size, strength and
+    mask blur (the pixels themselves are per row, like prompts)."""
+    size = None if request.init_image is None else request.init_image.size
+    return (task_of(request), size, request.strength, request.mask_blur)
+
+
+def check_strength(strength) -> float:
+    """img2img's strength: a number in (0, 1]."""
+    if isinstance(strength, bool) or not isinstance(strength, int | float):
+        raise ValueError(f"strength must be a number in (0, 1], got {strength!r}")
+    strength = float(strength)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(
+            f"strength must be in (0, 1] (the fraction of the schedule re-run), got {strength:g}"
+        )
+    return strength
+
+
+def check_mask_blur(blur) -> int:
+    if isinstance(blur, bool) or not isinstance(blur, int) or blur < 0:
+        raise ValueError(f"mask blur must be an integer >= 0 (pixels), got {blur!r}")
+    return blur
+
+
+def check_task(request) -> None:
+    """The task fields' own rules (no model needed): one ``ValueError`` line naming the field."""
+    init, mask = request.init_image, request.mask
+    for name, value, mode in (("init image", init, "RGB"), ("mask", mask, "L")):
+        if value is not None and not isinstance(value, InputImage):
+            raise ValueError(
+                f"{name} must be an InputImage (seg_rt.tasks.load_image), got {type(value).__name__}"
+            )
+        if value is not None and value.mode != mode:
+            raise ValueError(f"{name} must be a {mode} image, got mode {value.mode}")
+    strength = check_strength(request.strength)
+    object.__setattr__(request, "strength", strength)
+    blur = check_mask_blur(request.mask_blur)
+    if init is None:
+        for name, changed in (("mask", mask is not None), ("strength", strength != 1.0), ("mask blur", blur)):
+            if changed:
+                raise ValueError(f"{name} applies only with an init image (img2img / inpainting)")
+        return
+    if request.video is not None:
+        raise ValueError("init image is for image requests; image-to-video takes the video's own image")
+    if strength * request.steps < 1:
+        raise ValueError(
+            f"strength x steps must be >= 1 (at least one step re-run), got {strength:g} x {request.steps}"
+        )
+    if mask is None and blur:
+        raise ValueError("mask blur applies only with a mask (inpainting)")
+    if mask is not None and mask.size != init.size:
+        raise ValueError(
+            f"mask is {mask.width}x{mask.height} but the init image is {init.width}x{init.height}: "
+            "give a mask of the image's size"
+        )

@@ -50,7 +50,7 @@ def _text_encoder(with_projection: bool, seed: int):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
-def _unet(xl: bool, seed: int):
+def _unet(xl: bool, seed: int, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -66,7 +66,7 @@ def _unet(xl: bool, seed: int):
     )
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=in_channels,  # 9: an inpainting checkpoint (latents, mask, masked-image latents)
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -170,10 +170,31 @@ def _sdxl_controlnet_pipeline(seed: int):
     return StableDiffusionXLControlNetPipeline(**parts, controlnet=controlnet, add_watermarker=False)
 
 
+def _sd15_controlnet_pipeline(seed: int):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    base = _sd15_pipeline(seed)
+    controlnet = _controlnet(base.unet, seed + 4)
+    return StableDiffusionControlNetPipeline(
+        **{k: v for k, v in base.components.items() if k != "image_encoder"},
+        controlnet=controlnet,
+    )
+
+
+def _sdxl_inpaint_pipeline(seed: int):
+    """A dedicated SDXL inpainting checkpoint: a 9-channel UNet (StableDiffusionXLInpaintPipeline)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    parts = {**_sdxl_parts(seed), "unet": _unet(True, seed + 2, in_channels=9)}
+    return StableDiffusionXLInpaintPipeline(**parts, add_watermarker=False)
+
+
 _PIPELINES = {  # family -> builder(seed)
     "sd15": _sd15_pipeline,
     "sdxl": _sdxl_pipeline,
     "sdxl-controlnet": _sdxl_controlnet_pipeline,
+    "sd15-controlnet": _sd15_controlnet_pipeline,
+    "sdxl-inpaint": _sdxl_inpaint_pipeline,
 }
 FAMILIES = tuple(_PIPELINES)
 

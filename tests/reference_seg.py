@@ -14,15 +14,22 @@ from seg_rt.bench.reference import ReferenceSEGProcessor
 
 
 @torch.no_grad()
-def reference_sdxl_latents(pipe, scheduler, prompt, *, seed, steps, cfg, seg_scale, sigma, height, width):
+def reference_sdxl_latents(
+    pipe, scheduler, prompt, *, seed, steps, cfg, seg_scale, sigma, height, width, start=None, after_step=None
+):
     """The reference pipeline's loop: [uncond, cond, cond] (or [cond, cond]) with SEG on every
-    mid-block attn1, guidance eps_c + (cfg-1)(eps_c-eps_u) + s(eps_c-eps_ptb)."""
+    mid-block attn1, guidance eps_c + (cfg-1)(eps_c-eps_u) + s(eps_c-eps_ptb). ``start``: (latents,
+    timesteps) of img2img / inpainting made by the caller (the scheduler set up by it);
+    ``after_step(i, latents)``: inpainting's blend after each step."""
     do_cfg = cfg > 1.0
     pe, ne, pooled, npooled = pipe.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=do_cfg)
-    g = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn((1, 4, height // 8, width // 8), generator=g)
-    scheduler.set_timesteps(steps)
-    latents = latents * scheduler.init_noise_sigma
+    if start is None:
+        g = torch.Generator("cpu").manual_seed(seed)
+        latents = torch.randn((1, 4, height // 8, width // 8), generator=g)
+        scheduler.set_timesteps(steps)
+        latents, timesteps = latents * scheduler.init_noise_sigma, scheduler.timesteps
+    else:
+        latents, timesteps = start
     time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pe.dtype)
     if do_cfg:
         enc, text, ids = torch.cat([ne, pe, pe]), torch.cat([npooled, pooled, pooled]), time_ids.repeat(3, 1)
@@ -35,7 +42,7 @@ def reference_sdxl_latents(pipe, scheduler, prompt, *, seed, steps, cfg, seg_sca
             saved[name] = module.processor
             module.processor = ReferenceSEGProcessor(sigma, chunks)
     try:
-        for t in scheduler.timesteps:
+        for i, t in enumerate(timesteps):
             x = scheduler.scale_model_input(torch.cat([latents] * chunks), t)
             eps = pipe.unet(
                 x, t, encoder_hidden_states=enc, added_cond_kwargs={"text_embeds": text, "time_ids": ids}
@@ -47,6 +54,8 @@ def reference_sdxl_latents(pipe, scheduler, prompt, *, seed, steps, cfg, seg_sca
                 c, p = eps.chunk(2)
                 eps = c + seg_scale * (c - p)
             latents = scheduler.step(eps, t, latents).prev_sample
+            if after_step is not None:
+                latents = after_step(i, latents)
     finally:
         for name, module in pipe.unet.named_modules():
             if name in saved:

@@ -41,6 +41,9 @@ from seg_rt.params import (
     replace_fields,
     request_from_fields,
 )
+from seg_rt.tasks import TASK_FIELDS
+
+from .inputs import IMAGE_KEYS, IMAGE_TYPES, check_task_field, job_image
 
 # A job's defaults are the request type's: the same request gives the same output from the CLI,
 # the API and a job (docs/design.md, "One request, one type").
@@ -76,6 +79,8 @@ def wire_type(f: RequestField, *, optional: bool = False) -> Any:
     """The pydantic type of a request field (``seg_rt.params``) in a job file or HTTP body."""
     if f.type == "layers" and (optional or f.default is None):
         return OptionalLayers
+    if f.type in IMAGE_TYPES:  # a reference (loaded per item: .inputs.job_image)
+        return str | None
     special = {"seed": Seed, "scheduler": Scheduler}
     types = {
         "sigma": Sigma,
@@ -186,6 +191,8 @@ class _OverridesBase(_Strict):
     def _field(cls, v: Any, info) -> Any:
         if v is None or info.field_name in ("prompt", "seg"):
             return v
+        if info.field_name in _TASK_KEYS:
+            return check_task_field(info.field_name, v)
         return check_field(info.field_name, v)  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
@@ -201,6 +208,10 @@ class _OverridesBase(_Strict):
 
 
 _ITEM_FIELDS = tuple(f for f in fields_for("image") if f.key != "prompt")
+_IMAGE_KEYS = IMAGE_KEYS
+_TASK_KEYS = TASK_FIELDS  # the task fields: set per item (with the item's images), each checked alone
+
+
 Overrides = create_model(
     "Overrides", __base__=_OverridesBase, **{f.key: (wire_type(f, optional=True), None) for f in _ITEM_FIELDS}
 )
@@ -231,6 +242,8 @@ class _JobBase(_Strict):
     @field_validator(*(f.key for f in _JOB_FIELDS), check_fields=False)
     @classmethod
     def _request_field(cls, v: Any, info) -> Any:
+        if info.field_name in _TASK_KEYS:
+            return check_task_field(info.field_name, v)
         return check_field(info.field_name, v)  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
@@ -253,7 +266,10 @@ class _JobBase(_Strict):
 
     def base_params(self) -> GenerationParams:
         """The job's request before per-item prompt, seed and overrides."""
-        request = request_from_fields({f.key: getattr(self, f.key) for f in _JOB_FIELDS})
+        # the init image and mask are loaded per item (job_image), where the job's folder is known
+        request = request_from_fields(
+            {f.key: getattr(self, f.key) for f in _JOB_FIELDS if f.key not in _TASK_KEYS}
+        )
         return request.replace(seg=self.seg.config(), video=self.video.params() if self.video else None)
 
 
@@ -413,10 +429,18 @@ def read_prompts(spec: JobSpec, base: Path) -> list[Overrides]:
     return out
 
 
-def item_params(spec: JobSpec, o: Overrides, prompt_index: int, sample_index: int) -> GenerationParams:
-    """The request of item (p, s): the job's request, then the prompt line's overrides."""
+def item_params(
+    spec: JobSpec, o: Overrides, prompt_index: int, sample_index: int, folder: Path | None = None
+) -> GenerationParams:
+    """The request of item (p, s): the job's request, then the prompt line's overrides; the init
+    image and mask (the line's, else the job's) loaded from ``folder``, the job's folder."""
     base = spec.base_params()
     fields = o.fields()
+    for key in _TASK_KEYS:  # the line's, else the job's; images loaded from the job's folder
+        value = fields.pop(key, None)
+        value = getattr(spec, key) if value is None else value
+        if value is not None and value != getattr(_REQUEST, key):
+            fields[key] = job_image(value, key, folder or Path.cwd()) if key in _IMAGE_KEYS else value
     seed = fields.pop("seed", None)
     seed = seed + sample_index if seed is not None else item_seed(spec.seed, prompt_index, sample_index)
     kind = "video" if base.video is not None else "image"
@@ -431,7 +455,7 @@ def expand_items(spec: JobSpec, base: Path) -> list[Item]:
     for p, o in enumerate(read_prompts(spec, base)):
         for s in range(spec.samples_per_prompt):
             try:
-                items.append(Item(p, s, item_params(spec, o, p, s)))
+                items.append(Item(p, s, item_params(spec, o, p, s, base)))
             except ValueError as exc:
                 raise ValueError(f"prompt {p} ({o.prompt[:40]!r}), sample {s}: {exc}") from None
     return items

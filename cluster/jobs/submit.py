@@ -25,6 +25,7 @@ from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.models import is_url
 from seg_rt.optional import require
 
+from .inputs import image_files
 from .spec import load_job
 
 AUTH_ENV = ("RAY_AUTH_MODE",)  # never the token: the job record keeps its runtime env
@@ -90,13 +91,15 @@ def check_submittable(spec, base: Path) -> None:
     - ``output`` relative: it would resolve inside Ray's temporary working-dir copy on the cluster
       and be deleted with it, so submit refuses it (an absolute path on the cluster is required).
     - ``prompts_file`` relative: copied into the staging folder at the same relative path, so it
-      must stay inside the job's folder: no ``..`` and no symbolic link resolving outside it.
+      must stay inside the job's folder: no ``..`` and no symbolic link resolving outside it; the same
+      for relative ``init_image`` / ``mask`` files (job-level and per prompt line).
     """
     if not Path(spec.output).is_absolute() and not is_url(spec.output):
         raise ValueError(
             f"job: output: submit needs an absolute path on the cluster, got {spec.output!r} "
             "(a relative output would land in Ray's temporary copy of the working dir)"
         )
+    image_files(spec, base)  # relative init images / masks stay inside the job's folder
     if not spec.prompts_file or Path(spec.prompts_file).is_absolute():
         return
     rel = Path(spec.prompts_file)
@@ -125,6 +128,10 @@ def submit(
             target = staging / spec.prompts_file
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(base / spec.prompts_file, target)
+        for name in image_files(spec, base):  # init images / masks, at the same relative paths
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(base / name, target)
         env = {k: os.environ[k] for k in AUTH_ENV if os.environ.get(k)}
         client = _client(JobSubmissionClient, address)
         job_id = _with_retry(

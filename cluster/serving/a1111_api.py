@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from seg_rt.config import sigma_label
 from seg_rt.params import MAX_SEED, fields_for
+from seg_rt.tasks import TASK_FIELDS
 
 from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
 
@@ -67,7 +68,10 @@ NATIVE_FIELDS = (
     "scheduler",
     "distilled_guidance",
 )
-SEG_FIELDS = tuple(f.key for f in fields_for("image") if f.key not in NATIVE_FIELDS)
+# the task fields (init image, mask, ...) come with /sdapi/v1/img2img, not as txt2img script arguments
+SEG_FIELDS = tuple(
+    f.key for f in fields_for("image") if f.key not in NATIVE_FIELDS and f.key not in TASK_FIELDS
+)
 SCRIPT_ARGS = ("seg_scale", "seg_sigma", "seg_layers", "seg_start", "seg_end")  # the script's positional args
 RANDOM_SEED = -1
 

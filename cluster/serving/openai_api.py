@@ -32,7 +32,7 @@ PREFIXES = ("/v1/images/", "/v1/models")
 EXTRA_FIELDS = tuple(
     sorted(
         (set(GenerateRequest.model_fields) - {"height", "width", "num_images", "response"})
-        | {alias for f in fields_for("image") for alias in f.aliases}
+        | {alias for f in fields_for("image") if f.key in GenerateRequest.model_fields for alias in f.aliases}
     )
 )
 OUR_NAMES = {"num_images": "n", "height": "size", "width": "size"}  # our field → the client's

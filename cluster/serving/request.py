@@ -26,6 +26,7 @@ from seg_rt.params import (
     fields_for,
     request_from_fields,
 )
+from seg_rt.tasks import TASK_FIELDS
 
 from ..jobs.spec import Seed
 
@@ -53,7 +54,9 @@ def validation_lines(errors: Sequence[dict]) -> list[str]:
 
 # Where the body's defaults differ from the request type's: the server fills these from its config.
 SERVER_DEFAULTS = {"scheduler": None, "height": None, "width": None}
-_TABLE = fields_for("image")
+# The task fields (init image, mask, strength, mask blur) are not on the HTTP body yet: a server
+# must never read an image from a path a client names; base64 images come with the HTTP task work.
+_TABLE = tuple(f for f in fields_for("image") if f.key not in TASK_FIELDS)
 _EXTRA = {"num_images": (int, Field(1, ge=1)), "response": (Literal["png", "json"], "png")}
 
 

@@ -70,6 +70,8 @@ NONE_MEANS = {
     "negative_prompt": "none",
     "height": "the model's default size",
     "width": "the model's default size",
+    "init_image": "none: text-to-image",
+    "mask": "none: img2img when an init image is given",
 }
 ARG_TYPES = {int: int, float: float, "optional_int": int, "sigma": sigma_arg}
 
@@ -195,7 +197,16 @@ def check_local_size(model: str, request: GenerationParams) -> None:
 
     factor = folder_scale_factor(model) if Path(model).is_dir() else None
     if factor is not None:
-        check_size(request.height, request.width, factor)
+        init = request.init_image
+        height = request.height or (init.height if init is not None else None)
+        width = request.width or (init.width if init is not None else None)
+        check_size(height, width, factor)
+    if request.task != "txt2img" and Path(model).is_dir():  # the family's tasks, before it loads
+        from seg_rt.families import REGISTRY
+
+        family = REGISTRY.for_folder(Path(model))
+        if family is not None:
+            family.check_task(request.task)
 
 
 def bundled(path: Path, found: bool, what: str, note: str) -> str:

@@ -1,4 +1,5 @@
-"""``seg-rt generate``: text-to-image with SEG (one image, several, a grid, or a comparison sheet)."""
+"""``seg-rt generate``: text-to-image, img2img and inpainting with SEG (one image, several, a grid, or a
+comparison sheet)."""
 
 from __future__ import annotations
 
@@ -38,10 +39,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="text-to-image with SEG")
+    g = sub.add_parser("generate", help="text-to-image, img2img and inpainting with SEG")
     add_model_args(g)
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--control-image", default=None, help="control image for SDXL ControlNet models")
+    g.add_argument("--control-image", default=None, help="control image for SD1.5 / SDXL ControlNet models")
     g.add_argument("--controlnet-scale", type=float, default=1.0)
     g.add_argument("--compare", action="store_true", help="one labelled grid: vanilla, CFG, SEG σ sweep")
     g.add_argument("--grid", action="store_true", help="with --num-images: one labelled grid PNG")

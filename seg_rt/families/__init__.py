@@ -13,12 +13,13 @@ from .flux import FluxFamily
 from .qwenimage import QwenImageFamily
 from .registry import REGISTRY, Registry
 from .sd3 import SD3Family
-from .unet import DemoFamily, SDXLControlNetFamily, SDXLFamily, UNetFamily
+from .unet import DemoFamily, SD15ControlNetFamily, SDXLControlNetFamily, SDXLFamily, UNetFamily
 
 # most specific first: the first family whose pipeline classes a pipeline is an instance of wins
 for _family in (
     DemoFamily,
     SDXLControlNetFamily,
+    SD15ControlNetFamily,
     SDXLFamily,
     UNetFamily,
     SD3Family,

@@ -54,6 +54,11 @@ class Family:
     name: ClassVar[str]
     kind: ClassVar[str] = "image"
     exportable: ClassVar[bool] = False  # has an ONNX export (``export_model`` / ``export_inputs``)
+    # the image tasks it takes (seg_rt.tasks.TASKS); how they run: seg_rt.families.tasks
+    tasks: ClassVar[tuple[str, ...]] = ("txt2img",)
+    flow: ClassVar[bool] = (
+        False  # flow matching: strength truncation and noising as diffusers' flow pipelines
+    )
 
     def __repr__(self) -> str:
         return f"<{self.kind} family {self.name}>"
@@ -112,6 +117,7 @@ class Family:
     # --- a request ------------------------------------------------------------------------------
     def check_request(self, pipe, request: GenerationParams) -> None:
         """Model-side rules only a loaded model can check (never silently ignored)."""
+        self.check_task(request.task, self.inpaint_channels(pipe) is not None)
         if request.distilled_guidance != GenerationParams.distilled_guidance:
             raise ValueError(
                 f"distilled guidance applies only to guidance-distilled models (Flux.1-dev); "
@@ -130,6 +136,54 @@ class Family:
     def initial_latents(self, pipe, scheduler, generators: Sequence[torch.Generator], **shape: int) -> Tensor:
         """diffusers' initial noise, row i from ``generators[i]``."""
         raise NotImplementedError
+
+    # --- tasks (img2img, inpainting: seg_rt.families.tasks) ----------------------------------------
+    def check_task(self, task: str, dedicated_inpainting: bool = False) -> None:
+        """A task this family takes; a dedicated inpainting checkpoint takes inpainting only."""
+        if task not in self.tasks:
+            raise ValueError(
+                f"{task} is not available for the {self.name} family; it takes {', '.join(self.tasks)}"
+            )
+        if dedicated_inpainting and task != "inpaint":
+            raise ValueError(
+                f"this {self.name} model is an inpainting checkpoint (a 9-channel UNet): give an init "
+                "image and a mask (--init-image, --mask)"
+            )
+
+    def inpaint_channels(self, pipe) -> int | None:
+        """The extra input channels of a dedicated inpainting checkpoint (mask + masked-image latents,
+        concatenated to the latents every step), or None for a plain model."""
+        return None
+
+    def start_step(self, steps: int, strength: float) -> int:
+        """The first step an init image re-runs from (diffusers' ``get_timesteps``)."""
+        from .tasks import start_step
+
+        return start_step(steps, strength, flow=self.flow)
+
+    def encode_image(self, pipe, pixels: Tensor, generator: torch.Generator) -> Tensor:
+        """One preprocessed image ``[1, 3, H, W]`` in [-1, 1] → its initial latents (the VAE's sample,
+        drawn from ``generator``, normalised as the family's img2img pipeline does)."""
+        raise ValueError(f"img2img is not available for the {self.name} family")
+
+    def noised(self, scheduler, latents: Tensor, noise: Tensor, timestep: Tensor) -> Tensor:
+        """``latents`` noised to ``timestep``: ``add_noise`` (``scale_noise`` for flow matching)."""
+        if self.flow:
+            return scheduler.scale_noise(latents, timestep, noise)
+        return scheduler.add_noise(latents, noise, timestep)
+
+    def noise_shape(self, pipe, image_latents: Tensor | None, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one row's noise (the image latents', or drawn at the size without them)."""
+        if image_latents is not None:
+            return tuple(image_latents.shape)
+        raise NotImplementedError
+
+    def start(self, pipe, scheduler, generators: Sequence[torch.Generator], params, *, height, width, dtype):
+        """Where a run of ``params`` starts (``seg_rt.families.tasks.Start``): txt2img's
+        ``initial_latents``, or the init image's latents on a truncated schedule, with the mask."""
+        from .tasks import task_start
+
+        return task_start(self, pipe, scheduler, generators, params, height=height, width=width, dtype=dtype)
 
     def denoiser(self, pipe, *, compile: bool = False):
         """The eager (or compiled) PyTorch SEG denoiser (``seg_rt.engines``) over ``net(pipe)``."""

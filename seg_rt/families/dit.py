@@ -52,6 +52,8 @@ class ImageDiTFamily(Family):
     ``shift_factor``. Subclasses: ``SD3Family``, ``FluxFamily``, ``QwenImageFamily``."""
 
     packed: ClassVar[bool] = False  # 2x2-packed latent tokens (Flux, Qwen-Image) instead of a patchify conv
+    flow = True
+    tasks = ("txt2img", "img2img", "inpaint")
 
     def net(self, pipe):
         return pipe.transformer
@@ -93,6 +95,20 @@ class ImageDiTFamily(Family):
 
         shape = self.latent_shape(pipe, len(generators), height, width)
         return randn_tensor(shape, generator=list(generators), device=pipe._execution_device, dtype=dtype)
+
+    def encode_image(self, pipe, pixels: Tensor, generator) -> Tensor:
+        """``StableDiffusion3Img2ImgPipeline`` / ``FluxImg2ImgPipeline``'s ``_encode_vae_image`` for one
+        row: the VAE samples with ``generator``, then ``(latents - shift_factor) * scaling_factor``."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+        vae = pipe.vae
+        with torch.no_grad():
+            latents = retrieve_latents(vae.encode(pixels.to(vae.dtype)), generator=generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(pixels.dtype)
+
+    def noise_shape(self, pipe, image_latents, height: int, width: int) -> tuple[int, ...]:
+        return self.latent_shape(pipe, 1, height, width)
 
     def timestep_options(self, pipe, sched, steps: int, sequence_length: int) -> dict:
         """``set_timesteps`` options that give the pipeline's schedule (SD3's ``mu`` when it shifts

@@ -31,6 +31,20 @@ class QwenImageFamily(ImageDiTFamily):
     name = "qwenimage"
     classes = Classes("QwenImagePipeline", "QwenImageTransformer2DModel", "seg_rt.dit_attention:QWENIMAGE")
     packed = True
+    tasks = ("txt2img", "img2img")
+
+    def encode_image(self, pipe, pixels: Tensor, generator) -> Tensor:
+        """``QwenImageImg2ImgPipeline._encode_vae_image`` for one row: the video VAE on one frame,
+        sampled with ``generator``, normalised by the per-channel mean and std."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+        vae = pipe.vae
+        with torch.no_grad():
+            latents = retrieve_latents(vae.encode(pixels.to(vae.dtype)[:, :, None]), generator=generator)
+        c = latents.shape[1]
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(latents)
+        return ((latents - mean) * (1.0 / std))[:, :, 0].to(pixels.dtype)
 
     def folder_factor(self, folder: Path) -> int:
         return 2 ** len(read_json(folder / "vae" / "config.json")["temperal_downsample"]) * 2

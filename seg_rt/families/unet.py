@@ -45,6 +45,15 @@ class UNetFamily(Family):
     preview_rgb = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))  # fmt: skip
     classes = Classes("StableDiffusionPipeline")
     exportable = True
+    tasks = ("txt2img", "img2img", "inpaint")
+    # diffusers' img2img / inpaint pipelines of the family hold the same components (a dedicated
+    # inpainting checkpoint's folder names its inpaint pipeline): they belong to the family too
+    task_pipelines: tuple[str, ...] = ("StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+
+    def pipeline_classes(self) -> tuple[type, ...]:
+        from .base import _diffusers_classes
+
+        return _diffusers_classes((self.classes.pipeline, *self.task_pipelines))
 
     def net(self, pipe):
         return pipe.unet
@@ -78,6 +87,40 @@ class UNetFamily(Family):
         shape = (len(generators), pipe.unet.config.in_channels, height // f, width // f)
         noise = randn_tensor(shape, generator=list(generators), device=pipe._execution_device, dtype=dtype)
         return noise * scheduler.init_noise_sigma
+
+    def inpaint_channels(self, pipe) -> int | None:
+        extra = pipe.unet.config.in_channels - pipe.unet.config.out_channels
+        return extra if extra > 0 else None
+
+    def encode_image(self, pipe, pixels: Tensor, generator) -> Tensor:
+        """``StableDiffusionXLImg2ImgPipeline.prepare_latents`` for one row (SD1.5's is the same without
+        latents mean / std): the VAE (upcast as its config says) samples with ``generator``, then
+        ``scaling_factor`` (and the config's latents mean / std)."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+        vae, dtype = pipe.vae, pixels.dtype
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            with torch.no_grad():
+                latents = retrieve_latents(vae.encode(pixels.to(vae.dtype)), generator=generator)
+        finally:
+            vae.to(dtype if upcast else vae.dtype)
+        latents = latents.to(dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            c = latents.shape[1]
+            mean = torch.tensor(mean).view(1, c, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, c, 1, 1).to(latents)
+            return (latents - mean) * vae.config.scaling_factor / std
+        return vae.config.scaling_factor * latents
+
+    def noise_shape(self, pipe, image_latents, height: int, width: int) -> tuple[int, ...]:
+        if image_latents is not None:
+            return tuple(image_latents.shape)
+        f = pipe.vae_scale_factor
+        return (1, pipe.vae.config.latent_channels, height // f, width // f)
 
     def denoiser(self, pipe, *, compile: bool = False):
         from seg_rt.engines import TorchDenoiser
@@ -160,8 +203,17 @@ class DemoFamily(UNetFamily):
 
         return (SEGDemoPipeline,)
 
+    task_pipelines = ()
+
     def folder_factor(self, folder: Path) -> int:
         return 1
+
+    def inpaint_channels(self, pipe) -> int | None:
+        return None
+
+    def encode_image(self, pipe, pixels: Tensor, generator) -> Tensor:
+        """Pixel space: the image's latents are its pixels in [-1, 1] (no VAE, nothing drawn)."""
+        return pixels
 
     def decode(self, pipe, latents: Tensor, output_type: str):
         if output_type == "latent":
@@ -178,6 +230,16 @@ class SDXLFamily(UNetFamily):
     preview_rgb = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188))  # fmt: skip
     preview_bias = (0.1084, -0.0175, -0.0011)
 
+    task_pipelines = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+
+    def check_request(self, pipe, request: GenerationParams) -> None:
+        if getattr(pipe.config, "requires_aesthetics_score", False):
+            raise ValueError(
+                "SDXL models conditioned on an aesthetic score (the refiner) are not supported; give a base "
+                "or inpainting SDXL model"
+            )
+        super().check_request(pipe, request)
+
     def encode(
         self, pipe, request: GenerationParams, n: int, *, height: int, width: int, **options
     ) -> Prepared:
@@ -191,7 +253,13 @@ class SDXLFamily(UNetFamily):
         )
         encoder_2 = pipe.text_encoder_2
         proj = encoder_2.config.projection_dim if encoder_2 is not None else pooled.shape[-1]
-        time_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), pe.dtype, proj)
+        # StableDiffusionXLPipeline's micro-conditioning (its img2img / inpaint pipelines give the same
+        # ids without an aesthetic score, and spell the method with more arguments)
+        from diffusers import StableDiffusionXLPipeline
+
+        time_ids = StableDiffusionXLPipeline._get_add_time_ids(
+            pipe, (height, width), (0, 0), (height, width), pe.dtype, proj
+        )
         time_ids = time_ids.to(device).repeat(n, 1)
         cond = {"encoder_hidden_states": pe, "text_embeds": pooled, "time_ids": time_ids}
         uncond = (
@@ -200,43 +268,62 @@ class SDXLFamily(UNetFamily):
         return Prepared(cond, uncond)
 
 
+def add_control(
+    pipe,
+    prepared: Prepared,
+    n: int,
+    height: int,
+    width: int,
+    control_image,
+    controlnet_scale: float,
+    what: str,
+) -> Prepared:
+    """The control image (``prepare_image`` of diffusers' ControlNet pipelines) and its per-row scale,
+    in both branches."""
+    if control_image is None:
+        raise ValueError(f"an {what} ControlNet model needs a control image (--control-image)")
+    device = pipe._execution_device
+    image = pipe.prepare_image(
+        control_image, width, height, n, 1, device, pipe.controlnet.dtype, do_classifier_free_guidance=False
+    )
+    extra = {
+        "controlnet_cond": image,
+        "conditioning_scale": torch.full((n,), float(controlnet_scale), device=device),
+    }
+    for inputs in (prepared.cond, prepared.uncond):
+        if inputs is not None:
+            inputs.update(extra)
+    return prepared
+
+
 class SDXLControlNetFamily(SDXLFamily):
     """SDXL with a ControlNet: SDXL's conditioning plus the control image (both branches)."""
 
     name = "sdxl-controlnet"
     classes = Classes("StableDiffusionXLControlNetPipeline")
+    tasks = ("txt2img", "img2img")
+    task_pipelines = ()
 
     def encode(
-        self,
-        pipe,
-        request: GenerationParams,
-        n: int,
-        *,
-        height: int,
-        width: int,
-        control_image=None,
-        controlnet_scale: float = 1.0,
-        **options,
-    ) -> Prepared:
-        if control_image is None:
-            raise ValueError("an SDXL ControlNet model needs a control image (--control-image)")
+        self, pipe, request: GenerationParams, n: int, *, height: int, width: int, control_image=None,
+        controlnet_scale: float = 1.0, **options,
+    ) -> Prepared:  # fmt: skip
         prepared = super().encode(pipe, request, n, height=height, width=width)
-        device = pipe._execution_device
-        image = pipe.prepare_image(
-            control_image,
-            width,
-            height,
-            n,
-            1,
-            device,
-            pipe.controlnet.dtype,
-            do_classifier_free_guidance=False,
-        )
-        extra = {
-            "controlnet_cond": image,
-            "conditioning_scale": torch.full((n,), float(controlnet_scale), device=device),
-        }
-        for inputs in (prepared.cond, prepared.uncond):
-            if inputs is not None:
-                inputs.update(extra)
-        return prepared
+        return add_control(pipe, prepared, n, height, width, control_image, controlnet_scale, "SDXL")
+
+
+class SD15ControlNetFamily(UNetFamily):
+    """SD1.5 with a ControlNet (``StableDiffusionControlNetPipeline``): SD1.5's conditioning plus the
+    control image (both branches)."""
+
+    name = "sd15-controlnet"
+    classes = Classes("StableDiffusionControlNetPipeline")
+    tasks = ("txt2img", "img2img")
+    task_pipelines = ()
+
+    def encode(
+        self, pipe, request: GenerationParams, n: int, *, height: int, width: int, control_image=None,
+        controlnet_scale: float = 1.0, **options,
+    ) -> Prepared:  # fmt: skip
+        prepared = sd15_prompts(pipe, request, n)
+        return add_control(pipe, prepared, n, height, width, control_image, controlnet_scale, "SD1.5")
