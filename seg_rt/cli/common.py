@@ -67,6 +67,7 @@ NONE_MEANS = {
     "negative_prompt": "none",
     "height": "the model's default size",
     "width": "the model's default size",
+    "image": "none: text-to-video",
 }
 ARG_TYPES = {int: int, float: float, "optional_int": int, "sigma": sigma_arg}
 
