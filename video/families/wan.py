@@ -47,18 +47,14 @@ class WanFamily(VideoFamily):
             return super().encode(pipe, request, n, **options)
         from diffusers import WanPipeline
 
+        # WanPipeline's prompt encoding (of which WanImageToVideoPipeline's is a copy; diffusers 0.42's
+        # copy calls ftfy even where it is not installed, the original skips it): encode_prompt's
+        # steps (empty negative prompt by default) over WanPipeline._get_t5_prompt_embeds
         do_cfg = request.cfg > 1  # image-to-video: the pipeline's 512 text tokens (the attention's split)
-        # WanPipeline's encode_prompt, of which WanImageToVideoPipeline's is a copy (diffusers 0.42's
-        # copy calls ftfy even where it is not installed; the original skips it then)
-        pe, ne = WanPipeline.encode_prompt(
-            pipe,
-            request.prompt,
-            request.negative_prompt,
-            do_cfg,
-            n,
-            max_sequence_length=WAN_TEXT_TOKENS,
-            device=pipe._execution_device,
-        )
+        kw = {"num_videos_per_prompt": n, "max_sequence_length": WAN_TEXT_TOKENS}
+        kw["device"] = pipe._execution_device
+        pe = WanPipeline._get_t5_prompt_embeds(pipe, request.prompt, **kw)
+        ne = WanPipeline._get_t5_prompt_embeds(pipe, request.negative_prompt or "", **kw) if do_cfg else None
         return Prepared({"encoder_hidden_states": pe}, {"encoder_hidden_states": ne} if do_cfg else None)
 
     def image_start(self, pipe, scheduler, image, generators, *, frames, height, width, dtype) -> ImageStart:
