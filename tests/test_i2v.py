@@ -223,3 +223,18 @@ def test_cli_image_to_video_on_a_saved_checkpoint(tmp_path, capsys):
     )
     assert "give the still" in capsys.readouterr().err
     assert not (tmp_path / "w.mp4").exists()
+
+
+def test_job_video_image_relative_to_the_job_folder(tmp_path):
+    from cluster.jobs.spec import expand_items, load_job
+
+    (tmp_path / "stills").mkdir()
+    still().save(tmp_path / "stills" / "a.png")
+    job = "model: org/x\noutput: out\nprompts: [a cat]\nvideo:\n  frames: 5\n  image: stills/a.png\n"
+    (tmp_path / "job.yaml").write_text(job)
+    spec, base = load_job(tmp_path / "job.yaml")
+    assert expand_items(spec, base)[0].params.video.image == load_image(still())
+    (tmp_path / "bad.txt").write_text("x")
+    (tmp_path / "bad.yaml").write_text(job.replace("stills/a.png", "bad.txt"))
+    with pytest.raises(ValueError, match=r"bad.yaml: video.image: image is not an image"):
+        load_job(tmp_path / "bad.yaml")

@@ -78,6 +78,7 @@ def wire_type(f: RequestField, *, optional: bool = False) -> Any:
         return OptionalLayers
     special = {"seed": Seed, "scheduler": Scheduler}
     types = {"sigma": Sigma, "layers": Layers, "optional_str": str | None, "optional_int": int | None}
+    types.update(image=str | None, mask=str | None)  # a path or URL: input_image reads it
     t = special.get(f.key) or types.get(f.type, f.type)
     return t | None if optional else t
 
@@ -110,12 +111,30 @@ class Resources(_Strict):
 _VIDEO_FIELDS = tuple(f for f in fields_for("video") if f.path[0] == "video")
 
 
+def input_file(value: str, base: Path | None = None) -> str | bytes:
+    """An input file a job names (an image, a mask): a path, relative to the job file's folder
+    ``base`` (as ``prompts_file``), or an fsspec URL (``s3://bucket/key``, no credentials in it),
+    whose bytes are read here. The one place job input files are resolved: ``resolve_paths`` makes
+    the paths absolute, the field validators read URLs through it."""
+    from seg_rt.models import is_url
+
+    if is_url(value):
+        check_output_url(value, "input image")
+        fsspec = require("fsspec", "object-store inputs")
+        with fsspec.open(value, "rb") as f:
+            return f.read()
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() or base is None else (base / path).resolve())
+
+
 class _VideoBase(_Strict):
     @field_validator(*(f.path[1] for f in _VIDEO_FIELDS), check_fields=False)
     @classmethod
     def _field(cls, v: Any, info) -> Any:
-        key = next(f.key for f in _VIDEO_FIELDS if f.path[1] == info.field_name)
-        return check_field(key, v, "video")  # the request type's own rule, naming the field
+        f = next(f for f in _VIDEO_FIELDS if f.path[1] == info.field_name)
+        if f.type in ("image", "mask") and isinstance(v, str):
+            v = input_file(v)  # an absolute path (resolve_paths) or a URL's bytes
+        return check_field(f.key, v, "video")  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
     def _check(self) -> _VideoBase:
@@ -315,6 +334,12 @@ def resolve_paths(data: dict, base: Path) -> dict:
             data["model"] = str(Path(model).expanduser())
         elif local.exists() or model.startswith((".", "/")):
             data["model"] = str(local.resolve())
+    video = data.get("video")
+    if isinstance(video, dict) and isinstance(video.get("image"), str):
+        data["video"] = {
+            **video,
+            "image": input_file(video["image"], base) if not _is_url(video["image"]) else video["image"],
+        }
     engine = data.get("engine")
     if isinstance(engine, str):
         try:
@@ -324,6 +349,12 @@ def resolve_paths(data: dict, base: Path) -> dict:
         if folder is not None and not Path(folder).expanduser().is_absolute():
             data["engine"] = f"{kind}:{(base / folder).resolve()}"
     return data
+
+
+def _is_url(value: str) -> bool:
+    from seg_rt.models import is_url
+
+    return is_url(value)
 
 
 @dataclass(frozen=True)
