@@ -16,7 +16,6 @@ from seg_rt.cli import main
 from seg_rt.params import GenerationParams, VideoParams, request_from_fields
 from seg_rt.tasks import load_image
 from seg_rt.video.sampling import generate_video
-from tests.cli_run import run_cli
 from tests.tolerance import assert_close, max_rel_error
 
 STEPS = 2
@@ -99,7 +98,10 @@ def test_video_i_of_a_batch_equals_its_seed_alone(i2v_pipes, family):
     pipe = i2v_pipes(family)
     batch = ours(pipe, family, seed=4, num_videos=2, seg_sigma=2.0)
     alone = ours(pipe, family, seed=5, seg_sigma=2.0)
-    assert_close(batch[1:], alone, rel=1e-6)  # video: to float rounding (see video.sampling)
+    # video: to float rounding (see video.sampling), of the latents' largest scale on the way: SVD's
+    # schedule starts at sigma_max 700, the DiTs' at 1
+    start = float(pipe.scheduler.config.sigma_max) if family == "svd" else 1.0
+    assert_close(batch[1:], alone, rel=1e-6 * start)
 
 
 class Counted:
@@ -182,12 +184,12 @@ def test_image_field_parses_records_and_refuses_bad_images(tmp_path):
         request_from_fields({"image": np.zeros((4097, 4097, 3), np.uint8)}, "video")
 
 
-def test_cli_image_flag_refuses_a_file_that_is_not_an_image_in_one_line(tmp_path):
+def test_cli_image_flag_refuses_a_file_that_is_not_an_image_in_one_line(tmp_path, capsys):
     bad = tmp_path / "x.png"
     bad.write_text("not an image")
-    r = run_cli("video", "--image", bad, "--out", tmp_path / "v.mp4", "--no-progress")
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().count("\n") == 0 and "image is not an image" in r.stderr
+    assert main(["video", "--image", str(bad), "--out", str(tmp_path / "v.mp4"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "image is not an image" in err, err
     assert not (tmp_path / "v.mp4").exists()  # refused before any model loads
 
 
