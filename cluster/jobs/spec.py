@@ -322,7 +322,8 @@ def parse_job(data: dict, source: str = "job", base: Path | None = None) -> JobS
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
-    """``model:`` and ``engine: onnx:DIR`` / ``trt:DIR`` given relative → absolute under ``base``.
+    """``model:``, ``engine: onnx:DIR`` / ``trt:DIR`` and a video block's ``image`` given relative →
+    absolute under ``base``.
 
     A model that is neither an existing folder under ``base`` nor written as a path (``./m``, ``../m``)
     stays as given: a hub id such as ``org/name``."""
@@ -336,10 +337,10 @@ def resolve_paths(data: dict, base: Path) -> dict:
             data["model"] = str(local.resolve())
     video = data.get("video")
     if isinstance(video, dict) and isinstance(video.get("image"), str):
-        data["video"] = {
-            **video,
-            "image": input_file(video["image"], base) if not _is_url(video["image"]) else video["image"],
-        }
+        from seg_rt.models import is_url
+
+        if not is_url(video["image"]):  # a URL is read when the field is checked (input_file)
+            data["video"] = {**video, "image": input_file(video["image"], base)}
     engine = data.get("engine")
     if isinstance(engine, str):
         try:
@@ -349,12 +350,6 @@ def resolve_paths(data: dict, base: Path) -> dict:
         if folder is not None and not Path(folder).expanduser().is_absolute():
             data["engine"] = f"{kind}:{(base / folder).resolve()}"
     return data
-
-
-def _is_url(value: str) -> bool:
-    from seg_rt.models import is_url
-
-    return is_url(value)
 
 
 @dataclass(frozen=True)
