@@ -236,6 +236,9 @@ def test_job_video_image_relative_to_the_job_folder(tmp_path):
     (tmp_path / "job.yaml").write_text(job)
     spec, base = load_job(tmp_path / "job.yaml")
     assert expand_items(spec, base)[0].params.video.image == load_image(still())
+    dumped = spec.model_dump(mode="json")  # what the driver sends its workers
+    assert dumped["video"]["image"] == str(tmp_path / "stills" / "a.png")
+    assert type(spec).model_validate(dumped).video.params().image == load_image(still())
     (tmp_path / "bad.txt").write_text("x")
     (tmp_path / "bad.yaml").write_text(job.replace("stills/a.png", "bad.txt"))
     with pytest.raises(ValueError, match=r"bad.yaml: video.image: image is not an image"):

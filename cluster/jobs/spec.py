@@ -132,8 +132,12 @@ class _VideoBase(_Strict):
     @classmethod
     def _field(cls, v: Any, info) -> Any:
         f = next(f for f in _VIDEO_FIELDS if f.path[1] == info.field_name)
-        if f.type in ("image", "mask") and isinstance(v, str):
-            v = input_file(v)  # an absolute path (resolve_paths) or a URL's bytes
+        if f.type in ("image", "mask"):
+            # the spec keeps the absolute path (resolve_paths) or URL, so that it dumps to JSON for the
+            # workers; the image is read and checked here and again where the request is built
+            if v is not None:
+                check_field(f.key, input_file(v), "video")
+            return v
         return check_field(f.key, v, "video")  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
@@ -142,7 +146,11 @@ class _VideoBase(_Strict):
         return self
 
     def params(self) -> VideoParams:
-        return VideoParams(**{f.path[1]: getattr(self, f.path[1]) for f in _VIDEO_FIELDS})
+        values = {f.path[1]: getattr(self, f.path[1]) for f in _VIDEO_FIELDS}
+        for f in _VIDEO_FIELDS:
+            if f.type in ("image", "mask") and values[f.path[1]] is not None:
+                values[f.path[1]] = f.parse(input_file(values[f.path[1]]))
+        return VideoParams(**values)
 
 
 # the job file's ``video:`` block: VideoParams' fields by their own names (frames, fps, mode,
