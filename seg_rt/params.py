@@ -85,6 +85,8 @@ class VideoParams:
     sigma_time: blur σ along time in frames; 0 keeps frames independent; ``inf`` = mean over frames.
     frames:     output frames; fps: frames per second of the written file.
     layers:     video self-attention layers to perturb, as module names or prefixes; ``None`` = all.
+    image:      image-to-video: the still the video starts from (``seg_rt.tasks.InputImage``); ``None``
+                = text-to-video. Records name it by sha256, mode and size.
     """
 
     frames: int = 16
@@ -92,6 +94,7 @@ class VideoParams:
     mode: str = "spatiotemporal"
     sigma_time: float = 1.0
     layers: tuple[str, ...] | None = None
+    image: InputImage | None = None
 
     def __post_init__(self) -> None:
         _int("video frames", self.frames, 1)
@@ -109,6 +112,8 @@ class VideoParams:
             if not layers:
                 raise ValueError("video seg layers must name at least one layer, or be left out for all")
             object.__setattr__(self, "layers", layers)
+        if self.image is not None and not isinstance(self.image, InputImage):
+            object.__setattr__(self, "image", load_image(self.image, "image"))
 
     def axis_sigmas(self, sigma: float) -> tuple[float, float]:
         """(σ over space, σ over time) for this mode; 0 means that axis is not blurred."""
@@ -117,19 +122,25 @@ class VideoParams:
         return space, time
 
     def to_record(self) -> dict:
-        return {
+        record = {
             "frames": self.frames,
             "fps": self.fps,
             "mode": self.mode,
             "sigma_time": sigma_to_json(self.sigma_time),
             "layers": None if self.layers is None else list(self.layers),
         }
+        if self.image is not None:  # when set: text-to-video records stay byte-identical
+            record["image"] = self.image.record()
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> VideoParams:
+        """Inverse of ``to_record``; a record's image (a sha256) is refused as input (give the image)."""
         data = dict(record)
         if "sigma_time" in data:
             data["sigma_time"] = parse_sigma(data["sigma_time"])
+        if data.get("image") is not None:
+            data["image"] = field_named("image", "video").parse(data["image"])
         return cls(**data)
 
 
@@ -371,6 +382,7 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),
     _f("seg_sigma_time", "video.sigma_time", "sigma", "blur σ along time (0: frames independent)", kinds=VIDEO),
+    _f("image", "video.image", "image", "image-to-video: the still to animate", kinds=VIDEO, recorded=WHEN_SET),
 )
 # fmt: on
 

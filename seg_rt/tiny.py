@@ -15,14 +15,19 @@ import torch
 
 from .tiny_configs import (
     ANIMATEDIFF_UNET,
+    CLIP_VISION,
     COGVIDEOX_VAE,
     DITS,
     FLUX_SCHEDULER,
+    I2V_DENOISERS,
     LTX_SCHEDULER,
     LTX_VAE,
     MOTION_ADAPTER,
     QWEN_SCHEDULER,
     QWEN_VAE,
+    SVD_SCHEDULER,
+    SVD_UNET,
+    SVD_VAE,
     TEXT,
     VAE,
     VIDEO_DENOISERS,
@@ -472,3 +477,92 @@ def tiny_dit_pipeline(family: str = "sd3", seed: int = 0):
 def save_tiny_dit_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
     """Build ``tiny_dit_pipeline(family, seed)`` and save it (safetensors) to ``path``; loadable with ``--model``."""
     return _save(tiny_dit_pipeline(family, seed), path)
+
+
+def _clip_vision(projection: bool, seed: int, image_size: int):
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+    )
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(**{**CLIP_VISION, "image_size": image_size})
+    model = (CLIPVisionModelWithProjection if projection else CLIPVisionModel)(config).eval()
+    side = {"height": image_size, "width": image_size}
+    return model, CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=side)
+
+
+def _cogvideox_i2v_pipeline(seed: int):
+    import diffusers
+
+    t2v = _cogvideox_pipeline(seed)
+    name, config = VIDEO_DENOISERS["cogvideox"]
+    transformer = _build(name, {**config, **I2V_DENOISERS["cogvideox"]}, seed + 2)
+    return diffusers.CogVideoXImageToVideoPipeline(
+        tokenizer=t2v.tokenizer,
+        text_encoder=t2v.text_encoder,
+        vae=t2v.vae,
+        transformer=transformer,
+        scheduler=t2v.scheduler,
+    )
+
+
+def _wan_i2v_pipeline(seed: int):
+    import diffusers
+
+    t2v = _wan_pipeline(seed)
+    name, config = VIDEO_DENOISERS["wan"]
+    image_encoder, processor = _clip_vision(False, seed + 3, CLIP_VISION["image_size"])
+    return diffusers.WanImageToVideoPipeline(
+        tokenizer=t2v.tokenizer,
+        text_encoder=t2v.text_encoder,
+        vae=t2v.vae,
+        scheduler=t2v.scheduler,
+        image_processor=processor,
+        image_encoder=image_encoder,
+        transformer=_build(name, {**config, **I2V_DENOISERS["wan"]}, seed + 2),
+    )
+
+
+def _ltx_i2v_pipeline(seed: int):
+    import diffusers
+
+    return diffusers.LTXImageToVideoPipeline(**_ltx_pipeline(seed).components)
+
+
+def _svd_pipeline(seed: int):
+    import diffusers
+
+    # SVD's _encode_image resizes the still to 224 x 224 before its CLIP tower
+    image_encoder, processor = _clip_vision(True, seed + 1, 224)
+    return diffusers.StableVideoDiffusionPipeline(
+        vae=_build("AutoencoderKLTemporalDecoder", SVD_VAE, seed),
+        image_encoder=image_encoder,
+        unet=_build("UNetSpatioTemporalConditionModel", SVD_UNET, seed + 2),
+        scheduler=diffusers.EulerDiscreteScheduler(**SVD_SCHEDULER),
+        feature_extractor=processor,
+    )
+
+
+_I2V_PIPELINES = {  # family -> builder(seed)
+    "cogvideox": _cogvideox_i2v_pipeline,
+    "wan": _wan_i2v_pipeline,
+    "ltx": _ltx_i2v_pipeline,
+    "svd": _svd_pipeline,
+}
+I2V_FAMILIES = tuple(_I2V_PIPELINES)
+
+
+def tiny_i2v_pipeline(family: str = "cogvideox", seed: int = 0):
+    """A random-weight diffusers image-to-video pipeline: ``CogVideoXImageToVideoPipeline`` (transformer
+    taking the still's latents), ``WanImageToVideoPipeline`` (Wan 2.1 I2V: first-frame mask channels,
+    a tiny CLIP image encoder), ``LTXImageToVideoPipeline`` (the text-to-video parts) or
+    ``StableVideoDiffusionPipeline`` (spatio-temporal UNet, temporal-decoder VAE, CLIP at 224 px)."""
+    return _pick(_I2V_PIPELINES, family, "image-to-video ")(seed)
+
+
+def save_tiny_i2v_pipeline(family: str, path: str | Path, seed: int = 0) -> Path:
+    """Build ``tiny_i2v_pipeline(family, seed)`` and save it (safetensors) to ``path``."""
+    return _save(tiny_i2v_pipeline(family, seed), path)

@@ -224,3 +224,62 @@ FLUX_SCHEDULER = {
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
 }
+
+# image-to-video checkpoints (seg_rt.tiny.tiny_i2v_pipeline): what differs from the text-to-video
+# denoisers above; LTX-Video animates a still with its text-to-video checkpoint
+I2V_DENOISERS = {
+    # the still's latents as extra channels (2 x 4)
+    "cogvideox": {"in_channels": 8},
+    # + the 4-channel first-frame mask and the still's latents (4 + 4 + 4); the CLIP image embedding
+    # as extra cross-attention context (Wan 2.1 I2V)
+    "wan": {"in_channels": 12, "image_dim": 32, "added_kv_proj_dim": 32},
+}
+
+CLIP_VISION = {  # a tiny CLIP vision tower (Wan 2.1 I2V's image_encoder, SVD's at 224 px)
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": 32,
+    "patch_size": 8,
+    "image_size": 32,
+}
+
+SVD_UNET = {
+    "sample_size": 8,
+    "in_channels": 8,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+    "up_block_types": ("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+    "block_out_channels": (32, 64),
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 24,
+    "layers_per_block": 1,
+    "cross_attention_dim": 32,
+    "transformer_layers_per_block": 1,
+    "num_attention_heads": (2, 4),
+    "num_frames": 4,
+}
+
+SVD_VAE = {  # AutoencoderKLTemporalDecoder: 32-group norms, 8x
+    "block_out_channels": (32, 32, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "sample_size": 64,
+}
+
+SVD_SCHEDULER = {  # Stable Video Diffusion's EulerDiscreteScheduler (v-prediction, Karras sigmas)
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": True,
+    "sigma_min": 0.002,
+    "sigma_max": 700.0,
+    "timestep_spacing": "leading",
+    "timestep_type": "continuous",
+    "steps_offset": 1,
+}

@@ -164,6 +164,7 @@ LAZY_ALLOWED: dict[tuple[str, str], str] = {
     ("seg_rt.bench", "export"): "the engines benchmark exports the model it times",
     ("seg_rt.families.unet", "engines"): "a family builds its torch denoiser (TorchDenoiser)",
     ("seg_rt.families.dit", "engines"): "a family builds its torch denoiser (DiTDenoiser)",
+    ("seg_rt", "video"): "seg_rt.generate_video, the package's video entry point, runs the video part",
     ("seg_rt.families.registry", "video"): "the video families register themselves on the first lookup",
     ("seg_rt.models", "engines"): "open_model loads the engine a caller names",
     ("seg_rt.models", "cluster"): "a model URL is fetched by object storage (seg_rt.cluster.storage)",

@@ -119,7 +119,16 @@ def test_every_built_in_family_is_found_by_class():
     assert {"demo", "sd15", "sdxl", "sdxl-controlnet", "sd3", "flux", "qwenimage"} <= set(
         REGISTRY.names("image")
     )
-    assert set(REGISTRY.names("video")) == {"animatediff", "cogvideox", "wan", "ltx"}
+    assert set(REGISTRY.names("video")) == {"animatediff", "cogvideox", "wan", "ltx", "svd"}
+    import diffusers
+
+    for cls, family in {
+        "CogVideoXImageToVideoPipeline": "cogvideox",
+        "WanImageToVideoPipeline": "wan",
+        "LTXImageToVideoPipeline": "ltx",
+        "StableVideoDiffusionPipeline": "svd",
+    }.items():  # image-to-video pipelines belong to their family
+        assert REGISTRY.for_class(getattr(diffusers, cls)).name == family
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", "not json", '{"_class_name": 3}'])

@@ -8,6 +8,9 @@ final query (after ``norm_q`` and RoPE), installed and removed as a pair by ``Vi
 - CogVideoX: joint text+video attention with RoPE on the video tokens -> ``SEGCogVideoXAttnProcessor``
   (text tokens in front, never blurred);
 - Wan 2.1: ``norm_q``, then RoPE, then ``dispatch_attention_fn`` -> ``SEGWanAttnProcessor``;
+- Stable Video Diffusion (``UNetSpatioTemporalConditionModel``): ``AttnProcessor2_0`` on frames
+  (spatial ``transformer_blocks``' ``attn1``) and along time (``temporal_transformer_blocks``) ->
+  ``SEGAttnProcessor``, laid out as AnimateDiff's;
 - LTX-Video: pre-patchified tokens, ``norm_q`` then RoPE on ``[B, N, C]`` -> ``SEGLTXAttnProcessor``
   (grid from the forward's ``num_frames`` / ``height`` / ``width`` and the patch sizes).
 
@@ -250,6 +253,11 @@ def animatediff_layers(model: nn.Module) -> dict[str, str]:
     return {n: "temporal" if ".motion_modules." in n else "spatial" for n in _attn1_names(model)}
 
 
+def svd_layers(model: nn.Module) -> dict[str, str]:
+    """Spatial ``transformer_blocks`` and temporal ``temporal_transformer_blocks`` self-attention."""
+    return {n: "temporal" if ".temporal_transformer_blocks." in n else "spatial" for n in _attn1_names(model)}
+
+
 def cogvideox_layers(model: nn.Module) -> dict[str, str]:
     return {n: "joint" for n in _attn1_names(model) if n.startswith("transformer_blocks.")}
 
@@ -293,6 +301,11 @@ def ltx_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     return kwargs["num_frames"] // p_t, kwargs["height"] // p, kwargs["width"] // p
 
 
+def svd_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
+    _, f, _, h, w = _hidden(args, kwargs).shape  # [B, F, C, H, W] latents; per-block (h, w) from hooks
+    return f, h, w
+
+
 def animatediff_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
     _, _, f, h, w = _hidden(args, kwargs).shape  # [B, C, F, H, W] latents; per-block (h, w) from hooks
     return f, h, w
@@ -301,6 +314,8 @@ def animatediff_grid(model: nn.Module, args: tuple, kwargs: dict) -> Grid:
 ANIMATEDIFF = Adapter(
     "animatediff", SEGAttnProcessor, animatediff_layers, owner=animatediff_owner, grid=animatediff_grid
 )
+# spatial layers' owner: the TransformerSpatioTemporalModel (``X.attentions.i``) that sees [B·F, C, h, w]
+SVD = Adapter("svd", SEGAttnProcessor, svd_layers, owner=unet_owner, grid=svd_grid)
 COGVIDEOX = Adapter(
     "cogvideox", SEGCogVideoXAttnProcessor, cogvideox_layers, grid=cogvideox_grid, text_tokens=True
 )

@@ -104,6 +104,9 @@ def generate_video(
     video self-attention layer), ``seg_start`` / ``seg_end``, the cheap modes, ``guidance_rescale``,
     ``sequential``; defaults ``GenerationParams`` / ``VideoParams``). Every field is honoured; one the
     model cannot honour (distilled guidance) is refused.
+    ``image`` (a path, image bytes, PIL image or ``seg_rt.tasks.InputImage``): image-to-video, the
+    video starts from that still (CogVideoX / Wan 2.1 image-to-video checkpoints, LTX-Video, Stable
+    Video Diffusion), as the family's diffusers image-to-video pipeline conditions on it.
     Returns ``[B, F, H, W, 3]`` floats in [0, 1] (``"np"``), lists of PIL frames (``"pil"``) or the
     final latents (``"latent"``). Video i uses seed ``seed + i``. ``frames`` counts output frames;
     CogVideoX and Wan compress time 4x in their VAE, so they decode ``4k + 1`` frames.
@@ -160,10 +163,18 @@ def generate_video(
     generators = seed_generators(params.seed + i for i in range(num_videos))
     sched = family.schedule(pipe, scheduler, params.steps, frames=frames, height=height, width=width)
     dtype = prepared.cond["encoder_hidden_states"].dtype
-    latents = family.initial_latents(
-        pipe, sched, generators, frames=frames, height=height, width=width, dtype=dtype
-    )
     shared = family.shared_inputs(pipe, frames=frames, height=height, width=width)
+    if v.image is None:
+        latents = family.initial_latents(
+            pipe, sched, generators, frames=frames, height=height, width=width, dtype=dtype
+        )
+    else:  # image-to-video: the same loop, with the family's image conditioning (ImageStart)
+        start = family.image_start(
+            pipe, sched, v.image, generators, frames=frames, height=height, width=width, dtype=dtype
+        )
+        latents, sched, shared = start.latents, start.scheduler or sched, {**shared, **start.shared}
+        uncond = None if prepared.uncond is None else {**prepared.uncond, **start.uncond}
+        prepared = dataclasses.replace(prepared, cond={**prepared.cond, **start.cond}, uncond=uncond)
     denoiser = VideoDenoiser(family.net(pipe), blur, v.layers, shared, perturbation=perturbation)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)

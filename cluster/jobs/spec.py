@@ -121,12 +121,34 @@ class Resources(_Strict):
 _VIDEO_FIELDS = tuple(f for f in fields_for("video") if f.path[0] == "video")
 
 
+def input_file(value: str, base: Path | None = None) -> str | bytes:
+    """An input file a job names (an image, a mask): a path, relative to the job file's folder
+    ``base`` (as ``prompts_file``), or an fsspec URL (``s3://bucket/key``, no credentials in it),
+    whose bytes are read here. The one place job input files are resolved: ``resolve_paths`` makes
+    the paths absolute, the field validators read URLs through it."""
+    from seg_rt.models import is_url
+
+    if is_url(value):
+        check_output_url(value, "input image")
+        fsspec = require("fsspec", "object-store inputs")
+        with fsspec.open(value, "rb") as f:
+            return f.read()
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() or base is None else (base / path).resolve())
+
+
 class _VideoBase(_Strict):
     @field_validator(*(f.path[1] for f in _VIDEO_FIELDS), check_fields=False)
     @classmethod
     def _field(cls, v: Any, info) -> Any:
-        key = next(f.key for f in _VIDEO_FIELDS if f.path[1] == info.field_name)
-        return check_field(key, v, "video")  # the request type's own rule, naming the field
+        f = next(f for f in _VIDEO_FIELDS if f.path[1] == info.field_name)
+        if f.type in ("image", "mask"):
+            # the spec keeps the absolute path (resolve_paths) or URL, so that it dumps to JSON for the
+            # workers; the image is read and checked here and again where the request is built
+            if v is not None:
+                check_field(f.key, input_file(v), "video")
+            return v
+        return check_field(f.key, v, "video")  # the request type's own rule, naming the field
 
     @model_validator(mode="after")
     def _check(self) -> _VideoBase:
@@ -134,7 +156,11 @@ class _VideoBase(_Strict):
         return self
 
     def params(self) -> VideoParams:
-        return VideoParams(**{f.path[1]: getattr(self, f.path[1]) for f in _VIDEO_FIELDS})
+        values = {f.path[1]: getattr(self, f.path[1]) for f in _VIDEO_FIELDS}
+        for f in _VIDEO_FIELDS:
+            if f.type in ("image", "mask") and values[f.path[1]] is not None:
+                values[f.path[1]] = f.parse(input_file(values[f.path[1]]))
+        return VideoParams(**values)
 
 
 # the job file's ``video:`` block: VideoParams' fields by their own names (frames, fps, mode,
@@ -325,7 +351,8 @@ def parse_job(data: dict, source: str = "job", base: Path | None = None) -> JobS
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
-    """``model:`` and ``engine: onnx:DIR`` / ``trt:DIR`` given relative → absolute under ``base``.
+    """``model:``, ``engine: onnx:DIR`` / ``trt:DIR`` and a video block's ``image`` given relative →
+    absolute under ``base``.
 
     A model that is neither an existing folder under ``base`` nor written as a path (``./m``, ``../m``)
     stays as given: a hub id such as ``org/name``."""
@@ -337,6 +364,12 @@ def resolve_paths(data: dict, base: Path) -> dict:
             data["model"] = str(Path(model).expanduser())
         elif local.exists() or model.startswith((".", "/")):
             data["model"] = str(local.resolve())
+    video = data.get("video")
+    if isinstance(video, dict) and isinstance(video.get("image"), str):
+        from seg_rt.models import is_url
+
+        if not is_url(video["image"]):  # a URL is read when the field is checked (input_file)
+            data["video"] = {**video, "image": input_file(video["image"], base)}
     engine = data.get("engine")
     if isinstance(engine, str):
         try:

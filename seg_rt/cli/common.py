@@ -72,6 +72,7 @@ NONE_MEANS = {
     "width": "the model's default size",
     "init_image": "none: text-to-image",
     "mask": "none: img2img when an init image is given",
+    "image": "none: text-to-video",
 }
 ARG_TYPES = {int: int, float: float, "optional_int": int, "sigma": sigma_arg}
 

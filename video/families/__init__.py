@@ -12,9 +12,10 @@ from .animatediff import AnimateDiffFamily
 from .base import VideoFamily
 from .cogvideox import CogVideoXFamily
 from .ltx import LTXFamily
+from .svd import SVDFamily
 from .wan import WanFamily
 
-for _family in (AnimateDiffFamily, CogVideoXFamily, WanFamily, LTXFamily):
+for _family in (AnimateDiffFamily, CogVideoXFamily, WanFamily, LTXFamily, SVDFamily):
     REGISTRY.register(_family())
 
 __all__ = ["VideoFamily", "video_family_of", "video_family_of_model"]

@@ -1,27 +1,133 @@
 """The video-family contract: ``seg_rt.families.base.Family`` with ``kind = "video"`` plus what a
 video run needs (latent frames, the latent layout, shared inputs such as RoPE tables, how the
 network is called, per-video decoding). ``seg_rt.video.sampling.generate_video`` is the recipe over it.
+
+Image-to-video is a property of the request (``VideoParams.image``) and the family, not another loop:
+a family that animates a still says whether a loaded checkpoint can (``image_support``) or must
+(``requires_image``), and ``image_start`` returns what the family's diffusers image-to-video
+pipeline computes before its loop: the initial latents (drawn in that pipeline's order from each
+row's generator), the per-row conditioning inputs (image latents, image embeddings, the first-frame
+mask channels) for the cond and uncond rows, inputs shared by every row (LTX's conditioning mask) and,
+where the pipeline holds the conditioning frame fixed, the scheduler that does so.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from seg_rt.families.base import Family, Prepared, named_scheduler, read_json, vae_factor
 from seg_rt.params import GenerationParams
+from seg_rt.tasks import InputImage
+
+
+@dataclass
+class ImageStart:
+    """What an image-to-video pipeline computes from the still before its loop (``image_start``).
+
+    latents:   the initial latents, row i from generator i (scaled by ``init_noise_sigma``);
+    cond / uncond: per-row model inputs added to the cond / uncond rows (the perturbed rows take cond's);
+    shared:    model inputs shared by every row (added to ``shared_inputs``);
+    scheduler: the scheduler to sample with when the pipeline changes its steps (LTX keeps the
+               conditioning frame), else None (the family's ``schedule``).
+    """
+
+    latents: Tensor
+    cond: dict[str, Tensor] = field(default_factory=dict)
+    uncond: dict[str, Tensor] = field(default_factory=dict)
+    shared: dict[str, Any] = field(default_factory=dict)
+    scheduler: Any = None
+
+
+def image_tensor(pipe, image: InputImage, height: int, width: int, dtype) -> Tensor:
+    """The still as the pipelines feed their VAE: ``video_processor.preprocess`` (resized to the
+    video's size, in [-1, 1]) on the pipeline's device, ``[1, 3, H, W]``."""
+    pixels = pipe.video_processor.preprocess(image.pil(), height=height, width=width)
+    return pixels.to(device=pipe._execution_device, dtype=dtype)
+
+
+class HoldFirstFrame:
+    """A scheduler whose steps leave the first latent frame as it is (the conditioning frame).
+
+    ``LTXImageToVideoPipeline`` steps frames ``1:`` only and keeps frame 0; for the elementwise
+    flow-matching Euler step LTX samples with, stepping every frame and putting frame 0 back is the
+    same arithmetic on every element (written here because diffusers has no scheduler wrapper for it).
+    Everything else is the wrapped scheduler's."""
+
+    def __init__(self, scheduler, frame_dim: int = 2) -> None:
+        self._scheduler = scheduler
+        self._dim = frame_dim
+
+    def __getattr__(self, name: str):
+        return getattr(self._scheduler, name)
+
+    def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True):
+        import inspect
+
+        kw = (
+            {"generator": generator}
+            if "generator" in inspect.signature(self._scheduler.step).parameters
+            else {}
+        )
+        prev = self._scheduler.step(model_output, timestep, sample, **kw, return_dict=False)[0]
+        prev = torch.cat(
+            [
+                sample.narrow(self._dim, 0, 1).to(prev.dtype),
+                prev.narrow(self._dim, 1, prev.shape[self._dim] - 1),
+            ],
+            dim=self._dim,
+        )
+        return (prev,)
 
 
 class VideoFamily(Family):
     kind = "video"
     identity_perturbation: ClassVar[bool] = False  # STG-style attention skip (the processor's output hook)
     frames_first: ClassVar[bool] = False  # latents [B, F, C, h, w] (CogVideoX) instead of [B, C, F, h, w]
+    image_pipeline: ClassVar[str | None] = None  # diffusers' image-to-video pipeline of the family
+
+    def pipeline_classes(self) -> tuple[type, ...]:
+        """The text-to-video pipeline and, where the family has one, the image-to-video pipeline."""
+        import diffusers
+
+        extra = (getattr(diffusers, self.image_pipeline),) if self.image_pipeline else ()
+        return super().pipeline_classes() + extra
 
     def net(self, pipe) -> nn.Module:
         return pipe.transformer
+
+    # --- image-to-video -------------------------------------------------------------------------
+    def image_support(self, pipe) -> str | None:
+        """None when this loaded checkpoint animates a still; else why not (one line)."""
+        return f"{self.name} has no image-to-video in seg-rt"
+
+    def requires_image(self, pipe) -> bool:
+        """An image-to-video-only checkpoint (its network takes the image's channels)."""
+        return False
+
+    def check_request(self, pipe, request: GenerationParams) -> None:
+        super().check_request(pipe, request)
+        image = request.video.image if request.video is not None else None
+        if image is not None:
+            reason = self.image_support(pipe)
+            if reason is not None:
+                raise ValueError(f"image: {type(pipe).__name__} cannot animate an image: {reason}")
+        elif self.requires_image(pipe):
+            raise ValueError(
+                f"image: {type(pipe).__name__} ({self.name}) is an image-to-video checkpoint: give the "
+                "still to animate (image=, --image PATH, a job's video image)"
+            )
+
+    def image_start(
+        self, pipe, scheduler, image: InputImage, generators, *, frames: int, height: int, width: int, dtype
+    ) -> ImageStart:
+        """The initial latents and conditioning inputs of ``image`` (see ``ImageStart``)."""
+        raise ValueError(f"image: {self.image_support(pipe)}")
 
     def size_factor(self, pipe) -> int:
         return int(getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor)

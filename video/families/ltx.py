@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from seg_rt.families.base import Classes, Prepared, flow_shift, own_flow_scheduler, read_json
 from seg_rt.params import GenerationParams
 
-from .base import VideoFamily
+from .base import HoldFirstFrame, ImageStart, VideoFamily, image_tensor
 
 LTX_FRAME_RATE = 25  # LTXPipeline's default frame_rate: sets RoPE's temporal interpolation scale
 LTX_TEXT_TOKENS = 128  # LTXPipeline's max_sequence_length default
@@ -37,6 +37,36 @@ def ltx_unpack(tokens: Tensor, f: int, h: int, w: int, p: int, p_t: int) -> Tens
 class LTXFamily(VideoFamily):
     name = "ltx"
     classes = Classes("LTXPipeline", "LTXVideoTransformer3DModel", "seg_rt.video.attention:LTX")
+    image_pipeline = "LTXImageToVideoPipeline"  # the same checkpoints animate a still
+
+    def image_support(self, pipe) -> str | None:
+        return None
+
+    def image_start(self, pipe, scheduler, image, generators, *, frames, height, width, dtype) -> ImageStart:
+        """``LTXImageToVideoPipeline.prepare_latents`` per row: the still's VAE sample (row i's
+        generator), normalised, as latent frame 0 and the row's noise after it (drawn next from the
+        same generator); the conditioning mask (1 on frame 0's tokens) zeroes those tokens' timestep
+        (``forward``) and the scheduler keeps frame 0 (``HoldFirstFrame``)."""
+        from diffusers.pipelines.ltx.pipeline_ltx_image2video import retrieve_latents
+        from diffusers.utils.torch_utils import randn_tensor
+
+        vae, device = pipe.vae, pipe._execution_device
+        f = self.size_factor(pipe)
+        net = self.net(pipe).config
+        pixels = image_tensor(pipe, image, height, width, dtype).unsqueeze(2)  # [1, C, 1, H, W]
+        shape = (1, net.in_channels, frames, height // f, width // f)
+        mask = torch.zeros((1, 1, *shape[2:]), device=device, dtype=torch.float32)
+        mask[:, :, 0] = 1.0
+        rows = []
+        for g in generators:  # the pipeline's float32 latents
+            z = retrieve_latents(vae.encode(pixels), g).to(torch.float32)
+            z = pipe._normalize_latents(z, vae.latents_mean, vae.latents_std).repeat(1, 1, frames, 1, 1)
+            noise = randn_tensor(shape, generator=g, device=device, dtype=torch.float32)
+            rows.append(z * mask + noise * (1 - mask))
+        packed_mask = ltx_pack(mask, net.patch_size, net.patch_size_t).squeeze(-1)  # [1, tokens]
+        return ImageStart(
+            torch.cat(rows), shared={"conditioning_mask": packed_mask}, scheduler=HoldFirstFrame(scheduler)
+        )
 
     def size_factor(self, pipe) -> int:
         return int(pipe.vae_spatial_compression_ratio)
@@ -85,10 +115,13 @@ class LTXFamily(VideoFamily):
         x = inputs["sample"]
         _, _, f, h, w = x.shape
         p, p_t = model.config.patch_size, model.config.patch_size_t
+        timestep = inputs["timestep"]
+        if "conditioning_mask" in shared:  # image-to-video: the conditioning tokens at timestep 0
+            timestep = timestep.unsqueeze(-1) * (1 - shared["conditioning_mask"])
         out = model(
-            hidden_states=ltx_pack(x, p, p_t),
+            hidden_states=ltx_pack(x, p, p_t).to(inputs["encoder_hidden_states"].dtype),
             encoder_hidden_states=inputs["encoder_hidden_states"],
-            timestep=inputs["timestep"],
+            timestep=timestep,
             encoder_attention_mask=inputs["encoder_attention_mask"],
             num_frames=f,
             height=h,
