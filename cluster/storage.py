@@ -32,8 +32,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from seg_rt.errors import first_line
 from seg_rt.images import write_atomic
-from seg_rt.models import is_url
+from seg_rt.model_refs import check_model_url, is_url, redact
 from seg_rt.optional import require
 
 logger = logging.getLogger(__name__)
@@ -294,7 +295,17 @@ def fetch_model(url: str, cache_dir: str | Path | None = None) -> Path:
     place whole; concurrent workers race harmlessly (the loser drops its copy). Weights must be
     safetensors: a folder holding pickle formats (``.bin``, ``.pt``, ``.ckpt``, ...) is refused
     before any byte is fetched, and the pipeline loads with ``use_safetensors=True``."""
+    check_model_url(url)  # no credentials / query in the URL (they would reach logs and records)
     fsspec = require("fsspec", "model folders on object storage")
+    try:
+        return _fetch(fsspec, url, cache_dir)
+    except (ValueError, FileNotFoundError):
+        raise  # our own lines, naming the credential-free URL
+    except Exception as exc:  # botocore / fsspec: one line, any URL in it redacted
+        raise OSError(f"model URL {url!r}: could not fetch: {redact(first_line(exc))}") from None
+
+
+def _fetch(fsspec, url: str, cache_dir: str | Path | None) -> Path:
     fs, root = fsspec.core.url_to_fs(url.rstrip("/"))
     root = root.rstrip("/")
     fs.invalidate_cache(root)

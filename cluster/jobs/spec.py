@@ -139,17 +139,11 @@ def check_output_url(output: str, what: str = "output") -> str:
     ``what`` names the field in the messages (``output``, ``model``)."""
     from urllib.parse import urlsplit
 
-    from seg_rt.models import is_url
+    from seg_rt.model_refs import check_model_url, is_url
 
-    if not is_url(output):
+    if not is_url(check_model_url(output, what)):  # the one URL rule (no credentials, no query)
         return output
     parts = urlsplit(output)
-    if "@" in parts.netloc or parts.query:
-        shown = f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}"
-        raise ValueError(
-            f"{what} URL {shown!r} carries credentials or query options; give {parts.scheme}://bucket/prefix "
-            "and put credentials in the environment / config chain (e.g. AWS_* variables, ~/.aws)"
-        )
     try:
         import fsspec
     except ImportError:  # checked again when the job starts, with the install hint

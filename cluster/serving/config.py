@@ -18,13 +18,13 @@ from pydantic import (
 )
 
 from seg_rt.execution import BranchParallel, parse_engine_spec
+from seg_rt.model_refs import check_model_url, public_name
 from seg_rt.params import DEFAULT_SCHEDULER
 
 from ..jobs.spec import Scheduler
 from .request import first_error
 
 API_KEY_ENV = "SEG_RT_API_KEY"
-DEMO_MODEL_NAME = "seg-rt-demo"  # what clients see of the bundled demo model
 
 
 class Limits(BaseModel):
@@ -62,21 +62,16 @@ def is_loopback(host: str) -> bool:
 
 
 def model_name(model: str) -> str:
-    """What clients see of the model: a local folder's basename or the hub id, never a server path;
-    the bundled demo model is ``seg-rt-demo``."""
-    from seg_rt.demo.model import is_demo_folder
-
-    path = Path(model)
-    if not path.is_dir():
-        return model
-    return DEMO_MODEL_NAME if is_demo_folder(path) else path.resolve().name
+    """What clients see of the model (``seg_rt.model_refs.public_name``): a local folder's basename,
+    a URL's last segment or the hub id, never a server path nor a URL; the demo model is ``seg-rt-demo``."""
+    return public_name(model)
 
 
 class ServeConfig(BaseModel):
     """Server settings (``--config FILE`` YAML; CLI flags override), validated whole before Ray starts."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Annotated[str, AfterValidator(check_model_url)]  # a URL: no credentials, no query
     model_name: str | None = Field(None, description="name shown to clients; default: folder name or hub id")
     engine: Annotated[str, AfterValidator(check_engine_spec)] = "torch"
     host: str = "127.0.0.1"

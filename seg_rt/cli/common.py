@@ -158,6 +158,9 @@ def load_model(
     CPU threads set first; the engine, when one is asked for, closed with ``resources``). With
     ``parallel`` nothing is loaded here: every rank opens the model and engine itself, so
     ``(model, engine)`` come back as given."""
+    from seg_rt.model_refs import check_model_url
+
+    check_model_url(model)  # every rank would fetch it: refuse a credential-bearing URL here, once
     if parallel is not None:
         if threads is not None:
             import torch
