@@ -20,6 +20,7 @@ from pydantic import (
 from seg_rt.execution import BranchParallel, parse_engine_spec
 from seg_rt.model_refs import check_model_url, public_name
 from seg_rt.params import DEFAULT_SCHEDULER
+from seg_rt.safe_load import safe_load_yaml
 
 from ..jobs.spec import Scheduler
 from .request import first_error
@@ -76,6 +77,10 @@ class ServeConfig(BaseModel):
     engine: Annotated[str, AfterValidator(check_engine_spec)] = "torch"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    trusted_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names answered besides loopback and the bound host (DNS rebinding guard; '*': any)",
+    )
     api_keys: list[str] = Field(
         default_factory=list, repr=False, description="Bearer keys; required off loopback"
     )
@@ -145,7 +150,7 @@ def load_config(path: str | Path | None, defaults: dict | None = None, **overrid
         if not p.is_file():
             raise FileNotFoundError(f"server config {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = safe_load_yaml(p.read_text(), f"server config {str(p)!r}") or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.params import GenerationParams
 
-from . import a1111_api, openai_api
+from . import a1111_api, guard, openai_api
 from .core import Failure, ServingCore
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsMiddleware
@@ -193,7 +193,19 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
         RequestGuard, api_keys=core.config.api_keys, max_body_bytes=core.config.max_body_bytes, shapes=shapes
     )
     routes: set[str] = set()  # filled below, once every route exists
-    app.add_middleware(MetricsMiddleware, metrics=core.metrics, routes=routes)  # outermost: sees 401/413
+    app.add_middleware(MetricsMiddleware, metrics=core.metrics, routes=routes)  # sees 401/413
+
+    async def reply(send, scope, status: int, message: str) -> None:
+        await error_response(shapes, _path(scope), status, message)({"type": "http"}, None, send)
+
+    # trusted hosts and security headers around every route, added now or later (guard.py)
+    guard.install(
+        app,
+        host=core.config.host,
+        trusted=core.config.trusted_hosts,
+        page_html=PLAYGROUND.read_text(encoding="utf-8"),
+        reply=reply,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
