@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .config import parse_sigma, sigma_to_json
+from .safe_load import loads_json
 
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
@@ -65,7 +66,7 @@ class ArtifactInfo:
     @classmethod
     def from_json(cls, text: str, source: str = "sidecar") -> ArtifactInfo:
         try:
-            d = json.loads(text)
+            d = loads_json(text, source)
             names = {f.name for f in fields(cls)}
             missing = names - set(d) - {"versions", "extra"}
             if missing:

@@ -41,6 +41,7 @@ from seg_rt.params import (
     replace_fields,
     request_from_fields,
 )
+from seg_rt.safe_load import loads_json, safe_load_yaml
 
 # A job's defaults are the request type's: the same request gives the same output from the CLI,
 # the API and a job (docs/design.md, "One request, one type").
@@ -277,7 +278,7 @@ def load_job(path: str | Path) -> tuple[JobSpec, Path]:
     if not path.is_file():
         raise FileNotFoundError(f"job file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_yaml(path.read_text(), str(path))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
@@ -361,7 +362,7 @@ def read_prompts(spec: JobSpec, base: Path) -> list[Overrides]:
             continue
         if path.suffix == ".jsonl":
             try:
-                out.append(Overrides.model_validate(json.loads(line)))
+                out.append(Overrides.model_validate(loads_json(line, f"{path}:{n}")))
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{n}: not valid JSON: {exc.msg}") from None
             except ValidationError as exc:
