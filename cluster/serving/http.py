@@ -28,7 +28,7 @@ from . import a1111_api, guard, openai_api
 from .core import Failure, ServingCore
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsMiddleware
-from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, validation_lines
+from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, capped, validation_lines
 
 # answered without an API key: health (load balancers, Serve's own probes) and the playground page
 # (static HTML; the page asks for the key and sends it with each request)
@@ -63,7 +63,7 @@ def error_response(
 ) -> JSONResponse:
     """The error answer in the shape of the API that owns ``path``."""
     shape = shape_for(shapes, path)
-    code, body = shape.body(status, message, param)
+    code, body = shape.body(status, capped(message), param)
     headers = {"www-authenticate": shape.challenge} if status == 401 else None
     return JSONResponse(body, status_code=code, headers=headers)
 
