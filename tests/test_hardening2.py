@@ -284,3 +284,188 @@ def test_deep_job_yaml_and_jsonl_line_and_serve_config_are_one_line(tmp_path, ca
     config.write_text(DEEP_YAML)
     line = _one_line_without_secret(capsys, main(["serve", "--config", str(config)]))
     assert "nested deeper than" in line and "serve.yaml" in line
+
+
+# ---- serving inputs that were a 500, echoes capped, strict OpenAI types --------------------------
+
+
+def test_lone_surrogate_prompt_is_a_422_naming_the_field(demo_pipe, capsys, tmp_path):
+    from fastapi.testclient import TestClient
+
+    c = TestClient(_app(demo_pipe))
+    body = '{"prompt": "a \\ud800 b", "steps": 1, "response": "json"}'
+    r = c.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "prompt" in r.text and "surrogate" in r.text, r.text
+    r = c.post("/v1/images/generations", content=body.replace(', "response": "json"', ""),
+               headers={"content-type": "application/json"})  # fmt: skip
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
+    neg = '{"prompt": "a", "negative_prompt": "\\udc80", "steps": 1}'
+    r = c.post("/sdapi/v1/txt2img", content=neg, headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "negative prompt" in r.json()["detail"]
+    rc = main(["generate", "--prompt", "a \udcff", "--steps", "1", "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "surrogate" in err[0] and not list(tmp_path.iterdir())
+
+
+def test_a1111_override_settings_not_a_mapping_is_a_422(demo_pipe):
+    from fastapi.testclient import TestClient
+
+    c = TestClient(_app(demo_pipe))
+    for bad in ([1, 2], "sd_model_checkpoint", 3):
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "a", "steps": 1, "override_settings": bad})
+        assert r.status_code == 422 and "override_settings must be a mapping" in r.json()["detail"], r.text
+
+
+def test_error_bodies_cap_every_echoed_value(demo_pipe):
+    from fastapi.testclient import TestClient
+
+    c = TestClient(_app(demo_pipe, max_body_bytes=2_000_000))
+    huge = "x" * 900_000
+    cases = [
+        ("/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": huge}),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "styles": [huge]}),
+        ("/sdapi/v1/txt2img", {"prompt": "a", huge: 1}),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "override_settings": {huge: huge}}),
+        ("/sdapi/v1/txt2img", {"prompt": "a", "alwayson_scripts": {huge: {"args": [1]}}}),
+        ("/v1/images/generations", {"prompt": "a", "size": huge}),
+        ("/v1/images/generations", {"prompt": "a", "model": huge}),
+        ("/v1/images/generations", {"prompt": "a", huge: 1}),
+        ("/v1/generate", {"prompt": "a", "scheduler": huge}),
+    ]
+    for path, body in cases:
+        r = c.post(path, json=body)
+        assert 400 <= r.status_code < 500 and len(r.content) < 10_000, (path, r.status_code, len(r.content))
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"n": "2"}, "n"),
+        ({"n": True}, "n"),
+        ({"n": 1.0}, "n"),
+        ({"size": "32x32\n"}, "size"),
+        ({"size": "３２x32"}, "size"),
+        ({"size": 32}, "size"),
+    ],
+)
+def test_openai_mapping_has_strict_types(demo_pipe, body, field):
+    from fastapi.testclient import TestClient
+
+    r = TestClient(_app(demo_pipe)).post("/v1/images/generations", json={"prompt": "a", **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+# ---- unbounded work ------------------------------------------------------------------------------
+
+
+def test_a_10_to_the_12_item_job_is_refused_before_any_item_is_built(tmp_path, capsys, monkeypatch):
+    """Refused while the job is read (before the 10**12 items, which would never finish building)."""
+    import seg_rt.cluster.jobs.driver as driver
+
+    monkeypatch.setattr(driver, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"model: org/name\noutput: {tmp_path / 'out'}\nprompts: [a, b]\nsamples_per_prompt: {10**12}\n"
+    )
+    line = _one_line_without_secret(capsys, main(["run", str(job)]))
+    assert "2000000000000 items, more than max_items 1000000" in line
+    (tmp_path / "p.txt").write_text("a\nb\nc\n")
+    job.write_text(
+        f"model: org/name\noutput: {tmp_path / 'out'}\nprompts_file: p.txt\nsamples_per_prompt: 400000\n"
+    )
+    line = _one_line_without_secret(capsys, main(["run", str(job)]))
+    assert "3 prompt(s) x samples_per_prompt 400000 = 1200000 items" in line
+    from seg_rt.cluster.jobs.spec import expand_items, load_job
+
+    job.write_text(
+        f"model: org/name\noutput: {tmp_path / 'out'}\nprompts_file: p.txt\nsamples_per_prompt: 2\nmax_items: 6\n"
+    )
+    assert len(expand_items(*load_job(job))) == 6
+    assert not (tmp_path / "out").exists()
+
+
+# ---- late checks ---------------------------------------------------------------------------------
+
+
+def test_video_without_pyav_fails_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    import sys
+
+    import seg_rt.models
+
+    monkeypatch.setitem(sys.modules, "av", None)  # import av -> ImportError
+    monkeypatch.setattr(seg_rt.models, "open_model", lambda *a, **k: pytest.fail("model loaded"))
+    rc = main(["video", "--steps", "1", "--no-progress", "--out", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("seg-rt: error: av is not installed") and "video" in err[-1], err
+    assert not list(tmp_path.iterdir())
+    from seg_rt.cluster.jobs.spec import parse_job
+    from seg_rt.cluster.jobs.worker import SEGWorker
+
+    spec = parse_job({"model": "org/name", "prompts": ["a"], "output": str(tmp_path / "o"), "video": {}})
+    with pytest.raises(ImportError, match="av is not installed"):
+        SEGWorker(spec.model_dump(mode="json"), "w0")
+
+
+# ---- the model cache -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def memory_model():
+    """A model folder on fsspec's memory backend: a real backend whose listing has no version
+    (no ETag, no modification time), as many HTTP servers give."""
+    fsspec = pytest.importorskip("fsspec")
+    fs = fsspec.filesystem("memory")
+    root = "/seg-rt-test-model"
+    fs.pipe(f"{root}/model_index.json", b'{"_class_name": "StableDiffusionPipeline"}')
+    fs.pipe(f"{root}/unet/diffusion_pytorch_model.safetensors", b"A" * 64)
+    yield fs, root, f"memory://{root}"
+    fs.rm(root, recursive=True)
+
+
+def test_versionless_object_changed_at_the_same_size_is_fetched_again(memory_model, tmp_path):
+    from seg_rt.cluster.storage import fetch_model
+
+    fs, root, url = memory_model
+    first = fetch_model(url, tmp_path / "cache")
+    assert (first / "unet/diffusion_pytorch_model.safetensors").read_bytes() == b"A" * 64
+    fs.pipe(f"{root}/unet/diffusion_pytorch_model.safetensors", b"B" * 64)  # same size, new content
+    again = fetch_model(url, tmp_path / "cache")
+    assert (again / "unet/diffusion_pytorch_model.safetensors").read_bytes() == b"B" * 64
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [again.name]  # no temp or stale copy left
+    assert fetch_model(url, tmp_path / "cache") == again  # unchanged: the checked entry is reused
+
+
+def test_planted_or_damaged_cache_entry_is_refused(memory_model, tmp_path, caplog):
+    import logging
+    import os
+
+    from seg_rt.cluster.storage import fetch_model
+
+    _, _, url = memory_model
+    cache = tmp_path / "cache"
+    entry = fetch_model(url, cache)
+    weights = entry / "unet/diffusion_pytorch_model.safetensors"
+    entry.chmod(0o755)  # a folder someone else could have made and filled
+    with pytest.raises(ValueError, match="has mode 0755, not 0700"):
+        fetch_model(url, cache)
+    entry.chmod(0o700)
+    weights.write_bytes(b"planted")
+    with pytest.raises(ValueError, match=r"holds unet/diffusion_pytorch_model.safetensors at 7 bytes"):
+        fetch_model(url, cache)
+    weights.unlink()
+    weights.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="as a link"):
+        fetch_model(url, cache)
+    assert weights.is_symlink()  # nothing of the entry deleted
+    if os.getuid() == 0:  # another owner (only root can make one here)
+        weights.unlink()
+        weights.write_bytes(b"A" * 64)
+        os.chown(entry, 12345, 12345)
+        with pytest.raises(ValueError, match="is owned by uid 12345"):
+            fetch_model(url, cache)
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with caplog.at_level(logging.WARNING, logger="seg_rt"):
+        fetch_model(url, shared)
+    assert any("writable by other users" in r.getMessage() for r in caplog.records)

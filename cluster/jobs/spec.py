@@ -134,6 +134,9 @@ VideoSpec = create_model(
 )
 
 
+MAX_ITEMS = 1_000_000  # default bound of one job's prompts x samples_per_prompt (max_items)
+
+
 def check_output_url(output: str, what: str = "output") -> str:
     """A local path, or an fsspec URL (``s3://bucket/prefix``) with no credentials in it: they come
     from the backend's own environment / config chain, so none lands in a spec, manifest or log.
@@ -207,6 +210,7 @@ class _JobBase(_Strict):
     prompts: tuple[str, ...] | None = None
     prompts_file: str | None = None
     samples_per_prompt: int = Field(1, ge=1)
+    max_items: int = Field(MAX_ITEMS, ge=1, description="prompts x samples_per_prompt past this: refused")
     seed: Seed = _REQUEST.seed
     batch_size: int = Field(1, ge=1, description="items per actor call (micro-batch)")
     batch_mode: Literal["item", "fused"] = "item"
@@ -228,6 +232,11 @@ class _JobBase(_Strict):
             raise ValueError("give exactly one of prompts (a list) or prompts_file")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts is empty")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded(self) -> _JobBase:
+        check_item_count(self, len(self.prompts) if self.prompts is not None else 1)
         return self
 
     @model_validator(mode="after")
@@ -385,11 +394,24 @@ def item_params(spec: JobSpec, o: Overrides, prompt_index: int, sample_index: in
     return request if o.seg is None else request.replace(seg=o.seg.config())
 
 
+def check_item_count(spec: _JobBase, prompts: int) -> None:
+    """A job's items (prompts x samples_per_prompt) are built up front: past ``max_items`` the job
+    is refused at once with one line, not left growing memory with no output."""
+    if prompts * spec.samples_per_prompt > spec.max_items:
+        raise ValueError(
+            f"{prompts} prompt(s) x samples_per_prompt {spec.samples_per_prompt} = "
+            f"{prompts * spec.samples_per_prompt} items, more than max_items {spec.max_items}; "
+            "split the job or raise max_items"
+        )
+
+
 def expand_items(spec: JobSpec, base: Path) -> list[Item]:
     """Every (prompt, sample) item of the job, in a fixed order; a bad override fails here, before
-    Ray starts, naming its prompt."""
+    Ray starts, naming its prompt. More than ``max_items`` items: refused before any is built."""
     items = []
-    for p, o in enumerate(read_prompts(spec, base)):
+    prompts = read_prompts(spec, base)
+    check_item_count(spec, len(prompts))
+    for p, o in enumerate(prompts):
         for s in range(spec.samples_per_prompt):
             try:
                 items.append(Item(p, s, item_params(spec, o, p, s)))
