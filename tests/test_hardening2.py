@@ -469,3 +469,34 @@ def test_planted_or_damaged_cache_entry_is_refused(memory_model, tmp_path, caplo
     with caplog.at_level(logging.WARNING, logger="seg_rt"):
         fetch_model(url, shared)
     assert any("writable by other users" in r.getMessage() for r in caplog.records)
+
+
+# ---- frames past the motion modules, allocation failures -----------------------------------------
+
+
+def test_video_frames_past_the_motion_modules_is_one_line(capsys, tmp_path):
+    """The demo video model's motion modules hold 16 frames: 17 is refused before sampling."""
+    rc = main(["video", "--frames", "17", "--steps", "1", "--no-progress", "--out", str(tmp_path / "v.gif")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        rc == 2
+        and err[-1]
+        == "seg-rt: error: frames must be <= 16 for this model (its motion modules hold 16 frames), got 17"
+    ), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_allocation_failure_is_one_line(capsys, monkeypatch, tmp_path):
+    """A request too big for the machine: torch's real allocator error, as one line, exit 2."""
+    import torch
+
+    import seg_rt.pipeline
+
+    def huge(*a, **k):
+        return torch.empty(2**46, dtype=torch.uint8)  # 64 TiB: the CPU allocator refuses it
+
+    monkeypatch.setattr(seg_rt.pipeline, "run_params", huge)
+    rc = main(["generate", "--steps", "1", "--no-progress", "--out", str(tmp_path / "o.png")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("seg-rt: error: out of memory: DefaultCPUAllocator"), err
+    assert not list(tmp_path.iterdir())

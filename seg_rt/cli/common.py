@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from seg_rt.config import parse_sigma
-from seg_rt.errors import SegRtError
+from seg_rt.errors import SegRtError, allocation_failure
 from seg_rt.execution import BranchParallel
 from seg_rt.params import GenerationParams, fields_for
 
@@ -230,4 +230,10 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return 2
     except (ValueError, OSError, ImportError, SegRtError) as exc:
         print(f"seg-rt: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as exc:  # an allocation failure is one line, anything else a bug
+        line = allocation_failure(exc)
+        if line is None:
+            raise
+        print(f"seg-rt: error: {line}", file=sys.stderr)
         return 2
