@@ -13,6 +13,10 @@ class EnvironmentUnavailable(SegRtError, RuntimeError):
     """What this machine lacks: a GPU, an ONNX Runtime provider, a working TensorRT."""
 
 
+class RankExited(SegRtError, RuntimeError):
+    """A branch-parallel rank process ended without answering (killed, out of memory, crashed)."""
+
+
 class ExportValidationError(SegRtError, RuntimeError):
     """An exported model disagrees with torch beyond the tolerance."""
 

@@ -500,3 +500,25 @@ def test_allocation_failure_is_one_line(capsys, monkeypatch, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("seg-rt: error: out of memory: DefaultCPUAllocator"), err
     assert not list(tmp_path.iterdir())
+
+
+# ---- a branch-parallel rank that dies ------------------------------------------------------------
+
+
+def test_dead_branch_parallel_rank_is_one_line_naming_the_signal():
+    import os
+    import signal
+
+    from seg_rt.demo.model import weights_dir
+    from seg_rt.engines.branch import ProcessBranchGroup
+    from seg_rt.errors import RankExited
+    from seg_rt.execution import BranchParallel
+    from seg_rt.params import GenerationParams
+
+    with ProcessBranchGroup(BranchParallel(ranks=2), str(weights_dir()), threads=1) as group:
+        procs = list(group._procs)
+        os.kill(procs[1].pid, signal.SIGKILL)
+        with pytest.raises(RankExited) as exc:
+            group.run("images", [GenerationParams(prompt="a", steps=1)], "latent")
+    assert str(exc.value).startswith("branch-parallel rank 1 was killed by SIGKILL"), str(exc.value)
+    assert "\n" not in str(exc.value) and not any(p.is_alive() for p in procs)
