@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-from seg_rt.artifacts import _swap_in
+from seg_rt.artifacts import swap_in
 from seg_rt.errors import first_line
 from seg_rt.images import write_atomic
 from seg_rt.model_refs import check_model_url, is_url, redact
@@ -353,7 +353,7 @@ def _fetch(fsspec, url: str, cache_dir: str | Path | None) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 logger.debug("model %s: cached at %s (content checked)", url, target)
                 return target
-            _swap_in(tmp, target)  # the stale copy is now at tmp (readers keep their open files)
+            swap_in(tmp, target)  # the stale copy is now at tmp (readers keep their open files)
             shutil.rmtree(tmp, ignore_errors=True)
             _fsync_dir(cache)
             logger.info("model %s: changed at the same size; fetched again into %s", url, target)
