@@ -27,13 +27,16 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
 from typing import Protocol
 
+from seg_rt.artifacts import swap_in
+from seg_rt.errors import first_line
 from seg_rt.images import write_atomic
-from seg_rt.models import is_url
+from seg_rt.model_refs import check_model_url, is_url, redact
 from seg_rt.optional import require
 
 logger = logging.getLogger(__name__)
@@ -294,7 +297,17 @@ def fetch_model(url: str, cache_dir: str | Path | None = None) -> Path:
     place whole; concurrent workers race harmlessly (the loser drops its copy). Weights must be
     safetensors: a folder holding pickle formats (``.bin``, ``.pt``, ``.ckpt``, ...) is refused
     before any byte is fetched, and the pipeline loads with ``use_safetensors=True``."""
+    check_model_url(url)  # no credentials / query in the URL (they would reach logs and records)
     fsspec = require("fsspec", "model folders on object storage")
+    try:
+        return _fetch(fsspec, url, cache_dir)
+    except (ValueError, FileNotFoundError):
+        raise  # our own lines, naming the credential-free URL
+    except Exception as exc:  # botocore / fsspec: one line, any URL in it redacted
+        raise OSError(f"model URL {url!r}: could not fetch: {redact(first_line(exc))}") from None
+
+
+def _fetch(fsspec, url: str, cache_dir: str | Path | None) -> Path:
     fs, root = fsspec.core.url_to_fs(url.rstrip("/"))
     root = root.rstrip("/")
     fs.invalidate_cache(root)
@@ -316,11 +329,18 @@ def fetch_model(url: str, cache_dir: str | Path | None = None) -> Path:
     key = _listing_key(url, files)
     cache = Path(cache_dir) if cache_dir is not None else model_cache_dir()
     target = cache / key
-    if target.is_dir():
-        logger.debug("model %s: cached at %s", url, target)
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))
+    # a listing with a version (ETag / modification time) for every file names its content; without
+    # one, an object changed at the same size keeps its key: fetch and compare the content
+    versioned = all(_version(info) is not None for info in files.values())
+    cached = os.path.lexists(target)
+    if cached:
+        check_cache_entry(target, files, url)
+        if versioned:
+            logger.debug("model %s: cached at %s", url, target)
+            return target
+    cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _warn_shared_root(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=cache))  # mode 0700
     try:
         for rel, info in files.items():
             dest = tmp / rel
@@ -328,6 +348,16 @@ def fetch_model(url: str, cache_dir: str | Path | None = None) -> Path:
             fs.get_file(f"{root}/{rel}", str(dest))
             if info.get("size") is not None and dest.stat().st_size != info["size"]:
                 raise OSError(f"model URL {url!r}: {rel} changed while it was fetched; try again")
+        if cached and not versioned:
+            if _same_content(tmp, target, files):
+                shutil.rmtree(tmp, ignore_errors=True)
+                logger.debug("model %s: cached at %s (content checked)", url, target)
+                return target
+            swap_in(tmp, target)  # the stale copy is now at tmp (readers keep their open files)
+            shutil.rmtree(tmp, ignore_errors=True)
+            _fsync_dir(cache)
+            logger.info("model %s: changed at the same size; fetched again into %s", url, target)
+            return target
         try:
             os.rename(tmp, target)  # whole or not at all
         except OSError:
@@ -343,14 +373,70 @@ def fetch_model(url: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+VERSION_KEYS = ("ETag", "etag", "mtime", "LastModified", "Last-Modified", "last_modified", "generation")
+
+
+def _version(info: dict):
+    """An object's version in a backend's listing (ETag, modification time), None when it has none."""
+    return next((info[k] for k in VERSION_KEYS if info.get(k)), None)
+
+
 def _listing_key(url: str, files: dict) -> str:
     """The cache entry of a remote folder: sha256 over the URL and every (path, size, version)."""
     h = hashlib.sha256(url.rstrip("/").encode())
     for rel in sorted(files):
         info = files[rel]
-        version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
-        h.update(f"\n{rel}\t{info.get('size')}\t{version}".encode())
+        h.update(f"\n{rel}\t{info.get('size')}\t{_version(info)}".encode())
     return h.hexdigest()[:32]
+
+
+def check_cache_entry(entry: Path, files: dict, url: str) -> None:
+    """A cache entry is used only if this user wrote it: a real folder (no symbolic link) owned by
+    the current user with mode 0700, holding the listing's files as regular files of the listed
+    sizes. Anything else (an entry planted by another user of a shared cache root, a damaged one)
+    is refused with one line; seg-rt deletes nothing it did not write."""
+    st = os.lstat(entry)
+    problem = None
+    if not stat.S_ISDIR(st.st_mode):
+        problem = "is not a folder (a symbolic link?)"
+    elif st.st_uid != os.getuid():
+        problem = f"is owned by uid {st.st_uid}, not this user ({os.getuid()})"
+    elif stat.S_IMODE(st.st_mode) != 0o700:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0700"
+    else:
+        for rel, info in files.items():
+            try:
+                fst = os.lstat(entry / rel)
+            except FileNotFoundError:
+                problem = f"lacks {rel}"
+                break
+            if not stat.S_ISREG(fst.st_mode) or fst.st_uid != os.getuid():
+                problem = f"holds {rel} as a link or another user's file"
+                break
+            if info.get("size") is not None and fst.st_size != info["size"]:
+                problem = f"holds {rel} at {fst.st_size} bytes, the listing says {info['size']}"
+                break
+    if problem:
+        raise ValueError(
+            f"model cache entry {str(entry)!r} for {url!r} {problem}; remove it (or set "
+            f"{MODEL_CACHE_ENV} to a folder of your own) and run again"
+        )
+
+
+def _warn_shared_root(cache: Path) -> None:
+    mode = stat.S_IMODE(os.stat(cache).st_mode)
+    if mode & 0o022:
+        logger.warning(
+            "model cache %s is writable by other users (mode %04o): entries are checked, but set %s "
+            "to a folder of your own",
+            cache,
+            mode,
+            MODEL_CACHE_ENV,
+        )
+
+
+def _same_content(a: Path, b: Path, files: dict) -> bool:
+    return all(sha256_file(a / rel) == sha256_file(b / rel) for rel in files)
 
 
 def resolve_model(model: str, cache_dir: str | Path | None = None) -> str:

@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 from multiprocessing.connection import wait
 
 import torch.distributed as dist
 
+from seg_rt.errors import RankExited
 from seg_rt.execution import BranchParallel
 
 from .parallel import BranchParallelDenoiser, check_backend, free_address, init_group
@@ -128,8 +130,13 @@ class ProcessBranchGroup:
         self._gather()  # every rank has joined and loaded the model (or the first error is raised)
 
     def run(self, method: str, *args, **kwargs):
-        for conn in self._conns:
-            conn.send((method, args, kwargs))
+        for r, conn in enumerate(self._conns):
+            try:
+                conn.send((method, args, kwargs))
+            except OSError:  # the rank is gone (its end of the pipe closed)
+                line = exit_line(r, self._procs[r])
+                self.close()
+                raise RankExited(line) from None
         return self._gather()[0]
 
     def _gather(self) -> list:
@@ -141,11 +148,8 @@ class ProcessBranchGroup:
                 del pending[r]
                 try:
                     ok, value = conn.recv()
-                except EOFError:
-                    ok, value = (
-                        False,
-                        RuntimeError(f"branch-parallel rank {r} exited (code {self._procs[r].exitcode})"),
-                    )
+                except (EOFError, OSError):  # the rank ended: join it first, so its exit code is known
+                    ok, value = False, RankExited(exit_line(r, self._procs[r]))
                 if not ok:  # the other ranks may wait in a collective for this one: end them all
                     self.close()
                     raise value
@@ -170,6 +174,24 @@ class ProcessBranchGroup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def exit_line(rank: int, proc) -> str:
+    """One line for a rank process that ended without answering: its exit code or signal."""
+    proc.join(timeout=10)
+    code = proc.exitcode
+    if code is None:
+        how = "closed its pipe and is still running"
+    elif code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the kernel's out-of-memory killer sends it too)" if -code == signal.SIGKILL else ""
+        how = f"was killed by {name}{hint}"
+    else:
+        how = f"exited with code {code}"
+    return f"branch-parallel rank {rank} {how}; the group is closed"
 
 
 def _rank_main(conn, rank: int, world: int, address: str, model: str, engine: str, device: str, threads):

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .config import parse_sigma, sigma_to_json
+from .safe_load import loads_json
 
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
@@ -65,7 +66,7 @@ class ArtifactInfo:
     @classmethod
     def from_json(cls, text: str, source: str = "sidecar") -> ArtifactInfo:
         try:
-            d = json.loads(text)
+            d = loads_json(text, source)
             names = {f.name for f in fields(cls)}
             missing = names - set(d) - {"versions", "extra"}
             if missing:
@@ -190,7 +191,7 @@ def staged_dir(
         yield tmp
         check_out_dir(out_dir, owned, overwrite=overwrite, what=what)  # unchanged while we worked?
         if out_dir.exists() and any(out_dir.iterdir()):
-            _swap_in(tmp, out_dir)  # tmp now holds the old artifact
+            swap_in(tmp, out_dir)  # tmp now holds the old artifact
         else:
             os.replace(tmp, out_dir)  # rename(2) replaces a missing or empty folder atomically
     finally:
@@ -219,7 +220,7 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _swap_in(new: Path, out_dir: Path) -> None:
+def swap_in(new: Path, out_dir: Path) -> None:
     """Put ``new`` at ``out_dir`` and the old ``out_dir`` at ``new`` (to be deleted by the caller)."""
     if _exchange(new, out_dir):
         return

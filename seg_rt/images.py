@@ -23,8 +23,11 @@ def load_image(path: str | Path) -> Image.Image:
 
 def params_text(model, record: dict) -> str:
     """A request's record (``GenerationParams.to_record()``, JSON-ready: σ = inf already ``"inf"``) as
-    the JSON of a PNG's ``parameters`` text chunk, with the model it came from."""
-    return json.dumps({"model": str(model), "generator": "seg-rt", **record}, sort_keys=True)
+    the JSON of a PNG's ``parameters`` text chunk, with the model it came from by its public name
+    (``seg_rt.model_refs.public_name``: a folder's name, never its absolute path nor a URL)."""
+    from .model_refs import public_name
+
+    return json.dumps({"model": public_name(model), "generator": "seg-rt", **record}, sort_keys=True)
 
 
 def read_params(path: str | Path) -> dict:

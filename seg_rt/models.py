@@ -15,6 +15,7 @@ from . import lora
 from .execution import parse_engine_spec
 from .families import Family, family_of
 from .lora import LoRA
+from .model_refs import check_model_url, is_url  # the model URL rule (is_url re-exported)
 
 
 @dataclass
@@ -41,16 +42,11 @@ class OpenModel:
         self.close()
 
 
-def is_url(model: str) -> bool:
-    """``scheme://...`` with a scheme other than ``file`` (a local path otherwise)."""
-    scheme, sep, _ = model.partition("://")
-    return bool(sep) and scheme.isidentifier() and scheme.lower() != "file"
-
-
 def resolve_model(model: str) -> str:
     """``model`` as ``load_pipeline`` takes it: an object-storage URL (``s3://...``) fetched into the
-    local model cache once per machine, anything else as it is."""
-    if not is_url(model):
+    local model cache once per machine, anything else as it is. A URL carrying credentials or a
+    query is refused (``check_model_url``) before anything is fetched."""
+    if not is_url(check_model_url(model)):
         return model
     # object storage (the [storage] extra) is fetched by seg_rt.cluster.storage: a lazy import
     # listed in tests/test_boundaries.py

@@ -40,6 +40,18 @@ def check_scheduler(name: str) -> str:
     return name
 
 
+def check_text(name: str, text: str) -> str:
+    """Text that is valid Unicode: a lone UTF-16 surrogate (JSON ``"\\ud800"``, undecodable bytes
+    in argv) cannot be tokenized nor written to a record."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{name} is not valid Unicode text: a lone surrogate {text[exc.start]!r} at character {exc.start}"
+        ) from None
+    return text
+
+
 def check_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
@@ -180,6 +192,8 @@ class GenerationParams:
             raise ValueError(f"prompt must be a string, got {type(self.prompt).__name__}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError(f"negative prompt must be a string, got {type(self.negative_prompt).__name__}")
+        for name, text in (("prompt", self.prompt), ("negative prompt", self.negative_prompt or "")):
+            check_text(name, text)
         check_seed(self.seed)
         _int("steps", self.steps, 1)
         object.__setattr__(self, "cfg", check_cfg(self.cfg))

@@ -22,6 +22,7 @@ from .errors import ModelLoadError, first_line
 from .execution import BranchParallel, parse_engine_spec
 from .families import REGISTRY, family_of
 from .params import GenerationParams, request_from_fields
+from .safe_load import loads_json
 from .sampler import StepCallback, sample
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,6 @@ def check_model_index(index_path: Path) -> None:
     ``[module, class]`` pair or unknown, or when a component's library is a module file in the
     folder; seg-rt allows only classes it can look up in the installed libraries (and, like
     diffusers, ``diffusers.pipelines.<name>`` modules), plus its own demo pipelines (``DEMO_PIPELINES``)."""
-    import json
 
     import diffusers
 
@@ -104,7 +104,7 @@ def check_model_index(index_path: Path) -> None:
     if not index_path.is_file():
         return  # not a pipeline folder: from_pretrained reports it
     try:
-        index = json.loads(index_path.read_text())
+        index = loads_json(index_path.read_text(), str(index_path))
     except ValueError as exc:
         raise ModelLoadError(f"{index_path}: not valid JSON ({exc})") from None
     if not isinstance(index, dict):

@@ -7,6 +7,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+def _loopback_test_client() -> None:
+    """The server answers only trusted ``Host`` names (DNS rebinding guard, docs/security.md);
+    Starlette's TestClient speaks as ``http://testserver`` by default: make its default a loopback
+    client, as a real local client is. A test that passes ``base_url`` keeps its own."""
+    from starlette.testclient import TestClient
+
+    init = TestClient.__init__
+    if getattr(init, "loopback_default", False):
+        return
+
+    def loopback_init(self, app, base_url="http://127.0.0.1", *args, **kwargs):
+        init(self, app, base_url, *args, **kwargs)
+
+    loopback_init.loopback_default = True
+    TestClient.__init__ = loopback_init
+
+
+_loopback_test_client()
+
+
 @pytest.fixture(scope="session")
 def sdxl():
     from seg_rt.tiny import tiny_pipeline

@@ -60,6 +60,20 @@ def write_gif(frames, path: str | Path, fps: int = 8) -> Path:
     return write_atomic(path, gif_bytes(frames, fps))
 
 
+def check_writer(path: str | Path) -> None:
+    """Before any model loads: the output's writer can run here (``.mp4``: PyAV with an H.264
+    encoder), so a missing extra is one line at once, not after minutes of sampling."""
+    if Path(path).suffix.lower() != ".mp4":
+        return
+    av = require("av", "writing mp4 video")
+    try:
+        av.codec.Codec("libx264", "w")
+    except Exception as exc:  # PyAV built without libx264: UnknownCodecError
+        raise ImportError(
+            f"PyAV has no libx264 encoder ({type(exc).__name__}); needed for mp4 output"
+        ) from None
+
+
 def write_video(frames, path: str | Path, fps: int = 8) -> Path:
     """By suffix: ``.mp4`` or ``.gif``."""
     suffix = Path(path).suffix.lower()

@@ -156,6 +156,20 @@ def start_ray(address: str | None, num_cpus: float | None = None, temp_dir: str 
     return ray
 
 
+def refuse_unplaceable(ray, res) -> None:
+    """At once, not after the start timeout: ``EnvironmentUnavailable`` when no node of a cluster
+    without an autoscaler can hold even one worker (e.g. ``num_gpus: 1`` where there is no GPU)."""
+    totals = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(t.get("CPU", 0) >= res.num_cpus and t.get("GPU", 0) >= res.num_gpus for t in totals):
+        return
+    have = "; ".join(", ".join(f"{k}={t.get(k, 0):g}" for k in ("CPU", "GPU")) for t in totals) or "no node"
+    raise EnvironmentUnavailable(
+        f"each worker asks for num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g} and no node of the "
+        f"local cluster has that much ({have}); it has no autoscaler to add one: lower "
+        "resources_per_worker, or join a cluster that has them (--address)"
+    )
+
+
 def run_job(
     spec: JobSpec,
     base: Path,
@@ -188,6 +202,8 @@ def run_job(
             num_cpus=None if address else max(os.cpu_count() or 1, n_workers * res.num_cpus),
             temp_dir=ray_temp_dir,
         )
+        if not address:  # seg-rt's own cluster: no autoscaler will ever add a node
+            refuse_unplaceable(ray, res)
         _Driver(ray, spec, output, n_workers, result, progress, runtime_env).run(todo, start_timeout)
     if spec.contact_sheet and spec.video is None:
         write_contact_sheets(items, output)

@@ -41,6 +41,7 @@ from seg_rt.params import (
     replace_fields,
     request_from_fields,
 )
+from seg_rt.safe_load import loads_json, safe_load_yaml
 from seg_rt.tasks import TASK_FIELDS
 
 from .inputs import IMAGE_KEYS, IMAGE_TYPES, check_task_field, job_image
@@ -170,23 +171,20 @@ VideoSpec = create_model(
 )
 
 
+MAX_ITEMS = 1_000_000  # default bound of one job's prompts x samples_per_prompt (max_items)
+
+
 def check_output_url(output: str, what: str = "output") -> str:
     """A local path, or an fsspec URL (``s3://bucket/prefix``) with no credentials in it: they come
     from the backend's own environment / config chain, so none lands in a spec, manifest or log.
     ``what`` names the field in the messages (``output``, ``model``)."""
     from urllib.parse import urlsplit
 
-    from seg_rt.models import is_url
+    from seg_rt.model_refs import check_model_url, is_url
 
-    if not is_url(output):
+    if not is_url(check_model_url(output, what)):  # the one URL rule (no credentials, no query)
         return output
     parts = urlsplit(output)
-    if "@" in parts.netloc or parts.query:
-        shown = f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}"
-        raise ValueError(
-            f"{what} URL {shown!r} carries credentials or query options; give {parts.scheme}://bucket/prefix "
-            "and put credentials in the environment / config chain (e.g. AWS_* variables, ~/.aws)"
-        )
     try:
         import fsspec
     except ImportError:  # checked again when the job starts, with the install hint
@@ -255,6 +253,7 @@ class _JobBase(_Strict):
     prompts: tuple[str, ...] | None = None
     prompts_file: str | None = None
     samples_per_prompt: int = Field(1, ge=1)
+    max_items: int = Field(MAX_ITEMS, ge=1, description="prompts x samples_per_prompt past this: refused")
     seed: Seed = _REQUEST.seed
     batch_size: int = Field(1, ge=1, description="items per actor call (micro-batch)")
     batch_mode: Literal["item", "fused"] = "item"
@@ -278,6 +277,11 @@ class _JobBase(_Strict):
             raise ValueError("give exactly one of prompts (a list) or prompts_file")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts is empty")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded(self) -> _JobBase:
+        check_item_count(self, len(self.prompts) if self.prompts is not None else 1)
         return self
 
     @model_validator(mode="after")
@@ -331,7 +335,7 @@ def load_job(path: str | Path) -> tuple[JobSpec, Path]:
     if not path.is_file():
         raise FileNotFoundError(f"job file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load_yaml(path.read_text(), str(path))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
@@ -447,7 +451,7 @@ def read_prompts(spec: JobSpec, base: Path) -> list[Overrides]:
             continue
         if path.suffix == ".jsonl":
             try:
-                row = json.loads(line)
+                row = loads_json(line, f"{path}:{n}")
                 out.append(
                     Overrides.model_validate(resolve_lora_paths(row, base) if isinstance(row, dict) else row)
                 )
@@ -481,11 +485,24 @@ def item_params(
     return request if o.seg is None else request.replace(seg=o.seg.config())
 
 
+def check_item_count(spec: _JobBase, prompts: int) -> None:
+    """A job's items (prompts x samples_per_prompt) are built up front: past ``max_items`` the job
+    is refused at once with one line, not left growing memory with no output."""
+    if prompts * spec.samples_per_prompt > spec.max_items:
+        raise ValueError(
+            f"{prompts} prompt(s) x samples_per_prompt {spec.samples_per_prompt} = "
+            f"{prompts * spec.samples_per_prompt} items, more than max_items {spec.max_items}; "
+            "split the job or raise max_items"
+        )
+
+
 def expand_items(spec: JobSpec, base: Path) -> list[Item]:
     """Every (prompt, sample) item of the job, in a fixed order; a bad override fails here, before
-    Ray starts, naming its prompt."""
+    Ray starts, naming its prompt. More than ``max_items`` items: refused before any is built."""
     items = []
-    for p, o in enumerate(read_prompts(spec, base)):
+    prompts = read_prompts(spec, base)
+    check_item_count(spec, len(prompts))
+    for p, o in enumerate(prompts):
         for s in range(spec.samples_per_prompt):
             try:
                 items.append(Item(p, s, item_params(spec, o, p, s, base)))

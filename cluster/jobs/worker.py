@@ -37,6 +37,10 @@ class SEGWorker:
         device = (
             "cuda" if self.spec.resources_per_worker.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         )
+        if self.spec.video is not None:  # the output's writer (PyAV) before the model loads
+            from seg_rt.video.io import check_writer
+
+            check_writer("item.mp4")
         t0 = time.perf_counter()
         # a URL: fetched once per node; the engine loaded once and used by every batch
         self.model = open_model(self.spec.model, self.spec.engine, device, threads)

@@ -33,7 +33,7 @@ from seg_rt.config import sigma_label
 from seg_rt.params import MAX_SEED, fields_for
 from seg_rt.tasks import TASK_FIELDS
 
-from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
+from .request import ECHO_CHARS, ErrorShape, GenerateRequest, Producer, RequestFailed, make_request, shown
 
 PREFIXES = ("/sdapi/",)
 # web UI sampler name → seg-rt scheduler; aliases as the web UI lists them
@@ -156,7 +156,7 @@ def scheduler_for(sampler: str | None, default: str) -> str:
         if sampler == name or sampler in ALIASES[name]:
             return scheduler
     accepted = ", ".join(repr(n) for n in SAMPLERS)
-    raise RequestFailed(422, f"sampler_name must be one of {accepted}, got {sampler!r}", "sampler_name")
+    raise RequestFailed(422, f"sampler_name must be one of {accepted}, got {shown(sampler)}", "sampler_name")
 
 
 def _check_off(req: Txt2ImgRequest, served_model: str) -> dict[str, Any]:
@@ -168,16 +168,28 @@ def _check_off(req: Txt2ImgRequest, served_model: str) -> dict[str, Any]:
         elif key in OFF_VALUES:
             if value not in OFF_VALUES[key]:
                 raise RequestFailed(
-                    422, f"{key} is not available on seg-rt (send {OFF_VALUES[key][0]!r}), got {value!r}", key
+                    422,
+                    f"{key} is not available on seg-rt (send {OFF_VALUES[key][0]!r}), got {shown(value)}",
+                    key,
                 )
         elif key == "override_settings":
+            if not isinstance(value, dict | None):
+                raise RequestFailed(
+                    422,
+                    f"override_settings must be a mapping of option names to values, got {type(value).__name__}",
+                    key,
+                )
             _check_options(value or {}, served_model)
         elif key not in IGNORED and value not in (None, "", [], {}, False, 0):
-            raise RequestFailed(422, f"{key} is not supported by seg-rt's txt2img, got {value!r}", key)
+            raise RequestFailed(
+                422,
+                f"{key[:ECHO_CHARS]} is not supported by seg-rt's txt2img, got {shown(value)}",
+                key[:ECHO_CHARS],
+            )
     if req.scheduler is not None and req.scheduler not in SCHEDULE_TYPES:
         raise RequestFailed(
             422,
-            f"scheduler (schedule type) must be 'Automatic' on seg-rt, got {req.scheduler!r}",
+            f"scheduler (schedule type) must be 'Automatic' on seg-rt, got {shown(req.scheduler)}",
             "scheduler",
         )
     return ours
@@ -192,11 +204,13 @@ def _seg_script(scripts: dict[str, Any]) -> dict[str, Any]:
             if args in ([], [False], None):
                 continue  # a client's "disabled" placeholder
             raise RequestFailed(
-                422, f"alwayson script {name!r} is not available; seg-rt has: seg", "alwayson_scripts"
+                422, f"alwayson script {shown(name)} is not available; seg-rt has: seg", "alwayson_scripts"
             )
         if not isinstance(args, list):
             raise RequestFailed(
-                422, f"alwayson_scripts.{name}.args must be a list, got {args!r}", "alwayson_scripts"
+                422,
+                f"alwayson_scripts.{name[:ECHO_CHARS]}.args must be a list, got {shown(args)}",
+                "alwayson_scripts",
             )
         if len(args) == 1 and isinstance(args[0], dict):
             # SEG's own settings may drop their seg_ prefix (scale, sigma, ...)
@@ -210,7 +224,7 @@ def _seg_script(scripts: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise RequestFailed(
             422,
-            f"seg script argument {unknown[0]!r} is unknown; accepted: {', '.join(SEG_FIELDS)}",
+            f"seg script argument {shown(unknown[0])} is unknown; accepted: {', '.join(SEG_FIELDS)}",
             "alwayson_scripts",
         )
     return seg
@@ -221,7 +235,9 @@ def _check_options(options: dict[str, Any], served_model: str) -> None:
         if key == "sd_model_checkpoint" and value in (served_model, None, ""):
             continue
         raise RequestFailed(
-            422, f"option {key} = {value!r} cannot be set on seg-rt (it serves {served_model!r} as is)", key
+            422,
+            f"option {key[:ECHO_CHARS]} = {shown(value)} cannot be set on seg-rt (it serves {served_model!r} as is)",
+            key[:ECHO_CHARS],
         )
 
 

@@ -18,14 +18,15 @@ from pydantic import (
 )
 
 from seg_rt.execution import BranchParallel, parse_engine_spec
+from seg_rt.model_refs import check_model_url, public_name
 from seg_rt.params import DEFAULT_SCHEDULER
+from seg_rt.safe_load import safe_load_yaml
 
 from ..jobs.spec import Scheduler
 from .request import first_error
 from .webhooks import WebhookSettings
 
 API_KEY_ENV = "SEG_RT_API_KEY"
-DEMO_MODEL_NAME = "seg-rt-demo"  # what clients see of the bundled demo model
 
 
 class Limits(BaseModel):
@@ -83,23 +84,16 @@ def is_loopback(host: str) -> bool:
 
 
 def model_name(model: str) -> str:
-    """What clients see of the model: a local folder's basename or the hub id, never a server path;
-    the bundled demo model is ``seg-rt-demo``."""
-    from seg_rt.demo.model import is_demo_folder
-
-    path = Path(model)
-    if path.is_file():  # a single-file checkpoint: its file name
-        return path.name
-    if not path.is_dir():
-        return model
-    return DEMO_MODEL_NAME if is_demo_folder(path) else path.resolve().name
+    """What clients see of the model (``seg_rt.model_refs.public_name``): a local folder's basename,
+    a URL's last segment or the hub id, never a server path nor a URL; the demo model is ``seg-rt-demo``."""
+    return public_name(model)
 
 
 class ServeConfig(BaseModel):
     """Server settings (``--config FILE`` YAML; CLI flags override), validated whole before Ray starts."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str
+    model: Annotated[str, AfterValidator(check_model_url)]  # a URL: no credentials, no query
     model_name: str | None = Field(None, description="name shown to clients; default: folder name or hub id")
     single_file_config: str | None = Field(
         None, description="single-file model: the diffusers folder whose component configs it takes"
@@ -107,6 +101,10 @@ class ServeConfig(BaseModel):
     engine: Annotated[str, AfterValidator(check_engine_spec)] = "torch"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    trusted_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names answered besides loopback and the bound host (DNS rebinding guard; '*': any)",
+    )
     api_keys: list[str] = Field(
         default_factory=list, repr=False, description="Bearer keys; required off loopback"
     )
@@ -211,7 +209,7 @@ def load_config(path: str | Path | None, defaults: dict | None = None, **overrid
         if not p.is_file():
             raise FileNotFoundError(f"server config {str(p)!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = safe_load_yaml(p.read_text(), f"server config {str(p)!r}") or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -25,12 +25,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.params import GenerationParams
 
-from . import a1111_api, jobs_api, openai_api, openai_stream, progress_api
+from . import a1111_api, guard, jobs_api, openai_api, openai_stream, progress_api
 from .core import Failure, ServingCore
 from .jobs import jobs_for, owner_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsMiddleware
-from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, validation_lines
+from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, capped, validation_lines
 
 # answered without an API key: health (load balancers, Serve's own probes) and the playground page
 # (static HTML; the page asks for the key and sends it with each request)
@@ -65,7 +65,7 @@ def error_response(
 ) -> JSONResponse:
     """The error answer in the shape of the API that owns ``path``."""
     shape = shape_for(shapes, path)
-    code, body = shape.body(status, message, param)
+    code, body = shape.body(status, capped(message), param)
     headers = {"www-authenticate": shape.challenge} if status == 401 else None
     return JSONResponse(body, status_code=code, headers=headers)
 
@@ -199,7 +199,19 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
         RequestGuard, api_keys=core.config.api_keys, max_body_bytes=core.config.max_body_bytes, shapes=shapes
     )
     routes: set[str] = set()  # filled below, once every route exists
-    app.add_middleware(MetricsMiddleware, metrics=core.metrics, routes=routes)  # outermost: sees 401/413
+    app.add_middleware(MetricsMiddleware, metrics=core.metrics, routes=routes)  # sees 401/413
+
+    async def reply(send, scope, status: int, message: str) -> None:
+        await error_response(shapes, _path(scope), status, message)({"type": "http"}, None, send)
+
+    # trusted hosts and security headers around every route, added now or later (guard.py)
+    guard.install(
+        app,
+        host=core.config.host,
+        trusted=core.config.trusted_hosts,
+        page_html=PLAYGROUND.read_text(encoding="utf-8"),
+        reply=reply,
+    )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from seg_rt.params import fields_for
 
-from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, make_request
+from .request import ECHO_CHARS, ErrorShape, GenerateRequest, Producer, RequestFailed, make_request, shown
 
 PREFIXES = ("/v1/images/", "/v1/models")
 # seg-rt fields a client may add (``extra_body``); OpenAI's own names cover size and count
@@ -36,7 +36,7 @@ EXTRA_FIELDS = tuple(
     )
 )
 OUR_NAMES = {"num_images": "n", "height": "size", "width": "size"}  # our field → the client's
-SIZE = re.compile(r"^(\d+)x(\d+)$")
+SIZE = re.compile(r"([0-9]+)x([0-9]+)")  # whole string (fullmatch): no trailing newline, ASCII digits
 
 
 def error_body(status: int, message: str, param: str | None) -> tuple[int, dict]:
@@ -67,8 +67,8 @@ class ImagesRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str
     model: str | None = None
-    n: int | None = Field(None, ge=1)
-    size: str | None = None
+    n: int | None = Field(None, ge=1, strict=True)  # strict: no "2", no true
+    size: str | None = Field(None, strict=True)
     response_format: str | None = None
     output_format: str | None = None
     user: str | None = None  # ignored: it changes no image
@@ -78,33 +78,35 @@ def to_generate_request(req: ImagesRequest, served_model: str) -> GenerateReques
     """This API's one mapping onto ``GenerateRequest`` (``RequestFailed`` naming the field)."""
     if req.model not in (None, served_model):
         raise RequestFailed(
-            404, f"model {req.model!r} does not exist; this server serves {served_model!r}", "model"
+            404, f"model {shown(req.model)} does not exist; this server serves {served_model!r}", "model"
         )
     if req.response_format not in (None, "b64_json"):
         raise RequestFailed(
             422,
-            f"response_format must be 'b64_json' (this server does not host image files), got {req.response_format!r}",
+            f"response_format must be 'b64_json' (this server does not host image files), got {shown(req.response_format)}",
             "response_format",
         )
     if req.output_format not in (None, "png"):
-        raise RequestFailed(422, f"output_format must be 'png', got {req.output_format!r}", "output_format")
+        raise RequestFailed(
+            422, f"output_format must be 'png', got {shown(req.output_format)}", "output_format"
+        )
     extras = dict(req.model_extra or {})
     unknown = sorted(set(extras) - set(EXTRA_FIELDS))
     if unknown:
         raise RequestFailed(
             422,
-            f"{unknown[0]} is not supported; OpenAI fields: prompt, model, n, size, response_format, "
+            f"{unknown[0][:ECHO_CHARS]} is not supported; OpenAI fields: prompt, model, n, size, response_format, "
             f"output_format, user; seg-rt fields: {', '.join(EXTRA_FIELDS)}",
-            unknown[0],
+            unknown[0][:ECHO_CHARS],
         )
     fields: dict[str, Any] = {"prompt": req.prompt, **extras, "response": "json"}
     if req.n is not None:
         fields["num_images"] = req.n
     if req.size not in (None, "auto"):
-        match = SIZE.match(req.size)
+        match = SIZE.fullmatch(req.size)
         if not match:
             raise RequestFailed(
-                422, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {req.size!r}", "size"
+                422, f"size must be 'WIDTHxHEIGHT' (e.g. '512x512') or 'auto', got {shown(req.size)}", "size"
             )
         fields["width"], fields["height"] = int(match[1]), int(match[2])
     return make_request(**fields)
@@ -126,7 +128,7 @@ def router(produce: Producer, name: str, stream=None) -> APIRouter:
     def model(model_id: str) -> dict:
         if model_id != name:
             raise RequestFailed(
-                404, f"model {model_id!r} does not exist; this server serves {name!r}", "model"
+                404, f"model {shown(model_id)} does not exist; this server serves {name!r}", "model"
             )
         return model_object()
 

@@ -30,6 +30,22 @@ from seg_rt.tasks import TASK_FIELDS
 
 from ..jobs.spec import Seed
 
+ECHO_CHARS = 80  # of one offending value quoted in an error message
+MAX_ERROR_CHARS = 2000  # of a whole error message (a body may hold many bad fields)
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, capped at ``ECHO_CHARS`` (a 1 MB field is not echoed)."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def capped(message: str) -> str:
+    """An error message as an answer carries it: at most ``MAX_ERROR_CHARS`` characters."""
+    if len(message) <= MAX_ERROR_CHARS:
+        return message
+    return f"{message[:MAX_ERROR_CHARS]}... ({len(message)} characters)"
+
 
 def first_error(exc: ValidationError) -> str:
     """A pydantic error as one line: ``field: message``."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from seg_rt.config import parse_sigma
-from seg_rt.errors import SegRtError
+from seg_rt.errors import SegRtError, allocation_failure
 from seg_rt.execution import BranchParallel
 from seg_rt.params import GenerationParams, fields_for
 
@@ -179,6 +179,9 @@ def load_model(
     ``(model, engine)`` come back as given."""
     if parallel is not None and model_config is not None:
         raise ValueError("--model-config does not apply with --branch-parallel")
+    from seg_rt.model_refs import check_model_url
+
+    check_model_url(model)  # every rank would fetch it: refuse a credential-bearing URL here, once
     if parallel is not None:
         if threads is not None:
             import torch
@@ -257,4 +260,10 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return 2
     except (ValueError, OSError, ImportError, SegRtError) as exc:
         print(f"seg-rt: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as exc:  # an allocation failure is one line, anything else a bug
+        line = allocation_failure(exc)
+        if line is None:
+            raise
+        print(f"seg-rt: error: {line}", file=sys.stderr)
         return 2

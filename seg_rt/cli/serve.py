@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .common import IMAGE_MODEL_HELP, add_ray_args, demo_model
 
@@ -18,11 +19,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--config", default=None, help="YAML server config (replicas, batching, limits)")
     add_ray_args(sv)
     sv.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="require 'Authorization: Bearer KEY' for the keys in PATH (one per line); or env "
+        "SEG_RT_API_KEY (comma-separated); a key is needed to bind a non-loopback --host",
+    )
+    sv.add_argument(
         "--api-key",
         action="append",
         default=None,
-        help="require 'Authorization: Bearer KEY' (repeatable; also env SEG_RT_API_KEY, comma-separated); "
-        "needed to bind a non-loopback --host",
+        help="an API key on the command line (repeatable): other local users can read it in the "
+        "process list; prefer SEG_RT_API_KEY or --api-key-file",
     )
     sv.add_argument(
         "--max-body-bytes", type=int, default=None, help="larger request bodies: HTTP 413 (1000000)"
@@ -57,12 +65,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.set_defaults(func=cmd_serve)
 
 
+def read_key_file(path: str) -> list[str]:
+    """The API keys in ``path``: one per line, blank lines and ``#`` comments skipped. A file other
+    users can read gets one warning (the keys are as readable as the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--api-key-file {path!r} does not exist")
+    if p.stat().st_mode & 0o077:
+        print(
+            f"seg-rt: warning: --api-key-file {path!r} is readable by other users "
+            f"(mode {p.stat().st_mode & 0o777:04o}); chmod 600 it",
+            file=sys.stderr,
+        )
+    keys = [line.strip() for line in p.read_text().splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise ValueError(f"--api-key-file {path!r} holds no key")
+    return keys
+
+
 def cmd_serve(args) -> int:
     from seg_rt.cluster.serving.config import API_KEY_ENV, load_config
     from seg_rt.demo.model import weights_dir
     from seg_rt.lora import parse_named
 
+    if args.api_key:
+        print(
+            f"seg-rt: warning: --api-key is readable by every local user (/proc/<pid>/cmdline); "
+            f"use {API_KEY_ENV} or --api-key-file",
+            file=sys.stderr,
+        )
     keys = list(args.api_key or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    if args.api_key_file:
+        keys += read_key_file(args.api_key_file)
     demo = str(weights_dir())
     cfg = load_config(
         args.config,

@@ -65,7 +65,7 @@ def demo_video_model() -> str:
 
 def cmd_video(args) -> int:
     from seg_rt.video.attention import MODES
-    from seg_rt.video.io import side_by_side, write_video
+    from seg_rt.video.io import check_writer, side_by_side, write_video
     from seg_rt.video.sampling import generate_video
 
     out = Path(args.out)
@@ -73,6 +73,7 @@ def cmd_video(args) -> int:
         out = out.with_suffix(".gif")
     if out.suffix.lower() not in (".mp4", ".gif"):
         raise ValueError(f"--out must end in .mp4 or .gif, got {str(out)!r}")
+    check_writer(out)  # PyAV for mp4: at once, not after sampling
     request = video_request_from_args(args)  # validated before the model loads
     runs = [("", request)]
     if args.compare:

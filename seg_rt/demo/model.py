@@ -68,10 +68,10 @@ def index_class(path: str | Path) -> str | None:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         return None
-    import json
+    from seg_rt.safe_load import loads_json
 
     try:
-        data = json.loads(index.read_text())
+        data = loads_json(index.read_text(), str(index))
     except ValueError:
         return None
     name = data.get("_class_name") if isinstance(data, dict) else None

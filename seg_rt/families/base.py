@@ -11,7 +11,6 @@ draw the initial latents, load the torch denoiser, sample, decode.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from seg_rt.params import GenerationParams
+from seg_rt.safe_load import loads_json
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Prepared:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return loads_json(path.read_text(), str(path))
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,17 @@ class AnimateDiffFamily(VideoFamily):
     def latent_frames(self, pipe, frames: int) -> int:
         return frames
 
+    def check_request(self, pipe, request: GenerationParams) -> None:
+        """The motion modules' positional embeddings hold ``motion_max_seq_length`` frames: more
+        would fail deep in sampling."""
+        super().check_request(pipe, request)
+        limit = getattr(pipe.unet.config, "motion_max_seq_length", None)
+        frames = request.video.frames if request.video is not None else None
+        if limit and frames and frames > limit:
+            raise ValueError(
+                f"frames must be <= {limit} for this model (its motion modules hold {limit} frames), got {frames}"
+            )
+
     def encode(self, pipe, request: GenerationParams, n: int, **options) -> Prepared:
         return sd15_prompts(pipe, request, n)  # an SD1.5 text encoder
 
