@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 from seg_rt.cli import main
-from seg_rt.cluster.jobs.inputs import image_files
-from seg_rt.cluster.jobs.spec import Item, expand_items, parse_job
+from seg_rt.cluster.jobs.spec import Item, expand_items, input_files, parse_job
 from seg_rt.cluster.jobs.worker import SEGWorker
 from seg_rt.tiny import save_tiny_pipeline
 
@@ -58,7 +57,7 @@ def test_cli_inpainting_and_a_job_item_give_the_same_bytes(folder, pictures):
             "mask_blur": 2, "output": str(pictures / "job"), "resources_per_worker": {"num_cpus": 1}}  # fmt: skip
     job = parse_job(spec)
     items = expand_items(job, pictures)
-    assert items[0].params.task == "inpaint" and sorted(image_files(job, pictures)) == [
+    assert items[0].params.task == "inpaint" and sorted(input_files(job, pictures)) == [
         "init.png",
         "mask.png",
     ]

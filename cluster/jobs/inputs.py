@@ -34,8 +34,6 @@ def check_image_ref(value: Any, key: str) -> str:
     from seg_rt.models import is_url
 
     if is_url(value):
-        from .spec import check_output_url
-
         return check_output_url(value, key)
     rel = Path(value)
     if not rel.is_absolute() and ".." in rel.parts:
@@ -57,16 +55,14 @@ def job_file(value: str, key: str, base: Path) -> Path:
     return path
 
 
-def image_files(spec, base: Path) -> list[str]:
+def image_files(spec, base: Path, prompts: list | None = None) -> list[str]:
     """The relative init image / mask files a job names (job-level and per prompt line), each checked
     to stay inside the job's folder: what ``seg-rt submit`` copies with the job file."""
     from seg_rt.models import is_url
 
     refs = [getattr(spec, key) for key in IMAGE_KEYS]
-    if spec.prompts_file is not None:
-        from .spec import read_prompts
-
-        refs += [getattr(o, key) for o in read_prompts(spec, base) for key in IMAGE_KEYS]
+    for o in prompts or ():  # the prompts file's lines (spec.read_prompts)
+        refs += [getattr(o, key) for key in IMAGE_KEYS]
     out = []
     for key, ref in zip(IMAGE_KEYS * (len(refs) // len(IMAGE_KEYS)), refs, strict=True):
         if ref is not None and not is_url(ref) and not Path(ref).is_absolute() and ref not in out:
@@ -75,20 +71,51 @@ def image_files(spec, base: Path) -> list[str]:
     return out
 
 
-def job_image(value: str, key: str, base: Path):
-    """A job's ``init_image`` / ``mask`` reference as the request's ``InputImage``: a file in the job's
-    folder (or absolute), or an object-store URL read through fsspec (the job's credentials chain)."""
+def input_file(value: str, key: str, base: Path | None = None) -> Path | bytes:
+    """The one resolver of a job's input files (init image, mask, a video's still): an object-store
+    URL (no credentials: ``check_output_url``) is read here through fsspec (the job's credentials
+    chain); a path is resolved in the job's folder ``base`` and must stay inside it (``job_file``)."""
     from seg_rt.models import is_url
-    from seg_rt.tasks import load_image
 
-    mode = "L" if key == "mask" else "RGB"
-    what = key.replace("_", " ")
+    check_image_ref(value, key)
     if is_url(value):
         fsspec = require("fsspec", "object-store inputs")
         try:
             with fsspec.open(value, "rb") as f:
-                data = f.read()
+                return f.read()
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{what} {value!r} cannot be read: {first_line(exc)}") from None
-        return load_image(data, what, mode=mode)
-    return load_image(job_file(value, key, base), what, mode=mode)
+            raise ValueError(f"{key.replace('_', ' ')} {value!r} cannot be read: {first_line(exc)}") from None
+    return job_file(value, key, base) if base is not None else Path(value).expanduser()
+
+
+def job_image(value: str, key: str, base: Path):
+    """A job's ``init_image`` / ``mask`` reference as the request's ``InputImage`` (``input_file``)."""
+    from seg_rt.tasks import load_image
+
+    return load_image(
+        input_file(value, key, base), key.replace("_", " "), mode="L" if key == "mask" else "RGB"
+    )
+
+
+def check_output_url(output: str, what: str = "output") -> str:
+    """A local path, or an fsspec URL (``s3://bucket/prefix``) with no credentials in it: they come
+    from the backend's own environment / config chain, so none lands in a spec, manifest or log.
+    ``what`` names the field in the messages (``output``, ``model``)."""
+    from urllib.parse import urlsplit
+
+    from seg_rt.model_refs import check_model_url, is_url
+
+    if not is_url(check_model_url(output, what)):  # the one URL rule (no credentials, no query)
+        return output
+    parts = urlsplit(output)
+    try:
+        import fsspec
+    except ImportError:  # checked again when the job starts, with the install hint
+        return output
+    if parts.scheme not in fsspec.available_protocols():
+        raise ValueError(
+            f"{what} URL scheme {parts.scheme!r} is not an fsspec protocol; give a local path or e.g. s3://bucket/prefix"
+        )
+    if not parts.netloc:
+        raise ValueError(f"{what} URL {output!r} names no bucket; give {parts.scheme}://bucket/prefix")
+    return output

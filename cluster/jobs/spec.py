@@ -44,7 +44,16 @@ from seg_rt.params import (
 from seg_rt.safe_load import loads_json, safe_load_yaml
 from seg_rt.tasks import TASK_FIELDS
 
-from .inputs import IMAGE_KEYS, IMAGE_TYPES, check_task_field, job_image
+from .inputs import (
+    IMAGE_KEYS,
+    IMAGE_TYPES,
+    check_output_url,
+    check_task_field,
+    image_files,
+    input_file,
+    job_file,
+    job_image,
+)
 
 # A job's defaults are the request type's: the same request gives the same output from the CLI,
 # the API and a job (docs/design.md, "One request, one type").
@@ -122,22 +131,6 @@ class Resources(_Strict):
 _VIDEO_FIELDS = tuple(f for f in fields_for("video") if f.path[0] == "video")
 
 
-def input_file(value: str, base: Path | None = None) -> str | bytes:
-    """An input file a job names (an image, a mask): a path, relative to the job file's folder
-    ``base`` (as ``prompts_file``), or an fsspec URL (``s3://bucket/key``, no credentials in it),
-    whose bytes are read here. The one place job input files are resolved: ``resolve_paths`` makes
-    the paths absolute, the field validators read URLs through it."""
-    from seg_rt.models import is_url
-
-    if is_url(value):
-        check_output_url(value, "input image")
-        fsspec = require("fsspec", "object-store inputs")
-        with fsspec.open(value, "rb") as f:
-            return f.read()
-    path = Path(value).expanduser()
-    return str(path if path.is_absolute() or base is None else (base / path).resolve())
-
-
 class _VideoBase(_Strict):
     @field_validator(*(f.path[1] for f in _VIDEO_FIELDS), check_fields=False)
     @classmethod
@@ -147,7 +140,7 @@ class _VideoBase(_Strict):
             # the spec keeps the absolute path (resolve_paths) or URL, so that it dumps to JSON for the
             # workers; the image is read and checked here and again where the request is built
             if v is not None:
-                check_field(f.key, input_file(v), "video")
+                check_field(f.key, input_file(v, "video image"), "video")
             return v
         return check_field(f.key, v, "video")  # the request type's own rule, naming the field
 
@@ -160,7 +153,7 @@ class _VideoBase(_Strict):
         values = {f.path[1]: getattr(self, f.path[1]) for f in _VIDEO_FIELDS}
         for f in _VIDEO_FIELDS:
             if f.type in ("image", "mask") and values[f.path[1]] is not None:
-                values[f.path[1]] = f.parse(input_file(values[f.path[1]]))
+                values[f.path[1]] = f.parse(input_file(values[f.path[1]], "video image"))
         return VideoParams(**values)
 
 
@@ -172,30 +165,6 @@ VideoSpec = create_model(
 
 
 MAX_ITEMS = 1_000_000  # default bound of one job's prompts x samples_per_prompt (max_items)
-
-
-def check_output_url(output: str, what: str = "output") -> str:
-    """A local path, or an fsspec URL (``s3://bucket/prefix``) with no credentials in it: they come
-    from the backend's own environment / config chain, so none lands in a spec, manifest or log.
-    ``what`` names the field in the messages (``output``, ``model``)."""
-    from urllib.parse import urlsplit
-
-    from seg_rt.model_refs import check_model_url, is_url
-
-    if not is_url(check_model_url(output, what)):  # the one URL rule (no credentials, no query)
-        return output
-    parts = urlsplit(output)
-    try:
-        import fsspec
-    except ImportError:  # checked again when the job starts, with the install hint
-        return output
-    if parts.scheme not in fsspec.available_protocols():
-        raise ValueError(
-            f"{what} URL scheme {parts.scheme!r} is not an fsspec protocol; give a local path or e.g. s3://bucket/prefix"
-        )
-    if not parts.netloc:
-        raise ValueError(f"{what} URL {output!r} names no bucket; give {parts.scheme}://bucket/prefix")
-    return output
 
 
 def _model_url(model: str) -> str:
@@ -354,6 +323,11 @@ def parse_job(data: dict, source: str = "job", base: Path | None = None) -> JobS
         raise _field_error(exc, source) from None
 
 
+def input_files(spec: JobSpec, base: Path) -> list[str]:
+    """The relative input files a job names (job-level and per prompt line; ``inputs.image_files``)."""
+    return image_files(spec, base, read_prompts(spec, base) if spec.prompts_file is not None else None)
+
+
 def resolve_paths(data: dict, base: Path) -> dict:
     """``model:``, ``engine: onnx:DIR`` / ``trt:DIR`` and a video block's ``image`` given relative →
     absolute under ``base``.
@@ -373,7 +347,7 @@ def resolve_paths(data: dict, base: Path) -> dict:
         from seg_rt.models import is_url
 
         if not is_url(video["image"]):  # a URL is read when the field is checked (input_file)
-            data["video"] = {**video, "image": input_file(video["image"], base)}
+            data["video"] = {**video, "image": str(job_file(video["image"], "video image", base))}
     engine = data.get("engine")
     if isinstance(engine, str):
         try:

@@ -25,8 +25,7 @@ from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.models import is_url
 from seg_rt.optional import require
 
-from .inputs import image_files
-from .spec import load_job
+from .spec import input_files, load_job
 
 AUTH_ENV = ("RAY_AUTH_MODE",)  # never the token: the job record keeps its runtime env
 
@@ -99,7 +98,7 @@ def check_submittable(spec, base: Path) -> None:
             f"job: output: submit needs an absolute path on the cluster, got {spec.output!r} "
             "(a relative output would land in Ray's temporary copy of the working dir)"
         )
-    image_files(spec, base)  # relative init images / masks stay inside the job's folder
+    input_files(spec, base)  # relative init images / masks stay inside the job's folder
     if not spec.prompts_file or Path(spec.prompts_file).is_absolute():
         return
     rel = Path(spec.prompts_file)
@@ -128,7 +127,7 @@ def submit(
             target = staging / spec.prompts_file
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(base / spec.prompts_file, target)
-        for name in image_files(spec, base):  # init images / masks, at the same relative paths
+        for name in input_files(spec, base):  # init images / masks, at the same relative paths
             target = staging / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(base / name, target)
