@@ -169,3 +169,16 @@ def test_unforked_sidecar_keeps_its_keys(sd15, tmp_path):
     batch = build_batch(["uncond", "cond", "seg"], x, t, cond, uncond)
     with OnnxRuntimeDenoiser(result.folder) as engine, _torch_denoiser("sd15", sd15) as ref:
         assert_close(engine(batch), ref(batch), rel=1e-4, what="unforked engine")
+
+
+def test_sampling_with_the_fork_engine_equals_torch(pipe, fork_exports):
+    """``engine="onnx:DIR"`` on a fork export through the sampler: SEG steps fork, the steps outside
+    the SEG window run the prefix rows (padding fork row), and the latents match torch's."""
+    import seg_rt
+
+    name, p = pipe
+    h, w = SIZES[name]
+    kw = {"steps": 3, "height": h, "width": w, "seg_sigma": 2.0, "seg_end": 0.5, "output_type": "latent"}
+    ours = seg_rt.generate(p, "a red fox", **kw)
+    onnx = seg_rt.generate(p, "a red fox", engine=f"onnx:{fork_exports(2.0).folder}", **kw)
+    assert_close(onnx, ours, rel=1e-4, what=f"{name} fork engine vs torch latents")
