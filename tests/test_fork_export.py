@@ -13,7 +13,6 @@ import torch
 from seg_rt.artifacts import read_info
 from seg_rt.engines.onnxruntime import OnnxRuntimeDenoiser
 from seg_rt.export import export_onnx
-from seg_rt.export.checks import op_counts
 from seg_rt.families import family_of
 from seg_rt.sampler import DenoiserBatch, RowLayout, build_batch
 
@@ -126,7 +125,6 @@ def test_fork_graph_gathers_fork_source_and_passes_the_tensorrt_check(pipe, fork
         elif n.op_type in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze") and n.input[0] in derived:
             derived.update(n.output)
     assert gathers
-    assert op_counts(folder / "denoiser.onnx")["Gather"] >= 1
     check_onnx_for_tensorrt(folder)  # raises on an operator TensorRT's parser lacks
     sidecar = json.loads((folder / "seg_rt.json").read_text())
     assert sidecar["fork_rows"] == 1 and sidecar["prefix_rows"] == 2 and sidecar["fork_block"]
