@@ -152,7 +152,7 @@ def test_fork_engine_refuses_a_layout_it_cannot_serve(sd15, tmp_path):
 
 
 def test_fork_export_refuses_seg_layers_in_the_first_block(sd15, tmp_path):
-    with pytest.raises(ValueError, match="first block, so no prefix is shared"):
+    with pytest.raises(ValueError, match=r"first block \(down_blocks.0\), so no prefix is shared"):
         export_onnx(sd15, tmp_path / "e", height=64, width=64, layers=("down",), fork=True)
     assert not (tmp_path / "e").exists()
 
