@@ -28,8 +28,10 @@ from torch import Tensor
 from seg_rt.artifacts import ArtifactInfo, read_info
 from seg_rt.blur import blur_matrix, is_infinite
 from seg_rt.config import check_sigma
+from seg_rt.sampler import row_layout
 
 BLUR_INPUT_PREFIX = "seg_blur_"  # runtime-σ exports take one blur matrix per axis length
+FORK_SOURCE_INPUT = "fork_source"  # fork exports: which prefix rows the forked rows copy (int64 [K])
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,55 @@ def pad_rows(inputs: Mapping[str, Tensor], rows: int) -> dict[str, Tensor]:
     return out
 
 
+def fork_feed(inputs: Mapping[str, Tensor], prefix: int, forked: int) -> tuple[dict[str, Tensor], Tensor]:
+    """A request → the feed of a fork engine (``seg_rt.export.fork``: ``prefix`` rows in, ``forked``
+    rows gathered by ``fork_source``) and the engine output rows that answer it, in request order.
+
+    The request's host layout (``seg_rt.sampler.RowLayout``) decides: perturbed rows last whose source
+    rows come before them (batched SEG: CFG+SEG, SEG without CFG, PAG rows) fork off those rows; any
+    other batch (outside the SEG window, uncond placement, a sequential branch, a plain mapping) is all
+    prefix rows, its perturbed rows marked in ``seg_mask``. Unused rows are unperturbed padding (copies
+    of the last prefix row; fork rows copying row 0). A batch that does not fit is a ``ValueError``."""
+    rows = inputs["sample"].shape[0]
+    layout = row_layout(inputs)
+    seg, src = layout.seg_rows, layout.seg_source
+    if (
+        seg is not None
+        and src is not None
+        and seg.stop == rows
+        and src.stop <= seg.start
+        and seg.stop - seg.start == src.stop - src.start
+    ):
+        p, source = seg.start, list(range(src.start, src.stop))
+    else:
+        p, source = rows, []
+    k = len(source)
+    if p > prefix or k > forked:
+        raise ValueError(
+            f"fork engine serves <= {prefix} unperturbed rows + <= {forked} forked rows per call, got "
+            f"{p} + {k} (of {rows} rows); export with a larger --batch"
+        )
+    mask = inputs["seg_mask"]
+    feed = {}
+    for name, v in inputs.items():
+        if name == "seg_mask":
+            continue
+        head = v[:p]
+        feed[name] = torch.cat([head, head[-1:].expand(prefix - p, *v.shape[1:])]) if p < prefix else head
+    dev = mask.device
+    feed["seg_mask"] = torch.cat(
+        [
+            mask[:p],
+            torch.zeros(prefix - p, dtype=torch.bool, device=dev),
+            mask[p:],
+            torch.zeros(forked - k, dtype=torch.bool, device=dev),
+        ]
+    )
+    feed[FORK_SOURCE_INPUT] = torch.tensor(source + [0] * (forked - k), dtype=torch.int64)
+    pick = torch.tensor(list(range(p)) + list(range(prefix, prefix + k)), dtype=torch.int64)
+    return feed, pick
+
+
 class FixedShapeDenoiser(Denoiser):
     """An engine over a seg-rt export folder (``seg_rt.json`` + model file) with fixed shapes.
 
@@ -214,11 +265,18 @@ class FixedShapeDenoiser(Denoiser):
         rows, want = sample.shape[0], self.info.rows
         self.shapes.check(max(rows, want), sample.shape[-2], sample.shape[-1])
         missing = [
-            n for n in self.info.input_names if not n.startswith(BLUR_INPUT_PREFIX) and n not in inputs
+            n
+            for n in self.info.input_names
+            if not n.startswith(BLUR_INPUT_PREFIX) and n != FORK_SOURCE_INPUT and n not in inputs
         ]
         if missing:
             raise ValueError(f"engine input(s) {', '.join(missing)} missing from the request")
-        out = self._run(pad_rows(inputs, want))[:rows]  # fixed shape: pad, then cut the padding off
+        if self.info.fork_rows is not None:  # in-graph fork: the layout is data (fork_feed)
+            feed, pick = fork_feed(inputs, self.info.prefix_rows, self.info.fork_rows)
+            out = self._run(feed)
+            out = out.index_select(0, pick.to(out.device))
+        else:
+            out = self._run(pad_rows(inputs, want))[:rows]  # fixed shape: pad, then cut the padding off
         return out.to(device=sample.device, dtype=sample.dtype)
 
     @abstractmethod

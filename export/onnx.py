@@ -29,6 +29,8 @@ from seg_rt.families import REGISTRY, family_of
 from seg_rt.optional import require
 from seg_rt.params import check_size
 
+from .fork import ForkGraph, ForkPlan, fork_inputs
+
 logger = logging.getLogger(__name__)
 
 ONNX_FILE = "denoiser.onnx"
@@ -75,11 +77,14 @@ def export_onnx(
     validate: bool = True,
     overwrite: bool = False,
     model_name: str = "",
+    fork: bool = False,
 ) -> ExportResult:
     """Export ``pipe``'s SEG-patched denoiser for ``batch`` images per branch at ``height`` x ``width``.
 
     ``with_cfg`` selects the row layout ``[uncond, cond, seg]`` (else ``[cond, seg]``); ``sigma=None``
-    makes σ a runtime input. The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
+    makes σ a runtime input. ``fork`` puts the shared-prefix fork in the graph (``export.fork``): the
+    per-row inputs hold the unperturbed rows only, ``fork_source`` picks the rows the perturbed ones
+    copy, at the fork block (recorded in the sidecar with the prefix and fork row counts). The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
     and ``seg_rt.json``; it is written to a temp folder and renamed, so nothing half-written stays.
     """
     from seg_rt import __version__
@@ -102,14 +107,22 @@ def export_onnx(
     net = family.net(pipe)
     model = family.export_model(pipe, sigma=seg_sigma, layers=layers)  # the same SEG denoiser interface
     original_dtype = net.dtype
+    plan = None
     try:
+        prefix = rows - batch  # every unperturbed row of the layout
+        plan = ForkPlan(model, prefix, batch) if fork else None
         model.to(dtype)
         inputs = family.export_inputs(pipe, model, rows, batch, height, width, dtype)
         with torch.no_grad():
             model(inputs)  # records each SEG layer's token grid at these shapes
+        reference = None
+        if plan is not None:
+            inputs, reference = fork_inputs(inputs, prefix, batch)
         blur_lengths = sorted({n for grid in model.grids() for n in grid}) if sigma is None else []
         for n in blur_lengths:
             inputs[f"seg_blur_{n}"] = blur_matrix(n, 1.0).to(dtype)
+            if reference is not None:
+                reference[f"seg_blur_{n}"] = inputs[f"seg_blur_{n}"]
         names = list(inputs)
         info = ArtifactInfo(
             kind="onnx",
@@ -131,12 +144,18 @@ def export_onnx(
             opset=opset,
             file=ONNX_FILE,
             versions=_versions(__version__),
+            fork_block=None if plan is None else plan.block,
+            prefix_rows=None if plan is None else prefix,
+            fork_rows=None if plan is None else batch,
         )
+        graph = _Graph(model, names, blur_lengths) if plan is None else ForkGraph(plan, names, blur_lengths)
         with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
-            _trace_and_save(_Graph(model, names, blur_lengths).eval(), inputs, names, info, tmp / ONNX_FILE)
+            _trace_and_save(graph.eval(), inputs, names, info, tmp / ONNX_FILE)
             info.write(tmp)
-            validation = validate_onnx(tmp, model, inputs, info) if validate else None
+            validation = validate_onnx(tmp, model, inputs, info, reference) if validate else None
     finally:
+        if plan is not None:
+            plan.remove()
         model.remove()
         net.to(original_dtype)
         if model.controlnet is not None:
@@ -174,8 +193,15 @@ def _trace_and_save(graph: nn.Module, inputs: dict, names: list[str], info: Arti
     program.save(path, external_data=size >= TWO_GB)
 
 
-def validate_onnx(folder: Path, model: SEGUNet, inputs: dict[str, Tensor], info: ArtifactInfo) -> dict:
-    """Run ONNX Runtime and torch on the same inputs; raise when they disagree.
+def validate_onnx(
+    folder: Path,
+    model: SEGUNet,
+    inputs: dict[str, Tensor],
+    info: ArtifactInfo,
+    reference: dict[str, Tensor] | None = None,
+) -> dict:
+    """Run ONNX Runtime on ``inputs`` and torch on the same batch (``reference``: the plain batch a
+    fork graph's inputs stand for, run unforked); raise when they disagree.
 
     Tolerance: ``|ort - torch| <= atol + rtol * max|torch|`` with 1e-4 / 1e-4 in fp32 and
     1e-2 / 1e-2 in fp16 (fp16 is validated where a provider runs it, else reported as skipped).
@@ -184,8 +210,9 @@ def validate_onnx(folder: Path, model: SEGUNet, inputs: dict[str, Tensor], info:
 
     ort = require("onnxruntime", "validating the export")
     matrices = {n: inputs[f"seg_blur_{n}"] for n in info.blur_lengths} or None
+    plain = inputs if reference is None else reference
     with torch.no_grad(), model.seg.runtime_blur(matrices):
-        ref = model({k: v for k, v in inputs.items() if not k.startswith("seg_blur_")}).float()
+        ref = model({k: v for k, v in plain.items() if not k.startswith("seg_blur_")}).float()
     fp16 = info.dtype == "float16"
     providers = (
         ["CUDAExecutionProvider"]

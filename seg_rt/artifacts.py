@@ -22,6 +22,7 @@ from .safe_load import loads_json
 
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
+FORK_FIELDS = ("fork_block", "prefix_rows", "fork_rows")  # optional sidecar keys (in-graph fork)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,12 @@ class ArtifactInfo:
     file: str  # model / engine file name inside the folder
     versions: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # e.g. TensorRT precision, GPU, profile
+    # in-graph shared-prefix fork (``seg-rt export onnx --fork``): the block where the perturbed rows
+    # fork off, the prefix rows the per-row inputs hold, the fork rows ``fork_source`` gathers; None:
+    # no fork (every row runs the whole model). Written only when set: older sidecars read unchanged.
+    fork_block: str | None = None
+    prefix_rows: int | None = None
+    fork_rows: int | None = None
 
     @property
     def rows(self) -> int:
@@ -59,6 +66,9 @@ class ArtifactInfo:
 
     def to_json(self) -> str:
         d = asdict(self)
+        for k in FORK_FIELDS:
+            if d[k] is None:
+                del d[k]
         if isinstance(self.sigma, float):
             d["sigma"] = sigma_to_json(self.sigma)
         return json.dumps(d, indent=2, sort_keys=True)
@@ -68,7 +78,7 @@ class ArtifactInfo:
         try:
             d = loads_json(text, source)
             names = {f.name for f in fields(cls)}
-            missing = names - set(d) - {"versions", "extra"}
+            missing = names - set(d) - {"versions", "extra", *FORK_FIELDS}
             if missing:
                 raise ValueError(f"missing {', '.join(sorted(missing))}")
             d = {k: v for k, v in d.items() if k in names}

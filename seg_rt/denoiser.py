@@ -226,11 +226,15 @@ class SEGUNet(nn.Module):
             return None  # ControlNet's down residuals are added after the down path: no fork inside it
         return fork_of(inputs)
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, inputs: Mapping[str, Tensor], fork: Fork | None = None) -> Tensor:
+        """``fork``: an explicit shared-prefix layout (an export's in-graph fork, ``seg_rt.export``:
+        ``inputs`` hold the prefix rows, ``seg_mask`` every row); else the batch's own (``_fork``)."""
         missing = [n for n in self.input_names if n not in inputs and n != "seg_mask"]
         if missing:
             raise ValueError(f"denoiser inputs missing {', '.join(missing)}")
-        fork = self._fork(inputs)
+        if fork is not None and self.prefix is None:
+            raise ValueError("an explicit fork needs the shared prefix (SEGUNet(shared_prefix=True))")
+        fork = fork if fork is not None else self._fork(inputs)
         mask, rows = inputs.get("seg_mask"), row_layout(inputs).seg_rows
         if fork is not None:  # the UNet runs on the prefix rows; SharedPrefix appends the rest
             inputs = {k: fork.cut(v) for k, v in inputs.items() if k != "seg_mask"}

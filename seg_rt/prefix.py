@@ -56,12 +56,16 @@ class Fork:
     """The row layout of one shared-prefix forward: batch ``[prefix rows | perturbed rows]``."""
 
     prefix: int  # rows computed before the fork (every unperturbed row)
-    source: slice  # rows of the prefix whose hidden state the perturbed rows copy
+    # rows of the prefix whose hidden state the perturbed rows copy: a slice (the eager path's host
+    # layout) or an int64 [perturbed] index tensor (an exported graph's ``fork_source`` input: a Gather)
+    source: slice | Tensor
     rows: int  # the whole batch: prefix + perturbed
 
     def grow(self, v):
         """A prefix-row tensor (or tuple of them) → the whole batch: the source rows appended."""
         if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == self.prefix:
+            if isinstance(self.source, Tensor):
+                return torch.cat([v, v.index_select(0, self.source)])  # exported: ONNX Gather
             return torch.cat([v, v[self.source]])  # [prefix + perturbed, ...]
         if isinstance(v, tuple) and any(isinstance(x, Tensor) for x in v):
             return tuple(self.grow(x) for x in v)  # skip residuals (UNet up blocks)
@@ -164,10 +168,12 @@ class TransformerFork:
         self.fork_block = None if first is None else blocks[first]
         self.hooks = None if not first else RowFork(model, cut=blocks[:first], grow=[blocks[first]])
 
-    def run(self, inputs: Mapping[str, Tensor], forward):
+    def run(self, inputs: Mapping[str, Tensor], forward, fork: Fork | None = None):
+        """``forward(inputs)`` with the fork of ``inputs`` (``fork_of``), or ``fork`` when given (an
+        export's in-graph fork: ``inputs`` hold every row, the source rows a Gather index)."""
         if self.hooks is None:
             return forward(inputs)
-        self.hooks.fork = fork_of(inputs)
+        self.hooks.fork = fork if fork is not None else fork_of(inputs)
         try:
             return forward(inputs)
         finally:

@@ -29,3 +29,33 @@ def test_sdxl_shaped_unet_has_sdxl_layout():
 def test_cli_accepts_bench_step():
     args = build_parser().parse_args(["bench", "step", "--json", "--pairs", "2"])
     assert (args.what, args.json, args.pairs) == ("step", True, 2)
+
+
+def test_onnx_step_row_reports_the_fork_ratio(sd15):
+    """The ONNX Runtime row: the fork engine's CFG+SEG step against the plain CFG graph (no timing asserted)."""
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from seg_rt.bench import step_onnx
+
+    row = step_onnx.bench_step_onnx(sd15, "tiny SD1.5", size=64, pairs=2, modes=("cfg_seg_fork",))
+    assert row["engine"] == "onnxruntime-cpu" and row["fork_block"] == "mid_block"
+    ratio, (lo, hi) = row["cfg_seg_fork_over_cfg"], row["cfg_seg_fork_over_cfg_iqr"]
+    assert math.isfinite(ratio) and ratio > 0 and lo <= hi and row["cfg_step_ms"] > 0
+    assert "cfg_seg_fork " in step.describe(row)
+    assert not any(type(p).__name__.startswith("SEG") for p in sd15.unet.attn_processors.values())
+
+
+def test_gpu_runtimes_report_why_they_are_skipped(sd15):
+    import pytest
+    import torch
+
+    from seg_rt.bench import step_onnx
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the rows of a machine without CUDA")
+    for runtime in ("onnxruntime-cuda", "tensorrt"):
+        row = step_onnx.bench_step_onnx(sd15, "tiny SD1.5", size=64, pairs=2, runtime=runtime)
+        assert row["engine"] == runtime and row["skipped"].startswith("skipped: ")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        step_onnx.bench_step_onnx(sd15, "x", runtime="cuda")

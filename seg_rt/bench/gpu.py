@@ -9,6 +9,8 @@ weights) in fp16 at 128x128 latents (1024x1024 images):
 - the CFG+SEG step in torch eager, ``torch.compile`` (batched SEG: a traced forward keeps the mask
   as data) and CUDA graphs (eager shared-prefix forward captured once: possible because the hot
   path reads nothing back from the device);
+- exported engines (ONNX Runtime CUDA, TensorRT, where installed): CFG+SEG without and with the
+  in-graph fork and SEG without CFG, as ratios to a CFG step (``step_onnx``);
 - UNet-only images/s at batch 1 and 4 (25 steps of CFG+SEG), and peak GPU memory of each;
 - on CUDA, correctness checks: one SEG step (batched and shared prefix) under
   ``torch.cuda.set_sync_debug_mode("error")`` (no host sync), shared prefix vs batched in fp16 and
@@ -224,6 +226,20 @@ def engine_batch(
     return out
 
 
+def onnx_engine_rows(pairs: int) -> list[dict]:
+    """``seg-rt bench step``'s exported-engine rows (``step_onnx``) on ONNX Runtime CUDA and TensorRT
+    (fp16; a runtime not installed gives a ``skipped`` row): the SD1.5-shaped 1/5-width UNet at
+    64x64 latents (512 px), so its exports and engine builds fit the bench's minutes."""
+    from .models import sd15_shaped_pipeline
+    from .step_onnx import bench_step_onnx
+
+    name = "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch)"
+    return [
+        bench_step_onnx(sd15_shaped_pipeline(), name, size=512, pairs=pairs, runtime=runtime)
+        for runtime in ("onnxruntime-cuda", "tensorrt")
+    ]
+
+
 def emit(section: str, data: object) -> None:
     """One section's result as a JSON line, at once (a run cut short keeps what it measured)."""
     print(json.dumps({"section": section, "data": data}), flush=True)
@@ -267,6 +283,9 @@ def run(
     reps = 1 if tiny else max(3, pairs)
     result["engines"] = engine_rows(unet, latent, device, dtype, reps=reps, compile=False)
     emit("engines", result["engines"])
+    if not tiny:  # exported engines: ONNX Runtime CUDA and TensorRT, with and without the in-graph fork
+        result["onnx_engines"] = onnx_engine_rows(pairs)
+        emit("onnx_engines", result["onnx_engines"])
     if skip_compile or tiny:
         result["engines"]["compile"] = "skipped"
     else:  # last: its warm-up is minutes

@@ -119,11 +119,21 @@ def bench_step(pairs: int = 3) -> list[dict]:
 
 
 def run(pairs: int = 3) -> list[dict]:
-    """``seg-rt bench step``."""
-    return bench_step(pairs=pairs)
+    """``seg-rt bench step``: the PyTorch rows, then the ONNX Runtime CPU row (``step_onnx``: CFG+SEG
+    without and with the in-graph fork, SEG without CFG) on the SD1.5-shaped UNet."""
+    from .step_onnx import bench_step_onnx
+
+    rows = bench_step(pairs=pairs)
+    name = "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch)"
+    rows.append(bench_step_onnx(sd15_shaped_pipeline(), name, pairs=max(pairs, 5)))
+    return rows
 
 
 def describe(row: dict) -> str:
+    if "engine" in row:
+        from .step_onnx import describe as describe_onnx
+
+        return describe_onnx(row)
     return (
         f"{row['model']}, SEG {','.join(row['layers'])}: CFG step {row['cfg_step_ms']:.0f} ms; "
         + ", ".join(f"{m} {row[f'{m}_over_cfg']:.2f}x" for m in STEP_MODES)

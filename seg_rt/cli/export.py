@@ -33,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dynamic-sigma", action="store_true", help="σ as a runtime input (one model, every σ)"
     )
     eo.add_argument("--seg-layers", default="mid")
+    eo.add_argument(
+        "--fork",
+        action="store_true",
+        help="shared-prefix fork in the graph: the perturbed rows fork off at the first SEG block, "
+        "the rows they copy a runtime input (fork_source); serves every sampler layout",
+    )
     eo.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU use)")
     eo.add_argument("--opset", type=int, default=18)
     eo.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
@@ -74,6 +80,7 @@ def cmd_export_onnx(args) -> int:
             validate=not args.no_validate,
             model_name=str(args.model),
             overwrite=args.overwrite,
+            fork=args.fork,
         )
     summary = {
         "out": str(result.folder),
