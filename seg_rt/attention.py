@@ -37,6 +37,7 @@ from .blur import blur_matrix, separable_blur
 from .config import check_sigma
 from .errors import SEGAlreadyInstalled, SEGNotApplied
 from .layers import select_layers, self_attention_layers
+from .perturbations import HOOK_KINDS, PerturbationHooks
 
 logger = logging.getLogger(__name__)
 
@@ -361,12 +362,14 @@ class SEGAttention(SEGPatch):
 
     ``perturbation="identity"`` replaces the blur by PAG's identity attention map (the selected
     rows' attention output is V), the baseline the SEG paper compares against; σ is then unused.
+    ``"shuffle"`` (TPG) and ``"skip"`` (SLG) are module hooks (``seg_rt.perturbations``) on the same
+    layers and rows. ``set_perturbation`` switches the kind between forwards.
 
     ``adapter`` (default the UNet one) installs the same perturbation on another image family
     (the image DiTs of ``seg_rt.dit_attention``), whose processors set ``grid`` from ``self.grid``.
     """
 
-    PERTURBATIONS = ("blur", "identity")
+    PERTURBATIONS = ("blur", "identity", *HOOK_KINDS)
 
     def __init__(
         self,
@@ -385,11 +388,40 @@ class SEGAttention(SEGPatch):
         chosen = adapter.select(model, layers) if adapter.select is not None else select_layers(model, layers)
         super().__init__(model, adapter, {name: kinds[name] for name in chosen})
         self.perturbation = perturbation
+        self._hooks_of_kind: PerturbationHooks | None = None
         self.sigma = check_sigma(sigma)
         self.rows: slice | None = None  # eager only: the perturbed rows when they are contiguous
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         # axis length -> blur matrix [n, n]: a graph's runtime inputs in place of σ (runtime_blur)
         self._runtime_matrices: dict[int, Tensor] | None = None
+
+    def install(self) -> SEGAttention:
+        super().install()
+        if self.perturbation in HOOK_KINDS and self._hooks_of_kind is None:
+            self._hooks_of_kind = PerturbationHooks(self, self.model, self.layer_names, self.perturbation)
+        return self
+
+    def remove(self) -> None:
+        if self._hooks_of_kind is not None:
+            self._hooks_of_kind.remove()
+            self._hooks_of_kind = None
+        super().remove()
+
+    def set_perturbation(self, perturbation: str) -> None:
+        """Perturb the masked rows the ``perturbation`` way (one of ``PERTURBATIONS``) from the next
+        forward on; the hook kinds' hooks are installed or removed as needed."""
+        if perturbation not in self.PERTURBATIONS:
+            raise ValueError(
+                f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
+            )
+        if perturbation == self.perturbation:
+            return
+        if self._hooks_of_kind is not None:
+            self._hooks_of_kind.remove()
+            self._hooks_of_kind = None
+        self.perturbation = perturbation
+        if perturbation in HOOK_KINDS and self.installed:
+            self._hooks_of_kind = PerturbationHooks(self, self.model, self.layer_names, perturbation)
 
     def set_sigma(self, sigma: float) -> None:
         """Blur with ``sigma`` from the next forward on (``config.check_sigma``'s rule)."""

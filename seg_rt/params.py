@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+from .guidance import Guidance
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
 SCHEDULERS = {
@@ -140,6 +141,8 @@ class GenerationParams:
     ``distilled_guidance``: the guidance value a guidance-distilled model (Flux.1-dev) embeds, as
     ``FluxPipeline``'s ``guidance_scale`` (default 3.5); a model without that input refuses any other
     value (``seg_rt.pipeline.run_params``). Not CFG: ``cfg`` is true CFG with the negative prompt.
+    ``guidance``: the guidance list (``seg_rt.guidance``: ``"apg,pag=3"``), kept in its canonical
+    spelling; ``""`` = CFG and SEG alone (``cfg``, ``seg``).
     """
 
     prompt: str = ""
@@ -155,6 +158,7 @@ class GenerationParams:
     sequential: bool = False
     video: VideoParams | None = None
     distilled_guidance: float = 3.5
+    guidance: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -178,6 +182,11 @@ class GenerationParams:
         object.__setattr__(self, "distilled_guidance", check_distilled_guidance(self.distilled_guidance))
         object.__setattr__(self, "sequential", bool(self.sequential))
         self.seg.check_cfg(self.cfg)
+        terms = Guidance.parse(self.guidance)
+        terms.check(self.cfg, self.seg)
+        object.__setattr__(self, "guidance", terms.spec())
+        if self.video is not None and self.guidance:
+            raise ValueError("the guidance list applies to image requests only (video: cfg and seg fields)")
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
         if self.video is not None and self.seg.layers != SEGConfig().layers:
@@ -219,6 +228,7 @@ class GenerationParams:
             self.sequential,
             self.video,
             self.distilled_guidance,
+            self.guidance,
         )
 
 
@@ -325,6 +335,8 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
        choices=SEGConfig.PLACEMENTS, recorded=WHEN_SET),
     _f("distilled_guidance", "distilled_guidance", float, "the guidance Flux.1-dev embeds", kinds=IMAGE,
        recorded=WHEN_SET),
+    _f("guidance", "guidance", str, "guidance terms NAME[=SCALE][:OPT=V...], comma-separated: "
+       "cfg (window), pag, tpg, slg, cfgzero, fresca, apg (seg_rt.guidance)", kinds=IMAGE, recorded=WHEN_SET),
     _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),
@@ -426,4 +438,10 @@ def replace_fields(params: GenerationParams, kind: str, values: Mapping[str, Any
 def check_field(key: str, value: Any, kind: str = "image") -> Any:
     """``value`` of wire field ``key`` checked by the request type's own rule, alone (for validators
     that name the field); returns it as the request holds it."""
-    return values_of(request_from_fields({key: value}, kind), kind)[key]
+    context = _CHECK_ALONE.get(key, {})
+    return values_of(request_from_fields({**context, key: value}, kind), kind)[key]
+
+
+# fields whose own rule is checked next to other fields' neutral values: a perturbed guidance term
+# excludes SEG, so the list alone is checked with SEG off (the whole request is checked as a whole)
+_CHECK_ALONE: dict[str, dict[str, Any]] = {"guidance": {"seg_scale": 0.0}}
