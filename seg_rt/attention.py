@@ -114,6 +114,7 @@ class SEGPatch:
         self.processors: dict[str, object] = {}
         self._saved: dict[str, object] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._kind_hooks: PerturbationHooks | None = None  # shuffle / skip (seg_rt.perturbations)
 
     def perturb(self, proc, q: Tensor, token_dim: int, text: int = 0) -> Tensor:
         """The final query ``q`` (tokens along ``token_dim``, ``text`` text tokens first) with the
@@ -167,10 +168,32 @@ class SEGPatch:
             self._hooks.append(modules[owner].register_forward_pre_hook(_grid_hook(procs), with_kwargs=True))
         if self.adapter.grid is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._model_grid_hook, with_kwargs=True))
+        self._set_kind_hooks()
         logger.debug(
             "SEG (%s) installed on %d layers: %s", self.adapter.name, len(self.kinds), self.layer_names
         )
         return self
+
+    PERTURBATIONS: tuple[str, ...] = ("blur",)
+    perturbation = "blur"
+
+    def _set_kind_hooks(self) -> None:
+        if self._kind_hooks is not None:
+            self._kind_hooks.remove()
+            self._kind_hooks = None
+        if self.perturbation in HOOK_KINDS and self.installed:
+            self._kind_hooks = PerturbationHooks(self, self.model, self.layer_names, self.perturbation)
+
+    def set_perturbation(self, perturbation: str) -> None:
+        """Perturb the masked rows the ``perturbation`` way (one of ``PERTURBATIONS``) from the next
+        forward on; the hook kinds' hooks (``seg_rt.perturbations``) are installed or removed."""
+        if perturbation not in self.PERTURBATIONS:
+            raise ValueError(
+                f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
+            )
+        if perturbation != self.perturbation:
+            self.perturbation = perturbation
+            self._set_kind_hooks()
 
     def _model_grid_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.grid = self.adapter.grid(module, args, kwargs)
@@ -182,6 +205,9 @@ class SEGPatch:
             modules[name].set_processor(proc)
         for hook in self._hooks:
             hook.remove()
+        if self._kind_hooks is not None:
+            self._kind_hooks.remove()
+            self._kind_hooks = None
         self._saved.clear()
         self._hooks.clear()
         self.processors.clear()
@@ -388,40 +414,11 @@ class SEGAttention(SEGPatch):
         chosen = adapter.select(model, layers) if adapter.select is not None else select_layers(model, layers)
         super().__init__(model, adapter, {name: kinds[name] for name in chosen})
         self.perturbation = perturbation
-        self._hooks_of_kind: PerturbationHooks | None = None
         self.sigma = check_sigma(sigma)
         self.rows: slice | None = None  # eager only: the perturbed rows when they are contiguous
         self._cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         # axis length -> blur matrix [n, n]: a graph's runtime inputs in place of σ (runtime_blur)
         self._runtime_matrices: dict[int, Tensor] | None = None
-
-    def install(self) -> SEGAttention:
-        super().install()
-        if self.perturbation in HOOK_KINDS and self._hooks_of_kind is None:
-            self._hooks_of_kind = PerturbationHooks(self, self.model, self.layer_names, self.perturbation)
-        return self
-
-    def remove(self) -> None:
-        if self._hooks_of_kind is not None:
-            self._hooks_of_kind.remove()
-            self._hooks_of_kind = None
-        super().remove()
-
-    def set_perturbation(self, perturbation: str) -> None:
-        """Perturb the masked rows the ``perturbation`` way (one of ``PERTURBATIONS``) from the next
-        forward on; the hook kinds' hooks are installed or removed as needed."""
-        if perturbation not in self.PERTURBATIONS:
-            raise ValueError(
-                f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
-            )
-        if perturbation == self.perturbation:
-            return
-        if self._hooks_of_kind is not None:
-            self._hooks_of_kind.remove()
-            self._hooks_of_kind = None
-        self.perturbation = perturbation
-        if perturbation in HOOK_KINDS and self.installed:
-            self._hooks_of_kind = PerturbationHooks(self, self.model, self.layer_names, perturbation)
 
     def set_sigma(self, sigma: float) -> None:
         """Blur with ``sigma`` from the next forward on (``config.check_sigma``'s rule)."""

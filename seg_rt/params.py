@@ -185,8 +185,6 @@ class GenerationParams:
         terms = Guidance.parse(self.guidance)
         terms.check(self.cfg, self.seg)
         object.__setattr__(self, "guidance", terms.spec())
-        if self.video is not None and self.guidance:
-            raise ValueError("the guidance list applies to image requests only (video: cfg and seg fields)")
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
         if self.video is not None and self.seg.layers != SEGConfig().layers:
@@ -336,7 +334,7 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
     _f("distilled_guidance", "distilled_guidance", float, "the guidance Flux.1-dev embeds", kinds=IMAGE,
        recorded=WHEN_SET),
     _f("guidance", "guidance", str, "guidance terms NAME[=SCALE][:OPT=V...], comma-separated: "
-       "cfg (window), pag, tpg, slg, cfgzero, fresca, apg (seg_rt.guidance)", kinds=IMAGE, recorded=WHEN_SET),
+       "cfg (window), pag, tpg, slg, cfgzero, fresca, apg (seg_rt.guidance)", recorded=WHEN_SET),
     _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),

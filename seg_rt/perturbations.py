@@ -36,15 +36,21 @@ def token_permutation(layer_name: str, n: int) -> Tensor:
 
 
 def _rows_where(patch, x: Tensor, changed: Tensor) -> Tensor:
-    """``x`` with the patch's perturbed rows taken from ``changed`` (eager: a contiguous slice; traced:
-    the mask as data)."""
+    """``x`` with the patch's perturbed rows taken from ``changed`` (eager: a contiguous slice; else
+    the mask as data, repeated per sample where the layer's batch is sample-major, as AnimateDiff's)."""
     rows = patch.rows
-    if rows is not None:
+    if isinstance(rows, slice) and patch.mask.shape[0] == x.shape[0]:
         out = x.clone()
         out[rows] = changed[rows]
         return out
-    mask = patch.mask.view(-1, *[1] * (x.ndim - 1)).to(x.device)
-    return torch.where(mask, changed, x)
+    mask = patch.mask.to(x.device)
+    if x.shape[0] != mask.shape[0]:  # video UNets: each sample owns x.shape[0] / B consecutive rows
+        if x.shape[0] % mask.shape[0]:
+            raise ValueError(
+                f"{x.shape[0]} attention rows are not a multiple of the {mask.shape[0]}-row seg mask"
+            )
+        mask = mask.repeat_interleave(x.shape[0] // mask.shape[0])
+    return torch.where(mask.view(-1, *[1] * (x.ndim - 1)), changed, x)
 
 
 class PerturbationHooks:

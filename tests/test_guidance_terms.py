@@ -416,11 +416,32 @@ def test_cli_http_and_job_carry_the_list(sd15, tmp_path):
     assert job.guidance == "apg"
 
 
-def test_video_requests_refuse_the_list():
-    from seg_rt.params import VideoParams
+def test_video_slg_and_tpg_in_the_one_forward():
+    """The video path takes the list: SLG / TPG on a video DiT's attention layers (Wan), batch = solo."""
+    from seg_rt.tiny import tiny_video_pipeline
+    from seg_rt.video.sampling import generate_video
 
-    with pytest.raises(ValueError, match="image requests only"):
-        GenerationParams(guidance="apg", video=VideoParams())
+    pipe = tiny_video_pipeline("wan")
+    kw = {"frames": 5, "steps": 2, "cfg": 3.0, "seg_scale": 0.0, "output_type": "latent"}
+    plain = generate_video(pipe, "a cat", **kw)
+    for spec in ("slg=2:start=0:end=1", "tpg=2"):
+        assert (generate_video(pipe, "a cat", guidance=spec, **kw) - plain).abs().max() > 1e-4, spec
+    batch = generate_video(pipe, "a cat", guidance="slg=2:end=1,apg", num_videos=2, seed=4, **kw)
+    alone = generate_video(pipe, "a cat", guidance="slg=2:end=1,apg", seed=5, **kw)
+    assert torch.equal(batch[1:], alone)
+
+
+def test_sample_major_rows_take_the_mask_per_sample():
+    """AnimateDiff's layers see B·r attention rows, sample i owning r consecutive ones."""
+    from types import SimpleNamespace
+
+    from seg_rt.perturbations import _rows_where
+
+    x, changed = torch.zeros(6, 2), torch.ones(6, 2)
+    patch = SimpleNamespace(rows=[1], mask=torch.tensor([False, True]))
+    assert _rows_where(patch, x, changed)[:, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    patch = SimpleNamespace(rows=slice(1, 2), mask=torch.tensor([False, True]))
+    assert _rows_where(patch, x[:2], changed[:2])[:, 0].tolist() == [0, 1]
 
 
 def test_paper_defaults():
@@ -430,3 +451,75 @@ def test_paper_defaults():
     assert (f.low, f.high, f.cutoff) == (1.0, 1.25, 20)
     assert REGISTRY["pag"]().scale == 3.0 and REGISTRY["tpg"]().scale == 3.0
     assert math.isclose(REGISTRY["seg"]().scale, SEGConfig().scale)
+
+
+# ---- image DiTs: the same perturbations on joint attention, CFG-Zero* on a flow model -------------
+
+
+class _ZeroJointAttention(torch.nn.Module):
+    def forward(self, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            return torch.zeros_like(hidden_states)
+        return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
+
+
+@pytest.mark.parametrize("kind", ["skip", "shuffle"])
+def test_dit_hook_perturbations_equal_module_swaps(kind):
+    from seg_rt.families import REGISTRY as FAMILIES
+
+    from .test_dit import GRID, model_inputs, run, tiny_dit
+
+    m = tiny_dit("sd3")
+    kw = model_inputs("sd3", m)
+    layer = "transformer_blocks.1.attn"
+    plain = run(m, kw)
+    if kind == "skip":
+        old = _swap(m, layer, _ZeroJointAttention())
+        ref = run(m, kw)
+        _swap(m, layer, old)
+    else:
+        block = layer.rpartition(".")[0]
+        perm = token_permutation(layer, GRID[0] * GRID[1])
+        old = _swap(m, block, _ShuffledBlock(m.get_submodule(block), perm))
+        ref = run(m, kw)
+        _swap(m, block, old)
+    with SEGAttention(m, 1.0, [layer], kind, adapter=FAMILIES.for_model(m).adapter()) as seg:
+        seg.set_mask(torch.tensor([False, True]))
+        ours = run(m, kw)
+        seg.check()
+    assert_close(ours[0], plain[0], rel=1e-5)
+    assert_close(ours[1], ref[1], rel=1e-5)
+    assert (ref[1] - plain[1]).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe():
+    from seg_rt.tiny import tiny_dit_pipeline
+
+    return tiny_dit_pipeline("sd3")
+
+
+def test_dit_terms_and_cfg_zero_star_zero_init(sd3_pipe):
+    kw = {
+        "steps": 2,
+        "height": 48,
+        "width": 80,
+        "seed": 3,
+        "cfg": 3.0,
+        "seg_scale": 0.0,
+        "output_type": "latent",
+    }
+    plain = seg_rt.generate(sd3_pipe, "a fox", **kw)
+    for spec in ("slg=2:start=0", "tpg=2", "cfgzero:zero_steps=0", "fresca:high=2:cutoff=1"):
+        ours = seg_rt.generate(sd3_pipe, "a fox", guidance=spec, **kw)
+        assert (ours - plain).abs().max() > 1e-4, spec
+    # zero-init over every step: velocity 0, so the latents stay the initial noise
+    from seg_rt.pipeline import family_of, seed_generators
+
+    fam = family_of(sd3_pipe, "image")
+    sched = fam.schedule(sd3_pipe, "euler", 2, height=48, width=80)
+    noise = fam.initial_latents(
+        sd3_pipe, sched, seed_generators([3]), height=48, width=80, dtype=torch.float32
+    )
+    still = seg_rt.generate(sd3_pipe, "a fox", guidance="cfgzero:zero_steps=2", **kw)
+    assert torch.equal(still, noise)

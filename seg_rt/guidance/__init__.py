@@ -84,7 +84,10 @@ class Guidance:
         elif isinstance(spec, Iterable):
             items = [str(s) for s in spec]
         else:
-            raise ValueError(f"guidance must be a string such as 'apg,pag=3', got {spec!r}")
+            raise ValueError(
+                f"guidance must be a list of guidance terms such as 'apg,pag=3', got {spec!r} "
+                "(the CFG scale is cfg, alias guidance_scale)"
+            )
         terms = [_parse_term(i) for i in items]
         names = [t.NAME for t in terms]
         dup = sorted({n for n in names if names.count(n) > 1})
