@@ -170,7 +170,7 @@ def sample(
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
     seg.check_cfg(cfg)
     guidance.check(cfg, seg)
-    guidance.check_model(flow="FlowMatch" in type(scheduler).__name__)
+    guidance.check_model(flow="FlowMatch" in type(scheduler).__name__, latent_ndim=latents.ndim)
     seg = guidance.rows_config(seg)  # the perturbed rows: SEG's, or the perturbed term's
     memory: dict = {}  # the modifiers' state across steps (APG's momentum)
     timesteps = scheduler.timesteps

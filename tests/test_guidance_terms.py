@@ -341,6 +341,8 @@ def test_cfg_zero_star_needs_a_flow_model(sd15):
 
 
 def test_cfg_zero_star_on_a_flow_scheduler():
+    with pytest.raises(ValueError, match="packed tokens: leave fresca out"):
+        Guidance.parse("fresca").check_model(flow=True, latent_ndim=3)
     g = Guidance.parse("cfgzero")
     g.check_model(flow="FlowMatch" in FlowMatchEulerDiscreteScheduler.__name__)
     with pytest.raises(ValueError, match="flow-matching"):

@@ -153,7 +153,13 @@ class Guidance:
         t = self.get("cfg")
         return t is None or t.active(step, num_steps)
 
-    def check_model(self, flow: bool) -> None:
+    def check_model(self, flow: bool, latent_ndim: int = 4) -> None:
+        """The rules between the terms and the model: flow-only terms, FreSca's spatial latent."""
+        if self.get("fresca") is not None and latent_ndim < 4:
+            raise ValueError(
+                "guidance fresca scales a spatial latent [..., H, W]; this model's latents are packed "
+                "tokens: leave fresca out"
+            )
         flow_only = [t.NAME for t in self.terms if t.FLOW_ONLY]
         if flow_only and not flow:
             raise ValueError(
