@@ -74,6 +74,18 @@ class Denoiser(ABC):
     def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
         """Use SEG σ ``sigma`` on ``layers`` (``None``: the current ones) from the next call on."""
 
+    def set_perturbation(self, perturbation: str) -> str:
+        """Perturb the ``seg_mask`` rows the ``perturbation`` way (``seg_rt.guidance``'s perturbed
+        terms: ``blur`` SEG, ``identity`` PAG, ``shuffle`` TPG, ``skip`` SLG) from the next call on;
+        returns the kind it used before. An engine that runs only SEG's blur (an exported graph)
+        refuses the others in one line."""
+        if perturbation != "blur":
+            raise ValueError(
+                f"{type(self).__name__} runs SEG's blur only, not the {perturbation!r} perturbation; "
+                "use the torch engine"
+            )
+        return "blur"
+
     @abstractmethod
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """The model's prediction for the batch in ``inputs`` (``seg_mask`` marks perturbed rows)."""
@@ -117,6 +129,20 @@ class PatchedDenoiser(Denoiser):
     def _patch(self, sigma: float, layers: Sequence[str]) -> None:
         self.layers = tuple(layers)
         self._install(float(sigma), self.layers)
+        kind = getattr(self, "_perturbation_kind", None)
+        if kind is not None:  # set_perturbation's kind survives new layers
+            self.model.seg.set_perturbation(kind)
+
+    def set_perturbation(self, perturbation: str) -> str:
+        self._check_open()
+        previous = self.model.seg.perturbation
+        if getattr(self, "compile", False) and perturbation != previous:
+            raise ValueError(
+                f"the {perturbation!r} perturbation does not run under torch-compile; drop compile"
+            )
+        self.model.seg.set_perturbation(perturbation)
+        self._perturbation_kind = perturbation
+        return previous
 
     def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
         """Use ``sigma`` and ``layers`` (``None``: the current ones) from the next call on; a bad σ is

@@ -37,6 +37,7 @@ from .blur import blur_matrix, separable_blur
 from .config import check_sigma
 from .errors import SEGAlreadyInstalled, SEGNotApplied
 from .layers import select_layers, self_attention_layers
+from .perturbations import HOOK_KINDS, PerturbationHooks
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class SEGPatch:
         self.processors: dict[str, object] = {}
         self._saved: dict[str, object] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._kind_hooks: PerturbationHooks | None = None  # shuffle / skip (seg_rt.perturbations)
 
     def perturb(self, proc, q: Tensor, token_dim: int, text: int = 0) -> Tensor:
         """The final query ``q`` (tokens along ``token_dim``, ``text`` text tokens first) with the
@@ -166,10 +168,32 @@ class SEGPatch:
             self._hooks.append(modules[owner].register_forward_pre_hook(_grid_hook(procs), with_kwargs=True))
         if self.adapter.grid is not None:
             self._hooks.append(self.model.register_forward_pre_hook(self._model_grid_hook, with_kwargs=True))
+        self._set_kind_hooks()
         logger.debug(
             "SEG (%s) installed on %d layers: %s", self.adapter.name, len(self.kinds), self.layer_names
         )
         return self
+
+    PERTURBATIONS: tuple[str, ...] = ("blur",)
+    perturbation = "blur"
+
+    def _set_kind_hooks(self) -> None:
+        if self._kind_hooks is not None:
+            self._kind_hooks.remove()
+            self._kind_hooks = None
+        if self.perturbation in HOOK_KINDS and self.installed:
+            self._kind_hooks = PerturbationHooks(self, self.model, self.layer_names, self.perturbation)
+
+    def set_perturbation(self, perturbation: str) -> None:
+        """Perturb the masked rows the ``perturbation`` way (one of ``PERTURBATIONS``) from the next
+        forward on; the hook kinds' hooks (``seg_rt.perturbations``) are installed or removed."""
+        if perturbation not in self.PERTURBATIONS:
+            raise ValueError(
+                f"perturbation must be one of {', '.join(self.PERTURBATIONS)}, got {perturbation!r}"
+            )
+        if perturbation != self.perturbation:
+            self.perturbation = perturbation
+            self._set_kind_hooks()
 
     def _model_grid_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.grid = self.adapter.grid(module, args, kwargs)
@@ -181,6 +205,9 @@ class SEGPatch:
             modules[name].set_processor(proc)
         for hook in self._hooks:
             hook.remove()
+        if self._kind_hooks is not None:
+            self._kind_hooks.remove()
+            self._kind_hooks = None
         self._saved.clear()
         self._hooks.clear()
         self.processors.clear()
@@ -361,12 +388,14 @@ class SEGAttention(SEGPatch):
 
     ``perturbation="identity"`` replaces the blur by PAG's identity attention map (the selected
     rows' attention output is V), the baseline the SEG paper compares against; σ is then unused.
+    ``"shuffle"`` (TPG) and ``"skip"`` (SLG) are module hooks (``seg_rt.perturbations``) on the same
+    layers and rows. ``set_perturbation`` switches the kind between forwards.
 
     ``adapter`` (default the UNet one) installs the same perturbation on another image family
     (the image DiTs of ``seg_rt.dit_attention``), whose processors set ``grid`` from ``self.grid``.
     """
 
-    PERTURBATIONS = ("blur", "identity")
+    PERTURBATIONS = ("blur", "identity", *HOOK_KINDS)
 
     def __init__(
         self,

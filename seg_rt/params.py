@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
+from .guidance import Guidance
 from .lora import LoRA, loras_of
 from .tasks import InputImage, check_task, load_image, task_key, task_of
 
@@ -165,6 +166,8 @@ class GenerationParams:
     ``distilled_guidance``: the guidance value a guidance-distilled model (Flux.1-dev) embeds, as
     ``FluxPipeline``'s ``guidance_scale`` (default 3.5); a model without that input refuses any other
     value (``seg_rt.pipeline.run_params``). Not CFG: ``cfg`` is true CFG with the negative prompt.
+    ``guidance``: the guidance list (``seg_rt.guidance``: ``"apg,pag=3"``), kept in its canonical
+    spelling; ``""`` = CFG and SEG alone (``cfg``, ``seg``).
     """
 
     prompt: str = ""
@@ -186,6 +189,7 @@ class GenerationParams:
     mask: InputImage | None = None
     strength: float = 1.0
     mask_blur: int = 0
+    guidance: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -214,6 +218,9 @@ class GenerationParams:
             object.__setattr__(self, "loras", loras_of(self.loras))
         self.seg.check_cfg(self.cfg)
         check_task(self)
+        terms = Guidance.parse(self.guidance)
+        terms.check(self.cfg, self.seg)
+        object.__setattr__(self, "guidance", terms.spec())
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
         if self.video is not None and self.seg.layers != SEGConfig().layers:
@@ -263,6 +270,7 @@ class GenerationParams:
             self.distilled_guidance,
             self.loras,
             *task_key(self),
+            self.guidance,
         )
 
 
@@ -392,6 +400,8 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
        kinds=IMAGE, recorded=WHEN_SET),
     _f("mask_blur", "mask_blur", int, "Gaussian blur radius of the mask in pixels (diffusers' blur_factor)",
        kinds=IMAGE, recorded=WHEN_SET),
+    _f("guidance", "guidance", str, "guidance terms NAME[=SCALE][:OPT=V...], comma-separated: "
+       "cfg (window), pag, tpg, slg, cfgzero, fresca, apg (seg_rt.guidance)", recorded=WHEN_SET),
     _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),
@@ -494,4 +504,10 @@ def replace_fields(params: GenerationParams, kind: str, values: Mapping[str, Any
 def check_field(key: str, value: Any, kind: str = "image") -> Any:
     """``value`` of wire field ``key`` checked by the request type's own rule, alone (for validators
     that name the field); returns it as the request holds it."""
-    return values_of(request_from_fields({key: value}, kind), kind)[key]
+    context = _CHECK_ALONE.get(key, {})
+    return values_of(request_from_fields({**context, key: value}, kind), kind)[key]
+
+
+# fields whose own rule is checked next to other fields' neutral values: a perturbed guidance term
+# excludes SEG, so the list alone is checked with SEG off (the whole request is checked as a whole)
+_CHECK_ALONE: dict[str, dict[str, Any]] = {"guidance": {"seg_scale": 0.0}}

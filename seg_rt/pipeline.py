@@ -21,6 +21,7 @@ from . import lora, singlefile
 from .errors import ModelLoadError, first_line
 from .execution import BranchParallel, parse_engine_spec
 from .families import REGISTRY, family_of
+from .guidance import Guidance
 from .params import GenerationParams, request_from_fields
 from .safe_load import loads_json
 from .sampler import StepCallback, sample
@@ -367,24 +368,34 @@ def run_params(
     for inputs in (cond, uncond):
         if inputs is not None:
             inputs.update(start.inputs)
+    guidance = Guidance.parse(first.guidance)
     with _open_engine(engine, pipe) as engine:
         engine.configure(first.seg.sigma, first.seg.layers)
-        latents = sample(
-            engine,
-            sched,
-            start.latents,
-            cond,
-            uncond,
-            cfg=first.cfg,
-            seg=first.seg,
-            guidance_rescale=first.guidance_rescale,
-            sequential=first.sequential,
-            generators=generators,
-            progress=progress,
-            callback=callback,
-            timesteps=start.timesteps,
-            blend=start.blend,
-        )
+        # the guidance list's perturbed term (PAG, TPG, SLG) perturbs the seg_mask rows its way for
+        # this run; a long-lived engine gets its own kind back after it
+        kind = guidance.perturbation() if guidance.perturbed is not None else None
+        previous = engine.set_perturbation(kind) if kind is not None else None
+        try:
+            latents = sample(
+                engine,
+                sched,
+                start.latents,
+                cond,
+                uncond,
+                cfg=first.cfg,
+                seg=first.seg,
+                guidance_rescale=first.guidance_rescale,
+                sequential=first.sequential,
+                generators=generators,
+                progress=progress,
+                callback=callback,
+                timesteps=start.timesteps,
+                blend=start.blend,
+                guidance=guidance,
+            )
+        finally:
+            if previous is not None and not engine.closed:
+                engine.set_perturbation(previous)
     return family.decode(pipe, latents, output_type)
 
 

@@ -3,14 +3,17 @@
 Each step builds one batch ``[uncond, cond, perturbed]`` (``[cond, perturbed]`` without CFG) whose
 perturbed rows are marked by ``seg_mask`` (docs/design.md, "Batching"), calls the denoiser once (or
 once per branch with ``sequential=True`` to save memory), and combines the predictions with
-``seg_guidance``. Outside the SEG window the perturbed rows are simply not in the batch.
+``seg_rt.guidance.combine`` (the one formula of every guidance term). Outside the SEG window (a
+term's window) the perturbed rows (the unconditional rows) are simply not in the batch.
 
 The batch is a ``DenoiserBatch``: the named tensors plus their ``RowLayout``, host data (which rows
 are perturbed, which rows' inputs they copy), so a denoiser never reads ``seg_mask`` back from the
 device (no host sync per forward) and can share the perturbed rows' unperturbed prefix.
 
 Cheap modes (``SEGConfig.every``, ``SEGConfig.placement``) are decided by ``seg_action`` and
-``branches_at``, pure functions of (step, num_steps, config).
+``branches_at``, pure functions of (step, num_steps, config). The perturbed rows are SEG's, or the
+guidance list's perturbed term's (PAG, TPG, SLG: ``Guidance.rows_config``); which perturbation the
+denoiser applies to them is its ``set_perturbation``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .config import SEGConfig
-from .guidance import seg_guidance
+from .guidance import NO_GUIDANCE, Guidance, combine
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +60,25 @@ BRANCHES = {
 }
 
 
-def branches_at(step: int, num_steps: int, cfg: float, seg: SEGConfig) -> list[str]:
-    """Branch names computed at ``step``: a function of (step, num_steps, config) only."""
+def branches_at(
+    step: int, num_steps: int, cfg: float, seg: SEGConfig, guidance: Guidance = NO_GUIDANCE
+) -> list[str]:
+    """Branch names computed at ``step``: a function of (step, num_steps, config) only. ``seg`` is
+    the perturbed rows' config (``Guidance.rows_config``); ``guidance`` gives CFG its window."""
     run = seg_action(step, num_steps, seg) == "run"
     if seg.placement == "uncond":
         return ["seg_uncond" if run else "uncond", "cond"]
-    names = ["uncond"] if cfg > 1.0 else []
+    names = ["uncond"] if cfg > 1.0 and guidance.cfg_active(step, num_steps) else []
     names.append("cond")
     if run:
         names.append("seg")
     return names
+
+
+def nfe_at(step: int, num_steps: int, cfg: float, seg: SEGConfig, guidance: Guidance = NO_GUIDANCE) -> int:
+    """Forward passes per image at ``step`` (the batch's rows per image) for a request's ``cfg``,
+    SEG config and guidance list: 1 (cond) + CFG's + the perturbed term's, each inside its window."""
+    return len(branches_at(step, num_steps, cfg, guidance.rows_config(seg), guidance))
 
 
 @dataclass(frozen=True)
@@ -146,6 +158,7 @@ def sample(
     callback: StepCallback | None = None,
     timesteps: Tensor | None = None,
     blend: Callable[[int, Tensor], Tensor] | None = None,
+    guidance: Guidance = NO_GUIDANCE,
 ) -> Tensor:
     """Run SEG(+CFG) sampling from initial ``latents`` (already scaled by ``init_noise_sigma``) over
     ``scheduler.timesteps``: the caller (the model family) has called ``set_timesteps`` once, with
@@ -157,11 +170,18 @@ def sample(
     ``generators`` (one per row) feed stochastic schedulers, so row i depends only on its own seed.
     Tasks (``seg_rt.families.tasks``): ``timesteps`` the steps to run when not all of
     ``scheduler.timesteps`` (img2img's truncated schedule; the scheduler's begin index is set);
-    ``blend(i, latents)`` after each ``scheduler.step`` (inpainting's known-region blend).
+    ``blend(i, latents)`` after each ``scheduler.step`` (inpainting's known-region blend; its
+    ``rows(keep)`` gives the blend of the rows left when the callback drops rows).
+    ``guidance``: the request's guidance list (``seg_rt.guidance``); the denoiser must already
+    perturb its ``seg_mask`` rows the list's way (``Denoiser.set_perturbation``).
     """
     if cfg > 1.0 and uncond is None:
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
     seg.check_cfg(cfg)
+    guidance.check(cfg, seg)
+    guidance.check_model(flow="FlowMatch" in type(scheduler).__name__, latent_ndim=latents.ndim)
+    seg = guidance.rows_config(seg)  # the perturbed rows: SEG's, or the perturbed term's
+    memory: dict = {}  # the modifiers' state across steps (APG's momentum)
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     num = len(timesteps)
     extra = _step_kwargs(scheduler, generators)
@@ -170,7 +190,7 @@ def sample(
     for i, t in enumerate(tqdm(timesteps, desc="seg-rt", disable=not progress, leave=False)):
         # flow-matching schedulers (Wan) have no input scaling
         x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
-        names = branches_at(i, num, cfg, seg)
+        names = branches_at(i, num, cfg, seg, guidance)
         if sequential:
             preds = {b: denoiser(build_batch([b], x, t, cond, uncond)) for b in names}
         else:
@@ -183,14 +203,18 @@ def sample(
                 delta = preds["cond"] - eps_seg
             if action != "off":
                 eps_seg, seg_delta = None, delta
-        eps = seg_guidance(
+        eps = combine(
             preds["cond"],
-            eps_uncond=preds.get("uncond", preds.get("seg_uncond")),
-            eps_seg=eps_seg,
+            preds.get("uncond", preds.get("seg_uncond")),
+            eps_seg,
             seg_delta=seg_delta,
             cfg=cfg,
-            seg_scale=seg.scale,
+            scale=seg.scale,
             rescale=guidance_rescale,
+            modifiers=guidance.modifiers,
+            step=i,
+            num_steps=num,
+            memory=memory,
         )
         latents = scheduler.step(eps, t, latents, **extra, return_dict=False)[0]
         if blend is not None:
@@ -202,6 +226,8 @@ def sample(
                 if not keep:  # every row dropped: nothing left to sample
                     return latents[:0]
                 latents, delta = _rows(latents, keep, n), _rows(delta, keep, n)
+                memory = _rows(memory, keep, n)  # per-row guidance state (APG's momentum)
+                blend = blend.rows(keep) if blend is not None else None  # per-row init latents, masks
                 cond, uncond = _rows(cond, keep, n), _rows(uncond, keep, n)
                 generators = [generators[r] for r in keep] if generators else generators
                 extra = _step_kwargs(scheduler, generators)

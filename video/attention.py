@@ -47,6 +47,7 @@ from seg_rt.attention import (
 from seg_rt.blur import blur_matrix, separable_blur
 from seg_rt.config import SEGConfig, check_sigma
 from seg_rt.params import VIDEO_MODES, VideoParams
+from seg_rt.perturbations import HOOK_KINDS
 
 MODES = VIDEO_MODES
 
@@ -330,10 +331,11 @@ class VideoSEG(SEGPatch):
     ``perturbation="identity"``: instead of the blur, the perturbed samples' attention in those layers
     gets an identity map (output = V): PAG's perturbation, the attention-skip of STG (Hyung et al.
     2024, STG-A), on the same layers the mode selects (σ unused). AnimateDiff only (its processor is
-    the UNet one, which has the output hook).
+    the UNet one, which has the output hook). ``"skip"`` (SLG / STG: attention output zero) and
+    ``"shuffle"`` (TPG) are module hooks (``seg_rt.perturbations``), for every video family.
     """
 
-    PERTURBATIONS = ("blur", "identity")
+    PERTURBATIONS = ("blur", "identity", *HOOK_KINDS)
 
     def __init__(
         self,

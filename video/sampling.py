@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from seg_rt.denoiser import batch_invariant
 from seg_rt.execution import BranchParallel
+from seg_rt.guidance import Guidance
 from seg_rt.params import GenerationParams, request_from_fields
 from seg_rt.pipeline import branch_group, load_pipeline, seed_generators
 from seg_rt.prefix import TransformerFork
@@ -143,6 +144,13 @@ def generate_video(
         raise ValueError(f"output_type must be one of {', '.join(VIDEO_OUTPUT_TYPES)}, got {output_type!r}")
     if isinstance(num_videos, bool) or not isinstance(num_videos, int) or num_videos < 1:
         raise ValueError(f"num_videos must be an integer >= 1, got {num_videos!r}")
+    guidance = Guidance.parse(params.guidance)
+    if guidance.perturbed is not None:  # the list's perturbed term perturbs the seg_mask rows its way
+        if perturbation != "blur":
+            raise ValueError(
+                f"guidance {guidance.perturbed.NAME} sets the perturbation; give no perturbation {perturbation!r}"
+            )
+        perturbation = guidance.perturbation()
     parallel = BranchParallel.of(parallel)
     if parallel is not None:
         if perturbation != "blur":
@@ -191,6 +199,7 @@ def generate_video(
             sequential=params.sequential,
             generators=generators,
             progress=progress,
+            guidance=guidance,
         )
     finally:
         denoiser.close()

@@ -107,6 +107,11 @@ class KnownRegion:
             proper = self.family.noised(self.scheduler, self.image_latents, self.noise, t)
         return (1 - self.mask) * proper + self.mask * latents
 
+    def rows(self, keep: list[int]) -> KnownRegion:
+        """The blend of the ``keep`` rows only (the sampler drops a cancelled job's rows)."""
+        image, noise, mask = (v[keep] for v in (self.image_latents, self.noise, self.mask))
+        return KnownRegion(self.family, self.scheduler, image, noise, mask, self.timesteps)
+
 
 def _noise(shape, generator, device, dtype) -> Tensor:
     from diffusers.utils.torch_utils import randn_tensor
