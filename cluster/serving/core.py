@@ -207,12 +207,12 @@ class ServingCore:
 
     def check_model(self, p: GenerationParams) -> None:
         """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers,
-        whether it takes a distilled guidance value."""
+        the task (inpainting needs a family with it), whether it takes a distilled guidance value."""
         from seg_rt.params import check_size
-        from seg_rt.pipeline import check_model_guidance, select_seg_layers
+        from seg_rt.pipeline import family_of, select_seg_layers
 
         check_size(p.height, p.width, self.factor)
-        check_model_guidance(self.pipe, p.distilled_guidance)
+        family_of(self.pipe).check_request(self.pipe, p)  # the task, distilled guidance
         if self.shapes is not None:
             f = self.latent_factor
             self.shapes.check(self.shapes.batch, p.height // f, p.width // f)

@@ -30,7 +30,15 @@ from .core import Failure, ServingCore
 from .jobs import jobs_for, owner_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import MetricsMiddleware
-from .request import ErrorShape, GenerateRequest, Producer, RequestFailed, capped, validation_lines
+from .request import (
+    INPUT_PIXELS,
+    ErrorShape,
+    GenerateRequest,
+    Producer,
+    RequestFailed,
+    capped,
+    validation_lines,
+)
 
 # answered without an API key: health (load balancers, Serve's own probes) and the playground page
 # (static HTML; the page asks for the key and sends it with each request)
@@ -111,15 +119,23 @@ class RequestGuard:
     Starlette offers neither: its request-size handling is left to the server, and Ray Serve's
     proxy passes bodies through. ``Content-Length`` over the limit is refused at once; a body sent
     without one (chunked) is counted as it streams and refused when it passes the limit. Refusals
-    come in the error shape of the API that owns the path."""
+    come in the error shape of the API that owns the path. It also sets the request's input-image
+    pixel limit (``request.INPUT_PIXELS``) that the body's image fields are decoded under."""
 
     def __init__(
-        self, app, *, api_keys: Sequence[str], max_body_bytes: int, shapes: Sequence[ErrorShape] = ()
+        self,
+        app,
+        *,
+        api_keys: Sequence[str],
+        max_body_bytes: int,
+        shapes: Sequence[ErrorShape] = (),
+        input_pixels: int | None = None,
     ) -> None:
         self.app = app
         self.api_keys = list(api_keys)
         self.max_body_bytes = max_body_bytes
         self.shapes = list(shapes)
+        self.input_pixels = input_pixels
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -146,7 +162,12 @@ class RequestGuard:
                     raise HTTPException(413, f"request body must be <= {limit} bytes")
             return message
 
-        await self.app(scope, counted, send)
+        token = INPUT_PIXELS.set(self.input_pixels) if self.input_pixels is not None else None
+        try:
+            await self.app(scope, counted, send)
+        finally:
+            if token is not None:
+                INPUT_PIXELS.reset(token)
 
     async def _reply(self, send, path: str, status: int, detail: str) -> None:
         response = error_response(self.shapes, path, status, detail)
@@ -196,7 +217,11 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
     shapes = [openai_api.ERRORS, a1111_api.ERRORS]
     app = FastAPI(title="seg-rt", description="Smoothed Energy Guidance (SEG) image generation", version="1")
     app.add_middleware(
-        RequestGuard, api_keys=core.config.api_keys, max_body_bytes=core.config.max_body_bytes, shapes=shapes
+        RequestGuard,
+        api_keys=core.config.api_keys,
+        max_body_bytes=core.config.max_body_bytes,
+        shapes=shapes,
+        input_pixels=core.config.limits.max_pixels,  # an input image is at most what the server makes
     )
     routes: set[str] = set()  # filled below, once every route exists
     app.add_middleware(MetricsMiddleware, metrics=core.metrics, routes=routes)  # sees 401/413

@@ -39,6 +39,13 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
 
     @api.post("/v1/jobs", status_code=202, response_model=None)
     def submit(req: JobRequest, request: Request) -> JSONResponse:
+        if req.init_image is not None:  # a job's rows are kept as records, which name images by sha256
+            raise RequestFailed(
+                422,
+                "init_image: img2img / inpainting jobs are not kept by the job API yet (its records name "
+                "images by sha256 only); send the request to POST /v1/generate",
+                "init_image",
+            )
         extra = {}
         if req.webhook_url is not None:
             try:

@@ -9,7 +9,10 @@ request into images). They import this module only, never the core or the app.
 No ``from __future__ import annotations`` here: FastAPI reads the annotations as classes.
 """
 
+import base64
+import binascii
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,7 +29,7 @@ from seg_rt.params import (
     fields_for,
     request_from_fields,
 )
-from seg_rt.tasks import TASK_FIELDS
+from seg_rt.tasks import MAX_INPUT_PIXELS, check_mask_blur, check_strength, load_image
 
 from ..jobs.spec import Seed
 
@@ -70,9 +73,32 @@ def validation_lines(errors: Sequence[dict]) -> list[str]:
 
 # Where the body's defaults differ from the request type's: the server fills these from its config.
 SERVER_DEFAULTS = {"scheduler": None, "height": None, "width": None}
-# The task fields (init image, mask, strength, mask blur) are not on the HTTP body yet: a server
-# must never read an image from a path a client names; base64 images come with the HTTP task work.
-_TABLE = tuple(f for f in fields_for("image") if f.key not in TASK_FIELDS)
+_TABLE = fields_for("image")
+# The pixel limit of an input image (init image, mask) of this request: the server's (set per HTTP
+# request by ``http.RequestGuard`` from ``Limits.max_pixels``), checked from the image header before
+# any pixel is decoded; PIL's own decompression-bomb guard stays on besides.
+INPUT_PIXELS: ContextVar[int] = ContextVar("input_pixels", default=MAX_INPUT_PIXELS)
+DATA_URL = ("data:image/", ";base64,")
+
+
+def decode_image(value: Any, key: str, mode: str):
+    """An HTTP image field: base64-encoded image bytes (a ``data:image/...;base64,`` prefix
+    accepted), never a path; one ``ValueError`` line naming ``key`` when it is not base64, not an
+    image, or over ``INPUT_PIXELS``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a base64-encoded image (a string), got {type(value).__name__}")
+    text = value.strip()
+    if text.startswith(DATA_URL[0]) and DATA_URL[1] in text:
+        text = text.partition(DATA_URL[1])[2]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(
+            f"{key} must be base64-encoded image bytes (never a path): not valid base64"
+        ) from None
+    return load_image(raw, key, mode=mode, max_pixels=INPUT_PIXELS.get())  # its lines name ``key``
+
+
 _EXTRA = {"num_images": (int, Field(1, ge=1)), "response": (Literal["png", "json"], "png")}
 
 
@@ -89,6 +115,8 @@ def _annotation(f: RequestField) -> Any:
         "sigma": float | str,
         "layers": list[str] | str,
         "loras": list[str | dict[str, Any]],  # NAME[:WEIGHT] or {name, weight}: the server's set
+        "image": str | None,  # base64 image bytes on the wire (seg_rt.tasks.InputImage once decoded)
+        "mask": str | None,
     }.get(f.type, f.type)
 
 
@@ -127,6 +155,11 @@ class GenerateRequest(_Fields):
             return v
         if info.field_name == "loras":  # names of the server's preloaded set: looked up by the core
             return [{"name": n, "weight": w} for n, w in named_specs(v)]
+        f = field_named(info.field_name, "image")
+        if f.type in ("image", "mask"):  # bytes only: a server never opens a path a client names
+            return None if v is None else decode_image(v, f.key, "L" if f.type == "mask" else "RGB")
+        if f.key in ("strength", "mask_blur"):  # alone; with the init image in ``_whole``
+            return check_strength(v) if f.key == "strength" else check_mask_blur(v)
         value = check_field(info.field_name, v)  # the request type's own rule
         return list(value) if field_named(info.field_name, "image").type == "layers" else value
 
@@ -149,6 +182,9 @@ class GenerateRequest(_Fields):
         picked = [(x["name"], x["weight"]) for x in values.pop("loras")]
         if loras is not None:
             values["loras"] = resolve_named(picked, loras)
+        init = values["init_image"]  # an init image gives the size it leaves out (seg_rt.generate's rule)
+        if init is not None:
+            height, width = init.height, init.width
         fill = {"height": height, "width": width, "scheduler": scheduler}
         values.update({k: values[k] or fill[k] for k in fill})
         return request_from_fields(values)
