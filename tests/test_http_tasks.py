@@ -1,7 +1,8 @@
 """img2img and inpainting over HTTP (``POST /v1/generate``): base64 images only, decoded under the
 server's pixel limit, the same bytes as ``seg_rt.generate`` for the same request (the same code path,
 so bit-equal), records naming the input images by sha256, and one 422 line naming the field for each
-bad input, before any sampling. Served from the bundled demo model in-process (no Ray, no network)."""
+bad input, before any sampling; the OpenAI ``/v1/images/edits`` route with the official ``openai``
+client against a loopback server. Served from the bundled demo model (no Ray, no network)."""
 
 import base64
 import hashlib
@@ -9,6 +10,7 @@ import io
 import json
 
 import numpy as np
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -19,6 +21,8 @@ from seg_rt.cluster.serving.core import ServingCore
 from seg_rt.cluster.serving.http import build_app
 from seg_rt.demo.model import weights_dir
 from seg_rt.pipeline import load_pipeline
+
+from .live_server import live_server, torch_threads
 
 PROMPT = "yellow star on checks"
 
@@ -111,3 +115,80 @@ def test_bad_task_fields_are_one_422_line_naming_the_field(client, tmp_path):
     # the job API refuses them with one line (its records could not give the images back)
     r = client.post("/v1/jobs", json={"prompt": PROMPT, "init_image": init, "strength": 0.5})
     assert r.status_code == 422 and r.json()["detail"].startswith("init_image: img2img / inpainting jobs")
+
+
+# ---- OpenAI /v1/images/edits with the official client ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_client(pipe):
+    config = ServeConfig(model=str(weights_dir()), api_keys=["k-1"], limits={"max_pixels": 40 * 40})
+    with torch_threads(1), live_server(build_app(ServingCore(config, pipe))) as base:
+        yield openai.OpenAI(base_url=f"{base}/v1", api_key="k-1", max_retries=0)
+
+
+def png_file(image: Image.Image) -> tuple[str, bytes, str]:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return ("x.png", buf.getvalue(), "image/png")
+
+
+def test_openai_images_edit_equals_generate(openai_client, pipe):
+    """OpenAI's mask: transparent = edit; seg-rt's: white = repaint (the conversion written out here)."""
+    init = picture()
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[8:24, 4:20] = 0  # the region to edit
+    mask = Image.fromarray(np.dstack([np.asarray(init), alpha]), "RGBA")
+    ours = Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8))
+    extra = {"seed": 3, "steps": 4, "strength": 0.75}
+    result = openai_client.images.edit(
+        image=png_file(init), mask=png_file(mask), prompt=PROMPT, n=1, size="32x32",
+        response_format="b64_json", extra_body=extra,
+    )  # fmt: skip
+    got = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    with torch_threads(1):
+        ref = seg_rt.generate(pipe, PROMPT, image=init, mask=ours, height=32, width=32, **extra)[0]
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(ref.convert("RGB")))
+    record = json.loads(got.text["parameters"])
+    assert record["init_image"]["sha256"] == sha(init) and record["mask"]["sha256"] == sha(ours)
+    # no mask: img2img
+    result = openai_client.images.edit(
+        image=png_file(init),
+        prompt=PROMPT,
+        response_format="b64_json",
+        extra_body={"seed": 1, "steps": 4, "strength": 0.5},
+    )
+    got = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    with torch_threads(1):
+        ref = seg_rt.generate(pipe, PROMPT, image=init, seed=1, steps=4, strength=0.5)[0]
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(ref.convert("RGB")))
+    assert "mask" not in json.loads(got.text["parameters"])
+
+
+def test_openai_images_edit_bad_input_is_a_400_naming_the_field(openai_client):
+    init = png_file(picture())
+    cases = [
+        (
+            {"image": init, "mask": png_file(Image.new("L", (32, 32)))},
+            "mask",
+            "mask must have an alpha channel",
+        ),
+        ({"image": ("x.png", b"no image", "image/png")}, "image", "init_image is not an image"),
+        (
+            {"image": png_file(picture(48, 48))},
+            "image",
+            "init_image is 48x48 = 2304 pixels; the limit is 1600",
+        ),
+        (
+            {"image": init, "mask": png_file(Image.new("RGBA", (16, 32)))},
+            None,
+            "mask is 16x32 but the init image",
+        ),
+    ]
+    for files, param, start in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            openai_client.images.edit(prompt=PROMPT, response_format="b64_json", **files)
+        error = info.value.body
+        assert error["message"].startswith(start), error
+        if param is not None:
+            assert error["param"] == param, error

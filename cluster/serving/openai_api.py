@@ -1,4 +1,5 @@
-"""The OpenAI Images API on the seg-rt server: ``POST /v1/images/generations``, ``GET /v1/models``.
+"""The OpenAI Images API on the seg-rt server: ``POST /v1/images/generations``,
+``POST /v1/images/edits``, ``GET /v1/models``.
 
 Reference behaviour: the OpenAI API reference (Images → Create image; Models; Error codes), as the
 official ``openai`` Python client speaks it: ``OpenAI(base_url="http://HOST:PORT/v1", api_key=KEY)``
@@ -12,9 +13,16 @@ are checked by ``GenerateRequest``'s rules. ``user`` is accepted and ignored (it
 every other OpenAI field that would change the result is refused by name. Images are PNGs with the
 seg-rt parameter record, returned as ``b64_json`` (this server does not host files, so no ``url``).
 Errors come as ``{"error": {"message", "type", "param", "code"}}``; bad input is HTTP 400.
+
+``/v1/images/edits`` (Images → Create image edit; ``client.images.edit(image=..., mask=...,
+prompt=...)``) is a multipart form: ``image`` (one file), an optional ``mask`` whose fully
+transparent pixels (alpha 0) mark the region to edit — turned into seg-rt's mask, white = repaint —
+and the same fields as a generation (``n``, ``size``, ``response_format``, seg-rt's extras such as
+``strength`` or ``seed``). Without a mask it is img2img (``strength``, default 1).
 """
 
 import base64
+import io
 import re
 import time
 from typing import Any
@@ -24,7 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from seg_rt.params import fields_for
 
-from .request import ECHO_CHARS, ErrorShape, GenerateRequest, Producer, RequestFailed, make_request, shown
+from .request import (
+    ECHO_CHARS,
+    INPUT_PIXELS,
+    ErrorShape,
+    GenerateRequest,
+    Producer,
+    RequestFailed,
+    make_request,
+    shown,
+)
 
 PREFIXES = ("/v1/images/", "/v1/models")
 # seg-rt fields a client may add (``extra_body``); OpenAI's own names cover size and count
@@ -35,7 +52,12 @@ EXTRA_FIELDS = tuple(
         | {alias for f in fields_for("image") if f.key in GenerateRequest.model_fields for alias in f.aliases}
     )
 )
-OUR_NAMES = {"num_images": "n", "height": "size", "width": "size"}  # our field → the client's
+OUR_NAMES = {
+    "num_images": "n",
+    "height": "size",
+    "width": "size",
+    "init_image": "image",
+}  # our field → the client's
 SIZE = re.compile(r"([0-9]+)x([0-9]+)")  # whole string (fullmatch): no trailing newline, ASCII digits
 
 
@@ -112,6 +134,80 @@ def to_generate_request(req: ImagesRequest, served_model: str) -> GenerateReques
     return make_request(**fields)
 
 
+def edit_mask(raw: bytes) -> str:
+    """An OpenAI edit mask (transparent = edit) as seg-rt's mask (white = repaint), base64 PNG for
+    ``GenerateRequest``; its size is checked against the pixel limit before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(raw))  # header only
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise RequestFailed(422, f"mask is not an image PIL can read ({type(e).__name__})", "mask") from None
+    width, height = image.size
+    if width * height > INPUT_PIXELS.get():
+        raise RequestFailed(
+            422,
+            f"mask is {width}x{height} = {width * height} pixels; the limit is {INPUT_PIXELS.get()}",
+            "mask",
+        )
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        raise RequestFailed(
+            422,
+            "mask must have an alpha channel: its fully transparent pixels mark the region to edit",
+            "mask",
+        )
+    try:
+        alpha = image.convert("RGBA").getchannel("A")
+    except (OSError, ValueError) as e:
+        raise RequestFailed(422, f"mask could not be decoded ({type(e).__name__})", "mask") from None
+    buf = io.BytesIO()
+    alpha.point(lambda a: 255 if a == 0 else 0).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def images_response(rows, pngs) -> dict:
+    return {
+        "created": int(time.time()),
+        "data": [
+            {"b64_json": base64.b64encode(png).decode(), "seed": p.seed}
+            for png, p in zip(pngs, rows, strict=True)
+        ],
+        "output_format": "png",
+        "size": f"{rows[0].width}x{rows[0].height}",
+    }
+
+
+async def edit_request(request: Request, served_model: str) -> GenerateRequest:
+    """The edit form as ``GenerateRequest``: files become the base64 ``init_image`` / ``mask``, the
+    other form fields go through ``to_generate_request`` like a generation's."""
+    form = await request.form()
+    files = {k: v for k, v in form.multi_items() if not isinstance(v, str)}
+    images = [v for k, v in form.multi_items() if k in ("image", "image[]")]
+    if len(images) != 1 or isinstance(images[0], str):
+        raise RequestFailed(422, f"image must be one image file, got {len(images)}", "image")
+    fields: dict[str, Any] = {k: v for k, v in form.multi_items() if isinstance(v, str)}
+    extra = sorted(set(files) - {"image", "image[]", "mask"})
+    if extra:
+        raise RequestFailed(422, f"{extra[0][:ECHO_CHARS]} must not be a file", extra[0][:ECHO_CHARS])
+    if "n" in fields:  # form fields are text; n is typed strictly for JSON bodies
+        if not fields["n"].isdigit():
+            raise RequestFailed(422, f"n must be an integer >= 1, got {shown(fields['n'])}", "n")
+        fields["n"] = int(fields["n"])
+    for key in ("image", "image[]", "init_image", "mask_image"):
+        if key in fields:
+            raise RequestFailed(422, f"{key} must be a file", key)
+    fields["init_image"] = base64.b64encode(await images[0].read()).decode()
+    if "mask" in files:
+        fields["mask"] = edit_mask(await files["mask"].read())
+    elif "mask" in fields:
+        raise RequestFailed(422, "mask must be a file", "mask")
+    try:
+        req = ImagesRequest(**fields)
+    except ValueError as exc:
+        raise RequestFailed(422, str(exc).splitlines()[0]) from None
+    return to_generate_request(req, served_model)
+
+
 def router(produce: Producer, name: str, stream=None) -> APIRouter:
     """The OpenAI routes over the server's one producer (limits, batching, records); ``name`` is the
     served model as clients see it."""
@@ -141,14 +237,11 @@ def router(produce: Producer, name: str, stream=None) -> APIRouter:
                 raise RequestFailed(422, f"stream must be true or false, got {wants_stream!r}", "stream")
             return stream(to_generate_request(req, name), partial, request)  # openai_stream.streamed
         rows, pngs = await produce(to_generate_request(req, name))
-        return {
-            "created": int(time.time()),
-            "data": [
-                {"b64_json": base64.b64encode(png).decode(), "seed": p.seed}
-                for png, p in zip(pngs, rows, strict=True)
-            ],
-            "output_format": "png",
-            "size": f"{rows[0].width}x{rows[0].height}",
-        }
+        return images_response(rows, pngs)
+
+    @api.post("/v1/images/edits")
+    async def edits(request: Request) -> Any:
+        rows, pngs = await produce(await edit_request(request, name))
+        return images_response(rows, pngs)
 
     return api
