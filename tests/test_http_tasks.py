@@ -12,6 +12,7 @@ import json
 import numpy as np
 import openai
 import pytest
+import webuiapi
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -121,10 +122,15 @@ def test_bad_task_fields_are_one_422_line_naming_the_field(client, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def openai_client(pipe):
+def base_url(pipe):
     config = ServeConfig(model=str(weights_dir()), api_keys=["k-1"], limits={"max_pixels": 40 * 40})
     with torch_threads(1), live_server(build_app(ServingCore(config, pipe))) as base:
-        yield openai.OpenAI(base_url=f"{base}/v1", api_key="k-1", max_retries=0)
+        yield base
+
+
+@pytest.fixture(scope="module")
+def openai_client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="k-1", max_retries=0)
 
 
 def png_file(image: Image.Image) -> tuple[str, bytes, str]:
@@ -192,3 +198,52 @@ def test_openai_images_edit_bad_input_is_a_400_naming_the_field(openai_client):
         assert error["message"].startswith(start), error
         if param is not None:
             assert error["param"] == param, error
+
+
+# ---- AUTOMATIC1111 /sdapi/v1/img2img with webuiapi ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def webui(base_url):
+    host, port = base_url.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    api.set_auth("anyone", "k-1")
+    return api
+
+
+def test_webuiapi_img2img_and_inpainting_equal_generate(webui, pipe):
+    init, mask = picture(), the_mask()
+    common = {"prompt": PROMPT, "seed": 7, "steps": 4, "cfg_scale": 5.0, "width": 32, "height": 32}
+    common["sampler_name"] = "Euler"  # webuiapi's own default is Euler a
+    result = webui.img2img(images=[init], denoising_strength=0.5, **common)
+    with torch_threads(1):
+        ref = seg_rt.generate(pipe, PROMPT, image=init, strength=0.5, seed=7, steps=4, cfg=5.0)[0]
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(ref.convert("RGB")))
+    assert result.info["seg_rt"][0]["init_image"]["sha256"] == sha(init)
+    assert result.parameters["init_images"] is None  # no image echoed back
+    # inpainting: the web UI's settings that diffusers' inpaint pipelines mean
+    result = webui.img2img(
+        images=[init], mask_image=mask, mask_blur=2, inpainting_fill=1, inpaint_full_res=False,
+        denoising_strength=0.75, **common,
+    )  # fmt: skip
+    with torch_threads(1):
+        ref = seg_rt.generate(
+            pipe, PROMPT, image=init, mask=mask, mask_blur=2, strength=0.75, seed=7, steps=4, cfg=5.0
+        )[0]
+    assert np.array_equal(np.asarray(result.image.convert("RGB")), np.asarray(ref.convert("RGB")))
+    assert result.info["seg_rt"][0]["mask"]["sha256"] == sha(mask)
+
+
+def test_webuiapi_img2img_refuses_settings_without_an_equivalent(webui):
+    init, mask = picture(), the_mask()
+    common = {"prompt": PROMPT, "steps": 4, "width": 32, "height": 32}
+    cases = [  # webuiapi's defaults: fill 0, only masked
+        ({"mask_image": mask}, "inpainting_fill must be 1 (original)"),
+        ({"mask_image": mask, "inpainting_fill": 1}, "inpaint_full_res must be false"),
+        ({"resize_mode": 1}, "resize_mode must be 0"),
+        ({"denoising_strength": 0.1}, "strength x steps must be >= 1"),
+    ]
+    for kwargs, start in cases:
+        with pytest.raises(RuntimeError) as info:  # webuiapi raises on a non-200 answer
+            webui.img2img(images=[init], **common, **kwargs)
+        assert start in str(info.value), str(info.value)

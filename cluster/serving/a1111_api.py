@@ -1,4 +1,5 @@
-"""The AUTOMATIC1111 web UI API on the seg-rt server: ``/sdapi/v1/txt2img`` and what clients probe.
+"""The AUTOMATIC1111 web UI API on the seg-rt server: ``/sdapi/v1/txt2img``, ``/sdapi/v1/img2img``
+and what clients probe.
 
 Reference behaviour: stable-diffusion-webui's ``modules/api/api.py`` and ``models.py`` (txt2img
 request and response, ``sd-models``, ``samplers``, ``schedulers``, ``options``, ``scripts``,
@@ -19,6 +20,11 @@ their off value; fields that only act through them (``hr_*``, ``denoising_streng
 and the save flags are ignored, as is ``eta``: the schedulers keep diffusers' noise (Euler a:
 fully ancestral, the web UI's η = 1; DDIM: η = 0). Errors come in the web UI's API error shape
 ``{"error", "detail", "body", "errors"}``.
+
+``img2img`` (``webuiapi``'s ``img2img(images=[...], mask_image=..., denoising_strength=...)``) maps
+``init_images`` (one base64 image) → ``init_image``, ``denoising_strength`` → ``strength``, ``mask``
+(white = repaint) and ``mask_blur``; settings diffusers has no equivalent for are refused by name
+unless sent at the value diffusers' pipelines mean (``IMG2IMG_ONLY``).
 """
 
 import base64
@@ -243,6 +249,11 @@ def _check_options(options: dict[str, Any], served_model: str) -> None:
 
 def to_generate_request(req: Txt2ImgRequest, served_model: str, default_scheduler: str) -> GenerateRequest:
     """This API's one mapping onto ``GenerateRequest`` (a random seed for ``seed: -1``)."""
+    return make_request(**generate_fields(req, served_model, default_scheduler))
+
+
+def generate_fields(req: Txt2ImgRequest, served_model: str, default_scheduler: str) -> dict[str, Any]:
+    """The ``GenerateRequest`` fields of a txt2img body (and of an img2img body's txt2img part)."""
     top = _check_off(req, served_model)
     script = _seg_script(req.alwayson_scripts)
     if top and script:
@@ -273,7 +284,63 @@ def to_generate_request(req: Txt2ImgRequest, served_model: str, default_schedule
         **top,
         **script,
     }
-    return make_request(**{k: v for k, v in fields.items() if v is not None})
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """The img2img body: txt2img's fields, the init image, ``denoising_strength`` and the inpainting
+    settings diffusers has an equivalent for (the rest only at the value that means it)."""
+
+    init_images: list[str] = []
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    mask_blur: int = 4
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    resize_mode: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+    image_cfg_scale: float | None = None  # instruct-pix2pix only: changes no image of other models
+
+
+# img2img / inpainting settings: what the web UI's value means, and the only value diffusers' img2img
+# and inpaint pipelines have an equivalent for (``resize_mode`` 0: resized to the size, as their
+# image processor does; ``inpainting_fill`` 1 "original": the masked region starts from the noised
+# init image; ``inpaint_full_res`` false "whole picture": diffusers' ``padding_mask_crop`` is not
+# wired in). ``with_mask``: the setting acts only on inpainting, as in the web UI.
+IMG2IMG_ONLY = {
+    "resize_mode": (0, False, "0 (just resize)"),
+    "inpainting_mask_invert": (0, True, "0 (white = repaint)"),
+    "initial_noise_multiplier": (1.0, False, "1"),
+    "include_init_images": (False, False, "false"),
+    "inpainting_fill": (1, True, "1 (original)"),
+    "inpaint_full_res": (False, True, "false (whole picture)"),
+}
+
+
+def to_img2img_request(req: Img2ImgRequest, served_model: str, default_scheduler: str) -> GenerateRequest:
+    """The img2img body onto ``GenerateRequest``: ``init_images[0]`` → ``init_image``,
+    ``denoising_strength`` → ``strength``, ``mask`` / ``mask_blur`` (inpainting)."""
+    if len(req.init_images) != 1:
+        raise RequestFailed(
+            422,
+            f"init_images must hold one base64 image on seg-rt, got {len(req.init_images)}",
+            "init_images",
+        )
+    for key, (value, with_mask, spelled) in IMG2IMG_ONLY.items():
+        given = getattr(req, key)
+        if given is not None and given != value and (req.mask is not None or not with_mask):
+            raise RequestFailed(
+                422,
+                f"{key} must be {spelled} on seg-rt (diffusers has no equivalent), got {shown(given)}",
+                key,
+            )
+    fields = generate_fields(req, served_model, default_scheduler)
+    fields.update(init_image=req.init_images[0], strength=req.denoising_strength)
+    if req.mask is not None:  # the web UI blurs only a mask it has
+        fields.update(mask=req.mask, mask_blur=req.mask_blur)
+    return make_request(**fields)
 
 
 def infotext(p, model: str, sampler: str) -> str:
@@ -303,8 +370,15 @@ def router(produce: Producer, name: str, default_scheduler: str) -> APIRouter:
 
     @api.post("/txt2img")
     async def txt2img(req: Txt2ImgRequest) -> dict:
-        gen = to_generate_request(req, name, default_scheduler)
-        rows, pngs = await produce(gen)
+        rows, pngs = await produce(to_generate_request(req, name, default_scheduler))
+        return answer(req, rows, pngs)
+
+    @api.post("/img2img")
+    async def img2img(req: Img2ImgRequest) -> dict:
+        rows, pngs = await produce(to_img2img_request(req, name, default_scheduler))
+        return answer(req, rows, pngs, init_images=None, mask=None)  # the web UI echoes no images
+
+    def answer(req: Txt2ImgRequest, rows, pngs, **echo) -> dict:
         first, sampler = rows[0], sampler_name(rows[0].scheduler)
         info = {
             "prompt": first.prompt,
@@ -329,11 +403,15 @@ def router(produce: Producer, name: str, default_scheduler: str) -> APIRouter:
             "seg_rt": [p.to_record() for p in rows],  # seg-rt's own record, one per image
             "version": "seg-rt",
         }
-        parameters = req.model_dump() | {
-            "seed": first.seed,
-            "sampler_name": sampler,
-            "scheduler": "Automatic",
-        }
+        parameters = (
+            req.model_dump()
+            | echo
+            | {
+                "seed": first.seed,
+                "sampler_name": sampler,
+                "scheduler": "Automatic",
+            }
+        )
         return {
             "images": [base64.b64encode(png).decode() for png in pngs] if req.send_images else [],
             "parameters": parameters,
@@ -379,7 +457,7 @@ def router(produce: Producer, name: str, default_scheduler: str) -> APIRouter:
 
     @api.get("/scripts")
     def scripts() -> dict:
-        return {"txt2img": ["seg"], "img2img": []}
+        return {"txt2img": ["seg"], "img2img": ["seg"]}
 
     @api.get("/progress")
     def progress() -> dict:
