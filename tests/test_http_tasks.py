@@ -198,6 +198,9 @@ def test_openai_images_edit_bad_input_is_a_400_naming_the_field(openai_client):
         assert error["message"].startswith(start), error
         if param is not None:
             assert error["param"] == param, error
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.images.edit(prompt=PROMPT, image=init, n=0)
+    assert info.value.body["param"] == "n" and info.value.body["message"].startswith("n: ")
 
 
 # ---- AUTOMATIC1111 /sdapi/v1/img2img with webuiapi ------------------------------------------------

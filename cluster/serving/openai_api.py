@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from seg_rt.params import fields_for
 
@@ -39,6 +39,7 @@ from .request import (
     GenerateRequest,
     Producer,
     RequestFailed,
+    first_error,
     make_request,
     shown,
 )
@@ -203,8 +204,8 @@ async def edit_request(request: Request, served_model: str) -> GenerateRequest:
         raise RequestFailed(422, "mask must be a file", "mask")
     try:
         req = ImagesRequest(**fields)
-    except ValueError as exc:
-        raise RequestFailed(422, str(exc).splitlines()[0]) from None
+    except ValidationError as exc:
+        raise RequestFailed(422, first_error(exc), str(exc.errors()[0]["loc"][0])) from None
     return to_generate_request(req, served_model)
 
 
