@@ -113,9 +113,45 @@ def test_bad_task_fields_are_one_422_line_naming_the_field(client, tmp_path):
         assert r.status_code == 422, (body.keys(), r.text)
         detail = r.json()["detail"]
         assert detail.startswith(start) and "\n" not in detail, detail
-    # the job API refuses them with one line (its records could not give the images back)
-    r = client.post("/v1/jobs", json={"prompt": PROMPT, "init_image": init, "strength": 0.5})
-    assert r.status_code == 422 and r.json()["detail"].startswith("init_image: img2img / inpainting jobs")
+    r = client.post("/v1/jobs", json={"prompt": PROMPT, "steps": 4, "init_image": init, "strength": 0.1})
+    assert r.status_code == 422 and r.json()["detail"].startswith("strength x steps must be >= 1")
+
+
+def test_an_inpainting_job_gives_the_generate_bytes_and_survives_a_restart(pipe, tmp_path):
+    """``POST /v1/jobs`` takes the same body; the job keeps its input images (by sha256) in its
+    folder, so a restarted server reads the job back and serves its result."""
+    config = ServeConfig(model=str(weights_dir()), state_dir=str(tmp_path / "state"))
+    core = ServingCore(config, pipe)
+    init, mask = picture(), the_mask()
+    body = {
+        "prompt": PROMPT,
+        "seed": 4,
+        "steps": 4,
+        "init_image": b64(init),
+        "mask": b64(mask),
+        "strength": 0.75,
+    }
+    try:
+        c = TestClient(build_app(core))
+        job = c.post("/v1/jobs", json=body)
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        assert core.jobs.wait(core.jobs.jobs[job_id], 900)
+        result = c.get(f"/v1/jobs/{job_id}/result")
+        assert result.status_code == 200, result.text
+        assert result.content == c.post("/v1/generate", json=body).content
+        kept = json.loads((core.jobs.root / job_id / "job.json").read_text())
+        assert kept["request"]["init_image"]["sha256"] == sha(init)  # no image bytes in the record
+        assert b64(init) not in json.dumps(kept)
+    finally:
+        core.close()
+    again = ServingCore(config, pipe)
+    try:
+        c = TestClient(build_app(again))
+        assert c.get(f"/v1/jobs/{job_id}/result").content == result.content
+        assert again.jobs._load(job_id).rows[0].mask.sha256 == sha(mask)
+    finally:
+        again.close()
 
 
 # ---- OpenAI /v1/images/edits with the official client ---------------------------------------------

@@ -165,13 +165,14 @@ class Job(Watch):
         }
 
     @classmethod
-    def from_record(cls, r: dict) -> "Job":
+    def from_record(cls, r: dict, folder: Path | None = None) -> "Job":
+        """``folder``: the job's own, where its input images are kept (``input_files``)."""
         job = cls(
             id=r["id"],
             owner=r["owner"],
             kind=r["kind"],
             body=r["request"],
-            rows=[GenerationParams.from_record(p) for p in r["params"]],
+            rows=[GenerationParams.from_record(with_inputs(p, folder)) for p in r["params"]],
             created=r["created"],
             status=r["status"],
             started=r["started"],
@@ -183,6 +184,40 @@ class Job(Watch):
         )
         job.done_steps, job.total_steps = r["steps"]
         return job
+
+
+INPUT_KEYS = ("init_image", "mask")  # request fields holding an input image (records: its sha256)
+
+
+def input_files(rows: Sequence[GenerationParams]) -> dict[str, bytes]:
+    """A job's input images as lossless PNGs named by their sha256 (``InputImage.sha256``), kept in
+    the job's folder: records name images by sha256 only, so a reloaded job reads them back here."""
+    import io
+
+    files = {}
+    for p in rows:
+        for key in INPUT_KEYS:
+            image = getattr(p, key)
+            if image is not None:
+                buf = io.BytesIO()
+                image.pil().save(buf, format="PNG")
+                files[f"input-{image.sha256}.png"] = buf.getvalue()
+    return files
+
+
+def with_inputs(record: dict, folder: Path | None) -> dict:
+    """A row's record with its input images read back from the job's folder (their sha256 checked)."""
+    from seg_rt.tasks import load_image
+
+    out = dict(record)
+    for key in INPUT_KEYS:
+        named = record.get(key)
+        if isinstance(named, dict) and folder is not None:
+            image = load_image(folder / f"input-{named['sha256']}.png", key, mode=named["mode"])
+            if image.sha256 != named["sha256"]:
+                raise ValueError(f"{key} of the job record does not match its kept file")
+            out[key] = image
+    return out
 
 
 class JobMetrics:
@@ -282,7 +317,7 @@ class JobManager:
             return None
         path = self.root / job_id / RECORD
         try:
-            return Job.from_record(json.loads(path.read_bytes()))
+            return Job.from_record(json.loads(path.read_bytes()), path.parent)
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -342,6 +377,8 @@ class JobManager:
                 raise QueueFull(self.queue_length, self.retry_after())
             job = Job(id=new_job_id(), owner=owner, kind=kind, body=body, rows=rows, extra=extra)
             job.previewer, job.preview_every = self.preview, self.preview_every
+            for name, data in input_files(rows).items():  # before the record that names them
+                write_atomic(self.root / job.id / name, data)
             self._save(job)
             self.jobs[job.id] = job
             self.queue.append(job)

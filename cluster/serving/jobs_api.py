@@ -39,13 +39,6 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
 
     @api.post("/v1/jobs", status_code=202, response_model=None)
     def submit(req: JobRequest, request: Request) -> JSONResponse:
-        if req.init_image is not None:  # a job's rows are kept as records, which name images by sha256
-            raise RequestFailed(
-                422,
-                "init_image: img2img / inpainting jobs are not kept by the job API yet (its records name "
-                "images by sha256 only); send the request to POST /v1/generate",
-                "init_image",
-            )
         extra = {}
         if req.webhook_url is not None:
             try:
@@ -57,7 +50,9 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
         except ValueError as exc:
             raise RequestFailed(422, str(exc)) from None
         try:
-            body = req.model_dump(mode="json", exclude={"webhook_url"})
+            images = {k: getattr(req, k) for k in ("init_image", "mask") if getattr(req, k) is not None}
+            body = req.model_dump(mode="json", exclude={"webhook_url", *images})  # images: by sha256
+            body.update({k: image.record() for k, image in images.items()})
             job = jobs.submit(rows, owner(request), req.response, body, **extra)
         except QueueFull as exc:
             return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
