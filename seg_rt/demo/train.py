@@ -315,7 +315,9 @@ def main(
                 f"--weak-step (got {args.weak_step}) and --weak-out go together, 0 < step < --steps {cfg.steps}"
             )
         check_out_dir(args.out, is_trained_folder, overwrite=args.overwrite, what=trainer_cls.what)
-        if args.weak_out is not None:
+        # a weak checkpoint already written (a resumed run) is kept as it is
+        weak_due = args.weak_out is not None and not is_trained_folder(args.weak_out)
+        if weak_due:
             check_out_dir(args.weak_out, is_trained_folder, overwrite=args.overwrite, what=trainer_cls.what)
         if checkpoint_meta(args.work_dir, cfg) is None and args.stop_now:
             raise ValueError(f"--stop-now needs a checkpoint in {checkpoint_dir(args.work_dir)}")
@@ -327,7 +329,7 @@ def main(
     if trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.ckpt, trainer.step)
     command = prog + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    if args.weak_out is not None and trainer.step > args.weak_step and not is_trained_folder(args.weak_out):
+    if weak_due and trainer.step > args.weak_step:
         print(f"error: resumed at step {trainer.step}, past --weak-step {args.weak_step}", file=sys.stderr)
         return 2
     start, losses = time.time(), []
@@ -344,7 +346,7 @@ def main(
             )
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
             trainer.save_checkpoint()
-        if trainer.step == args.weak_step:
+        if weak_due and trainer.step == args.weak_step:
             trainer.export(args.weak_out, command, overwrite=args.overwrite, keep_training=True)
             logger.info("wrote the weak checkpoint %s (%d steps)", args.weak_out, trainer.step)
     trainer.export(args.out, command, overwrite=args.overwrite)
