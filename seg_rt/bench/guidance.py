@@ -261,8 +261,8 @@ def run_guidance(
     *,
     cases: Sequence[str] = CASES,
     methods: Sequence[str] = DEFAULT_METHODS,
-    samples: int = 100,
-    steps: int = 8,
+    samples: int = 64,
+    steps: int = 6,
     scales: Sequence[float] = SCALES,
     sigmas: Sequence[float] = SIGMAS,
     case_sigmas: Sequence[float] = CASE_SIGMAS,
@@ -426,7 +426,7 @@ def plot(rows: list[dict], path) -> None:
                 pts = [r for r in rival if r["steps"] == n_steps]
                 ax.plot([r["dist_to_vanilla"] for r in pts], [r["fid"] for r in pts], "k--o", alpha=0.3 + 0.7 * (n_steps == max(r["steps"] for r in rival)),
                         markersize=3, label=f"{'CFG sweep' if case != 'unconditional' else 'vanilla'} @ {n_steps} steps")  # fmt: skip
-            for key in sorted({(r["method"], r["sigma"]) for r in sel if r.get("role") == "method"}):
+            for key in sorted({(r["method"], r["sigma"]) for r in sel if r.get("role") == "method"}, key=str):
                 pts = sorted(
                     (r for r in sel if r.get("role") == "method" and (r["method"], r["sigma"]) == key),
                     key=lambda r: r["scale"],
