@@ -20,7 +20,17 @@ SPEED = {  # bench -> (module with run / describe, what it measures)
     "engines": ("seg_rt.bench.engines", "one SEG denoiser step: ONNX Runtime CPU settings vs torch eager"),
     "step": ("seg_rt.bench.step", "time per denoising step of each guidance mode, as a ratio to CFG"),
 }
-ORDER = ("blur", "engines", "cluster", "serve", "video-quality", "quality", "step", "gpu")  # in --help
+ORDER = (
+    "blur",
+    "engines",
+    "cluster",
+    "serve",
+    "video-quality",
+    "quality",
+    "guidance",
+    "step",
+    "gpu",
+)  # in --help
 RAY = {
     "cluster": "seg-rt run images/s with 1 and 2 workers, 1 vs 2 nodes, node loss, branch-parallel SEG",
     "serve": "HTTP requests/s and p50/p95 latency at 1 and 8 clients, server overhead",
@@ -41,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             _json(p)
             p.set_defaults(func=cmd_ray)
         else:
-            {"quality": _add_quality, "video-quality": _add_video_quality, "gpu": _add_gpu}[name](bsub)
+            {"quality": _add_quality, "video-quality": _add_video_quality, "gpu": _add_gpu,
+             "guidance": _add_guidance}[name](bsub)  # fmt: skip
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -82,6 +93,88 @@ def _add_quality(bsub: argparse._SubParsersAction) -> None:
         help="add the cheap SEG rows: every 2nd step, uncond placement, a window",
     )
     q.set_defaults(func=cmd_quality)
+
+
+def _add_guidance(bsub: argparse._SubParsersAction) -> None:
+    from seg_rt.bench import guidance as g
+
+    p = bsub.add_parser(
+        "guidance",
+        help="each guidance method vs CFG at matched NFE and effective strength, both bundled models",
+    )
+    p.add_argument(
+        "--models", default="digits,demo", help="bundled models: digits, demo (each final and weak)"
+    )
+    p.add_argument("--checkpoints", default="final,weak", help="final, weak (the early-step export) or both")
+    p.add_argument("--cases", default=",".join(g.CASES), help=f"of {', '.join(g.CASES)}")
+    p.add_argument("--methods", default=",".join(g.DEFAULT_METHODS), help=f"of {', '.join(g.METHODS)}")
+    p.add_argument("--samples", type=int, default=64, help="images per row, same prompts and seeds")
+    p.add_argument("--steps", type=int, default=6, help="sampling steps of the method rows")
+    p.add_argument("--scales", default=",".join(f"{s:g}" for s in g.SCALES), help="method scales")
+    p.add_argument("--sigmas", default="1,2,5,10,inf", help="SEG σ values, unconditional case")
+    p.add_argument("--case-sigmas", default="10,inf", help="SEG σ values, prompt cases")
+    p.add_argument("--cfg-scales", default=",".join(f"{s:g}" for s in g.CFG_SCALES), help="the CFG sweep")
+    p.add_argument("--cfg", type=float, default=3.0, help="CFG scale under the methods (conditional case)")
+    p.add_argument("--seg-layers", default="mid")
+    p.add_argument("--device", default=None)
+    p.add_argument("--plot", default="guidance.png", help="plot PNG path")
+    p.add_argument(
+        "--out", default=None, help="also append each row to this JSON-lines file as it is measured"
+    )
+    _json(p)
+    p.set_defaults(func=cmd_guidance)
+
+
+def _floats(value: str, what: str) -> list[float]:
+    try:
+        return [parse_sigma(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {value!r}") from None
+
+
+def cmd_guidance(args) -> int:
+    from seg_rt.bench import guidance as g
+
+    try:
+        kw = {
+            "cases": [c.strip() for c in args.cases.split(",") if c.strip()],
+            "methods": g.check_methods([m.strip() for m in args.methods.split(",") if m.strip()]),
+            "scales": _floats(args.scales, "--scales"),
+            "sigmas": _floats(args.sigmas, "--sigmas"),
+            "case_sigmas": _floats(args.case_sigmas, "--case-sigmas"),
+            "cfg_scales": _floats(args.cfg_scales, "--cfg-scales"),
+        }
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        checkpoints = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
+        g.subjects(models, checkpoints)
+        bad = [c for c in kw["cases"] if c not in g.CASES]
+        if bad:
+            raise ValueError(f"unknown case {bad[0]!r}; known: {', '.join(g.CASES)}")
+        if args.samples < 8 or args.steps < 2:
+            raise ValueError(f"need --samples >= 8 and --steps >= 2; got {args.samples}, {args.steps}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sink = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed below)
+
+    def emit(row: dict) -> None:
+        if args.json:
+            print(json.dumps(row), flush=True)
+        if sink is not None:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+
+    try:
+        rows = g.run_guidance(
+            models, samples=args.samples, steps=args.steps, cfg=args.cfg, layers=parse_layers(args.seg_layers),
+            checkpoints=checkpoints, device=args.device, emit=emit, **kw,
+        )  # fmt: skip
+    finally:
+        if sink is not None:
+            sink.close()
+    g.plot(rows, args.plot)
+    print(g.table(rows), file=sys.stderr if args.json else sys.stdout)
+    return 0
 
 
 def _add_video_quality(bsub: argparse._SubParsersAction) -> None:

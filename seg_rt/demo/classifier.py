@@ -46,7 +46,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class Classifier(nn.Module):
     """3 conv stages (32x32 → 16x16 → 8x8) → global average pool → ``features`` (128-d) → 3 heads."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128)) -> None:
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), heads: dict[str, int] | None = None) -> None:
         super().__init__()
         stages, cin = [], 3
         for i, w in enumerate(widths):
@@ -55,7 +55,8 @@ class Classifier(nn.Module):
                 stages.append(nn.AvgPool2d(2))
             cin = w
         self.body = nn.Sequential(*stages)
-        self.heads = nn.ModuleDict({name: nn.Linear(cin, n) for name, n in HEADS.items()})
+        heads = HEADS if heads is None else heads  # another data set's labels (seg_rt.demo.digits)
+        self.heads = nn.ModuleDict({name: nn.Linear(cin, n) for name, n in heads.items()})
         self.widths = tuple(widths)
 
     def features(self, x: Tensor) -> Tensor:
@@ -78,7 +79,7 @@ def load_classifier(path: str | Path | None = None) -> Classifier:
     if not weights.is_file() or not cfg_path.is_file():
         raise FileNotFoundError(f"no classifier in {str(path)!r} (need config.json and model.safetensors)")
     cfg = json.loads(cfg_path.read_text())
-    model = Classifier(tuple(cfg["widths"]))
+    model = Classifier(tuple(cfg["widths"]), {name: len(labels) for name, labels in cfg["heads"].items()})
     model.load_state_dict(load_file(weights))
     return model.eval()
 

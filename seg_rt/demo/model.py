@@ -129,11 +129,14 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def build(seed: int = 0):
-    """A freshly initialised (untrained) demo pipeline, deterministic in ``seed``."""
+def build(seed: int = 0, *, words: list[str] | None = None, text_config=None, unet_config=None):
+    """A freshly initialised (untrained) demo pipeline, deterministic in ``seed``; ``words``,
+    ``text_config`` and ``unet_config`` (default: this model's) build another model of the same
+    family (``seg_rt.demo.digits``: the MNIST digits model)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tok = tokenizer()
+    text_config = TEXT_CONFIG if text_config is None else text_config
+    tok = tokenizer(words)
     torch.manual_seed(seed)
     text = CLIPTextModel(
         CLIPTextConfig(
@@ -141,10 +144,10 @@ def build(seed: int = 0):
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            **TEXT_CONFIG,
+            **text_config,
         )
     )
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(UNET_CONFIG if unet_config is None else unet_config))
     return SEGDemoPipeline(
         unet=unet, text_encoder=text, tokenizer=tok, scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG)
     )

@@ -258,15 +258,23 @@ class Trainer:
         self.step += 1
         return loss.item()
 
-    def export(self, out: Path, command: str, overwrite: bool = False) -> None:
+    def export(self, out: Path, command: str, overwrite: bool = False, keep_training: bool = False) -> None:
         """Save the EMA weights as a diffusers pipeline folder (safetensors), atomically; an existing
-        ``out`` is replaced only with ``overwrite`` and only if this trainer wrote it."""
+        ``out`` is replaced only with ``overwrite`` and only if this trainer wrote it.
+        ``keep_training``: put the training weights back afterwards (a snapshot mid-run)."""
+        if keep_training:
+            self.ema.store(self.params)
         self.ema.copy_to(self.params)
         self.unet.eval(), self.text.eval()
-        with staged_dir(out, is_trained_folder, overwrite=overwrite, what=self.what) as tmp:
-            self.pipe.save_pretrained(tmp, safe_serialization=True)
-            info = {"config": dataclasses.asdict(self.cfg), "command": command, "steps_done": self.step}
-            (tmp / "train_config.json").write_text(json.dumps(info, indent=1) + "\n")
+        try:
+            with staged_dir(out, is_trained_folder, overwrite=overwrite, what=self.what) as tmp:
+                self.pipe.save_pretrained(tmp, safe_serialization=True)
+                info = {"config": dataclasses.asdict(self.cfg), "command": command, "steps_done": self.step}
+                (tmp / "train_config.json").write_text(json.dumps(info, indent=1) + "\n")
+        finally:
+            if keep_training:
+                self.ema.restore(self.params)
+                self.unet.train(), self.text.train()
 
 
 def main(
@@ -288,6 +296,10 @@ def main(
         action="store_true",
         help="train no further: export the checkpoint's EMA weights (steps_done records its step)",
     )
+    p.add_argument("--weak-step", type=int, default=0, help="also export the EMA weights at this step ...")
+    p.add_argument(
+        "--weak-out", type=Path, default=None, help="... to this folder (an early, weak checkpoint)"
+    )
     for f in dataclasses.fields(config_cls):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     args = p.parse_args(argv)
@@ -298,7 +310,15 @@ def main(
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        if (args.weak_out is None) != (args.weak_step == 0) or not 0 <= args.weak_step < cfg.steps:
+            raise ValueError(
+                f"--weak-step (got {args.weak_step}) and --weak-out go together, 0 < step < --steps {cfg.steps}"
+            )
         check_out_dir(args.out, is_trained_folder, overwrite=args.overwrite, what=trainer_cls.what)
+        # a weak checkpoint already written (a resumed run) is kept as it is
+        weak_due = args.weak_out is not None and not is_trained_folder(args.weak_out)
+        if weak_due:
+            check_out_dir(args.weak_out, is_trained_folder, overwrite=args.overwrite, what=trainer_cls.what)
         if checkpoint_meta(args.work_dir, cfg) is None and args.stop_now:
             raise ValueError(f"--stop-now needs a checkpoint in {checkpoint_dir(args.work_dir)}")
     except ValueError as exc:
@@ -308,6 +328,10 @@ def main(
     trainer = trainer_cls(cfg, args.work_dir)
     if trainer.load_checkpoint():
         logger.info("resumed from %s at step %d", trainer.ckpt, trainer.step)
+    command = prog + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if weak_due and trainer.step > args.weak_step:
+        print(f"error: resumed at step {trainer.step}, past --weak-step {args.weak_step}", file=sys.stderr)
+        return 2
     start, losses = time.time(), []
     while trainer.step < cfg.steps and not args.stop_now:
         losses.append(trainer.train_step())
@@ -322,7 +346,9 @@ def main(
             )
         if trainer.step % cfg.checkpoint_every == 0 or trainer.step == cfg.steps:
             trainer.save_checkpoint()
-    command = prog + " " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        if weak_due and trainer.step == args.weak_step:
+            trainer.export(args.weak_out, command, overwrite=args.overwrite, keep_training=True)
+            logger.info("wrote the weak checkpoint %s (%d steps)", args.weak_out, trainer.step)
     trainer.export(args.out, command, overwrite=args.overwrite)
     logger.info("wrote %s (%d steps)", args.out, trainer.step)
     return 0

@@ -1,0 +1,445 @@
+"""``seg-rt bench guidance``: each guidance method against CFG at matched compute.
+
+For each model (the bundled demo model and the MNIST digits model, each at its final and its weak,
+early-step checkpoint) and each case:
+
+- ``unconditional``: empty prompts, no CFG (SEG's headline setting). The rival is vanilla sampling
+  given the same forward passes (more steps); CFG does not exist here (its two rows are equal).
+- ``no-cfg``: prompts, the method alone (cfg 1). The rival is CFG at the same forward passes per
+  image and at the CFG scale whose distance to vanilla matches the method's.
+- ``conditional``: prompts, the method on top of CFG at ``cfg``. The rival is CFG alone with the
+  same forward passes per image (more steps) at the matched effective scale.
+
+Every row carries ``method``, ``nfe`` (denoiser forward passes per image, counted on the UNet,
+not assumed), ``effective_strength`` (the matched CFG scale; None where CFG does not exist) and
+the rival's metrics at that point (linear interpolation between the two CFG sweep scales that
+bracket the method's distance to vanilla; ``beyond_sweep`` when it lies outside the sweep).
+Metrics: FID, precision / recall, diversity, prompt accuracy (the model's classifier), distance
+to vanilla (same seeds, same steps, no guidance), in the classifier's feature space
+(``seg_rt.bench.quality``).
+
+Methods are named in ``METHODS`` (name → the request settings at a scale and σ); a new guidance
+method plugs in with one entry there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from seg_rt.config import sigma_label, sigma_to_json
+
+from .quality import score, to_classifier_input
+
+
+# -- methods: name -> settings -----------------------------------------------------------------
+@dataclass(frozen=True)
+class Guidance:
+    """How a method runs at ``(scale, sigma, cfg)``: ``generate_batch`` settings and the
+    denoiser's perturbation (``TorchDenoiser``'s: ``blur`` for SEG, ``identity`` for PAG)."""
+
+    settings: Callable[[float, float, float], dict]
+    perturbation: str = "blur"
+    uses_sigma: bool = False
+    needs_cfg: bool = False  # only on top of CFG (the conditional case)
+
+
+def _seg(extra: dict | None = None) -> Callable[[float, float, float], dict]:
+    return lambda s, sigma, cfg: {"cfg": cfg, "seg_scale": s, "seg_sigma": sigma, **(extra or {})}
+
+
+METHODS: dict[str, Guidance] = {
+    "seg": Guidance(_seg(), uses_sigma=True),
+    "pag": Guidance(lambda s, sigma, cfg: {"cfg": cfg, "seg_scale": s}, perturbation="identity"),
+    # the cheap SEG modes (SEGConfig): the delta of every 2nd step reused; SEG on the first half
+    # (at SEGConfig's default σ, as in ``bench quality``)
+    "seg-every2": Guidance(_seg({"seg_every": 2})),
+    "seg-window": Guidance(_seg({"seg_start": 0.0, "seg_end": 0.5})),
+    # the blur inside CFG's unconditional row: no extra row, the strength is CFG's scale
+    "seg-uncond": Guidance(
+        lambda s, sigma, cfg: {"cfg": cfg, "seg_scale": 1.0, "seg_sigma": sigma, "seg_placement": "uncond"},
+        needs_cfg=True,
+    ),
+}
+VANILLA = {"cfg": 1.0, "seg_scale": 0.0}  # seg_scale explicitly: the request's default is SEG on
+CASES = ("unconditional", "no-cfg", "conditional")
+SIGMAS = (1.0, 2.0, 5.0, 10.0, math.inf)  # SEG's claim: the unconditional grid
+CASE_SIGMAS = (10.0, math.inf)  # σ of the SEG rows in the prompt cases
+SCALES = (1.0, 2.0, 3.0)
+CFG_SCALES = (1.5, 2.0, 3.0, 5.0)  # the CFG sweep the effective strength is read from
+DEFAULT_METHODS = ("seg", "pag", "seg-every2", "seg-uncond")
+
+
+def check_methods(names: Sequence[str]) -> list[str]:
+    bad = [n for n in names if n not in METHODS]
+    if bad:
+        raise ValueError(f"unknown guidance method {bad[0]!r}; known: {', '.join(METHODS)}")
+    return list(names)
+
+
+# -- models: the bundled ones --------------------------------------------------------------------
+@dataclass(frozen=True)
+class Subject:
+    """A model to evaluate: its folder, its classifier and its real data."""
+
+    name: str
+    folder: Path
+    classifier: Callable[[], torch.nn.Module]
+    real: Callable[[int], tuple[torch.Tensor, torch.Tensor, list[str]]]  # n -> (x, labels, prompts)
+    label_head: str
+
+
+def _digits_real(n: int):
+    from seg_rt.demo import digits
+
+    x, y = digits.heldout("eval")
+    if n > len(x):
+        raise ValueError(f"--samples {n}: the digits evaluation set has {len(x)} images")
+    return digits.to_pixels(x[:n]), y[:n], [digits.caption(int(d)) for d in y[:n]]
+
+
+def _demo_real(n: int):
+    from seg_rt.demo import data
+
+    from .quality import BENCH_SEED_BASE
+
+    x, items = data.batch([BENCH_SEED_BASE + s for s in range(n)])
+    return x, torch.tensor([it.shape for it in items]), [it.caption for it in items]
+
+
+CHECKPOINTS = ("final", "weak")
+
+
+def subjects(names: Sequence[str], checkpoints: Sequence[str] = CHECKPOINTS) -> list[Subject]:
+    """The bundled models by name (``digits``, ``demo``) at the ``checkpoints`` asked for (``final``,
+    ``weak``: the early-step export); the demo model has no bundled weak checkpoint yet."""
+    bad = [c for c in checkpoints if c not in CHECKPOINTS]
+    if bad or not checkpoints:
+        raise ValueError(f"unknown checkpoint {bad[0] if bad else ''!r}; known: final, weak")
+    from seg_rt.demo import digits
+    from seg_rt.demo.classifier import load_classifier
+    from seg_rt.demo.model import weights_dir
+
+    out = []
+    for name in names:
+        if name == "digits":
+            for w in [c == "weak" for c in checkpoints]:
+                tag = "digits-weak" if w else "digits"
+                out.append(Subject(tag, digits.weights_dir(w), digits.load_classifier, _digits_real, "digit"))
+        elif name == "demo":
+            if "final" in checkpoints:
+                out.append(Subject("demo", weights_dir(), load_classifier, _demo_real, "shape"))
+            if "weak" in checkpoints and (weights_dir().parent / "weights_weak").is_dir():
+                out.append(Subject("demo-weak", weights_dir().parent / "weights_weak", load_classifier,
+                                   _demo_real, "shape"))  # fmt: skip
+        else:
+            raise ValueError(f"unknown model {name!r}; bundled: digits, demo")
+    return out
+
+
+# -- sampling and scoring -------------------------------------------------------------------------
+class ForwardCounter:
+    """Counts the batch rows the UNet sees (a forward hook): forward passes per image, measured."""
+
+    def __init__(self, unet) -> None:
+        self.rows = 0
+        self.handle = unet.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs) -> None:
+        sample = args[0] if args else kwargs["sample"]
+        self.rows += int(sample.shape[0])
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@torch.no_grad()
+def features(clf, x: torch.Tensor, head: str, labels: torch.Tensor | None) -> dict:
+    f = clf.features(x)
+    probs = clf.heads[head](f).softmax(-1)
+    out = {"features": f, "confidence": probs.max(-1).values, "pixels": x}
+    if labels is not None:
+        out["correct"] = (probs.argmax(-1) == labels).float()
+    return out
+
+
+def sample(pipe, prompts, seeds, steps, settings, perturbation, sigma, layers) -> tuple[torch.Tensor, float]:
+    """All images in one batch (a step's cost here is mostly per call, not per image); returns the
+    images in the classifier's input range and the forward passes per image. Without the shared
+    prefix (the layers before the first perturbed one run once for both rows, the default
+    elsewhere), so every row is one whole UNet pass and NFE is the paper's count; seg-rt's saving
+    on top of that is ``bench step``'s to measure."""
+    from seg_rt.engines.torch_denoiser import TorchDenoiser
+    from seg_rt.pipeline import generate_batch
+
+    engine = TorchDenoiser(
+        pipe.unet, sigma=sigma, layers=layers, perturbation=perturbation, shared_prefix=False
+    )
+    counter = ForwardCounter(pipe.unet)
+    try:
+        x = generate_batch(
+            pipe, prompts, seeds, steps=steps, seg_layers=layers, engine=engine, output_type="pt",
+            progress=False, **settings,
+        ).cpu().float()  # fmt: skip
+    finally:
+        counter.close()
+        engine.close()
+    return to_classifier_input(x), counter.rows / len(prompts)
+
+
+def _interp(sweep: list[dict], dist: float, key: str) -> tuple[float | None, bool]:
+    """``key`` of the CFG sweep (sorted by scale, distances increasing) at distance ``dist``."""
+    pts = [(r["dist_to_vanilla"], r[key]) for r in sweep if r.get(key) is not None]
+    if not pts:
+        return None, False
+    pts.sort()
+    if dist <= pts[0][0]:
+        return pts[0][1], dist < pts[0][0]
+    if dist >= pts[-1][0]:
+        return pts[-1][1], dist > pts[-1][0]
+    for (d0, v0), (d1, v1) in itertools.pairwise(pts):
+        if d0 <= dist <= d1:
+            w = 0.0 if d1 == d0 else (dist - d0) / (d1 - d0)
+            return v0 + w * (v1 - v0), False
+    return None, False  # unreachable
+
+
+RIVAL_KEYS = ("fid", "precision", "recall", "diversity", "accuracy")
+
+
+class _Case:
+    """One (model, case): samples each setting once (cached by name, scale, σ, steps) and scores it
+    against the real set, with distances to the vanilla anchor at the bench's step count."""
+
+    def __init__(self, pipe, clf, subj: Subject, real: dict, prompts, labels, common: dict, layers) -> None:
+        self.pipe, self.clf, self.subj, self.real = pipe, clf, subj, real
+        self.prompts, self.labels, self.common, self.layers = prompts, labels, common, layers
+        self.seeds = list(range(len(prompts)))
+        self.cache: dict[tuple, dict] = {}
+        self.anchor: dict | None = None
+
+    def run(
+        self, name: str, scale: float, sigma: float, settings: dict, perturbation: str, steps: int
+    ) -> dict:
+        key = (name, scale, sigma, steps)
+        if key not in self.cache:
+            t0 = time.perf_counter()
+            x, nfe = sample(
+                self.pipe, self.prompts, self.seeds, steps, settings, perturbation, sigma, self.layers
+            )
+            fake = features(self.clf, x, self.subj.label_head, self.labels)
+            row = {**self.common, "method": name, "scale": scale, "sigma": sigma_to_json(sigma), "steps": steps,
+                   "nfe": round(nfe, 3), "nfe_per_step": round(nfe / steps, 3), **settings,
+                   "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            self.cache[key] = {"fake": fake, "row": row}
+        return self.cache[key]
+
+    def scored(self, entry: dict, role: str) -> dict:
+        if self.anchor is None:
+            self.anchor = entry["fake"]
+        return dict(entry["row"], role=role) | score(self.real, entry["fake"], self.anchor)
+
+    def baseline_sweep(self, steps: int, cfg_scales: Sequence[float]) -> list[dict]:
+        """At ``steps``: vanilla, then (prompt cases) CFG at each sweep scale."""
+        sweep = [self.scored(self.run("vanilla", 0.0, math.inf, VANILLA, "blur", steps), "rival")]
+        if self.common["case"] != "unconditional":
+            for s in cfg_scales:
+                cfg_row = self.run("cfg", s, math.inf, {"cfg": s, "seg_scale": 0.0}, "blur", steps)
+                sweep.append(self.scored(cfg_row, "rival"))
+        return sweep
+
+
+def run_guidance(
+    models: Sequence[str] = ("digits", "demo"),
+    *,
+    cases: Sequence[str] = CASES,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    samples: int = 64,
+    steps: int = 6,
+    scales: Sequence[float] = SCALES,
+    sigmas: Sequence[float] = SIGMAS,
+    case_sigmas: Sequence[float] = CASE_SIGMAS,
+    cfg_scales: Sequence[float] = CFG_SCALES,
+    cfg: float = 3.0,
+    layers: Sequence[str] = ("mid",),
+    checkpoints: Sequence[str] = CHECKPOINTS,
+    device=None,
+    emit: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """All rows; each is also passed to ``emit`` as soon as it is measured (JSON lines)."""
+    from seg_rt.pipeline import load_pipeline
+
+    methods = check_methods(methods)
+    bad = [c for c in cases if c not in CASES]
+    if bad:
+        raise ValueError(f"unknown case {bad[0]!r}; known: {', '.join(CASES)}")
+    if samples < 8 or steps < 2:
+        raise ValueError(f"need samples >= 8 and steps >= 2; got {samples}, {steps}")
+    chosen = subjects(models, checkpoints)  # before any model loads: unknown names fail here
+    rows: list[dict] = []
+
+    def out(row: dict) -> None:
+        rows.append(row)
+        if emit is not None:
+            emit(row)
+
+    for subj in chosen:
+        pipe = load_pipeline(subj.folder, device)
+        clf = subj.classifier()
+        real_x, labels, captions = subj.real(samples)
+        real = features(clf, real_x, subj.label_head, labels)
+        for case in cases:
+            uncond = case == "unconditional"
+            common = {"bench": "guidance", "model": subj.name, "case": case, "samples": samples,
+                      "layers": list(layers)}  # fmt: skip
+            c = _Case(pipe, clf, subj, real, [""] * samples if uncond else captions, None if uncond else labels,
+                      common, layers)  # fmt: skip
+            out(
+                c.scored(c.run("vanilla", 0.0, math.inf, VANILLA, "blur", steps), "anchor")
+                | {"effective_strength": None}
+            )
+            base_cfg = cfg if case == "conditional" else 1.0
+            per_step = 1.0 if uncond else 2.0  # the rival's forward passes per step: vanilla / CFG
+            sweeps: dict[int, list[dict]] = {}
+            for name in methods:
+                g = METHODS[name]
+                if g.needs_cfg and case != "conditional":
+                    continue
+                grid_sigmas = (sigmas if uncond else case_sigmas) if g.uses_sigma else (math.inf,)
+                for sigma in grid_sigmas:
+                    for s in (cfg,) if g.needs_cfg else scales:
+                        row = c.scored(
+                            c.run(name, s, sigma, g.settings(s, sigma, base_cfg), g.perturbation, steps),
+                            "method",
+                        )
+                        rival_steps = max(2, round(row["nfe"] / per_step))
+                        if rival_steps not in sweeps:
+                            sweeps[rival_steps] = c.baseline_sweep(rival_steps, cfg_scales)
+                            for r in sweeps[rival_steps]:
+                                out(r | {"effective_strength": None if uncond else r["cfg"]})
+                        out(matched(row, sweeps[rival_steps], uncond) | {"rival_steps": rival_steps})
+        del pipe
+    return rows
+
+
+def matched(row: dict, sweep: list[dict], uncond: bool) -> dict:
+    """``row`` with its rival at matched NFE (``sweep``: vanilla then the CFG scales, at the
+    matching step count): unconditional, vanilla itself; else the CFG sweep read at the
+    method's distance to vanilla (``effective_strength``: that CFG scale)."""
+    row = dict(row, rival_nfe=sweep[-1]["nfe"])
+    if uncond:
+        row |= {
+            "effective_strength": None,
+            "beyond_sweep": False,
+            "rival": {k: sweep[0].get(k) for k in RIVAL_KEYS},
+        }
+    else:
+        eff, beyond = _interp(sweep, row["dist_to_vanilla"], "cfg")
+        row |= {
+            "effective_strength": None if eff is None else round(eff, 3),
+            "beyond_sweep": beyond,
+            "rival": {k: _round(_interp(sweep, row["dist_to_vanilla"], k)[0]) for k in RIVAL_KEYS},
+        }
+    return row | {"verdict": verdict(row)}
+
+
+def _round(v):
+    return None if v is None else round(v, 4)
+
+
+def verdict(row: dict) -> str:
+    """Plain words: does the method beat its matched rival on FID and (prompt cases) accuracy?"""
+    rival = row["rival"]
+    fid_win = row["fid"] < rival["fid"]
+    parts = [f"FID {row['fid']:.2f} vs {rival['fid']:.2f} ({'better' if fid_win else 'worse'})"]
+    if row.get("accuracy") is not None and rival.get("accuracy") is not None:
+        acc_win = row["accuracy"] >= rival["accuracy"]
+        parts.append(
+            f"accuracy {row['accuracy']:.2f} vs {rival['accuracy']:.2f} ({'better' if acc_win else 'worse'})"
+        )
+    return "; ".join(parts)
+
+
+def label(row: dict) -> str:
+    m = row["method"]
+    if m == "cfg":
+        return f"CFG {row['scale']:g}"
+    if m == "vanilla":
+        return "vanilla"
+    sig = (
+        f" σ={sigma_label(float(row['sigma']) if row['sigma'] != 'inf' else math.inf)}" if "seg" in m else ""
+    )
+    return f"{m}{sig} {row['scale']:g}"
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per method row with its rival at matched NFE and effective strength."""
+    lines = [
+        "| model | case | method | NFE | eff. CFG | FID | rival FID | acc | rival acc | prec | recall | dist | verdict |",
+        "|---" * 13 + "|",
+    ]
+    for r in rows:
+        if r.get("role") != "method":
+            continue
+        eff = (
+            "–"
+            if r["effective_strength"] is None
+            else f"{r['effective_strength']:g}" + ("*" if r["beyond_sweep"] else "")
+        )
+        acc = "–" if r.get("accuracy") is None else f"{r['accuracy']:.2f}"
+        racc = "–" if r["rival"].get("accuracy") is None else f"{r['rival']['accuracy']:.2f}"
+        lines.append(
+            f"| {r['model']} | {r['case']} | {label(r)} | {r['nfe']:g} | {eff} | {r['fid']:.1f} | {r['rival']['fid']:.1f} "
+            f"| {acc} | {racc} | {r['precision']:.2f} | {r['recall']:.2f} | {r['dist_to_vanilla']:.2f} | {r['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path) -> None:
+    """FID against distance to vanilla, one panel per (model, case): the CFG sweep (and vanilla at
+    more steps) as the rival curve, each method's scales as points."""
+    from .figure import figure
+
+    panels = sorted({(r["model"], r["case"]) for r in rows})
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    with figure(path, "the guidance plot", nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False) as (
+        _fig,
+        axes,
+    ):
+        for ax, (model, case) in zip(axes.flat, panels, strict=False):
+            sel = [r for r in rows if r["model"] == model and r["case"] == case]
+            rival = sorted(
+                (r for r in sel if r.get("role") in ("rival", "anchor")),
+                key=lambda r: (r["steps"], r["dist_to_vanilla"]),
+            )
+            for n_steps in sorted({r["steps"] for r in rival}):
+                pts = [r for r in rival if r["steps"] == n_steps]
+                ax.plot([r["dist_to_vanilla"] for r in pts], [r["fid"] for r in pts], "k--o", alpha=0.3 + 0.7 * (n_steps == max(r["steps"] for r in rival)),
+                        markersize=3, label=f"{'CFG sweep' if case != 'unconditional' else 'vanilla'} @ {n_steps} steps")  # fmt: skip
+            for key in sorted({(r["method"], r["sigma"]) for r in sel if r.get("role") == "method"}, key=str):
+                pts = sorted(
+                    (r for r in sel if r.get("role") == "method" and (r["method"], r["sigma"]) == key),
+                    key=lambda r: r["scale"],
+                )
+                ax.plot([r["dist_to_vanilla"] for r in pts], [r["fid"] for r in pts], "-o", markersize=4,
+                        label=label(pts[0]).rsplit(" ", 1)[0])  # fmt: skip
+            ax.set_title(f"{model}: {case}")
+            ax.set_xlabel("distance to vanilla (classifier features)")
+            ax.set_ylabel("FID")
+            ax.legend(fontsize=6)
+        for ax in list(axes.flat)[len(panels) :]:
+            ax.axis("off")
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
