@@ -38,3 +38,32 @@ def test_dropping_every_row_ends_the_run(sdxl):
     with torch.inference_mode():
         out = run_params(sdxl, rows, output_type="latent", callback=drop_all)
     assert calls == [0] and out.shape[0] == 0
+
+
+def test_a_dropped_inpainting_row_takes_its_blend_and_guidance_state_with_it():
+    """Inpainting's known-region blend and APG's momentum are per row: after a drop, the rows left
+    still equal their solo runs (the blend and the memory are cut with the latents)."""
+    import numpy as np
+
+    from seg_rt.demo.model import weights_dir
+    from seg_rt.pipeline import load_pipeline
+    from seg_rt.tasks import load_image
+
+    pipe = load_pipeline(str(weights_dir()), "cpu")
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32), dtype=np.uint8)
+    mask[:, 16:] = 255
+    base = GenerationParams(
+        steps=4,
+        strength=0.75,
+        init_image=load_image(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+        mask=load_image(mask, "mask", mode="L"),
+        guidance="apg",
+    )
+    rows = [base.replace(prompt=p, seed=s) for p, s in (("red star", 1), ("blue dots", 2), ("green cube", 3))]
+    with torch.inference_mode():
+        both = run_params(pipe, rows, output_type="latent", callback=lambda i, t, x: [1] if i == 1 else None)
+        solo = [run_params(pipe, [p], output_type="latent") for p in (rows[0], rows[2])]
+    assert both.shape[0] == 2
+    for got, (ref,) in zip(both, solo, strict=True):
+        assert torch.equal(got, ref)
