@@ -141,11 +141,15 @@ def test_pag_identity_equals_diffusers_pag_pipelines(sdxl, task):
     other = cls(**pipe.components, pag_applied_layers=["mid"])
     other.set_progress_bar_config(disable=True)
     kw = {"mask_image": square_mask().pil(), "height": H, "width": W} if task == "inpaint" else {}
-    theirs = other(
-        prompt="a red fox", negative_prompt="blurry", image=picture().pil(), strength=0.75,
-        num_inference_steps=STEPS, guidance_scale=4.0, pag_scale=2.0, output_type="latent",
-        generator=torch.Generator("cpu").manual_seed(3), **kw,
-    ).images  # fmt: skip
+    processors = dict(pipe.unet.attn_processors)  # diffusers' PAG pipeline leaves its own installed
+    try:
+        theirs = other(
+            prompt="a red fox", negative_prompt="blurry", image=picture().pil(), strength=0.75,
+            num_inference_steps=STEPS, guidance_scale=4.0, pag_scale=2.0, output_type="latent",
+            generator=torch.Generator("cpu").manual_seed(3), **kw,
+        ).images  # fmt: skip
+    finally:  # the session's shared SDXL must leave as it came
+        pipe.unet.set_attn_processor(processors)
     assert_close(ours, theirs, rel=1e-5, what=f"PAG {task} vs diffusers' PAG pipeline")
 
 

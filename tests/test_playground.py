@@ -57,7 +57,9 @@ def page(url):
     with sync_api.sync_playwright() as pw:
         # as root (CI) Chromium needs --no-sandbox; no browser download: Debian's chromium
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page = browser.new_page(
+            viewport={"width": 1400, "height": 900}, bypass_csp=True
+        )  # the test waits with JS strings (eval); the page's CSP has its own test (test_hardening2)
         page.goto(url + "/")
         yield page
         browser.close()

@@ -114,7 +114,7 @@ def test_tiny_pipeline_is_the_recorded_one(family):
 
 
 def test_families_are_the_tables_keys_in_order():
-    assert tiny.FAMILIES == ("sd15", "sdxl", "sdxl-controlnet")
+    assert tiny.FAMILIES == ("sd15", "sdxl", "sdxl-controlnet", "sd15-controlnet", "sdxl-inpaint")
     assert tiny.VIDEO_FAMILIES == ("animatediff", "cogvideox", "wan", "ltx")
     assert tiny.DIT_FAMILIES == ("sd3", "flux", "qwenimage")
 
@@ -122,7 +122,7 @@ def test_families_are_the_tables_keys_in_order():
 @pytest.mark.parametrize(
     "build, what, choices",
     [
-        (tiny.tiny_pipeline, "tiny family", "sd15, sdxl, sdxl-controlnet"),
+        (tiny.tiny_pipeline, "tiny family", "sd15, sdxl, sdxl-controlnet, sd15-controlnet, sdxl-inpaint"),
         (tiny.tiny_video_pipeline, "tiny video family", "animatediff, cogvideox, wan, ltx"),
         (tiny.tiny_video_denoiser, "tiny video family", "animatediff, cogvideox, wan, ltx"),
         (tiny.tiny_dit_pipeline, "tiny DiT family", "sd3, flux, qwenimage"),
