@@ -21,7 +21,7 @@ from typing import Any
 
 from seg_rt.errors import first_line
 from seg_rt.images import params_text, png_bytes
-from seg_rt.params import GenerationParams
+from seg_rt.params import SCHEDULERS, GenerationParams
 
 from .config import ServeConfig
 from .metrics import Metrics
@@ -346,5 +346,6 @@ class ServingCore:
             "branch_parallel": self.config.branch_parallel,
             "loras": {name: {"file": x.file, "sha256": x.sha256} for name, x in self.loras.items()},
             "defaults": GenerationParams(scheduler=self.config.scheduler).to_record(),  # request defaults
+            "schedulers": list(SCHEDULERS),  # the sampler names requests may pick
             "stats": stats,
         }
