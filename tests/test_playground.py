@@ -327,10 +327,17 @@ def test_keyed_server_fills_the_fields_once_the_key_is_given(browser, pipe, tmp_
     """On a keyed server the page cannot read ``v1/info`` before the key: the fields stay empty and
     the page asks for the key; once it is given, the server's defaults fill them (its size and
     sampler here), the key is kept in the browser's storage (said on the page), and a Generate
-    with a field left empty leaves it out (the server's default) rather than sending 0. Run under
+    with a field left empty leaves it out (the server's default) rather than sending 0; an init image
+    over the server's pixel limit is scaled down to fit before it is sent. Run under
     the page's own CSP: no violation, no script error, no other request refused."""
     core, app = serve(
-        pipe, tmp_path / "state", api_keys=[KEY], default_height=24, default_width=40, scheduler="ddim"
+        pipe,
+        tmp_path / "state",
+        api_keys=[KEY],
+        default_height=24,
+        default_width=40,
+        scheduler="ddim",
+        limits={"max_pixels": 1600},
     )
     with torch_threads(1), live_server(app) as base:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})  # the CSP applies
@@ -355,24 +362,37 @@ def test_keyed_server_fills_the_fields_once_the_key_is_given(browser, pipe, tmp_
             expect(page.locator("#steps")).to_have_value("25")
             assert page.input_value("#key") == KEY
             page.fill("#prompt", "yellow star on checks")
-            page.fill("#steps", "3")
+            page.fill("#steps", "2")
             page.fill("#seed", "")  # left empty: the server's default, not 0
             page.fill("#seg_scale", "")
+            page.fill("#num_images", "2")
             page.click("#generate")
-            final = page.locator("#single img.final")
-            expect(final).to_have_count(1, timeout=WAIT)
+            finals = page.locator("#single img.final")
+            expect(finals).to_have_count(2, timeout=WAIT)
             [body] = bodies
             assert "seed" not in body and "seg_scale" not in body
-            assert (
-                body["steps"] == 3
-                and body["scheduler"] == "ddim"
-                and (body["width"], body["height"]) == (40, 24)
-            )
-            record = record_of(final.get_attribute("src"))
-            assert record["scheduler"] == "ddim" and record["steps"] == 3 and record["seg_scale"] == 3.0
-            assert (record["width"], record["height"]) == (40, 24) and png_of(
-                final.get_attribute("src")
-            ).size == (40, 24)
+            assert body["steps"] == 2 and body["scheduler"] == "ddim" and body["num_images"] == 2
+            assert (body["width"], body["height"]) == (40, 24)
+            records = [record_of(finals.nth(i).get_attribute("src")) for i in range(2)]
+            assert [r["seed"] for r in records] == [0, 1]  # the server's default seed, + i
+            for r in records:
+                assert r["scheduler"] == "ddim" and r["steps"] == 2 and r["seg_scale"] == 3.0
+                assert (r["width"], r["height"]) == (40, 24)
+            assert png_of(finals.nth(0).get_attribute("src")).size == (40, 24)
+
+            # an init image over the server's pixel limit is sent at the largest size under it
+            picture(64, 48).save(tmp_path / "big.png")
+            page.set_input_files("#init_file", str(tmp_path / "big.png"))
+            expect(page.locator("#init_note")).to_contain_text("46×34 (resized from 64×48")
+            page.fill("#num_images", "1")
+            page.fill("#strength", "0.5")
+            page.click("#generate")
+            expect(page.locator("#single img.final")).to_have_count(1, timeout=WAIT)
+            sent = bodies[1]
+            assert "width" not in sent and "mask" not in sent  # the size is the image's
+            out = png_of(page.locator("#single img.final").get_attribute("src"))
+            init = record_of(page.locator("#single img.final").get_attribute("src"))["init_image"]
+            assert out.size == (46, 34) and (init["width"], init["height"]) == (46, 34)  # 1564 <= 1600
             assert unauthorized == [base + "/v1/info"]  # only the one before the key was given
             assert problems == [
                 "Failed to load resource: the server responded with a status of 401 (Unauthorized)"
