@@ -266,8 +266,13 @@ def test_flux_inpaint_equals_diffusers(dits):
     assert_close(ours, theirs, rel=1e-5, what="flux inpaint vs diffusers")
 
 
-def test_qwenimage_img2img_runs_and_refuses_inpainting():
-    pipe = tiny_dit_pipeline("qwenimage")
+@pytest.fixture(scope="module")
+def qwenimage():
+    return tiny_dit_pipeline("qwenimage")
+
+
+def test_qwenimage_img2img_runs_and_refuses_inpainting(qwenimage):
+    pipe = qwenimage
     image = picture(h=48, w=80)
     a = dit_gen(pipe, image=image, strength=0.6, cfg=1.0)
     assert a.shape[0] == 1 and torch.isfinite(a).all()
@@ -343,3 +348,67 @@ def test_sd15_controlnet_img2img_equals_diffusers():
         strength=0.6, controlnet_conditioning_scale=0.8, height=H, width=W,
     )  # fmt: skip
     assert_close(ours, theirs, rel=1e-5, what="SD1.5 ControlNet img2img vs diffusers")
+
+
+# ---- the remaining diffusers img2img / inpaint oracles (SEG off) ----
+
+
+def test_qwenimage_img2img_equals_diffusers(qwenimage):
+    """CFG off (QwenImagePipeline's CFG rescales per token; seg-rt's is the shared formula, as in
+    tests/test_dit.py); seg-rt pads the prompt, masked, where diffusers keeps its own length."""
+    from diffusers import QwenImageImg2ImgPipeline
+
+    from seg_rt.families.dit import pack
+
+    pipe = qwenimage
+    image = picture(h=48, w=80)
+    ours = pack(dit_gen(pipe, image=image, strength=0.6, cfg=1.0, seg_scale=0.0, negative_prompt=None))
+    _, theirs = diffusers_call(
+        QwenImageImg2ImgPipeline, pipe, image=image.pil(), strength=0.6, true_cfg_scale=1.0,
+        negative_prompt=None, height=48, width=80,
+    )  # fmt: skip
+    assert_close(ours, theirs, rel=1e-5, what="qwenimage img2img vs diffusers")
+    assert (ours - pack(dit_gen(pipe, image=image, strength=0.9, cfg=1.0))).abs().max() > 1e-3
+
+
+def test_sdxl_controlnet_img2img_equals_diffusers():
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    pipe = euler(tiny_pipeline("sdxl-controlnet"))
+    control = picture(4).pil()
+    ours = gen(
+        pipe, image=picture(), strength=0.6, seg_scale=0.0, control_image=control, controlnet_scale=0.8
+    )
+    _, theirs = diffusers_call(
+        StableDiffusionXLControlNetImg2ImgPipeline, pipe, image=picture().pil(), control_image=control,
+        strength=0.6, controlnet_conditioning_scale=0.8, height=H, width=W,
+    )  # fmt: skip
+    assert_close(ours, theirs, rel=1e-5, what="SDXL ControlNet img2img vs diffusers")
+
+
+def sd3_16_channels(sd3):
+    """``sd3`` (the tiny SD3) with a 16-channel transformer and VAE, as real SD3 has them (diffusers'
+    StableDiffusion3InpaintPipeline takes only 16- or 33-channel transformers)."""
+    import diffusers
+
+    from seg_rt.tiny_configs import DITS, VAE
+
+    torch.manual_seed(7)
+    config = {**DITS["sd3"][1], "in_channels": 16, "out_channels": 16}
+    transformer = diffusers.SD3Transformer2DModel(**config).eval()
+    vae = {**VAE, "latent_channels": 16, "shift_factor": 0.0609, "scaling_factor": 1.5305}
+    vae = diffusers.AutoencoderKL(**vae, use_quant_conv=False, use_post_quant_conv=False).eval()
+    return diffusers.StableDiffusion3Pipeline(**{**sd3.components, "transformer": transformer, "vae": vae})
+
+
+def test_sd3_inpaint_equals_diffusers(dits):
+    from diffusers import StableDiffusion3InpaintPipeline
+
+    pipe = sd3_16_channels(dits["sd3"])
+    image, mask = picture(h=48, w=80), square_mask(48, 80)
+    ours = dit_gen(pipe, image=image, mask=mask, strength=0.8, seg_scale=0.0)
+    _, theirs = diffusers_call(
+        StableDiffusion3InpaintPipeline, pipe, image=image.pil(), mask_image=mask.pil(), strength=0.8,
+        height=48, width=80,
+    )  # fmt: skip
+    assert_close(ours, theirs, rel=1e-5, what="SD3 inpaint vs diffusers")
