@@ -285,6 +285,24 @@ def test_distilled_guidance_is_flux_dev_s_guidance_input(pipe):
     assert not torch.equal(ours, gen(p, cfg=1.0, seg_scale=0.0, output_type="latent"))
 
 
+def test_flux_dev_runs_the_base_request_checks(pipe, monkeypatch):
+    """A guidance-embedding Flux (the tiny one, as Flux.1-dev) still gets every base check: here a
+    task its family does not take is refused (before: skipped whenever the model embeds guidance)."""
+    family, p = pipe
+    if family != "flux":
+        pytest.skip("Flux.1-dev's distilled guidance input")
+    flux = REGISTRY.of(p)
+    assert flux.takes_distilled_guidance(p)
+    monkeypatch.setattr(type(flux), "tasks", ("txt2img",))
+    from seg_rt.tasks import load_image
+
+    image = load_image(np.zeros((48, 80, 3), np.uint8))
+    request = GenerationParams(prompt="a", steps=3, init_image=image, strength=0.5, distilled_guidance=2.0)
+    with pytest.raises(ValueError, match="img2img is not available for the flux family; it takes txt2img"):
+        flux.check_request(p, request)
+    flux.check_request(p, GenerationParams(prompt="a", distilled_guidance=2.0))  # its own value: fine
+
+
 def test_sizes_must_fit_the_patches(pipe):
     """SD3: 8x VAE x 2x2 patches; Flux: 8x VAE x 2x2 packing: 16-pixel multiples (48x80 fits)."""
     _, p = pipe

@@ -118,11 +118,18 @@ class Family:
     def check_request(self, pipe, request: GenerationParams) -> None:
         """Model-side rules only a loaded model can check (never silently ignored)."""
         self.check_task(request.task, self.inpaint_channels(pipe) is not None)
-        if request.distilled_guidance != GenerationParams.distilled_guidance:
+        if (
+            not self.takes_distilled_guidance(pipe)
+            and request.distilled_guidance != GenerationParams.distilled_guidance
+        ):
             raise ValueError(
                 f"distilled guidance applies only to guidance-distilled models (Flux.1-dev); "
                 f"{type(pipe).__name__} has no guidance input, got {request.distilled_guidance:g}"
             )
+
+    def takes_distilled_guidance(self, pipe) -> bool:
+        """Whether the model embeds a distilled guidance value (Flux.1-dev); other models refuse one."""
+        return False
 
     def encode(self, pipe, request: GenerationParams, n: int, **options: Any) -> Prepared:
         """n rows of ``request``'s prompt and negative prompt (``uncond`` only with CFG)."""

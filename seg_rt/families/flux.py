@@ -48,10 +48,6 @@ class FluxFamily(ImageDiTFamily):
         """Flux.1-dev embeds a distilled guidance value; schnell does not."""
         return bool(pipe.transformer.config.guidance_embeds)
 
-    def check_request(self, pipe, request: GenerationParams) -> None:
-        if not self.takes_distilled_guidance(pipe):
-            super().check_request(pipe, request)
-
     def timestep_options(self, pipe, sched, steps: int, sequence_length: int) -> dict:
         return packed_schedule_options(self.name, sched, steps, sequence_length)
 
