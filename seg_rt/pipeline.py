@@ -57,10 +57,7 @@ def load_pipeline(
         pipe = singlefile.load(model, dtype, dtype_kw, model_config, check_model_index)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
-    if model_config is not None:
-        raise ModelLoadError(
-            f"a model config folder applies to single-file checkpoints only, not {str(model)!r}"
-        )
+    singlefile.check_config_applies(model, model_config)
     is_local = path.is_dir()
     if not is_local and (path.exists() or str(model).startswith((".", "/", "~"))):
         raise ModelLoadError(

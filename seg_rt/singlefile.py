@@ -36,6 +36,13 @@ def is_checkpoint_file(model) -> bool:
     )
 
 
+def check_config_applies(model, config, what: str = "a model config folder") -> None:
+    """A config folder (the CLI's ``--model-config``, a job's ``single_file_config``) is for a
+    single-file checkpoint only: with any other model it would be silently unused."""
+    if config is not None and not is_checkpoint_file(model):
+        raise ModelLoadError(f"{what} applies to single-file checkpoints only, not {str(model)!r}")
+
+
 def check_file(model: str | Path) -> Path:
     path = Path(str(model)).expanduser()
     if path.suffix.lower() in PICKLE_SUFFIXES:

@@ -212,3 +212,39 @@ def test_server_names_a_single_file_model_by_its_file_name(checkpoints):
     folder, file = checkpoints["sd15"]
     config = ServeConfig(model=str(file), single_file_config=str(folder))
     assert config.public_model == "sd15.safetensors"
+
+
+def test_job_single_file_config_is_the_cli_s_model_config(checkpoints, sd15, monkeypatch):
+    """A job names a single-file checkpoint and its config folder (relative: to the job's folder);
+    the worker loads it with that folder and gives the folder's image; with any other model the
+    field is refused at parse time in one line."""
+    from seg_rt.cluster.jobs.spec import expand_items, parse_job
+    from seg_rt.cluster.jobs.worker import SEGWorker
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, file = checkpoints["sd15"]
+    base = file.parent
+    job = {"model": file.name, "single_file_config": folder.name, "prompts": ["a cat"], "output": "out",
+           "steps": 2, "height": 32, "width": 32, "seed": 3}  # fmt: skip
+    spec = parse_job(job, base=base)
+    assert spec.model == str(file) and spec.single_file_config == str(folder)
+    (item,) = expand_items(spec, base)
+    threads = torch.get_num_threads()
+    try:
+        worker = SEGWorker(spec.model_dump(mode="json"), "w0")
+        result = worker.run([item])[0]
+        worker.close()
+    finally:
+        torch.set_num_threads(threads)
+    from io import BytesIO
+
+    from PIL import Image
+
+    ours = np.asarray(Image.open(BytesIO(result["png"])), dtype=np.float64)
+    theirs = np.asarray(seg_rt.pipeline.run_params(sd15, [item.params])[0], dtype=np.float64)  # the folder's
+    assert_close(ours / 255, theirs / 255, rel=1.5 / 255, what="job single-file image vs its folder's")
+    with pytest.raises(
+        ValueError, match=r"single_file_config applies to single-file checkpoints only"
+    ) as err:
+        parse_job({**job, "model": folder.name}, base=base)
+    assert "\n" not in str(err.value)

@@ -217,6 +217,9 @@ _JOB_FIELDS = tuple(f for f in fields_for("image") if len(f.path) == 1 and f.key
 
 class _JobBase(_Strict):
     model: Annotated[str, AfterValidator(_model_url)]  # a URL: fetched once per node (fetch_model)
+    single_file_config: str | None = Field(
+        None, description="single-file model: the diffusers folder whose component configs it takes"
+    )
     engine: Annotated[str, AfterValidator(_engine_syntax)] = "torch"
     seg: SegSpec = SegSpec()
     prompts: tuple[str, ...] | None = None
@@ -246,6 +249,13 @@ class _JobBase(_Strict):
             raise ValueError("give exactly one of prompts (a list) or prompts_file")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts is empty")
+        return self
+
+    @model_validator(mode="after")
+    def _single_file_config(self) -> _JobBase:
+        from seg_rt.singlefile import check_config_applies
+
+        check_config_applies(self.model, self.single_file_config, "single_file_config")
         return self
 
     @model_validator(mode="after")
@@ -329,7 +339,8 @@ def input_files(spec: JobSpec, base: Path) -> list[str]:
 
 
 def resolve_paths(data: dict, base: Path) -> dict:
-    """``model:``, ``engine: onnx:DIR`` / ``trt:DIR`` and a video block's ``image`` given relative →
+    """``model:``, ``single_file_config:``, ``engine: onnx:DIR`` / ``trt:DIR`` and a video block's
+    ``image`` given relative →
     absolute under ``base``.
 
     A model that is neither an existing folder under ``base`` nor written as a path (``./m``, ``../m``)
@@ -348,6 +359,9 @@ def resolve_paths(data: dict, base: Path) -> dict:
 
         if not is_url(video["image"]):  # a URL is read when the field is checked (input_file)
             data["video"] = {**video, "image": str(job_file(video["image"], "video image", base))}
+    config = data.get("single_file_config")
+    if isinstance(config, str) and config and not Path(config).expanduser().is_absolute():
+        data["single_file_config"] = str((base / config).resolve())  # the folder is read where it runs
     engine = data.get("engine")
     if isinstance(engine, str):
         try:

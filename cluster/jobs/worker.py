@@ -43,7 +43,9 @@ class SEGWorker:
             check_writer("item.mp4")
         t0 = time.perf_counter()
         # a URL: fetched once per node; the engine loaded once and used by every batch
-        self.model = open_model(self.spec.model, self.spec.engine, device, threads)
+        self.model = open_model(
+            self.spec.model, self.spec.engine, device, threads, model_config=self.spec.single_file_config
+        )
         self.pipe, self.engine = self.model.pipe, self.model.engine
         try:
             # a hub model's scale factor is known only now (a local folder's was checked with the
