@@ -100,6 +100,12 @@ class VideoParams:
     layers:     video self-attention layers to perturb, as module names or prefixes; ``None`` = all.
     image:      image-to-video: the still the video starts from (``seg_rt.tasks.InputImage``); ``None``
                 = text-to-video. Records name it by sha256, mode and size.
+    Stable Video Diffusion's own conditioning (``StableVideoDiffusionPipeline``'s arguments and
+    defaults; other families refuse values other than these defaults):
+    min_cfg:    the CFG scale of the first frame, ramping linearly to ``cfg`` at the last
+                (``min_guidance_scale``; ``cfg`` is ``max_guidance_scale``); 1.0, its default.
+    motion_bucket_id, noise_aug_strength: the micro-conditioning (127, 0.02); the still is noised by
+                ``noise_aug_strength`` before its VAE encoding, as the pipeline does.
     """
 
     frames: int = 16
@@ -108,10 +114,24 @@ class VideoParams:
     sigma_time: float = 1.0
     layers: tuple[str, ...] | None = None
     image: InputImage | None = None
+    min_cfg: float = 1.0
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
 
     def __post_init__(self) -> None:
         _int("video frames", self.frames, 1)
         _int("video fps", self.fps, 1)
+        _int("motion bucket id", self.motion_bucket_id, 0)
+        min_cfg = _number("min cfg", self.min_cfg)
+        if not math.isfinite(min_cfg) or min_cfg < 1.0:
+            raise ValueError(
+                f"min cfg must be a finite number >= 1 (the first frame's CFG scale), got {min_cfg:g}"
+            )
+        object.__setattr__(self, "min_cfg", min_cfg)
+        aug = _number("noise aug strength", self.noise_aug_strength)
+        if not math.isfinite(aug) or aug < 0:
+            raise ValueError(f"noise aug strength must be a finite number >= 0, got {aug:g}")
+        object.__setattr__(self, "noise_aug_strength", aug)
         if self.mode not in VIDEO_MODES:
             raise ValueError(f"seg mode must be one of {', '.join(VIDEO_MODES)}, got {self.mode!r}")
         sigma_time = _number("seg sigma time", self.sigma_time)
@@ -144,7 +164,14 @@ class VideoParams:
         }
         if self.image is not None:  # when set: text-to-video records stay byte-identical
             record["image"] = self.image.record()
+        for name in SVD_CONDITIONING:  # when set, likewise
+            if getattr(self, name) != getattr(VideoParams, name):
+                record[name] = getattr(self, name)
         return record
+
+    def svd_conditioning(self) -> dict[str, Any]:
+        """The Stable Video Diffusion fields set to other than their defaults."""
+        return {k: getattr(self, k) for k in SVD_CONDITIONING if getattr(self, k) != getattr(VideoParams, k)}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> VideoParams:
@@ -155,6 +182,9 @@ class VideoParams:
         if data.get("image") is not None:
             data["image"] = field_named("image", "video").parse(data["image"])
         return cls(**data)
+
+
+SVD_CONDITIONING = ("min_cfg", "motion_bucket_id", "noise_aug_strength")  # VideoParams' SVD-only fields
 
 
 @dataclass(frozen=True)
@@ -223,6 +253,11 @@ class GenerationParams:
         object.__setattr__(self, "guidance", terms.spec())
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
+        if self.video is not None and self.video.min_cfg != 1.0 and self.cfg <= 1.0:
+            raise ValueError(
+                f"min cfg applies with cfg > 1 (it ramps the CFG scale from the first frame to cfg), "
+                f"got min cfg {self.video.min_cfg:g} with cfg {self.cfg:g}"
+            )
         if self.video is not None and self.seg.layers != SEGConfig().layers:
             raise ValueError(
                 f"seg layers {','.join(self.seg.layers)!r} select image UNet blocks and do not apply to video "
@@ -407,6 +442,12 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),
     _f("seg_sigma_time", "video.sigma_time", "sigma", "blur σ along time (0: frames independent)", kinds=VIDEO),
     _f("image", "video.image", "image", "image-to-video: the still to animate", kinds=VIDEO, recorded=WHEN_SET),
+    _f("min_cfg", "video.min_cfg", float, "Stable Video Diffusion: the first frame's CFG scale, ramping to cfg",
+       kinds=VIDEO, aliases=("min_guidance_scale",), recorded=WHEN_SET),
+    _f("motion_bucket_id", "video.motion_bucket_id", int, "Stable Video Diffusion: the motion bucket",
+       kinds=VIDEO, recorded=WHEN_SET),
+    _f("noise_aug_strength", "video.noise_aug_strength", float,
+       "Stable Video Diffusion: the noise added to the still before encoding", kinds=VIDEO, recorded=WHEN_SET),
 )
 # fmt: on
 

@@ -151,6 +151,7 @@ def sample(
     *,
     cfg: float,
     seg: SEGConfig,
+    cfg_scale: Tensor | None = None,
     guidance_rescale: float = 0.0,
     sequential: bool = False,
     generators: Sequence[torch.Generator] | None = None,
@@ -174,6 +175,9 @@ def sample(
     ``rows(keep)`` gives the blend of the rows left when the callback drops rows).
     ``guidance``: the request's guidance list (``seg_rt.guidance``); the denoiser must already
     perturb its ``seg_mask`` rows the list's way (``Denoiser.set_perturbation``).
+    ``cfg_scale``: the CFG scale per latent element where it is not one number (Stable Video
+    Diffusion's per-frame ramp, shared by every row), in the combine in place of ``cfg``; ``cfg``
+    still decides whether the CFG branch runs.
     """
     if cfg > 1.0 and uncond is None:
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
@@ -208,7 +212,7 @@ def sample(
             preds.get("uncond", preds.get("seg_uncond")),
             eps_seg,
             seg_delta=seg_delta,
-            cfg=cfg,
+            cfg=cfg if cfg_scale is None else cfg_scale,
             scale=seg.scale,
             rescale=guidance_rescale,
             modifiers=guidance.modifiers,

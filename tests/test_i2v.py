@@ -39,13 +39,19 @@ def ours(pipe, family, **kw):
     return generate_video(pipe, image=still(), **prompt, **{**args, **kw})
 
 
+# Stable Video Diffusion's own arguments, none at its default: the per-frame CFG ramp (min_cfg at
+# the first frame to cfg at the last), the motion bucket, the still's noise augmentation, fps
+SVD_FIELDS = {"min_cfg": 1.5, "motion_bucket_id": 60, "noise_aug_strength": 0.1, "fps": 5}
+
+
 def theirs(pipe, family):
     """The diffusers pipeline itself, seed 0, CFG 3, as a diffusers script calls it."""
     h, w, f = SIZES[family]
     kw = {"image": still(), "height": h, "width": w, "num_frames": f, "num_inference_steps": STEPS}
     kw.update(generator=torch.Generator("cpu").manual_seed(0), output_type="latent")
-    if family == "svd":  # seg-rt's CFG is one scale for every frame; fps: VideoParams' default
-        kw.update(min_guidance_scale=3.0, max_guidance_scale=3.0, fps=VideoParams.fps)
+    if family == "svd":
+        kw.update(min_guidance_scale=SVD_FIELDS["min_cfg"], max_guidance_scale=3.0,
+                  **{k: v for k, v in SVD_FIELDS.items() if k != "min_cfg"})  # fmt: skip
     else:
         kw.update(prompt="a cat", negative_prompt="dull", guidance_scale=3.0)
     if family == "cogvideox":
@@ -64,7 +70,7 @@ def test_seg_off_equals_the_diffusers_image_to_video_pipeline(i2v_pipes, family,
         monkeypatch.setattr(
             pipeline_wan_i2v, "ftfy", types.SimpleNamespace(fix_text=lambda t: t), raising=False
         )
-    mine = ours(pipe, family, seg_scale=0.0)
+    mine = ours(pipe, family, seg_scale=0.0, **(SVD_FIELDS if family == "svd" else {}))
     if family == "ltx":  # LTX's latent output is its packed tokens
         from seg_rt.video.families.ltx import ltx_pack
 
@@ -141,6 +147,26 @@ def test_svd_seg_perturbs_every_chosen_layer_and_changes_the_video(i2v_pipes, mo
     off = ours(pipe, "svd", seg_scale=0.0, wrap_denoiser=wrap)
     assert made[1].calls == [0] * STEPS
     assert max_rel_error(seg, off) > 1e-3
+
+
+def test_svd_fields_are_recorded_when_set():
+    """The SVD fields (honoured as diffusers does: the oracle test above sets each) are in the record
+    when set; records of requests that leave them stay byte-identical."""
+    request = request_from_fields({"image": still(), **SVD_FIELDS}, "video")
+    record = request.to_record()["video"]
+    assert {k: record[k] for k in SVD_FIELDS} == SVD_FIELDS
+    assert not {"min_cfg", "motion_bucket_id", "noise_aug_strength"} & set(VideoParams().to_record())
+    assert request_from_fields({"min_guidance_scale": 2.0}, "video").video.min_cfg == 2.0  # diffusers' name
+
+
+def test_svd_fields_are_refused_elsewhere_and_when_out_of_range(i2v_pipes):
+    with pytest.raises(ValueError, match=r"^motion_bucket_id: Stable Video Diffusion's conditioning; "):
+        ours(i2v_pipes("cogvideox"), "cogvideox", motion_bucket_id=20, steps=1)
+    with pytest.raises(ValueError, match=r"min cfg applies with cfg > 1"):
+        request_from_fields({"cfg": 1.0, "min_cfg": 2.0}, "video")
+    for field, value in (("min_cfg", 0.5), ("noise_aug_strength", -0.1), ("motion_bucket_id", -1)):
+        with pytest.raises(ValueError, match=field.replace("_", " ")):
+            request_from_fields({field: value}, "video")
 
 
 # ---- bad input: one line, before sampling -------------------------------------------------------

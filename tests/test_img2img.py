@@ -316,9 +316,10 @@ def test_sd15_inpaint_any_model_equals_diffusers(sd15):
 
 
 def test_sd3_inpaint_keeps_the_known_region(dits):
-    """StableDiffusion3InpaintPipeline takes only 16- / 33-channel transformers (the tiny one has 4),
-    so SD3 is checked by what inpainting guarantees: the known region ends as the init image's
-    latents (diffusers' VAE sample with the seed's generator, shift and scale), the masked one not."""
+    """SEG on, on the 4-channel tiny SD3 (StableDiffusion3InpaintPipeline takes only 16- / 33-channel
+    transformers: its comparison is test_sd3_inpaint_equals_diffusers): what inpainting guarantees,
+    the known region ends as the init image's latents (diffusers' VAE sample with the seed's
+    generator, shift and scale), the masked one not."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
     pipe = dits["sd3"]

@@ -178,8 +178,9 @@ def generate_video(
         )
     else:  # image-to-video: the same loop, with the family's image conditioning (ImageStart)
         start = family.image_start(
-            pipe, sched, v.image, generators, frames=frames, height=height, width=width, dtype=dtype
-        )
+            pipe, sched, v.image, generators, frames=frames, height=height, width=width, dtype=dtype,
+            **family.image_options(params),
+        )  # fmt: skip
         latents, sched, shared = start.latents, start.scheduler or sched, {**shared, **start.shared}
         uncond = None if prepared.uncond is None else {**prepared.uncond, **start.uncond}
         prepared = dataclasses.replace(prepared, cond={**prepared.cond, **start.cond}, uncond=uncond)
@@ -194,6 +195,7 @@ def generate_video(
             prepared.cond,
             prepared.uncond,
             cfg=params.cfg,
+            cfg_scale=family.cfg_scale(pipe, params, latents) if params.cfg > 1.0 else None,
             seg=seg,
             guidance_rescale=params.guidance_rescale,
             sequential=params.sequential,

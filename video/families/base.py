@@ -90,6 +90,7 @@ class VideoFamily(Family):
     identity_perturbation: ClassVar[bool] = False  # STG-style attention skip (the processor's output hook)
     frames_first: ClassVar[bool] = False  # latents [B, F, C, h, w] (CogVideoX) instead of [B, C, F, h, w]
     image_pipeline: ClassVar[str | None] = None  # diffusers' image-to-video pipeline of the family
+    svd_conditioning: ClassVar[bool] = False  # takes VideoParams' min_cfg / motion bucket / noise aug
 
     def pipeline_classes(self) -> tuple[type, ...]:
         """The text-to-video pipeline and, where the family has one, the image-to-video pipeline."""
@@ -112,6 +113,13 @@ class VideoFamily(Family):
 
     def check_request(self, pipe, request: GenerationParams) -> None:
         super().check_request(pipe, request)
+        given = request.video.svd_conditioning() if request.video is not None else {}
+        if given and not self.svd_conditioning:
+            name = next(iter(given))
+            raise ValueError(
+                f"{name}: Stable Video Diffusion's conditioning; {type(pipe).__name__} ({self.name}) "
+                f"does not take it, got {given[name]:g}"
+            )
         image = request.video.image if request.video is not None else None
         if image is not None:
             reason = self.image_support(pipe)
@@ -128,6 +136,15 @@ class VideoFamily(Family):
     ) -> ImageStart:
         """The initial latents and conditioning inputs of ``image`` (see ``ImageStart``)."""
         raise ValueError(f"image: {self.image_support(pipe)}")
+
+    def image_options(self, request: GenerationParams) -> dict[str, Any]:
+        """Keyword arguments of ``image_start`` a request sets (SVD: its noise augmentation)."""
+        return {}
+
+    def cfg_scale(self, pipe, request: GenerationParams, latents: Tensor) -> Tensor | None:
+        """The CFG scale per latent element where it is not one number (SVD: a per-frame ramp,
+        broadcast over ``latents``); None: ``request.cfg`` everywhere."""
+        return None
 
     def size_factor(self, pipe) -> int:
         return int(getattr(pipe, "vae_scale_factor_spatial", None) or pipe.vae_scale_factor)

@@ -4,10 +4,12 @@ image-to-video only. A UNet with spatial attention per frame and temporal attent
 embedding (no text) and on its VAE latents as extra channels; latents ``[B, F, C, h, w]``, no temporal
 compression; the micro-conditioning ``added_time_ids`` = (fps - 1, motion bucket, noise augmentation).
 
-seg-rt's CFG scale is one number for every frame: ``StableVideoDiffusionPipeline`` with
-``min_guidance_scale = max_guidance_scale = cfg`` (its default ramps 1 -> 3 over the frames).
-The motion bucket and noise augmentation are the pipeline's defaults (127, 0.02); ``fps`` is the
-request's (the written file's rate; the pipeline conditions on fps - 1).
+The request's video fields are the pipeline's arguments: CFG ramps linearly over the frames from
+``min_cfg`` (``min_guidance_scale``, default 1) at the first to ``cfg`` (``max_guidance_scale``) at
+the last, as the pipeline does; ``motion_bucket_id`` and ``noise_aug_strength`` (defaults 127, 0.02)
+are its micro-conditioning, the still noised by the latter before encoding; ``fps`` is the request's
+(the written file's rate; the pipeline conditions on fps - 1). SEG's term is added on top of the
+ramped CFG with its own (constant) scale.
 """
 
 from __future__ import annotations
@@ -22,9 +24,6 @@ from seg_rt.params import GenerationParams
 
 from .base import ImageStart, VideoFamily, image_tensor
 
-SVD_MOTION_BUCKET_ID = 127  # StableVideoDiffusionPipeline's defaults
-SVD_NOISE_AUG_STRENGTH = 0.02
-
 
 class SVDFamily(VideoFamily):
     name = "svd"
@@ -32,6 +31,7 @@ class SVDFamily(VideoFamily):
         "StableVideoDiffusionPipeline", "UNetSpatioTemporalConditionModel", "seg_rt.video.attention:SVD"
     )
     frames_first = True
+    svd_conditioning = True
 
     def net(self, pipe) -> nn.Module:
         return pipe.unet
@@ -65,10 +65,11 @@ class SVDFamily(VideoFamily):
         do_cfg = request.cfg > 1
         device = pipe._execution_device
         embeds = pipe._encode_image(request.video.image.pil(), device, n, False)
+        v = request.video
         ids = pipe._get_add_time_ids(
-            request.video.fps - 1,
-            SVD_MOTION_BUCKET_ID,
-            SVD_NOISE_AUG_STRENGTH,
+            v.fps - 1,
+            v.motion_bucket_id,
+            v.noise_aug_strength,
             embeds.dtype,
             1,
             n,
@@ -78,8 +79,20 @@ class SVDFamily(VideoFamily):
         uncond = {"encoder_hidden_states": torch.zeros_like(embeds), "added_time_ids": ids}
         return Prepared(cond, uncond if do_cfg else None)
 
-    def image_start(self, pipe, scheduler, image, generators, *, frames, height, width, dtype) -> ImageStart:
-        """``StableVideoDiffusionPipeline`` per row: the still plus 0.02 x noise (row i's generator;
+    def image_options(self, request: GenerationParams) -> dict:
+        return {"noise_aug_strength": request.video.noise_aug_strength}
+
+    def cfg_scale(self, pipe, request: GenerationParams, latents: Tensor) -> Tensor:
+        """``torch.linspace(min_guidance_scale, max_guidance_scale, num_frames)`` over the frames
+        (dimension 1), as the pipeline builds it, in the latents' dtype."""
+        frames = latents.shape[1]
+        ramp = torch.linspace(request.video.min_cfg, request.cfg, frames).to(latents.device, latents.dtype)
+        return ramp.view(1, frames, *([1] * (latents.ndim - 2)))
+
+    def image_start(
+        self, pipe, scheduler, image, generators, *, frames, height, width, dtype, noise_aug_strength
+    ) -> ImageStart:
+        """``StableVideoDiffusionPipeline`` per row: the still plus ``noise_aug_strength`` x noise (row i's generator;
         diffusers draws one noise for a batch of videos, seg-rt one per row so that video i equals
         its seed alone), its VAE latents' mode repeated over the frames (zeros for uncond rows), then
         the row's initial noise (``prepare_latents``) from the same generator."""
@@ -92,7 +105,7 @@ class SVDFamily(VideoFamily):
         rows, noise = [], []
         for g in generators:
             aug = randn_tensor(pixels.shape, generator=g, device=device, dtype=pixels.dtype)
-            noisy = (pixels + SVD_NOISE_AUG_STRENGTH * aug).to(vae.dtype)
+            noisy = (pixels + noise_aug_strength * aug).to(vae.dtype)
             z = vae.encode(noisy).latent_dist.mode().to(dtype)
             rows.append(z.unsqueeze(1).repeat(1, frames, 1, 1, 1))
             noise.append(randn_tensor(shape, generator=g, device=device, dtype=dtype))
