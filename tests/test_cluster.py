@@ -257,9 +257,23 @@ def test_item_that_keeps_failing_is_recorded_and_the_rest_finish(local_ray, sdxl
 
 @pytest.mark.slow
 def test_killed_driver_resumes_without_duplicates(sdxl_dir, tmp_path):
-    """A driver SIGKILLed mid-job and rerun: every item present exactly once, same bytes."""
+    """A driver SIGKILLed mid-job and rerun: every item present exactly once, same bytes. The job is
+    an inpainting job (init image and mask relative to its folder), so the resume covers the tasks:
+    an item the rerun computed equals the same item computed alone in-process."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    Image.fromarray((rng.rand(64, 64, 3) * 255).astype(np.uint8)).save(tmp_path / "init.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
     out = tmp_path / "out"
-    path = write_job(tmp_path / "job.yaml", job(sdxl_dir, out, samples_per_prompt=4, steps=3))
+    data = job(
+        sdxl_dir, out, samples_per_prompt=4, steps=3, init_image="init.png", mask="mask.png", strength=0.7
+    )
+    path = write_job(tmp_path / "job.yaml", data)
     temp = short_temp_dir()
     cmd = [str(BIN / "seg-rt"), "run", str(path), "--no-progress", "--ray-temp-dir", temp]
     try:
@@ -286,6 +300,18 @@ def test_killed_driver_resumes_without_duplicates(sdxl_dir, tmp_path):
     assert summary["skipped"] == partial and summary["done"] == 8 - partial
     ok = [row["item"] for row in read_manifest(out) if row["status"] == "ok"]
     assert len(ok) == len(set(ok)) == 8 and len(outputs(out)) == 8
+    # the last item (computed by the rerun) equals the same item alone, one thread as the job's worker
+    spec = parse_job(data)
+    item = expand_items(spec, tmp_path)[-1]
+    assert item.params.task == "inpaint"
+    threads = torch.get_num_threads()
+    try:
+        worker = SEGWorker(spec.model_dump(mode="json"), "solo")
+        solo = worker.run([item])[0]["png"]
+        worker.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert outputs(out)[f"{item.id}.png"] == solo
 
 
 @pytest.mark.slow
