@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seg_rt.params import GenerationParams
 
-from . import a1111_api, guard, jobs_api, openai_api, openai_stream, progress_api
+from . import a1111_api, guard, jobs_api, openai_api, openai_stream, progress_api, video_api
 from .core import Failure, ServingCore
 from .jobs import jobs_for, owner_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -196,7 +196,7 @@ def producer(core: ServingCore, batcher: Batcher, jobs=None) -> Producer:
                 jobs.untrack(watched)
         if isinstance(result, Failure):
             raise RequestFailed(result.status, result.message)
-        return rows, [core.png(img, p) for img, p in zip(result, rows, strict=True)]
+        return rows, [core.encode(out, p) for out, p in zip(result, rows, strict=True)]
 
     return produce
 
@@ -214,7 +214,7 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
 
     jobs = jobs_for(core)
     produce = producer(core, batcher or alone, jobs)
-    shapes = [openai_api.ERRORS, a1111_api.ERRORS]
+    shapes = [openai_api.ERRORS, video_api.ERRORS, a1111_api.ERRORS]
     app = FastAPI(title="seg-rt", description="Smoothed Energy Guidance (SEG) image generation", version="1")
     app.add_middleware(
         RequestGuard,
@@ -290,10 +290,15 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
         a1111_api.router(produce, config.public_model, config.scheduler),
     )
     keyed = bool(config.api_keys)
+
+    def owner(r: Request) -> str:
+        return owner_of(_credentials(r.scope["headers"]) if keyed else None)
+
     apis = (  # progress first: its /sdapi/v1/progress answers for the web UI's static one
-        progress_api.router(jobs, lambda r: owner_of(_credentials(r.scope["headers"]) if keyed else None)),
+        progress_api.router(jobs, owner),
         *apis,
-        jobs_api.router(core, jobs, lambda r: owner_of(_credentials(r.scope["headers"]) if keyed else None)),
+        jobs_api.router(core, jobs, owner),
+        video_api.router(core, jobs, owner),
     )
     for api in apis:
         routes.update(r.path for r in api.routes)

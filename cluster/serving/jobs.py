@@ -330,9 +330,10 @@ class JobManager:
             return self._announce(job)
         seconds = time.time() - (job.started or job.created)
         outputs = []
-        for i, (image, p) in enumerate(zip(result, job.rows, strict=True)):
-            data = self.core.png(image, p)
-            name = f"image-{i}.png"
+        stem, suffix, _ = self.core.output
+        for i, (out, p) in enumerate(zip(result, job.rows, strict=True)):
+            data = self.core.encode(out, p)
+            name = f"{stem}-{i}.{suffix}"
             self.store.write(job.id, name, data)  # complete before the record names it
             outputs.append(
                 {
