@@ -121,3 +121,14 @@ def test_serving_line_only_once_the_server_answers(monkeypatch):
         )
     assert events == []
 
+
+def test_job_soak_short():
+    """5 s of the job API's soak (``python -m tests.soak_serve --jobs``) in-process: 8 clients
+    mixing blocking requests, polled and cancelled jobs; no 5xx, no lost job, bytes equal solo,
+    memory and the state folder bounded."""
+    from .soak_serve import soak_jobs
+
+    summary = soak_jobs(seconds=5, clients=8, in_process=True)
+    shown = {k: v for k, v in summary.items() if k != "failures"}
+    assert summary["passed"], f"{shown} failures: {summary['failures'][:5]}"
+    assert summary["jobs_lost"] == 0 and summary["5xx_or_dropped"] == 0
