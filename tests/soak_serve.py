@@ -310,7 +310,7 @@ JOB_BODIES = [
     {"prompt": "two", "seed": 5, "steps": 2, "num_images": 2, "response": "json", "height": 32, "width": 32},
     {"prompt": "", "seed": 6, "steps": 2, "cfg": 1, "negative_prompt": "blur", "height": 32, "width": 32},
 ]
-STATE_CAP = 400_000  # jobs.max_bytes of the soak's server: pruning runs many times in 2 minutes
+STATE_CAP = 100_000  # jobs.max_bytes of the soak's server (~15 finished jobs): pruning runs throughout
 
 
 def call(port: int, key: str | None, method: str, path: str, body=None) -> tuple[int, dict, bytes]:
@@ -459,7 +459,7 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
                     view = json.loads(raw)
                     if view["status"] in ("succeeded", "failed", "cancelled"):
                         break
-                    time.sleep(rng.uniform(0.05, 0.25))
+                    time.sleep(rng.uniform(0.1, 0.4))
                 final = view["status"]
                 with lock:
                     stats[f"job_{final}"] += 1
@@ -547,7 +547,7 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
     lost = stats["jobs_submitted"] - ended
     rss_bounded = mb[-1] > 0 and max(mb) <= mb[0] + max(0.25 * mb[0], 300)
     # the cap, plus the files of the jobs still running or fetched-but-not-yet-pruned (one batch)
-    state_bounded = max(state) <= STATE_CAP + 200_000
+    state_bounded = max(state) <= STATE_CAP + 100_000
     passed = (
         not failures
         and five_xx == 0

@@ -70,6 +70,38 @@ def test_a_blocking_request_whose_client_went_away_is_cancelled(sdxl, tmp_path):
         core.close()
 
 
+def test_a_cancelled_handler_cancels_its_rows(sdxl, tmp_path):
+    """Ray Serve cancels the handler of a request whose client disconnected: its rows are
+    cancelled too (the batch they are in goes on without them)."""
+    import asyncio
+
+    from seg_rt.cluster.serving.http import until_client_gone
+    from seg_rt.cluster.serving.jobs import jobs_for
+    from seg_rt.params import GenerationParams
+
+    core = ServingCore(ServeConfig(model="tiny-sdxl", state_dir=str(tmp_path)), sdxl)
+    try:
+        watched = jobs_for(core).track([GenerationParams(steps=2)])
+
+        async def main():
+            started = asyncio.Event()
+
+            async def batch():  # the batch the rows wait in
+                started.set()
+                await asyncio.sleep(30)
+
+            handler = asyncio.ensure_future(until_client_gone(batch(), watched, core.jobs))
+            await started.wait()
+            handler.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await handler
+
+        asyncio.run(main())
+        assert watched.watch.cancelled
+    finally:
+        core.close()
+
+
 class _Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200 if self.path == "/v1/health" else 404)

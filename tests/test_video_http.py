@@ -109,6 +109,8 @@ def test_videos_api_refusals_and_the_job_api_on_a_video_model(vcore, sdxl, tmp_p
         assert c.get(f"/v1/videos/{job.id}/content", headers=h).content == result.content
         ref = solo_mp4(vcore.pipe, frames=2, steps=2, seg_mode="spatial", seed=4)
         assert result.content == ref
+        reloaded = vcore.jobs._load(job.id)  # as a restarted server reads it back
+        assert reloaded.kind == "mp4" and reloaded.rows == job.rows
     # an image server refuses videos with the line that says what to serve
     image = ServingCore(ServeConfig(model="tiny-sdxl", state_dir=str(tmp_path / "img")), sdxl)
     try:

@@ -120,8 +120,13 @@ class ServingCore:
         self.config = config
         self.pipe = pipe
         self.kind = model_kind(pipe)  # image or video: which requests it takes, what it answers
-        if self.kind == "video" and run is run_group:
-            run = run_video
+        if self.kind == "video":
+            if engine is not None or group is not None:
+                raise ValueError(
+                    "a video model is served with the torch engine on one device: no engine, no branch_parallel"
+                )
+            if run is run_group:
+                run = run_video
         self.engine = engine
         self.group = group  # latency mode: the branch-parallel ranks that sample (closed with the core)
         self._run = run if group is None else partial(run_on_group, group)

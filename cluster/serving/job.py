@@ -168,8 +168,8 @@ def input_files(rows: Sequence[GenerationParams]) -> dict[str, bytes]:
 
     files = {}
     for p in rows:
-        for key in INPUT_KEYS:
-            image = getattr(p, key)
+        still = p.video.image if p.video is not None else None  # image-to-video
+        for image in (*(getattr(p, key) for key in INPUT_KEYS), still):
             if image is not None:
                 buf = io.BytesIO()
                 image.pil().save(buf, format="PNG")
@@ -181,14 +181,20 @@ def with_inputs(record: dict, folder: Path | None) -> dict:
     """A row's record with its input images read back from the job's folder (their sha256 checked)."""
     from seg_rt.tasks import load_image
 
+    def read(named: dict, key: str):
+        image = load_image(folder / f"input-{named['sha256']}.png", key, mode=named["mode"])
+        if image.sha256 != named["sha256"]:
+            raise ValueError(f"{key} of the job record does not match its kept file")
+        return image
+
     out = dict(record)
     for key in INPUT_KEYS:
         named = record.get(key)
         if isinstance(named, dict) and folder is not None:
-            image = load_image(folder / f"input-{named['sha256']}.png", key, mode=named["mode"])
-            if image.sha256 != named["sha256"]:
-                raise ValueError(f"{key} of the job record does not match its kept file")
-            out[key] = image
+            out[key] = read(named, key)
+    video = record.get("video")
+    if isinstance(video, dict) and isinstance(video.get("image"), dict) and folder is not None:
+        out["video"] = {**video, "image": read(video["image"], "image")}  # an image-to-video still
     return out
 
 
