@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 DEMO_MODEL_NAME = "seg-rt-demo"  # what clients see of the bundled demo model
+DEMO_VIDEO_MODEL_NAME = "seg-rt-demo-video"  # and of the bundled demo video model
 
 # scheme://userinfo@  and  ?query / #fragment of a URL inside any text
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]*@")
@@ -57,8 +58,8 @@ def check_model_url(model: str, what: str = "model") -> str:
 
 def public_name(model: str | Path) -> str:
     """What clients, PNG records and log lines see of ``model``: a URL's last path segment (its
-    bucket when it has no path), a local folder's or file's name (``seg-rt-demo`` for the bundled
-    demo model), anything else (a hub id) as it is."""
+    bucket when it has no path), a local folder's or file's name (``seg-rt-demo`` / ``seg-rt-demo-video``
+    for the bundled demo models), anything else (a hub id) as it is."""
     text = str(model)
     if is_url(text):
         parts = urlsplit(text)
@@ -71,5 +72,8 @@ def public_name(model: str | Path) -> str:
     if not path.is_dir():
         return text
     from seg_rt.demo.model import is_demo_folder  # torch: only for a local folder
+    from seg_rt.demo.video_model import is_demo_video_folder
 
-    return DEMO_MODEL_NAME if is_demo_folder(path) else path.resolve().name
+    if is_demo_folder(path):
+        return DEMO_MODEL_NAME
+    return DEMO_VIDEO_MODEL_NAME if is_demo_video_folder(path) else path.resolve().name

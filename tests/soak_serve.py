@@ -9,6 +9,17 @@ wrong or missing key). Checks: every valid request is 200 and its pixels equal t
 generated alone in this process (``seg_rt.generate``, 1 thread like the replica) and its record
 names the model, not a path; every invalid one gets its own 4xx and message; no 5xx; the server's
 resident memory (all its processes) stays bounded. Prints one JSON summary; exit 1 if a check fails.
+
+    python -m tests.soak_serve --jobs --seconds 120 --clients 8
+
+The job API's soak (``soak_jobs``) on the bundled demo model: ``clients`` threads mix blocking
+requests, jobs submitted and polled to the end, jobs cancelled at a random moment, and listings.
+Checks: no 5xx; no lost job (every job submitted ends ``succeeded`` or ``cancelled``, a cancelled
+one has no result, and each is still listed until fetched); every succeeded job's and every
+blocking answer's bytes equal the same body's solo run (sent alone before the clients start, its
+pixels equal to ``seg_rt.generate`` in this process); the server's memory and its state folder
+(``jobs.max_bytes``: pruned) stay bounded. ``--in-process`` serves the app with uvicorn in this
+process (no Ray: the short version the test suite runs).
 """
 
 import argparse
@@ -289,13 +300,337 @@ def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
     }
 
 
+# ---- the job API's soak ---------------------------------------------------------------------------
+
+JOB_BODIES = [
+    {"prompt": "yellow star on checks", "seed": 1, "steps": 3, "height": 32, "width": 32},
+    {"prompt": "red circle on plain", "seed": 2, "steps": 2, "height": 32, "width": 32},
+    {"prompt": "blue square on stripes", "seed": 3, "steps": 2, "seg_sigma": 2, "height": 32, "width": 32},
+    {"prompt": "green star on plain", "seed": 4, "steps": 3, "height": 32, "width": 64},
+    {"prompt": "two", "seed": 5, "steps": 2, "num_images": 2, "response": "json", "height": 32, "width": 32},
+    {"prompt": "", "seed": 6, "steps": 2, "cfg": 1, "negative_prompt": "blur", "height": 32, "width": 32},
+]
+STATE_CAP = 100_000  # jobs.max_bytes of the soak's server (~15 finished jobs): pruning runs throughout
+
+
+def call(port: int, key: str | None, method: str, path: str, body=None) -> tuple[int, dict, bytes]:
+    """One HTTP request on a fresh connection: (status, headers, body); -1 when the server dropped it."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=headers)
+        r = conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+    except (ConnectionError, http.client.HTTPException, TimeoutError) as exc:
+        return -1, {}, repr(exc).encode()
+    finally:
+        conn.close()
+
+
+def images_of(body: dict, raw: bytes) -> list[bytes]:
+    """The PNG bytes of an answer (a PNG, or JSON with base64 images)."""
+    if body.get("response") == "json":
+        return [base64.b64decode(s) for s in json.loads(raw)["images"]]
+    return [raw]
+
+
+def folder_bytes(path: Path) -> int:
+    total = 0
+    for f in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            if f.is_file():
+                total += f.stat().st_size
+    return total
+
+
+@contextlib.contextmanager
+def job_server(tmp: Path, model: str, key: str, in_process: bool):
+    """(port, pid whose process tree is the server) of a server with a small state-folder cap."""
+    settings = {
+        "num_replicas": 1,
+        "max_batch_size": 4,
+        "batch_wait_timeout_s": 0.02,
+        "max_ongoing_requests": 32,
+        "max_queued_requests": 64,
+        "state_dir": str(tmp / "state"),
+        "jobs": {"queue_length": 64, "max_bytes": STATE_CAP, "retention_s": 3600, "preview_every": 1},
+    }
+    if in_process:
+        import torch
+
+        from seg_rt.cluster.serving.config import ServeConfig
+        from seg_rt.cluster.serving.core import ServingCore
+        from seg_rt.cluster.serving.http import build_app
+        from seg_rt.pipeline import load_pipeline
+
+        from .live_server import live_server, torch_threads
+
+        fields = {k: settings[k] for k in ("max_batch_size", "state_dir", "jobs")}
+        core = ServingCore(ServeConfig(model=model, api_keys=[key], **fields), load_pipeline(model, "cpu"))
+        try:
+            with torch.inference_mode(), torch_threads(1), live_server(build_app(core)) as url:
+                yield int(url.rsplit(":", 1)[1]), os.getpid()
+        finally:
+            core.close()
+        return
+    import yaml
+
+    port, ray_tmp = free_port(), short_temp_dir()
+    config = tmp / "serve.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    cmd = [sys.executable, "-m", "seg_rt.cli", "serve", "--model", model, "--port", str(port)]
+    cmd += ["--config", str(config), "--ray-temp-dir", ray_tmp]
+    env = {**os.environ, "SEG_RT_API_KEY": key}
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        wait_healthy(port, proc)
+        yield port, proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        kill_ray_under(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process: bool = False) -> dict:
+    """The job API under ``clients`` threads for ``seconds`` (see the module docstring)."""
+    from seg_rt.demo.model import weights_dir
+
+    model = str(weights_dir())
+    started = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="segrt-jobsoak-"))
+    key = secrets.token_hex(16)
+    stats: Counter = Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+    rss: list[int] = []
+    state: list[int] = []
+    durations: dict[str, list[float]] = {"blocking": [], "job": []}
+
+    def fail(problem: str) -> None:
+        with lock:
+            if len(failures) < 20:
+                failures.append(problem)
+
+    try:
+        with job_server(tmp, model, key, in_process) as (port, pid):
+            # the solo runs: each body alone, before any concurrency; their pixels = seg_rt.generate here
+            solo: dict[int, list[bytes]] = {}
+            for k, body in enumerate(JOB_BODIES):
+                status, _, raw = call(port, key, "POST", "/v1/generate", body)
+                if status != 200:
+                    raise RuntimeError(f"solo run #{k}: {status} {raw[:200]!r}")
+                solo[k] = images_of(body, raw)
+            refs = job_references(model)
+            for k, pngs in solo.items():
+                if any(not np.array_equal(pixels(p), r) for p, r in zip(pngs, refs[k], strict=True)):
+                    failures.append(f"solo run #{k}: pixels differ from seg_rt.generate")
+            rss.append(tree_rss(pid))
+            state.append(folder_bytes(tmp / "state"))
+            deadline = time.monotonic() + seconds
+            stop = threading.Event()
+
+            def monitor() -> None:
+                while not stop.wait(1.0):
+                    rss.append(tree_rss(pid))
+                    state.append(folder_bytes(tmp / "state"))
+
+            def count(status: int) -> None:
+                with lock:
+                    stats[f"status_{status}"] += 1
+
+            def finish(job_id: str, k: int, cancelled: bool, rng) -> None:
+                """Poll a job to its end; check its final state and result."""
+                while True:
+                    status, _, raw = call(port, key, "GET", f"/v1/jobs/{job_id}")
+                    count(status)
+                    if status != 200:
+                        return fail(f"job {job_id}: status poll {status} {raw[:200]!r}")
+                    view = json.loads(raw)
+                    if view["status"] in ("succeeded", "failed", "cancelled"):
+                        break
+                    time.sleep(rng.uniform(0.1, 0.4))
+                final = view["status"]
+                with lock:
+                    stats[f"job_{final}"] += 1
+                if final == "failed" or (final == "cancelled" and not cancelled):
+                    return fail(f"job {job_id}: {final} ({view['error']})")
+                status, _, raw = call(port, key, "GET", f"/v1/jobs/{job_id}/result")
+                count(status)
+                if final == "cancelled":
+                    if status != 409:
+                        fail(f"cancelled job {job_id}: result {status}, want 409")
+                    return None
+                if status != 200:
+                    return fail(f"job {job_id}: result {status} {raw[:200]!r} (lost?)")
+                if images_of(JOB_BODIES[k], raw) != solo[k]:
+                    return fail(f"job {job_id} (body #{k}): bytes differ from the solo run")
+                with lock:
+                    stats["job_bytes_equal_solo"] += 1
+                return None
+
+            def client(c: int) -> None:
+                rng = random.Random(seed * 1000 + c)
+                while time.monotonic() < deadline:
+                    k = rng.randrange(len(JOB_BODIES))
+                    body = JOB_BODIES[k]
+                    action = rng.choices(("blocking", "job", "cancel", "list"), (3, 4, 2, 1))[0]
+                    with lock:
+                        stats[f"{action}_sent"] += 1
+                    t0 = time.monotonic()
+                    if action == "blocking":
+                        status, _, raw = call(port, key, "POST", "/v1/generate", body)
+                        count(status)
+                        if status != 200:
+                            fail(f"blocking #{k}: {status} {raw[:200]!r}")
+                        elif images_of(body, raw) != solo[k]:
+                            fail(f"blocking #{k}: bytes differ from the solo run")
+                        else:
+                            with lock:
+                                stats["blocking_bytes_equal_solo"] += 1
+                                durations["blocking"].append(time.monotonic() - t0)
+                        continue
+                    if action == "list":
+                        status, _, raw = call(port, key, "GET", "/v1/jobs")
+                        count(status)
+                        if status != 200:
+                            fail(f"list: {status} {raw[:200]!r}")
+                        continue
+                    status, headers, raw = call(port, key, "POST", "/v1/jobs", body)
+                    count(status)
+                    if status == 429:  # a full queue is an answer, not a failure: wait as told
+                        time.sleep(float(headers.get("retry-after", 1)))
+                        continue
+                    if status != 202:
+                        fail(f"submit #{k}: {status} {raw[:200]!r}")
+                        continue
+                    job_id = json.loads(raw)["id"]
+                    with lock:
+                        stats["jobs_submitted"] += 1
+                    if action == "cancel":
+                        time.sleep(rng.uniform(0.0, 0.3))
+                        status, _, raw = call(port, key, "DELETE", f"/v1/jobs/{job_id}")
+                        count(status)
+                        if status != 200:
+                            fail(f"cancel {job_id}: {status} {raw[:200]!r}")
+                    finish(job_id, k, action == "cancel", rng)
+                    if action == "job":
+                        with lock:
+                            durations["job"].append(time.monotonic() - t0)
+
+            watcher = threading.Thread(target=monitor, daemon=True)
+            watcher.start()
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            stop.set()
+            watcher.join()
+            rss.append(tree_rss(pid))
+            state.append(folder_bytes(tmp / "state"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    mb = [r / 2**20 for r in rss] or [0.0]
+    five_xx = sum(v for k, v in stats.items() if k.startswith("status_5") or k == "status_-1")
+    ended = stats["job_succeeded"] + stats["job_cancelled"] + stats["job_failed"]
+    lost = stats["jobs_submitted"] - ended
+    rss_bounded = mb[-1] > 0 and max(mb) <= mb[0] + max(0.25 * mb[0], 300)
+    # the cap, plus the files of the jobs still running or fetched-but-not-yet-pruned (one batch)
+    state_bounded = max(state) <= STATE_CAP + 100_000
+    passed = (
+        not failures
+        and five_xx == 0
+        and lost == 0
+        and rss_bounded
+        and state_bounded
+        and stats["job_bytes_equal_solo"] > 0
+        and stats["job_cancelled"] > 0
+        and stats["blocking_bytes_equal_solo"] > 0
+    )
+
+    def p50(xs: list[float]) -> float | None:
+        return round(sorted(xs)[len(xs) // 2], 3) if xs else None
+
+    return {
+        "what": "job API soak",
+        "server": "in-process uvicorn" if in_process else "seg-rt serve (Ray Serve)",
+        "model": "seg-rt-demo",
+        "seconds": seconds,
+        "clients": clients,
+        "sent": {a: stats[f"{a}_sent"] for a in ("blocking", "job", "cancel", "list")},
+        "jobs_submitted": stats["jobs_submitted"],
+        "jobs_succeeded": stats["job_succeeded"],
+        "jobs_cancelled": stats["job_cancelled"],
+        "jobs_failed": stats["job_failed"],
+        "jobs_lost": lost,
+        "job_bytes_equal_solo": stats["job_bytes_equal_solo"],
+        "blocking_bytes_equal_solo": stats["blocking_bytes_equal_solo"],
+        "p50_seconds": {
+            "blocking": p50(durations["blocking"]),
+            "job_submit_to_result": p50(durations["job"]),
+        },
+        "status_counts": {
+            k.removeprefix("status_"): v for k, v in sorted(stats.items()) if k.startswith("status_")
+        },
+        "5xx_or_dropped": five_xx,
+        "server_rss_mb": {"start": round(mb[0], 1), "peak": round(max(mb), 1), "end": round(mb[-1], 1)},
+        "rss_bounded": rss_bounded,
+        "state_dir_bytes": {"cap": STATE_CAP, "start": state[0], "peak": max(state), "end": state[-1]},
+        "state_bounded": state_bounded,
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "failures": failures,
+        "passed": passed,
+    }
+
+
+def job_references(model: str) -> dict[int, list[np.ndarray]]:
+    """Each job body generated alone in this process (``seg_rt.generate``), with one thread."""
+    import torch
+
+    import seg_rt
+    from seg_rt.pipeline import load_pipeline
+
+    pipe = load_pipeline(model, "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for k, b in enumerate(JOB_BODIES):
+            opts = {
+                n: b[n] for n in ("steps", "cfg", "seg_sigma", "negative_prompt", "height", "width") if n in b
+            }
+            arr = seg_rt.generate(
+                pipe, b["prompt"], seed=b["seed"], num_images=b.get("num_images", 1), output_type="np", **opts
+            )
+            out[k] = [(a * 255).round().astype("uint8") for a in arr]
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", action="store_true", help="the job API's soak on the demo model")
+    parser.add_argument("--in-process", action="store_true", help="--jobs: uvicorn in this process, no Ray")
     args = parser.parse_args(argv)
-    summary = soak(args.seconds, args.clients, args.seed)
+    if args.jobs:
+        summary = soak_jobs(args.seconds, args.clients, args.seed, args.in_process)
+    else:
+        summary = soak(args.seconds, args.clients, args.seed)
     print(json.dumps(summary))
     return 0 if summary["passed"] else 1
 

@@ -78,6 +78,10 @@ def test_openai_client_images_equal_generate(url, pipe):
         size="32x32",
         response_format="b64_json",
         user="someone",
+        model="dall-e-3",  # OpenAI's own model names: aliases of the served model
+        quality="hd",  # look hints OpenAI documents: accepted and ignored (the pixels below)
+        style="natural",
+        background="opaque",
         extra_body={
             "seed": 3,
             "steps": 4,
@@ -112,7 +116,19 @@ def test_openai_wrong_key_raises_authentication_error(url):
         ({"size": "large"}, openai.BadRequestError, "size", "size must be 'WIDTHxHEIGHT'"),
         ({"size": "512x32"}, openai.BadRequestError, "size", "height and width must be <= 128 pixels each"),
         ({"response_format": "url"}, openai.BadRequestError, "response_format", "does not host image files"),
-        ({"quality": "hd"}, openai.BadRequestError, "quality", "quality is not supported; OpenAI fields"),
+        (
+            {"quality": "ultra"},
+            openai.BadRequestError,
+            "quality",
+            "quality must be one of auto, standard, hd",
+        ),
+        (
+            {"background": "transparent"},
+            openai.BadRequestError,
+            "background",
+            "background must be one of auto",
+        ),
+        ({"style": "noir"}, openai.BadRequestError, "style", "style must be one of vivid, natural"),
         ({"extra_body": {"steps": 99}}, openai.BadRequestError, "steps", "steps must be <= 50, got 99"),
         (
             {"extra_body": {"seg_sigma": -1}},
@@ -120,7 +136,7 @@ def test_openai_wrong_key_raises_authentication_error(url):
             "seg_sigma",
             "seg sigma must be > 0 or inf",
         ),
-        ({"model": "dall-e-3"}, openai.NotFoundError, "model", "this server serves 'seg-rt-demo'"),
+        ({"model": "gpt-4o"}, openai.NotFoundError, "model", "this server serves 'seg-rt-demo'"),
     ],
 )
 def test_openai_errors_in_the_api_error_shape(url, kwargs, error, param, message):
@@ -155,6 +171,15 @@ def test_webuiapi_txt2img_equals_generate(url, pipe):
     assert result.info["all_seeds"] == [5, 6] and result.info["sampler_name"] == "Euler a"
     assert "Steps: 4, Sampler: Euler a, CFG scale: 3, Seed: 5, Size: 32x32" in result.info["infotexts"][0]
     assert result.info["seg_rt"][1]["seg_sigma"] == 5 and result.parameters["seed"] == 5
+    # the PNG's parameters chunk is the web UI's infotext (what A1111 / Forge PNG-info readers
+    # parse), seg-rt's JSON record beside it
+    for image, seed in zip(result.images, (5, 6), strict=True):
+        prompt, settings = image.text["parameters"].split("\n")
+        fields = dict(item.split(": ", 1) for item in settings.split(", "))
+        assert prompt == PROMPT and fields["Steps"] == "4" and fields["Sampler"] == "Euler a"
+        assert (fields["CFG scale"], fields["Seed"], fields["Size"]) == ("3", str(seed), "32x32")
+        assert fields["Model"] == "seg-rt-demo"
+        assert GenerationParams.from_record(json.loads(image.text["seg-rt"])).seed == seed
 
 
 def test_webuiapi_random_seed_is_reported_and_reproduces(url):
@@ -163,7 +188,7 @@ def test_webuiapi_random_seed_is_reported_and_reproduces(url):
         prompt=PROMPT, seed=-1, width=32, height=32, alwayson_scripts={"seg": {"args": [1.0]}}
     )
     seed = first.info["seed"]
-    assert seed >= 0 and first.parameters["seed"] == seed == record(first.image)["seed"]
+    assert seed >= 0 and first.parameters["seed"] == seed == json.loads(first.image.text["seg-rt"])["seed"]
     again = api.txt2img(
         prompt=PROMPT, seed=seed, width=32, height=32, alwayson_scripts={"seg": {"args": [1.0]}}
     )

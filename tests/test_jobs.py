@@ -5,7 +5,6 @@ unchanged), the bounded queue, ownership by API key, results on disk across a re
 import base64
 import io
 import json
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -188,8 +187,7 @@ def test_restart_serves_finished_results_and_reports_interrupted_jobs_failed(sdx
         running = c.post("/v1/jobs", json=BODY | {"seed": 8}).json()["id"]
         until(lambda: status(c, running)["status"] == "running")
         queued = c.post("/v1/jobs", json=BODY | {"seed": 9}).json()["id"]
-        os.close(core.jobs._lock_fd)  # the server process dies: its lock goes with it
-        core.jobs._lock_fd = None
+        core.jobs.store.release()  # the server process dies: its lock goes with it
         core.jobs._closed = True  # and its worker takes nothing more
         core.jobs._save = lambda job: None  # nor writes anything more
         _, c2 = make(sdxl, tmp_path)  # the restarted server, same state folder

@@ -309,7 +309,7 @@ def test_each_app_has_its_own_state(pipe):
 def test_api_keys_guard_every_route_but_health(core):
     c = client(core, api_keys=[KEY, "other"])
     assert c.get("/v1/health").status_code == 200
-    for path in ("/v1/info", "/openapi.json", "/docs"):
+    for path in ("/v1/info", "/openapi.json", "/redoc"):
         r = c.get(path)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         assert r.json() == {"detail": "missing or wrong API key (Authorization: Bearer KEY)"}
@@ -319,6 +319,30 @@ def test_api_keys_guard_every_route_but_health(core):
     assert c.get("/v1/info", headers={"Authorization": "Bearer other"}).status_code == 200
     assert c.post("/v1/generate", json={"steps": 2}).status_code == 401
     assert key_matches(b"a", ["a"]) and not key_matches(None, ["a"]) and not key_matches(b"", [""])
+
+
+def test_docs_open_on_a_keyed_server_and_fetch_the_keyed_spec_with_the_key(core):
+    """A browser cannot send the key header when it opens /docs: the page is served without the
+    key, /openapi.json stays keyed and the page sends the key with each of its requests."""
+    import base64
+    import hashlib
+    import re
+
+    c = client(core, api_keys=[KEY])
+    page = c.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert 'url: "/openapi.json"' in html and 'req.headers.Authorization = "Bearer " + key' in html
+    assert 'localStorage.getItem("seg-rt-key")' in html  # the playground's entry, one key for both
+    (script,) = re.findall(r"<script>(.*?)</script>", html, re.S)  # its one inline script...
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    csp = page.headers["content-security-policy"]  # ...allowed by hash, requests to this server only
+    assert f"'sha256-{digest}'" in csp and "connect-src 'self'" in csp
+    assert c.get("/openapi.json").status_code == 401
+    spec = c.get("/openapi.json", headers={"Authorization": f"Bearer {KEY}"})
+    assert spec.status_code == 200 and "/v1/generate" in spec.json()["paths"]
+    for path in ("/v1/generate", "/v1/jobs", "/v1/videos", "/v1/images/generations", "/sdapi/v1/txt2img"):
+        assert c.post(path, json={"prompt": "a"}).status_code == 401, path  # generating routes keyed
 
 
 def test_body_limit_before_the_body_is_parsed(core):

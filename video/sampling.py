@@ -92,6 +92,7 @@ def generate_video(
     parallel: BranchParallel | int | None = None,
     wrap_denoiser: Callable | None = None,
     perturbation: str = "blur",
+    callback=None,
     **fields,
 ):
     """Videos with SEG on video attention. ``model``: a folder, hub id or loaded diffusers pipeline
@@ -116,7 +117,8 @@ def generate_video(
     ``seg_rt.run_params``. ``wrap_denoiser``: applied to the video denoiser before sampling (a rank
     passes ``seg_rt.engines.parallel.BranchParallelDenoiser``). ``perturbation="identity"``: the
     perturbed row skips the selected layers' attention (output = V, STG-style) instead of blurring
-    (``VideoSEG``; AnimateDiff only; the benchmark's baseline).
+    (``VideoSEG``; AnimateDiff only; the benchmark's baseline). ``callback``: the sampler's step
+    callback (``seg_rt.sampler.StepCallback``: progress, dropped rows), as in ``run_params``.
     """
     if params is None:
         if isinstance(scheduler, str):
@@ -202,6 +204,7 @@ def generate_video(
             generators=generators,
             progress=progress,
             guidance=guidance,
+            callback=callback,
         )
     finally:
         denoiser.close()

@@ -19,7 +19,10 @@ variation seeds, styles, other scripts, other schedule types) are refused by nam
 their off value; fields that only act through them (``hr_*``, ``denoising_strength``, ``subseed``)
 and the save flags are ignored, as is ``eta``: the schedulers keep diffusers' noise (Euler a:
 fully ancestral, the web UI's η = 1; DDIM: η = 0). Errors come in the web UI's API error shape
-``{"error", "detail", "body", "errors"}``.
+``{"error", "detail", "body", "errors"}``. Images carry the web UI's infotext in their ``parameters``
+PNG chunk (what A1111 / Forge PNG-info readers parse: ``prompt``, ``Negative prompt: ...``,
+``Steps: N, Sampler: ..., CFG scale: ..., Seed: ..., Size: WxH, Model: ...``) and seg-rt's JSON
+record beside it in a ``seg-rt`` chunk (``with_infotext``).
 
 ``img2img`` (``webuiapi``'s ``img2img(images=[...], mask_image=..., denoising_strength=...)``) maps
 ``init_images`` (one base64 image) → ``init_image``, ``denoising_strength`` → ``strength``, ``mask``
@@ -30,12 +33,15 @@ unless sent at the value diffusers' pipelines mean (``IMG2IMG_ONLY``).
 import base64
 import json
 import secrets
+import struct
+import zlib
 from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict
 
 from seg_rt.config import sigma_label
+from seg_rt.images import PARAMS_KEY
 from seg_rt.params import MAX_SEED, fields_for
 from seg_rt.tasks import TASK_FIELDS
 
@@ -356,6 +362,38 @@ def infotext(p, model: str, sampler: str) -> str:
     return "\n".join(lines)
 
 
+RECORD_KEY = "seg-rt"  # the PNG text chunk that keeps seg-rt's JSON record on A1111 answers
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _text_chunk(key: str, text: str) -> bytes:
+    """A PNG text chunk: ``tEXt`` when Latin-1 holds it, else ``iTXt`` (UTF-8), as PIL writes them."""
+    try:
+        return _chunk(b"tEXt", key.encode("latin-1") + b"\0" + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + text.encode("utf-8"))
+
+
+def with_infotext(png: bytes, text: str) -> bytes:
+    """``png`` with the web UI's infotext as its ``parameters`` chunk (what A1111 / Forge PNG-info
+    readers parse) and seg-rt's JSON record beside it under ``seg-rt``; the image data untouched
+    (text chunks only: no re-encoding)."""
+    head, pos, out = png[:8], 8, []
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        kind, data = png[pos + 4 : pos + 8], png[pos + 8 : pos + 8 + length]
+        chunk = png[pos : pos + 12 + length]
+        pos += 12 + length
+        if kind == b"tEXt" and data.startswith(PARAMS_KEY.encode() + b"\0"):
+            record = data[len(PARAMS_KEY) + 1 :].decode("latin-1")
+            chunk = _text_chunk(PARAMS_KEY, text) + _text_chunk(RECORD_KEY, record)
+        out.append(chunk)
+    return head + b"".join(out)
+
+
 def sampler_name(scheduler: str) -> str:
     return next(name for name, s in SAMPLERS.items() if s == scheduler)
 
@@ -413,7 +451,12 @@ def router(produce: Producer, name: str, default_scheduler: str) -> APIRouter:
             }
         )
         return {
-            "images": [base64.b64encode(png).decode() for png in pngs] if req.send_images else [],
+            "images": [
+                base64.b64encode(with_infotext(png, infotext(p, name, sampler))).decode()
+                for png, p in zip(pngs, rows, strict=True)
+            ]
+            if req.send_images
+            else [],
             "parameters": parameters,
             "info": json.dumps(info),
         }

@@ -44,6 +44,7 @@ class Limits(BaseModel):
         None, ge=1, description="pixels per side; default 4x the model's default side"
     )
     max_aspect: float = Field(4.0, ge=1, allow_inf_nan=False, description="longer side / shorter side")
+    max_frames: int = Field(128, ge=1, description="frames of one video (video models)")
 
 
 class JobSettings(BaseModel):

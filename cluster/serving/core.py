@@ -21,7 +21,7 @@ from typing import Any
 
 from seg_rt.errors import first_line
 from seg_rt.images import params_text, png_bytes
-from seg_rt.params import SCHEDULERS, GenerationParams
+from seg_rt.params import SCHEDULERS, GenerationParams, VideoParams
 
 from .config import ServeConfig
 from .metrics import Metrics
@@ -36,6 +36,28 @@ def run_group(pipe, params_list: Sequence[GenerationParams], engine=None, callba
     from seg_rt.pipeline import run_params
 
     return run_params(pipe, params_list, engine=engine, callback=callback)
+
+
+def run_video(pipe, params_list: Sequence[GenerationParams], engine=None, callback=None) -> list:
+    """``run_group`` for a video model: one video per run (``ServingCore.run_capacity`` is 1 there),
+    its ``[F, H, W, 3]`` frames in [0, 1]."""
+    from seg_rt.video.sampling import generate_video
+
+    if engine is not None or len(params_list) != 1:
+        raise ValueError("a video model serves one video per sampling run, with the torch engine")
+    return [generate_video(pipe, params=params_list[0], callback=callback)[0]]
+
+
+def model_kind(pipe) -> str:
+    """``image`` or ``video``: what the loaded model makes (its family's kind)."""
+    from seg_rt.families import family_of
+
+    try:
+        family_of(pipe, "image")
+        return "image"
+    except ValueError:
+        family_of(pipe, "video")  # neither: the family lookup's own line
+        return "video"
 
 
 def run_on_group(group, pipe, params_list: Sequence[GenerationParams], engine=None) -> list:
@@ -97,6 +119,14 @@ class ServingCore:
     ) -> None:
         self.config = config
         self.pipe = pipe
+        self.kind = model_kind(pipe)  # image or video: which requests it takes, what it answers
+        if self.kind == "video":
+            if engine is not None or group is not None:
+                raise ValueError(
+                    "a video model is served with the torch engine on one device: no engine, no branch_parallel"
+                )
+            if run is run_group:
+                run = run_video
         self.engine = engine
         self.group = group  # latency mode: the branch-parallel ranks that sample (closed with the core)
         self._run = run if group is None else partial(run_on_group, group)
@@ -113,6 +143,9 @@ class ServingCore:
         self.shapes = engine.shapes if engine is not None and engine.shapes.batch is not None else None
         per_run = engine.images_per_run if engine is not None else None
         self.run_capacity = per_run if per_run is not None else config.max_batch_size
+        if self.kind == "video":  # video sampling takes one request (prompt, seed) per run
+            self.run_capacity = 1
+        self.default_frames = getattr(pipe, "default_frames", None) or VideoParams().frames
         # the preloaded LoRAs by name (seg_rt.lora.LoRA, loaded into pipe): what requests pick from
         self.loras: dict = dict(loras or {})
         self.stats = {"requests": 0, "images": 0, "sampling_runs": 0, "failed": 0}
@@ -169,16 +202,23 @@ class ServingCore:
 
     # ---- per request, before batching -------------------------------------------------------
 
-    def check(self, req: GenerateRequest) -> list[GenerationParams]:
-        """Limits and the model's size rules; one ``GenerationParams`` per image (seed + i).
-        Raises ``ValueError`` with the line the client gets (422)."""
+    def check(self, req) -> list[GenerationParams]:
+        """Limits and the model's size rules; one ``GenerationParams`` per image (seed + i), or the
+        one of a video (``video_request.VideoRequest``). Raises ``ValueError`` with the line the
+        client gets (422)."""
         config, lim = self.config, self.config.limits
-        p = req.params(
+        video = not isinstance(req, GenerateRequest)
+        if video != (self.kind == "video"):
+            raise ValueError(self.wrong_kind())
+        defaults = (
             config.default_height or self.default_side,
             config.default_width or self.default_side,
             config.scheduler,
-            loras=self.loras,
         )
+        if video:
+            p = req.params(*defaults, frames=self.default_frames)
+        else:
+            p = req.params(*defaults, loras=self.loras)
         h, w = p.height, p.width
         most_images = min(lim.max_images, config.max_batch_size)
         checks = [
@@ -190,9 +230,11 @@ class ServingCore:
             (p.seg.scale <= lim.max_seg_scale, f"seg_scale must be in [0, {lim.max_seg_scale:g}], got {p.seg.scale:g}"),
             (p.cfg <= lim.max_cfg, f"cfg must be in [1, {lim.max_cfg:g}], got {p.cfg:g}"),
             (p.seg.sigma >= lim.min_sigma, f"seg_sigma must be >= {lim.min_sigma:g} or inf, got {p.seg.sigma:g}"),
-            (req.num_images <= most_images, f"num_images must be <= {most_images}, got {req.num_images}"),
-            (req.response == "json" or req.num_images == 1,
+            (video or req.num_images <= most_images, f"num_images must be <= {most_images}, got {getattr(req, 'num_images', 1)}"),
+            (video or req.response == "json" or req.num_images == 1,
              "response 'png' carries one image; use response 'json' for num_images > 1"),
+            (not video or p.video.frames <= lim.max_frames,
+             f"frames must be <= {lim.max_frames}, got {p.video.frames if video else 0}"),
             (h <= self.max_side and w <= self.max_side,
              f"height and width must be <= {self.max_side} pixels each, got {h}x{w}"),
             (max(h, w) <= lim.max_aspect * min(h, w),
@@ -203,7 +245,20 @@ class ServingCore:
             if not ok:
                 raise ValueError(message)
         self.check_model(p)
-        return [p.replace(seed=p.seed + i) for i in range(req.num_images)]
+        return [p.replace(seed=p.seed + i) for i in range(getattr(req, "num_images", 1))]
+
+    def wrong_kind(self) -> str:
+        """Why an image request cannot go to a video model (and the other way round)."""
+        name = self.config.public_model
+        if self.kind == "video":
+            return (
+                f"the served model {name!r} is a video model: POST /v1/videos (or /v1/jobs with video "
+                "fields); image routes need an image model"
+            )
+        return (
+            f"the served model {name!r} is an image model: video needs a video model "
+            "(seg-rt serve --model <video model>, e.g. seg-rt-demo-video)"
+        )
 
     def check_model(self, p: GenerationParams) -> None:
         """What only the loaded model / engine can tell: size multiple, engine shape, SEG layers,
@@ -217,7 +272,7 @@ class ServingCore:
             f = self.latent_factor
             self.shapes.check(self.shapes.batch, p.height // f, p.width // f)
         if p.seg.enabled:
-            select_seg_layers(self.pipe, p.seg.layers)
+            select_seg_layers(self.pipe, p.video.layers if p.video is not None else p.seg.layers)
 
     # ---- one batch of checked requests -------------------------------------------------------
 
@@ -322,6 +377,19 @@ class ServingCore:
         """The PNG with the same parameter record ``seg-rt generate`` writes (model by name)."""
         return png_bytes(image, params_text(self.config.public_model, params.to_record()))
 
+    @property
+    def output(self) -> tuple[str, str, str]:
+        """(file stem, suffix, media type) of what this model makes."""
+        return ("video", "mp4", "video/mp4") if self.kind == "video" else ("image", "png", "image/png")
+
+    def encode(self, out, params: GenerationParams) -> bytes:
+        """One output's file: a PNG with its record, or an H.264 mp4 at the request's fps."""
+        if params.video is None:
+            return self.png(out, params)
+        from seg_rt.video.io import mp4_bytes
+
+        return mp4_bytes(out, fps=params.video.fps)
+
     def info(self) -> dict:
         shapes: Any = f"any multiple of {self.factor}"
         if self.shapes is not None:
@@ -334,6 +402,7 @@ class ServingCore:
             stats = dict(self.stats)
         return {
             "model": self.config.public_model,
+            "kind": self.kind,
             "engine": self.config.engine.partition(":")[0],  # the kind, not the server's folder
             "accepted_shapes": shapes,
             "default_size": [

@@ -125,9 +125,12 @@ def serve_forever(
     ray_temp_dir: str | None = None,
     blocking: bool = True,
     ready=None,
+    answer_timeout_s: float = 1800.0,
 ):
     """Start (or join) Ray, start Serve's HTTP proxy on ``config.host:config.port`` and deploy the
-    app; ``ready()`` is called once the server answers."""
+    app; ``ready()`` (the CLI's ``serving ... on http://...`` line) is called once the server
+    answers ``/v1/health``, never before. A server that does not answer within
+    ``answer_timeout_s`` is a ``RuntimeError`` (no ``serving`` line)."""
     from ..jobs.driver import start_ray
 
     start_ray(address, temp_dir=ray_temp_dir)
@@ -135,8 +138,10 @@ def serve_forever(
     handle = serve.run(
         build_app(config.model_dump(mode="json")), name="seg-rt", route_prefix="/", blocking=False
     )
-    if not wait_answering(config):
-        logger.warning("seg-rt: the server did not answer /v1/health on port %d yet", config.port)
+    if not wait_answering(config, answer_timeout_s):
+        raise RuntimeError(
+            f"the server did not answer /v1/health on port {config.port} within {answer_timeout_s:g} s"
+        )
     logger.info("seg-rt serving %s on http://%s:%d", config.public_model, config.host, config.port)
     if ready is not None:
         ready()

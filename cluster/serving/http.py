@@ -14,6 +14,7 @@ import binascii
 import hmac
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from functools import partial
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request as StarletteRequest
 
 from seg_rt.params import GenerationParams
 
-from . import a1111_api, guard, jobs_api, openai_api, openai_stream, progress_api
+from . import a1111_api, docs_page, guard, jobs_api, openai_api, openai_stream, progress_api, video_api
 from .core import Failure, ServingCore
 from .jobs import jobs_for, owner_of
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -42,8 +44,12 @@ from .request import (
 
 # answered without an API key: health (load balancers, Serve's own probes) and the playground page
 # (static HTML; the page asks for the key and sends it with each request)
-OPEN_PATHS = ("/v1/health", "/")
+OPEN_PATHS = ("/v1/health", "/", "/docs")  # /docs: a page that sends the key itself (docs_page)
 PLAYGROUND = Path(__file__).with_name("playground.html")
+# whether the client of the HTTP request being answered has gone (set per request by RequestGuard):
+# a blocking request whose client went away is cancelled (``producer``)
+CLIENT_GONE: ContextVar[Callable[[], Awaitable[bool]] | None] = ContextVar("client_gone", default=None)
+GONE_POLL_S = 0.25  # how often a blocking request looks whether its client is still there
 
 
 class GenerateResponse(BaseModel):
@@ -163,9 +169,11 @@ class RequestGuard:
             return message
 
         token = INPUT_PIXELS.set(self.input_pixels) if self.input_pixels is not None else None
+        gone = CLIENT_GONE.set(StarletteRequest(scope, counted).is_disconnected)
         try:
             await self.app(scope, counted, send)
         finally:
+            CLIENT_GONE.reset(gone)
             if token is not None:
                 INPUT_PIXELS.reset(token)
 
@@ -175,6 +183,32 @@ class RequestGuard:
 
 
 Batcher = Callable[[list[GenerationParams]], Awaitable[list | Failure]]
+
+
+async def until_client_gone(work: Awaitable, watched, jobs) -> list | Failure:
+    """``await work``, cancelling the request's rows (``watched.watch``: they leave the run at the
+    next step, as ``DELETE /v1/jobs/{id}`` does) when its HTTP client goes away: seen by polling
+    the connection (uvicorn), or as this task's cancellation (Ray Serve cancels a request whose
+    client disconnected). The other rows of its batch go on unchanged."""
+
+    def cancel() -> None:
+        watch = getattr(watched, "watch", None)
+        if watch is not None and not watch.cancelled:
+            watch.cancelled = True
+            jobs.metrics.cancellations.labels(state="disconnected").inc()
+
+    gone = CLIENT_GONE.get()
+    task = asyncio.ensure_future(work)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=GONE_POLL_S)
+            if not task.done() and gone is not None and await gone():
+                cancel()
+                gone = None  # cancelled: wait for the run to let its rows go
+        return task.result()
+    except asyncio.CancelledError:
+        cancel()
+        raise
 
 
 def producer(core: ServingCore, batcher: Batcher, jobs=None) -> Producer:
@@ -189,14 +223,14 @@ def producer(core: ServingCore, batcher: Batcher, jobs=None) -> Producer:
         core.metrics.queue_depth.inc()
         watched = jobs.track(rows) if jobs is not None else rows  # progress, /sdapi/v1/interrupt
         try:
-            result = await batcher(watched)
+            result = await until_client_gone(batcher(watched), watched, jobs)
         finally:
             core.metrics.queue_depth.dec()
             if jobs is not None:
                 jobs.untrack(watched)
         if isinstance(result, Failure):
             raise RequestFailed(result.status, result.message)
-        return rows, [core.png(img, p) for img, p in zip(result, rows, strict=True)]
+        return rows, [core.encode(out, p) for out, p in zip(result, rows, strict=True)]
 
     return produce
 
@@ -214,8 +248,13 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
 
     jobs = jobs_for(core)
     produce = producer(core, batcher or alone, jobs)
-    shapes = [openai_api.ERRORS, a1111_api.ERRORS]
-    app = FastAPI(title="seg-rt", description="Smoothed Energy Guidance (SEG) image generation", version="1")
+    shapes = [openai_api.ERRORS, video_api.ERRORS, a1111_api.ERRORS]
+    app = FastAPI(
+        title="seg-rt",
+        description="Smoothed Energy Guidance (SEG) image and video generation",
+        version="1",
+        docs_url=None,  # docs_page's, which opens on a keyed server too
+    )
     app.add_middleware(
         RequestGuard,
         api_keys=core.config.api_keys,
@@ -269,6 +308,10 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
     def playground() -> HTMLResponse:
         return HTMLResponse(PLAYGROUND.read_text(encoding="utf-8"))
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return HTMLResponse(docs_page.PAGE, headers={"Content-Security-Policy": docs_page.csp()})
+
     @app.post("/v1/generate", response_model=None)
     async def generate(req: GenerateRequest) -> Response | GenerateResponse:
         t0 = time.perf_counter()
@@ -290,10 +333,15 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
         a1111_api.router(produce, config.public_model, config.scheduler),
     )
     keyed = bool(config.api_keys)
+
+    def owner(r: Request) -> str:
+        return owner_of(_credentials(r.scope["headers"]) if keyed else None)
+
     apis = (  # progress first: its /sdapi/v1/progress answers for the web UI's static one
-        progress_api.router(jobs, lambda r: owner_of(_credentials(r.scope["headers"]) if keyed else None)),
+        progress_api.router(jobs, owner),
         *apis,
-        jobs_api.router(core, jobs, lambda r: owner_of(_credentials(r.scope["headers"]) if keyed else None)),
+        jobs_api.router(core, jobs, owner),
+        video_api.router(core, jobs, owner),
     )
     for api in apis:
         routes.update(r.path for r in api.routes)

@@ -18,12 +18,21 @@ from fastapi.responses import JSONResponse, Response
 from .core import ServingCore
 from .jobs import Job, JobElsewhere, JobManager, JobNotFound, QueueFull
 from .request import GenerateRequest, RequestFailed
+from .video_request import VideoRequest
 from .webhooks import check_url
+
+MEDIA = {"png": "image/png", "mp4": "video/mp4"}  # a job's kind of one-file result
 
 
 class JobRequest(GenerateRequest):
     """A job's body: every ``POST /v1/generate`` field, and ``webhook_url`` (called when the job
     ends; its host must be on the server's ``webhooks.allow_hosts``)."""
+
+    webhook_url: str | None = None
+
+
+class VideoJobRequest(VideoRequest):
+    """A job's body on a server of a video model: every video field, and ``webhook_url``."""
 
     webhook_url: str | None = None
 
@@ -37,25 +46,14 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
         except JobNotFound:
             raise RequestFailed(404, f"no job {job_id!r}", "id") from None
 
+    Body = VideoJobRequest if core.kind == "video" else JobRequest  # what the served model makes
+
     @api.post("/v1/jobs", status_code=202, response_model=None)
-    def submit(req: JobRequest, request: Request) -> JSONResponse:
-        extra = {}
-        if req.webhook_url is not None:
-            try:
-                extra["webhook_url"] = check_url(req.webhook_url, core.config.webhooks.allow_hosts)
-            except ValueError as exc:
-                raise RequestFailed(422, str(exc), "webhook_url") from None
+    def submit(req: Body, request: Request) -> JSONResponse:
         try:
-            rows = core.check(req)
-        except ValueError as exc:
-            raise RequestFailed(422, str(exc)) from None
-        try:
-            images = {k: getattr(req, k) for k in ("init_image", "mask") if getattr(req, k) is not None}
-            body = req.model_dump(mode="json", exclude={"webhook_url", *images})  # images: by sha256
-            body.update({k: image.record() for k, image in images.items()})
-            job = jobs.submit(rows, owner(request), req.response, body, **extra)
+            job = submit_job(core, jobs, req, owner(request), req.webhook_url)
         except QueueFull as exc:
-            return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
+            return queue_full(exc)
         return JSONResponse(jobs.view(job), 202, headers={"Location": f"/v1/jobs/{job.id}"})
 
     @api.get("/v1/jobs")
@@ -92,6 +90,31 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
     return api
 
 
+def submit_job(core: ServingCore, jobs: JobManager, req, owner: str, webhook_url: str | None = None) -> Job:
+    """Check and queue one request (``GenerateRequest`` or ``VideoRequest``): ``RequestFailed``
+    (422) on bad input before it is queued, ``QueueFull`` past the queue length."""
+    extra = {}
+    if webhook_url is not None:
+        try:
+            extra["webhook_url"] = check_url(webhook_url, core.config.webhooks.allow_hosts)
+        except ValueError as exc:
+            raise RequestFailed(422, str(exc), "webhook_url") from None
+    try:
+        rows = core.check(req)
+    except ValueError as exc:
+        raise RequestFailed(422, str(exc)) from None
+    if isinstance(req, VideoRequest):
+        return jobs.submit(rows, owner, "mp4", req.record(), **extra)
+    images = {k: getattr(req, k) for k in ("init_image", "mask") if getattr(req, k) is not None}
+    body = req.model_dump(mode="json", exclude={"webhook_url", *images})  # images: by sha256
+    body.update({k: image.record() for k, image in images.items()})
+    return jobs.submit(rows, owner, req.response, body, **extra)
+
+
+def queue_full(exc: QueueFull) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after)})
+
+
 def result_response(jobs: JobManager, job: Job) -> Response | dict:
     """A finished job's result as ``POST /v1/generate`` answers it (PNG, or JSON with base64
     images); a job that has not succeeded is an error naming its state."""
@@ -106,9 +129,9 @@ def result_response(jobs: JobManager, job: Job) -> Response | dict:
         raise RequestFailed(410, f"job {job.id}'s result is no longer on the server") from None
     seeds = [row["seed"] for row in job.outputs]
     seconds = job.elapsed() or 0.0
-    if job.kind == "png":
+    if job.kind in MEDIA:  # one file: the PNG or the mp4
         headers = {"X-Seed": str(seeds[0]), "X-Server-Seconds": f"{seconds:.4f}"}
-        return Response(content=files[0], media_type="image/png", headers=headers)
+        return Response(content=files[0], media_type=MEDIA[job.kind], headers=headers)
     return {
         "images": [base64.b64encode(f).decode() for f in files],
         "seeds": seeds,

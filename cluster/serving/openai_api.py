@@ -10,7 +10,10 @@ The one mapping from this API onto ``GenerateRequest`` is ``to_generate_request`
 width × height (OpenAI writes width first), ``n`` → ``num_images``; seg-rt's own fields (``seed``,
 ``steps``, ``cfg``, ``seg_scale``, ``seg_sigma``, ``seg_layers``, ...) come as extra body fields and
 are checked by ``GenerateRequest``'s rules. ``user`` is accepted and ignored (it changes no image);
-every other OpenAI field that would change the result is refused by name. Images are PNGs with the
+``quality`` / ``style`` / ``background`` values OpenAI documents as look hints are accepted and
+ignored (``HINTS``; ``background: transparent`` is refused), and OpenAI's own model names
+(``dall-e-3``, ``gpt-image-1``, ...) are aliases of the served model; every other OpenAI field that
+would change the result is refused by name. Images are PNGs with the
 seg-rt parameter record, returned as ``b64_json`` (this server does not host files, so no ``url``).
 Errors come as ``{"error": {"message", "type", "param", "code"}}``; bad input is HTTP 400.
 
@@ -84,6 +87,18 @@ def _param_of(message: str) -> str | None:
 ERRORS = ErrorShape(PREFIXES, error_body, challenge="Bearer")
 
 
+# OpenAI's own image models: accepted as aliases of the served model (as other OpenAI-compatible
+# servers do), so a client that names one works unchanged
+OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+# look-only values OpenAI documents (Images → Create image): hints a model may ignore, accepted and
+# ignored here; any other value (``background: transparent``, which this server cannot make) is refused
+HINTS = {
+    "quality": ("auto", "standard", "hd", "low", "medium", "high"),
+    "style": ("vivid", "natural"),
+    "background": ("auto", "opaque"),
+}
+
+
 class ImagesRequest(BaseModel):
     """The Create image body. OpenAI's own fields are typed here; seg-rt's arrive as extras."""
 
@@ -95,14 +110,28 @@ class ImagesRequest(BaseModel):
     response_format: str | None = None
     output_format: str | None = None
     user: str | None = None  # ignored: it changes no image
+    quality: str | None = None  # hints (``HINTS``): accepted and ignored
+    style: str | None = None
+    background: str | None = None
 
 
 def to_generate_request(req: ImagesRequest, served_model: str) -> GenerateRequest:
     """This API's one mapping onto ``GenerateRequest`` (``RequestFailed`` naming the field)."""
-    if req.model not in (None, served_model):
+    if req.model not in (None, served_model, *OPENAI_IMAGE_MODELS):
         raise RequestFailed(
-            404, f"model {shown(req.model)} does not exist; this server serves {served_model!r}", "model"
+            404,
+            f"model {shown(req.model)} does not exist; this server serves {served_model!r} "
+            f"(OpenAI's {', '.join(OPENAI_IMAGE_MODELS)} are accepted as its aliases)",
+            "model",
         )
+    for key, allowed in HINTS.items():
+        value = getattr(req, key)
+        if value is not None and value not in allowed:
+            raise RequestFailed(
+                422,
+                f"{key} must be one of {', '.join(allowed)} (accepted as hints and ignored), got {shown(value)}",
+                key,
+            )
     if req.response_format not in (None, "b64_json"):
         raise RequestFailed(
             422,
@@ -119,7 +148,7 @@ def to_generate_request(req: ImagesRequest, served_model: str) -> GenerateReques
         raise RequestFailed(
             422,
             f"{unknown[0][:ECHO_CHARS]} is not supported; OpenAI fields: prompt, model, n, size, response_format, "
-            f"output_format, user; seg-rt fields: {', '.join(EXTRA_FIELDS)}",
+            f"output_format, user, quality, style, background; seg-rt fields: {', '.join(EXTRA_FIELDS)}",
             unknown[0][:ECHO_CHARS],
         )
     fields: dict[str, Any] = {"prompt": req.prompt, **extras, "response": "json"}

@@ -12,7 +12,13 @@ from .common import IMAGE_MODEL_HELP, add_ray_args, demo_model
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     sv = sub.add_parser("serve", help="HTTP server (Ray Serve + FastAPI) for SEG generation")
-    sv.add_argument("--model", default=None, help=IMAGE_MODEL_HELP)
+    sv.add_argument(
+        "--model",
+        default=None,
+        help=IMAGE_MODEL_HELP.removesuffix(")")
+        + "); or a video model (AnimateDiff / CogVideoX / Wan / LTX folder or hub id; "
+        "seg-rt-demo-video: the bundled demo video model), served at /v1/videos",
+    )
     sv.add_argument("--engine", default=None, help="torch (default), onnx:DIR, trt:DIR")
     sv.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=None, help="port (default 8000)")
@@ -65,6 +71,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     sv.set_defaults(func=cmd_serve)
 
 
+def _demo_video() -> str:
+    from seg_rt.demo.video_model import video_weights_dir
+
+    return str(video_weights_dir())
+
+
+def _demo_image() -> str:
+    from seg_rt.demo.model import weights_dir
+
+    return str(weights_dir())
+
+
+BUNDLED = {"seg-rt-demo": _demo_image, "seg-rt-demo-video": _demo_video}
+
+
 def read_key_file(path: str) -> list[str]:
     """The API keys in ``path``: one per line, blank lines and ``#`` comments skipped. A file other
     users can read gets one warning (the keys are as readable as the file)."""
@@ -99,6 +120,8 @@ def cmd_serve(args) -> int:
     if args.api_key_file:
         keys += read_key_file(args.api_key_file)
     demo = str(weights_dir())
+    if args.model in BUNDLED:  # the bundled demo models by the names clients see of them
+        args.model = BUNDLED[args.model]()
     cfg = load_config(
         args.config,
         defaults={"model": demo},  # no --model and none in the config: the demo model, as in generate

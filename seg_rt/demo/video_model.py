@@ -83,6 +83,7 @@ class SEGDemoVideoPipeline(AnimateDiffPipeline):
     _optional_components = ()
     vae_scale_factor = 1
     default_size = data.SIZE  # the frame size seg-rt samples when none is given
+    default_frames = video_data.FRAMES  # and the clip length it was trained on (a server's default)
 
     def __init__(self, unet, text_encoder, tokenizer, scheduler) -> None:
         DiffusionPipeline.__init__(self)
