@@ -9,10 +9,12 @@ the launcher is Ray.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import shutil
 
 from seg_rt.engines.branch import BranchRank, ProcessBranchGroup, check_group_args
-from seg_rt.engines.parallel import free_address
+from seg_rt.engines.parallel import free_address, private_rendezvous
 from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.execution import BranchParallel
 
@@ -26,12 +28,19 @@ class RayRank:
 
     def __init__(self) -> None:
         self.rank: BranchRank | None = None
+        self._rendezvous: str | None = None
 
     def address(self) -> str:
-        """A free rendezvous address on this actor's node (asked of rank 0)."""
+        """The rendezvous (asked of rank 0): on a loopback node (the private Ray seg-rt starts, one
+        machine) a file store in a fresh 0700 folder, which listens nowhere; else a free
+        ``tcp://NODE_IP:PORT`` (torch's TCPStore then listens on every interface: docs/security.md)."""
         import ray
 
-        return free_address(ray.util.get_node_ip_address())
+        ip = ray.util.get_node_ip_address()
+        if ipaddress.ip_address(ip).is_loopback:
+            address, self._rendezvous = private_rendezvous()
+            return address
+        return free_address(ip)
 
     def start(self, *args) -> None:
         self.rank = BranchRank(*args)
@@ -47,6 +56,8 @@ class RayRank:
     def close(self) -> None:
         if self.rank is not None:
             self.rank.close()
+        if self._rendezvous is not None:
+            shutil.rmtree(self._rendezvous, ignore_errors=True)
 
 
 def rank_bundle(spec: BranchParallel) -> dict:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .jobs.driver import LOOPBACK_NODE_IP, _private_ray_env, private_temp_dir
+from .jobs.driver import _private_ray_env, private_temp_dir
 
 BIN = Path(sys.executable).parent
 # the GCS declares a silent node dead after 3 missed 1 s health checks (Ray's default: ~30 s)
@@ -63,7 +63,10 @@ def start_local_cluster(nodes: int, cpus_per_node: int = 1) -> LocalCluster:
     """Start the cluster (token auth in this process's environment first, fast node-death detection)."""
     _private_ray_env()
     os.environ.update(FAST_NODE_DEATH)
-    ip = LOOPBACK_NODE_IP or "127.0.0.1"
+    # several raylets need Ray's multi-node mode, in which ray rewrites 127.0.0.1 to the machine's
+    # address: 127.0.0.2 stays on lo, but Ray then binds its servers to the wildcard address
+    # (docs/security.md: a test and benchmark cluster, not seg-rt run / serve's)
+    ip = "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
     port = _free_port()
     head_dir = private_temp_dir()
     cluster = LocalCluster(f"{ip}:{port}", head_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 from multiprocessing.connection import wait
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 from seg_rt.errors import RankExited
 from seg_rt.execution import BranchParallel
 
-from .parallel import BranchParallelDenoiser, check_backend, free_address, init_group
+from .parallel import BranchParallelDenoiser, check_backend, init_group, private_rendezvous
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class ProcessBranchGroup:
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // spec.ranks)
         ctx = mp.get_context("spawn")
-        address = free_address()
+        address, self._rendezvous = private_rendezvous()  # local ranks: no TCP store listening
         self._conns, self._procs = [], []
         for r in range(spec.ranks):
             ours, theirs = ctx.Pipe()
@@ -168,6 +169,7 @@ class ProcessBranchGroup:
         for conn in self._conns:
             conn.close()
         self._conns, self._procs = [], []
+        shutil.rmtree(self._rendezvous, ignore_errors=True)
 
     def __enter__(self) -> ProcessBranchGroup:
         return self

@@ -27,7 +27,10 @@ block of rows, so the rank holding the perturbed rows computes their prefix itse
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 
@@ -50,9 +53,24 @@ def row_split(rows: int, world: int) -> list[int]:
 
 
 def init_group(rank: int, world: int, address: str, backend: str = "gloo") -> None:
-    """Join the process group at ``address`` (``tcp://host:port``), as ``torch.distributed`` does."""
+    """Join the process group at ``address`` (``tcp://host:port``, or ``file://PATH`` from
+    :func:`private_rendezvous` for ranks on one machine), as ``torch.distributed`` does."""
     check_backend(backend)
+    if address.startswith("file://") and sys.platform.startswith("linux"):
+        # ranks on one machine: gloo's and NCCL's own connections on the loopback interface too
+        # (they would otherwise bind the address the host name resolves to); a user's choice stays
+        for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(var, "lo")
     dist.init_process_group(backend, init_method=address, rank=rank, world_size=world)
+
+
+def private_rendezvous() -> tuple[str, str]:
+    """``(file://PATH, folder)``: a rendezvous for ranks on this machine in a fresh 0700 folder.
+    torch's ``tcp://`` rendezvous starts a TCPStore that listens on the wildcard address whatever
+    host the URL names, unauthenticated; a file store listens nowhere and only this user can open
+    it. The caller removes ``folder`` when the group is closed."""
+    folder = tempfile.mkdtemp(prefix="segrt-rdv-")  # mode 0700
+    return f"file://{os.path.join(folder, 'store')}", folder
 
 
 def check_backend(backend: str, ranks: int | None = None) -> None:

@@ -53,3 +53,7 @@ def allocation_failure(exc: BaseException) -> str | None:
     if isinstance(exc, MemoryError):
         return "out of memory (lower --height / --width, --frames, --num-images or the batch)"
     return None
+
+
+class RequestTooLarge(SegRtError, ValueError):
+    """A request whose estimated memory (``seg_rt.memory``) passes the bound: bad input, not a crash."""

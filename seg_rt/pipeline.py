@@ -22,6 +22,7 @@ from .errors import ModelLoadError, first_line
 from .execution import BranchParallel, parse_engine_spec
 from .families import REGISTRY, family_of
 from .guidance import Guidance
+from .memory import check_memory
 from .params import GenerationParams, request_from_fields
 from .safe_load import loads_json
 from .sampler import StepCallback, sample
@@ -337,6 +338,7 @@ def run_params(
     lora.check_engine(_eager_torch(engine), first.loras, engine)
     lora.activate(pipe, first.loras)  # exactly this request's LoRAs (none: every loaded one off)
     height, width = _size(family, pipe, first)
+    check_memory(pipe, family, len(params), height, width)  # before encoding or sampling (one line)
     parts = [
         family.encode(
             pipe,

@@ -11,6 +11,7 @@ from seg_rt.pipeline import load_pipeline, run_params
 from seg_rt.tiny import save_tiny_dit_pipeline, save_tiny_pipeline, save_tiny_video_pipeline
 
 from .ray_helpers import local_nodes
+from .sockets import listening, not_on_loopback
 from .tolerance import max_rel_error
 
 # SEG window ends half-way: later steps have 2 rows per image, so with 3 ranks one rank has none
@@ -54,6 +55,8 @@ def test_branch_parallel_generate_equals_the_one_device_run(family, ranks, image
         calls = group.run("comm_seconds")
         if ranks == 2:  # a request every rank refuses: the error comes back and the group ends
             procs = list(group._procs)
+            # docs/security.md: the ranks listen on loopback only (a file:// rendezvous, no TCPStore)
+            assert listening([p.pid for p in procs]) and not_on_loopback([p.pid for p in procs]) == []
             with pytest.raises(ValueError, match="height must be a positive multiple of"):
                 group.run("images", [params[0].replace(height=61)], "latent")
             assert not any(p.is_alive() for p in procs)

@@ -2,8 +2,11 @@
 
 import base64
 import contextlib
+import http.client
 import io
 import json
+import os
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -15,9 +18,10 @@ from PIL import Image
 
 import seg_rt
 from seg_rt.cli import main
-from seg_rt.cluster.jobs.driver import refresh_ray_auth
+from seg_rt.cluster.jobs.driver import refresh_ray_auth, start_ray
 
-from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
+from .ray_helpers import free_port, kill_ray_under, short_temp_dir
+from .sockets import listening, not_on_loopback, tree
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +69,11 @@ def server(sdxl_dir, tmp_path_factory):
     onnx_dir = export_onnx(
         load_pipeline(sdxl_dir, "cpu"), tmp_path_factory.mktemp("e") / "onnx", height=64, width=96, sigma=2.0
     ).folder
-    refresh_ray_auth()  # Ray caches auth settings per process: read this test's environment
     temp, port = short_temp_dir(), free_port()
-    ray.init(
-        num_cpus=4, _temp_dir=temp, _node_ip_address=LOOPBACK, include_dashboard=False, log_to_driver=False
-    )
+    saved = {
+        k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_enable_metrics_collection")
+    }
+    start_ray(None, num_cpus=4, temp_dir=temp)  # seg-rt's own private Ray, as seg-rt serve starts it
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {"model": str(sdxl_dir), "num_replicas": 1, "default_height": 64, "default_width": 64}
     serve.run(
@@ -82,6 +86,12 @@ def server(sdxl_dir, tmp_path_factory):
     serve.shutdown()
     ray.shutdown()
     kill_ray_under(temp)
+    for key, value in saved.items():  # start_ray's settings (token, no metrics) end with this cluster
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    refresh_ray_auth()
 
 
 def test_health_info_and_openapi(server, sdxl_dir):
@@ -253,3 +263,67 @@ def test_openai_client_through_ray_serve(server, sdxl_dir):
     with urllib.request.urlopen(f"{server}/metrics", timeout=60) as r:
         metrics = r.read().decode()
     assert 'seg_rt_requests_total{route="/v1/images/generations",status="200"}' in metrics
+
+
+def test_serve_and_its_ray_listen_on_loopback_only(server):
+    """docs/security.md (#27 item 2): every socket that seg-rt's own Ray (gcs_server, raylet, the
+    agents, the Serve controller / proxy / replicas, the workers) and this driver listen on, listed
+    from the OS, is on loopback; the agent's metrics exporter is off."""
+    pids = [p.pid for p in tree(os.getpid())]
+    sockets = listening(pids)
+    port = int(server.rsplit(":", 1)[1])
+    assert any(s[3] == port for s in sockets), sockets  # the listing is real: Serve's HTTP port
+    names = " ".join(s[1] for s in sockets)
+    assert "gcs_server" in names and "raylet" in names and "ServeReplica" in names, sockets
+    # the one exception (docs/security.md): each Serve replica's inter-deployment gRPC server, which
+    # Ray Serve binds to [::]:0 in code (ray/serve/_private/replica.py), behind Ray's token auth
+    wide = not_on_loopback(pids)
+    replicas = [s for s in wide if "ServeReplica" in s[1] and s[2] == "::"]
+    assert wide == replicas and len(replicas) == len({s[0] for s in replicas}), wide
+
+
+def _raw_post(url: str, size: int, chunked: bool) -> tuple[int, bytes]:
+    """POST ``size`` bytes as most clients do (send it all, then read the answer)."""
+    port = int(url.rsplit(":", 1)[1])
+    head = f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    head += "Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {size}\r\n\r\n"
+    piece = b"x" * 65536
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+        s.sendall(head.encode())
+        for _ in range(size // len(piece)):
+            s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+        if chunked:
+            s.sendall(b"0\r\n\r\n")
+        reply = http.client.HTTPResponse(s)
+        reply.begin()
+        return reply.status, reply.read()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_oversized_body_is_a_413_a_sending_client_sees_through_the_proxy(server, chunked):
+    """#27 item 9: 8 MB (past the kernel's loopback buffers, so the client is still sending when
+    the limit is passed) through Ray Serve's proxy: the client reads the 413, not a reset."""
+    status, body = _raw_post(server, 8 * 2**20, chunked)
+    assert status == 413 and "request body must be <= 1000000 bytes" in body.decode()
+
+
+def test_run_on_a_joined_cluster_that_can_never_hold_a_worker_fails_at_once(server, sdxl_dir, tmp_path):
+    """#27 item 7: ``seg-rt run --address`` (run_job with an address) asking 64 GPUs of a cluster of
+    ``ray start`` nodes (no autoscaler config): one line well before the 250 s start timeout."""
+    import time
+
+    import ray
+
+    from seg_rt.cluster.jobs.driver import run_job
+    from seg_rt.cluster.jobs.spec import parse_job
+    from seg_rt.errors import EnvironmentUnavailable
+
+    spec = parse_job({"model": str(sdxl_dir), "prompts": ["a"], "output": str(tmp_path / "o"),
+                      "resources_per_worker": {"num_gpus": 64}})  # fmt: skip
+    address = ray.get_runtime_context().gcs_address
+    t0 = time.monotonic()
+    with pytest.raises(EnvironmentUnavailable) as exc:
+        run_job(spec, tmp_path, address=address, progress=False, start_timeout=250)
+    assert time.monotonic() - t0 < 30
+    assert f"num_gpus=64 and no node of the cluster at {address} has that much" in str(exc.value)
+    assert "no autoscaler" in str(exc.value) and "\n" not in str(exc.value)

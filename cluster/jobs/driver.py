@@ -13,12 +13,12 @@ the rest of the job finishes, and the run reports failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import secrets
-import sys
 import tempfile
 import time
 from collections import Counter, deque
@@ -45,9 +45,16 @@ from .worker import SEGWorker
 logger = logging.getLogger(__name__)
 
 __all__ = ["MANIFEST", "Manifest", "completed", "read_manifest", "run_job", "start_ray"]
-# Ray rewrites 127.0.0.1 to the machine's network address; any other 127/8 address stays on the
-# loopback interface (Linux routes the whole range to lo). Elsewhere keep Ray's default.
-LOOPBACK_NODE_IP = "127.0.0.2" if sys.platform.startswith("linux") else None
+# The node address of a Ray seg-rt starts itself. Ray binds its gRPC servers (GCS, raylet, core
+# workers, agents) and its metrics servers to loopback only when the node address is 127.0.0.1; any
+# other address (127.0.0.2 included) gets the wildcard address. ray.init rewrites 127.0.0.1 to the
+# machine's network address unless Ray's single-machine mode is on (``_loopback_only_ray``).
+LOOPBACK_NODE_IP = "127.0.0.1"
+# Ray's single-machine switch (its default on macOS / Windows): the node address is loopback
+_RAY_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# no Prometheus exporter on the dashboard agent (it would serve the app's request counts and
+# latencies without a credential); seg-rt's own /metrics is behind the API key
+_RAY_NO_METRICS_ENV = {"RAY_enable_metrics_collection": "0"}
 IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: hides Ray's round trip
 START_TIMEOUT_S = 300.0  # default wait for every worker to be placed and load its model
 
@@ -147,27 +154,81 @@ def start_ray(address: str | None, num_cpus: float | None = None, temp_dir: str 
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        os.environ.update(_RAY_NO_METRICS_ENV)  # before _private_ray_env re-reads Ray's config
         _private_ray_env()
         temp_dir = private_temp_dir(temp_dir)
-        ray.init(
-            num_cpus=num_cpus, _temp_dir=temp_dir, _node_ip_address=LOOPBACK_NODE_IP, include_dashboard=False,
-            log_to_driver=False,
-        )  # fmt: skip
+        with _loopback_only_ray():
+            ray.init(
+                num_cpus=num_cpus, _temp_dir=temp_dir, _node_ip_address=LOOPBACK_NODE_IP,
+                include_dashboard=False, log_to_driver=False,
+            )  # fmt: skip
     return ray
 
 
-def refuse_unplaceable(ray, res) -> None:
-    """At once, not after the start timeout: ``EnvironmentUnavailable`` when no node of a cluster
-    without an autoscaler can hold even one worker (e.g. ``num_gpus: 1`` where there is no GPU)."""
+@contextlib.contextmanager
+def _loopback_only_ray():
+    """While a private Ray starts: Ray's single-machine mode (node address 127.0.0.1, so every Ray
+    server binds loopback; docs/security.md lists what it binds) and no metrics exporter. The
+    processes started now inherit it; this process gets Ray's default back afterwards, so a later
+    ``ray.init(address=...)`` to a real cluster still finds its node address."""
+    from ray._private import ray_constants
+
+    before_env, before = os.environ.get(_RAY_SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(_RAY_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_RAY_SINGLE_MACHINE_ENV] = before_env
+
+
+def refuse_unplaceable(ray, res, address: str | None = None) -> None:
+    """At once, not after the start timeout: ``EnvironmentUnavailable`` when no node of the cluster
+    can hold even one worker (e.g. ``num_gpus: 1`` where there is no GPU) and no autoscaler can add
+    one. seg-rt's own local cluster has no autoscaler; a cluster joined with ``address`` has one
+    when it publishes an autoscaling config (KubeRay, ``ray up``): then a node type of it that can
+    hold a worker (and may still be started) is enough."""
     totals = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    if any(t.get("CPU", 0) >= res.num_cpus and t.get("GPU", 0) >= res.num_gpus for t in totals):
+    if any(_holds(t, res) for t in totals):
         return
+    groups = _autoscaler_node_types(ray) if address else None
+    if groups and any(_holds(resources, res) for resources in groups):
+        return  # an autoscaler can add a node that holds it: the start timeout decides
     have = "; ".join(", ".join(f"{k}={t.get(k, 0):g}" for k in ("CPU", "GPU")) for t in totals) or "no node"
-    raise EnvironmentUnavailable(
-        f"each worker asks for num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g} and no node of the "
-        f"local cluster has that much ({have}); it has no autoscaler to add one: lower "
-        "resources_per_worker, or join a cluster that has them (--address)"
+    where = f"the cluster at {address}" if address else "the local cluster"
+    scaler = (
+        "no node type its autoscaler can add has that much either"
+        if groups is not None
+        else "it has no autoscaler to add one"
     )
+    raise EnvironmentUnavailable(
+        f"each worker asks for num_cpus={res.num_cpus:g}, num_gpus={res.num_gpus:g} and no node of "
+        f"{where} has that much ({have}); {scaler}: lower resources_per_worker"
+        + ("" if address else ", or join a cluster that has them (--address)")
+    )
+
+
+def _holds(resources, res) -> bool:
+    return resources.get("CPU", 0) >= res.num_cpus and resources.get("GPU", 0) >= res.num_gpus
+
+
+def _autoscaler_node_types(ray) -> list[dict] | None:
+    """The resources of each node type the cluster's autoscaler may still start (max count not 0),
+    from the autoscaling config it publishes in the GCS; ``None`` when it publishes none (a cluster
+    of ``ray start`` nodes: nothing adds a node)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older Ray without this record: assume an autoscaler may add nodes
+        return [{"CPU": float("inf"), "GPU": float("inf")}]
+    if config is None:
+        return None
+    return [dict(g.resources) for g in config.node_group_configs if g.max_count != 0]
 
 
 def run_job(
@@ -202,8 +263,7 @@ def run_job(
             num_cpus=None if address else max(os.cpu_count() or 1, n_workers * res.num_cpus),
             temp_dir=ray_temp_dir,
         )
-        if not address:  # seg-rt's own cluster: no autoscaler will ever add a node
-            refuse_unplaceable(ray, res)
+        refuse_unplaceable(ray, res, address)  # at once when nothing can ever place a worker
         _Driver(ray, spec, output, n_workers, result, progress, runtime_env).run(todo, start_timeout)
     if spec.contact_sheet and spec.video is None:
         write_contact_sheets(items, output)

@@ -15,7 +15,9 @@ from itertools import groupby
 
 import torch
 
+from seg_rt.errors import allocation_failure
 from seg_rt.images import params_text, png_bytes
+from seg_rt.memory import check_memory
 from seg_rt.models import open_model
 from seg_rt.params import check_size
 from seg_rt.pipeline import run_params
@@ -53,6 +55,9 @@ class SEGWorker:
             family = self.model.family
             check_size(self.spec.height, self.spec.width, family.size_factor(self.pipe))
             family.check_request(self.pipe, self.spec.base_params())
+            if self.spec.video is None:  # a batch's memory, before any item samples (seg_rt/memory.py)
+                height, width = family.size(self.pipe, self.spec.height, self.spec.width)
+                check_memory(self.pipe, family, self.spec.batch_size, height, width)
         except BaseException:
             self.model.close()
             raise
@@ -109,7 +114,7 @@ class SEGWorker:
             try:
                 kind, outputs = self._outputs(group)
             except Exception as exc:  # reported per item; the driver retries or records it
-                err = f"{type(exc).__name__}: {exc}"
+                err = allocation_failure(exc) or f"{type(exc).__name__}: {exc}"  # out of memory: one line
                 results += [{"item": i.id, "error": err, "worker": self.worker_id} for i in group]
                 continue
             seconds = (time.perf_counter() - t0) / len(group)

@@ -119,6 +119,27 @@ def _path(scope) -> str:
     return path
 
 
+# An over-limit body up to this size is read and dropped before the 413 is sent: a client still
+# sending (most HTTP libraries send the whole body before reading) would otherwise get its
+# connection reset, through Ray Serve's proxy too, and never see the status. Past it, or with
+# ``Expect: 100-continue`` (the client waits for a go-ahead), the 413 goes out before the body is read.
+DRAIN_BYTES = 16 * 2**20
+
+
+def _expects_continue(headers) -> bool:
+    return any(k.lower() == b"expect" and v.lower() == b"100-continue" for k, v in headers)
+
+
+async def _drain(receive, budget: int = DRAIN_BYTES) -> None:
+    """Read and drop the rest of the request body, at most ``budget`` more bytes."""
+    seen = 0
+    while seen <= budget:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+        seen += len(message.get("body", b""))
+
+
 class RequestGuard:
     """ASGI middleware: API keys and the body-size limit, before any route reads or parses the body.
 
@@ -154,6 +175,8 @@ class RequestGuard:
         limit = self.max_body_bytes
         length = next((v for k, v in headers if k.lower() == b"content-length"), None)
         if length is not None and (not length.isdigit() or int(length) > limit):
+            if length.isdigit() and int(length) <= DRAIN_BYTES and not _expects_continue(headers):
+                await _drain(receive)  # the client still sending would otherwise see a reset, not the 413
             return await self._reply(
                 send, path, 413, f"request body must be <= {limit} bytes, got {length.decode()}"
             )
@@ -165,6 +188,8 @@ class RequestGuard:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    if message.get("more_body", False):
+                        await _drain(receive, DRAIN_BYTES - seen)
                     raise HTTPException(413, f"request body must be <= {limit} bytes")
             return message
 

@@ -23,7 +23,9 @@ def bench_branch_parallel(steps: int = 8, size: int = 64, worlds: tuple[int, ...
     includes waiting for the slowest rank), the exchange alone (all ranks released together) and its
     payload; and, in one process, the step time at 1, 2 and 3 rows (the compute split that the
     3-GPU projection in docs/benchmarks.md is derived from)."""
-    from seg_rt.engines.parallel import free_address
+    import shutil
+
+    from seg_rt.engines.parallel import private_rendezvous
 
     row: dict = {"bench": "branch-parallel", "model": f"tiny SD1.5 (random weights), {size}x{size}, SEG + CFG",
                  "steps": steps, "threads_per_rank": 1}  # fmt: skip
@@ -44,7 +46,11 @@ def bench_branch_parallel(steps: int = 8, size: int = 64, worlds: tuple[int, ...
             torch.set_num_threads(threads)
         for world in worlds:
             out = f"{tmp}/w{world}.json"
-            mp.spawn(bench_rank, args=(world, free_address(), model, out, steps, size), nprocs=world)
+            address, folder = private_rendezvous()  # a file store: no TCP rendezvous listening
+            try:
+                mp.spawn(bench_rank, args=(world, address, model, out, steps, size), nprocs=world)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
             stats = json.loads(Path(out).read_text())
             row[f"step_ms_{world}_ranks"] = round(stats["step_ms"], 1)
             row[f"comm_ms_per_step_{world}_ranks"] = round(stats["comm_ms_median"], 2)
