@@ -502,18 +502,4 @@ def router(produce: Producer, name: str, default_scheduler: str) -> APIRouter:
     def scripts() -> dict:
         return {"txt2img": ["seg"], "img2img": ["seg"]}
 
-    @api.get("/progress")
-    def progress() -> dict:
-        state = {
-            "skipped": False,
-            "interrupted": False,
-            "job": "",
-            "job_count": 0,
-            "job_timestamp": "0",
-            "job_no": 0,
-            "sampling_step": 0,
-            "sampling_steps": 0,
-        }
-        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-
     return api

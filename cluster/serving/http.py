@@ -362,7 +362,7 @@ def build_app(core: ServingCore, batcher: Batcher | None = None) -> FastAPI:
     def owner(r: Request) -> str:
         return owner_of(_credentials(r.scope["headers"]) if keyed else None)
 
-    apis = (  # progress first: its /sdapi/v1/progress answers for the web UI's static one
+    apis = (  # /sdapi/v1/progress and /interrupt live in progress_api (over the job manager)
         progress_api.router(jobs, owner),
         *apis,
         jobs_api.router(core, jobs, owner),
