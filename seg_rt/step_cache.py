@@ -169,7 +169,7 @@ class _RowCache:
     def _reset(self) -> None:
         self.reuse: list[bool] | None = None  # this forward's per-row decision (None: not decided yet)
         self.skipping = False  # every row reuses: the expensive blocks pass their inputs through
-        self.fresh: list[tuple[RowKey, dict]] = []  # entries this forward filled, flagged in report()
+        self.fresh: list[tuple[int, RowKey, dict]] = []  # entries this forward filled, flagged in report()
 
     def begin(self, view: CacheView | None) -> None:
         if view is not None and view.config.mode != self.mode:
@@ -197,9 +197,8 @@ class _RowCache:
         if self.view is None or self.reuse is None:
             return None
         run, perturbed_any = self.view.run, self.seg.perturbed > 0
-        flags = dict(zip(self.view.keys, self.view.perturbed, strict=True))
-        for key, tensors in self.fresh:
-            run.entries[key] = Entry(tensors, flags[key] and perturbed_any)
+        for j, key, tensors in self.fresh:
+            run.entries[key] = Entry(tensors, self.view.perturbed[j] and perturbed_any)
         ran = proven = unproven = 0
         for key, pert, reused in zip(self.view.keys, self.view.perturbed, self.reuse, strict=True):
             counts = run.served if reused else run.full
@@ -296,7 +295,7 @@ class FirstBlockCache(_RowCache):
                     "hidden": h[j] - h_first[j],
                     "enc": None if enc is None else enc[j] - enc_first[j],
                 }
-                self.fresh.append((key, tensors))
+                self.fresh.append((j, key, tensors))
         return (None if out_enc is None else _rows(out_enc)), _rows(out_h)
 
 
@@ -359,7 +358,7 @@ class DeepCache(_RowCache):
                 rows[j] = e.tensors["deep"]
                 e.reused += 1
             else:
-                self.fresh.append((key, {"deep": deep[j]}))
+                self.fresh.append((j, key, {"deep": deep[j]}))
         deep = _rows(rows)
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = deep

@@ -59,7 +59,7 @@ class SEGDiT(nn.Module):
             out = self.family.forward(self.transformer, inputs, self.cache)
             # SEG active but no query perturbed: an error, never a CFG-only result; rows served from
             # the step cache count only when their entry came from a perturbed forward
-            self.seg.check(None if self.step_cache is None else self.step_cache.report())
+            self.seg.check() if self.step_cache is None else self.seg.check(self.step_cache.report())
             return out
         finally:
             self.seg.set_mask(None)
