@@ -571,5 +571,10 @@ def check_field(key: str, value: Any, kind: str = "image") -> Any:
 
 
 # fields whose own rule is checked next to other fields' neutral values: a perturbed guidance term
-# excludes SEG, so the list alone is checked with SEG off (the whole request is checked as a whole)
-_CHECK_ALONE: dict[str, dict[str, Any]] = {"guidance": {"seg_scale": 0.0}}
+# excludes SEG, so the list alone is checked with SEG off; a cache option next to its own cache mode
+# (the whole request is checked as a whole)
+_CHECK_ALONE: dict[str, dict[str, Any]] = {
+    "guidance": {"seg_scale": 0.0},
+    "cache_threshold": {"cache": "fbcache"},
+    "cache_interval": {"cache": "deepcache"},
+}

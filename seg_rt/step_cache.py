@@ -51,6 +51,7 @@ CACHE_MODES = ("none", "fbcache", "deepcache")
 DEFAULT_THRESHOLD = 0.08  # ParaAttention's FLUX.1-dev example (residual_diff_threshold=0.08)
 DEFAULT_INTERVAL = 3  # DeepCache's Stable Diffusion example (cache_interval=3, cache_branch_id=0)
 
+CACHE_FIELDS = ("cache", "cache_threshold", "cache_interval")  # the request fields (wire names): image only
 RowKey = tuple[str, int]  # (branch name, image id in the run)
 
 

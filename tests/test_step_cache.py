@@ -260,3 +260,48 @@ def test_cache_refused_where_it_cannot_run(sd15, sd3):
         ValueError, match="cache 'deepcache' is not available for the sd3 family; it takes fbcache"
     ):
         _run(sd3, cache="deepcache")
+
+
+def test_cache_fields_on_every_entry_point(sdxl_dir, tmp_path, capsys):
+    """CLI flags, the HTTP body and job items take the cache fields (the field table); the PNG record
+    carries them; a bad value is one line naming the field (CLI exit 2, HTTP 422)."""
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from seg_rt.cli import main
+    from seg_rt.cluster.jobs.spec import item_params, parse_job, read_prompts
+    from seg_rt.cluster.serving.config import ServeConfig
+    from seg_rt.cluster.serving.core import ServingCore
+    from seg_rt.cluster.serving.http import build_app
+    from seg_rt.pipeline import load_pipeline
+
+    out = tmp_path / "c.png"
+    flags = ["generate", "--model", str(sdxl_dir), "--prompt", "a cube", "--steps", "3", "--height", "64",
+             "--width", "64", "--cache", "deepcache", "--cache-interval", "2", "--threads", "1",
+             "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main(flags) == 0
+    record = json.loads(Image.open(out).text["parameters"])
+    assert (record["cache"], record["cache_interval"]) == ("deepcache", 2)
+    assert main([*flags[:-1], str(tmp_path / "bad.png"), "--cache-interval", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cache interval must be an integer >= 1" in err[0]
+
+    client = TestClient(build_app(ServingCore(ServeConfig(model="tiny"), load_pipeline(sdxl_dir, "cpu"))))
+    bad = client.post("/v1/generate", json={"prompt": "a", "cache": "teacache"})
+    assert bad.status_code == 422 and "cache must be one of none, fbcache, deepcache" in bad.text
+    ok = client.post(
+        "/v1/generate", json={"prompt": "a", "steps": 3, "height": 64, "width": 64, "cache": "deepcache"}
+    )
+    assert ok.status_code == 200, ok.text
+    assert json.loads(Image.open(io.BytesIO(ok.content)).text["parameters"])["cache"] == "deepcache"
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cube", "cache": "deepcache", "cache_interval": 4}) + "\n")
+    spec = {"model": str(sdxl_dir), "prompts_file": str(prompts), "output": str(tmp_path / "job"),
+            "resources_per_worker": {"num_cpus": 1}}  # fmt: skip
+    job = parse_job(spec)
+    items = [item_params(job, o, 0, 0) for o in read_prompts(job, tmp_path)]
+    assert items[0].cache_config == CacheConfig("deepcache", interval=4)
