@@ -180,8 +180,9 @@ def sample(
     ``cfg_scale``: the CFG scale per latent element where it is not one number (Stable Video
     Diffusion's per-frame ramp, shared by every row), in the combine in place of ``cfg``; ``cfg``
     still decides whether the CFG branch runs.
-    ``cache``: a ``seg_rt.step_cache.CacheConfig`` that is on, or None: this run's step cache, one
-    entry per row (branch, image), handed to the denoiser with each batch (``DenoiserBatch.cache``).
+    ``cache``: a ``seg_rt.step_cache.CacheConfig`` (or a fresh ``RunCache``), or None: this run's step
+    cache, one entry per row (branch, image), handed to the denoiser with each batch
+    (``DenoiserBatch.cache``).
     """
     if cfg > 1.0 and uncond is None:
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
@@ -250,11 +251,13 @@ def sample(
 
 
 def _run_cache(cache):
-    if cache is None or not cache.on:
-        return None
+    """A fresh run cache for a ``CacheConfig`` that is on; a ``RunCache`` given is used as it is (the
+    caller reads its counts after the run)."""
     from .step_cache import RunCache
 
-    return RunCache(cache)
+    if cache is None or isinstance(cache, RunCache):
+        return cache
+    return RunCache(cache) if cache.on else None
 
 
 def _cached(batch: DenoiserBatch, names: Sequence[str], ids: list[int], run_cache) -> DenoiserBatch:

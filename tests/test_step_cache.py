@@ -179,25 +179,12 @@ def _sample_cached(pipe, family, den, cache, sequential, seg, steps, size):
     sched = family.schedule(pipe, None, steps, height=size, width=size)
     g = [torch.Generator().manual_seed(3)]
     latents = family.initial_latents(pipe, sched, g, height=size, width=size, dtype=torch.float32)
-    run = {}
-
-    class Recording(RunCache):
-        def __init__(self, config):
-            super().__init__(config)
-            run["cache"] = self
-
-    import seg_rt.step_cache as sc
-
-    original = sc.RunCache
-    sc.RunCache = Recording
-    try:
-        out = sample(
-            den, sched, latents, prep.cond, prep.uncond, cfg=5.0, seg=seg,
-            sequential=sequential, progress=False, cache=cache,
-        )  # fmt: skip
-    finally:
-        sc.RunCache = original
-    return out, run["cache"].stats()
+    run = RunCache(cache)
+    out = sample(
+        den, sched, latents, prep.cond, prep.uncond, cfg=5.0, seg=seg, sequential=sequential, progress=False,
+        cache=run,
+    )  # fmt: skip
+    return out, run.stats()
 
 
 @pytest.mark.parametrize(
