@@ -287,6 +287,8 @@ class FixedShapeDenoiser(Denoiser):
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self._check_open()
+        if getattr(inputs, "cache", None) is not None:
+            raise ValueError(f"a step cache runs on the torch engine only, not {type(self).__name__}")
         sample = inputs["sample"]  # [B, C, h, w]
         rows, want = sample.shape[0], self.info.rows
         self.shapes.check(max(rows, want), sample.shape[-2], sample.shape[-1])

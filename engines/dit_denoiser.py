@@ -44,13 +44,38 @@ class DiTDenoiser(PatchedDenoiser):
         )
 
     def _remove(self) -> None:
+        if self.model.step_cache is not None:
+            self.model.step_cache.remove()
         self.model.remove()
         if self.prefix is not None:
             self.prefix.remove()
 
+    def _step_cache(self, view):
+        """The first-block cache (``seg_rt.step_cache``), installed on the first batch that asks for
+        one and left in place (it passes everything through while no batch does)."""
+        if view is not None and self.model.step_cache is None:
+            from seg_rt.step_cache import FirstBlockCache
+
+            if view.config.mode != FirstBlockCache.mode:
+                raise ValueError(f"cache {view.config.mode!r} is not available for DiTs; use fbcache")
+            fork = None
+            if self.prefix is not None and self.prefix.hooks is not None:
+                hooks = self.prefix.hooks
+                fork = lambda: hooks.fork  # noqa: E731
+            self.model.step_cache = FirstBlockCache(self.transformer, self.model.seg, fork)
+        return self.model.step_cache
+
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self._check_open()
-        if self.prefix is None:
-            return self.model(inputs)
-        return self.prefix.run(inputs, self.model)
+        view = getattr(inputs, "cache", None)
+        cache = self._step_cache(view)
+        if cache is not None:
+            cache.begin(view)
+        try:
+            if self.prefix is None:
+                return self.model(inputs)
+            return self.prefix.run(inputs, self.model)
+        finally:
+            if cache is not None:
+                cache.end()

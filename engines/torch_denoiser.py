@@ -95,9 +95,35 @@ class TorchDenoiser(PatchedDenoiser):
         self._fill_matrices()
         self._grid_shape = shape
 
+    def _step_cache(self, view):
+        """DeepCache (``seg_rt.step_cache``), installed on the first batch that asks for a cache and
+        left in place (it passes everything through while no batch does)."""
+        if view is None or self.model.step_cache is not None:
+            return self.model.step_cache
+        from seg_rt.step_cache import DeepCache
+
+        if view.config.mode != DeepCache.mode:
+            raise ValueError(f"cache {view.config.mode!r} is not available for UNets; use deepcache")
+        if self.compile or self.controlnet is not None:
+            what = "torch-compile" if self.compile else "a ControlNet"
+            raise ValueError(f"cache 'deepcache' does not run with {what}")
+        prefix = self.model.prefix
+        self.model.step_cache = DeepCache(
+            self.unet, self.model.seg, None if prefix is None else lambda: prefix.fork
+        )
+        return self.model.step_cache
+
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self._check_open()
+        view = getattr(inputs, "cache", None)
+        cache = self._step_cache(view)
         if self.compile:
             self._runtime_sigma(inputs)
-        return self._call(inputs)
+        if cache is None:
+            return self._call(inputs)
+        cache.begin(view)
+        try:
+            return self._call(inputs)
+        finally:
+            cache.end()

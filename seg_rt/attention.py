@@ -129,9 +129,23 @@ class SEGPatch:
         """Called by a processor each time it perturbs a query."""
         self.perturbed += 1
 
-    def check(self) -> None:
-        """After a forward: raise ``SEGNotApplied`` if rows were to be perturbed but no query was."""
-        if self.mask is not None and self.perturbed == 0:
+    def check(self, served=None) -> None:
+        """After a forward: raise ``SEGNotApplied`` if rows were to be perturbed but no query was.
+
+        ``served`` (``seg_rt.step_cache.Served``): what a step cache did to the perturbed rows. A row
+        served from the cache counts as perturbed only when its entry was filled by a forward that
+        perturbed it; rows that ran need a perturbed query in this forward, as without a cache."""
+        if self.mask is None:
+            return
+        if served is not None:
+            if served.unproven:
+                raise SEGNotApplied(
+                    f"SEG was active but {served.unproven} perturbed row(s) were served from a step cache "
+                    "that no perturbed forward filled (a cache shared with an unperturbed row?)"
+                )
+            if not served.ran:
+                return  # every perturbed row was served from its own perturbed entry
+        if self.perturbed == 0:
             raise SEGNotApplied(
                 f"SEG was active but no query was perturbed in this forward: none of the "
                 f"{len(self.layer_names)} SEG layers ran a SEG processor (installed: {self.installed}; "

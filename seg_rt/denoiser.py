@@ -204,6 +204,7 @@ class SEGUNet(nn.Module):
         self.seg = SEGAttention(unet, sigma, layers, perturbation).install()
         self.prefix = SharedPrefix(unet, self.seg.layer_names) if shared_prefix else None
         self.invariant = batch_invariant(unet, controlnet).acquire()  # per-sample results, any batch
+        self.step_cache = None  # seg_rt.step_cache.DeepCache, installed by the eager denoiser
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -278,7 +279,9 @@ class SEGUNet(nn.Module):
                 return_dict=False,
                 **extra,
             )[0]
-            self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
+            # SEG active but no query perturbed: an error, never a CFG-only result; rows served from
+            # the step cache count only when their entry came from a perturbed forward
+            self.seg.check() if self.step_cache is None else self.seg.check(self.step_cache.report())
             return out
         finally:
             self.seg.set_mask(None)
@@ -287,6 +290,9 @@ class SEGUNet(nn.Module):
 
     def remove(self) -> None:
         """Restore the UNet's own attention processors and linear layers."""
+        if self.step_cache is not None:
+            self.step_cache.remove()
+            self.step_cache = None
         self.seg.remove()
         if self.prefix is not None:
             self.prefix.remove()

@@ -19,6 +19,7 @@ from typing import Any
 from .config import SEGConfig, parse_layers, parse_sigma, sigma_to_json
 from .guidance import Guidance
 from .lora import LoRA, loras_of
+from .step_cache import CACHE_MODES, DEFAULT_INTERVAL, DEFAULT_THRESHOLD, CacheConfig, check_cache
 from .tasks import InputImage, check_task, load_image, task_key, task_of
 
 # Sampler names → diffusers scheduler classes (built from the model's own scheduler config).
@@ -220,6 +221,10 @@ class GenerationParams:
     strength: float = 1.0
     mask_blur: int = 0
     guidance: str = ""
+    # step cache (seg_rt.step_cache): per-row first-block cache (DiTs) or DeepCache (UNets)
+    cache: str = "none"
+    cache_threshold: float = DEFAULT_THRESHOLD
+    cache_interval: int = DEFAULT_INTERVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -251,6 +256,10 @@ class GenerationParams:
         terms = Guidance.parse(self.guidance)
         terms.check(self.cfg, self.seg)
         object.__setattr__(self, "guidance", terms.spec())
+        check_cache(self.cache, self.cache_threshold, self.cache_interval)
+        object.__setattr__(self, "cache_threshold", float(self.cache_threshold))
+        if self.cache != "none" and self.video is not None:
+            raise ValueError(f"cache {self.cache!r} is not available for video requests")
         if self.video is not None and not isinstance(self.video, VideoParams):
             raise ValueError(f"video must be VideoParams, got {type(self.video).__name__}")
         if self.video is not None and self.video.min_cfg != 1.0 and self.cfg <= 1.0:
@@ -284,6 +293,11 @@ class GenerationParams:
         return request_of_record(record)
 
     @property
+    def cache_config(self) -> CacheConfig:
+        """The step cache of this request (``seg_rt.step_cache``)."""
+        return CacheConfig(self.cache, self.cache_threshold, self.cache_interval)
+
+    @property
     def task(self) -> str:
         """``txt2img``, ``img2img`` (an init image) or ``inpaint`` (an init image and a mask)."""
         return task_of(self)
@@ -306,6 +320,7 @@ class GenerationParams:
             self.loras,
             *task_key(self),
             self.guidance,
+            self.cache_config,
         )
 
 
@@ -437,6 +452,12 @@ FIELDS: tuple[RequestField, ...] = (  # record order; one line a field reads as 
        kinds=IMAGE, recorded=WHEN_SET),
     _f("guidance", "guidance", str, "guidance terms NAME[=SCALE][:OPT=V...], comma-separated: "
        "cfg (window), pag, tpg, slg, cfgzero, fresca, apg (seg_rt.guidance)", recorded=WHEN_SET),
+    _f("cache", "cache", str, "step cache: fbcache (DiTs: first-block residual), deepcache (UNets)",
+       kinds=IMAGE, choices=CACHE_MODES, recorded=WHEN_SET),
+    _f("cache_threshold", "cache_threshold", float, "fbcache: skip when the first block's relative L1 "
+       "change is below this", kinds=IMAGE, recorded=WHEN_SET),
+    _f("cache_interval", "cache_interval", int, "deepcache: a full forward every N steps", kinds=IMAGE,
+       recorded=WHEN_SET),
     _f("frames", "video.frames", int, "output frames", kinds=VIDEO),
     _f("fps", "video.fps", int, "frames per second of the written file", kinds=VIDEO),
     _f("seg_mode", "video.mode", str, "which axes the query blur runs over", kinds=VIDEO, choices=VIDEO_MODES),
@@ -550,5 +571,10 @@ def check_field(key: str, value: Any, kind: str = "image") -> Any:
 
 
 # fields whose own rule is checked next to other fields' neutral values: a perturbed guidance term
-# excludes SEG, so the list alone is checked with SEG off (the whole request is checked as a whole)
-_CHECK_ALONE: dict[str, dict[str, Any]] = {"guidance": {"seg_scale": 0.0}}
+# excludes SEG, so the list alone is checked with SEG off; a cache option next to its own cache mode
+# (the whole request is checked as a whole)
+_CHECK_ALONE: dict[str, dict[str, Any]] = {
+    "guidance": {"seg_scale": 0.0},
+    "cache_threshold": {"cache": "fbcache"},
+    "cache_interval": {"cache": "deepcache"},
+}

@@ -326,6 +326,7 @@ def run_params(
     if isinstance(engine, str):
         parse_engine_spec(engine)  # a bad spec fails before the model loads
     parallel = BranchParallel.of(parallel)
+    _check_cache_engine(params[0].cache, engine, parallel)
     if parallel is not None:
         return _run_parallel(
             parallel, model, params, engine, output_type, scheduler, device, callback,
@@ -335,6 +336,7 @@ def run_params(
     pipe = load_pipeline(model, device) if isinstance(model, (str, Path)) else model
     family = family_of(pipe, "image")
     family.check_request(pipe, first)
+    family.check_cache(first)
     lora.check_engine(_eager_torch(engine), first.loras, engine)
     lora.activate(pipe, first.loras)  # exactly this request's LoRAs (none: every loaded one off)
     height, width = _size(family, pipe, first)
@@ -391,6 +393,7 @@ def run_params(
                 timesteps=start.timesteps,
                 blend=start.blend,
                 guidance=guidance,
+                cache=first.cache_config if first.cache != "none" else None,
             )
         finally:
             if previous is not None and not engine.closed:
@@ -460,6 +463,18 @@ def _eager_torch(engine) -> bool:
     from seg_rt.engines.base import PatchedDenoiser
 
     return isinstance(engine, PatchedDenoiser) and not getattr(engine, "compile", False)
+
+
+def _check_cache_engine(cache: str, engine, parallel) -> None:
+    """A step cache (``seg_rt.step_cache``) runs in the eager torch denoisers only (it wraps the
+    model's blocks), in one process: one line otherwise, before the model loads."""
+    if cache == "none":
+        return
+    if parallel is not None:
+        raise ValueError(f"cache {cache!r} is not available with branch parallel; drop one of them")
+    if not _eager_torch(engine):
+        name = engine if isinstance(engine, str) else type(engine).__name__
+        raise ValueError(f"cache {cache!r} runs on the torch engine only, got engine {name!r}")
 
 
 def _runs(keys: list) -> list[tuple[int, int]]:

@@ -101,9 +101,10 @@ class DenoiserBatch(dict):
     """The denoiser's named input tensors (a plain ``dict[str, Tensor]`` to every engine) with their
     ``RowLayout``. A dict subclass so that engines that only need the tensors take it as they are."""
 
-    def __init__(self, tensors: Mapping[str, Tensor], layout: RowLayout = NO_LAYOUT) -> None:
+    def __init__(self, tensors: Mapping[str, Tensor], layout: RowLayout = NO_LAYOUT, cache=None) -> None:
         super().__init__(tensors)
         self.layout = layout
+        self.cache = cache  # the run's step cache as this call sees it (seg_rt.step_cache.CacheView)
 
 
 def row_layout(inputs: Mapping[str, Tensor]) -> RowLayout:
@@ -160,6 +161,7 @@ def sample(
     timesteps: Tensor | None = None,
     blend: Callable[[int, Tensor], Tensor] | None = None,
     guidance: Guidance = NO_GUIDANCE,
+    cache=None,
 ) -> Tensor:
     """Run SEG(+CFG) sampling from initial ``latents`` (already scaled by ``init_noise_sigma``) over
     ``scheduler.timesteps``: the caller (the model family) has called ``set_timesteps`` once, with
@@ -178,6 +180,9 @@ def sample(
     ``cfg_scale``: the CFG scale per latent element where it is not one number (Stable Video
     Diffusion's per-frame ramp, shared by every row), in the combine in place of ``cfg``; ``cfg``
     still decides whether the CFG branch runs.
+    ``cache``: a ``seg_rt.step_cache.CacheConfig`` (or a fresh ``RunCache``), or None: this run's step
+    cache, one entry per row (branch, image), handed to the denoiser with each batch
+    (``DenoiserBatch.cache``).
     """
     if cfg > 1.0 and uncond is None:
         raise ValueError(f"cfg {cfg:g} > 1 needs unconditional inputs")
@@ -191,14 +196,18 @@ def sample(
     extra = _step_kwargs(scheduler, generators)
     n = latents.shape[0]
     delta: Tensor | None = None  # seg every > 1: the last computed eps_cond - eps_seg
+    run_cache = _run_cache(cache)
+    ids = list(range(n))  # each row's image id in the run (kept when rows are dropped): cache keys
     for i, t in enumerate(tqdm(timesteps, desc="seg-rt", disable=not progress, leave=False)):
         # flow-matching schedulers (Wan) have no input scaling
         x = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         names = branches_at(i, num, cfg, seg, guidance)
         if sequential:
-            preds = {b: denoiser(build_batch([b], x, t, cond, uncond)) for b in names}
+            preds = {
+                b: denoiser(_cached(build_batch([b], x, t, cond, uncond), [b], ids, run_cache)) for b in names
+            }
         else:
-            out = denoiser(build_batch(names, x, t, cond, uncond))
+            out = denoiser(_cached(build_batch(names, x, t, cond, uncond), names, ids, run_cache))
             preds = dict(zip(names, out.split(n), strict=True))
         eps_seg, seg_delta = preds.get("seg"), None
         if seg.every > 1:
@@ -237,7 +246,26 @@ def sample(
                 extra = _step_kwargs(scheduler, generators)
                 _drop_scheduler_rows(scheduler, keep, n, latents.shape[1:])
                 n = len(keep)
+                ids = [ids[r] for r in keep]
     return latents
+
+
+def _run_cache(cache):
+    """A fresh run cache for a ``CacheConfig`` that is on; a ``RunCache`` given is used as it is (the
+    caller reads its counts after the run)."""
+    from .step_cache import RunCache
+
+    if cache is None or isinstance(cache, RunCache):
+        return cache
+    return RunCache(cache) if cache.on else None
+
+
+def _cached(batch: DenoiserBatch, names: Sequence[str], ids: list[int], run_cache) -> DenoiserBatch:
+    """``batch`` with the run cache's view: one key (branch, image id) per row, in batch order."""
+    if run_cache is not None:
+        keys = [(b, i) for b in names for i in ids]
+        batch.cache = run_cache.view(keys, [BRANCHES[b][1] for b in names for _ in ids])
+    return batch
 
 
 def _rows(value, keep: list[int], n: int):

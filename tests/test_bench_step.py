@@ -59,3 +59,27 @@ def test_gpu_runtimes_report_why_they_are_skipped(sd15):
         assert row["engine"] == runtime and row["skipped"].startswith("skipped: ")
     with pytest.raises(ValueError, match="runtime must be one of"):
         step_onnx.bench_step_onnx(sd15, "x", runtime="cuda")
+
+
+def test_cache_row_reports_speedup_and_served_share(sd15):
+    """The step-cache row (seg_rt.bench.step_cache) on the tiny UNet: DeepCache interval 3 over 3
+    steps serves each row once (step 1 and 2 reuse, a third of the rows full)."""
+    import math
+
+    from seg_rt.bench import step_cache
+    from seg_rt.bench.models import step_inputs
+    from seg_rt.config import SEGConfig
+    from seg_rt.engines import TorchDenoiser
+    from seg_rt.step_cache import CacheConfig
+
+    x, cond, uncond = step_inputs(sd15.unet, 8)
+    den = TorchDenoiser(sd15.unet, sigma=math.inf, layers=("mid",))
+    try:
+        row = step_cache.bench_cache_case(
+            den, "tiny", step_cache._euler(), x, cond, uncond, CacheConfig("deepcache"), 3, 2, SEGConfig()
+        )
+    finally:
+        den.close()
+    assert row["served"] == {"uncond": 2, "cond": 2, "seg": 2} and row["served_share"] == round(2 / 3, 4)
+    assert row["speedup"] > 0 and row["default"] and row["latents_max_rel_diff"] > 0
+    assert "deepcache interval 3" in step.describe(row)

@@ -19,6 +19,7 @@ from seg_rt.params import (
     request_from_fields,
     values_of,
 )
+from seg_rt.step_cache import CACHE_FIELDS
 from seg_rt.tasks import TASK_FIELDS
 
 
@@ -37,6 +38,7 @@ def test_every_request_field_is_in_the_table_once_per_kind():
                 ("loras",),
             }  # video layers are VideoParams.layers
             want -= {(key,) for key in TASK_FIELDS}  # img2img / inpainting: image requests only
+            want -= {(key,) for key in CACHE_FIELDS}  # step caches: image requests only
         assert set(paths) == want, kind
 
 

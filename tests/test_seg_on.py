@@ -98,3 +98,39 @@ def _diffusers_processor(name: str):
     import diffusers.models.transformers.transformer_wan as wan
 
     return getattr(ap, name, None)() if hasattr(ap, name) else getattr(wan, name)()
+
+
+def test_cached_seg_rows_count_only_from_a_perturbed_entry():
+    """A step cache (seg_rt.step_cache) that serves the SEG rows: proven when their own entry came
+    from a perturbed forward; an entry filled by the cond row (never perturbed) is SEGNotApplied,
+    even though the skipped blocks hold every SEG layer (nothing ran that could be counted)."""
+    from seg_rt.engines.dit_denoiser import DiTDenoiser
+    from seg_rt.families import REGISTRY
+    from seg_rt.sampler import build_batch
+    from seg_rt.step_cache import CacheConfig, RunCache
+    from seg_rt.tiny import tiny_dit
+
+    net = tiny_dit("sd3")
+    den = DiTDenoiser(net, REGISTRY.for_model(net), sigma=2.0, layers=("transformer_blocks.2",))
+    g = torch.Generator().manual_seed(0)
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 7, net.config.joint_attention_dim, generator=g),
+        "pooled_projections": torch.randn(1, net.config.pooled_projection_dim, generator=g),
+    }
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    run = RunCache(CacheConfig("fbcache", threshold=1e9))  # every step after the first skips
+
+    def step(t):
+        batch = build_batch(["cond", "seg"], x, torch.tensor(float(t)), cond, None)
+        batch.cache = run.view([("cond", 0), ("seg", 0)], [False, True])
+        return den(batch)
+
+    try:
+        step(900)  # full: fills both entries, SEG's perturbed
+        step(800)  # skipped: the SEG row's own perturbed entry proves it
+        assert run.entries[("seg", 0)].perturbed and not run.entries[("cond", 0)].perturbed
+        run.entries[("seg", 0)] = run.entries[("cond", 0)]  # the bug: SEG served the cond row's cache
+        with pytest.raises(SEGNotApplied, match="no perturbed forward filled"):
+            step(700)
+    finally:
+        den.close()

@@ -120,16 +120,24 @@ def bench_step(pairs: int = 3) -> list[dict]:
 
 def run(pairs: int = 3) -> list[dict]:
     """``seg-rt bench step``: the PyTorch rows, then the ONNX Runtime CPU row (``step_onnx``: CFG+SEG
-    without and with the in-graph fork, SEG without CFG) on the SD1.5-shaped UNet."""
+    without and with the in-graph fork, SEG without CFG) on the SD1.5-shaped UNet, then the step-cache
+    rows (``step_cache``)."""
     from .step_onnx import bench_step_onnx
 
     rows = bench_step(pairs=pairs)
     name = "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch)"
     rows.append(bench_step_onnx(sd15_shaped_pipeline(), name, pairs=max(pairs, 5)))
+    from .step_cache import run as cache_rows  # step caches: speed-up over uncached, quality
+
+    rows += cache_rows(pairs=pairs)
     return rows
 
 
 def describe(row: dict) -> str:
+    if row.get("bench", "").startswith("step_cache"):
+        from .step_cache import describe as describe_cache
+
+        return describe_cache(row)
     if "engine" in row:
         from .step_onnx import describe as describe_onnx
 

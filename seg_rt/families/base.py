@@ -131,6 +131,16 @@ class Family:
         """Whether the model embeds a distilled guidance value (Flux.1-dev); other models refuse one."""
         return False
 
+    cache_modes: ClassVar[tuple[str, ...]] = ()  # the step caches it takes (seg_rt.step_cache)
+
+    def check_cache(self, request: GenerationParams) -> None:
+        """A step cache this family takes (``request.cache``), or one line saying which it takes."""
+        if request.cache != "none" and request.cache not in self.cache_modes:
+            takes = ", ".join(self.cache_modes) or "none"
+            raise ValueError(
+                f"cache {request.cache!r} is not available for the {self.name} family; it takes {takes}"
+            )
+
     def encode(self, pipe, request: GenerationParams, n: int, **options: Any) -> Prepared:
         """n rows of ``request``'s prompt and negative prompt (``uncond`` only with CFG)."""
         raise NotImplementedError

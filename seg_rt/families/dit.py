@@ -54,6 +54,7 @@ class ImageDiTFamily(Family):
     packed: ClassVar[bool] = False  # 2x2-packed latent tokens (Flux, Qwen-Image) instead of a patchify conv
     flow = True
     tasks = ("txt2img", "img2img", "inpaint")
+    cache_modes = ("fbcache",)  # seg_rt.step_cache.FirstBlockCache
 
     def net(self, pipe):
         return pipe.transformer

@@ -51,12 +51,15 @@ class SEGDiT(nn.Module):
             batch_invariant(*_patch_convs(transformer), swaps={nn.Conv2d: RowwiseConv2d}).acquire(),
         ]
         self.cache: dict[tuple, Tensor] = {}  # per-shape constant inputs (Flux's img_ids)
+        self.step_cache = None  # seg_rt.step_cache.FirstBlockCache, installed by the eager denoiser
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         self.seg.set_mask(inputs.get("seg_mask"), row_layout(inputs).seg_rows)  # host layout: no sync
         try:
             out = self.family.forward(self.transformer, inputs, self.cache)
-            self.seg.check()  # SEG active but no query perturbed: an error, never a CFG-only result
+            # SEG active but no query perturbed: an error, never a CFG-only result; rows served from
+            # the step cache count only when their entry came from a perturbed forward
+            self.seg.check() if self.step_cache is None else self.seg.check(self.step_cache.report())
             return out
         finally:
             self.seg.set_mask(None)

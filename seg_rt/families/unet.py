@@ -40,6 +40,8 @@ class UNetFamily(Family):
     """SD1.5's conditioning (``encode_prompt(prompt, device, n, do_cfg, negative)``); the others
     below override ``encode``."""
 
+    cache_modes = ("deepcache",)  # seg_rt.step_cache.DeepCache
+
     name = "sd15"
     # SD1.x latent → RGB factors (ComfyUI's latent_formats.SD15, A1111's cheap approximation)
     preview_rgb = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))  # fmt: skip
@@ -299,6 +301,7 @@ def add_control(
 class SDXLControlNetFamily(SDXLFamily):
     """SDXL with a ControlNet: SDXL's conditioning plus the control image (both branches)."""
 
+    cache_modes = ()  # DeepCache skips the down blocks the ControlNet residuals are added to
     name = "sdxl-controlnet"
     classes = Classes("StableDiffusionXLControlNetPipeline")
     tasks = ("txt2img", "img2img")
@@ -316,6 +319,7 @@ class SD15ControlNetFamily(UNetFamily):
     """SD1.5 with a ControlNet (``StableDiffusionControlNetPipeline``): SD1.5's conditioning plus the
     control image (both branches)."""
 
+    cache_modes = ()  # DeepCache skips the down blocks the ControlNet residuals are added to
     name = "sd15-controlnet"
     classes = Classes("StableDiffusionControlNetPipeline")
     tasks = ("txt2img", "img2img")
