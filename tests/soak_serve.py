@@ -8,7 +8,13 @@ bodies with and without Content-Length, bad fields, NaN / inf, extreme sizes and
 wrong or missing key). Checks: every valid request is 200 and its pixels equal the same request
 generated alone in this process (``seg_rt.generate``, 1 thread like the replica) and its record
 names the model, not a path; every invalid one gets its own 4xx and message; no 5xx; the server's
-resident memory (all its processes) stays bounded. Prints one JSON summary; exit 1 if a check fails.
+resident memory (all its processes) stays bounded. Mixed in (#27): the client APIs' routes
+(``ROUTE_VALID`` / ``ROUTE_INVALID``): OpenAI ``/v1/images/generations`` and ``/v1/images/edits``
+(multipart, an init image and an alpha mask), A1111 ``/sdapi/v1/txt2img`` and ``/sdapi/v1/img2img``
+(base64 ``init_images``, ``mask``; HTTP Basic auth) and img2img / inpainting ``/v1/generate`` bodies,
+each valid one compared with its solo run (``seg_rt.generate`` with the same arguments, written out
+next to it), each invalid one in its API's error shape. Prints one JSON summary (status counts in all
+and per route); exit 1 if a check fails.
 
     python -m tests.soak_serve --jobs --seconds 120 --clients 8
 
@@ -85,19 +91,171 @@ INVALID = [
 ]
 
 
-def send(port: int, key: str, body, mode: str | None) -> tuple[int, bytes]:
-    """One POST /v1/generate; ``mode``: None, ``chunked`` (no Content-Length), ``wrong-key``, ``no-key``."""
-    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
+# ---- the client APIs' routes (#27): OpenAI, A1111, img2img / inpainting on /v1/generate ---------
+
+
+class Form:
+    """A multipart/form-data body (the OpenAI edit route's, as ``openai`` sends it): text fields, files."""
+
+    def __init__(self, fields: dict[str, str], files: dict[str, bytes]) -> None:
+        self.fields, self.files = fields, files
+
+    def encoded(self) -> tuple[str, bytes]:
+        b = secrets.token_hex(16)
+        parts = [
+            f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            for k, v in self.fields.items()
+        ]
+        for k, data in self.files.items():
+            head = f'--{b}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.png"\r\n'
+            parts.append(f"{head}Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+        return f"multipart/form-data; boundary={b}", b"".join(parts) + f"--{b}--\r\n".encode()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+INIT = Image.fromarray(np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+_WHITE = np.zeros((SIZE, SIZE), bool)
+_WHITE[16:48, 8:40] = True
+MASK = Image.fromarray(np.where(_WHITE, 255, 0).astype(np.uint8))  # white = repaint (seg-rt, web UI)
+# OpenAI's edit mask: fully transparent pixels mark the region to edit (the conversion written out here)
+OPENAI_MASK = Image.fromarray(
+    np.dstack([np.asarray(INIT), np.where(_WHITE, 0, 255).astype(np.uint8)]), "RGBA"
+)
+INIT_PNG, MASK_PNG, OPENAI_MASK_PNG = png_bytes(INIT), png_bytes(MASK), png_bytes(OPENAI_MASK)
+INIT_B64, MASK_B64 = base64.b64encode(INIT_PNG).decode(), base64.b64encode(MASK_PNG).decode()
+HALF_MASK_B64 = base64.b64encode(png_bytes(MASK.crop((0, 0, SIZE, SIZE // 2)))).decode()
+# (route, body, the same request's ``seg_rt.generate`` arguments: its solo run)
+ROUTE_VALID = [
+    (
+        "/v1/images/generations",
+        {"prompt": "a cat", "n": 2, "size": "64x64", "seed": 7, "steps": 2},
+        {"prompt": "a cat", "seed": 7, "num_images": 2, "steps": 2},
+    ),
+    (
+        "/v1/images/generations",
+        {"prompt": "a dog", "size": "96x64", "seed": 8, "steps": 2, "seg_sigma": 2, "model": "dall-e-3"},
+        {"prompt": "a dog", "seed": 8, "steps": 2, "seg_sigma": 2, "width": 96},
+    ),
+    (
+        "/v1/images/edits",
+        Form(
+            {
+                "prompt": "a red cube",
+                "seed": "9",
+                "steps": "4",
+                "strength": "0.75",
+                "response_format": "b64_json",
+            },
+            {"image": INIT_PNG, "mask": OPENAI_MASK_PNG},
+        ),
+        {"prompt": "a red cube", "seed": 9, "steps": 4, "strength": 0.75, "image": INIT, "mask": MASK},
+    ),
+    (
+        "/v1/images/edits",
+        Form({"prompt": "a cat", "seed": "10", "steps": "4", "strength": "0.5"}, {"image": INIT_PNG}),
+        {"prompt": "a cat", "seed": 10, "steps": 4, "strength": 0.5, "image": INIT},
+    ),
+    (
+        "/sdapi/v1/txt2img",
+        {"prompt": "two", "seed": 11, "steps": 2, "cfg_scale": 3, "width": 64, "height": 64, "batch_size": 2}
+        | {"sampler_name": "Euler a"},
+        {"prompt": "two", "seed": 11, "steps": 2, "cfg": 3, "num_images": 2, "scheduler": "euler_a"},
+    ),
+    (
+        "/sdapi/v1/img2img",
+        {"prompt": "a dog", "seed": 12, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler"}
+        | {"init_images": [INIT_B64], "denoising_strength": 0.5},
+        {"prompt": "a dog", "seed": 12, "steps": 4, "image": INIT, "strength": 0.5},
+    ),
+    (
+        "/sdapi/v1/img2img",
+        {"prompt": "a cat", "seed": 13, "steps": 4, "width": 64, "height": 64, "sampler_name": "Euler"}
+        | {"init_images": [INIT_B64], "mask": MASK_B64, "mask_blur": 2, "inpainting_fill": 1}
+        | {"inpaint_full_res": False, "denoising_strength": 0.75},
+        {
+            "prompt": "a cat",
+            "seed": 13,
+            "steps": 4,
+            "image": INIT,
+            "mask": MASK,
+            "mask_blur": 2,
+            "strength": 0.75,
+        },
+    ),
+    (
+        "/v1/generate",
+        {"prompt": "a red cube", "seed": 14, "steps": 4, "init_image": INIT_B64, "strength": 0.5},
+        {"prompt": "a red cube", "seed": 14, "steps": 4, "image": INIT, "strength": 0.5},
+    ),
+    (
+        "/v1/generate",
+        {"prompt": "two", "seed": 15, "steps": 4, "init_image": INIT_B64, "mask": MASK_B64, "mask_blur": 2}
+        | {"strength": 0.75, "num_images": 2, "response": "json"},
+        {"prompt": "two", "seed": 15, "steps": 4, "image": INIT, "mask": MASK, "mask_blur": 2}
+        | {"strength": 0.75, "num_images": 2},
+    ),
+]
+# every valid request: /v1/generate's text-to-image ones first (``VALID``), then ``ROUTE_VALID``
+ALL_VALID = [("/v1/generate", b) for b in VALID] + [(r, b) for r, b, _ in ROUTE_VALID]
+# (name, route, raw body / dict / Form, headers override, expected status, expected message part)
+ROUTE_INVALID = [
+    ("openai-n", "/v1/images/generations", {"prompt": "a", "n": 9}, None, 400, "n must be <= 4, got 9"),
+    ("openai-n-text", "/v1/images/generations", {"prompt": "a", "n": "2"}, None, 400, "n: Input should be a valid integer"),
+    ("openai-size", "/v1/images/generations", {"prompt": "a", "size": "64x64\n"}, None, 400, "size must be 'WIDTHxHEIGHT'"),
+    ("openai-url", "/v1/images/generations", {"prompt": "a", "response_format": "url"}, None, 400, "does not host image files"),
+    ("openai-model", "/v1/images/generations", {"prompt": "a", "model": "gpt-4o"}, None, 404, "this server serves 'tiny-sdxl'"),
+    ("openai-steps", "/v1/images/generations", {"prompt": "a", "steps": 99}, None, 400, "steps must be <= 50, got 99"),
+    ("openai-key", "/v1/images/generations", {"prompt": "a"}, "wrong-key", 401, '"code":"invalid_api_key"'),
+    ("edit-no-alpha", "/v1/images/edits", Form({"prompt": "a"}, {"image": INIT_PNG, "mask": MASK_PNG}), None, 400, "mask must have an alpha channel"),
+    ("edit-not-image", "/v1/images/edits", Form({"prompt": "a"}, {"image": b"no image"}), None, 400, "init_image is not an image"),
+    ("edit-no-image", "/v1/images/edits", Form({"prompt": "a"}, {}), None, 400, "image must be one image file, got 0"),
+    ("edit-strength", "/v1/images/edits", Form({"prompt": "a", "steps": "4", "strength": "0.1"}, {"image": INIT_PNG}), None, 400, "strength x steps must be >= 1"),
+    ("edit-oversized", "/v1/images/edits", Form({"prompt": "a"}, {"image": BIG.encode()}), None, 413, "request body must be <="),
+    ("edit-no-key", "/v1/images/edits", Form({"prompt": "a"}, {"image": INIT_PNG}), "no-key", 401, '"code":"invalid_api_key"'),
+    ("a1111-sampler", "/sdapi/v1/txt2img", {"prompt": "a", "sampler_name": "DPM++ 2M Karras"}, None, 422, "sampler_name must be one of"),
+    ("a1111-hires", "/sdapi/v1/txt2img", {"prompt": "a", "enable_hr": True}, None, 422, "enable_hr is not available on seg-rt"),
+    ("a1111-override", "/sdapi/v1/txt2img", {"prompt": "a", "override_settings": [1]}, None, 422, "override_settings must be a mapping"),
+    ("a1111-surrogate", "/sdapi/v1/txt2img", '{"prompt": "\\ud800", "steps": 2}', None, 422, "prompt is not valid Unicode text: a lone surrogate"),
+    ("a1111-cfg", "/sdapi/v1/txt2img", {"prompt": "a", "cfg_scale": 0.5}, None, 422, "cfg must be a finite number >= 1"),
+    ("a1111-key", "/sdapi/v1/txt2img", {"prompt": "a"}, "wrong-key", 401, '"error":"Unauthorized"'),
+    ("img2img-none", "/sdapi/v1/img2img", {"prompt": "a", "init_images": []}, None, 422, "init_images must hold one base64 image"),
+    ("img2img-fill", "/sdapi/v1/img2img", {"prompt": "a", "init_images": [INIT_B64], "mask": MASK_B64}, None, 422, "inpainting_fill must be 1 (original)"),
+    ("img2img-strength", "/sdapi/v1/img2img", {"prompt": "a", "steps": 4, "init_images": [INIT_B64], "denoising_strength": 0.1}, None, 422, "strength x steps must be >= 1"),
+    ("img2img-no-key", "/sdapi/v1/img2img", {"prompt": "a", "init_images": [INIT_B64]}, "no-key", 401, '"error":"Unauthorized"'),
+    ("task-strength", "/v1/generate", {"prompt": "a", "steps": 4, "init_image": INIT_B64, "strength": 1.5}, None, 422, "strength must be in (0, 1]"),
+    ("task-mask-alone", "/v1/generate", {"prompt": "a", "steps": 4, "mask": MASK_B64}, None, 422, "mask applies only with an init image"),
+    ("task-not-base64", "/v1/generate", {"prompt": "a", "init_image": "not base64!"}, None, 422, "init_image must be base64-encoded image bytes"),
+    ("task-mask-size", "/v1/generate", {"prompt": "a", "init_image": INIT_B64, "mask": HALF_MASK_B64}, None, 422, "mask is 64x32 but the init image is 64x64"),
+]  # fmt: skip
+ALL_INVALID = [(n, "/v1/generate", b, m, w, msg) for n, b, m, w, msg in INVALID] + ROUTE_INVALID
+
+
+def send(port: int, key: str, body, mode: str | None, route: str = "/v1/generate") -> tuple[int, bytes]:
+    """One POST to ``route`` (default /v1/generate); ``mode``: None, ``chunked`` (no Content-Length),
+    ``wrong-key``, ``no-key``. ``body``: a dict (JSON), raw JSON text, or ``Form`` (multipart).
+    /sdapi/ routes get the key as HTTP Basic auth's password, as ``webuiapi`` sends it."""
+    content_type = "application/json"
+    if isinstance(body, Form):
+        content_type, data = body.encoded()
+    else:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    headers = {"Content-Type": content_type}
     if mode != "no-key":
-        headers["Authorization"] = f"Bearer {'nope' if mode == 'wrong-key' else key}"
+        secret = "nope" if mode == "wrong-key" else key
+        basic = base64.b64encode(f"anyone:{secret}".encode()).decode()
+        headers["Authorization"] = f"Basic {basic}" if route.startswith("/sdapi/") else f"Bearer {secret}"
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
         if mode == "chunked":
             chunks = (data[i : i + 65536] for i in range(0, len(data), 65536))
-            conn.request("POST", "/v1/generate", body=chunks, headers=headers, encode_chunked=True)
+            conn.request("POST", route, body=chunks, headers=headers, encode_chunked=True)
         else:
-            conn.request("POST", "/v1/generate", body=data, headers=headers)
+            conn.request("POST", route, body=data, headers=headers)
         r = conn.getresponse()
         return r.status, r.read()
     except (ConnectionError, http.client.HTTPException) as exc:
@@ -135,25 +293,40 @@ def references(model: str) -> dict[int, list[np.ndarray]]:
                 **opts,
             )
             out[k] = [(a * 255).round().astype("uint8") for a in arr]
+        for j, (_, _, kwargs) in enumerate(ROUTE_VALID):  # the other routes' requests, alone
+            images = seg_rt.generate(pipe, **{"height": SIZE, "width": SIZE, **kwargs})
+            out[len(VALID) + j] = [np.asarray(im.convert("RGB")) for im in images]
         return out
     finally:
         torch.set_num_threads(before)
 
 
-def check_valid(k: int, status: int, raw: bytes, refs, name: str) -> str | None:
-    """None when the answer is right, else why not."""
-    if status != 200:
-        return f"valid #{k}: status {status}: {raw[:200]!r}"
-    body = VALID[k]
-    pngs = (
+def answer_pngs(route: str, body, raw: bytes) -> list[bytes]:
+    """The PNGs of a 200 answer on ``route``."""
+    if route.startswith("/v1/images/"):  # OpenAI: data[].b64_json
+        return [base64.b64decode(d["b64_json"]) for d in json.loads(raw)["data"]]
+    if route.startswith("/sdapi/"):  # A1111: images[] (base64)
+        return [base64.b64decode(s) for s in json.loads(raw)["images"]]
+    return (
         [base64.b64decode(s) for s in json.loads(raw)["images"]] if body.get("response") == "json" else [raw]
     )
+
+
+def check_valid(k: int, status: int, raw: bytes, refs, name: str) -> str | None:
+    """None when the answer is right, else why not."""
+    route, body = ALL_VALID[k]
+    if status != 200:
+        return f"valid #{k} ({route}): status {status}: {raw[:200]!r}"
+    pngs = answer_pngs(route, body, raw)
+    if len(pngs) != len(refs[k]):
+        return f"valid #{k} ({route}): {len(pngs)} images, want {len(refs[k])}"
     for png, ref in zip(pngs, refs[k], strict=True):
-        record = json.loads(Image.open(io.BytesIO(png)).text["parameters"])
+        text = Image.open(io.BytesIO(png)).text  # A1111: the infotext in parameters, the record beside
+        record = json.loads(text["seg-rt" if route.startswith("/sdapi/") else "parameters"])
         if record["model"] != name:
-            return f"valid #{k}: record model {record['model']!r}, want {name!r}"
+            return f"valid #{k} ({route}): record model {record['model']!r}, want {name!r}"
         if not np.array_equal(pixels(png), ref):
-            return f"valid #{k}: pixels differ from the solo result"
+            return f"valid #{k} ({route}): pixels differ from the solo result"
     return None
 
 
@@ -188,7 +361,6 @@ def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix="segrt-soak-"))
     model = str(save_tiny_pipeline("sdxl", tmp / "tiny-sdxl"))
-    refs = references(model)
     key, port, ray_tmp = secrets.token_hex(16), free_port(), short_temp_dir()
     config = tmp / "serve.yaml"
     config.write_text(
@@ -218,9 +390,10 @@ def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
     lock = threading.Lock()
     rss: list[int] = []
     try:
+        refs = references(model)  # while the server starts
         wait_healthy(port, proc)
-        for k in range(len(VALID)):  # warm-up: every valid kind once, serially
-            problem = check_valid(k, *send(port, key, VALID[k], None), refs, "tiny-sdxl")
+        for k, (route, body) in enumerate(ALL_VALID):  # warm-up: every valid kind once, serially
+            problem = check_valid(k, *send(port, key, body, None, route), refs, "tiny-sdxl")
             if problem:
                 failures.append("warm-up " + problem)
         rss.append(tree_rss(proc.pid))
@@ -235,13 +408,14 @@ def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
             rng = random.Random(seed * 1000 + c)
             while time.monotonic() < deadline:
                 if rng.random() < 0.5:
-                    k = rng.randrange(len(VALID))
-                    status, raw = send(port, key, VALID[k], None)
+                    k = rng.randrange(len(ALL_VALID))
+                    route, body = ALL_VALID[k]
+                    status, raw = send(port, key, body, None, route)
                     problem = check_valid(k, status, raw, refs, "tiny-sdxl")
                     kind = "valid"
                 else:
-                    name, body, mode, want, message = rng.choice(INVALID)
-                    status, raw = send(port, key, body, mode)
+                    name, route, body, mode, want, message = rng.choice(ALL_INVALID)
+                    status, raw = send(port, key, body, mode, route)
                     ok = status == want and message in raw.decode(errors="replace")
                     problem = None if ok else f"{name}: {status} {raw[:200]!r}, want {want} '{message}'"
                     kind = "invalid"
@@ -249,6 +423,7 @@ def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
                     stats[f"{kind}_sent"] += 1
                     stats[f"{kind}_ok"] += problem is None
                     stats[f"status_{status}"] += 1
+                    stats[f"route {route} {status}"] += 1
                     if problem and len(failures) < 20:
                         failures.append(problem)
 
@@ -278,6 +453,11 @@ def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
     five_xx = sum(v for k, v in stats.items() if k.startswith("status_5") or k == "status_-1")
     # bounded: after warm-up, the peak stays within 25% (or 300 MB) of the start
     bounded = mb[-1] > 0 and max(mb) <= mb[0] + max(0.25 * mb[0], 300)
+    routes: dict[str, dict[str, int]] = {}
+    for name, v in sorted(stats.items()):
+        if name.startswith("route "):
+            route, status = name.removeprefix("route ").rsplit(" ", 1)
+            routes.setdefault(route, {})[status] = v
     passed = (
         not failures and five_xx == 0 and bounded and stats["valid_sent"] > 0 and stats["invalid_sent"] > 0
     )
@@ -292,6 +472,7 @@ def soak(seconds: float = 120, clients: int = 8, seed: int = 0) -> dict:
         "status_counts": {
             k.removeprefix("status_"): v for k, v in sorted(stats.items()) if k.startswith("status_")
         },
+        "route_status_counts": routes,
         "5xx_or_dropped": five_xx,
         "server_rss_mb": {"start": round(mb[0], 1), "peak": round(max(mb), 1), "end": round(mb[-1], 1)},
         "rss_bounded": bounded,
