@@ -131,6 +131,17 @@ _Fields = create_model(
 )
 
 
+def canonical_body(data: Any, kind: str) -> Any:
+    """A request body with the field table's names of ``kind`` (keys and aliases such as
+    ``num_inference_steps``) folded to their keys by ``canonical`` (both spellings with different
+    values refused); other keys are left for the request type's own checks."""
+    if not isinstance(data, dict):
+        return data
+    table = {name for f in fields_for(kind) for name in (f.key, *f.aliases)}
+    ours = {k: v for k, v in data.items() if k in table}
+    return {**{k: v for k, v in data.items() if k not in table}, **canonical(ours, kind)}
+
+
 class GenerateRequest(_Fields):
     """The ``POST /v1/generate`` body: every image field of the request field table
     (``seg_rt.params``: the record's keys, ``seg_every``, ``seg_placement``, ``sequential`` and
@@ -142,11 +153,7 @@ class GenerateRequest(_Fields):
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        table = {name for f in _TABLE for name in (f.key, *f.aliases)}
-        ours = {k: v for k, v in data.items() if k in table}
-        return {**{k: v for k, v in data.items() if k not in table}, **canonical(ours, "image")}
+        return canonical_body(data, "image")
 
     @field_validator(*(f.key for f in _TABLE))
     @classmethod

@@ -12,9 +12,16 @@ from typing import Any
 
 from pydantic import ConfigDict, ValidationError, create_model, field_validator, model_validator
 
-from seg_rt.params import VideoParams, canonical, check_field, field_named, fields_for, request_from_fields
+from seg_rt.params import VideoParams, check_field, field_named, fields_for, request_from_fields
 
-from .request import SERVER_DEFAULTS, RequestFailed, _annotation, decode_image, validation_lines
+from .request import (
+    SERVER_DEFAULTS,
+    RequestFailed,
+    _annotation,
+    canonical_body,
+    decode_image,
+    validation_lines,
+)
 
 _TABLE = fields_for("video")
 # filled from the server when left out: size and scheduler (as for images), frames (the model's clip)
@@ -42,11 +49,7 @@ class VideoRequest(_Fields):
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        table = {name for f in _TABLE for name in (f.key, *f.aliases)}
-        ours = {k: v for k, v in data.items() if k in table}
-        return {**{k: v for k, v in data.items() if k not in table}, **canonical(ours, "video")}
+        return canonical_body(data, "video")
 
     @field_validator(*(f.key for f in _TABLE))
     @classmethod
