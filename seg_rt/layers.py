@@ -89,3 +89,18 @@ def describe(names: Sequence[str]) -> str:
         return "this model has no self-attention (attn1) layers"
     parts = [f"{g} ({len(v)}: {g}.0-{g}.{len(v) - 1})" for g, v in _groups(names).items()]
     return f"available: {', '.join(parts)}, or a module name such as {names[0]!r}"
+
+
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+"""A transformer's block lists, in forward order (Flux runs its double-stream ``transformer_blocks``,
+then its ``single_transformer_blocks``; Wan calls its list ``blocks``)."""
+
+
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Module names of ``model``'s top-level transformer blocks in forward order."""
+    names = []
+    for attr in BLOCK_LISTS:
+        blocks = getattr(model, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            names += [f"{attr}.{i}" for i in range(len(blocks))]
+    return names

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import tracing
+from .layers import transformer_blocks
 from .sampler import row_layout
 
 MIN_CPU_PREFIX_ROWS = 2
@@ -137,21 +138,6 @@ class RowFork:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-
-
-BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-"""A transformer's block lists, in forward order (Flux runs its double-stream ``transformer_blocks``,
-then its ``single_transformer_blocks``; Wan calls its list ``blocks``)."""
-
-
-def transformer_blocks(model: nn.Module) -> list[str]:
-    """Module names of ``model``'s top-level transformer blocks in forward order."""
-    names = []
-    for attr in BLOCK_LISTS:
-        blocks = getattr(model, attr, None)
-        if isinstance(blocks, nn.ModuleList):
-            names += [f"{attr}.{i}" for i in range(len(blocks))]
-    return names
 
 
 class TransformerFork:

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .layers import transformer_blocks
+
 CACHE_MODES = ("none", "fbcache", "deepcache")
 DEFAULT_THRESHOLD = 0.08  # ParaAttention's FLUX.1-dev example (residual_diff_threshold=0.08)
 DEFAULT_INTERVAL = 3  # DeepCache's Stable Diffusion example (cache_interval=3, cache_branch_id=0)
@@ -238,8 +240,6 @@ class FirstBlockCache(_RowCache):
 
     def __init__(self, model: nn.Module, seg, fork: Callable[[], object] | None = None) -> None:
         super().__init__(seg, fork)
-        from .prefix import transformer_blocks
-
         names = transformer_blocks(model)
         if len(names) < 2:
             raise ValueError(
