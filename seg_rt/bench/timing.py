@@ -11,9 +11,9 @@ def alternating_ratio(
     baseline: Callable[[], object], candidate: Callable[[], object], pairs: int, calls: int = 3
 ) -> dict:
     """Median of ``t(candidate) / t(baseline)`` over ``pairs`` alternating pairs (order swapped every
-    pair), each timing ``calls`` calls (after one warm-up each)."""
+    pair), each timing ``calls`` calls (after one warm-up each); also the median per-pair difference in ms."""
     baseline(), candidate()
-    ratios, base_times = [], []
+    ratios, base_times, diffs = [], [], []
     for i in range(pairs):
         order = (baseline, candidate) if i % 2 == 0 else (candidate, baseline)
         times = {}
@@ -24,11 +24,13 @@ def alternating_ratio(
             times[fn] = (time.perf_counter() - t0) / calls
         ratios.append(times[candidate] / times[baseline])
         base_times.append(times[baseline])
+        diffs.append(times[candidate] - times[baseline])
     return {
         "ratio_median": round(statistics.median(ratios), 4),
         "ratio_p25": round(statistics.quantiles(ratios, n=4)[0], 4),
         "ratio_p75": round(statistics.quantiles(ratios, n=4)[2], 4),
         "baseline_ms_median": round(1000 * statistics.median(base_times), 3),
+        "diff_ms_median": round(1000 * statistics.median(diffs), 3),  # t(candidate) - t(baseline), per pair
     }
 
 
