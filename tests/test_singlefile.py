@@ -212,6 +212,9 @@ def test_server_names_a_single_file_model_by_its_file_name(checkpoints):
     folder, file = checkpoints["sd15"]
     config = ServeConfig(model=str(file), single_file_config=str(folder))
     assert config.public_model == "sd15.safetensors"
+    # with a model that is not a single file, the config folder would be silently unused: refused
+    with pytest.raises(ValueError, match=r"single_file_config applies to single-file checkpoints only"):
+        ServeConfig(model=str(folder), single_file_config=str(folder))
 
 
 def test_job_single_file_config_is_the_cli_s_model_config(checkpoints, sd15, monkeypatch):

@@ -148,7 +148,9 @@ class ServeConfig(BaseModel):
     @model_validator(mode="after")
     def _loras_engine(self) -> "ServeConfig":
         from seg_rt.lora import check_engine
+        from seg_rt.singlefile import check_config_applies
 
+        check_config_applies(self.model, self.single_file_config, "single_file_config")
         if self.single_file_config is not None and self.branch_parallel > 1:
             raise ValueError(
                 "single_file_config: not available with branch_parallel > 1 (the ranks open the model)"
