@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from seg_rt.params import GenerationParams
 from seg_rt.safe_load import loads_json
 
+from .latent_rgb import Factors, project
+
 
 @dataclass
 class Prepared:
@@ -211,20 +213,26 @@ class Family:
         raise NotImplementedError
 
     # --- previews -------------------------------------------------------------------------------
-    # A cheap look at latents while sampling (A1111's "Approx cheap", ComfyUI's latent previews):
-    # one linear map per latent channel to RGB, no VAE decode. None: the family has no preview.
-    preview_rgb: ClassVar[tuple[tuple[float, float, float], ...] | None] = None
-    preview_bias: ClassVar[tuple[float, float, float]] = (0.0, 0.0, 0.0)
+    # A cheap look at latents while sampling (A1111's "Approx cheap", ComfyUI's Latent2RGB previews):
+    # one linear map per latent channel to RGB, no VAE decode (``seg_rt.families.latent_rgb``: the
+    # tables, their source, the convention). None: the family has no preview.
+    preview_table: ClassVar[Factors | None] = None
 
-    def preview(self, pipe, latents: Tensor) -> Tensor | None:
-        """Latents ``(n, C, h, w)`` → ``(n, 3, h, w)`` RGB in [0, 1] by ``preview_rgb``; None when
-        the family has no projection for latents of this shape."""
-        m = self.preview_rgb
-        if m is None or latents.ndim != 4 or latents.shape[1] != len(m):
-            return None
-        rgb = torch.einsum("nchw,cr->nrhw", latents.float(), torch.tensor(m, dtype=torch.float32))
-        rgb = rgb + torch.tensor(self.preview_bias, dtype=torch.float32).view(1, 3, 1, 1)
-        return ((rgb + 1) / 2).clamp(0, 1)
+    def preview_factors(self, pipe) -> Factors | None:
+        """The latent → RGB table of ``pipe``'s latents (``preview_table``), or None: no previews."""
+        return self.preview_table
+
+    def preview_latents(self, pipe, latents: Tensor, size: tuple[int, int] | None = None) -> Tensor | None:
+        """The sampler's latents as latent images ``(n, C, h, w)`` to project, or None when they are
+        not laid out as this family's (``size``: the latent ``(h, w)`` where the layout needs it)."""
+        return latents if latents.ndim == 4 else None
+
+    def preview(self, pipe, latents: Tensor, size: tuple[int, int] | None = None) -> Tensor | None:
+        """Latents as the sampler holds them → ``(n, 3, h, w)`` RGB in [0, 1], one image per row;
+        None when the family has no table or the latents are not its format."""
+        factors = self.preview_factors(pipe)
+        images = self.preview_latents(pipe, latents, size) if factors is not None else None
+        return None if images is None else project(images, factors)
 
     # --- export ---------------------------------------------------------------------------------
     def export_model(self, pipe, *, sigma: float, layers: Sequence[str]) -> nn.Module:

@@ -59,6 +59,13 @@ class ImageDiTFamily(Family):
     def net(self, pipe):
         return pipe.transformer
 
+    def preview_latents(self, pipe, latents: Tensor, size: tuple[int, int] | None = None) -> Tensor | None:
+        """The sampler's unpacked ``[n, C, h, w]`` as they are; packed tokens ``[n, h/2·w/2, 4C]``
+        (the transformer's input, Flux / Qwen-Image) unpacked first, which needs ``size`` = (h, w)."""
+        if self.packed and latents.ndim == 3:
+            return unpack(latents, *size) if size is not None else None
+        return super().preview_latents(pipe, latents, size)
+
     def patch(self, pipe) -> int:
         """Latent pixels per token side: 2 when packed, else the transformer's ``patch_size``."""
         return 2 if self.packed else pipe.transformer.config.patch_size

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from seg_rt.params import GenerationParams
 
+from . import latent_rgb
 from .base import Classes, Prepared, flow_shift
 from .dit import ImageDiTFamily, pack, unpack
 
@@ -43,6 +44,7 @@ class FluxFamily(ImageDiTFamily):
     packed = True
     exportable = True
     export_text_tokens = 512  # FluxPipeline.encode_prompt's max_sequence_length default (T5 only)
+    preview_table = latent_rgb.FLUX
 
     def takes_distilled_guidance(self, pipe) -> bool:
         """Flux.1-dev embeds a distilled guidance value; schnell does not."""

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from seg_rt.params import GenerationParams
 
+from . import latent_rgb
 from .base import Classes, Prepared, read_json
 from .dit import ImageDiTFamily, pack, unpack
 from .flux import packed_schedule_options
@@ -32,6 +33,7 @@ class QwenImageFamily(ImageDiTFamily):
     classes = Classes("QwenImagePipeline", "QwenImageTransformer2DModel", "seg_rt.dit_attention:QWENIMAGE")
     packed = True
     tasks = ("txt2img", "img2img")
+    preview_table = latent_rgb.WAN21  # its VAE is Wan 2.1's (as ComfyUI previews it)
 
     def encode_image(self, pipe, pixels: Tensor, generator) -> Tensor:
         """``QwenImageImg2ImgPipeline._encode_vae_image`` for one row: the video VAE on one frame,

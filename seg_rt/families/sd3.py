@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from seg_rt.params import GenerationParams
 
+from . import latent_rgb
 from .base import Classes, Prepared, read_json
 from .dit import ImageDiTFamily
 
@@ -19,6 +20,7 @@ class SD3Family(ImageDiTFamily):
     classes = Classes("StableDiffusion3Pipeline", "SD3Transformer2DModel", "seg_rt.dit_attention:SD3")
     exportable = True
     export_text_tokens = 256  # StableDiffusion3Pipeline.encode_prompt's max_sequence_length default
+    preview_table = latent_rgb.SD3
 
     def default_side(self, pipe) -> int:
         return pipe.transformer.config.sample_size * pipe.vae_scale_factor

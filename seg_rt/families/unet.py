@@ -16,6 +16,7 @@ from torch import Tensor
 
 from seg_rt.params import GenerationParams
 
+from . import latent_rgb
 from .base import (
     Classes,
     Family,
@@ -43,8 +44,7 @@ class UNetFamily(Family):
     cache_modes = ("deepcache",)  # seg_rt.step_cache.DeepCache
 
     name = "sd15"
-    # SD1.x latent → RGB factors (ComfyUI's latent_formats.SD15, A1111's cheap approximation)
-    preview_rgb = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))  # fmt: skip
+    preview_table = latent_rgb.SD15
     classes = Classes("StableDiffusionPipeline")
     exportable = True
     tasks = ("txt2img", "img2img", "inpaint")
@@ -194,11 +194,7 @@ class DemoFamily(UNetFamily):
     are the images, in [-1, 1])."""
 
     name = "demo"
-    preview_rgb = (
-        (1.0, 0.0, 0.0),
-        (0.0, 1.0, 0.0),
-        (0.0, 0.0, 1.0),
-    )  # pixel space: the samples are the image
+    preview_table = latent_rgb.PIXELS  # pixel space: the samples are the image
 
     def pipeline_classes(self) -> tuple[type, ...]:
         from seg_rt.demo.model import SEGDemoPipeline
@@ -228,9 +224,7 @@ class SDXLFamily(UNetFamily):
 
     name = "sdxl"
     classes = Classes("StableDiffusionXLPipeline")
-    # SDXL latent → RGB factors and bias (ComfyUI's latent_formats.SDXL)
-    preview_rgb = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068), (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188))  # fmt: skip
-    preview_bias = (0.1084, -0.0175, -0.0011)
+    preview_table = latent_rgb.SDXL
 
     task_pipelines = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from seg_rt.families import latent_rgb
 from seg_rt.families.base import Classes, Prepared, named_scheduler
 from seg_rt.families.unet import sd15_prompts
 from seg_rt.params import GenerationParams
@@ -19,9 +20,17 @@ class AnimateDiffFamily(VideoFamily):
     name = "animatediff"
     classes = Classes("AnimateDiffPipeline", "UNetMotionModel", "seg_rt.video.attention:ANIMATEDIFF")
     identity_perturbation = True
+    preview_table = latent_rgb.SD15  # an SD1.5 VAE
 
     def net(self, pipe) -> nn.Module:
         return pipe.unet
+
+    def preview_factors(self, pipe):
+        """SD1.5's table; the pixel-space demo video model (no VAE component): its samples are the
+        frames, shown as they are."""
+        if pipe is not None and "vae" not in getattr(pipe, "components", {"vae": None}):
+            return latent_rgb.PIXELS
+        return self.preview_table
 
     def folder_factor(self, folder: Path) -> int:
         from seg_rt.demo.folders import demo_pipeline_class

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from seg_rt.families.base import Family, Prepared, named_scheduler, read_json, vae_factor
+from seg_rt.families.latent_rgb import project
 from seg_rt.params import GenerationParams
 from seg_rt.tasks import InputImage
 
@@ -85,6 +86,19 @@ class HoldFirstFrame:
         return (prev,)
 
 
+PREVIEW_FRAMES = 8
+"""A video's preview: at most this many latent frames, evenly spaced from the first to the last
+(``preview_frames``), side by side in one image per video."""
+
+
+def preview_frames(frames: int, most: int = PREVIEW_FRAMES) -> list[int]:
+    """The latent frames a preview shows: all of them up to ``most``, else ``most`` evenly spaced
+    ones from the first to the last (rounded to the nearest frame)."""
+    if frames <= most:
+        return list(range(frames))
+    return [round(i * (frames - 1) / (most - 1)) for i in range(most)]
+
+
 class VideoFamily(Family):
     kind = "video"
     identity_perturbation: ClassVar[bool] = False  # STG-style attention skip (the processor's output hook)
@@ -101,6 +115,22 @@ class VideoFamily(Family):
 
     def net(self, pipe) -> nn.Module:
         return pipe.transformer
+
+    def preview(self, pipe, latents: Tensor, size: tuple[int, int] | None = None) -> Tensor | None:
+        """Video latents ``[n, C, F, h, w]`` (``[n, F, C, h, w]`` when ``frames_first``) →
+        ``(n, 3, h, k·w)`` RGB in [0, 1]: per video, ``k`` = up to ``PREVIEW_FRAMES`` latent frames
+        (``preview_frames``) projected by the family's table, side by side, first frame left."""
+        factors = self.preview_factors(pipe)
+        if factors is None or latents.ndim != 5:
+            return None
+        frames = latents if self.frames_first else latents.transpose(1, 2)  # [n, F, C, h, w]
+        n, f, c, h, w = frames.shape
+        picked = frames[:, preview_frames(f)]
+        rgb = project(picked.reshape(-1, c, h, w), factors)
+        if rgb is None:  # not this family's latent channels
+            return None
+        k = picked.shape[1]
+        return rgb.view(n, k, 3, h, w).permute(0, 2, 3, 1, 4).reshape(n, 3, h, k * w)
 
     # --- image-to-video -------------------------------------------------------------------------
     def image_support(self, pipe) -> str | None:

@@ -19,6 +19,7 @@ class CogVideoXFamily(VideoFamily):
     classes = Classes("CogVideoXPipeline", "CogVideoXTransformer3DModel", "seg_rt.video.attention:COGVIDEOX")
     image_pipeline = "CogVideoXImageToVideoPipeline"
     frames_first = True
+    preview_table = None  # no published table for its VAE (seg_rt.families.latent_rgb says why)
 
     def requires_image(self, pipe) -> bool:
         return self.net(pipe).config.in_channels == 2 * pipe.vae.config.latent_channels

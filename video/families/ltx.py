@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from seg_rt.families import latent_rgb
 from seg_rt.families.base import Classes, Prepared, flow_shift, own_flow_scheduler, read_json
 from seg_rt.params import GenerationParams
 
@@ -38,6 +39,7 @@ class LTXFamily(VideoFamily):
     name = "ltx"
     classes = Classes("LTXPipeline", "LTXVideoTransformer3DModel", "seg_rt.video.attention:LTX")
     image_pipeline = "LTXImageToVideoPipeline"  # the same checkpoints animate a still
+    preview_table = latent_rgb.LTXV
 
     def image_support(self, pipe) -> str | None:
         return None

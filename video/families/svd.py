@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from seg_rt.families import latent_rgb
 from seg_rt.families.base import Classes, Prepared
 from seg_rt.params import GenerationParams
 
@@ -32,6 +33,7 @@ class SVDFamily(VideoFamily):
     )
     frames_first = True
     svd_conditioning = True
+    preview_table = latent_rgb.SD15  # its VAE is SD1.5's (ComfyUI previews SVD with latent_formats.SD15)
 
     def net(self, pipe) -> nn.Module:
         return pipe.unet

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from seg_rt.families import latent_rgb
 from seg_rt.families.base import Classes, Prepared, read_json
 from seg_rt.params import GenerationParams
 
@@ -23,6 +24,7 @@ class WanFamily(VideoFamily):
     name = "wan"
     classes = Classes("WanPipeline", "WanTransformer3DModel", "seg_rt.video.attention:WAN")
     image_pipeline = "WanImageToVideoPipeline"
+    preview_table = latent_rgb.WAN21
 
     def folder_factor(self, folder: Path) -> int:
         return int(read_json(folder / "vae" / "config.json")["scale_factor_spatial"])
