@@ -61,3 +61,12 @@ def i2v_pipes():
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def demo_video():
+    """The bundled demo video model (pixel-space AnimateDiff), loaded once on the CPU."""
+    from seg_rt.demo.video_model import video_weights_dir
+    from seg_rt.pipeline import load_pipeline
+
+    return load_pipeline(video_weights_dir(), "cpu")
