@@ -22,11 +22,15 @@ branches, fused requests, dropped rows alike).
 
   ``r1_p`` is refreshed on full steps only, as in ParaAttention. Threshold 0 never skips.
 - ``DeepCache`` (``cache="deepcache"``, UNets): DeepCache (Ma et al., arXiv 2312.00858): every
-  ``interval``-th step of a row is a full forward; in between the row reuses the deep features (the
-  input to the up block of the chosen skip branch, from its last full step) and only the shallow
-  blocks run (``conv_in``, ``down_blocks[:b+1]``, ``up_blocks[-1-b]``, ``conv_out``). Branch ``b = 0``,
-  the shallowest skip branch: the paper's choice for Stable Diffusion (§4.1 / its ``cache_block_id=0``
-  default), which gives the largest speed-up. Interval 1 never reuses.
+  ``interval``-th step of a row is a full forward; in between the row reuses the hidden state that
+  entered the last layers of ``up_blocks[-1]`` on its last full step, and only the shallow layers run:
+  ``conv_in``, ``down_blocks[0]``'s first layer (resnet + attention), ``up_blocks[-1]``'s last two
+  layers (fed ``conv_in``'s and that down layer's skip residuals), ``conv_out``: the reference's
+  layer-level cut (github.com/horseee/DeepCache, ``DeepCache/sd/unet_2d_condition.py``,
+  ``quick_replicate`` with ``cache_layer_id=0, cache_block_id=0``), the paper's choice for Stable
+  Diffusion. (The repository's later ``DeepCacheSDHelper`` at ``cache_branch_id=0`` cuts deeper: it
+  also serves ``down_blocks[0]``'s outputs and ``up_blocks[-1]``'s layers but the last from the
+  cache.) Interval 1 never reuses.
 
 SEG provably on (``seg_rt.attention.SEGPatch.check``): a perturbed row served from the cache counts as
 perturbed only when its entry was filled by a forward that perturbed it (``Served``); a perturbed row
@@ -305,25 +309,53 @@ def _down_outputs(block: nn.Module) -> int:
     return len(block.resnets) + len(getattr(block, "downsamplers", None) or [])
 
 
+def _layers(block: nn.Module) -> list[list[nn.Module]]:
+    """A diffusers down / up block's layers in forward order: ``[resnets[k], attentions[k]]`` (the
+    attention only in cross-attention blocks)."""
+    attentions = list(getattr(block, "attentions", None) or [])
+    return [[r, *attentions[k : k + 1]] for k, r in enumerate(block.resnets)]
+
+
 class DeepCache(_RowCache):
-    """Per-row DeepCache on a diffusers ``UNet2DConditionModel`` (module docstring): ``branch`` b picks
-    the skip branch ``down_blocks[b]`` → ``up_blocks[-1-b]``."""
+    """Per-row DeepCache on a diffusers ``UNet2DConditionModel`` at the reference's layer-level cut
+    (github.com/horseee/DeepCache, ``DeepCache/sd/unet_2d_condition.py``, ``quick_replicate`` with
+    ``cache_layer_id`` = ``block``, ``cache_block_id`` = ``layer``): on a reused step a row computes
+    ``conv_in``, ``down_blocks[:block]``, the layers ``0..layer`` of ``down_blocks[block]`` (resnet +
+    attention), the last ``layer + 2`` layers of ``up_blocks[-1-block]`` (fed the skip residuals those
+    down layers and the block before them left), the up blocks after it and ``conv_out``; the hidden
+    state entering those up layers is the row's own from its last full step. ``block = layer = 0``:
+    the shallowest cut, the reference's Stable Diffusion setting.
+    With one layer per block the cut enters ``up_blocks[-1-block]`` at its input (the block-level cut)."""
 
     mode = "deepcache"
 
     def __init__(
-        self, unet: nn.Module, seg, fork: Callable[[], object] | None = None, branch: int = 0
+        self, unet: nn.Module, seg, fork: Callable[[], object] | None = None, block: int = 0, layer: int = 0
     ) -> None:
         super().__init__(seg, fork)
         downs, ups = list(unet.down_blocks), list(unet.up_blocks)
-        if not 0 <= branch < len(downs) - 1:
-            raise ValueError(f"DeepCache branch must be in [0, {len(downs) - 2}], got {branch}")
-        self._wrapped = [_Wrapped(b, self._skip_down) for b in downs[branch + 1 :]]
+        if not 0 <= block < len(downs) - 1:
+            raise ValueError(f"DeepCache block must be in [0, {len(downs) - 2}], got {block}")
+        down, up = downs[block], ups[len(ups) - 1 - block]
+        n = len(down.resnets)
+        if not 0 <= layer < n:
+            raise ValueError(f"DeepCache layer must be in [0, {n - 1}] for down block {block}, got {layer}")
+        # the down block's layers after the cut and its downsampler: skipped (placeholder outputs keep
+        # the count of skip residuals the UNet hands the up blocks)
+        passed = [m for ms in _layers(down)[layer + 1 :] for m in ms]
+        passed += list(getattr(down, "downsamplers", None) or [])
+        self._wrapped = [_Wrapped(m, self._pass) for m in passed]
+        self._wrapped += [_Wrapped(b, self._skip_down) for b in downs[block + 1 :]]
         if unet.mid_block is not None:
             self._wrapped.append(_Wrapped(unet.mid_block, self._skip_mid))
-        self._wrapped += [_Wrapped(b, self._skip_up) for b in ups[: len(ups) - 1 - branch]]
-        self._wrapped.append(_Wrapped(ups[len(ups) - 1 - branch], self._chosen))
-        self._first_deep = downs[branch + 1]
+        self._wrapped += [_Wrapped(b, self._skip_up) for b in ups[: len(ups) - 1 - block]]
+        enter = n - 1 - layer  # the first up layer that runs: it pops down layer ``layer``'s residual
+        if enter == 0:  # the cached state enters the up block itself
+            self._wrapped.append(_Wrapped(up, self._enter_block))
+        else:  # ... or its layer ``enter``: the cached state is the output of layer ``enter - 1``
+            skipped = [m for ms in _layers(up)[:enter] for m in ms]
+            self._wrapped += [_Wrapped(m, self._pass) for m in skipped[:-1]]
+            self._wrapped.append(_Wrapped(skipped[-1], self._enter_layer))
 
     def begin(self, view: CacheView | None) -> None:
         super().begin(view)
@@ -333,14 +365,18 @@ class DeepCache(_RowCache):
         self.reuse = [e is not None and e.reused + 1 < interval for e in self.entries()]
         self.skipping = all(self.reuse)
 
+    def _pass(self, forward, *args, **kwargs):
+        """A skipped layer: its hidden-state input passed through (a Transformer2DModel's as a tuple)."""
+        if not self.skipping:
+            return forward(*args, **kwargs)
+        h = _arg("hidden_states", 0, args, kwargs)
+        return (h,) if kwargs.get("return_dict", True) is False else h
+
     def _skip_down(self, forward, *args, **kwargs):
         if not self.skipping:
             return forward(*args, **kwargs)
-        h = _arg("hidden_states", 0, args, kwargs)  # placeholders: the up path's skipped blocks take them
-        return h, (h,) * _down_outputs(self._module_of(forward))
-
-    def _module_of(self, forward) -> nn.Module:
-        return forward.__self__
+        h = _arg("hidden_states", 0, args, kwargs)  # placeholders: the up path's skipped layers take them
+        return h, (h,) * _down_outputs(forward.__self__)
 
     def _skip_mid(self, forward, *args, **kwargs):
         return _arg("hidden_states", 0, args, kwargs) if self.skipping else forward(*args, **kwargs)
@@ -348,21 +384,33 @@ class DeepCache(_RowCache):
     def _skip_up(self, forward, *args, **kwargs):
         return _arg("hidden_states", 0, args, kwargs) if self.skipping else forward(*args, **kwargs)
 
-    def _chosen(self, forward, *args, **kwargs):
-        if self.view is None:
-            return forward(*args, **kwargs)
-        deep = _arg("hidden_states", 0, args, kwargs)
+    def _state(self, state: Tensor | None) -> Tensor:
+        """The hidden state entering the cut: per row, the row's cached one (reused rows) or this
+        forward's (``state``, stored as the row's new entry); ``state`` is None when skipping."""
         entries = self.entries()
-        rows = list(deep.unbind(0)) if not self.skipping else [None] * len(entries)
+        rows = list(state.unbind(0)) if state is not None else [None] * len(entries)
         for j, (key, e) in enumerate(zip(self.view.keys, entries, strict=True)):
             if self.reuse[j]:
                 rows[j] = e.tensors["deep"]
                 e.reused += 1
             else:
-                self.fresh.append((j, key, {"deep": deep[j]}))
-        deep = _rows(rows)
+                self.fresh.append((j, key, {"deep": state[j]}))
+        return _rows(rows)
+
+    def _enter_block(self, forward, *args, **kwargs):
+        if self.view is None:
+            return forward(*args, **kwargs)
+        state = self._state(None if self.skipping else _arg("hidden_states", 0, args, kwargs))
         if "hidden_states" in kwargs:
-            kwargs["hidden_states"] = deep
+            kwargs["hidden_states"] = state
         else:
-            args = (deep, *args[1:])
+            args = (state, *args[1:])
         return forward(*args, **kwargs)
+
+    def _enter_layer(self, forward, *args, **kwargs):
+        if self.view is None:
+            return forward(*args, **kwargs)
+        attention = kwargs.get("return_dict", True) is False  # a Transformer2DModel: (hidden,)
+        out = None if self.skipping else forward(*args, **kwargs)
+        state = self._state(None if out is None else out[0] if attention else out)
+        return (state,) if attention else state

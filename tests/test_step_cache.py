@@ -170,6 +170,131 @@ def test_deepcache_rows_reuse_their_own_deep_features(sd15, variant):
     assert own == ([True, False, True] if variant == "shared" else [True, True, True])
 
 
+def _reference_deepcache(unet, x, t, kw, block=0, layer=0, state=None):
+    """DeepCache's forward as its reference writes it (github.com/horseee/DeepCache,
+    ``DeepCache/sd/unet_2d_condition.py`` and ``unet_2d_blocks.py``: ``quick_replicate`` with
+    ``cache_layer_id=block``, ``cache_block_id=layer``), spelled out here on diffusers' modules.
+    ``state`` None: the full forward, returning ``(out, the hidden state entering up layer
+    n_up - 2 - layer of up_blocks[-1-block])``; else the cached forward: down to layer ``layer`` of
+    ``down_blocks[block]`` (exist_block_number), no mid block, that up block from the entering layer
+    on (enter_block_number, fed the last ``layer + 2`` skip residuals), the later up blocks."""
+    ehs, added = kw["encoder_hidden_states"], kw.get("added_cond_kwargs") or {}
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t), None)
+    aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=added)
+    emb = emb if aug is None else emb + aug
+
+    def run_layer(blk, k, h):
+        h = blk.resnets[k](h, emb)
+        if getattr(blk, "attentions", None):
+            h = blk.attentions[k](h, encoder_hidden_states=ehs, return_dict=False)[0]
+        return h
+
+    h = unet.conv_in(x)
+    res = [h]
+    for i, down in enumerate(unet.down_blocks):
+        if state is not None and i > block:
+            break
+        for k in range(len(down.resnets)):
+            h = run_layer(down, k, h)
+            res.append(h)
+            if state is not None and i == block and k == layer:
+                break
+        else:
+            for ds in down.downsamplers or []:
+                h = ds(h)
+                res.append(h)
+    if state is None:
+        h = unet.mid_block(h, emb, encoder_hidden_states=ehs)
+    chosen, captured = len(unet.up_blocks) - 1 - block, None
+    for i, up in enumerate(unet.up_blocks):
+        if state is not None and i < chosen:
+            continue
+        n_up = len(up.resnets)
+        take = layer + 2 if state is not None and i == chosen else n_up
+        skips, res = res[-take:], res[:-take]
+        if state is not None and i == chosen:
+            h = state
+        for m in range(n_up - take, n_up):
+            if state is None and i == chosen and m == n_up - 2 - layer:
+                captured = h
+            h = run_layer(up, m, torch.cat([h, skips.pop()], dim=1))
+        for us in up.upsamplers or []:
+            h = us(h)
+    out = unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+    return out, captured
+
+
+def _unet_variant(pipe, variant):
+    """The session's tiny UNet (1 layer per block: the cut enters the last up block at its input) or
+    a 2-layer-per-block one built from its config (the cut enters that block's second layer),
+    SDXL-shaped with a first down block without attention (``DownBlock2D``) for the XL one."""
+    from diffusers import UNet2DConditionModel
+
+    if variant == "tiny":
+        return pipe.unet
+    extra = {"layers_per_block": 2}
+    if pipe.unet.config.addition_embed_type == "text_time":
+        extra |= {"down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+                  "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D")}  # fmt: skip
+    torch.manual_seed(1)
+    return UNet2DConditionModel.from_config({**pipe.unet.config, **extra}).eval()
+
+
+class _NoSEG:
+    perturbed = 0  # what DeepCache.report reads of the SEG patch
+
+
+@pytest.mark.parametrize("variant", ["tiny", "two_layers"])
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_deepcache_equals_reference_cached_forward(family, variant, request):
+    """seg-rt's DeepCache (default cut: block 0, layer 0) equals the reference's forward written out
+    in this test: the full step bit for bit (and its cached state is the reference's), the reused
+    step within float noise; the reused step skips the mid block and, on 2-layer blocks, the up
+    block's first layer and the down block's second layer and downsampler."""
+    from seg_rt.step_cache import DeepCache
+
+    pipe = request.getfixturevalue(family)
+    unet = _unet_variant(pipe, variant)
+    x, t, kw = unet_inputs(pipe, 2, 8, 8)
+    x2 = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    t2 = torch.tensor(420.0)
+    calls: dict[str, int] = {}
+    # convs inside the layers (the layers' own forward hooks fire even when the cache skips them)
+    watched = {"mid": unet.mid_block.resnets[0], "up_first": unet.up_blocks[-1].resnets[0],
+               "down_second": unet.down_blocks[0].resnets[-1], "up_last": unet.up_blocks[-1].resnets[-1]}  # fmt: skip
+    hooks = [
+        m.conv1.register_forward_hook(lambda *a, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+        for n, m in watched.items()
+    ]
+    run = RunCache(CacheConfig("deepcache", interval=3))
+    keys = [("uncond", 0), ("cond", 0)]
+    cache = DeepCache(unet, _NoSEG())
+    outs = []
+    try:
+        with torch.no_grad():
+            ref_full, state = _reference_deepcache(unet, x, t, kw)
+            ref_cached, _ = _reference_deepcache(unet, x2, t2, kw, state=state)
+            uncached = unet(x2, t2, **kw).sample
+            for xs, ts in ((x, t), (x2, t2)):
+                calls.clear()
+                cache.begin(run.view(keys, [False, False]))
+                outs.append(unet(xs, ts, **kw).sample)
+                cache.report()
+                cache.end()
+    finally:
+        cache.remove()
+        for h in hooks:
+            h.remove()
+    full, cached = outs
+    assert torch.equal(full, ref_full)
+    assert torch.equal(torch.stack([run.entries[k].tensors["deep"] for k in keys]), state)
+    assert_close(cached, ref_cached, rel=1e-6, what="cached step vs reference")
+    assert not torch.allclose(cached, uncached, atol=1e-3)  # the cached state really was used
+    two = variant == "two_layers"
+    assert calls == {"up_last": 1, **({} if two else {"up_first": 1, "down_second": 1})}
+    assert run.stats() == {"full": {"uncond": 1, "cond": 1}, "served": {"uncond": 1, "cond": 1}}
+
+
 def _sample_cached(pipe, family, den, cache, sequential, seg, steps, size):
     """The family's own recipe (seg_rt.pipeline.run_params) with a denoiser and cache of the test's."""
     from seg_rt.sampler import sample
