@@ -164,8 +164,10 @@ def dit_rows(pairs: int = 3, steps: int = 12) -> list[dict]:
             bench_cache_case(den, name, make, x, cond, uncond, CacheConfig("fbcache", t), steps, pairs, seg)
             for t in (DEFAULT_THRESHOLD, median)
         ]
+        spread = {"min": round(changes[0], 3), "median": median, "max": round(changes[-1], 3)}
         for r in rows:
             r["first_block_change_median"] = median
+            r["first_block_change"] = spread  # 0 rows can be served at a threshold under its min
         return rows
     finally:
         den.close()
