@@ -23,8 +23,8 @@ def test_matched_strength_interpolates_the_cfg_sweep():
 
 
 def test_unknown_method_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown guidance method 'tpg'; known: seg, pag"):
-        g.check_methods(["seg", "tpg"])
+    with pytest.raises(ValueError, match="unknown guidance method 'nag'; known: seg, pag, tpg, slg"):
+        g.check_methods(["seg", "nag"])
 
 
 def test_smoke_counts_forward_passes_and_labels_every_row():
@@ -50,6 +50,51 @@ def test_smoke_counts_forward_passes_and_labels_every_row():
     assert useg["effective_strength"] is None and useg["rival_steps"] == 8 and useg["accuracy"] is None
     assert by[("unconditional", "vanilla", 8, "rival")]["nfe"] == 8
     assert "| digits | no-cfg | seg σ=inf 2 | 8 |" in g.table(rows)
+
+
+def test_perturbed_terms_count_their_forward_passes_and_are_labelled():
+    """TPG and full-window SLG add one pass per step; SLG at its default window (0.01-0.2 of the
+    schedule) only at step 1 of 6; each row is matched to vanilla at its own NFE."""
+    rows = g.run_guidance(
+        ["digits"], cases=["unconditional"], methods=["tpg", "slg", "slg-full"], samples=8, steps=6,
+        scales=[2.0], checkpoints=["final"],
+    )  # fmt: skip
+    by = {r["method"]: r for r in rows if r["role"] == "method"}
+    assert {m: (by[m]["nfe"], by[m]["rival_steps"], g.label(by[m])) for m in by} == {
+        "tpg": (12, 12, "tpg 2"), "slg": (7, 7, "slg 2"), "slg-full": (12, 12, "slg-full 2"),
+    }  # fmt: skip
+    assert by["tpg"]["guidance"] == "tpg=2" and by["slg-full"]["guidance"] == "slg=2:start=0:end=1"
+    # each perturbation acts: the samples move away from vanilla's
+    assert all(by[m]["dist_to_vanilla"] > 0 for m in by)
+    assert {(r["method"], r["steps"]) for r in rows if r["role"] == "rival"} == {
+        ("vanilla", 7),
+        ("vanilla", 12),
+    }
+
+
+def test_cfg_modifiers_run_on_cfg_rows_at_their_scale_and_flow_only_ones_are_skipped():
+    """APG and FreSca reuse CFG's two rows (NFE 2 per step, rival CFG at the same steps), labelled
+    with their CFG scale; FreSca's default cutoff (20) covers a 16-wide latent's whole spectrum, so it
+    is CFG itself, and the cutoff scaled to the latent is not; CFG-Zero* (flow models) is a skipped
+    row on the digits model (DDPM, v-prediction)."""
+    rows = g.run_guidance(
+        ["digits"], cases=["conditional"], methods=["apg", "cfgzero", "fresca", "fresca-scaled"], samples=8,
+        steps=3, cfg_scales=[2.0, 3.0, 5.0], modifier_scales=[3.0], checkpoints=["final"],
+    )  # fmt: skip
+    by = {r["method"]: r for r in rows if r["role"] in ("method", "skipped")}
+    assert {m: (by[m]["nfe"], by[m]["rival_steps"], g.label(by[m])) for m in ("apg", "fresca", "fresca-scaled")} == {
+        "apg": (6, 3, "apg cfg 3"), "fresca": (6, 3, "fresca cfg 3"), "fresca-scaled": (6, 3, "fresca-scaled cfg 3"),
+    }  # fmt: skip
+    assert by["apg"]["cfg"] == 3.0 and by["apg"]["guidance"] == "apg"
+    assert by["fresca-scaled"]["guidance"] == "fresca:cutoff=2" and g.fresca_cutoff(128) == 20
+    cfg3 = next(r for r in rows if r["method"] == "cfg" and r["scale"] == 3.0 and r["steps"] == 3)
+    assert by["fresca"]["fid"] == pytest.approx(cfg3["fid"], abs=1e-3)
+    assert by["fresca"]["effective_strength"] == pytest.approx(3.0, abs=0.05)
+    assert by["fresca-scaled"]["dist_to_vanilla"] != pytest.approx(cfg3["dist_to_vanilla"], abs=1e-3)
+    assert by["apg"]["effective_strength"] is not None and "FID" in by["apg"]["verdict"]
+    assert by["cfgzero"]["role"] == "skipped" and by["cfgzero"]["nfe"] is None
+    assert "flow-matching" in by["cfgzero"]["reason"]
+    assert "| digits | conditional | apg cfg 3 | 6 |" in g.table(rows)
 
 
 def test_cli_rejects_bad_input_before_loading():

@@ -42,29 +42,72 @@ from .quality import score, to_classifier_input
 # -- methods: name -> settings -----------------------------------------------------------------
 @dataclass(frozen=True)
 class Guidance:
-    """How a method runs at ``(scale, sigma, cfg)``: ``generate_batch`` settings and the
-    denoiser's perturbation (``TorchDenoiser``'s: ``blur`` for SEG, ``identity`` for PAG)."""
+    """How a method runs at ``(scale, sigma, cfg, size)`` (``size``: the latent's height, for
+    settings that scale with it): ``generate_batch`` settings and the denoiser's perturbation
+    (``TorchDenoiser``'s: ``blur`` for SEG, ``identity`` PAG, ``shuffle`` TPG, ``skip`` SLG).
 
-    settings: Callable[[float, float, float], dict]
+    ``modifier``: the method changes how CFG's delta combines (APG, CFG-Zero*, FreSca): its scale is
+    CFG's, it adds no forward pass, and it runs in the conditional case only, over
+    ``modifier_scales`` (without prompts its delta is zero). ``flow_only``: defined for
+    flow-matching models only; on another model the bench writes a ``skipped`` row saying so."""
+
+    settings: Callable[[float, float, float, int], dict]
     perturbation: str = "blur"
     uses_sigma: bool = False
     needs_cfg: bool = False  # only on top of CFG (the conditional case)
+    modifier: bool = False
+    flow_only: bool = False
 
 
-def _seg(extra: dict | None = None) -> Callable[[float, float, float], dict]:
-    return lambda s, sigma, cfg: {"cfg": cfg, "seg_scale": s, "seg_sigma": sigma, **(extra or {})}
+def _seg(extra: dict | None = None) -> Callable[[float, float, float, int], dict]:
+    return lambda s, sigma, cfg, size: {"cfg": cfg, "seg_scale": s, "seg_sigma": sigma, **(extra or {})}
+
+
+def _perturbed(term: str, options: str = "") -> Callable[[float, float, float, int], dict]:
+    """A perturbed term of the guidance list (PAG, TPG, SLG) at scale ``s``, SEG off."""
+    return lambda s, sigma, cfg, size: {"cfg": cfg, "seg_scale": 0.0, "guidance": f"{term}={s:g}{options}"}
+
+
+def _modifier(spec: Callable[[int], str]) -> Callable[[float, float, float, int], dict]:
+    """A modifier of the CFG delta at CFG scale ``s`` (the guidance list's ``spec(size)``), SEG off."""
+    return lambda s, sigma, cfg, size: {"cfg": s, "seg_scale": 0.0, "guidance": spec(size)}
+
+
+def fresca_cutoff(size: int) -> int:
+    """FreSca's default cutoff (20 frequencies of SDXL's 128-wide latent) at a ``size``-wide latent:
+    at the default the whole spectrum of a 16- or 32-wide latent is "low" and FreSca is CFG."""
+    return max(1, round(20 * size / 128))
 
 
 METHODS: dict[str, Guidance] = {
     "seg": Guidance(_seg(), uses_sigma=True),
-    "pag": Guidance(lambda s, sigma, cfg: {"cfg": cfg, "seg_scale": s}, perturbation="identity"),
+    # PAG's perturbation as the SEG rows' identity perturbation (the guidance list's ``pag`` term
+    # computes the same; kept as it was for the rows already measured)
+    "pag": Guidance(lambda s, sigma, cfg, size: {"cfg": cfg, "seg_scale": s}, perturbation="identity"),
+    # TPG (arXiv 2506.10036): the block input's tokens shuffled; paper / node default scale 3
+    "tpg": Guidance(_perturbed("tpg"), perturbation="shuffle"),
+    # SLG (SD3.5 reference, diffusers' SkipLayerGuidance): attention skipped, default window
+    # 0.01-0.2 of the schedule (few steps: 1 perturbed pass in a 6-step run, none in 4); default
+    # scale 2.8. ``slg-full``: every step (STG's way), the NFE of SEG / PAG / TPG
+    "slg": Guidance(_perturbed("slg"), perturbation="skip"),
+    "slg-full": Guidance(_perturbed("slg", ":start=0:end=1"), perturbation="skip"),
+    # modifiers of the CFG delta at their papers' defaults, at CFG scale ``s``
+    "apg": Guidance(_modifier(lambda size: "apg"), modifier=True),
+    "cfgzero": Guidance(_modifier(lambda size: "cfgzero"), modifier=True, flow_only=True),
+    "fresca": Guidance(_modifier(lambda size: "fresca"), modifier=True),
+    "fresca-scaled": Guidance(_modifier(lambda size: f"fresca:cutoff={fresca_cutoff(size)}"), modifier=True),
     # the cheap SEG modes (SEGConfig): the delta of every 2nd step reused; SEG on the first half
     # (at SEGConfig's default σ, as in ``bench quality``)
     "seg-every2": Guidance(_seg({"seg_every": 2})),
     "seg-window": Guidance(_seg({"seg_start": 0.0, "seg_end": 0.5})),
     # the blur inside CFG's unconditional row: no extra row, the strength is CFG's scale
     "seg-uncond": Guidance(
-        lambda s, sigma, cfg: {"cfg": cfg, "seg_scale": 1.0, "seg_sigma": sigma, "seg_placement": "uncond"},
+        lambda s, sigma, cfg, size: {
+            "cfg": cfg,
+            "seg_scale": 1.0,
+            "seg_sigma": sigma,
+            "seg_placement": "uncond",
+        },
         needs_cfg=True,
     ),
 }
@@ -74,7 +117,19 @@ SIGMAS = (1.0, 2.0, 5.0, 10.0, math.inf)  # SEG's claim: the unconditional grid
 CASE_SIGMAS = (10.0, math.inf)  # σ of the SEG rows in the prompt cases
 SCALES = (1.0, 2.0, 3.0)
 CFG_SCALES = (1.5, 2.0, 3.0, 5.0)  # the CFG sweep the effective strength is read from
-DEFAULT_METHODS = ("seg", "pag", "seg-every2", "seg-uncond")
+MODIFIER_SCALES = (2.0, 3.0, 5.0)  # the CFG scales the modifiers (APG, CFG-Zero*, FreSca) run at
+DEFAULT_METHODS = (
+    "seg",
+    "pag",
+    "tpg",
+    "slg",
+    "slg-full",
+    "apg",
+    "cfgzero",
+    "fresca",
+    "fresca-scaled",
+    "seg-uncond",
+)
 
 
 def check_methods(names: Sequence[str]) -> list[str]:
@@ -218,10 +273,12 @@ class _Case:
     """One (model, case): samples each setting once (cached by name, scale, σ, steps) and scores it
     against the real set, with distances to the vanilla anchor at the bench's step count."""
 
-    def __init__(self, pipe, clf, subj: Subject, real: dict, prompts, labels, common: dict, layers) -> None:
+    def __init__(
+        self, pipe, clf, subj: Subject, real: dict, prompts, labels, common: dict, layers, seed_base: int = 0
+    ) -> None:
         self.pipe, self.clf, self.subj, self.real = pipe, clf, subj, real
         self.prompts, self.labels, self.common, self.layers = prompts, labels, common, layers
-        self.seeds = list(range(len(prompts)))
+        self.seeds = [seed_base + i for i in range(len(prompts))]
         self.cache: dict[tuple, dict] = {}
         self.anchor: dict | None = None
 
@@ -267,13 +324,17 @@ def run_guidance(
     sigmas: Sequence[float] = SIGMAS,
     case_sigmas: Sequence[float] = CASE_SIGMAS,
     cfg_scales: Sequence[float] = CFG_SCALES,
+    modifier_scales: Sequence[float] = MODIFIER_SCALES,
     cfg: float = 3.0,
     layers: Sequence[str] = ("mid",),
     checkpoints: Sequence[str] = CHECKPOINTS,
+    seed_base: int = 0,
     device=None,
     emit: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """All rows; each is also passed to ``emit`` as soon as it is measured (JSON lines)."""
+    """All rows; each is also passed to ``emit`` as soon as it is measured (JSON lines).
+    ``seed_base``: image i's seed is ``seed_base + i`` (another base repeats the bench on other seeds
+    against the same real set: the seed-to-seed spread of the metrics); recorded when not 0."""
     from seg_rt.pipeline import load_pipeline
 
     methods = check_methods(methods)
@@ -295,12 +356,14 @@ def run_guidance(
         clf = subj.classifier()
         real_x, labels, captions = subj.real(samples)
         real = features(clf, real_x, subj.label_head, labels)
+        size = int(pipe.unet.config.sample_size)
+        flow = "FlowMatch" in type(pipe.scheduler).__name__
         for case in cases:
             uncond = case == "unconditional"
             common = {"bench": "guidance", "model": subj.name, "case": case, "samples": samples,
-                      "layers": list(layers)}  # fmt: skip
+                      "layers": list(layers)} | ({"seed_base": seed_base} if seed_base else {})  # fmt: skip
             c = _Case(pipe, clf, subj, real, [""] * samples if uncond else captions, None if uncond else labels,
-                      common, layers)  # fmt: skip
+                      common, layers, seed_base)  # fmt: skip
             out(
                 c.scored(c.run("vanilla", 0.0, math.inf, VANILLA, "blur", steps), "anchor")
                 | {"effective_strength": None}
@@ -310,15 +373,19 @@ def run_guidance(
             sweeps: dict[int, list[dict]] = {}
             for name in methods:
                 g = METHODS[name]
-                if g.needs_cfg and case != "conditional":
+                if (g.needs_cfg or g.modifier) and case != "conditional":
+                    continue
+                if g.flow_only and not flow:
+                    out(common | {"method": name, "role": "skipped", "nfe": None, "effective_strength": None,
+                                  "reason": f"defined for flow-matching models; {subj.name} samples with "
+                                            f"{type(pipe.scheduler).__name__}"})  # fmt: skip
                     continue
                 grid_sigmas = (sigmas if uncond else case_sigmas) if g.uses_sigma else (math.inf,)
+                grid_scales = (cfg,) if g.needs_cfg else modifier_scales if g.modifier else scales
                 for sigma in grid_sigmas:
-                    for s in (cfg,) if g.needs_cfg else scales:
-                        row = c.scored(
-                            c.run(name, s, sigma, g.settings(s, sigma, base_cfg), g.perturbation, steps),
-                            "method",
-                        )
+                    for s in grid_scales:
+                        settings = g.settings(s, sigma, base_cfg, size)
+                        row = c.scored(c.run(name, s, sigma, settings, g.perturbation, steps), "method")
                         rival_steps = max(2, round(row["nfe"] / per_step))
                         if rival_steps not in sweeps:
                             sweeps[rival_steps] = c.baseline_sweep(rival_steps, cfg_scales)
@@ -373,6 +440,8 @@ def label(row: dict) -> str:
         return f"CFG {row['scale']:g}"
     if m == "vanilla":
         return "vanilla"
+    if m in METHODS and METHODS[m].modifier:
+        return f"{m} cfg {row['scale']:g}"
     sig = (
         f" σ={sigma_label(float(row['sigma']) if row['sigma'] != 'inf' else math.inf)}" if "seg" in m else ""
     )

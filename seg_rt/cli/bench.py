@@ -114,8 +114,17 @@ def _add_guidance(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--sigmas", default="1,2,5,10,inf", help="SEG σ values, unconditional case")
     p.add_argument("--case-sigmas", default="10,inf", help="SEG σ values, prompt cases")
     p.add_argument("--cfg-scales", default=",".join(f"{s:g}" for s in g.CFG_SCALES), help="the CFG sweep")
+    p.add_argument(
+        "--modifier-scales",
+        default=",".join(f"{s:g}" for s in g.MODIFIER_SCALES),
+        help="the CFG scales of the CFG-delta modifiers (apg, cfgzero, fresca; conditional case)",
+    )
     p.add_argument("--cfg", type=float, default=3.0, help="CFG scale under the methods (conditional case)")
     p.add_argument("--seg-layers", default="mid")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--seed-base", type=int, default=0, help="image i's seed is SEED_BASE + i (a repeat on other seeds)"
+    )
     p.add_argument("--device", default=None)
     p.add_argument("--plot", default="guidance.png", help="plot PNG path")
     p.add_argument(
@@ -143,7 +152,10 @@ def cmd_guidance(args) -> int:
             "sigmas": _floats(args.sigmas, "--sigmas"),
             "case_sigmas": _floats(args.case_sigmas, "--case-sigmas"),
             "cfg_scales": _floats(args.cfg_scales, "--cfg-scales"),
+            "modifier_scales": _floats(args.modifier_scales, "--modifier-scales"),
         }
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         checkpoints = [c.strip() for c in args.checkpoints.split(",") if c.strip()]
         g.subjects(models, checkpoints)
@@ -155,6 +167,10 @@ def cmd_guidance(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sink = open(args.out, "a") if args.out else None  # noqa: SIM115 (closed below)
 
     def emit(row: dict) -> None:
@@ -167,7 +183,7 @@ def cmd_guidance(args) -> int:
     try:
         rows = g.run_guidance(
             models, samples=args.samples, steps=args.steps, cfg=args.cfg, layers=parse_layers(args.seg_layers),
-            checkpoints=checkpoints, device=args.device, emit=emit, **kw,
+            checkpoints=checkpoints, seed_base=args.seed_base, device=args.device, emit=emit, **kw,
         )  # fmt: skip
     finally:
         if sink is not None:
