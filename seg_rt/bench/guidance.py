@@ -174,7 +174,7 @@ CHECKPOINTS = ("final", "weak")
 
 def subjects(names: Sequence[str], checkpoints: Sequence[str] = CHECKPOINTS) -> list[Subject]:
     """The bundled models by name (``digits``, ``demo``) at the ``checkpoints`` asked for (``final``,
-    ``weak``: the early-step export); the demo model has no bundled weak checkpoint yet."""
+    ``weak``: the early-step export: digits step 40, demo step 200 in ``seg_rt/demo/weights_weak``)."""
     bad = [c for c in checkpoints if c not in CHECKPOINTS]
     if bad or not checkpoints:
         raise ValueError(f"unknown checkpoint {bad[0] if bad else ''!r}; known: final, weak")
