@@ -19,7 +19,9 @@ and per route); exit 1 if a check fails.
     python -m tests.soak_serve --jobs --seconds 120 --clients 8
 
 The job API's soak (``soak_jobs``) on the bundled demo model: ``clients`` threads mix blocking
-requests, jobs submitted and polled to the end, jobs cancelled at a random moment, and listings.
+requests, jobs submitted and polled to the end, jobs cancelled at a random moment, listings, and
+invalid jobs (each its own 4xx and message). The bodies: text-to-image ones (``JOB_BODIES``) and
+image jobs (``IMAGE_JOBS``: the img2img and inpainting bodies above, base64 init image and mask).
 Checks: no 5xx; no lost job (every job submitted ends ``succeeded`` or ``cancelled``, a cancelled
 one has no result, and each is still listed until fetched); every succeeded job's and every
 blocking answer's bytes equal the same body's solo run (sent alone before the clients start, its
@@ -294,11 +296,19 @@ def references(model: str) -> dict[int, list[np.ndarray]]:
             )
             out[k] = [(a * 255).round().astype("uint8") for a in arr]
         for j, (_, _, kwargs) in enumerate(ROUTE_VALID):  # the other routes' requests, alone
-            images = seg_rt.generate(pipe, **{"height": SIZE, "width": SIZE, **kwargs})
-            out[len(VALID) + j] = [np.asarray(im.convert("RGB")) for im in images]
+            out[len(VALID) + j] = solo_images(pipe, kwargs)
         return out
     finally:
         torch.set_num_threads(before)
+
+
+def solo_images(pipe, kwargs: dict) -> list[np.ndarray]:
+    """One ``ROUTE_VALID`` request's solo run: ``seg_rt.generate`` with its arguments (``SIZE``
+    square unless they say otherwise), as RGB arrays."""
+    import seg_rt
+
+    images = seg_rt.generate(pipe, **{"height": SIZE, "width": SIZE, **kwargs})
+    return [np.asarray(im.convert("RGB")) for im in images]
 
 
 def answer_pngs(route: str, body, raw: bytes) -> list[bytes]:
@@ -491,6 +501,16 @@ JOB_BODIES = [
     {"prompt": "two", "seed": 5, "steps": 2, "num_images": 2, "response": "json", "height": 32, "width": 32},
     {"prompt": "", "seed": 6, "steps": 2, "cfg": 1, "negative_prompt": "blur", "height": 32, "width": 32},
 ]
+# image jobs (#27): the img2img and inpainting /v1/generate bodies of ``ROUTE_VALID`` as job bodies
+# (their solo runs: ``solo_images``), and its invalid /v1/generate bodies, refused by POST /v1/jobs
+# with the same status and message
+IMAGE_JOBS = [(body, kwargs) for route, body, kwargs in ROUTE_VALID if route == "/v1/generate"]
+ALL_JOB_BODIES = JOB_BODIES + [body for body, _ in IMAGE_JOBS]
+JOB_INVALID = [
+    (name, body, want, message)
+    for name, route, body, mode, want, message in ROUTE_INVALID
+    if route == "/v1/generate" and mode is None
+]
 STATE_CAP = 100_000  # jobs.max_bytes of the soak's server (~15 finished jobs): pruning runs throughout
 
 
@@ -583,8 +603,16 @@ def job_server(tmp: Path, model: str, key: str, in_process: bool):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process: bool = False) -> dict:
-    """The job API under ``clients`` threads for ``seconds`` (see the module docstring)."""
+def soak_jobs(
+    seconds: float = 120,
+    clients: int = 8,
+    seed: int = 0,
+    in_process: bool = False,
+    image_jobs: int = len(IMAGE_JOBS),
+) -> dict:
+    """The job API under ``clients`` threads for ``seconds`` (see the module docstring), with the
+    first ``image_jobs`` of ``IMAGE_JOBS`` among its bodies (the short version: the cheap ones)."""
+    bodies = ALL_JOB_BODIES[: len(JOB_BODIES) + image_jobs]
     from seg_rt.demo.model import weights_dir
 
     model = str(weights_dir())
@@ -607,12 +635,12 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
         with job_server(tmp, model, key, in_process) as (port, pid):
             # the solo runs: each body alone, before any concurrency; their pixels = seg_rt.generate here
             solo: dict[int, list[bytes]] = {}
-            for k, body in enumerate(JOB_BODIES):
+            for k, body in enumerate(bodies):
                 status, _, raw = call(port, key, "POST", "/v1/generate", body)
                 if status != 200:
                     raise RuntimeError(f"solo run #{k}: {status} {raw[:200]!r}")
                 solo[k] = images_of(body, raw)
-            refs = job_references(model)
+            refs = job_references(model, image_jobs)
             for k, pngs in solo.items():
                 if any(not np.array_equal(pixels(p), r) for p, r in zip(pngs, refs[k], strict=True)):
                     failures.append(f"solo run #{k}: pixels differ from seg_rt.generate")
@@ -654,21 +682,37 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
                     return None
                 if status != 200:
                     return fail(f"job {job_id}: result {status} {raw[:200]!r} (lost?)")
-                if images_of(JOB_BODIES[k], raw) != solo[k]:
+                if images_of(bodies[k], raw) != solo[k]:
                     return fail(f"job {job_id} (body #{k}): bytes differ from the solo run")
                 with lock:
                     stats["job_bytes_equal_solo"] += 1
+                    stats["image_job_bytes_equal_solo"] += k >= len(JOB_BODIES)
                 return None
 
             def client(c: int) -> None:
                 rng = random.Random(seed * 1000 + c)
+                # each image job and an invalid one come first (one client each), then a random mix
+                opening = [("job", len(JOB_BODIES) + j) for j in range(image_jobs)] + [("invalid", 0)]
+                first = opening[c] if c < len(opening) else None
                 while time.monotonic() < deadline:
-                    k = rng.randrange(len(JOB_BODIES))
-                    body = JOB_BODIES[k]
-                    action = rng.choices(("blocking", "job", "cancel", "list"), (3, 4, 2, 1))[0]
+                    k = rng.randrange(len(bodies))
+                    action = rng.choices(("blocking", "job", "cancel", "list", "invalid"), (3, 4, 2, 1, 1))[0]
+                    if first is not None:
+                        (action, k), first = first, None
+                    body = bodies[k]
                     with lock:
                         stats[f"{action}_sent"] += 1
                     t0 = time.monotonic()
+                    if action == "invalid":
+                        name, bad, want, message = rng.choice(JOB_INVALID)
+                        status, _, raw = call(port, key, "POST", "/v1/jobs", bad)
+                        count(status)
+                        if status != want or message not in raw.decode(errors="replace"):
+                            fail(f"invalid job {name}: {status} {raw[:200]!r}, want {want} '{message}'")
+                        else:
+                            with lock:
+                                stats["invalid_own_4xx_and_message"] += 1
+                        continue
                     if action == "blocking":
                         status, _, raw = call(port, key, "POST", "/v1/generate", body)
                         count(status)
@@ -698,6 +742,7 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
                     job_id = json.loads(raw)["id"]
                     with lock:
                         stats["jobs_submitted"] += 1
+                        stats["image_jobs_submitted"] += k >= len(JOB_BODIES)
                     if action == "cancel":
                         time.sleep(rng.uniform(0.0, 0.3))
                         status, _, raw = call(port, key, "DELETE", f"/v1/jobs/{job_id}")
@@ -727,8 +772,10 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
     ended = stats["job_succeeded"] + stats["job_cancelled"] + stats["job_failed"]
     lost = stats["jobs_submitted"] - ended
     rss_bounded = mb[-1] > 0 and max(mb) <= mb[0] + max(0.25 * mb[0], 300)
-    # the cap, plus the files of the jobs still running or fetched-but-not-yet-pruned (one batch)
-    state_bounded = max(state) <= STATE_CAP + 100_000
+    # the cap, plus the folders of the jobs in flight (one per client: queued, running, or finished
+    # and not yet pruned), each at most the largest body's outputs, inputs and record
+    slack = clients * max(job_bytes(b, solo[k]) for k, b in enumerate(bodies)) if solo else 100_000
+    state_bounded = max(state) <= STATE_CAP + slack
     passed = (
         not failures
         and five_xx == 0
@@ -738,6 +785,8 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
         and stats["job_bytes_equal_solo"] > 0
         and stats["job_cancelled"] > 0
         and stats["blocking_bytes_equal_solo"] > 0
+        and stats["image_job_bytes_equal_solo"] >= (image_jobs > 0)
+        and stats["invalid_own_4xx_and_message"] == stats["invalid_sent"] > 0
     )
 
     def p50(xs: list[float]) -> float | None:
@@ -749,13 +798,16 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
         "model": "seg-rt-demo",
         "seconds": seconds,
         "clients": clients,
-        "sent": {a: stats[f"{a}_sent"] for a in ("blocking", "job", "cancel", "list")},
+        "sent": {a: stats[f"{a}_sent"] for a in ("blocking", "job", "cancel", "list", "invalid")},
         "jobs_submitted": stats["jobs_submitted"],
+        "image_jobs_submitted": stats["image_jobs_submitted"],
         "jobs_succeeded": stats["job_succeeded"],
         "jobs_cancelled": stats["job_cancelled"],
         "jobs_failed": stats["job_failed"],
         "jobs_lost": lost,
         "job_bytes_equal_solo": stats["job_bytes_equal_solo"],
+        "image_job_bytes_equal_solo": stats["image_job_bytes_equal_solo"],
+        "invalid_own_4xx_and_message": stats["invalid_own_4xx_and_message"],
         "blocking_bytes_equal_solo": stats["blocking_bytes_equal_solo"],
         "p50_seconds": {
             "blocking": p50(durations["blocking"]),
@@ -767,7 +819,8 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
         "5xx_or_dropped": five_xx,
         "server_rss_mb": {"start": round(mb[0], 1), "peak": round(max(mb), 1), "end": round(mb[-1], 1)},
         "rss_bounded": rss_bounded,
-        "state_dir_bytes": {"cap": STATE_CAP, "start": state[0], "peak": max(state), "end": state[-1]},
+        "state_dir_bytes": {"cap": STATE_CAP, "bound": STATE_CAP + slack}
+        | {"start": state[0], "peak": max(state), "end": state[-1]},
         "state_bounded": state_bounded,
         "wall_seconds": round(time.monotonic() - started, 1),
         "failures": failures,
@@ -775,7 +828,14 @@ def soak_jobs(seconds: float = 120, clients: int = 8, seed: int = 0, in_process:
     }
 
 
-def job_references(model: str) -> dict[int, list[np.ndarray]]:
+def job_bytes(body: dict, pngs: list[bytes], record: int = 16_384) -> int:
+    """A bound on one job's folder: its output PNGs, its input images (as sent) and ``record``
+    bytes for its ``job.json`` (and an input image's re-encoding)."""
+    inputs = sum(len(base64.b64decode(body[k])) for k in ("init_image", "mask") if k in body)
+    return sum(map(len, pngs)) + inputs + record
+
+
+def job_references(model: str, image_jobs: int = len(IMAGE_JOBS)) -> dict[int, list[np.ndarray]]:
     """Each job body generated alone in this process (``seg_rt.generate``), with one thread."""
     import torch
 
@@ -795,6 +855,8 @@ def job_references(model: str) -> dict[int, list[np.ndarray]]:
                 pipe, b["prompt"], seed=b["seed"], num_images=b.get("num_images", 1), output_type="np", **opts
             )
             out[k] = [(a * 255).round().astype("uint8") for a in arr]
+        for j, (_, kwargs) in enumerate(IMAGE_JOBS[:image_jobs]):  # as the soak's routes run them
+            out[len(JOB_BODIES) + j] = solo_images(pipe, kwargs)
         return out
     finally:
         torch.set_num_threads(before)

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -282,6 +283,54 @@ def test_serve_and_its_ray_listen_on_loopback_only(server):
     assert wide == replicas and len(replicas) == len({s[0] for s in replicas}), wide
 
 
+def metric(server: str, name: str, **labels: str) -> float:
+    """One sample's value on the app's ``/metrics`` (0 when it has none yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server}/metrics", timeout=60) as r:
+        text = r.read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+    return sum(s.value for s in samples if all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_a_blocking_request_whose_client_went_away_is_cancelled_through_ray_serve(server):
+    """#24 item 7 end to end: a 50-step blocking request (4 images of 256x256: about 30 s of the
+    replica's one CPU) whose client closes its socket after the first step is cancelled through
+    Ray Serve's proxy (the replica's handler is cancelled, its rows leave the run at the next step):
+    the disconnect counter rises by one, its run ends with no image made (uncancelled it would add 4),
+    and the replica answers the next request."""
+    body = {"prompt": "a long one", "seed": 21, "steps": 50, "height": 256, "width": 256}
+    body |= {"num_images": 4, "response": "json"}
+    gone = metric(server, "seg_rt_job_cancellations_total", state="disconnected")
+    before = get(f"{server}/v1/info")["stats"]
+    port = int(server.rsplit(":", 1)[1])
+    data = json.dumps(body).encode()
+    head = f"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(f"{head}Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    progress = f"{server}/sdapi/v1/progress?skip_current_image=true"
+    deadline = time.monotonic() + 300  # a bound for a stuck server, not a speed check
+    while (state := get(progress)["state"])["sampling_step"] < 1 or state["sampling_steps"] != 50:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    job, steps = state["job"], [state["sampling_step"]]
+    sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-run
+    sock.close()
+    # until the run has ended (the replica counts a request when its run returns)
+    while get(f"{server}/v1/info")["stats"]["requests"] < before["requests"] + 1:
+        assert time.monotonic() < deadline, "the abandoned request's run did not end"
+        if (state := get(progress)["state"])["job"] == job:
+            steps.append(state["sampling_step"])
+        time.sleep(0.05)
+    after = get(f"{server}/v1/info")["stats"]
+    assert metric(server, "seg_rt_job_cancellations_total", state="disconnected") == gone + 1
+    assert after["images"] == before["images"] and after["sampling_runs"] == before["sampling_runs"]
+    assert max(steps) < body["steps"], steps
+    status, raw, _ = post(f"{server}/v1/generate", {"prompt": "a cat", "seed": 3, "steps": 2})
+    assert status == 200 and raw[:4] == b"\x89PNG"  # the replica is free
+    assert get(f"{server}/v1/info")["stats"]["images"] == before["images"] + 1
+
+
 def _raw_post(url: str, size: int, chunked: bool) -> tuple[int, bytes]:
     """POST ``size`` bytes as most clients do (send it all, then read the answer)."""
     port = int(url.rsplit(":", 1)[1])
@@ -310,8 +359,6 @@ def test_oversized_body_is_a_413_a_sending_client_sees_through_the_proxy(server,
 def test_run_on_a_joined_cluster_that_can_never_hold_a_worker_fails_at_once(server, sdxl_dir, tmp_path):
     """#27 item 7: ``seg-rt run --address`` (run_job with an address) asking 64 GPUs of a cluster of
     ``ray start`` nodes (no autoscaler config): one line well before the 250 s start timeout."""
-    import time
-
     import ray
 
     from seg_rt.cluster.jobs.driver import run_job

@@ -156,11 +156,13 @@ def test_serving_line_only_once_the_server_answers(monkeypatch):
 
 def test_job_soak_short():
     """5 s of the job API's soak (``python -m tests.soak_serve --jobs``) in-process: 8 clients
-    mixing blocking requests, polled and cancelled jobs; no 5xx, no lost job, bytes equal solo,
-    memory and the state folder bounded."""
+    mixing blocking requests, polled and cancelled jobs, an img2img job (the cheaper of the soak's
+    image jobs; the full soak adds inpainting) and invalid image jobs; no 5xx, no lost job, bytes
+    equal solo, memory and the state folder bounded."""
     from .soak_serve import soak_jobs
 
-    summary = soak_jobs(seconds=5, clients=8, in_process=True)
+    summary = soak_jobs(seconds=5, clients=8, in_process=True, image_jobs=1)
     shown = {k: v for k, v in summary.items() if k != "failures"}
     assert summary["passed"], f"{shown} failures: {summary['failures'][:5]}"
     assert summary["jobs_lost"] == 0 and summary["5xx_or_dropped"] == 0
+    assert summary["image_job_bytes_equal_solo"] >= 1 and summary["invalid_own_4xx_and_message"] >= 1

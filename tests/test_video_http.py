@@ -1,5 +1,5 @@
 """Video over HTTP on the bundled demo video model (no Ray): the official ``openai`` client's
-``videos.create`` / ``retrieve`` / ``download_content`` against a loopback server, the mp4 equal
+``videos.create`` / ``retrieve`` / ``download_content`` / ``delete`` against a loopback server, the mp4 equal
 to the same request encoded from ``generate_video`` run alone; the Videos API's refusals; a video
 job through ``/v1/jobs``; ``seg-rt serve --model seg-rt-demo-video``."""
 
@@ -73,9 +73,60 @@ def test_openai_client_creates_polls_and_downloads_a_video(vcore, vpipe):
         with pytest.raises(openai.NotFoundError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="other", max_retries=0).videos.retrieve(video.id)
         ref = solo_mp4(vpipe, frames=2, height=32, width=32, **FIELDS)
+        # delete: another key's video and an unknown id are 404s in OpenAI's shape; then it is gone
+        for other, video_id in (("other", video.id), (KEY, "video_" + "0" * 32)):
+            with pytest.raises(openai.NotFoundError) as missing:
+                openai.OpenAI(base_url=f"{url}/v1", api_key=other, max_retries=0).videos.delete(video_id)
+            error = missing.value.body
+            assert error["message"] == f"no video {video_id!r}" and error["param"] == "video_id", error
+            assert error["type"] == "invalid_request_error" and error["code"] is None, error
+        folder = vcore.jobs.root / video.id
+        assert folder.is_dir()
+        deleted = client.videos.delete(video.id)
+        assert isinstance(deleted, openai.types.VideoDeleteResponse)
+        assert (deleted.id, deleted.deleted, deleted.object) == (video.id, True, "video.deleted")
+        assert not folder.exists() and client.videos.list().data == []  # the mp4 and record too
+        for call in (client.videos.retrieve, client.videos.download_content, client.videos.delete):
+            with pytest.raises(openai.NotFoundError):
+                call(video.id)
     assert data[4:8] == b"ftyp" and data == ref  # the same bytes as the request run alone
     frames = [f.to_ndarray(format="rgb24") for f in av.open(io.BytesIO(data)).decode(video=0)]
     assert len(frames) == 2 and frames[0].shape == (32, 32, 3)
+
+
+def test_deleting_a_running_and_a_queued_video_cancels_them(vcore):
+    """``videos.delete`` of a running video stops it within a step and removes it; of a queued
+    one, it never runs."""
+    openai = pytest.importorskip("openai")
+    steps = 30
+    with torch.inference_mode(), torch_threads(1), live_server(build_app(vcore)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        body = {**FIELDS, "steps": steps}
+        running = client.videos.create(prompt=PROMPT, seconds="0.25", size="32x32", extra_body=body)
+        job = vcore.jobs.jobs[running.id]
+        job.listeners.append(lambda j: time.sleep(0.05))  # each step >= 50 ms: it outlasts the test
+        deadline = time.monotonic() + WAIT
+        while job.done_steps < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        queued = client.videos.create(prompt=PROMPT, seconds="0.25", size="32x32", extra_body=body)
+        assert client.videos.retrieve(queued.id).status == "queued"  # the one worker is busy
+        for video in (queued, running):
+            deleted = client.videos.delete(video.id)
+            assert (deleted.id, deleted.deleted) == (video.id, True)
+            with pytest.raises(openai.NotFoundError):
+                client.videos.retrieve(video.id)
+        stopped_at = job.done_steps
+        assert vcore.jobs.wait(job, WAIT) and job.status == "cancelled"
+        assert job.done_steps <= stopped_at + 1 < steps  # it stopped at its next step
+        gone = vcore.jobs.jobs.get(queued.id)
+        assert gone is None and not (vcore.jobs.root / queued.id).exists()
+        assert not (vcore.jobs.root / running.id).exists() and running.id not in vcore.jobs.jobs
+        cancelled = {
+            state: vcore.metrics.registry.get_sample_value("seg_rt_job_cancellations_total", {"state": state})
+            for state in ("queued", "running")
+        }
+        assert cancelled == {"queued": 1, "running": 1} and client.videos.list().data == []
 
 
 def test_videos_api_refusals_and_the_job_api_on_a_video_model(vcore, sdxl, tmp_path):

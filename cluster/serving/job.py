@@ -65,6 +65,7 @@ class Job(Watch):
     error_status: int | None = None
     outputs: list[dict] = field(default_factory=list)  # job-manifest rows, one per output file
     cancelled: bool = False
+    removed: bool = False  # deleted (``JobManager.delete``): gone for every lookup, its folder too
     preview_png: bytes | None = None
     preview_step: int = 0
     extra: dict = field(default_factory=dict)  # what other layers keep on the job (webhook url, ...)

@@ -77,6 +77,11 @@ class JobStore:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def remove(self, job_id: str) -> None:
+        """A job's folder and everything in it (its record, inputs and outputs)."""
+        if is_job_id(job_id):
+            shutil.rmtree(self.root / job_id, ignore_errors=True)  # a folder of ours: an id we gave
+
     def ids(self) -> list[str]:
         return [f.name for f in self.root.iterdir()] if self.root.is_dir() else []
 

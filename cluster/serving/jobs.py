@@ -132,7 +132,8 @@ class JobManager:
         return self.store.root
 
     def _save(self, job: Job) -> None:
-        self.store.save(job)
+        if not job.removed:  # a deleted job's folder is not written again
+            self.store.save(job)
 
     def _load(self, job_id: str) -> Job | None:
         return self.store.load(job_id)
@@ -204,7 +205,7 @@ class JobManager:
 
     def get(self, job_id: str, owner: str) -> Job:
         job = self.jobs.get(job_id) or self._load(job_id)
-        if job is None or job.owner != owner:
+        if job is None or job.owner != owner or job.removed:
             raise JobNotFound(job_id)  # another owner's job: as if it did not exist
         return job
 
@@ -220,9 +221,9 @@ class JobManager:
         return job.view(self.position(job))
 
     def owned(self, owner: str) -> list[Job]:
-        jobs = {j.id: j for j in self.jobs.values() if j.owner == owner}
+        jobs = {j.id: j for j in self.jobs.values() if j.owner == owner and not j.removed}
         for job_id in self.store.ids():
-            if job_id not in jobs and (job := self._load(job_id)) and job.owner == owner:
+            if job_id not in self.jobs and (job := self._load(job_id)) and job.owner == owner:
                 jobs[job.id] = job
         return sorted(jobs.values(), key=lambda j: j.created)
 
@@ -243,6 +244,20 @@ class JobManager:
                 self.metrics.cancellations.labels(state="running").inc()
         if ended:
             self._announce(job)
+        return job
+
+    def delete(self, job_id: str, owner: str) -> Job:
+        """Cancel the job if it is queued or running (``cancel``), then remove it with its result:
+        every lookup misses it at once; a running one's folder goes when its run lets it go (the
+        next step). ``JobElsewhere`` for a queued or running job of another replica."""
+        job = self.get(job_id, owner)
+        if job.status in ("queued", "running"):
+            job = self.cancel(job_id, owner)
+        with self._cond:
+            job.removed = True
+            if job.status in FINISHED:
+                self.jobs.pop(job.id, None)
+                self.store.remove(job.id)
         return job
 
     def result(self, job: Job) -> list[bytes]:
@@ -359,6 +374,9 @@ class JobManager:
         if status == "succeeded":
             job.done_steps = job.total_steps
         self._save(job)
+        if job.removed:  # deleted while it ran: gone now that its run let it go
+            self.jobs.pop(job.id, None)
+            self.store.remove(job.id)
         self.metrics.seconds.labels(status=status).observe(job.finished - job.created)
         self._cond.notify_all()
 

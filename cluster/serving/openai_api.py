@@ -69,7 +69,14 @@ def error_body(status: int, message: str, param: str | None) -> tuple[int, dict]
     """OpenAI's error object; our 422 (bad input) is its 400 ``invalid_request_error``."""
     status = 400 if status == 422 else status
     param = OUR_NAMES.get(param, param) if param else _param_of(message)
-    code = {401: "invalid_api_key", 404: "model_not_found"}.get(status)
+    # OpenAI's codes: a wrong key, an unknown model; a missing object (a video id) has none
+    code = (
+        "invalid_api_key"
+        if status == 401
+        else "model_not_found"
+        if (status, param) == (404, "model")
+        else None
+    )
     kind = "server_error" if status >= 500 else "invalid_request_error"
     if message.startswith("num_images "):  # name the client's field, not ours
         message = "n" + message.removeprefix("num_images")

@@ -1,11 +1,14 @@
 """Video over HTTP, OpenAI's Videos API shape on top of the job API: ``POST /v1/videos`` (queues a
 job, answers the video object with ``status: queued``), ``GET /v1/videos`` (the caller's videos),
-``GET /v1/videos/{id}`` (status and progress), ``GET /v1/videos/{id}/content`` (the mp4).
+``GET /v1/videos/{id}`` (status and progress), ``GET /v1/videos/{id}/content`` (the mp4),
+``DELETE /v1/videos/{id}`` (cancels a queued or running video, then removes it and its mp4;
+OpenAI's ``{"id", "object": "video.deleted", "deleted": true}``).
 
-Reference behaviour: the OpenAI API reference (Videos → Create video, Retrieve, Download content) as
+Reference behaviour: the OpenAI API reference (Videos → Create video, Retrieve, Download content, Delete) as
 the official ``openai`` client speaks it: ``client.videos.create(prompt=..., seconds="4",
 size="64x64", extra_body={"steps": 10, "seg_mode": "spatial"})`` (a multipart form), then
-``client.videos.retrieve(id)`` and ``client.videos.download_content(id)``. The one mapping onto
+``client.videos.retrieve(id)``, ``client.videos.download_content(id)`` and
+``client.videos.delete(id)``. The one mapping onto
 ``VideoRequest`` (the video kind of the request field table) is ``to_video_request``: ``seconds`` →
 ``frames`` at the request's ``fps``, ``size`` → width × height, ``input_reference`` (an image file)
 → ``image`` (image-to-video); ``model`` is the served model, or one of OpenAI's own video models
@@ -29,7 +32,7 @@ from seg_rt.params import VideoParams
 
 from . import openai_api
 from .core import ServingCore
-from .job import Job, JobNotFound, QueueFull
+from .job import Job, JobElsewhere, JobNotFound, QueueFull
 from .jobs import JobManager
 from .jobs_api import result_response, submit_job
 from .request import ECHO_CHARS, ErrorShape, RequestFailed, shown
@@ -196,6 +199,17 @@ def router(core: ServingCore, jobs: JobManager, owner: Callable[[Request], str])
     @api.get("/v1/videos/{video_id}")
     def retrieve(video_id: str, request: Request) -> dict:
         return video_object(jobs, find(video_id, request), name)
+
+    @api.delete("/v1/videos/{video_id}")
+    def delete(video_id: str, request: Request) -> dict:
+        job = find(video_id, request)
+        try:
+            jobs.delete(job.id, owner(request))  # a queued or running one is cancelled first
+        except JobNotFound:
+            raise RequestFailed(404, f"no video {video_id!r}", "video_id") from None
+        except JobElsewhere as exc:
+            raise RequestFailed(409, str(exc), "video_id") from None
+        return {"id": job.id, "object": "video.deleted", "deleted": True}
 
     @api.get("/v1/videos/{video_id}/content", response_model=None)
     def content(video_id: str, request: Request, variant: str = "video") -> Response:
