@@ -24,6 +24,7 @@ from . import fault_injection
 from .fault_injection import FAULT_AFTER_ENV, FAULT_FILE_ENV, CrashOnceWorker
 from .golden import GOLDEN, fingerprint, png_pixels
 from .ray_helpers import LOOPBACK, free_port, kill_ray_under, short_temp_dir
+from .sockets import listening, not_on_loopback, tree
 
 BIN = Path(sys.executable).parent
 
@@ -284,6 +285,12 @@ def test_killed_driver_resumes_without_duplicates(sdxl_dir, tmp_path):
         while len(completed(out)) < 2 and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert proc.poll() is None, "driver finished before it could be killed"
+        # docs/security.md (#27 item 2): what `seg-rt run`'s own Ray (gcs_server, raylet, agents,
+        # the job's workers) and its driver listen on, listed from the OS mid-job: loopback only
+        pids = [p.pid for p in tree(proc.pid)]
+        names = " ".join(s[1] for s in listening(pids))
+        assert "gcs_server" in names and "raylet" in names and "SEGWorker" in names, names
+        assert not_on_loopback(pids) == []
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     finally:
