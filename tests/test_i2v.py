@@ -253,7 +253,7 @@ def test_cli_image_to_video_on_a_saved_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "w.mp4").exists()
 
 
-def test_job_video_image_relative_to_the_job_folder(tmp_path):
+def test_job_video_image_relative_to_the_job_folder(tmp_path, monkeypatch):
     from cluster.jobs.spec import expand_items, load_job
 
     (tmp_path / "stills").mkdir()
@@ -265,6 +265,19 @@ def test_job_video_image_relative_to_the_job_folder(tmp_path):
     dumped = spec.model_dump(mode="json")  # what the driver sends its workers
     assert dumped["video"]["image"] == str(tmp_path / "stills" / "a.png")
     assert type(spec).model_validate(dumped).video.params().image == load_image(still())
+    # the still is read while the job is checked, not once per item (a URL would be a download each)
+    import cluster.jobs.spec as spec_module
+
+    reads = []
+    real = spec_module.input_file
+    monkeypatch.setattr(spec_module, "input_file", lambda *a, **k: reads.append(a) or real(*a, **k))
+    many = job.replace("prompts: [a cat]", "prompts: [a, b, c, d, e, f]\nsamples_per_prompt: 2")
+    (tmp_path / "many.yaml").write_text(many)
+    spec, base = load_job(tmp_path / "many.yaml")
+    checked = len(reads)
+    items = expand_items(spec, base)
+    assert len(items) == 12 and all(i.params.video.image == load_image(still()) for i in items)
+    assert len(reads) <= checked + 1, (checked, len(reads))
     (tmp_path / "bad.txt").write_text("x")
     (tmp_path / "bad.yaml").write_text(job.replace("stills/a.png", "bad.txt"))
     with pytest.raises(ValueError, match=r"bad.yaml: video.image: image is not an image"):

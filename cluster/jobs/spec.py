@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationError,
     create_model,
     field_validator,
@@ -132,6 +133,8 @@ _VIDEO_FIELDS = tuple(f for f in fields_for("video") if f.path[0] == "video")
 
 
 class _VideoBase(_Strict):
+    _params: VideoParams | None = PrivateAttr(default=None)  # params(), built once per spec
+
     @field_validator(*(f.path[1] for f in _VIDEO_FIELDS), check_fields=False)
     @classmethod
     def _field(cls, v: Any, info) -> Any:
@@ -146,10 +149,17 @@ class _VideoBase(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> _VideoBase:
-        self.params()
+        self._build()
         return self
 
     def params(self) -> VideoParams:
+        """The block as the request's ``VideoParams``, built once per spec and shared by its items
+        (frozen): the still (a download when it is a URL) is not read again per item."""
+        if self._params is None:
+            self._params = self._build()
+        return self._params
+
+    def _build(self) -> VideoParams:
         values = {f.path[1]: getattr(self, f.path[1]) for f in _VIDEO_FIELDS}
         for f in _VIDEO_FIELDS:
             if f.type in ("image", "mask") and values[f.path[1]] is not None:
