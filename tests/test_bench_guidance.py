@@ -97,13 +97,26 @@ def test_cfg_modifiers_run_on_cfg_rows_at_their_scale_and_flow_only_ones_are_ski
     assert "| digits | conditional | apg cfg 3 | 6 |" in g.table(rows)
 
 
-def test_cli_rejects_bad_input_before_loading():
-    r = run_cli("bench", "guidance", "--methods", "seg,nope", timeout=120)
-    assert r.returncode == 2 and "unknown guidance method 'nope'" in r.stderr
-    r = run_cli("bench", "guidance", "--cases", "sideways", timeout=120)
-    assert r.returncode == 2 and "unknown case 'sideways'" in r.stderr
-    r = run_cli("bench", "guidance", "--models", "sdxl", timeout=120)
-    assert r.returncode == 2 and "unknown model 'sdxl'" in r.stderr
+def test_cli_rejects_bad_input_before_loading(capsys, monkeypatch):
+    """In-process (the CLI's own entry point; the subprocess run is the smoke test below), with the
+    loaders made to fail: a bad value is refused before any model loads."""
+    from seg_rt.cli import main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(g, "run_guidance", no_loading)
+    for args, message in [
+        (["--methods", "seg,nope"], "unknown guidance method 'nope'"),
+        (["--cases", "sideways"], "unknown case 'sideways'"),
+        (["--models", "sdxl"], "unknown model 'sdxl'"),
+    ]:
+        try:
+            code = main(["bench", "guidance", *args])
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, code, err)
 
 
 def test_cli_smoke_writes_json_lines_and_plot(tmp_path):
