@@ -347,8 +347,8 @@ class DeepCache(_RowCache):
         self._wrapped = [_Wrapped(m, self._pass) for m in passed]
         self._wrapped += [_Wrapped(b, self._skip_down) for b in downs[block + 1 :]]
         if unet.mid_block is not None:
-            self._wrapped.append(_Wrapped(unet.mid_block, self._skip_mid))
-        self._wrapped += [_Wrapped(b, self._skip_up) for b in ups[: len(ups) - 1 - block]]
+            self._wrapped.append(_Wrapped(unet.mid_block, self._pass))
+        self._wrapped += [_Wrapped(b, self._pass) for b in ups[: len(ups) - 1 - block]]
         enter = n - 1 - layer  # the first up layer that runs: it pops down layer ``layer``'s residual
         if enter == 0:  # the cached state enters the up block itself
             self._wrapped.append(_Wrapped(up, self._enter_block))
@@ -366,7 +366,8 @@ class DeepCache(_RowCache):
         self.skipping = all(self.reuse)
 
     def _pass(self, forward, *args, **kwargs):
-        """A skipped layer: its hidden-state input passed through (a Transformer2DModel's as a tuple)."""
+        """A skipped layer or block (mid, deeper up blocks): its hidden-state input passed through (a
+        Transformer2DModel's as a tuple, as it returns with ``return_dict=False``)."""
         if not self.skipping:
             return forward(*args, **kwargs)
         h = _arg("hidden_states", 0, args, kwargs)
@@ -377,12 +378,6 @@ class DeepCache(_RowCache):
             return forward(*args, **kwargs)
         h = _arg("hidden_states", 0, args, kwargs)  # placeholders: the up path's skipped layers take them
         return h, (h,) * _down_outputs(forward.__self__)
-
-    def _skip_mid(self, forward, *args, **kwargs):
-        return _arg("hidden_states", 0, args, kwargs) if self.skipping else forward(*args, **kwargs)
-
-    def _skip_up(self, forward, *args, **kwargs):
-        return _arg("hidden_states", 0, args, kwargs) if self.skipping else forward(*args, **kwargs)
 
     def _state(self, state: Tensor | None) -> Tensor:
         """The hidden state entering the cut: per row, the row's cached one (reused rows) or this
