@@ -256,9 +256,13 @@ class JobManager:
         with self._cond:
             job.removed = True
             if job.status in FINISHED:
-                self.jobs.pop(job.id, None)
-                self.store.remove(job.id)
+                self._drop(job)
         return job
+
+    def _drop(self, job: Job) -> None:
+        """Called with ``_cond`` held: a deleted job forgotten and its folder removed."""
+        self.jobs.pop(job.id, None)
+        self.store.remove(job.id)
 
     def result(self, job: Job) -> list[bytes]:
         """The job's output files' bytes, checked against their recorded size and digest."""
@@ -375,8 +379,7 @@ class JobManager:
             job.done_steps = job.total_steps
         self._save(job)
         if job.removed:  # deleted while it ran: gone now that its run let it go
-            self.jobs.pop(job.id, None)
-            self.store.remove(job.id)
+            self._drop(job)
         self.metrics.seconds.labels(status=status).observe(job.finished - job.created)
         self._cond.notify_all()
 
