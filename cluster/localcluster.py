@@ -29,15 +29,30 @@ _NODE_PORTS = ("--metrics-export-port", "--runtime-env-agent-port", "--node-mana
                "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port")  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_GIVEN: set[int] = set()
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports, none handed out before by this process: the kernel may
+    hand a port just closed to the next bind (one CI run got the same port for ``--port`` and
+    ``--object-manager-port``), so all ``n`` sockets stay bound until every port is picked."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _GIVEN:
+                _GIVEN.add(port)
+                ports.append(port)
+    return ports
 
 
 def _ports(flags) -> list[str]:
     # every fixed default port gets a free one: the raylets share this machine's address
-    return [part for flag in flags for part in (flag, str(_free_port()))]
+    return [
+        part for flag, port in zip(flags, free_ports(len(flags)), strict=True) for part in (flag, str(port))
+    ]
 
 
 @dataclass
@@ -67,7 +82,7 @@ def start_local_cluster(nodes: int, cpus_per_node: int = 1) -> LocalCluster:
     # address: 127.0.0.2 stays on lo, but Ray then binds its servers to the wildcard address
     # (docs/security.md: a test and benchmark cluster, not seg-rt run / serve's)
     ip = "127.0.0.2" if sys.platform.startswith("linux") else "127.0.0.1"
-    port = _free_port()
+    (port,) = free_ports(1)
     head_dir = private_temp_dir()
     cluster = LocalCluster(f"{ip}:{port}", head_dir)
     try:

@@ -2,11 +2,10 @@
 
 import contextlib
 import os
-import socket
 import tempfile
 import time
 
-from seg_rt.cluster.localcluster import kill_under
+from seg_rt.cluster.localcluster import free_ports, kill_under
 
 
 def short_temp_dir() -> str:
@@ -15,9 +14,7 @@ def short_temp_dir() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 LOOPBACK = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the machine's address; 127.0.0.2 stays on lo
