@@ -40,6 +40,8 @@ def test_smoke_counts_forward_passes_and_labels_every_row():
     # SEG every 2nd step 1.5/step (4 steps: 2 with the perturbed row)
     assert by[("no-cfg", "vanilla", 4, "anchor")]["nfe"] == 4
     assert by[("no-cfg", "cfg", 4, "rival")]["nfe"] == 8
+    # the sweep's strength-0 point has CFG's forward passes too: vanilla at twice the steps
+    assert by[("no-cfg", "vanilla", 8, "rival")]["nfe"] == 8 and ("no-cfg", "vanilla", 4, "rival") not in by
     seg = by[("no-cfg", "seg", 4, "method")]
     assert seg["nfe"] == 8 and seg["rival_steps"] == 4 and seg["rival_nfe"] == 8
     every = by[("no-cfg", "seg-every2", 4, "method")]
@@ -110,6 +112,8 @@ def test_cli_rejects_bad_input_before_loading(capsys, monkeypatch):
         (["--methods", "seg,nope"], "unknown guidance method 'nope'"),
         (["--cases", "sideways"], "unknown case 'sideways'"),
         (["--models", "sdxl"], "unknown model 'sdxl'"),
+        (["--report", "/nonexistent/rows.jsonl"], "error: --report /nonexistent/rows.jsonl"),
+        (["--report", __file__, "--tie", "-1"], "--tie must be >= 0, got -1"),
     ]:
         try:
             code = main(["bench", "guidance", *args])
@@ -131,3 +135,33 @@ def test_cli_smoke_writes_json_lines_and_plot(tmp_path):
         ("vanilla", "anchor"), ("vanilla", "rival"), ("cfg", "rival"), ("pag", "method"),
     ]  # fmt: skip
     assert plot.stat().st_size > 1000
+
+
+def test_verdict_table_picks_segs_best_row_and_the_best_rival_at_its_nfe():
+    """Per (model, case, seed set): SEG's lowest-FID row against the lowest-FID rival with the same
+    forward passes; ties within ``tie`` FID; the other method with the largest lead."""
+    common = {"model": "m", "case": "no-cfg", "sigma": "inf"}
+    rivals = [
+        {"method": "vanilla", "role": "rival", "cfg": 1.0, "steps": 12, "nfe": 12, "fid": 9.0},
+        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 6, "nfe": 12, "fid": 5.0, "accuracy": 0.9},
+        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 3, "nfe": 6, "fid": 1.0, "accuracy": 0.9},
+    ]
+    seg = {"role": "method", "steps": 6, "nfe": 12, "accuracy": 0.5, "effective_strength": 1.2, "beyond_sweep": False,
+           "rival": {"fid": 6.0, "accuracy": 0.6}}  # fmt: skip
+    methods = [
+        seg | {"method": "seg", "scale": 1.0, "fid": 5.3},
+        seg | {"method": "seg", "scale": 3.0, "fid": 7.0},
+        seg | {"method": "tpg", "scale": 1.0, "fid": 4.0},
+        seg | {"method": "pag", "scale": 1.0, "fid": 6.0},
+    ]
+    rows = [common | r for r in rivals + methods]
+    rows += [r | {"seed_base": 1000, "fid": r["fid"] + (3.0 if r["method"] == "seg" else 0)} for r in rows]
+    first, second = g.case_verdicts(rows)
+    assert first["seg"] == "seg σ=inf s=1 (12): 5.30, acc 0.50"  # the lower of SEG's two rows
+    assert first["matched_nfe"] == "CFG 3, 6 steps (12): 5.00, acc 0.90"  # not the 6-NFE rival
+    assert first["matched_strength"] == "CFG 1.2: 6.00, acc 0.60"
+    assert first["verdict"] == "SEG ties CFG 3 at matched NFE; beats CFG at matched strength"
+    assert first["other"].startswith("tpg s=1 (12): 4.00")
+    assert second["seed_base"] == 1000 and second["verdict"].startswith("SEG loses to CFG 3 at matched NFE")
+    assert g.case_verdicts(rows, tie=0.1)[0]["verdict"].startswith("SEG loses to CFG 3")
+    assert g.verdict_table(rows).count("\n") == 3

@@ -174,7 +174,7 @@ CHECKPOINTS = ("final", "weak")
 
 def subjects(names: Sequence[str], checkpoints: Sequence[str] = CHECKPOINTS) -> list[Subject]:
     """The bundled models by name (``digits``, ``demo``) at the ``checkpoints`` asked for (``final``,
-    ``weak``: the early-step export: digits step 40, demo step 200 in ``seg_rt/demo/weights_weak``)."""
+    ``weak``: the early-step export: digits step 100, demo step 200 in ``seg_rt/demo/weights_weak``)."""
     bad = [c for c in checkpoints if c not in CHECKPOINTS]
     if bad or not checkpoints:
         raise ValueError(f"unknown checkpoint {bad[0] if bad else ''!r}; known: final, weak")
@@ -304,9 +304,13 @@ class _Case:
         return dict(entry["row"], role=role) | score(self.real, entry["fake"], self.anchor)
 
     def baseline_sweep(self, steps: int, cfg_scales: Sequence[float]) -> list[dict]:
-        """At ``steps``: vanilla, then (prompt cases) CFG at each sweep scale."""
-        sweep = [self.scored(self.run("vanilla", 0.0, math.inf, VANILLA, "blur", steps), "rival")]
-        if self.common["case"] != "unconditional":
+        """Unconditional: vanilla at ``steps``. Prompt cases: the CFG sweep at ``steps``, its
+        strength-0 point vanilla at ``2 * steps`` (CFG's forward passes: CFG 1 at ``steps`` would
+        be a rival with half the method's NFE)."""
+        uncond = self.common["case"] == "unconditional"
+        zero = self.run("vanilla", 0.0, math.inf, VANILLA, "blur", steps if uncond else 2 * steps)
+        sweep = [self.scored(zero, "rival")]
+        if not uncond:
             for s in cfg_scales:
                 cfg_row = self.run("cfg", s, math.inf, {"cfg": s, "seg_scale": 0.0}, "blur", steps)
                 sweep.append(self.scored(cfg_row, "rival"))
@@ -390,7 +394,13 @@ def run_guidance(
                         if rival_steps not in sweeps:
                             sweeps[rival_steps] = c.baseline_sweep(rival_steps, cfg_scales)
                             for r in sweeps[rival_steps]:
-                                out(r | {"effective_strength": None if uncond else r["cfg"]})
+                                out(
+                                    r
+                                    | {
+                                        "effective_strength": None if uncond else r["cfg"],
+                                        "sweep_steps": rival_steps,
+                                    }
+                                )
                         out(matched(row, sweeps[rival_steps], uncond) | {"rival_steps": rival_steps})
         del pipe
     return rows
@@ -471,6 +481,107 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SEG_FAMILY = ("seg", "seg-uncond", "seg-every2", "seg-window")
+TIE_FID = 0.5  # the verdict table's "ties": FID differences below this (the seed-to-seed spread)
+
+
+def _short(row: dict) -> str:
+    """A method row in the verdict table: ``seg σ=2 s=3``, ``tpg s=1``, ``apg cfg 3``."""
+    if row["method"] in METHODS and METHODS[row["method"]].modifier:
+        return label(row)
+    sig = f" σ={sigma_label(_sigma(row))}" if row["method"] in SEG_FAMILY else ""
+    return f"{row['method']}{sig} s={row['scale']:g}"
+
+
+def _sigma(row: dict) -> float:
+    return math.inf if row["sigma"] == "inf" else float(row["sigma"])
+
+
+def _rival_label(row: dict) -> str:
+    return (
+        f"CFG {row['cfg']:g}, {row['steps']} steps"
+        if row["method"] == "cfg"
+        else f"vanilla, {row['steps']} steps"
+    )
+
+
+def _acc(row: dict) -> str:
+    return "" if row.get("accuracy") is None else f", acc {row['accuracy']:.2f}"
+
+
+def _words(fid: float, rival: float, tie: float) -> str:
+    return "ties" if abs(fid - rival) < tie else "beats" if fid < rival else "loses to"
+
+
+def case_verdicts(rows: list[dict], tie: float = TIE_FID) -> list[dict]:
+    """Per (model, case, seed set): SEG's best row (lowest FID over its grid), the best rival with
+    the same forward passes per image, SEG's rival at matched NFE and effective strength, the words
+    (``ties`` within ``tie`` FID), and the other method with the largest lead over its own best
+    rival at matched NFE."""
+    out = []
+    groups = sorted(
+        {(r["model"], r["case"], r.get("seed_base", 0)) for r in rows if r.get("role") == "method"}
+    )
+    for model, case, base in groups:
+        sel = [
+            r for r in rows if (r.get("model"), r.get("case"), r.get("seed_base", 0)) == (model, case, base)
+        ]
+        rivals = [r for r in sel if r.get("role") == "rival"]
+
+        def best_rival(nfe: float, rivals: list[dict] = rivals) -> dict | None:
+            same = [r for r in rivals if r["nfe"] == nfe]
+            return min(same, key=lambda r: r["fid"]) if same else None
+
+        methods = [r for r in sel if r.get("role") == "method"]
+        seg = [r for r in methods if r["method"] == "seg"]
+        if not seg:
+            continue
+        best = min(seg, key=lambda r: r["fid"])
+        at_nfe = best_rival(best["nfe"])
+        leads = [(r["fid"] - br["fid"], r, br) for r in methods if r["method"] not in SEG_FAMILY
+                 for br in [best_rival(r["nfe"])] if br is not None]  # fmt: skip
+        other = min(leads, key=lambda t: t[0]) if leads else None
+        eff = best["effective_strength"]
+        strength = "–" if eff is None else f"CFG {eff:g}" + ("*" if best.get("beyond_sweep") else "")
+        words = [
+            f"SEG {_words(best['fid'], at_nfe['fid'], tie)} {_rival_label(at_nfe).split(',')[0]} at matched NFE"
+        ]
+        if eff is not None:
+            words.append(f"{_words(best['fid'], best['rival']['fid'], tie)} CFG at matched strength")
+        out.append({
+            "model": model, "case": case, "seed_base": base,
+            "seg": f"{_short(best)} ({best['nfe']:g}): {best['fid']:.2f}{_acc(best)}",
+            "matched_nfe": f"{_rival_label(at_nfe)} ({at_nfe['nfe']:g}): {at_nfe['fid']:.2f}{_acc(at_nfe)}",
+            "matched_strength": f"{strength}: {best['rival']['fid']:.2f}"
+            + ("" if best["rival"].get("accuracy") is None else f", acc {best['rival']['accuracy']:.2f}"),
+            "verdict": "; ".join(words),
+            "other": "–" if other is None else
+            f"{_short(other[1])} ({other[1]['nfe']:g}): {other[1]['fid']:.2f}{_acc(other[1])} vs "
+            f"{_rival_label(other[2])}: {other[2]['fid']:.2f}{_acc(other[2])}",
+            "seg_fid_minus_rival": round(best["fid"] - at_nfe["fid"], 3),
+            "other_fid_minus_rival": None if other is None else round(other[0], 3),
+        })  # fmt: skip
+    return out
+
+
+def verdict_table(rows: list[dict], tie: float = TIE_FID) -> str:
+    """Markdown of ``case_verdicts``: the README's verdict table."""
+    lines = [
+        "| model | case | seeds | best SEG row (NFE): FID | best rival at matched NFE: FID | rival at matched NFE and "
+        "strength: FID | verdict | best other method (NFE): FID vs its best rival at matched NFE |",
+        "|---" * 8 + "|",
+    ]
+    for v in case_verdicts(rows, tie):
+        lines.append(f"| {v['model']} | {v['case']} | {v['seed_base']} | {v['seg']} | {v['matched_nfe']} | "
+                     f"{v['matched_strength']} | {v['verdict']} | {v['other']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _sweep(row: dict) -> int:
+    """The step count of the rival sweep a row belongs to (its strength-0 point runs at twice it)."""
+    return row.get("sweep_steps", row["steps"])
+
+
 def plot(rows: list[dict], path) -> None:
     """FID against distance to vanilla, one panel per (model, case): the CFG sweep (and vanilla at
     more steps) as the rival curve, each method's scales as points."""
@@ -489,11 +600,11 @@ def plot(rows: list[dict], path) -> None:
             sel = [r for r in rows if r["model"] == model and r["case"] == case]
             rival = sorted(
                 (r for r in sel if r.get("role") in ("rival", "anchor")),
-                key=lambda r: (r["steps"], r["dist_to_vanilla"]),
+                key=lambda r: (_sweep(r), r["dist_to_vanilla"]),
             )
-            for n_steps in sorted({r["steps"] for r in rival}):
-                pts = [r for r in rival if r["steps"] == n_steps]
-                ax.plot([r["dist_to_vanilla"] for r in pts], [r["fid"] for r in pts], "k--o", alpha=0.3 + 0.7 * (n_steps == max(r["steps"] for r in rival)),
+            for n_steps in sorted({_sweep(r) for r in rival}):
+                pts = [r for r in rival if _sweep(r) == n_steps]
+                ax.plot([r["dist_to_vanilla"] for r in pts], [r["fid"] for r in pts], "k--o", alpha=0.3 + 0.7 * (n_steps == max(_sweep(r) for r in rival)),
                         markersize=3, label=f"{'CFG sweep' if case != 'unconditional' else 'vanilla'} @ {n_steps} steps")  # fmt: skip
             for key in sorted({(r["method"], r["sigma"]) for r in sel if r.get("role") == "method"}, key=str):
                 pts = sorted(

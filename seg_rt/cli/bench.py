@@ -126,6 +126,15 @@ def _add_guidance(bsub: argparse._SubParsersAction) -> None:
         "--seed-base", type=int, default=0, help="image i's seed is SEED_BASE + i (a repeat on other seeds)"
     )
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="ROWS.jsonl",
+        help="measure nothing: print the per-case verdict table of these rows (and --plot them)",
+    )
+    p.add_argument(
+        "--tie", type=float, default=g.TIE_FID, help="the verdict table's ties: FID differences below this"
+    )
     p.add_argument("--plot", default="guidance.png", help="plot PNG path")
     p.add_argument(
         "--out", default=None, help="also append each row to this JSON-lines file as it is measured"
@@ -144,6 +153,17 @@ def _floats(value: str, what: str) -> list[float]:
 def cmd_guidance(args) -> int:
     from seg_rt.bench import guidance as g
 
+    if args.report is not None:
+        try:
+            if args.tie < 0:
+                raise ValueError(f"--tie must be >= 0, got {args.tie}")
+            rows = g.read_rows(args.report)
+        except (OSError, ValueError) as exc:
+            print(f"error: --report {args.report}: {exc}", file=sys.stderr)
+            return 2
+        g.plot(rows, args.plot)
+        print(g.verdict_table(rows, args.tie))
+        return 0
     try:
         kw = {
             "cases": [c.strip() for c in args.cases.split(",") if c.strip()],
@@ -190,6 +210,7 @@ def cmd_guidance(args) -> int:
             sink.close()
     g.plot(rows, args.plot)
     print(g.table(rows), file=sys.stderr if args.json else sys.stdout)
+    print(g.verdict_table(rows, args.tie), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
