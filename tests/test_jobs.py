@@ -255,9 +255,13 @@ def test_webuiapi_progress_during_a_blocking_txt2img_and_interrupt(sdxl, tmp_pat
                 seen.append(api.get_progress())
 
         def watch_live():  # the blocking request's watch appears once it is tracked
-            until(lambda: core.jobs.live)
-            next(iter(core.jobs.live.values())).listeners.append(at_step)
+            try:
+                until(lambda: core.jobs.live)
+                next(iter(core.jobs.live.values())).listeners.append(at_step)
+            finally:
+                core._sampling.release()  # its sampling starts once the listener is attached
 
+        core._sampling.acquire()  # (a Lock: the watcher releases it) the job waits for the listener
         watcher = threading.Thread(target=watch_live)
         watcher.start()
         result = api.txt2img(prompt="a cat", seed=5, steps=4, width=64, height=64, cfg_scale=5)
@@ -271,9 +275,10 @@ def test_webuiapi_progress_during_a_blocking_txt2img_and_interrupt(sdxl, tmp_pat
         assert idle["progress"] == 0 and idle["current_image"] is None and idle["state"]["job_count"] == 0
 
         # interrupt: the running job stops at its next step
-        job_id = requests.post(f"{url}/v1/jobs", json=BODY | {"steps": 6}).json()["id"]
-        job = core.jobs.jobs[job_id]
-        job.listeners.append(lambda j: j.done_steps == 2 and api.interrupt())
+        with sampling_held(core):  # the job starts once its listener is attached
+            job_id = requests.post(f"{url}/v1/jobs", json=BODY | {"steps": 6}).json()["id"]
+            job = core.jobs.jobs[job_id]
+            job.listeners.append(lambda j: j.done_steps == 2 and api.interrupt())
         assert core.jobs.wait(job, WAIT)
         assert job.status == "cancelled" and job.done_steps == 2
 
