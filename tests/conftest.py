@@ -70,3 +70,44 @@ def demo_video():
     from seg_rt.pipeline import load_pipeline
 
     return load_pipeline(video_weights_dir(), "cpu")
+
+
+# pytest-xdist (`-n 2`, the README's test command): a module's tests stay on one worker (its module
+# fixtures are built once), and the modules that start Ray processes run on one worker, one after
+# another, first (their local clusters take fixed worker-port ranges, and a Ray start's timeouts
+# assume one Ray starting at a time); the other worker runs the rest meanwhile. (xdist's own
+# `--dist loadgroup` marks do not reach its scheduler under pytest 9.2: it renames the node ids it
+# would tag, so the grouping is this scheduler's scope function.)
+RAY_MODULES = frozenset(
+    {
+        "test_cluster",
+        "test_multinode",
+        "test_parallel",
+        "test_serve",
+        "test_storage",
+        "test_hardening",
+        "test_hardening3",
+    }
+)
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: _module(item.nodeid) not in RAY_MODULES)  # stable: the Ray modules first
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        """One scope per module, one for all the Ray modules; scopes in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "ray" if _module(nodeid) in RAY_MODULES else _module(nodeid)
+
+    config.option.loadscopereorder = False  # collection order: the long Ray scope starts first
+    return ByModule(config, log)
