@@ -137,31 +137,49 @@ def test_cli_smoke_writes_json_lines_and_plot(tmp_path):
     assert plot.stat().st_size > 1000
 
 
-def test_verdict_table_picks_segs_best_row_and_the_best_rival_at_its_nfe():
-    """Per (model, case, seed set): SEG's lowest-FID row against the lowest-FID rival with the same
-    forward passes; ties within ``tie`` FID; the other method with the largest lead."""
+def test_dominance_with_ties_and_the_verdict_table():
+    """A row beats a rival only when no worse on FID and accuracy and better on one, beyond the ties;
+    SEG's row that stands best against the rivals with its forward passes is the one reported."""
+    a = {"fid": 5.0, "accuracy": 0.90}
+    assert g.dominates(a, {"fid": 6.0, "accuracy": 0.90}, tie=0.5)
+    assert not g.dominates(a, {"fid": 5.3, "accuracy": 0.90}, tie=0.5)  # within the FID tie
+    assert g.dominates(a, {"fid": 5.3, "accuracy": 0.80}, tie=0.5)  # better accuracy, FID tied
+    assert not g.dominates(a, {"fid": 4.0, "accuracy": 0.80}, tie=0.5)  # a trade-off: neither
+    assert not g.dominates({"fid": 4.0, "accuracy": 0.80}, a, tie=0.5)
+    assert g.dominates({"fid": 4.0}, {"fid": 5.0}, tie=0.5)  # unconditional: FID only
     common = {"model": "m", "case": "no-cfg", "sigma": "inf"}
     rivals = [
-        {"method": "vanilla", "role": "rival", "cfg": 1.0, "steps": 12, "nfe": 12, "fid": 9.0},
-        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 6, "nfe": 12, "fid": 5.0, "accuracy": 0.9},
-        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 3, "nfe": 6, "fid": 1.0, "accuracy": 0.9},
-    ]
-    seg = {"role": "method", "steps": 6, "nfe": 12, "accuracy": 0.5, "effective_strength": 1.2, "beyond_sweep": False,
-           "rival": {"fid": 6.0, "accuracy": 0.6}}  # fmt: skip
+        {"method": "vanilla", "role": "rival", "cfg": 1.0, "steps": 12, "sweep_steps": 6, "nfe": 12, "fid": 4.0,
+         "accuracy": 0.6},
+        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 6, "sweep_steps": 6, "nfe": 12, "fid": 5.0,
+         "accuracy": 0.9},
+        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 3, "sweep_steps": 3, "nfe": 6, "fid": 1.0,
+         "accuracy": 0.99},
+    ]  # fmt: skip
+    seg = {"role": "method", "steps": 6, "nfe": 12, "rival_steps": 6, "effective_strength": 1.2,
+           "beyond_sweep": False, "rival": {"fid": 6.0, "accuracy": 0.6}}  # fmt: skip
     methods = [
-        seg | {"method": "seg", "scale": 1.0, "fid": 5.3},
-        seg | {"method": "seg", "scale": 3.0, "fid": 7.0},
-        seg | {"method": "tpg", "scale": 1.0, "fid": 4.0},
-        seg | {"method": "pag", "scale": 1.0, "fid": 6.0},
+        seg | {"method": "seg", "scale": 1.0, "fid": 3.0, "accuracy": 0.5},  # lowest FID: on the frontier
+        seg | {"method": "seg", "scale": 3.0, "fid": 6.0, "accuracy": 0.8},  # CFG 3 beats it
+        seg | {"method": "tpg", "scale": 1.0, "fid": 3.5, "accuracy": 0.95},  # beats both rivals at 12
+        seg | {"method": "pag", "scale": 1.0, "fid": 2.0, "accuracy": 0.3},
     ]
     rows = [common | r for r in rivals + methods]
-    rows += [r | {"seed_base": 1000, "fid": r["fid"] + (3.0 if r["method"] == "seg" else 0)} for r in rows]
+    rows += [
+        r | {"seed_base": 1000, "accuracy": 0.2} if r["method"] == "seg" else r | {"seed_base": 1000}
+        for r in rows
+    ]
     first, second = g.case_verdicts(rows)
-    assert first["seg"] == "seg σ=inf s=1 (12): 5.30, acc 0.50"  # the lower of SEG's two rows
-    assert first["matched_nfe"] == "CFG 3, 6 steps (12): 5.00, acc 0.90"  # not the 6-NFE rival
+    assert first["seg"] == "seg σ=inf s=1 (12): 3.00, acc 0.50"  # not dominated; the 6-NFE rival is no rival
+    assert first["matched_nfe"] == "vanilla, 12 steps (12): 4.00, acc 0.60"  # the best FID at >= its accuracy
     assert first["matched_strength"] == "CFG 1.2: 6.00, acc 0.60"
-    assert first["verdict"] == "SEG ties CFG 3 at matched NFE; beats CFG at matched strength"
-    assert first["other"].startswith("tpg s=1 (12): 4.00")
-    assert second["seed_base"] == 1000 and second["verdict"].startswith("SEG loses to CFG 3 at matched NFE")
-    assert g.case_verdicts(rows, tie=0.1)[0]["verdict"].startswith("SEG loses to CFG 3")
+    assert first["verdict"] == (
+        "SEG is on the rivals' frontier (none is better on both FID and accuracy) at matched NFE; "
+        "ties CFG at matched strength"
+    )
+    assert first["other"].startswith("tpg s=1 (12): 3.50, acc 0.95: beats every rival")
+    # with both SEG rows at accuracy 0.2, vanilla (4.0 / 0.6) and CFG 3 beat the 6.0 row; the 3.0 row
+    # trades FID for accuracy against vanilla
+    assert second["seed_base"] == 1000 and second["seg"].startswith("seg σ=inf s=1 (12): 3.00")
+    assert g.case_verdicts(rows, tie=2.0)[0]["verdict"].startswith("SEG loses to vanilla at matched NFE")
     assert g.verdict_table(rows).count("\n") == 3

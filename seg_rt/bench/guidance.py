@@ -482,7 +482,9 @@ def table(rows: list[dict]) -> str:
 
 
 SEG_FAMILY = ("seg", "seg-uncond", "seg-every2", "seg-window")
-TIE_FID = 0.5  # the verdict table's "ties": FID differences below this (the seed-to-seed spread)
+TIE_FID = (
+    0.4  # the verdict table's "ties": FID differences below this (digits, 500 samples: seed-to-seed p90 0.43)
+)
 
 
 def _short(row: dict) -> str:
@@ -509,15 +511,55 @@ def _acc(row: dict) -> str:
     return "" if row.get("accuracy") is None else f", acc {row['accuracy']:.2f}"
 
 
-def _words(fid: float, rival: float, tie: float) -> str:
-    return "ties" if abs(fid - rival) < tie else "beats" if fid < rival else "loses to"
+TIE_ACC = 0.015  # ... and accuracy differences below this (digits, 500 samples: seed-to-seed p90 0.014)
 
 
-def case_verdicts(rows: list[dict], tie: float = TIE_FID) -> list[dict]:
-    """Per (model, case, seed set): SEG's best row (lowest FID over its grid), the best rival with
-    the same forward passes per image, SEG's rival at matched NFE and effective strength, the words
-    (``ties`` within ``tie`` FID), and the other method with the largest lead over its own best
-    rival at matched NFE."""
+def dominates(a: dict, b: dict, tie: float = TIE_FID, tie_acc: float = TIE_ACC) -> bool:
+    """``a`` is no worse than ``b`` on FID and (where both have it) prompt accuracy, and better on
+    one of them, each beyond its tie: the FID-accuracy trade-off CFG's scale moves along."""
+    acc = a.get("accuracy") is not None and b.get("accuracy") is not None
+    no_worse = a["fid"] <= b["fid"] + tie and (not acc or a["accuracy"] >= b["accuracy"] - tie_acc)
+    better = a["fid"] < b["fid"] - tie or (acc and a["accuracy"] > b["accuracy"] + tie_acc)
+    return no_worse and better
+
+
+def standing(
+    row: dict, rivals: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_ACC
+) -> tuple[int, dict]:
+    """``row`` against the rivals with its forward passes: 0 when one dominates it (with the
+    best-FID such rival), 2 when it dominates every one, else 1 (a tie, or a point on the rivals'
+    FID-accuracy frontier); with 1 and 2, the rival at its accuracy: the best FID among the rivals
+    at least as accurate (within the tie), else the most accurate one."""
+    over = [r for r in rivals if dominates(r, row, tie, tie_acc)]
+    if over:
+        return 0, min(over, key=lambda r: r["fid"])
+    if row.get("accuracy") is None:
+        at_acc = min(rivals, key=lambda r: r["fid"])
+    else:
+        level = [
+            r for r in rivals if r.get("accuracy") is not None and r["accuracy"] >= row["accuracy"] - tie_acc
+        ]
+        at_acc = (
+            min(level, key=lambda r: r["fid"]) if level else max(rivals, key=lambda r: r.get("accuracy") or 0)
+        )
+    return (2 if all(dominates(row, r, tie, tie_acc) for r in rivals) else 1), at_acc
+
+
+STANDING_WORDS = ("loses to {}", "is on the rivals' frontier (none is better on both FID and accuracy)",
+                  "beats every rival")  # fmt: skip
+
+
+def _standing_words(level: int, rival: dict, uncond: bool) -> str:
+    if uncond and level == 1:
+        return "ties vanilla"
+    return STANDING_WORDS[level].format(_rival_label(rival).split(",")[0])
+
+
+def case_verdicts(rows: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_ACC) -> list[dict]:
+    """Per (model, case, seed set): SEG's best row (the one that stands best, then the lowest FID) and where it stands
+    against the rivals with the same forward passes per image (``standing``: dominated, on their
+    FID-accuracy frontier, or dominating them all) and against its rival at matched NFE and
+    effective strength; and the other method that stands best (then: lowest FID)."""
     out = []
     groups = sorted(
         {(r["model"], r["case"], r.get("seed_base", 0)) for r in rows if r.get("role") == "method"}
@@ -527,51 +569,55 @@ def case_verdicts(rows: list[dict], tie: float = TIE_FID) -> list[dict]:
             r for r in rows if (r.get("model"), r.get("case"), r.get("seed_base", 0)) == (model, case, base)
         ]
         rivals = [r for r in sel if r.get("role") == "rival"]
+        uncond = case == "unconditional"
 
-        def best_rival(nfe: float, rivals: list[dict] = rivals) -> dict | None:
-            same = [r for r in rivals if r["nfe"] == nfe]
-            return min(same, key=lambda r: r["fid"]) if same else None
+        def stand(row: dict, rivals: list[dict] = rivals) -> tuple[int, dict] | None:
+            # the sweep at the row's rival steps: its forward passes (SLG's window: the nearest)
+            same = [r for r in rivals if _sweep(r) == row.get("rival_steps")]
+            return standing(row, same, tie, tie_acc) if same else None
 
         methods = [r for r in sel if r.get("role") == "method"]
-        seg = [r for r in methods if r["method"] == "seg"]
+        seg = [r for r in methods if r["method"] == "seg" and stand(r) is not None]
         if not seg:
             continue
-        best = min(seg, key=lambda r: r["fid"])
-        at_nfe = best_rival(best["nfe"])
-        leads = [(r["fid"] - br["fid"], r, br) for r in methods if r["method"] not in SEG_FAMILY
-                 for br in [best_rival(r["nfe"])] if br is not None]  # fmt: skip
-        other = min(leads, key=lambda t: t[0]) if leads else None
+        best = min(seg, key=lambda r: (-stand(r)[0], r["fid"]))
+        level, rival = stand(best)
+        others = [(stand(r), r) for r in methods if r["method"] not in SEG_FAMILY and stand(r) is not None]
+        other = min(others, key=lambda t: (-t[0][0], t[1]["fid"])) if others else None
         eff = best["effective_strength"]
         strength = "–" if eff is None else f"CFG {eff:g}" + ("*" if best.get("beyond_sweep") else "")
-        words = [
-            f"SEG {_words(best['fid'], at_nfe['fid'], tie)} {_rival_label(at_nfe).split(',')[0]} at matched NFE"
-        ]
+        words = [f"SEG {_standing_words(level, rival, uncond)} at matched NFE"]
         if eff is not None:
-            words.append(f"{_words(best['fid'], best['rival']['fid'], tie)} CFG at matched strength")
+            matched = best["rival"]
+            at = "beats" if dominates(best, matched, tie, tie_acc) else "loses to" if dominates(
+                matched, best, tie, tie_acc) else "ties"  # fmt: skip
+            words.append(f"{at} CFG at matched strength")
         out.append({
             "model": model, "case": case, "seed_base": base,
             "seg": f"{_short(best)} ({best['nfe']:g}): {best['fid']:.2f}{_acc(best)}",
-            "matched_nfe": f"{_rival_label(at_nfe)} ({at_nfe['nfe']:g}): {at_nfe['fid']:.2f}{_acc(at_nfe)}",
+            "matched_nfe": f"{_rival_label(rival)} ({rival['nfe']:g}): {rival['fid']:.2f}{_acc(rival)}",
             "matched_strength": f"{strength}: {best['rival']['fid']:.2f}"
             + ("" if best["rival"].get("accuracy") is None else f", acc {best['rival']['accuracy']:.2f}"),
             "verdict": "; ".join(words),
+            "seg_standing": level,
             "other": "–" if other is None else
-            f"{_short(other[1])} ({other[1]['nfe']:g}): {other[1]['fid']:.2f}{_acc(other[1])} vs "
-            f"{_rival_label(other[2])}: {other[2]['fid']:.2f}{_acc(other[2])}",
-            "seg_fid_minus_rival": round(best["fid"] - at_nfe["fid"], 3),
-            "other_fid_minus_rival": None if other is None else round(other[0], 3),
+            f"{_short(other[1])} ({other[1]['nfe']:g}): {other[1]['fid']:.2f}{_acc(other[1])}: "
+            f"{_standing_words(other[0][0], other[0][1], uncond)} ({_rival_label(other[0][1])}: "
+            f"{other[0][1]['fid']:.2f}{_acc(other[0][1])})",
+            "other_standing": None if other is None else other[0][0],
         })  # fmt: skip
     return out
 
 
-def verdict_table(rows: list[dict], tie: float = TIE_FID) -> str:
+def verdict_table(rows: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_ACC) -> str:
     """Markdown of ``case_verdicts``: the README's verdict table."""
     lines = [
-        "| model | case | seeds | best SEG row (NFE): FID | best rival at matched NFE: FID | rival at matched NFE and "
-        "strength: FID | verdict | best other method (NFE): FID vs its best rival at matched NFE |",
+        "| model | case | seeds | best SEG row (NFE): FID | the rival at matched NFE (the one that beats it; else the "
+        "best FID at its accuracy): FID | rival at matched NFE and strength: FID | verdict | the other method that stands best "
+        "(NFE): FID: where it stands |",
         "|---" * 8 + "|",
     ]
-    for v in case_verdicts(rows, tie):
+    for v in case_verdicts(rows, tie, tie_acc):
         lines.append(f"| {v['model']} | {v['case']} | {v['seed_base']} | {v['seg']} | {v['matched_nfe']} | "
                      f"{v['matched_strength']} | {v['verdict']} | {v['other']} |")  # fmt: skip
     return "\n".join(lines)
