@@ -114,6 +114,7 @@ def test_cli_rejects_bad_input_before_loading(capsys, monkeypatch):
         (["--models", "sdxl"], "unknown model 'sdxl'"),
         (["--report", "/nonexistent/rows.jsonl"], "error: --report /nonexistent/rows.jsonl"),
         (["--report", __file__, "--tie", "-1"], "--tie must be >= 0, got -1"),
+        (["--report", __file__, "--tie-acc", "nan"], "--tie-acc must be >= 0, got nan"),
     ]:
         try:
             code = main(["bench", "guidance", *args])
@@ -169,7 +170,9 @@ def test_dominance_with_ties_and_the_verdict_table():
         r | {"seed_base": 1000, "accuracy": 0.2} if r["method"] == "seg" else r | {"seed_base": 1000}
         for r in rows
     ]
-    first, second = g.case_verdicts(rows)
+    # the synthetic repeat differs only in SEG's accuracy: its spread (p90 of 7 pairs) is 0.6 and FID 0
+    assert g.seed_spread(rows, "m") == {"fid": 0.0, "accuracy": 0.6, "pairs": 7}
+    first, second = g.case_verdicts(rows, tie=g.TIE_FID, tie_acc=g.TIE_ACC)
     assert first["seg"] == "seg σ=inf s=1 (12): 3.00, acc 0.50"  # not dominated; the 6-NFE rival is no rival
     assert first["matched_nfe"] == "vanilla, 12 steps (12): 4.00, acc 0.60"  # the best FID at >= its accuracy
     assert first["matched_strength"] == "CFG 1.2: 6.00, acc 0.60"
@@ -181,5 +184,10 @@ def test_dominance_with_ties_and_the_verdict_table():
     # with both SEG rows at accuracy 0.2, vanilla (4.0 / 0.6) and CFG 3 beat the 6.0 row; the 3.0 row
     # trades FID for accuracy against vanilla
     assert second["seed_base"] == 1000 and second["seg"].startswith("seg σ=inf s=1 (12): 3.00")
-    assert g.case_verdicts(rows, tie=2.0)[0]["verdict"].startswith("SEG loses to vanilla at matched NFE")
-    assert g.verdict_table(rows).count("\n") == 3
+    assert g.case_verdicts(rows, tie=2.0, tie_acc=g.TIE_ACC)[0]["verdict"].startswith(
+        "SEG loses to vanilla at matched NFE"
+    )
+    assert g.verdict_table(rows, 0.4, 0.015).count(
+        "\n"
+    ) == 3 and "| 1000 (ties 0.4 / 0.015, default) |" in g.verdict_table(rows, 0.4, 0.015)
+    assert "| 0 (ties 0.4 / 0.6, repeat) |" in g.verdict_table(rows)  # FID 0 -> the default 0.4

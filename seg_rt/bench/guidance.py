@@ -555,26 +555,57 @@ def _standing_words(level: int, rival: dict, uncond: bool) -> str:
     return STANDING_WORDS[level].format(_rival_label(rival).split(",")[0])
 
 
-def case_verdicts(rows: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_ACC) -> list[dict]:
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
+
+
+def seed_spread(rows: list[dict], model: str) -> dict | None:
+    """The seed-to-seed spread of ``model``'s rows: the 90th percentile of |FID| and |accuracy|
+    differences between each row of seed set 0 and the same row (case, method, scale, σ, steps,
+    role) of another seed set; None without a repeat."""
+
+    def key(r: dict) -> tuple:
+        return r["case"], r["method"], r.get("scale"), r.get("sigma"), r.get("steps"), r.get("role")
+
+    mine = [r for r in rows if r.get("model") == model and r.get("fid") is not None]
+    first = {key(r): r for r in mine if r.get("seed_base", 0) == 0}
+    pairs = [(first[key(r)], r) for r in mine if r.get("seed_base", 0) != 0 and key(r) in first]
+    if not pairs:
+        return None
+    accs = [abs(a["accuracy"] - b["accuracy"]) for a, b in pairs if a.get("accuracy") is not None]
+    return {"fid": round(_p90([abs(a["fid"] - b["fid"]) for a, b in pairs]), 3),
+            "accuracy": round(_p90(accs), 3) if accs else None, "pairs": len(pairs)}  # fmt: skip
+
+
+def case_verdicts(rows: list[dict], tie: float | None = None, tie_acc: float | None = None) -> list[dict]:
     """Per (model, case, seed set): SEG's best row (the one that stands best, then the lowest FID) and where it stands
     against the rivals with the same forward passes per image (``standing``: dominated, on their
     FID-accuracy frontier, or dominating them all) and against its rival at matched NFE and
-    effective strength; and the other method that stands best (then: lowest FID)."""
+    effective strength; and the other method that stands best (then: lowest FID). Ties: ``tie`` /
+    ``tie_acc`` where given, else the model's ``seed_spread`` where the rows hold a repeat, else
+    ``TIE_FID`` / ``TIE_ACC``."""
     out = []
     groups = sorted(
         {(r["model"], r["case"], r.get("seed_base", 0)) for r in rows if r.get("role") == "method"}
     )
+    spreads = {m: seed_spread(rows, m) for m in {g[0] for g in groups}}
     for model, case, base in groups:
+        spread = spreads[model] or {}
+        t = tie if tie is not None else spread.get("fid") or TIE_FID
+        ta = tie_acc if tie_acc is not None else spread.get("accuracy") or TIE_ACC
         sel = [
             r for r in rows if (r.get("model"), r.get("case"), r.get("seed_base", 0)) == (model, case, base)
         ]
         rivals = [r for r in sel if r.get("role") == "rival"]
         uncond = case == "unconditional"
 
-        def stand(row: dict, rivals: list[dict] = rivals) -> tuple[int, dict] | None:
+        def stand(
+            row: dict, rivals: list[dict] = rivals, t: float = t, ta: float = ta
+        ) -> tuple[int, dict] | None:
             # the sweep at the row's rival steps: its forward passes (SLG's window: the nearest)
             same = [r for r in rivals if _sweep(r) == row.get("rival_steps")]
-            return standing(row, same, tie, tie_acc) if same else None
+            return standing(row, same, t, ta) if same else None
 
         methods = [r for r in sel if r.get("role") == "method"]
         seg = [r for r in methods if r["method"] == "seg" and stand(r) is not None]
@@ -589,8 +620,8 @@ def case_verdicts(rows: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_A
         words = [f"SEG {_standing_words(level, rival, uncond)} at matched NFE"]
         if eff is not None:
             matched = best["rival"]
-            at = "beats" if dominates(best, matched, tie, tie_acc) else "loses to" if dominates(
-                matched, best, tie, tie_acc) else "ties"  # fmt: skip
+            at = "beats" if dominates(best, matched, t, ta) else "loses to" if dominates(
+                matched, best, t, ta) else "ties"  # fmt: skip
             words.append(f"{at} CFG at matched strength")
         out.append({
             "model": model, "case": case, "seed_base": base,
@@ -600,6 +631,7 @@ def case_verdicts(rows: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_A
             + ("" if best["rival"].get("accuracy") is None else f", acc {best['rival']['accuracy']:.2f}"),
             "verdict": "; ".join(words),
             "seg_standing": level,
+            "ties": {"fid": t, "accuracy": ta, "from": "repeat" if spreads[model] and tie is None else "default"},
             "other": "–" if other is None else
             f"{_short(other[1])} ({other[1]['nfe']:g}): {other[1]['fid']:.2f}{_acc(other[1])}: "
             f"{_standing_words(other[0][0], other[0][1], uncond)} ({_rival_label(other[0][1])}: "
@@ -609,16 +641,19 @@ def case_verdicts(rows: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_A
     return out
 
 
-def verdict_table(rows: list[dict], tie: float = TIE_FID, tie_acc: float = TIE_ACC) -> str:
+def verdict_table(rows: list[dict], tie: float | None = None, tie_acc: float | None = None) -> str:
     """Markdown of ``case_verdicts``: the README's verdict table."""
     lines = [
-        "| model | case | seeds | best SEG row (NFE): FID | the rival at matched NFE (the one that beats it; else the "
+        "| model | case | seeds (FID / accuracy ties) | best SEG row (NFE): FID | the rival at matched NFE (the one that beats it; else the "
         "best FID at its accuracy): FID | rival at matched NFE and strength: FID | verdict | the other method that stands best "
         "(NFE): FID: where it stands |",
         "|---" * 8 + "|",
     ]
     for v in case_verdicts(rows, tie, tie_acc):
-        lines.append(f"| {v['model']} | {v['case']} | {v['seed_base']} | {v['seg']} | {v['matched_nfe']} | "
+        ties = (
+            f"{v['seed_base']} (ties {v['ties']['fid']:g} / {v['ties']['accuracy']:g}, {v['ties']['from']})"
+        )
+        lines.append(f"| {v['model']} | {v['case']} | {ties} | {v['seg']} | {v['matched_nfe']} | "
                      f"{v['matched_strength']} | {v['verdict']} | {v['other']} |")  # fmt: skip
     return "\n".join(lines)
 

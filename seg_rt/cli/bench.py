@@ -133,7 +133,17 @@ def _add_guidance(bsub: argparse._SubParsersAction) -> None:
         help="measure nothing: print the per-case verdict table of these rows (and --plot them)",
     )
     p.add_argument(
-        "--tie", type=float, default=g.TIE_FID, help="the verdict table's ties: FID differences below this"
+        "--tie",
+        type=float,
+        default=None,
+        help="the verdict table's ties: FID differences below this (default: the model's seed-to-seed "
+        f"spread where the rows repeat seeds, else {g.TIE_FID:g})",
+    )
+    p.add_argument(
+        "--tie-acc",
+        type=float,
+        default=None,
+        help=f"... and accuracy differences below this (default: as --tie, else {g.TIE_ACC:g})",
     )
     p.add_argument("--plot", default="guidance.png", help="plot PNG path")
     p.add_argument(
@@ -155,14 +165,15 @@ def cmd_guidance(args) -> int:
 
     if args.report is not None:
         try:
-            if args.tie < 0:
-                raise ValueError(f"--tie must be >= 0, got {args.tie}")
+            for name, value in (("--tie", args.tie), ("--tie-acc", args.tie_acc)):
+                if value is not None and not value >= 0:
+                    raise ValueError(f"{name} must be >= 0, got {value:g}")
             rows = g.read_rows(args.report)
         except (OSError, ValueError) as exc:
             print(f"error: --report {args.report}: {exc}", file=sys.stderr)
             return 2
         g.plot(rows, args.plot)
-        print(g.verdict_table(rows, args.tie))
+        print(g.verdict_table(rows, args.tie, args.tie_acc))
         return 0
     try:
         kw = {
@@ -210,7 +221,7 @@ def cmd_guidance(args) -> int:
             sink.close()
     g.plot(rows, args.plot)
     print(g.table(rows), file=sys.stderr if args.json else sys.stdout)
-    print(g.verdict_table(rows, args.tie), file=sys.stderr if args.json else sys.stdout)
+    print(g.verdict_table(rows, args.tie, args.tie_acc), file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
