@@ -665,9 +665,10 @@ def _sweep(row: dict) -> int:
 
 def plot(rows: list[dict], path) -> None:
     """FID against distance to vanilla, one panel per (model, case): the CFG sweep (and vanilla at
-    more steps) as the rival curve, each method's scales as points."""
+    more steps) as the rival curve, each method's scales as points; seed set 0 only."""
     from .figure import figure
 
+    rows = [r for r in rows if not r.get("seed_base")]  # one seed set: a repeat's points would interleave
     panels = sorted({(r["model"], r["case"]) for r in rows})
     if not panels:
         return
