@@ -33,6 +33,7 @@ def test_smoke_counts_forward_passes_and_labels_every_row():
         scales=[2.0], sigmas=[math.inf], case_sigmas=[math.inf], cfg_scales=[2.0, 5.0], checkpoints=["final"],
     )  # fmt: skip
     for row in rows:
+        json.dumps(row, allow_nan=False)  # JSON has no infinity: σ = ∞ is "inf" (seg_sigma too)
         assert {"method", "nfe", "effective_strength", "fid", "precision", "recall", "diversity",
                 "dist_to_vanilla", "case", "model"} <= row.keys()  # fmt: skip
     by = {(r["case"], r["method"], r["steps"], r.get("role")): r for r in rows}
@@ -99,7 +100,13 @@ def test_cfg_modifiers_run_on_cfg_rows_at_their_scale_and_flow_only_ones_are_ski
     assert "| digits | conditional | apg cfg 3 | 6 |" in g.table(rows)
 
 
-def test_cli_rejects_bad_input_before_loading(capsys, monkeypatch):
+def bad_rows(folder, text: str):
+    path = folder / f"rows{abs(hash(text))}.jsonl"
+    path.write_text(text + "\n")
+    return path
+
+
+def test_cli_rejects_bad_input_before_loading(capsys, monkeypatch, tmp_path):
     """In-process (the CLI's own entry point; the subprocess run is the smoke test below), with the
     loaders made to fail: a bad value is refused before any model loads."""
     from seg_rt.cli import main
@@ -115,13 +122,27 @@ def test_cli_rejects_bad_input_before_loading(capsys, monkeypatch):
         (["--report", "/nonexistent/rows.jsonl"], "error: --report /nonexistent/rows.jsonl"),
         (["--report", __file__, "--tie", "-1"], "--tie must be >= 0, got -1"),
         (["--report", __file__, "--tie-acc", "nan"], "--tie-acc must be >= 0, got nan"),
+        (["--tie", "-1"], "--tie must be >= 0, got -1"),  # a measuring run too, before it measures
+        (["--report", str(bad_rows(tmp_path, "[1, 2]"))], "line 1 is not a bench guidance row"),
+        (
+            ["--report", str(bad_rows(tmp_path, '{"bench": "guidance", "role": "method", "method": "seg"}'))],
+            "line 1 ('seg' row) lacks model, case, steps",
+        ),
+        (
+            [
+                "--report",
+                str(bad_rows(tmp_path, '{"bench": "guidance", "role": "skipped", "method": "cfgzero"}')),
+            ],
+            "no seg method rows to judge",
+        ),
+        (["--report", str(bad_rows(tmp_path, "{not json"))], "error: --report"),
     ]:
         try:
             code = main(["bench", "guidance", *args])
         except SystemExit as exc:
             code = exc.code
         err = capsys.readouterr().err
-        assert code == 2 and message in err, (args, code, err)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, code, err)
 
 
 def test_cli_smoke_writes_json_lines_and_plot(tmp_path):
@@ -149,45 +170,53 @@ def test_dominance_with_ties_and_the_verdict_table():
     assert not g.dominates({"fid": 4.0, "accuracy": 0.80}, a, tie=0.5)
     assert g.dominates({"fid": 4.0}, {"fid": 5.0}, tie=0.5)  # unconditional: FID only
     common = {"model": "m", "case": "no-cfg", "sigma": "inf"}
+    rival = {"role": "rival", "cfg": 3.0, "steps": 6, "sweep_steps": 6, "nfe": 12}
     rivals = [
-        {"method": "vanilla", "role": "rival", "cfg": 1.0, "steps": 12, "sweep_steps": 6, "nfe": 12, "fid": 4.0,
-         "accuracy": 0.6},
-        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 6, "sweep_steps": 6, "nfe": 12, "fid": 5.0,
-         "accuracy": 0.9},
-        {"method": "cfg", "role": "rival", "cfg": 3.0, "steps": 3, "sweep_steps": 3, "nfe": 6, "fid": 1.0,
-         "accuracy": 0.99},
+        rival | {"method": "vanilla", "cfg": 1.0, "steps": 12, "fid": 4.0, "accuracy": 0.6},
+        rival | {"method": "cfg", "fid": 5.0, "accuracy": 0.9},
+        rival | {"method": "cfg", "cfg": 1.5, "fid": 2.5, "accuracy": 0.3},  # the lowest FID, less accurate
+        *[rival | {"method": "cfg", "cfg": c, "steps": 3, "sweep_steps": 3, "nfe": 6, "fid": 1.0, "accuracy": 0.99}
+          for c in (1.5, 3.0, 5.0)],  # another NFE: no rival of the 12-NFE rows
     ]  # fmt: skip
-    seg = {"role": "method", "steps": 6, "nfe": 12, "rival_steps": 6, "effective_strength": 1.2,
+    seg = {"role": "method", "steps": 6, "nfe": 12, "rival_steps": 6, "rival_nfe": 12, "effective_strength": 1.2,
            "beyond_sweep": False, "rival": {"fid": 6.0, "accuracy": 0.6}}  # fmt: skip
     methods = [
-        seg | {"method": "seg", "scale": 1.0, "fid": 3.0, "accuracy": 0.5},  # lowest FID: on the frontier
+        seg | {"method": "seg", "scale": 1.0, "fid": 3.0, "accuracy": 0.5},  # on the frontier
         seg | {"method": "seg", "scale": 3.0, "fid": 6.0, "accuracy": 0.8},  # CFG 3 beats it
-        seg | {"method": "tpg", "scale": 1.0, "fid": 3.5, "accuracy": 0.95},  # beats both rivals at 12
+        seg | {"method": "tpg", "scale": 1.0, "fid": 2.6, "accuracy": 0.95},  # beats every 12-NFE rival
         seg | {"method": "pag", "scale": 1.0, "fid": 2.0, "accuracy": 0.3},
     ]
+    rivals = [r | {"scale": r["cfg"]} for r in rivals]
     rows = [common | r for r in rivals + methods]
     rows += [
         r | {"seed_base": 1000, "accuracy": 0.2} if r["method"] == "seg" else r | {"seed_base": 1000}
         for r in rows
     ]
-    # the synthetic repeat differs only in SEG's accuracy: its spread (p90 of 7 pairs) is 0.6 and FID 0
-    assert g.seed_spread(rows, "m") == {"fid": 0.0, "accuracy": 0.6, "pairs": 7}
-    first, second = g.case_verdicts(rows, tie=g.TIE_FID, tie_acc=g.TIE_ACC)
-    assert first["seg"] == "seg σ=inf s=1 (12): 3.00, acc 0.50"  # not dominated; the 6-NFE rival is no rival
-    assert first["matched_nfe"] == "vanilla, 12 steps (12): 4.00, acc 0.60"  # the best FID at >= its accuracy
+    # the repeat differs only in SEG's two rows' accuracy: p90 of 10 pairs' differences (the 10th), 0.6; FID 0
+    assert g.seed_spread(rows, "m") == {"fid": 0.0, "accuracy": 0.6, "pairs": 10}
+    assert g.seed_spread(rows[:-1], "m") is None  # 9 pairs: too few to read a spread from
+    first, second = g.case_verdicts(rows, tie=0.4, tie_acc=0.015)
+    assert (
+        first["seg"] == "seg σ=inf s=1 (12): 3.00, acc 0.50"
+    )  # not dominated; the 6-NFE rivals are no rivals
+    # the best FID among the rivals at least as accurate, not the lowest FID (CFG 1.5: 2.5 at 0.3)
+    assert first["matched_nfe"] == "vanilla, 12 steps (12): 4.00, acc 0.60"
     assert first["matched_strength"] == "CFG 1.2: 6.00, acc 0.60"
     assert first["verdict"] == (
         "SEG is on the rivals' frontier (none is better on both FID and accuracy) at matched NFE; "
         "ties CFG at matched strength"
     )
-    assert first["other"].startswith("tpg s=1 (12): 3.50, acc 0.95: beats every rival")
-    # with both SEG rows at accuracy 0.2, vanilla (4.0 / 0.6) and CFG 3 beat the 6.0 row; the 3.0 row
-    # trades FID for accuracy against vanilla
+    assert first["other"].startswith("tpg s=1 (12): 2.60, acc 0.95: beats every rival")
+    # both SEG rows at accuracy 0.2: CFG 1.5 (2.5 / 0.3) beats the 3.0 row, it and the others the 6.0 row
     assert second["seed_base"] == 1000 and second["seg"].startswith("seg σ=inf s=1 (12): 3.00")
-    assert g.case_verdicts(rows, tie=2.0, tie_acc=g.TIE_ACC)[0]["verdict"].startswith(
+    assert second["verdict"].startswith("SEG loses to CFG 1.5 at matched NFE")
+    assert g.case_verdicts(rows, tie=2.0, tie_acc=0.015)[0]["verdict"].startswith(
         "SEG loses to vanilla at matched NFE"
     )
-    assert g.verdict_table(rows, 0.4, 0.015).count(
-        "\n"
-    ) == 3 and "| 1000 (ties 0.4 / 0.015, default) |" in g.verdict_table(rows, 0.4, 0.015)
-    assert "| 0 (ties 0.4 / 0.6, repeat) |" in g.verdict_table(rows)  # FID 0 -> the default 0.4
+    table = g.verdict_table(rows, 0.4, 0.015)
+    assert table.count("\n") == 3 and "| 1000 (ties 0.4 given / 0.015 given) |" in table
+    assert "| 0 (ties 0.4 default / 0.6 repeat) |" in g.verdict_table(rows)  # a spread of 0 is no tie
+    # an older row file: no sweep_steps, the prompt case's vanilla at the sweep's steps (half the NFE)
+    old = [{k: v for k, v in r.items() if k != "sweep_steps"} for r in rows if not r.get("seed_base")]
+    old[0] |= {"steps": 6, "nfe": 6}
+    assert g.case_verdicts(old, 0.4, 0.015)[0]["matched_nfe"].startswith("CFG 3, 6 steps (12): 5.00")

@@ -293,7 +293,8 @@ class _Case:
             )
             fake = features(self.clf, x, self.subj.label_head, self.labels)
             row = {**self.common, "method": name, "scale": scale, "sigma": sigma_to_json(sigma), "steps": steps,
-                   "nfe": round(nfe, 3), "nfe_per_step": round(nfe / steps, 3), **settings,
+                   "nfe": round(nfe, 3), "nfe_per_step": round(nfe / steps, 3),
+                   **{k: sigma_to_json(v) if k == "seg_sigma" else v for k, v in settings.items()},
                    "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
             self.cache[key] = {"fake": fake, "row": row}
         return self.cache[key]
@@ -560,22 +561,39 @@ def _p90(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))]
 
 
+MIN_PAIRS = 10  # a spread from fewer repeated rows is not used (its "p90" would be their maximum)
+
+
+def _finite(r: dict) -> bool:
+    return isinstance(r.get("fid"), (int, float)) and math.isfinite(r["fid"])
+
+
 def seed_spread(rows: list[dict], model: str) -> dict | None:
     """The seed-to-seed spread of ``model``'s rows: the 90th percentile of |FID| and |accuracy|
     differences between each row of seed set 0 and the same row (case, method, scale, σ, steps,
-    role) of another seed set; None without a repeat."""
+    role, samples) of another seed set; None with fewer than ``MIN_PAIRS`` such pairs."""
 
     def key(r: dict) -> tuple:
-        return r["case"], r["method"], r.get("scale"), r.get("sigma"), r.get("steps"), r.get("role")
+        return (r["case"], r["method"], r.get("scale"), r.get("sigma"), r.get("steps"), r.get("role"),
+                r.get("samples"))  # fmt: skip
 
-    mine = [r for r in rows if r.get("model") == model and r.get("fid") is not None]
+    mine = [r for r in rows if r.get("model") == model and _finite(r)]
     first = {key(r): r for r in mine if r.get("seed_base", 0) == 0}
     pairs = [(first[key(r)], r) for r in mine if r.get("seed_base", 0) != 0 and key(r) in first]
-    if not pairs:
+    if len(pairs) < MIN_PAIRS:
         return None
-    accs = [abs(a["accuracy"] - b["accuracy"]) for a, b in pairs if a.get("accuracy") is not None]
+    accs = [abs(a["accuracy"] - b["accuracy"]) for a, b in pairs
+            if a.get("accuracy") is not None and b.get("accuracy") is not None]  # fmt: skip
     return {"fid": round(_p90([abs(a["fid"] - b["fid"]) for a, b in pairs]), 3),
             "accuracy": round(_p90(accs), 3) if accs else None, "pairs": len(pairs)}  # fmt: skip
+
+
+def _tie(given: float | None, spread: float | None, default: float) -> tuple[float, str]:
+    if given is not None:
+        return given, "given"
+    if spread:  # a spread of 0 (identical repeats) is no tie to read differences against
+        return spread, "repeat"
+    return default, "default"
 
 
 def case_verdicts(rows: list[dict], tie: float | None = None, tie_acc: float | None = None) -> list[dict]:
@@ -592,11 +610,14 @@ def case_verdicts(rows: list[dict], tie: float | None = None, tie_acc: float | N
     spreads = {m: seed_spread(rows, m) for m in {g[0] for g in groups}}
     for model, case, base in groups:
         spread = spreads[model] or {}
-        t = tie if tie is not None else spread.get("fid") or TIE_FID
-        ta = tie_acc if tie_acc is not None else spread.get("accuracy") or TIE_ACC
+        (t, t_from), (ta, ta_from) = (
+            _tie(tie, spread.get("fid"), TIE_FID),
+            _tie(tie_acc, spread.get("accuracy"), TIE_ACC),
+        )
         sel = [
             r for r in rows if (r.get("model"), r.get("case"), r.get("seed_base", 0)) == (model, case, base)
         ]
+        sel = [r for r in sel if _finite(r)]
         rivals = [r for r in sel if r.get("role") == "rival"]
         uncond = case == "unconditional"
 
@@ -604,7 +625,12 @@ def case_verdicts(rows: list[dict], tie: float | None = None, tie_acc: float | N
             row: dict, rivals: list[dict] = rivals, t: float = t, ta: float = ta
         ) -> tuple[int, dict] | None:
             # the sweep at the row's rival steps: its forward passes (SLG's window: the nearest)
-            same = [r for r in rivals if _sweep(r) == row.get("rival_steps")]
+            # (older rows without sweep_steps: a prompt case's vanilla ran at the sweep's steps, half its NFE)
+            same = [
+                r
+                for r in rivals
+                if _sweep(r) == row.get("rival_steps") and r["nfe"] == row.get("rival_nfe", r["nfe"])
+            ]
             return standing(row, same, t, ta) if same else None
 
         methods = [r for r in sel if r.get("role") == "method"]
@@ -631,7 +657,7 @@ def case_verdicts(rows: list[dict], tie: float | None = None, tie_acc: float | N
             + ("" if best["rival"].get("accuracy") is None else f", acc {best['rival']['accuracy']:.2f}"),
             "verdict": "; ".join(words),
             "seg_standing": level,
-            "ties": {"fid": t, "accuracy": ta, "from": "repeat" if spreads[model] and tie is None else "default"},
+            "ties": {"fid": t, "fid_from": t_from, "accuracy": ta, "accuracy_from": ta_from},
             "other": "–" if other is None else
             f"{_short(other[1])} ({other[1]['nfe']:g}): {other[1]['fid']:.2f}{_acc(other[1])}: "
             f"{_standing_words(other[0][0], other[0][1], uncond)} ({_rival_label(other[0][1])}: "
@@ -650,8 +676,9 @@ def verdict_table(rows: list[dict], tie: float | None = None, tie_acc: float | N
         "|---" * 8 + "|",
     ]
     for v in case_verdicts(rows, tie, tie_acc):
+        t = v["ties"]
         ties = (
-            f"{v['seed_base']} (ties {v['ties']['fid']:g} / {v['ties']['accuracy']:g}, {v['ties']['from']})"
+            f"{v['seed_base']} (ties {t['fid']:g} {t['fid_from']} / {t['accuracy']:g} {t['accuracy_from']})"
         )
         lines.append(f"| {v['model']} | {v['case']} | {ties} | {v['seg']} | {v['matched_nfe']} | "
                      f"{v['matched_strength']} | {v['verdict']} | {v['other']} |")  # fmt: skip
@@ -701,6 +728,23 @@ def plot(rows: list[dict], path) -> None:
             ax.legend(fontsize=6)
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
+
+
+REPORT_KEYS = ("model", "case", "method", "role", "steps", "nfe", "fid", "sigma", "scale")
+
+
+def check_rows(rows: list) -> None:
+    """``--report``'s input: bench guidance rows with the keys the verdict and the plot read, and at
+    least one SEG row to judge; a ValueError naming the first line that is not."""
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or r.get("bench") != "guidance":
+            raise ValueError(f"line {i} is not a bench guidance row")
+        if r.get("role") in ("method", "rival", "anchor"):
+            missing = [k for k in REPORT_KEYS if k not in r]
+            if missing:
+                raise ValueError(f"line {i} ({r.get('method')!r} row) lacks {', '.join(missing)}")
+    if not any(r.get("role") == "method" and r.get("method") == "seg" for r in rows):
+        raise ValueError("no seg method rows to judge")
 
 
 def read_rows(path: str | Path) -> list[dict]:

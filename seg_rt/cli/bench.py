@@ -163,13 +163,15 @@ def _floats(value: str, what: str) -> list[float]:
 def cmd_guidance(args) -> int:
     from seg_rt.bench import guidance as g
 
+    for name, value in (("--tie", args.tie), ("--tie-acc", args.tie_acc)):
+        if value is not None and not value >= 0:
+            print(f"error: {name} must be >= 0, got {value:g}", file=sys.stderr)
+            return 2
     if args.report is not None:
         try:
-            for name, value in (("--tie", args.tie), ("--tie-acc", args.tie_acc)):
-                if value is not None and not value >= 0:
-                    raise ValueError(f"{name} must be >= 0, got {value:g}")
             rows = g.read_rows(args.report)
-        except (OSError, ValueError) as exc:
+            g.check_rows(rows)
+        except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             print(f"error: --report {args.report}: {exc}", file=sys.stderr)
             return 2
         g.plot(rows, args.plot)
