@@ -6,7 +6,6 @@ compared (``seg_rt.bench.timing``)."""
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -19,7 +18,7 @@ from seg_rt.bench.parallel import bench_branch_parallel
 from seg_rt.bench.timing import alternating_ratio, percentiles
 from seg_rt.cluster.jobs.driver import completed, run_job, start_ray
 from seg_rt.cluster.jobs.spec import parse_job
-from seg_rt.cluster.localcluster import start_local_cluster
+from seg_rt.cluster.localcluster import free_ports, start_local_cluster
 from seg_rt.optional import require
 from seg_rt.pipeline import generate, load_pipeline
 from seg_rt.tiny import save_tiny_pipeline
@@ -119,9 +118,7 @@ def bench_serve(
 
     with tempfile.TemporaryDirectory() as tmp:
         model = str(save_tiny_pipeline("sdxl", f"{tmp}/model"))
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        (port,) = free_ports(1)
         ray = start_ray(None, num_cpus=2, temp_dir=tempfile.mkdtemp(prefix="segrt-bench-", dir="/tmp"))
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
