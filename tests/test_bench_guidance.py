@@ -147,16 +147,20 @@ def test_cli_rejects_bad_input_before_loading(capsys, monkeypatch, tmp_path):
 
 def test_cli_smoke_writes_json_lines_and_plot(tmp_path):
     out, plot = tmp_path / "rows.jsonl", tmp_path / "g.png"
-    r = run_cli("bench", "guidance", "--models", "digits", "--checkpoints", "final", "--cases", "no-cfg", "--methods", "pag",
+    r = run_cli("bench", "guidance", "--models", "digits", "--checkpoints", "final", "--cases", "no-cfg", "--methods", "seg", "--case-sigmas", "inf",
                 "--samples", 8, "--steps", 2, "--scales", 2, "--cfg-scales", 3, "--json", "--out", out,
                 "--plot", plot)  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert rows == g.read_rows(out)
     assert [(row["method"], row["role"]) for row in rows] == [
-        ("vanilla", "anchor"), ("vanilla", "rival"), ("cfg", "rival"), ("pag", "method"),
+        ("vanilla", "anchor"), ("vanilla", "rival"), ("cfg", "rival"), ("seg", "method"),
     ]  # fmt: skip
     assert plot.stat().st_size > 1000
+    # --report measures nothing and writes no plot unless asked: the table from the rows
+    r = run_cli("bench", "guidance", "--report", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| digits | no-cfg |" in r.stdout and not (tmp_path / "guidance.png").exists()
 
 
 def test_dominance_with_ties_and_the_verdict_table():

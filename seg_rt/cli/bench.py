@@ -145,7 +145,11 @@ def _add_guidance(bsub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"... and accuracy differences below this (default: as --tie, else {g.TIE_ACC:g})",
     )
-    p.add_argument("--plot", default="guidance.png", help="plot PNG path")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="plot PNG path (default: guidance.png; with --report: no plot unless given)",
+    )
     p.add_argument(
         "--out", default=None, help="also append each row to this JSON-lines file as it is measured"
     )
@@ -174,7 +178,8 @@ def cmd_guidance(args) -> int:
         except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
             print(f"error: --report {args.report}: {exc}", file=sys.stderr)
             return 2
-        g.plot(rows, args.plot)
+        if args.plot is not None:
+            g.plot(rows, args.plot)
         print(g.verdict_table(rows, args.tie, args.tie_acc))
         return 0
     try:
@@ -221,7 +226,7 @@ def cmd_guidance(args) -> int:
     finally:
         if sink is not None:
             sink.close()
-    g.plot(rows, args.plot)
+    g.plot(rows, args.plot or "guidance.png")
     print(g.table(rows), file=sys.stderr if args.json else sys.stdout)
     print(g.verdict_table(rows, args.tie, args.tie_acc), file=sys.stderr if args.json else sys.stdout)
     return 0
