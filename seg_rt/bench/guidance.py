@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from seg_rt.config import sigma_label, sigma_to_json
+from seg_rt.config import parse_sigma, sigma_label, sigma_to_json
 
 from .quality import score, to_classifier_input
 
@@ -453,9 +453,7 @@ def label(row: dict) -> str:
         return "vanilla"
     if m in METHODS and METHODS[m].modifier:
         return f"{m} cfg {row['scale']:g}"
-    sig = (
-        f" σ={sigma_label(float(row['sigma']) if row['sigma'] != 'inf' else math.inf)}" if "seg" in m else ""
-    )
+    sig = f" σ={sigma_label(parse_sigma(row['sigma']))}" if "seg" in m else ""
     return f"{m}{sig} {row['scale']:g}"
 
 
@@ -483,21 +481,18 @@ def table(rows: list[dict]) -> str:
 
 
 SEG_FAMILY = ("seg", "seg-uncond", "seg-every2", "seg-window")
-TIE_FID = (
-    0.4  # the verdict table's "ties": FID differences below this (digits, 500 samples: seed-to-seed p90 0.43)
-)
+# the verdict table's "ties" without a repeat to read them from: FID and accuracy differences below
+# these (digits, 500 samples: seed-to-seed p90 0.43 / 0.014)
+TIE_FID = 0.4
+TIE_ACC = 0.015
 
 
 def _short(row: dict) -> str:
     """A method row in the verdict table: ``seg σ=2 s=3``, ``tpg s=1``, ``apg cfg 3``."""
     if row["method"] in METHODS and METHODS[row["method"]].modifier:
         return label(row)
-    sig = f" σ={sigma_label(_sigma(row))}" if row["method"] in SEG_FAMILY else ""
+    sig = f" σ={sigma_label(parse_sigma(row['sigma']))}" if row["method"] in SEG_FAMILY else ""
     return f"{row['method']}{sig} s={row['scale']:g}"
-
-
-def _sigma(row: dict) -> float:
-    return math.inf if row["sigma"] == "inf" else float(row["sigma"])
 
 
 def _rival_label(row: dict) -> str:
@@ -510,9 +505,6 @@ def _rival_label(row: dict) -> str:
 
 def _acc(row: dict) -> str:
     return "" if row.get("accuracy") is None else f", acc {row['accuracy']:.2f}"
-
-
-TIE_ACC = 0.015  # ... and accuracy differences below this (digits, 500 samples: seed-to-seed p90 0.014)
 
 
 def dominates(a: dict, b: dict, tie: float = TIE_FID, tie_acc: float = TIE_ACC) -> bool:
@@ -596,6 +588,18 @@ def _tie(given: float | None, spread: float | None, default: float) -> tuple[flo
     return default, "default"
 
 
+def _stand(row: dict, rivals: list[dict], tie: float, tie_acc: float) -> tuple[int, dict] | None:
+    """``standing`` against the sweep at the row's rival steps with its forward passes (SLG's window:
+    the nearest sweep); None without one. (Older rows lack ``sweep_steps``: there a prompt case's
+    vanilla ran at the sweep's steps, half the NFE, and is no rival.)"""
+    same = [
+        r
+        for r in rivals
+        if _sweep(r) == row.get("rival_steps") and r["nfe"] == row.get("rival_nfe", r["nfe"])
+    ]
+    return standing(row, same, tie, tie_acc) if same else None
+
+
 def case_verdicts(rows: list[dict], tie: float | None = None, tie_acc: float | None = None) -> list[dict]:
     """Per (model, case, seed set): SEG's best row (the one that stands best, then the lowest FID) and where it stands
     against the rivals with the same forward passes per image (``standing``: dominated, on their
@@ -615,32 +619,21 @@ def case_verdicts(rows: list[dict], tie: float | None = None, tie_acc: float | N
             _tie(tie_acc, spread.get("accuracy"), TIE_ACC),
         )
         sel = [
-            r for r in rows if (r.get("model"), r.get("case"), r.get("seed_base", 0)) == (model, case, base)
-        ]
-        sel = [r for r in sel if _finite(r)]
+            r for r in rows
+            if (r.get("model"), r.get("case"), r.get("seed_base", 0)) == (model, case, base) and _finite(r)
+        ]  # fmt: skip
         rivals = [r for r in sel if r.get("role") == "rival"]
         uncond = case == "unconditional"
 
-        def stand(
-            row: dict, rivals: list[dict] = rivals, t: float = t, ta: float = ta
-        ) -> tuple[int, dict] | None:
-            # the sweep at the row's rival steps: its forward passes (SLG's window: the nearest)
-            # (older rows without sweep_steps: a prompt case's vanilla ran at the sweep's steps, half its NFE)
-            same = [
-                r
-                for r in rivals
-                if _sweep(r) == row.get("rival_steps") and r["nfe"] == row.get("rival_nfe", r["nfe"])
-            ]
-            return standing(row, same, t, ta) if same else None
-
-        methods = [r for r in sel if r.get("role") == "method"]
-        seg = [r for r in methods if r["method"] == "seg" and stand(r) is not None]
+        stood = [
+            (st, r) for r in sel if r.get("role") == "method" and (st := _stand(r, rivals, t, ta)) is not None
+        ]
+        seg = [(st, r) for st, r in stood if r["method"] == "seg"]
         if not seg:
             continue
-        best = min(seg, key=lambda r: (-stand(r)[0], r["fid"]))
-        level, rival = stand(best)
-        others = [(stand(r), r) for r in methods if r["method"] not in SEG_FAMILY and stand(r) is not None]
-        other = min(others, key=lambda t: (-t[0][0], t[1]["fid"])) if others else None
+        (level, rival), best = min(seg, key=lambda sr: (-sr[0][0], sr[1]["fid"]))
+        others = [(st, r) for st, r in stood if r["method"] not in SEG_FAMILY]
+        other = min(others, key=lambda sr: (-sr[0][0], sr[1]["fid"])) if others else None
         eff = best["effective_strength"]
         strength = "–" if eff is None else f"CFG {eff:g}" + ("*" if best.get("beyond_sweep") else "")
         words = [f"SEG {_standing_words(level, rival, uncond)} at matched NFE"]
