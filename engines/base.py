@@ -25,13 +25,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from seg_rt.artifacts import ArtifactInfo, read_info
+from seg_rt.artifacts import FORK_SOURCE, ArtifactInfo, read_info
 from seg_rt.blur import blur_matrix, is_infinite
 from seg_rt.config import check_sigma
 from seg_rt.sampler import row_layout
 
 BLUR_INPUT_PREFIX = "seg_blur_"  # runtime-σ exports take one blur matrix per axis length
-FORK_SOURCE_INPUT = "fork_source"  # fork exports: which prefix rows the forked rows copy (int64 [K])
 
 
 @dataclass(frozen=True)
@@ -200,9 +199,12 @@ def pad_rows(inputs: Mapping[str, Tensor], rows: int) -> dict[str, Tensor]:
     return out
 
 
-def fork_feed(inputs: Mapping[str, Tensor], prefix: int, forked: int) -> tuple[dict[str, Tensor], Tensor]:
+def fork_feed(
+    inputs: Mapping[str, Tensor], prefix: int, forked: int
+) -> tuple[dict[str, Tensor], Tensor, int]:
     """A request → the feed of a fork engine (``seg_rt.export.fork``: ``prefix`` rows in, ``forked``
-    rows gathered by ``fork_source``) and the engine output rows that answer it, in request order.
+    rows gathered by ``fork_source``), the engine output rows that answer it, in request order, and
+    how many of the fork rows it uses (0: the fork rows are all padding).
 
     The request's host layout (``seg_rt.sampler.RowLayout``) decides: perturbed rows last whose source
     rows come before them (batched SEG: CFG+SEG, SEG without CFG, PAG rows) fork off those rows; any
@@ -244,26 +246,31 @@ def fork_feed(inputs: Mapping[str, Tensor], prefix: int, forked: int) -> tuple[d
             torch.zeros(forked - k, dtype=torch.bool, device=dev),
         ]
     )
-    feed[FORK_SOURCE_INPUT] = torch.tensor(source + [0] * (forked - k), dtype=torch.int64)
+    feed[FORK_SOURCE] = torch.tensor(source + [0] * (forked - k), dtype=torch.int64)
     pick = torch.tensor(list(range(p)) + list(range(prefix, prefix + k)), dtype=torch.int64)
-    return feed, pick
+    return feed, pick, k
 
 
 class FixedShapeDenoiser(Denoiser):
     """An engine over a seg-rt export folder (``seg_rt.json`` + model file) with fixed shapes.
 
     Subclasses load ``self.path`` after ``super().__init__``, end their ``__init__`` with
-    ``self.configure(self.sigma)``, and implement ``_set_blur`` (take the runtime blur matrices)
-    and ``_run`` (one forward on exactly the engine's shapes). Requests with fewer rows than the
-    engine batch are padded (extra rows unperturbed) and the padding is cut off the result.
+    ``self._open_twin(...)`` and ``self.configure(self.sigma)``, and implement ``_set_blur`` (take the
+    runtime blur matrices), ``_run`` (one forward on exactly the engine's shapes) and ``_release``.
+    Requests with fewer rows than the engine batch are padded (extra rows unperturbed) and the padding
+    is cut off the result. A fork export's unforked twin (``ArtifactInfo.twin_file``) is a second
+    engine of the same class (``self.twin``) that runs the steps without perturbed rows, so they do
+    not pay for the fork graph's padded fork rows.
     """
 
     kind: ClassVar[str]  # the sidecar kind this engine runs ("onnx", "tensorrt")
     file_label: ClassVar[str]  # what the model file is called in errors ("ONNX model", ...)
+    twin: FixedShapeDenoiser | None = None
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, info: ArtifactInfo | None = None) -> None:
+        """``info``: the description to load instead of the folder's sidecar (a fork export's twin)."""
         self.folder = Path(folder)
-        self.info: ArtifactInfo = read_info(self.folder)
+        self.info: ArtifactInfo = read_info(self.folder) if info is None else info
         if self.info.kind != self.kind:
             raise ValueError(
                 f"{str(self.folder)!r} holds a {self.info.kind} artifact; this engine runs {self.kind} artifacts"
@@ -278,11 +285,18 @@ class FixedShapeDenoiser(Denoiser):
     def images_per_run(self) -> int:
         return self.info.batch
 
+    def _open_twin(self, **options) -> None:
+        """Load the twin of a fork export with this engine's ``options`` (none for other exports)."""
+        if self.info.twin_file is not None:
+            self.twin = type(self)(self.folder, info=self.info.twin(), **options)
+
     def configure(self, sigma: float, layers: Sequence[str] | None = None) -> None:
         """Check σ and the SEG layers against the export; feed σ's blur matrices (runtime-σ exports)."""
         self._check_open()
         check_artifact_config(self.info, sigma, layers)
         self._set_blur(blur_inputs(self.info, sigma))
+        if self.twin is not None:
+            self.twin.configure(sigma, layers)
         self.sigma = float(sigma)
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> Tensor:
@@ -295,17 +309,30 @@ class FixedShapeDenoiser(Denoiser):
         missing = [
             n
             for n in self.info.input_names
-            if not n.startswith(BLUR_INPUT_PREFIX) and n != FORK_SOURCE_INPUT and n not in inputs
+            if not n.startswith(BLUR_INPUT_PREFIX) and n != FORK_SOURCE and n not in inputs
         ]
         if missing:
             raise ValueError(f"engine input(s) {', '.join(missing)} missing from the request")
         if self.info.fork_rows is not None:  # in-graph fork: the layout is data (fork_feed)
-            feed, pick = fork_feed(inputs, self.info.prefix_rows, self.info.fork_rows)
-            out = self._run(feed)
-            out = out.index_select(0, pick.to(out.device))
+            feed, pick, forked = fork_feed(inputs, self.info.prefix_rows, self.info.fork_rows)
+            if forked == 0 and self.twin is not None:  # no perturbed row to fork: the unforked twin
+                out = self.twin._run(pad_rows(inputs, self.twin.info.rows))[:rows]
+            else:
+                out = self._run(feed)
+                out = out.index_select(0, pick.to(out.device))
         else:
             out = self._run(pad_rows(inputs, want))[:rows]  # fixed shape: pad, then cut the padding off
         return out.to(device=sample.device, dtype=sample.dtype)
+
+    def close(self) -> None:
+        if self.twin is not None:
+            self.twin.close()
+        self._release()
+        self.closed = True
+
+    @abstractmethod
+    def _release(self) -> None:
+        """Drop what this engine holds (sessions, GPU buffers); the twin is closed by ``close``."""
 
     @abstractmethod
     def _set_blur(self, matrices: Mapping[str, Tensor]) -> None:

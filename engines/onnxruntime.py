@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from seg_rt.artifacts import ArtifactInfo
 from seg_rt.errors import EnvironmentUnavailable, first_line
 from seg_rt.optional import require
 
@@ -49,9 +50,10 @@ class OnnxRuntimeDenoiser(FixedShapeDenoiser):
         providers: Sequence[str] = ("CPUExecutionProvider",),
         threads: int | None = None,
         optimization: str = "all",
+        info: ArtifactInfo | None = None,
     ) -> None:
         ort = require("onnxruntime", "ONNX Runtime engines")
-        super().__init__(folder)
+        super().__init__(folder, info)
         options = ort.SessionOptions()
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -87,6 +89,7 @@ class OnnxRuntimeDenoiser(FixedShapeDenoiser):
         )
         self.input_types = {i.name: _NP.get(i.type, np.float32) for i in self.session.get_inputs()}
         self._blur: dict[str, np.ndarray] = {}
+        self._open_twin(providers=providers, threads=threads, optimization=optimization)
         self.configure(self.sigma)
 
     def _set_blur(self, matrices: Mapping[str, Tensor]) -> None:
@@ -127,7 +130,6 @@ class OnnxRuntimeDenoiser(FixedShapeDenoiser):
         self.session.run_with_iobinding(binding)
         return out
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self.session = None
         self._blur = {}
-        self.closed = True

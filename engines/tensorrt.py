@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from seg_rt.artifacts import ArtifactInfo
 from seg_rt.errors import EnvironmentUnavailable
 from seg_rt.optional import require
 
@@ -25,11 +26,18 @@ class TensorRTDenoiser(FixedShapeDenoiser):
     kind = "tensorrt"
     file_label = "TensorRT engine"
 
-    def __init__(self, folder: str | Path, *, cuda_graph: bool = False, device: int = 0) -> None:
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        cuda_graph: bool = False,
+        device: int = 0,
+        info: ArtifactInfo | None = None,
+    ) -> None:
         trt = require("tensorrt", "TensorRT engines")
         if not torch.cuda.is_available():
             raise EnvironmentUnavailable("TensorRT engines need an NVIDIA GPU; none is visible")
-        super().__init__(folder)
+        super().__init__(folder, info)
         self.device = torch.device("cuda", device)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -48,6 +56,7 @@ class TensorRTDenoiser(FixedShapeDenoiser):
         self.stream = torch.cuda.Stream(self.device)
         self.cuda_graph = cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._open_twin(cuda_graph=cuda_graph, device=device)
         self.configure(self.sigma)
 
     def _set_blur(self, matrices: Mapping[str, Tensor]) -> None:
@@ -77,12 +86,11 @@ class TensorRTDenoiser(FixedShapeDenoiser):
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return self.buffers[self.info.output_names[0]].clone()  # the next run overwrites the buffer
 
-    def close(self) -> None:
+    def _release(self) -> None:
         self._graph = None
         self.context = None
         self.engine = None
         self.buffers = {}
-        self.closed = True
 
 
 def _torch_dtype(trt, dtype) -> torch.dtype:

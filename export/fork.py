@@ -22,10 +22,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from seg_rt.artifacts import FORK_SOURCE
 from seg_rt.denoiser import SEGUNet, SharedPrefix
 from seg_rt.prefix import Fork, TransformerFork
-
-FORK_SOURCE = "fork_source"
 
 
 class ForkPlan:
@@ -106,3 +105,12 @@ def fork_inputs(inputs: dict[str, Tensor], prefix: int, batch: int) -> tuple[dic
         for k, v in inputs.items()
     }
     return graph, plain
+
+
+def twin_inputs(inputs: dict[str, Tensor], prefix: int) -> dict[str, Tensor]:
+    """Full-batch export inputs → the unforked twin's (``ArtifactInfo.twin``): the ``prefix`` rows, the
+    first one perturbed (as SEG in the uncond row or a sequential SEG branch would have it), so the
+    twin's validation covers its blur."""
+    twin = {k: v[:prefix] for k, v in inputs.items()}
+    twin["seg_mask"] = torch.arange(prefix) == 0
+    return twin

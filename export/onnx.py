@@ -29,11 +29,12 @@ from seg_rt.families import REGISTRY, family_of
 from seg_rt.optional import require
 from seg_rt.params import check_size
 
-from .fork import ForkGraph, ForkPlan, fork_inputs
+from .fork import ForkGraph, ForkPlan, fork_inputs, twin_inputs
 
 logger = logging.getLogger(__name__)
 
 ONNX_FILE = "denoiser.onnx"
+TWIN_FILE = "denoiser_twin.onnx"  # a fork export's unforked twin (ArtifactInfo.twin_file)
 OUTPUT_NAME = "out_sample"
 TWO_GB = 2 * 1024**3
 
@@ -110,19 +111,24 @@ def export_onnx(
     plan = None
     try:
         prefix = rows - batch  # every unperturbed row of the layout
-        plan = ForkPlan(model, prefix, batch) if fork else None
+        fork_block = None
+        if fork:  # refuses (one line) a model that cannot fork, before any tracing; installed later
+            check = ForkPlan(model, prefix, batch)
+            fork_block = check.block
+            check.remove()
         model.to(dtype)
-        inputs = family.export_inputs(pipe, model, rows, batch, height, width, dtype)
+        full = family.export_inputs(pipe, model, rows, batch, height, width, dtype)
         with torch.no_grad():
-            model(inputs)  # records each SEG layer's token grid at these shapes
-        reference = None
-        if plan is not None:
-            inputs, reference = fork_inputs(inputs, prefix, batch)
+            model(full)  # records each SEG layer's token grid at these shapes
         blur_lengths = sorted({n for grid in model.grids() for n in grid}) if sigma is None else []
-        for n in blur_lengths:
-            inputs[f"seg_blur_{n}"] = blur_matrix(n, 1.0).to(dtype)
-            if reference is not None:
-                reference[f"seg_blur_{n}"] = inputs[f"seg_blur_{n}"]
+        blurs = {f"seg_blur_{n}": blur_matrix(n, 1.0).to(dtype) for n in blur_lengths}
+        if fork:
+            inputs, reference = fork_inputs(full, prefix, batch)
+            reference |= blurs
+            twin = twin_inputs(full, prefix) | blurs
+        else:
+            inputs, reference, twin = full, None, None
+        inputs |= blurs
         names = list(inputs)
         info = ArtifactInfo(
             kind="onnx",
@@ -144,15 +150,29 @@ def export_onnx(
             opset=opset,
             file=ONNX_FILE,
             versions=_versions(__version__),
-            fork_block=None if plan is None else plan.block,
-            prefix_rows=None if plan is None else prefix,
-            fork_rows=None if plan is None else batch,
+            fork_block=fork_block,
+            prefix_rows=prefix if fork else None,
+            fork_rows=batch if fork else None,
+            twin_file=TWIN_FILE if fork else None,
         )
-        graph = _Graph(model, names, blur_lengths) if plan is None else ForkGraph(plan, names, blur_lengths)
         with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
+            validation = None
+            if fork:  # the twin first: traced while no fork hooks are installed
+                twin_info = info.twin()
+                twin_graph = _Graph(model, list(twin), blur_lengths).eval()
+                _trace_and_save(twin_graph, twin, list(twin), twin_info, tmp / TWIN_FILE)
+                plan = ForkPlan(model, prefix, batch)
+                graph = ForkGraph(plan, names, blur_lengths)
+            else:
+                graph = _Graph(model, names, blur_lengths)
             _trace_and_save(graph.eval(), inputs, names, info, tmp / ONNX_FILE)
             info.write(tmp)
-            validation = validate_onnx(tmp, model, inputs, info, reference) if validate else None
+            if validate:
+                validation = validate_onnx(tmp, model, inputs, info, reference)
+                if fork:
+                    plan.remove()  # the twin's reference is the plain model
+                    plan = None
+                    validation = {**validation, "twin": validate_onnx(tmp, model, twin, twin_info)}
     finally:
         if plan is not None:
             plan.remove()

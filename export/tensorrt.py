@@ -21,16 +21,19 @@ from .checks import tensorrt_unsupported
 logger = logging.getLogger(__name__)
 
 ENGINE_FILE = "denoiser.plan"
+TWIN_ENGINE_FILE = "denoiser_twin.plan"  # a fork export's unforked twin (ArtifactInfo.twin_file)
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def check_onnx_for_tensorrt(onnx_dir: str | Path) -> None:
-    """Raise ``ValueError`` naming every operator TensorRT cannot parse."""
+    """Raise ``ValueError`` naming every operator TensorRT cannot parse (in each graph of the folder:
+    a fork export's twin too)."""
     info = read_info(onnx_dir)
-    bad = tensorrt_unsupported(Path(onnx_dir) / info.file)
-    if bad:
-        listed = ", ".join(f"{op} x{n}" for op, n in sorted(bad.items()))
-        raise ValueError(f"ONNX graph has operators TensorRT does not support: {listed}")
+    for name in info.files:
+        bad = tensorrt_unsupported(Path(onnx_dir) / name)
+        if bad:
+            listed = ", ".join(f"{op} x{n}" for op, n in sorted(bad.items()))
+            raise ValueError(f"ONNX graph {name} has operators TensorRT does not support: {listed}")
 
 
 def build_engine(
@@ -57,11 +60,6 @@ def build_engine(
 
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(Path(onnx_dir) / info.file)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ValueError(f"TensorRT cannot parse the ONNX model: {errors}")
     config = builder.create_builder_config()
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
@@ -72,21 +70,37 @@ def build_engine(
         cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     )
     config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError("TensorRT failed to build the engine (see the TensorRT log above)")
 
+    def build(onnx_file: str) -> bytes:
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, trt_logger)
+        if not parser.parse_from_file(str(Path(onnx_dir) / onnx_file)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ValueError(f"TensorRT cannot parse the ONNX model {onnx_file}: {errors}")
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError(
+                f"TensorRT failed to build the engine of {onnx_file} (see the TensorRT log above)"
+            )
+        return bytes(serialized)
+
+    # a fork export's twin gets its own engine (the same builder config and timing cache)
+    engines = {ENGINE_FILE: build(info.file)}
+    if info.twin_file is not None:
+        engines[TWIN_ENGINE_FILE] = build(info.twin_file)
     with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
-        (tmp / ENGINE_FILE).write_bytes(bytes(serialized))
+        for name, data in engines.items():
+            (tmp / name).write_bytes(data)
         extra = {
             "precision": precision,
             "gpu": torch.cuda.get_device_name(0),
             "onnx": str(Path(onnx_dir).resolve()),
         }
         versions = {**info.versions, "tensorrt": trt.__version__}
-        dataclasses.replace(info, kind="tensorrt", file=ENGINE_FILE, versions=versions, extra=extra).write(
-            tmp
-        )
+        twin = None if info.twin_file is None else TWIN_ENGINE_FILE
+        dataclasses.replace(
+            info, kind="tensorrt", file=ENGINE_FILE, twin_file=twin, versions=versions, extra=extra
+        ).write(tmp)
     if cache_path:
         write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     return Path(out_dir)

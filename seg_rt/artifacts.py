@@ -14,7 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .config import parse_sigma, sigma_to_json
@@ -22,7 +22,8 @@ from .safe_load import loads_json
 
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
-FORK_FIELDS = ("fork_block", "prefix_rows", "fork_rows")  # optional sidecar keys (in-graph fork)
+FORK_FIELDS = ("fork_block", "prefix_rows", "fork_rows", "twin_file")  # optional sidecar keys (in-graph fork)
+FORK_SOURCE = "fork_source"  # a fork graph's input: which prefix rows the forked rows copy (int64 [K])
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class ArtifactInfo:
     fork_block: str | None = None
     prefix_rows: int | None = None
     fork_rows: int | None = None
+    # a fork export's unforked twin: the same model on the prefix rows only (no fork_source), run for
+    # a step without perturbed rows, which the fork graph would spend its padded fork rows on
+    twin_file: str | None = None
 
     @property
     def rows(self) -> int:
@@ -63,6 +67,27 @@ class ArtifactInfo:
     @property
     def dynamic_sigma(self) -> bool:
         return self.sigma == RUNTIME_SIGMA
+
+    def twin(self) -> ArtifactInfo:
+        """The description of this fork export's twin graph: the prefix rows' layout (the branches
+        but ``seg``), its inputs without ``fork_source``, its file; no fork, no twin."""
+        if self.twin_file is None:
+            raise ValueError(f"{self.kind} artifact has no unforked twin")
+        return replace(
+            self,
+            branches=tuple(b for b in self.branches if b != "seg"),
+            input_names=tuple(n for n in self.input_names if n != FORK_SOURCE),
+            file=self.twin_file,
+            fork_block=None,
+            prefix_rows=None,
+            fork_rows=None,
+            twin_file=None,
+        )
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The model / engine files the folder holds (the twin's too)."""
+        return (self.file,) if self.twin_file is None else (self.file, self.twin_file)
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -85,6 +110,8 @@ class ArtifactInfo:
             for k in ("branches", "input_names", "output_names", "layers", "layer_names", "blur_lengths"):
                 d[k] = tuple(d[k])
             _check_file_name(d["file"])
+            if d.get("twin_file") is not None:
+                _check_file_name(d["twin_file"])
             if d["sigma"] != "runtime":  # a baked σ: a number or "inf" in JSON
                 d["sigma"] = parse_sigma(d["sigma"])
             return cls(**d)
@@ -92,7 +119,8 @@ class ArtifactInfo:
             raise ValueError(f"{source} is not a seg-rt artifact description: {exc}") from None
 
     def write(self, folder: Path) -> Path:
-        _check_file_name(self.file)
+        for name in self.files:
+            _check_file_name(name)
         path = Path(folder) / SIDECAR
         path.write_text(self.to_json())
         return path
@@ -113,9 +141,9 @@ def read_info(folder: str | Path) -> ArtifactInfo:
             f"{str(folder)!r} is not a seg-rt export folder (no {SIDECAR}); run seg-rt export first"
         )
     info = ArtifactInfo.from_json(path.read_text(), source=str(path))
-    target = (folder / info.file).resolve()
-    if not target.is_relative_to(folder.resolve()):
-        raise ValueError(f"{path}: file {info.file!r} resolves outside its folder; refusing to load it")
+    for name in info.files:
+        if not (folder / name).resolve().is_relative_to(folder.resolve()):
+            raise ValueError(f"{path}: file {name!r} resolves outside its folder; refusing to load it")
     return info
 
 
@@ -143,7 +171,7 @@ def is_export_folder(folder: Path) -> bool:
         info = read_info(folder)
     except (OSError, ValueError):
         return False
-    allowed = {SIDECAR, info.file, f"{info.file}.data"}
+    allowed = {SIDECAR, *info.files, *(f"{f}.data" for f in info.files)}
     return info.kind in ("onnx", "tensorrt") and all(p.name in allowed for p in Path(folder).iterdir())
 
 

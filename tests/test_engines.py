@@ -65,8 +65,8 @@ class EchoEngine(FixedShapeDenoiser):
         self.runs.append(inputs)
         return 2 * inputs["sample"] + inputs["seg_mask"].float().view(-1, 1, 1, 1)
 
-    def close(self):
-        self.closed = True
+    def _release(self):
+        pass
 
 
 def request(rows, h=4, w=6, perturbed=0):

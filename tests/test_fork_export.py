@@ -92,20 +92,34 @@ def test_fork_engine_equals_the_pytorch_shared_prefix_for_every_layout(pipe, for
     x, t, cond, uncond = _branch_inputs(name, p)
     engine = OnnxRuntimeDenoiser(result.folder)
     engine.configure(2.0)
+    ran = _count_runs(engine)
     try:
         with _torch_denoiser(name, p) as ref:
             for layout, calls in LAYOUTS.items():
                 for branches in calls:
                     batch = build_batch(list(branches), x, t, cond, uncond)
+                    ran.clear()
                     ours, want = engine(batch), ref(batch)
                     assert ours.shape == want.shape
                     assert_close(ours, want, rel=1e-4, what=f"{name} {layout} {branches}")
+                    # a batch with a row to fork runs the fork graph, any other the unforked twin
+                    forks = branches[-1] == "seg" and len(branches) > 1
+                    assert ran == (["fork"] if forks else ["twin"]), (layout, branches, ran)
             # the perturbed row really differs from the cond row it was forked from
             batch = build_batch(["uncond", "cond", "seg"], x, t, cond, uncond)
             out = engine(batch)
             assert (out[2] - out[1]).abs().max() > 1e-3
     finally:
         engine.close()
+
+
+def _count_runs(engine) -> list[str]:
+    """Which graph each call of ``engine`` ran: "fork" (its own session) or "twin"."""
+    ran: list[str] = []
+    for what, e in (("fork", engine), ("twin", engine.twin)):
+        run = e._run
+        e._run = lambda feed, run=run, what=what: ran.append(what) or run(feed)
+    return ran
 
 
 def test_fork_graph_gathers_fork_source_and_passes_the_tensorrt_check(pipe, fork_exports):
@@ -125,13 +139,46 @@ def test_fork_graph_gathers_fork_source_and_passes_the_tensorrt_check(pipe, fork
         elif n.op_type in ("Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze") and n.input[0] in derived:
             derived.update(n.output)
     assert gathers
-    check_onnx_for_tensorrt(folder)  # raises on an operator TensorRT's parser lacks
+    check_onnx_for_tensorrt(folder)  # raises on an operator TensorRT's parser lacks (the twin's too)
     sidecar = json.loads((folder / "seg_rt.json").read_text())
     assert sidecar["fork_rows"] == 1 and sidecar["prefix_rows"] == 2 and sidecar["fork_block"]
+    # the twin: the same model unforked on the two prefix rows
+    assert sidecar["twin_file"] == "denoiser_twin.onnx"
+    twin = onnx.load(str(folder / "denoiser_twin.onnx"), load_external_data=False)
+    shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in twin.graph.input}
+    assert "fork_source" not in shapes and shapes["seg_mask"] == [2] and shapes["sample"][0] == 2
+    assert not any(n.op_type == "Gather" and "fork_source" in n.input for n in twin.graph.node)
 
 
-def test_fork_engine_refuses_a_layout_it_cannot_serve(sd15, tmp_path):
-    folder = export_onnx(sd15, tmp_path / "e", height=64, width=64, sigma=2.0, fork=True).folder
+@pytest.fixture(scope="module")
+def sd15_fork(sd15, tmp_path_factory):
+    """A fork export of the tiny SD1.5 (baked σ 2, batch 1, CFG layout)."""
+    return export_onnx(
+        sd15, tmp_path_factory.mktemp("sd15fork") / "e", height=64, width=64, sigma=2.0, fork=True
+    )
+
+
+def test_fork_export_without_a_twin_runs_the_padded_fork_rows(sd15, sd15_fork, tmp_path):
+    """A fork folder whose sidecar names no twin (exported before twins) still serves every layout,
+    its fork graph computing padding fork rows where no row is perturbed."""
+    import shutil
+
+    folder = tmp_path / "old"
+    folder.mkdir()
+    shutil.copy(sd15_fork.folder / "denoiser.onnx", folder)
+    sidecar = json.loads((sd15_fork.folder / "seg_rt.json").read_text())
+    del sidecar["twin_file"]
+    (folder / "seg_rt.json").write_text(json.dumps(sidecar))
+    x, t, cond, uncond = _branch_inputs("sd15", sd15)
+    with OnnxRuntimeDenoiser(folder) as engine, _torch_denoiser("sd15", sd15) as ref:
+        assert engine.twin is None
+        for branches in (("uncond", "cond"), ("seg_uncond", "cond"), ("uncond", "cond", "seg")):
+            batch = build_batch(list(branches), x, t, cond, uncond)
+            assert_close(engine(batch), ref(batch), rel=1e-4, what=f"no twin {branches}")
+
+
+def test_fork_engine_refuses_a_layout_it_cannot_serve(sd15, sd15_fork):
+    folder = sd15_fork.folder
     x, t, cond, uncond = _branch_inputs("sd15", sd15)
     two = {k: torch.cat([v, v]) for k, v in cond.items()}
     two_u = {k: torch.cat([v, v]) for k, v in uncond.items()}

@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--fork",
         action="store_true",
         help="shared-prefix fork in the graph: the perturbed rows fork off at the first SEG block, "
-        "the rows they copy a runtime input (fork_source); serves every sampler layout",
+        "the rows they copy a runtime input (fork_source); serves every sampler layout; also writes the "
+        "unforked twin graph that runs the steps without perturbed rows (twice the weight memory)",
     )
     eo.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU use)")
     eo.add_argument("--opset", type=int, default=18)
