@@ -83,3 +83,20 @@ def test_cache_row_reports_speedup_and_served_share(sd15):
     assert row["served"] == {"uncond": 2, "cond": 2, "seg": 2} and row["served_share"] == round(2 / 3, 4)
     assert row["speedup"] > 0 and row["default"] and row["latents_max_rel_diff"] > 0
     assert "deepcache interval 3" in step.describe(row)
+
+
+def test_trained_dit_cache_rows_report_the_first_block_change_and_quality():
+    """The trained digits DiT's first-block cache rows: the change spread it was judged on, the rows
+    it served, and the quality row's distances and scores (no timing asserted)."""
+    from seg_rt.bench import step_cache
+
+    (row,) = step_cache.trained_dit_rows(pairs=2, steps=(12,))
+    spread = row["first_block_change"]
+    assert row["default"] and row["threshold"] == 0.08 and row["steps"] == 12
+    assert spread["min"] <= spread["median"] <= spread["max"] == max(spread.values())
+    assert set(row["served"]) <= {"uncond", "cond", "seg"} and 0 <= row["served_share"] <= 1
+    q = step_cache.dit_quality_row(samples=10, steps=6)
+    assert q["model"] == "digits-dit" and q["samples"] == 10 and q["cache"] == "fbcache"
+    assert q["mean_abs_diff"] <= q["max_abs_diff"] and q["seed_to_seed_mean_abs_diff"] > 0
+    assert 0 <= q["accuracy_cached"] <= 1 and q["fid_cached"] >= 0
+    assert "threshold 0.08" in step.describe(q)

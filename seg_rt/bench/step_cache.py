@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Sequence
 
 import torch
 
@@ -124,6 +125,13 @@ def _changes(den, make, x, cond, uncond, steps, seg) -> list[float]:
     return sorted(seen)
 
 
+def _change_spread(changes: list[float]) -> dict:
+    """A row's record of the sorted per-row first-block changes: their median, and min / median / max."""
+    median = round(changes[len(changes) // 2], 3)
+    spread = {"min": round(changes[0], 3), "median": median, "max": round(changes[-1], 3)}
+    return {"first_block_change_median": median, "first_block_change": spread}
+
+
 def dit_rows(pairs: int = 3, steps: int = 12) -> list[dict]:
     """The first-block cache on a random-weight SD3-shaped DiT (12 joint blocks, 4 heads x 32,
     32x32 latents = 256 tokens), SEG on block 6: at the default threshold, and at a threshold set to
@@ -159,18 +167,113 @@ def dit_rows(pairs: int = 3, steps: int = 12) -> list[dict]:
     name = "SD3-shaped DiT, random weights (12 joint blocks, 128 wide), 32x32 latents"
     try:
         changes = _changes(den, make, x, cond, uncond, steps, seg)
-        median = round(changes[len(changes) // 2], 3)
-        rows = [
+        spread = _change_spread(changes)  # 0 rows can be served at a threshold under its min
+        return [
             bench_cache_case(den, name, make, x, cond, uncond, CacheConfig("fbcache", t), steps, pairs, seg)
-            for t in (DEFAULT_THRESHOLD, median)
+            | spread
+            for t in (DEFAULT_THRESHOLD, spread["first_block_change_median"])
         ]
-        spread = {"min": round(changes[0], 3), "median": median, "max": round(changes[-1], 3)}
-        for r in rows:
-            r["first_block_change_median"] = median
-            r["first_block_change"] = spread  # 0 rows can be served at a threshold under its min
+    finally:
+        den.close()
+
+
+def _digits_dit():
+    """The bundled trained digits DiT (``seg_rt.demo.digits_dit``): (transformer, text pipeline,
+    scheduler factory, SEG layers)."""
+    from seg_rt.demo import digits_dit
+
+    def make(n: int):
+        s = digits_dit.scheduler()
+        s.set_timesteps(n)
+        return s
+
+    return digits_dit.load_transformer(), digits_dit.text_encoder(), make, digits_dit.SEG_LAYERS
+
+
+DIGITS_DIT = "digits DiT, trained (SD3-shaped, 6 joint blocks, 64 wide), 16x16 pixels = 64 tokens"
+
+
+def trained_dit_rows(pairs: int = 3, steps: Sequence[int] = (28, 50)) -> list[dict]:
+    """The first-block cache at its default threshold on a trained DiT: the bundled digits DiT, SEG on
+    its middle block, one image of "digit 3", at each of ``steps`` Euler steps (28: SD3's default; the
+    fewer the steps, the more the first block changes per step). Its first-block change per step is
+    what the threshold was made for (trained weights), unlike the random DiT's."""
+    from seg_rt.demo.digits_dit import condition
+    from seg_rt.engines.dit_denoiser import DiTDenoiser
+    from seg_rt.families import REGISTRY
+
+    net, text, make, layers = _digits_dit()
+    cond, uncond = condition(text, ["digit 3"]), condition(text, [""])
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    den = DiTDenoiser(net, REGISTRY.for_model(net), sigma=math.inf, layers=layers)
+    seg = SEGConfig(scale=SEG_SCALE, layers=layers)
+    rows = []
+    try:
+        for n in steps:
+            changes = _changes(den, make, x, cond, uncond, n, seg)
+            row = bench_cache_case(
+                den, DIGITS_DIT, make, x, cond, uncond, CacheConfig("fbcache"), n, pairs, seg
+            )
+            rows.append(row | _change_spread(changes))
         return rows
     finally:
         den.close()
+
+
+def dit_quality_row(samples: int = 200, steps: int = 28, threshold: float = DEFAULT_THRESHOLD) -> dict:
+    """The first-block cache on the trained digits DiT: per seed the distance of the cached image to
+    the uncached one (mean / max |Δ| of [0, 1] pixels, PSNR), the FID change against the held-out
+    digits of the same captions and the classifier accuracy (the digits classifier,
+    ``seg_rt.bench.guidance.features``); CFG 5 + SEG 3 as the speed rows, all images in one batch."""
+    from seg_rt.bench.metrics import fid
+    from seg_rt.demo import digits
+    from seg_rt.demo.digits_dit import condition
+    from seg_rt.engines.dit_denoiser import DiTDenoiser
+    from seg_rt.families import REGISTRY
+
+    from .guidance import _digits_real, features
+
+    net, text, make, layers = _digits_dit()
+    real_x, labels, captions = _digits_real(samples)
+    cond, uncond = condition(text, captions), condition(text, [""] * samples)
+    x = torch.cat(
+        [torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(samples)]
+    )
+    den = DiTDenoiser(net, REGISTRY.for_model(net), sigma=math.inf, layers=layers)
+    seg = SEGConfig(scale=SEG_SCALE, layers=layers)
+    clf = digits.load_classifier()
+    try:
+        with torch.no_grad():
+            ref = _loop(den, make, x, cond, uncond, steps, None, seg)()
+            cached_loop = _loop(den, make, x, cond, uncond, steps, CacheConfig("fbcache", threshold), seg)
+            cached = cached_loop()
+    finally:
+        den.close()
+    ref, cached = ref.clamp(-1, 1), cached.clamp(-1, 1)
+    to01 = lambda t: (t + 1) / 2  # noqa: E731
+    d = (to01(cached) - to01(ref)).abs()
+    mse = (to01(cached) - to01(ref)).pow(2).flatten(1).mean(1)
+    real = features(clf, real_x, "digit", labels)
+    f_ref, f_cached = features(clf, ref, "digit", labels), features(clf, cached, "digit", labels)
+    return {
+        "bench": "step_cache_quality",
+        "model": "digits-dit",
+        "cache": "fbcache",
+        "threshold": threshold,
+        "samples": samples,
+        "steps": steps,
+        "cfg": CFG,
+        "seg_scale": SEG_SCALE,
+        "served_share": _served_share(cached_loop.stats),
+        "mean_abs_diff": round(float(d.mean()), 5),
+        "max_abs_diff": round(float(d.max()), 5),
+        "psnr_db_median": round(float((10 * torch.log10(1 / mse.clamp(min=1e-12))).median()), 2),
+        "seed_to_seed_mean_abs_diff": round(float((to01(ref[1:]) - to01(ref[:-1])).abs().mean()), 5),
+        "fid_uncached": round(fid(real["features"], f_ref["features"]), 3),
+        "fid_cached": round(fid(real["features"], f_cached["features"]), 3),
+        "accuracy_uncached": round(float(f_ref["correct"].mean()), 4),
+        "accuracy_cached": round(float(f_cached["correct"].mean()), 4),
+    }
 
 
 def quality_row(samples: int = 16, steps: int = 12, interval: int = DEFAULT_INTERVAL) -> dict:
@@ -222,7 +325,8 @@ def quality_row(samples: int = 16, steps: int = 12, interval: int = DEFAULT_INTE
 
 def run(pairs: int = 3, steps: int = 6) -> list[dict]:
     """The cache rows of ``seg-rt bench step``: DeepCache (UNet), first-block cache (DiT), quality."""
-    rows = unet_rows(pairs, steps) + dit_rows(pairs, steps) + [quality_row()]
+    rows = unet_rows(pairs, steps) + dit_rows(pairs, steps) + trained_dit_rows(pairs) + [quality_row()]
+    rows.append(dit_quality_row())
     env = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -233,8 +337,11 @@ def run(pairs: int = 3, steps: int = 6) -> list[dict]:
 
 def describe(row: dict) -> str:
     if row["bench"] == "step_cache_quality":
+        knob = (
+            f"interval {row['interval']}" if row["cache"] == "deepcache" else f"threshold {row['threshold']}"
+        )
         return (
-            f"{row['model']} {row['cache']} (interval {row['interval']}): cached vs uncached image mean |Δ| "
+            f"{row['model']} {row['cache']} ({knob}): cached vs uncached image mean |Δ| "
             f"{row['mean_abs_diff']:.4f} (seed to seed {row['seed_to_seed_mean_abs_diff']:.4f}), PSNR "
             f"{row['psnr_db_median']:.1f} dB, FID {row['fid_uncached']:.2f} -> {row['fid_cached']:.2f}"
         )

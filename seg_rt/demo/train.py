@@ -116,12 +116,13 @@ def _read_json(path: Path) -> dict | None:
 
 
 def is_trained_folder(folder: Path) -> bool:
-    """A pipeline folder this trainer wrote: ``model_index.json`` plus its ``train_config.json``."""
+    """A folder this trainer wrote: ``model_index.json`` (or ``transformer/``) plus its ``train_config.json``."""
     info = _read_json(folder / "train_config.json")
     return (
         info is not None
         and {"config", "command", "steps_done"} <= set(info)
-        and (folder / "model_index.json").is_file()
+        # a pipeline folder, or a bare transformer's (seg_rt.demo.digits_dit)
+        and ((folder / "model_index.json").is_file() or (folder / "transformer" / "config.json").is_file())
     )
 
 
