@@ -23,10 +23,14 @@ from seg_rt.sampler import build_batch
 
 from .timing import alternating_ratio
 
-ONNX_MODES = ("cfg_seg", "cfg_seg_fork", "cfg_on_fork_engine", "seg_no_cfg", "seg_no_cfg_fork")
+ONNX_MODES = (
+    "cfg_seg", "cfg_seg_fork", "cfg_on_fork_engine", "seg_no_cfg", "seg_no_cfg_fork", "torch_cfg_seg_shared",
+)  # fmt: skip
 """``cfg_seg``: [uncond, cond, seg] on the unforked export; ``cfg_seg_fork``: the same rows on the
-fork export; ``cfg_on_fork_engine``: a CFG step (outside the SEG window) on that fork engine (one
-padded fork row); ``seg_no_cfg`` / ``seg_no_cfg_fork``: [cond, seg] on the no-CFG exports."""
+fork export; ``cfg_on_fork_engine``: a CFG step (outside the SEG window) on that fork engine (its
+unforked twin runs it); ``seg_no_cfg`` / ``seg_no_cfg_fork``: [cond, seg] on the no-CFG exports;
+``torch_cfg_seg_shared`` (CPU only): the PyTorch path in this process for comparison, its shared-prefix
+CFG+SEG step over its own CFG step (``TorchDenoiser``, torch at the ONNX Runtime thread count)."""
 
 
 class _PlainUNet(nn.Module):
@@ -182,6 +186,10 @@ def bench_step_onnx(
                     pipe.unet, dict(batch[("uncond", "cond")]), Path(tmp) / "cfg.onnx", threads
                 )
             for mode in modes:
+                if mode == "torch_cfg_seg_shared":
+                    if not gpu:
+                        row |= _torch_shared(pipe.unet, batch, layers, pairs, threads)
+                    continue
                 with_cfg, fork, rows = exports[mode]
                 engine, inputs = engine_for(with_cfg, fork), batch[rows]
                 if fork:
@@ -203,6 +211,28 @@ def bench_step_onnx(
         "cpu": platform.processor() or platform.machine(),
     }
     return row
+
+
+def _torch_shared(unet, batch, layers, pairs: int, threads: int | None) -> dict:
+    """The PyTorch shared-prefix CFG+SEG step over the PyTorch CFG step, alternating (same inputs)."""
+    from seg_rt.engines import TorchDenoiser
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    den = TorchDenoiser(unet, sigma=2.0, layers=layers, shared_prefix=True)
+    try:
+        cfg, seg = batch[("uncond", "cond")], batch[("uncond", "cond", "seg")]
+        r = alternating_ratio(lambda: den(cfg), lambda: den(seg), pairs, calls=1)
+    finally:
+        den.close()
+        torch.set_num_threads(before)
+    return {
+        "torch_cfg_seg_shared_over_cfg": r["ratio_median"],
+        "torch_cfg_seg_shared_over_cfg_iqr": [r["ratio_p25"], r["ratio_p75"]],
+        "torch_cfg_step_ms": r["baseline_ms_median"],
+        "torch_threads": threads or before,
+    }
 
 
 def describe(row: dict) -> str:
