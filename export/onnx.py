@@ -79,13 +79,16 @@ def export_onnx(
     overwrite: bool = False,
     model_name: str = "",
     fork: bool = False,
+    twin: bool = True,
 ) -> ExportResult:
     """Export ``pipe``'s SEG-patched denoiser for ``batch`` images per branch at ``height`` x ``width``.
 
     ``with_cfg`` selects the row layout ``[uncond, cond, seg]`` (else ``[cond, seg]``); ``sigma=None``
     makes σ a runtime input. ``fork`` puts the shared-prefix fork in the graph (``export.fork``): the
     per-row inputs hold the unperturbed rows only, ``fork_source`` picks the rows the perturbed ones
-    copy, at the fork block (recorded in the sidecar with the prefix and fork row counts). The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
+    copy, at the fork block (recorded in the sidecar with the prefix and fork row counts); ``twin`` (with
+``fork``) also writes the unforked twin graph that runs the batches with no row to fork
+(``ArtifactInfo.twin_file``). The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
     and ``seg_rt.json``; it is written to a temp folder and renamed, so nothing half-written stays.
     """
     from seg_rt import __version__
@@ -98,6 +101,7 @@ def export_onnx(
     check_size(height, width, family.size_factor(pipe))
     if sigma is not None:
         check_sigma(sigma)
+    twin = fork and twin
     if not family.exportable:
         exportable = [f.name for f in REGISTRY.families("image") if f.exportable]
         raise ValueError(f"ONNX export supports the families {', '.join(exportable)}, got {family.name}")
@@ -125,9 +129,9 @@ def export_onnx(
         if fork:
             inputs, reference = fork_inputs(full, prefix, batch)
             reference |= blurs
-            twin = twin_inputs(full, prefix) | blurs
+            twin_feed = twin_inputs(full, prefix) | blurs if twin else None
         else:
-            inputs, reference, twin = full, None, None
+            inputs, reference, twin_feed = full, None, None
         inputs |= blurs
         names = list(inputs)
         info = ArtifactInfo(
@@ -153,14 +157,14 @@ def export_onnx(
             fork_block=fork_block,
             prefix_rows=prefix if fork else None,
             fork_rows=batch if fork else None,
-            twin_file=TWIN_FILE if fork else None,
+            twin_file=TWIN_FILE if twin else None,
         )
         with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
             validation = None
-            if fork:  # the twin first: traced while no fork hooks are installed
-                twin_info = info.twin()
-                twin_graph = _Graph(model, list(twin), blur_lengths).eval()
-                _trace_and_save(twin_graph, twin, list(twin), twin_info, tmp / TWIN_FILE)
+            if twin:  # the twin first: traced while no fork hooks are installed
+                twin_graph = _Graph(model, list(twin_feed), blur_lengths).eval()
+                _trace_and_save(twin_graph, twin_feed, list(twin_feed), info.twin(), tmp / TWIN_FILE)
+            if fork:
                 plan = ForkPlan(model, prefix, batch)
                 graph = ForkGraph(plan, names, blur_lengths)
             else:
@@ -169,10 +173,10 @@ def export_onnx(
             info.write(tmp)
             if validate:
                 validation = validate_onnx(tmp, model, inputs, info, reference)
-                if fork:
+                if twin:
                     plan.remove()  # the twin's reference is the plain model
                     plan = None
-                    validation = {**validation, "twin": validate_onnx(tmp, model, twin, twin_info)}
+                    validation = {**validation, "twin": validate_onnx(tmp, model, twin_feed, info.twin())}
     finally:
         if plan is not None:
             plan.remove()

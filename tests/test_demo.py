@@ -94,31 +94,12 @@ def test_bundled_model_follows_its_prompts(demo):
 
 
 def test_training_resumes_exactly(tmp_path):
-    from safetensors.torch import load_file
-
     from seg_rt.demo import train
 
+    from .trainer_checks import assert_resumes_exactly
+
     cfg = train.TrainConfig(steps=4, batch=2, checkpoint_every=2, warmup=1)
-    straight = train.Trainer(cfg, tmp_path / "a")
-    while straight.step < cfg.steps:
-        straight.train_step()
-    straight.save_checkpoint()
-    first = train.Trainer(cfg, tmp_path / "b")
-    first.train_step(), first.train_step()
-    first.save_checkpoint()
-    resumed = train.Trainer(cfg, tmp_path / "b")
-    assert resumed.load_checkpoint() and resumed.step == 2
-    while resumed.step < cfg.steps:
-        resumed.train_step()
-    resumed.save_checkpoint()
-    a = load_file(tmp_path / "a/checkpoint/state.safetensors")
-    b = load_file(tmp_path / "b/checkpoint/state.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(
-        not torch.equal(a[k], train.Trainer(cfg, tmp_path / "c").params[int(k.split(".")[1])].detach())
-        for k in a
-        if k.startswith("param.")
-    )
+    resumed = assert_resumes_exactly(train.Trainer, cfg, tmp_path)
 
     other = train.Trainer(dataclasses.replace(cfg, lr=1e-3), tmp_path / "b")
     with pytest.raises(ValueError, match="another config"):

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from seg_rt.demo import digits
 from seg_rt.pipeline import family_of, generate_batch, load_pipeline
+from tests.trainer_checks import assert_resumes_exactly
 
 HELDOUT_ACCURACY_BOUND = 0.9  # the bundled classifier on the 500 evaluation digits
 
@@ -77,23 +78,7 @@ def _small_data(monkeypatch):
 def test_training_resumes_exactly(tmp_path, monkeypatch):
     _small_data(monkeypatch)
     cfg = digits.DigitsTrainConfig(steps=4, batch=4, checkpoint_every=2, warmup=1)
-    straight = digits.DigitsTrainer(cfg, tmp_path / "a")
-    while straight.step < cfg.steps:
-        straight.train_step()
-    straight.save_checkpoint()
-    first = digits.DigitsTrainer(cfg, tmp_path / "b")
-    first.train_step(), first.train_step()
-    first.save_checkpoint()
-    resumed = digits.DigitsTrainer(cfg, tmp_path / "b")
-    assert resumed.load_checkpoint() and resumed.step == 2
-    while resumed.step < cfg.steps:
-        resumed.train_step()
-    resumed.save_checkpoint()
-    a = load_file(tmp_path / "a/checkpoint/state.safetensors")
-    b = load_file(tmp_path / "b/checkpoint/state.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    fresh = digits.DigitsTrainer(cfg, tmp_path / "c").params
-    assert any(not torch.equal(a[f"param.{i}"], p.detach()) for i, p in enumerate(fresh))
+    assert_resumes_exactly(digits.DigitsTrainer, cfg, tmp_path)
 
 
 def test_weak_export_leaves_training_unchanged(tmp_path, monkeypatch):

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from seg_rt.config import SEGConfig
 from seg_rt.demo import digits, digits_dit
 from seg_rt.step_cache import CacheConfig, RunCache
+from tests.trainer_checks import assert_resumes_exactly
 
 
 @pytest.fixture(scope="module")
@@ -82,23 +82,7 @@ def _small_data(monkeypatch):
 def test_dit_training_resumes_exactly(tmp_path, monkeypatch):
     _small_data(monkeypatch)
     cfg = digits_dit.DiTTrainConfig(steps=4, batch=4, checkpoint_every=2, warmup=1)
-    straight = digits_dit.DigitsDiTTrainer(cfg, tmp_path / "a")
-    while straight.step < cfg.steps:
-        straight.train_step()
-    straight.save_checkpoint()
-    first = digits_dit.DigitsDiTTrainer(cfg, tmp_path / "b")
-    first.train_step(), first.train_step()
-    first.save_checkpoint()
-    resumed = digits_dit.DigitsDiTTrainer(cfg, tmp_path / "b")
-    assert resumed.load_checkpoint() and resumed.step == 2
-    while resumed.step < cfg.steps:
-        resumed.train_step()
-    resumed.save_checkpoint()
-    a = load_file(tmp_path / "a/checkpoint/state.safetensors")
-    b = load_file(tmp_path / "b/checkpoint/state.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    fresh = digits_dit.DigitsDiTTrainer(cfg, tmp_path / "c").params
-    assert any(not torch.equal(a[f"param.{i}"], p.detach()) for i, p in enumerate(fresh))
+    assert_resumes_exactly(digits_dit.DigitsDiTTrainer, cfg, tmp_path)
 
 
 def test_dit_train_command_writes_a_loadable_folder_and_refuses_a_foreign_one(tmp_path, monkeypatch, capsys):

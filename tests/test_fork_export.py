@@ -158,23 +158,29 @@ def sd15_fork(sd15, tmp_path_factory):
     )
 
 
-def test_fork_export_without_a_twin_runs_the_padded_fork_rows(sd15, sd15_fork, tmp_path):
-    """A fork folder whose sidecar names no twin (exported before twins) still serves every layout,
-    its fork graph computing padding fork rows where no row is perturbed."""
-    import shutil
+def test_fork_export_without_a_twin_runs_the_padded_fork_rows(sd15, tmp_path, capsys):
+    """``twin=False`` (``--no-twin``): no twin graph, no ``twin_file``; the fork engine still serves every
+    layout, its fork graph computing padding fork rows where no row is perturbed. ``--no-twin`` without
+    ``--fork`` is refused in one line before the model loads."""
+    from seg_rt.cli import main
+    from seg_rt.demo.model import weights_dir
 
-    folder = tmp_path / "old"
-    folder.mkdir()
-    shutil.copy(sd15_fork.folder / "denoiser.onnx", folder)
-    sidecar = json.loads((sd15_fork.folder / "seg_rt.json").read_text())
-    del sidecar["twin_file"]
-    (folder / "seg_rt.json").write_text(json.dumps(sidecar))
+    folder = export_onnx(sd15, tmp_path / "e", height=64, width=64, sigma=2.0, fork=True, twin=False).folder
+    assert sorted(p.name for p in folder.iterdir()) == ["denoiser.onnx", "seg_rt.json"]
+    assert "twin_file" not in json.loads((folder / "seg_rt.json").read_text())
     x, t, cond, uncond = _branch_inputs("sd15", sd15)
     with OnnxRuntimeDenoiser(folder) as engine, _torch_denoiser("sd15", sd15) as ref:
         assert engine.twin is None
         for branches in (("uncond", "cond"), ("seg_uncond", "cond"), ("uncond", "cond", "seg")):
             batch = build_batch(list(branches), x, t, cond, uncond)
             assert_close(engine(batch), ref(batch), rel=1e-4, what=f"no twin {branches}")
+    rc = main(["export", "onnx", "--model", str(weights_dir()), "--height", "64", "--width", "64",
+               "--no-twin", "--out", str(tmp_path / "cli")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and "--no-twin applies to --fork exports only" in err and len(err.strip().splitlines()) == 1
+    )
+    assert not (tmp_path / "cli").exists()
 
 
 def test_fork_engine_refuses_a_layout_it_cannot_serve(sd15, sd15_fork):

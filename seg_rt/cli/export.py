@@ -40,6 +40,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "the rows they copy a runtime input (fork_source); serves every sampler layout; also writes the "
         "unforked twin graph that runs the steps without perturbed rows (twice the weight memory)",
     )
+    eo.add_argument(
+        "--no-twin",
+        action="store_true",
+        help="with --fork: no twin graph (half the memory; steps without perturbed rows then run the "
+        "fork graph's padding fork rows)",
+    )
     eo.add_argument("--fp16", action="store_true", help="float16 weights and inputs (for GPU use)")
     eo.add_argument("--opset", type=int, default=18)
     eo.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
@@ -64,6 +70,8 @@ def cmd_export_onnx(args) -> int:
 
     layers = parse_layers(args.seg_layers)
     sigma = None if args.dynamic_sigma else check_sigma(args.seg_sigma)
+    if args.no_twin and not args.fork:
+        raise ValueError("--no-twin applies to --fork exports only; add --fork or drop --no-twin")
     check_out_dir(args.out, is_export_folder, overwrite=args.overwrite)  # before the model loads
     with contextlib.ExitStack() as resources:
         pipe, _ = load_model(args.model, "cpu" if not args.fp16 else None, resources)
@@ -82,6 +90,7 @@ def cmd_export_onnx(args) -> int:
             model_name=str(args.model),
             overwrite=args.overwrite,
             fork=args.fork,
+            twin=not args.no_twin,
         )
     summary = {
         "out": str(result.folder),

@@ -24,8 +24,6 @@ safetensors) and ``train_config.json``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import random
 import sys
@@ -36,10 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from seg_rt.artifacts import staged_dir
-
 from . import digits
-from .train import TrainConfig, Trainer, is_trained_folder, lr_at
+from .train import TrainConfig, Trainer
 from .train import main as train_main
 
 DIT_CONFIG = {
@@ -117,7 +113,7 @@ class DigitsDiTTrainer(Trainer):
         self.cfg, self.work_dir = cfg, work_dir
         torch.manual_seed(cfg.seed)
         self.net = SD3Transformer2DModel(**DIT_CONFIG).train()
-        self.text = text_encoder()
+        self.text_pipe = text_encoder()
         self.images, self.labels = digits.train_set()
         self.params = list(self.net.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -131,43 +127,24 @@ class DigitsDiTTrainer(Trainer):
         captions = ["" if rng.random() < self.cfg.p_uncond else digits.caption(self.labels[i]) for i in idx]
         return digits.to_pixels(self.images[idx]), captions
 
-    def train_step(self) -> float:
+    def loss(self, k: int) -> torch.Tensor:
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        cfg, k = self.cfg, self.step
         x, captions = self.batch(k)
-        gen = torch.Generator().manual_seed(cfg.seed * 10_000_019 + k)
-        torch.manual_seed(cfg.seed * 10_000_019 + k)  # compute_density_... draws from the global RNG
+        gen = torch.Generator().manual_seed(self.cfg.seed * 10_000_019 + k)
+        torch.manual_seed(self.cfg.seed * 10_000_019 + k)  # compute_density_... draws from the global RNG
         s = compute_density_for_timestep_sampling("logit_normal", len(x), logit_mean=0.0, logit_std=1.0)
         noise = torch.randn(x.shape, generator=gen)
         s4 = s.view(-1, 1, 1, 1)
         noisy = (1 - s4) * x + s4 * noise
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(k, cfg)
-        pred = self.net(noisy, timestep=s * 1000, **condition(self.text, captions)).sample
-        loss = F.mse_loss(pred, noise - x)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.ema.step(self.params)
-        self.step += 1
-        return loss.item()
+        pred = self.net(noisy, timestep=s * 1000, **condition(self.text_pipe, captions)).sample
+        return F.mse_loss(pred, noise - x)
 
-    def export(self, out: Path, command: str, overwrite: bool = False, keep_training: bool = False) -> None:
-        if keep_training:
-            self.ema.store(self.params)
-        self.ema.copy_to(self.params)
-        self.net.eval()
-        try:
-            with staged_dir(out, is_trained_folder, overwrite=overwrite, what=self.what) as tmp:
-                self.net.save_pretrained(tmp / "transformer", safe_serialization=True)
-                info = {"config": dataclasses.asdict(self.cfg), "command": command, "steps_done": self.step}
-                (tmp / "train_config.json").write_text(json.dumps(info, indent=1) + "\n")
-        finally:
-            if keep_training:
-                self.ema.restore(self.params)
-                self.net.train()
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        return (self.net,)
+
+    def save(self, folder: Path) -> None:
+        self.net.save_pretrained(folder / "transformer", safe_serialization=True)
 
 
 def main(argv: list[str] | None = None) -> int:

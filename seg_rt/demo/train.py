@@ -226,16 +226,28 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------
     def train_step(self) -> float:
+        """One optimiser step on ``loss`` (gradient clipping at 1, EMA update); the step's loss."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, self.cfg)
+        loss = self.loss(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.ema.step(self.params)
+        self.step += 1
+        return loss.item()
+
+    def loss(self, k: int) -> torch.Tensor:
+        """Step ``k``'s loss: its batch, timesteps and noise are functions of (seed, k)."""
         from diffusers.training_utils import compute_snr
 
-        cfg, k = self.cfg, self.step
+        cfg = self.cfg
         x, captions = self.batch(k)
         gen = torch.Generator().manual_seed(cfg.seed * 10_000_019 + k)
         t = torch.randint(0, self.noise_sched.config.num_train_timesteps, (len(x),), generator=gen)
         noise = torch.randn(x.shape, generator=gen)
         noisy = self.noise_sched.add_noise(x, noise, t)
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(k, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             emb = self.text(self.pipe.tokenize(captions))[0]
             pred = self.denoise(noisy, t, emb)
@@ -250,32 +262,35 @@ class Trainer:
         if cfg.weighting == "flat":
             weight = torch.ones_like(weight)
         per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-        loss = (per_sample * weight).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.ema.step(self.params)
-        self.step += 1
-        return loss.item()
+        return (per_sample * weight).mean()
+
+    def modules(self) -> tuple[torch.nn.Module, ...]:
+        """The trained modules (eval mode while exporting)."""
+        return self.unet, self.text
+
+    def save(self, folder: Path) -> None:
+        """Write the model (EMA weights in place) into ``folder``: a diffusers pipeline folder."""
+        self.pipe.save_pretrained(folder, safe_serialization=True)
 
     def export(self, out: Path, command: str, overwrite: bool = False, keep_training: bool = False) -> None:
-        """Save the EMA weights as a diffusers pipeline folder (safetensors), atomically; an existing
-        ``out`` is replaced only with ``overwrite`` and only if this trainer wrote it.
+        """Save the EMA weights (``save``) with ``train_config.json``, atomically; an existing ``out``
+        is replaced only with ``overwrite`` and only if this trainer wrote it.
         ``keep_training``: put the training weights back afterwards (a snapshot mid-run)."""
         if keep_training:
             self.ema.store(self.params)
         self.ema.copy_to(self.params)
-        self.unet.eval(), self.text.eval()
+        for m in self.modules():
+            m.eval()
         try:
             with staged_dir(out, is_trained_folder, overwrite=overwrite, what=self.what) as tmp:
-                self.pipe.save_pretrained(tmp, safe_serialization=True)
+                self.save(tmp)
                 info = {"config": dataclasses.asdict(self.cfg), "command": command, "steps_done": self.step}
                 (tmp / "train_config.json").write_text(json.dumps(info, indent=1) + "\n")
         finally:
             if keep_training:
                 self.ema.restore(self.params)
-                self.unet.train(), self.text.train()
+                for m in self.modules():
+                    m.train()
 
 
 def main(
