@@ -83,13 +83,13 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``pipe``'s SEG-patched denoiser for ``batch`` images per branch at ``height`` x ``width``.
 
-    ``with_cfg`` selects the row layout ``[uncond, cond, seg]`` (else ``[cond, seg]``); ``sigma=None``
-    makes σ a runtime input. ``fork`` puts the shared-prefix fork in the graph (``export.fork``): the
-    per-row inputs hold the unperturbed rows only, ``fork_source`` picks the rows the perturbed ones
-    copy, at the fork block (recorded in the sidecar with the prefix and fork row counts); ``twin`` (with
-``fork``) also writes the unforked twin graph that runs the batches with no row to fork
-(``ArtifactInfo.twin_file``). The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
-    and ``seg_rt.json``; it is written to a temp folder and renamed, so nothing half-written stays.
+        ``with_cfg`` selects the row layout ``[uncond, cond, seg]`` (else ``[cond, seg]``); ``sigma=None``
+        makes σ a runtime input. ``fork`` puts the shared-prefix fork in the graph (``export.fork``): the
+        per-row inputs hold the unperturbed rows only, ``fork_source`` picks the rows the perturbed ones
+        copy, at the fork block (recorded in the sidecar with the prefix and fork row counts); ``twin`` (with
+    ``fork``) also writes the unforked twin graph that runs the batches with no row to fork
+    (``ArtifactInfo.twin_file``). The folder gets ``denoiser.onnx`` (+ ``.onnx.data`` when over 2 GB)
+        and ``seg_rt.json``; it is written to a temp folder and renamed, so nothing half-written stays.
     """
     from seg_rt import __version__
 
