@@ -303,7 +303,11 @@ class FixedShapeDenoiser(Denoiser):
         self._check_open()
         if getattr(inputs, "cache", None) is not None:
             raise ValueError(f"a step cache runs on the torch engine only, not {type(self).__name__}")
-        sample = inputs["sample"]  # [B, C, h, w]
+        sample = inputs["sample"]  # [B, C, h, w]; a video export's [B, C, F, h, w] ([B, F, C, h, w])
+        video = self.info.frames is not None
+        if sample.ndim != (5 if video else 4):
+            what = "video latents (a 5-d sample)" if video else "image latents (a 4-d sample)"
+            raise ValueError(f"engine {str(self.folder)!r} takes {what}, got a {sample.ndim}-d sample")
         rows, want = sample.shape[0], self.info.rows
         self.shapes.check(max(rows, want), sample.shape[-2], sample.shape[-1])
         missing = [

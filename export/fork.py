@@ -51,7 +51,7 @@ class ForkPlan:
         if block is None or block == "down_blocks.0":  # a UNet's first block: nothing before it
             self.remove()
             raise ValueError(
-                f"--fork: the SEG layers sit in the model's first block ({block}), "
+                f"--fork: the SEG layers sit in the model's first block ({block or names[0]}), "
                 "so no prefix is shared; export without --fork"
             )
         self.block = block

@@ -23,6 +23,7 @@ from .safe_load import loads_json
 SIDECAR = "seg_rt.json"
 RUNTIME_SIGMA = "runtime"
 FORK_FIELDS = ("fork_block", "prefix_rows", "fork_rows", "twin_file")  # optional sidecar keys (in-graph fork)
+VIDEO_FIELDS = ("frames", "seg_mode", "sigma_time")  # optional sidecar keys (video exports)
 FORK_SOURCE = "fork_source"  # a fork graph's input: which prefix rows the forked rows copy (int64 [K])
 
 
@@ -59,6 +60,10 @@ class ArtifactInfo:
     # a fork export's unforked twin: the same model on the prefix rows only (no fork_source), run for
     # a step without perturbed rows, which the fork graph would spend its padded fork rows on
     twin_file: str | None = None
+    # a video export (``seg_rt.video.export``): latent frames, the video SEG mode and its baked σ_time
+    frames: int | None = None
+    seg_mode: str | None = None
+    sigma_time: float | None = None
 
     @property
     def rows(self) -> int:
@@ -91,7 +96,7 @@ class ArtifactInfo:
 
     def to_json(self) -> str:
         d = asdict(self)
-        for k in FORK_FIELDS:
+        for k in (*FORK_FIELDS, *VIDEO_FIELDS):
             if d[k] is None:
                 del d[k]
         if isinstance(self.sigma, float):
@@ -103,7 +108,7 @@ class ArtifactInfo:
         try:
             d = loads_json(text, source)
             names = {f.name for f in fields(cls)}
-            missing = names - set(d) - {"versions", "extra", *FORK_FIELDS}
+            missing = names - set(d) - {"versions", "extra", *FORK_FIELDS, *VIDEO_FIELDS}
             if missing:
                 raise ValueError(f"missing {', '.join(sorted(missing))}")
             d = {k: v for k, v in d.items() if k in names}

@@ -116,6 +116,10 @@ def test_fixed_engine_pads_short_requests_with_unperturbed_rows_and_cuts_them(tm
 
 def test_fixed_engine_rejects_other_shapes_and_missing_inputs(tmp_path):
     engine = EchoEngine(artifact(tmp_path / "e"))
+    video = request(3)
+    video["sample"] = video["sample"][:, :, None]  # [B, C, F, h, w]: a video batch to an image export
+    with pytest.raises(ValueError, match=r"takes image latents \(a 4-d sample\), got a 5-d sample"):
+        engine(video)
     with pytest.raises(ValueError, match=r"engine accepts batch x latent height x width = 3x4x6, got 3x4x8"):
         engine(request(3, w=8))
     with pytest.raises(ValueError, match=r"= 3x4x6, got 6x4x6"):

@@ -24,7 +24,8 @@ The token grid comes from the model's input shape and patch sizes, never from th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ from seg_rt.attention import (
     attention_mask_heads,
     norm_qk,
     split_heads,
+    tracing,
     unet_owner,
 )
 from seg_rt.blur import blur_matrix, separable_blur
@@ -376,11 +378,21 @@ class VideoSEG(SEGPatch):
         self.rows: list[int] = []  # perturbed samples of the next forward (host-side)
         self._mats: dict[tuple, Tensor] = {}  # blur matrices by (n, sigma, device, dtype)
 
+    @contextmanager
+    def runtime_blur(self, matrices) -> Iterator[None]:
+        """The export code's runtime-σ scope (``seg_rt.export.onnx._Graph``): video exports bake σ."""
+        if matrices:
+            raise ValueError("video SEG exports bake sigma and sigma_time; no runtime blur matrices")
+        yield
+
     def set_mask(self, mask: Tensor | None, rows: slice | None = None) -> None:
         """Select the perturbed samples (``Tensor[B]`` of bool, or None). ``rows``: the perturbed samples
         as host data (the sampler's ``RowLayout.seg_rows``, no device read); else the mask is read
         on the host once per forward."""
         self.perturbed = 0
+        if mask is not None and tracing(mask):  # exported (seg_rt.video.export): the mask stays data
+            self.rows, self.mask = None, mask
+            return
         if mask is not None and rows is not None:
             self.rows = list(range(rows.start, rows.stop))
         else:
@@ -398,7 +410,13 @@ class VideoSEG(SEGPatch):
         if self.grid is None:
             raise RuntimeError(f"{proc.name}: token grid unknown (the model's input hook did not run)")
         text = text if self.adapter.text_tokens else 0
-        out = blur_rows(q, self._attention_rows(proc, q.shape[0]), token_dim, text, self._layer_mats(proc, q))
+        mats = self._layer_mats(proc, q)
+        if self.rows is None:  # traced: blur every row, keep the masked ones (one graph, every layout)
+            blurred = blur_rows(q, range(q.shape[0]), token_dim, text, mats)
+            keep = self.mask.repeat_interleave(q.shape[0] // self.mask.shape[0]).to(q.device)
+            out = torch.where(keep.view(-1, *[1] * (q.ndim - 1)), blurred, q)
+        else:
+            out = blur_rows(q, self._attention_rows(proc, q.shape[0]), token_dim, text, mats)
         self.count()
         return out
 
@@ -435,6 +453,8 @@ class VideoSEG(SEGPatch):
         """``blur_matrix(n, sigma)`` on ``probe``'s device and dtype, built once per install (it is
         a Python loop, and every SEG attention call of every step needs it)."""
         key = (n, sigma, probe.device, probe.dtype)
+        if tracing(probe):  # tensors made under export are graph constants: never cache them
+            return blur_matrix(n, sigma).to(device=probe.device, dtype=probe.dtype)
         if key not in self._mats:
             self._mats[key] = blur_matrix(n, sigma).to(device=probe.device, dtype=probe.dtype)
         return self._mats[key]

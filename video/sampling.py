@@ -30,6 +30,21 @@ from .families import video_family_of, video_family_of_model
 VIDEO_OUTPUT_TYPES = ("np", "pil", "latent")
 
 
+def check_engine_request(engine: str, parallel, perturbation: str, video) -> None:
+    """What an exported video engine cannot run, refused in one line before anything loads."""
+    from seg_rt.execution import parse_engine_spec
+
+    kind, _ = parse_engine_spec(engine)
+    if kind not in ("onnx", "trt"):
+        raise ValueError(f"a video engine is an exported folder (onnx:DIR or trt:DIR), got {engine!r}")
+    if parallel is not None:
+        raise ValueError("engine and branch parallel do not go together for video; drop one")
+    if perturbation != "blur":
+        raise ValueError(f"an exported video engine runs SEG's blur only, not perturbation {perturbation!r}")
+    if video.image is not None:
+        raise ValueError("image-to-video does not run on an exported video engine; drop engine")
+
+
 class VideoDenoiser:
     """A video model with ``VideoSEG`` installed, called with the sampler's named inputs.
 
@@ -93,6 +108,7 @@ def generate_video(
     wrap_denoiser: Callable | None = None,
     perturbation: str = "blur",
     callback=None,
+    engine: str | None = None,
     **fields,
 ):
     """Videos with SEG on video attention. ``model``: a folder, hub id or loaded diffusers pipeline
@@ -119,6 +135,9 @@ def generate_video(
     perturbed row skips the selected layers' attention (output = V, STG-style) instead of blurring
     (``VideoSEG``; AnimateDiff only; the benchmark's baseline). ``callback``: the sampler's step
     callback (``seg_rt.sampler.StepCallback``: progress, dropped rows), as in ``run_params``.
+    ``engine``: ``onnx:DIR`` or ``trt:DIR``, a video export (``seg_rt.video.export``) of this model at
+    the request's frames, size, SEG mode, σ, σ_time and layers (checked before sampling, one line);
+    text-to-video with SEG's blur only.
     """
     if params is None:
         if isinstance(scheduler, str):
@@ -154,6 +173,8 @@ def generate_video(
             )
         perturbation = guidance.perturbation()
     parallel = BranchParallel.of(parallel)
+    if engine is not None:
+        check_engine_request(engine, parallel, perturbation, v)
     if parallel is not None:
         if perturbation != "blur":
             raise ValueError(f"branch parallel runs the blur only, not perturbation {perturbation!r}")
@@ -168,8 +189,20 @@ def generate_video(
     family = video_family_of(pipe)
     height, width = family.size(pipe, params.height, params.width)
     family.check_request(pipe, params)
-    prepared = family.encode(pipe, params, num_videos)
     frames = family.latent_frames(pipe, v.frames)
+    exported = None
+    if engine is not None:  # loaded and checked against the request before any step
+        from seg_rt.engines import load_engine
+
+        from .export import check_video_engine
+
+        exported = load_engine(engine, device=pipe._execution_device)
+        try:
+            check_video_engine(exported.info, family, blur, v.layers, frames, height, width)
+        except BaseException:
+            exported.close()
+            raise
+    prepared = family.encode(pipe, params, num_videos)
     generators = seed_generators(params.seed + i for i in range(num_videos))
     sched = family.schedule(pipe, scheduler, params.steps, frames=frames, height=height, width=width)
     dtype = prepared.cond["encoder_hidden_states"].dtype
@@ -186,7 +219,10 @@ def generate_video(
         latents, sched, shared = start.latents, start.scheduler or sched, {**shared, **start.shared}
         uncond = None if prepared.uncond is None else {**prepared.uncond, **start.uncond}
         prepared = dataclasses.replace(prepared, cond={**prepared.cond, **start.cond}, uncond=uncond)
-    denoiser = VideoDenoiser(family.net(pipe), blur, v.layers, shared, perturbation=perturbation)
+    if exported is not None:
+        denoiser = exported
+    else:
+        denoiser = VideoDenoiser(family.net(pipe), blur, v.layers, shared, perturbation=perturbation)
     if wrap_denoiser is not None:
         denoiser = wrap_denoiser(denoiser)
     try:

@@ -8,8 +8,11 @@ import contextlib
 import json
 
 from seg_rt.config import SEGConfig, check_sigma, parse_layers
+from seg_rt.params import VIDEO_MODES, VideoParams
 
 from .common import Parser, load_model, sigma_arg
+
+VIDEO = VideoParams()  # the video flags' defaults are the request type's
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +57,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     eo.add_argument("--json", action="store_true")
     eo.set_defaults(func=cmd_export_onnx)
 
+    ev = esub.add_parser(
+        "video", help="SEG-patched video DiT (CogVideoX, Wan, LTX-Video) -> fixed-shape ONNX (validated)"
+    )
+    ev.add_argument(
+        "--model", required=True, help="local diffusers CogVideoX / Wan / LTX-Video folder or hub id"
+    )
+    ev.add_argument("--frames", type=int, required=True, help="output frames of the videos it serves")
+    ev.add_argument("--height", type=int, default=None, help="pixels (default: the family's)")
+    ev.add_argument("--width", type=int, default=None, help="pixels (default: the family's)")
+    ev.add_argument(
+        "--no-cfg", action="store_true", help="row layout [cond, seg] instead of [uncond, cond, seg]"
+    )
+    ev.add_argument("--seg-mode", default=VIDEO.mode, choices=VIDEO_MODES, help=f"default {VIDEO.mode}")
+    ev.add_argument(
+        "--seg-sigma", type=sigma_arg, default=SEGConfig.sigma, help="σ baked into the graph (default inf)"
+    )
+    ev.add_argument(
+        "--seg-sigma-time",
+        type=sigma_arg,
+        default=VIDEO.sigma_time,
+        help=f"σ along time, baked (default {VIDEO.sigma_time:g})",
+    )
+    ev.add_argument(
+        "--seg-layers", default=None, help="video self-attention layers (default: every one the mode uses)"
+    )
+    ev.add_argument(
+        "--fork", action="store_true", help="shared-prefix fork in the graph, as export onnx --fork"
+    )
+    ev.add_argument("--no-twin", action="store_true", help="with --fork: no unforked twin graph")
+    ev.add_argument("--opset", type=int, default=18)
+    ev.add_argument("--no-validate", action="store_true", help="skip the ONNX Runtime vs torch check")
+    ev.add_argument("--out", required=True, help="output folder (new or empty)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing seg-rt export in --out")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_export_video)
+
     et = esub.add_parser("trt", help="ONNX export -> TensorRT engine (needs TensorRT and a GPU)")
     et.add_argument("--onnx", required=True, help="folder written by seg-rt export onnx")
     et.add_argument("--out", required=True, help="output folder (new or empty)")
@@ -92,6 +131,10 @@ def cmd_export_onnx(args) -> int:
             fork=args.fork,
             twin=not args.no_twin,
         )
+    return _summary(args, result)
+
+
+def _summary(args, result) -> int:
     summary = {
         "out": str(result.folder),
         "seconds": round(result.seconds, 2),
@@ -103,6 +146,28 @@ def cmd_export_onnx(args) -> int:
         else f"{result.folder} ({result.seconds:.1f} s) validation: {result.validation}"
     )
     return 0
+
+
+def cmd_export_video(args) -> int:
+    from seg_rt.artifacts import check_out_dir, is_export_folder
+
+    layers = parse_layers(args.seg_layers) if args.seg_layers else None
+    sigma = check_sigma(args.seg_sigma)
+    VideoParams(mode=args.seg_mode, sigma_time=args.seg_sigma_time, frames=args.frames)  # one line if bad
+    if args.no_twin and not args.fork:
+        raise ValueError("--no-twin applies to --fork exports only; add --fork or drop --no-twin")
+    check_out_dir(args.out, is_export_folder, overwrite=args.overwrite)  # before the model loads
+    with contextlib.ExitStack() as resources:
+        pipe, _ = load_model(args.model, "cpu", resources)
+        from seg_rt.video.export import export_video_onnx
+
+        result = export_video_onnx(
+            pipe, args.out, frames=args.frames, height=args.height, width=args.width, with_cfg=not args.no_cfg,
+            mode=args.seg_mode, sigma=sigma, sigma_time=args.seg_sigma_time, layers=layers, opset=args.opset,
+            validate=not args.no_validate, overwrite=args.overwrite, model_name=str(args.model), fork=args.fork,
+            twin=not args.no_twin,
+        )  # fmt: skip
+    return _summary(args, result)
 
 
 def cmd_export_trt(args) -> int:

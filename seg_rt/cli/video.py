@@ -41,6 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--gif", action="store_true", help="write an animated GIF instead of mp4")
     v.add_argument("--compare", action="store_true", help="one side-by-side video: no SEG | each SEG mode")
     v.add_argument("--out", default="seg.mp4")
+    v.add_argument(
+        "--engine",
+        default=None,
+        help="onnx:DIR or trt:DIR: a seg-rt export video folder of this model and request",
+    )
     add_parallel_args(v)
     v.set_defaults(func=cmd_video)
 
@@ -61,6 +66,25 @@ def demo_video_model() -> str:
     return bundled(
         path, is_demo_video_folder(path), "demo video model", note + "CogVideoX / Wan / LTX folder"
     )
+
+
+def check_engine_args(engine: str, compare: bool, parallel, request: GenerationParams) -> None:
+    """``--engine``'s refusals, before the model loads: what a video export cannot run, a folder
+    that is not a video export (its sidecar read, nothing loaded)."""
+    from seg_rt.artifacts import read_info
+    from seg_rt.execution import parse_engine_spec
+    from seg_rt.video.sampling import check_engine_request
+
+    if compare:
+        raise ValueError(
+            "--compare runs every SEG mode; an exported engine serves the mode it was exported for"
+        )
+    check_engine_request(engine, parallel, "blur", request.video)
+    info = read_info(parse_engine_spec(engine)[1])
+    if info.frames is None:
+        raise ValueError(
+            f"--engine {engine!r} is an image export; export the video model with seg-rt export video"
+        )
 
 
 def cmd_video(args) -> int:
@@ -86,13 +110,17 @@ def cmd_video(args) -> int:
             except ValueError as exc:  # e.g. temporal with sigma time 0
                 raise ValueError(f"--compare, mode {mode}: {exc}") from None
     parallel = parallel_from_args(args)
+    if args.engine is not None:
+        check_engine_args(args.engine, args.compare, parallel, request)
     model = args.model or demo_video_model()  # after the checks: bad input gets its one line only
     check_local_size(model, request)
     t0 = time.perf_counter()
     with contextlib.ExitStack() as resources:
         pipe, _ = load_model(model, args.device, resources, parallel=parallel)
         videos = [
-            generate_video(pipe, params=r, progress=not args.no_progress, parallel=parallel)[0]
+            generate_video(
+                pipe, params=r, progress=not args.no_progress, parallel=parallel, engine=args.engine
+            )[0]
             for _, r in runs
         ]
     frames = side_by_side(videos, [label for label, _ in runs]) if args.compare else videos[0]
