@@ -47,7 +47,7 @@ class ExportResult:
     seconds: float
 
 
-class _Graph(nn.Module):
+class SEGGraph(nn.Module):
     """The traced function: positional tensors by name → SEGUNet; blur matrices as inputs if dynamic."""
 
     def __init__(self, model: SEGUNet, input_names: Sequence[str], blur_lengths: Sequence[int]) -> None:
@@ -112,28 +112,16 @@ def export_onnx(
     net = family.net(pipe)
     model = family.export_model(pipe, sigma=seg_sigma, layers=layers)  # the same SEG denoiser interface
     original_dtype = net.dtype
-    plan = None
     try:
         prefix = rows - batch  # every unperturbed row of the layout
-        fork_block = None
-        if fork:  # refuses (one line) a model that cannot fork, before any tracing; installed later
-            check = ForkPlan(model, prefix, batch)
-            fork_block = check.block
-            check.remove()
+        fork_block = fork_block_of(model, prefix, batch) if fork else None
         model.to(dtype)
         full = family.export_inputs(pipe, model, rows, batch, height, width, dtype)
         with torch.no_grad():
             model(full)  # records each SEG layer's token grid at these shapes
         blur_lengths = sorted({n for grid in model.grids() for n in grid}) if sigma is None else []
         blurs = {f"seg_blur_{n}": blur_matrix(n, 1.0).to(dtype) for n in blur_lengths}
-        if fork:
-            inputs, reference = fork_inputs(full, prefix, batch)
-            reference |= blurs
-            twin_feed = twin_inputs(full, prefix) | blurs if twin else None
-        else:
-            inputs, reference, twin_feed = full, None, None
-        inputs |= blurs
-        names = list(inputs)
+        feeds = ExportFeeds.of(full, prefix, batch, fork=fork, twin=twin, extra=blurs)
         info = ArtifactInfo(
             kind="onnx",
             family=family.name,
@@ -144,7 +132,7 @@ def export_onnx(
             latent_width=width // f,
             batch=batch,
             branches=branches,
-            input_names=tuple(names),
+            input_names=tuple(feeds.inputs),
             output_names=(OUTPUT_NAME,),
             dtype=str(dtype).removeprefix("torch."),
             sigma=RUNTIME_SIGMA if sigma is None else float(sigma),
@@ -153,33 +141,14 @@ def export_onnx(
             blur_lengths=tuple(blur_lengths),
             opset=opset,
             file=ONNX_FILE,
-            versions=_versions(__version__),
+            versions=versions(__version__),
             fork_block=fork_block,
             prefix_rows=prefix if fork else None,
             fork_rows=batch if fork else None,
             twin_file=TWIN_FILE if twin else None,
         )
-        with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
-            validation = None
-            if twin:  # the twin first: traced while no fork hooks are installed
-                twin_graph = _Graph(model, list(twin_feed), blur_lengths).eval()
-                _trace_and_save(twin_graph, twin_feed, list(twin_feed), info.twin(), tmp / TWIN_FILE)
-            if fork:
-                plan = ForkPlan(model, prefix, batch)
-                graph = ForkGraph(plan, names, blur_lengths)
-            else:
-                graph = _Graph(model, names, blur_lengths)
-            _trace_and_save(graph.eval(), inputs, names, info, tmp / ONNX_FILE)
-            info.write(tmp)
-            if validate:
-                validation = validate_onnx(tmp, model, inputs, info, reference)
-                if twin:
-                    plan.remove()  # the twin's reference is the plain model
-                    plan = None
-                    validation = {**validation, "twin": validate_onnx(tmp, model, twin_feed, info.twin())}
+        validation = write_export(out_dir, model, info, feeds, validate=validate, overwrite=overwrite)
     finally:
-        if plan is not None:
-            plan.remove()
         model.remove()
         net.to(original_dtype)
         if model.controlnet is not None:
@@ -187,7 +156,72 @@ def export_onnx(
     return ExportResult(Path(out_dir), info, validation, time.perf_counter() - t0)
 
 
-def _versions(seg_rt_version: str) -> dict:
+def fork_block_of(model: nn.Module, prefix: int, forked: int) -> str:
+    """The block a fork export of ``model`` forks at; refuses (one line) a model that cannot fork,
+    before any tracing. The plan is removed again: ``write_export`` installs it after the twin."""
+    check = ForkPlan(model, prefix, forked)
+    check.remove()
+    return check.block
+
+
+@dataclass
+class ExportFeeds:
+    """The example inputs of an export's graphs: the main graph's (``inputs``), the plain batch a fork
+    graph's stand for (``reference``, its validation input), the twin's (``twin``)."""
+
+    inputs: dict[str, Tensor]
+    reference: dict[str, Tensor] | None = None
+    twin: dict[str, Tensor] | None = None
+
+    @classmethod
+    def of(cls, full: dict, prefix: int, batch: int, *, fork: bool, twin: bool, extra: dict) -> ExportFeeds:
+        """From the full-batch inputs ``full`` (``prefix`` unperturbed rows, then ``batch`` perturbed),
+        plus the inputs every graph takes unchanged (``extra``: runtime blur matrices)."""
+        if not fork:
+            return cls({**full, **extra})
+        inputs, reference = fork_inputs(full, prefix, batch)
+        return cls(
+            {**inputs, **extra},
+            {**reference, **extra},
+            {**twin_inputs(full, prefix), **extra} if twin else None,
+        )
+
+
+def write_export(
+    out_dir, model: nn.Module, info: ArtifactInfo, feeds: ExportFeeds, *, validate: bool, overwrite: bool
+):
+    """Trace ``model`` into ``out_dir`` as ``info`` says (the twin first, while no fork hooks are
+    installed; then the fork graph, or the plain one), write the sidecar and validate each graph against
+    torch; in a temp folder renamed at the end. Returns the validation report (None without it). The fork
+    hooks are removed whatever happens."""
+    names, lengths = list(info.input_names), list(info.blur_lengths)
+    plan = None
+    try:
+        with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
+            if feeds.twin is not None:
+                twin = SEGGraph(model, list(feeds.twin), lengths).eval()
+                trace_and_save(twin, feeds.twin, list(feeds.twin), info.twin(), tmp / info.twin_file)
+            if info.fork_rows is not None:
+                plan = ForkPlan(model, info.prefix_rows, info.fork_rows)
+                graph = ForkGraph(plan, names, lengths)
+            else:
+                graph = SEGGraph(model, names, lengths)
+            trace_and_save(graph.eval(), feeds.inputs, names, info, tmp / info.file)
+            info.write(tmp)
+            if not validate:
+                return None
+            validation = validate_onnx(tmp, model, feeds.inputs, info, feeds.reference)
+            if feeds.twin is not None:
+                plan.remove()  # the twin's reference is the plain model
+                plan = None
+                validation = {**validation, "twin": validate_onnx(tmp, model, feeds.twin, info.twin())}
+            return validation
+    finally:
+        if plan is not None:
+            plan.remove()
+
+
+def versions(seg_rt_version: str) -> dict:
     import diffusers
     import onnx
 
@@ -199,7 +233,7 @@ def _versions(seg_rt_version: str) -> dict:
     }
 
 
-def _trace_and_save(graph: nn.Module, inputs: dict, names: list[str], info: ArtifactInfo, path: Path) -> None:
+def trace_and_save(graph: nn.Module, inputs: dict, names: list[str], info: ArtifactInfo, path: Path) -> None:
     args = tuple(inputs[n] for n in names)
     with torch.no_grad():
         program = torch.onnx.export(

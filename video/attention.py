@@ -380,7 +380,7 @@ class VideoSEG(SEGPatch):
 
     @contextmanager
     def runtime_blur(self, matrices) -> Iterator[None]:
-        """The export code's runtime-σ scope (``seg_rt.export.onnx._Graph``): video exports bake σ."""
+        """The export code's runtime-σ scope (``seg_rt.export.onnx.SEGGraph``): video exports bake σ."""
         if matrices:
             raise ValueError("video SEG exports bake sigma and sigma_time; no runtime blur matrices")
         yield

@@ -24,18 +24,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from seg_rt.artifacts import ArtifactInfo, is_export_folder, staged_dir
+from seg_rt.artifacts import ArtifactInfo
 from seg_rt.config import check_sigma
-from seg_rt.export.fork import ForkGraph, ForkPlan, fork_inputs, twin_inputs
 from seg_rt.export.onnx import (
     ONNX_FILE,
     OUTPUT_NAME,
     TWIN_FILE,
+    ExportFeeds,
     ExportResult,
-    _Graph,
-    _trace_and_save,
-    _versions,
-    validate_onnx,
+    fork_block_of,
+    versions,
+    write_export,
 )
 from seg_rt.sampler import build_batch, row_layout
 
@@ -132,52 +131,23 @@ def export_video_onnx(
     branches = ("uncond", "cond", "seg") if with_cfg else ("cond", "seg")
     full = dict(build_batch(list(branches), x, sched.timesteps[0], prepared.cond, prepared.uncond))
     model = SEGVideoDiT(family.net(pipe), blur, layers, shared)
-    plan = None
     try:
-        rows, prefix = len(branches), len(branches) - 1
-        if fork:  # refuses (one line) a model that cannot fork, before any tracing
-            check = ForkPlan(model, prefix, 1)
-            fork_block = check.block
-            check.remove()
-        if fork:
-            inputs, reference = fork_inputs(full, prefix, 1)
-            twin_feed = twin_inputs(full, prefix) if twin else None
-        else:
-            inputs, reference, twin_feed, fork_block = full, None, None, None
-        names = list(inputs)
+        prefix = len(branches) - 1
+        fork_block = fork_block_of(model, prefix, 1) if fork else None
+        feeds = ExportFeeds.of(full, prefix, 1, fork=fork, twin=twin, extra={})
         f = family.size_factor(pipe)
         info = ArtifactInfo(
             kind="onnx", family=family.name, model=model_name or str(getattr(pipe, "name_or_path", "") or ""),
             height=height, width=width, latent_height=height // f, latent_width=width // f, batch=1,
-            branches=branches, input_names=tuple(names), output_names=(OUTPUT_NAME,),
+            branches=branches, input_names=tuple(feeds.inputs), output_names=(OUTPUT_NAME,),
             dtype=str(dtype).removeprefix("torch."), sigma=float(sigma), layers=tuple(layers or ()),
             layer_names=tuple(model.seg.layer_names), blur_lengths=(), opset=opset, file=ONNX_FILE,
-            versions=_versions(__version__), fork_block=fork_block, prefix_rows=prefix if fork else None,
+            versions=versions(__version__), fork_block=fork_block, prefix_rows=prefix if fork else None,
             fork_rows=1 if fork else None, twin_file=TWIN_FILE if twin else None, frames=latent_frames,
             seg_mode=blur.mode, sigma_time=float(blur.sigma_time),
         )  # fmt: skip
-        assert rows == info.rows
-        with staged_dir(out_dir, is_export_folder, overwrite=overwrite) as tmp:
-            validation = None
-            if twin:  # the twin first: traced while no fork hooks are installed
-                _trace_and_save(_Graph(model, list(twin_feed), []).eval(), twin_feed, list(twin_feed), info.twin(),
-                                tmp / TWIN_FILE)  # fmt: skip
-            if fork:
-                plan = ForkPlan(model, prefix, 1)
-                graph = ForkGraph(plan, names, [])
-            else:
-                graph = _Graph(model, names, [])
-            _trace_and_save(graph.eval(), inputs, names, info, tmp / ONNX_FILE)
-            info.write(tmp)
-            if validate:
-                validation = validate_onnx(tmp, model, inputs, info, reference)
-                if twin:
-                    plan.remove()  # the twin's reference is the plain model
-                    plan = None
-                    validation = {**validation, "twin": validate_onnx(tmp, model, twin_feed, info.twin())}
+        validation = write_export(out_dir, model, info, feeds, validate=validate, overwrite=overwrite)
     finally:
-        if plan is not None:
-            plan.remove()
         model.remove()
     return ExportResult(Path(out_dir), info, validation, time.perf_counter() - t0)
 
