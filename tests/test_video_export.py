@@ -204,3 +204,16 @@ def test_export_video_and_video_engine_from_the_command_line(tmp_path):
     r = run_cli("video", "--model", model, "--frames", 9, "--steps", 2, "--seg-sigma", SIGMA,
                 "--seg-layers", LAST_BLOCK["wan"], "--engine", f"onnx:{engine}", "--out", tmp_path / "w.mp4")  # fmt: skip
     assert r.returncode == 2 and "latent frames 2, got 3" in r.stderr and not (tmp_path / "w.mp4").exists()
+
+
+def test_video_engine_step_row_reports_its_ratios():
+    """``seg-rt bench step``'s video-engine row, at a tiny size (no timing asserted)."""
+    import math
+
+    from seg_rt.video.bench_step import bench_video_step_onnx
+
+    row = bench_video_step_onnx(pairs=2, threads=1, frames=5, size=64)
+    assert row["fork_block"] == "blocks.4" and row["engine"] == "onnxruntime-cpu"
+    for mode in ("cfg_seg", "cfg_seg_fork", "cfg_on_fork_engine", "seg_no_cfg_fork", "torch_cfg_seg_shared"):
+        lo, hi = row[f"{mode}_over_cfg_iqr"]
+        assert math.isfinite(row[f"{mode}_over_cfg"]) and 0 < lo <= hi

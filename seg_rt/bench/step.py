@@ -120,13 +120,16 @@ def bench_step(pairs: int = 3) -> list[dict]:
 
 def run(pairs: int = 3) -> list[dict]:
     """``seg-rt bench step``: the PyTorch rows, then the ONNX Runtime CPU row (``step_onnx``: CFG+SEG
-    without and with the in-graph fork, SEG without CFG) on the SD1.5-shaped UNet, then the step-cache
-    rows (``step_cache``)."""
+    without and with the in-graph fork, SEG without CFG) on the SD1.5-shaped UNet and on a Wan-shaped
+    video DiT (``seg_rt.video.bench_step``), then the step-cache rows (``step_cache``)."""
     from .step_onnx import bench_step_onnx
 
     rows = bench_step(pairs=pairs)
     name = "SD1.5-shaped UNet at 1/5 width (64-128-256-256 ch)"
     rows.append(bench_step_onnx(sd15_shaped_pipeline(), name, pairs=max(pairs, 5)))
+    from seg_rt.video.bench_step import bench_video_step_onnx  # the video DiT export's row
+
+    rows.append(bench_video_step_onnx(pairs=max(pairs, 5)))
     from .step_cache import run as cache_rows  # step caches: speed-up over uncached, quality
 
     rows += cache_rows(pairs=pairs)
