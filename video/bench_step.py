@@ -33,11 +33,10 @@ WAN_SHAPED = {
     "qk_norm": "rms_norm_across_heads",
     "rope_max_seq_len": 32,
 }
-SEG_LAYERS = ("blocks.4",)
 FRAMES, SIZE = 9, 256
 
 
-def wan_shaped_pipeline(seed: int = 0):
+def wan_shaped_pipeline(seed: int = 0, num_layers: int = WAN_SHAPED["num_layers"]):
     """The tiny Wan pipeline with the bench's Wan-shaped transformer (random weights, seeded)."""
     from diffusers import WanTransformer3DModel
 
@@ -46,15 +45,21 @@ def wan_shaped_pipeline(seed: int = 0):
     pipe = tiny_video_pipeline("wan", seed)
     torch.manual_seed(seed)
     text_dim = pipe.transformer.config.text_dim
-    pipe.transformer = WanTransformer3DModel(**WAN_SHAPED, text_dim=text_dim).eval()
+    config = WAN_SHAPED | {"num_layers": num_layers, "text_dim": text_dim}
+    pipe.transformer = WanTransformer3DModel(**config).eval()
     return pipe
 
 
 def bench_video_step_onnx(
-    pairs: int = 5, threads: int | None = None, frames: int = FRAMES, size: int = SIZE
+    pairs: int = 5,
+    threads: int | None = None,
+    frames: int = FRAMES,
+    size: int = SIZE,
+    num_layers: int = WAN_SHAPED["num_layers"],
 ) -> dict:
     """One row: CFG+SEG on the unforked and the fork export, a CFG step on the fork engine (its twin),
-    SEG without CFG forked, each over the CFG step; and the PyTorch shared-prefix CFG+SEG / CFG."""
+    SEG without CFG forked, each over the CFG step; and the PyTorch shared-prefix CFG+SEG / CFG. SEG
+    on the middle block (``blocks.{num_layers // 2}``)."""
     from seg_rt.engines.onnxruntime import OnnxRuntimeDenoiser
     from seg_rt.params import request_from_fields
     from seg_rt.pipeline import seed_generators
@@ -64,7 +69,8 @@ def bench_video_step_onnx(
     from .families import video_family_of
     from .sampling import VideoDenoiser
 
-    pipe = wan_shaped_pipeline()
+    pipe = wan_shaped_pipeline(num_layers=num_layers)
+    layers = (f"blocks.{num_layers // 2}",)
     family = video_family_of(pipe)
     request = request_from_fields(
         {"prompt": "bench", "frames": frames, "height": size, "width": size, "cfg": 5.0}, "video"
@@ -81,12 +87,12 @@ def bench_video_step_onnx(
         names: build_batch(list(names), x, t, prepared.cond, prepared.uncond)
         for names in (("uncond", "cond"), ("uncond", "cond", "seg"), ("cond", "seg"))
     }
-    common = {"frames": frames, "height": size, "width": size, "sigma": math.inf, "layers": SEG_LAYERS}
+    common = {"frames": frames, "height": size, "width": size, "sigma": math.inf, "layers": layers}
     row = {
         "bench": "step",
         "engine": "onnxruntime-cpu",
-        "model": "Wan-shaped video DiT, random weights (8 blocks, 4 heads x 32), 9 frames 256x256 = 768 tokens",
-        "layers": list(SEG_LAYERS),
+        "model": f"Wan-shaped video DiT, random weights ({num_layers} blocks, 4 heads x 32), {frames} frames {size}x{size}",
+        "layers": list(layers),
         "seg_mode": "spatiotemporal",
         "pairs": pairs,
         "baseline": "unforked no-CFG video export, [uncond, cond] unperturbed",
@@ -123,7 +129,7 @@ def bench_video_step_onnx(
             torch.set_num_threads(threads)
         shared = family.shared_inputs(pipe, frames=latent, height=size, width=size)
         den = VideoDenoiser(
-            pipe.transformer, VideoBlur("spatiotemporal", math.inf), SEG_LAYERS, shared, shared_prefix=True
+            pipe.transformer, VideoBlur("spatiotemporal", math.inf), layers, shared, shared_prefix=True
         )
         try:
             r = alternating_ratio(
